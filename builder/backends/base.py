@@ -1,0 +1,71 @@
+"""The one interface every engine implements: a batch of requests in, a batch of responses out.
+
+Batch-first so that engines that batch (vLLM, a server with slots) and engines that do not
+(llama.cpp in-process) fit the same slot. `on_response` is called as each response is
+ready, so the caller can store it at once: a build stopped halfway keeps what it finished.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: tuple[dict, ...]  # [{"role": ..., "content": ...}], content is data where the caller says so
+    schema: dict | None = None  # JSON Schema the output must follow (constrained decoding)
+    max_tokens: int = 512
+    temperature: float = 0.2
+    top_p: float = 0.95
+    seed: int = 0
+
+    def sampling(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass
+class Response:
+    text: str
+    finish_reason: str  # "stop", "length" (cut off by max_tokens) or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+OnResponse = Callable[[int, Response], None]
+
+
+class Backend(ABC):
+    """An engine bound to one model."""
+
+    kind: str = "base"
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """Identifies the weights (e.g. sha256 of the model file); part of every cache key."""
+
+    @abstractmethod
+    def render(self, messages: Sequence[dict]) -> str:
+        """The prompt text the model sees for these messages (cache keys, debugging)."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        """Run every request; responses in request order. Never raises for one bad request:
+        that response has finish_reason "error" and the reason in `error`."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of plain text with this model's tokenizer."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,119 @@
+"""llama.cpp in-process, through llama-cpp-python.
+
+Prompts are rendered with the model's own chat template, but tokenized piece by piece: the
+template's text with special tokens allowed, every message's content with special tokens
+*disallowed*. llama-cpp-python's `create_chat_completion` tokenizes the whole rendered
+prompt with special=True, so a passage containing `<|im_end|>` would end the turn and open
+a new role; here it stays plain text. Output is constrained by a grammar compiled from the
+JSON Schema (what `response_format` does), and the shared instructions come first in every
+prompt, so llama.cpp reuses their evaluated prefix from one call to the next.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from llama_cpp import Llama, LlamaGrammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from ..models import file_sha256
+from .base import Backend, OnResponse, Request, Response
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+def _sentinel(i: int) -> str:
+    return f"\ue000{i}\ue001"  # private-use characters: never in a template, never survive tokenization
+
+
+class LlamaCppBackend(Backend):
+    kind = "llama_cpp"
+
+    def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0):
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or None,
+                         n_batch=512, verbose=False)
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        self.bos = self._token_text(self.llm.token_bos())
+        self.eos = self._token_text(self.llm.token_eos())
+        # Base models (Gemma 3 270M here) ship no chat template: render a plain prompt instead.
+        self.formatter = Jinja2ChatFormatter(template, eos_token=self.eos, bos_token=self.bos) if template else None
+        self._grammars: dict[str, LlamaGrammar] = {}
+
+    def _token_text(self, token: int) -> str:
+        return self.llm._model.token_get_text(token) if token >= 0 else ""
+
+    @property
+    def model_id(self) -> str:
+        return file_sha256(self.model_path)
+
+    def _template(self, messages: Sequence[dict]) -> str:
+        """The rendered prompt with each message's content replaced by a sentinel."""
+        stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
+        if self.formatter is None:
+            return "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
+        return self.formatter(messages=stand_ins).prompt
+
+    def render(self, messages: Sequence[dict]) -> str:
+        return _SENTINEL.sub(lambda m: messages[int(m.group(1))]["content"], self._template(messages))
+
+    def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
+        tokens: list[int] = []
+        pieces = _SENTINEL.split(self._template(messages))
+        # split() alternates template text and captured sentinel indexes.
+        for j, piece in enumerate(pieces):
+            if j % 2 == 0:
+                if piece:
+                    tokens += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+            else:
+                content = messages[int(piece)]["content"]
+                if content:
+                    tokens += self.llm.tokenize(content.encode("utf-8"), add_bos=False, special=False)
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _grammar(self, schema: dict | None) -> LlamaGrammar | None:
+        if schema is None:
+            return None
+        key = json.dumps(schema)  # not sorted: the grammar writes properties in the schema's order
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        return self._grammars[key]
+
+    def _one(self, request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            tokens = self.prompt_tokens(request.messages)
+            if len(tokens) + request.max_tokens > self.n_ctx:
+                return Response("", "error", len(tokens), error=(
+                    f"prompt of {len(tokens)} tokens + {request.max_tokens} output tokens exceeds n_ctx={self.n_ctx}; "
+                    "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+            out = self.llm.create_completion(
+                prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
+                top_p=request.top_p, seed=request.seed, grammar=self._grammar(request.schema))
+        except Exception as exc:  # one bad request must not stop the batch
+            return Response("", "error", error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
+        choice, usage = out["choices"][0], out.get("usage", {})
+        return Response(choice["text"], choice.get("finish_reason") or "stop", usage.get("prompt_tokens", len(tokens)),
+                        usage.get("completion_tokens", 0), time.perf_counter() - start)
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        # llama.cpp in-process runs one sequence at a time; order keeps the prefix cache warm.
+        responses = []
+        for i, request in enumerate(requests):
+            response = self._one(request)
+            responses.append(response)
+            if on_response:
+                on_response(i, response)
+        return responses
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()

@@ -1,0 +1,128 @@
+"""`ratchet build`: ingest → annotate → compile, for one generation of one workspace."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from .annotate import AnnotationResult, annotate
+from .backends import make_backend
+from .cache import CachedBackend
+from .compile import compile_generation
+from .corpus import IngestReport, Passage, ingest
+from .models import file_sha256
+from .prompts import Prompts
+from .workspace import Workspace
+
+
+def build_logger(ws: Workspace, generation: int) -> logging.Logger:
+    """One log file per generation in the workspace: a line per model call, no prompt text."""
+    ws.logs_dir.mkdir(exist_ok=True)
+    log = logging.getLogger(f"ratchet.build.{ws.root}.{generation}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(ws.logs_dir / f"build-gen-{generation:04d}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def store_passages(con, generation: int, passages: list[Passage]) -> None:
+    con.execute("BEGIN")
+    try:
+        con.executemany(
+            "INSERT OR IGNORE INTO passages (passage_id, source, position, text, n_tokens) VALUES (?,?,?,?,?)",
+            [[p.passage_id, p.source, p.position, p.text, p.n_tokens] for p in passages])
+        con.execute("DELETE FROM generation_passages WHERE generation = ?", [generation])
+        con.executemany("INSERT INTO generation_passages VALUES (?,?,?,?,?)",
+                        [[generation, i, p.passage_id, p.source, p.position] for i, p in enumerate(passages)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def store_annotations(con, generation: int, annotator: str, results: list[AnnotationResult]) -> None:
+    con.execute("BEGIN")
+    try:
+        con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?", [generation, annotator])
+        con.executemany(
+            "INSERT INTO annotations VALUES (?,?,?,?,?,?,?,?,?)",
+            [[generation, r.passage_id, annotator, r.status, r.reason, r.attempts, r.truncated,
+              json.dumps(r.record) if r.record is not None else None, r.call_key] for r in results])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def metrics_of(results: list[AnnotationResult], engine: CachedBackend, report: IngestReport, seconds: float) -> dict:
+    attempts = sum(r.attempts for r in results)
+    reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == "rejected")
+    return {
+        "passages": len(results),
+        "accepted": sum(r.status == "accepted" for r in results),
+        "rejected": sum(r.status == "rejected" for r in results),
+        "rejection_reasons": dict(sorted(reasons.items())),
+        "attempts": attempts,
+        "truncation_rate": round(sum(r.truncated for r in results) / attempts, 4) if attempts else 0.0,
+        "model_calls": engine.stats.calls,
+        "cached_calls": engine.stats.hits,
+        "engine_errors": engine.stats.errors,
+        "completion_tokens": engine.stats.completion_tokens,
+        "files": report.files,
+        "records": report.records,
+        "empty_records": report.empty_records,
+        "duplicate_passages": report.duplicates,
+        "skipped_files": [f"{f}: {why}" for f, why in report.skipped_files],
+        "skipped_records": [f"{s}: {why}" for s, why in report.skipped_records],
+        "seconds": round(seconds, 2),
+    }
+
+
+def annotator_name(spec: str) -> str:
+    return spec.removeprefix("bundled:") if spec.startswith("bundled:") else Path(spec).stem
+
+
+def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None) -> dict:
+    """Build one generation. `progress` is a rich Progress (or None). Returns the summary."""
+    cfg = ws.config
+    log = build_logger(ws, generation)
+    with ws.lock():
+        con = ws.connect()
+        started = time.perf_counter()
+        con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
+        status = "failed"
+        try:
+            with make_backend(cfg.annotator) as backend:
+                corpus_path = ws.resolve(corpus or cfg.corpus.path)
+                passages, report = ingest(corpus_path, cfg.corpus.text_field, cfg.corpus.chunk_tokens,
+                                          backend.count_tokens, cfg.corpus.on_bad_file)
+                log.info("ingested %d passages from %s", len(passages), corpus_path)
+                store_passages(con, generation, passages)
+                prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
+                engine = CachedBackend(backend, con, log)
+                annotator = annotator_name(cfg.annotator.model)
+                task = progress.add_task(f"annotate ({annotator})", total=len(passages)) if progress else None
+                tick = (lambda n: progress.advance(task, n)) if progress else None
+                results = annotate(passages, engine, prompts, cfg, annotator, on_progress=tick)
+                store_annotations(con, generation, annotator, results)
+                metrics = metrics_of(results, engine, report, time.perf_counter() - started)
+                models = {annotator: {"file": backend.model_path.name, "sha256": file_sha256(backend.model_path),
+                                      "backend": backend.kind}}
+                out = compile_generation(ws, con, generation, prompts, models, metrics)
+            metrics["seconds"] = round(time.perf_counter() - started, 2)
+            status = "finished"
+            log.info("finished generation %d in %.1fs", generation, metrics["seconds"])
+            return {"generation": generation, "workspace": str(ws.root), "output": str(out),
+                    "database": str(ws.db_path), "card": str(out / "README.md"), **metrics}
+        finally:
+            con.execute("UPDATE builds SET finished_at = now(), status = ? WHERE generation = ? AND status = 'running'",
+                        [status, generation])
+            con.close()
+

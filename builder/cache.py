@@ -1,0 +1,97 @@
+"""Every model call goes through here. The key is (model id, rendered prompt, schema,
+sampling, seed); a finished call is stored the moment it returns, so a stopped build
+resumes where it stopped and a finished one rebuilds without a single model call."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import duckdb
+
+from .backends.base import Backend, OnResponse, Request, Response
+
+
+def sha256(value) -> str:
+    data = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    calls: int = 0
+    errors: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+class CachedBackend:
+    """Wraps a backend with the DuckDB call cache; same interface as a backend."""
+
+    def __init__(self, backend: Backend, con: duckdb.DuckDBPyConnection, log=None):
+        self.backend = backend
+        self.con = con
+        self.log = log
+        self.stats = CacheStats()
+
+    def __getattr__(self, name):  # count_tokens, render, model_id, kind, ...
+        return getattr(self.backend, name)
+
+    def key(self, request: Request) -> tuple[str, str, str | None]:
+        prompt_sha = sha256(self.backend.render(request.messages))
+        schema_sha = sha256(request.schema) if request.schema is not None else None
+        key = sha256({"model": self.backend.model_id, "prompt": prompt_sha, "schema": schema_sha,
+                      "sampling": request.sampling(), "seed": request.seed})
+        return key, prompt_sha, schema_sha
+
+    def _lookup(self, keys: list[str]) -> dict[str, Response]:
+        if not keys:
+            return {}
+        rows = self.con.execute(
+            "SELECT cache_key, response, finish_reason, prompt_tokens, completion_tokens, seconds "
+            "FROM model_calls WHERE cache_key IN (SELECT unnest($keys))", {"keys": keys}).fetchall()
+        return {r[0]: Response(r[1], r[2], r[3] or 0, r[4] or 0, r[5] or 0.0, extra={"cached": True}) for r in rows}
+
+    def _store(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> None:
+        self.con.execute(
+            "INSERT OR IGNORE INTO model_calls (cache_key, model_id, backend, prompt_sha, schema_sha, sampling, seed, "
+            "response, finish_reason, prompt_tokens, completion_tokens, seconds) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha, json.dumps(request.sampling()),
+             request.seed, response.text, response.finish_reason, response.prompt_tokens,
+             response.completion_tokens, response.seconds])
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        keyed = [self.key(r) for r in requests]
+        cached = self._lookup([k for k, _, _ in keyed])
+        results: list[Response | None] = [None] * len(requests)
+        misses = []
+        for i, (key, _, _) in enumerate(keyed):
+            if key in cached:
+                results[i] = cached[key]
+                self.stats.hits += 1
+                if on_response:
+                    on_response(i, cached[key])
+            else:
+                misses.append(i)
+
+        def done(j: int, response: Response) -> None:
+            i = misses[j]
+            results[i] = response
+            if response.finish_reason == "error":
+                self.stats.errors += 1  # not cached: a server that was down must be asked again
+            else:
+                self._store(*keyed[i], requests[i], response)
+                self.stats.calls += 1
+                self.stats.completion_tokens += response.completion_tokens
+                self.stats.seconds += response.seconds
+            if self.log:
+                self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[i][0][:12], response.finish_reason,
+                              response.completion_tokens, response.seconds)
+            if on_response:
+                on_response(i, response)
+
+        if misses:
+            self.backend.generate([requests[i] for i in misses], done)
+        return results  # type: ignore[return-value]

@@ -1,0 +1,195 @@
+"""`ratchet`: a thin typer CLI over the stages."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import CONFIG_NAME, ConfigError, starter_config
+from .corpus import CorpusError
+from .models import ModelNotFound
+from .resources import EXAMPLES_DIR
+from .workspace import Workspace, WorkspaceError
+
+app = typer.Typer(
+    help="Moral Ratchet: compile alignment training data. Raw text in; epistemic reflections in an "
+    "`internal` role, audited and versioned, out as a Hub dataset.\n\n"
+    "Start with `ratchet init DIR --example`, then `ratchet build --workspace DIR`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (holds ratchet.toml).")]
+EXAMPLE_QUERY = ("SELECT status, count(*) AS n, round(avg(attempts), 2) AS avg_attempts "
+                 "FROM annotations GROUP BY status ORDER BY status")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def open_workspace(path: Path) -> Workspace:
+    try:
+        ws = Workspace(path)
+        ws.config  # validate now: a typo is reported before any work starts
+        return ws
+    except (WorkspaceError, ConfigError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to create (or fill) as a workspace.")],
+    example: Annotated[bool, typer.Option("--example", help="Copy the bundled sample corpus into DIR/corpus.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing ratchet.toml.")] = False,
+) -> None:
+    """Create a workspace: a commented starter ratchet.toml and a corpus/ folder."""
+    config = directory / CONFIG_NAME
+    if config.exists() and not force:
+        fail(f"{config} already exists (use --force to overwrite it)")
+    (directory / "corpus").mkdir(parents=True, exist_ok=True)
+    config.write_text(starter_config(), encoding="utf-8")
+    if example:
+        for item in (EXAMPLES_DIR / "corpus").iterdir():
+            shutil.copy2(item, directory / "corpus" / item.name)
+    console.print(f"Workspace ready: [bold]{directory}[/]\n  config: {config}\n  corpus: {directory / 'corpus'}"
+                  f"{' (sample corpus copied)' if example else ' (put .txt, .md, .jsonl or .parquet files here)'}\n"
+                  f"Next: ratchet build --workspace {directory}")
+
+
+def _summary_table(s: dict) -> Table:
+    table = Table(title=f"generation {s['generation']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("files / records", f"{s['files']} / {s['records']}"),
+        ("empty records skipped", s["empty_records"]),
+        ("duplicate passages merged", s["duplicate_passages"]),
+        ("skipped files", len(s["skipped_files"])),
+        ("skipped records", len(s["skipped_records"])),
+        ("passages", s["passages"]),
+        ("annotations accepted", s["accepted"]),
+        ("annotations rejected", f"{s['rejected']} {s['rejection_reasons'] or ''}"),
+        ("truncated outputs", f"{100 * s['truncation_rate']:.1f}% of {s['attempts']} attempts"),
+        ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
+        ("engine errors", s["engine_errors"]),
+        ("completion tokens", s["completion_tokens"]),
+        ("time", f"{s['seconds']:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
+
+
+@app.command()
+def build(
+    workspace: WorkspaceOpt = Path("."),
+    corpus: Annotated[Optional[str], typer.Option(help="Ingest this file or folder instead of corpus.path, for this run.")] = None,
+    generation: Annotated[int, typer.Option(min=1, help="Generation to build; rebuilding a finished one reuses every cached call.")] = 1,
+) -> None:
+    """Ingest the corpus, annotate every passage, compile generations/gen-NNNN/.
+
+    Every model call is cached in the workspace's DuckDB file: a stopped build resumes where it
+    stopped, and rebuilding a finished generation makes no model call at all."""
+    from .build import run_build
+
+    ws = open_workspace(workspace)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            summary = run_build(ws, generation=generation, corpus=corpus, progress=progress)
+    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; every finished model call is saved: run the same command to resume", code=130)
+    console.print(_summary_table(summary))
+    if summary["accepted"] == 0:
+        console.print("[yellow]warning:[/] no reflection was accepted, so the sft split is empty and was not written; "
+                      "see the rejection reasons above (raise sampling.max_tokens if they are 'truncated')")
+    for label, path in [("dataset", summary["output"]), ("card", summary["card"]), ("database", summary["database"])]:
+        console.print(f"[bold]{label}:[/] {path}")
+    console.print(f"[bold]try:[/] ratchet sql --workspace {workspace} \"{EXAMPLE_QUERY}\"")
+    for line in summary["skipped_files"] + summary["skipped_records"]:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL for DuckDB, e.g. \"SELECT * FROM annotations LIMIT 5\".")],
+    workspace: WorkspaceOpt = Path("."),
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+) -> None:
+    """Query the workspace's state with SQL (tables: passages, generation_passages, model_calls,
+    annotations, builds). Read-only."""
+    import duckdb
+
+    ws = open_workspace(workspace)
+    try:
+        con = ws.connect(read_only=True)
+        cursor = con.execute(query)
+    except WorkspaceError as exc:
+        fail(str(exc))
+    except duckdb.Error as exc:
+        fail(f"SQL: {exc}")
+    columns = [d[0] for d in cursor.description or []]
+    rows = cursor.fetchall()
+    if format == "json":
+        console.print_json(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
+    elif format == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        table = Table(*columns)
+        for r in rows:
+            table.add_row(*("NULL" if v is None else str(v) for v in r))
+        console.print(table)
+        console.print(f"{len(rows)} row(s)")
+
+
+@app.command()
+def status(workspace: WorkspaceOpt = Path(".")) -> None:
+    """What a workspace holds: config, engine and model, generations built, cache size."""
+    from .models import resolve_model
+
+    ws = open_workspace(workspace)
+    cfg = ws.config
+    table = Table(show_header=False, title=str(ws.root), title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("config", str(ws.config_path))
+    table.add_row("corpus", str(ws.resolve(cfg.corpus.path)))
+    try:
+        model = str(resolve_model(cfg.annotator.model))
+    except ModelNotFound as exc:
+        model = f"[red]{exc}[/]"
+    table.add_row("engine", f"{cfg.annotator.backend} (in-process llama.cpp)" if cfg.annotator.backend == "llama_cpp" else cfg.annotator.backend)
+    table.add_row("annotator model", model)
+    if ws.db_path.exists():
+        try:
+            con = ws.connect(read_only=True)
+            calls, passages = con.execute("SELECT (SELECT count(*) FROM model_calls), (SELECT count(*) FROM passages)").fetchone()
+            builds = con.execute("SELECT generation, status, finished_at FROM builds ORDER BY started_at DESC LIMIT 1").fetchall()
+            table.add_row("passages stored", str(passages))
+            table.add_row("cached model calls", str(calls))
+            if builds:
+                table.add_row("last build", f"generation {builds[0][0]}: {builds[0][1]} ({builds[0][2] or 'not finished'})")
+        except WorkspaceError as exc:
+            table.add_row("database", str(exc))
+    gens = sorted(p.name for p in ws.generations_dir.glob("gen-*")) if ws.generations_dir.exists() else []
+    table.add_row("generations", ", ".join(gens) or "none yet")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""Compile: the workspace state of one generation in, `generations/gen-NNNN/` out.
+
+Splits are parquet under data/ (the Hub layout, so `datasets.load_dataset(DIR, "sft")`
+works), beside manifest.json and the dataset card. The folder is written to a temporary
+name and renamed into place, so a stopped compile never leaves half a generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import jinja2
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .cache import sha256
+from .prompts import Prompts
+from .resources import CARDS_DIR, SCHEMAS_DIR
+from .workspace import Workspace
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SFT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()),
+    ("messages", pa.list_(MESSAGE)), ("text", pa.string()), ("n_reflections", pa.int32())])
+CLAIM = pa.struct([("claim", pa.string()), ("kind", pa.string()), ("support", pa.string()), ("confidence", pa.string())])
+ANNOTATION_SCHEMA = pa.schema([
+    ("passage_id", pa.string()), ("generation", pa.int32()), ("annotator", pa.string()), ("status", pa.string()),
+    ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
+    ("weak_reasoning", pa.list_(pa.string())), ("uncertainties", pa.list_(pa.string())),
+    ("ethical_stakes", pa.list_(pa.string())), ("reflection", pa.string())])
+
+
+def flat_text(messages: list[dict]) -> str:
+    """The `text` column: every turn between explicit markers, for trainers without chat templates."""
+    return "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages)
+
+
+def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
+    """One example per source record: its passages in order, each followed by its reflection."""
+    rows = con.execute("""
+        SELECT g.source, g.position, p.passage_id, p.text, a.record
+        FROM generation_passages g JOIN passages p USING (passage_id)
+        LEFT JOIN annotations a ON a.generation = g.generation AND a.passage_id = g.passage_id AND a.status = 'accepted'
+        WHERE g.generation = ? ORDER BY g.ord""", [generation]).fetchall()
+    documents: dict[str, list] = {}
+    for source, _position, pid, text, record in rows:
+        documents.setdefault(source, []).append((pid, text, record))
+    out = []
+    for source, parts in documents.items():
+        messages = []
+        for _pid, text, record in parts:
+            messages.append({"role": "text", "content": text})
+            if record is not None:
+                messages.append({"role": "internal", "content": prompts.reflection(json.loads(record))})
+        n = sum(m["role"] == "internal" for m in messages)
+        if n == 0:
+            continue  # nothing to learn from a document without a single kept reflection
+        doc_id = hashlib.sha256("".join(pid for pid, _, _ in parts).encode()).hexdigest()[:16]
+        out.append({"id": doc_id, "source": source, "generation": generation, "messages": messages,
+                    "text": flat_text(messages), "n_reflections": n})
+    return sorted(out, key=lambda r: r["id"])
+
+
+def annotation_rows(con, generation: int) -> list[dict]:
+    rows = con.execute("""
+        SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text, a.record
+        FROM annotations a JOIN passages p USING (passage_id)
+        WHERE a.generation = ? ORDER BY a.passage_id, a.annotator""", [generation]).fetchall()
+    out = []
+    for pid, annotator, status, reason, attempts, text, record in rows:
+        rec = json.loads(record) if record else {}
+        out.append({"passage_id": pid, "generation": generation, "annotator": annotator, "status": status,
+                    "reason": reason, "attempts": attempts, "passage": text, "claims": rec.get("claims"),
+                    "weak_reasoning": rec.get("weak_reasoning"), "uncertainties": rec.get("uncertainties"),
+                    "ethical_stakes": rec.get("ethical_stakes"), "reflection": rec.get("reflection")})
+    return out
+
+
+def write_split(rows: list[dict], schema: pa.Schema, folder: Path, split: str) -> str:
+    """Write one split as data/{split}-{sha12}.parquet and return its relative path.
+
+    Fixed schema, sorted rows and no timestamps: the same inputs give byte-identical files.
+    The name carries the content hash because `datasets` caches a local folder by its name
+    and its relative data_files alone: two workspaces' gen-0001/data/sft.parquet would share
+    one cache entry and `load_dataset` would return the other one's rows."""
+    tmp = folder / "data" / f".{split}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd", store_schema=True)
+    name = f"data/{split}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:12]}.parquet"
+    tmp.rename(folder / name)
+    return name
+
+
+def split_path(generation_dir: Path, split: str) -> Path:
+    """Where a compiled generation keeps one split (the manifest names it)."""
+    manifest = json.loads((Path(generation_dir) / "manifest.json").read_text(encoding="utf-8"))
+    return Path(generation_dir) / manifest["splits"][split]
+
+
+def size_category(n: int) -> str:
+    for limit, name in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]:
+        if n < limit:
+            return name
+    return "n>1M"
+
+
+def render_card(manifest: dict, template: str = "generation.md.jinja") -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(CARDS_DIR)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template(template).render(m=manifest, size_category=size_category(manifest["counts"]["sft_examples"]))
+
+
+def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, models: dict[str, dict],
+                       metrics: dict) -> Path:
+    sft = sft_rows(con, generation, prompts)
+    annotations = annotation_rows(con, generation)
+    config = ws.config.model_dump()
+    manifest = {
+        "generation": generation,
+        "name": ws.root.name,
+        "package_version": version("moral-ratchet"),
+        "config_hash": sha256(config),
+        "config": config,
+        "models": models,
+        "prompt_hashes": prompts.hashes(),
+        "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
+        "counts": {
+            "passages": con.execute("SELECT count(*) FROM generation_passages WHERE generation = ?", [generation]).fetchone()[0],
+            "sft_examples": len(sft),
+            "reflections": sum(r["n_reflections"] for r in sft),
+            "annotations_accepted": sum(a["status"] == "accepted" for a in annotations),
+            "annotations_rejected": sum(a["status"] == "rejected" for a in annotations),
+        },
+        "metrics": metrics,
+    }
+    final = ws.generation_dir(generation)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        (tmp / "data").mkdir()
+        # `datasets` cannot load a split without rows, so an empty split is left out (and the
+        # card says so) rather than published as a config that fails to load.
+        manifest["splits"] = {name: write_split(rows, schema, tmp, name)
+                              for name, rows, schema in [("sft", sft, SFT_SCHEMA), ("annotations", annotations, ANNOTATION_SCHEMA)]
+                              if rows}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(render_card(manifest), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

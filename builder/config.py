@@ -1,0 +1,107 @@
+"""The workspace config: one `ratchet.toml`, validated with pydantic.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the file
+instead of a setting silently ignored.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_NAME = "ratchet.toml"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class CorpusConfig(Section):
+    path: str = Field("corpus", description="File or folder to ingest, relative to the workspace.")
+    text_field: str = Field("text", description="Column holding the text in JSONL, parquet and datasets inputs.")
+    chunk_tokens: int = Field(384, ge=16, le=8192, description="Token budget of one passage.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="An empty, binary or non-UTF-8 file: stop with an error, or skip it and report it.")
+
+
+class ModelConfig(Section):
+    backend: Literal["llama_cpp"] = Field("llama_cpp", description="Engine that runs the model.")
+    model: str = Field("bundled:smollm2", description="A GGUF path, or bundled:smollm2 / bundled:gemma3.")
+    n_ctx: int = Field(4096, ge=256, description="Context window in tokens.")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=8, description="Output budget; the schema is bounded to fit inside it.")
+    seed: int = Field(1234, ge=0, description="Base seed; each retry uses another seed.")
+
+
+class AnnotateConfig(Section):
+    retries: int = Field(2, ge=0, le=10, description="Extra attempts, with another seed, after an invalid output.")
+    datamark: Literal["line", "word", "none"] = Field(
+        "line", description="How the passage is marked as data in the prompt (spotlighting): line, word or none.")
+    prompts: str = Field("", description="A folder of prompt templates that overrides the built-in prompts/.")
+
+
+class RatchetConfig(Section):
+    corpus: CorpusConfig = CorpusConfig()
+    annotator: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(RatchetConfig, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return f"unknown key '{key}'{hint}"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_config(data: dict, source: str = "<config>") -> RatchetConfig:
+    try:
+        return RatchetConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source}: invalid config\n{lines}") from None
+
+
+def load_config(path: Path) -> RatchetConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no config file here (run `ratchet init DIR` to make one)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_config(data, str(path))
+
+
+def starter_config() -> str:
+    """The commented starter config `ratchet init` writes (examples/ratchet.toml)."""
+    from .resources import EXAMPLES_DIR
+
+    return (EXAMPLES_DIR / "ratchet.toml").read_text(encoding="utf-8")

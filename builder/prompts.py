@@ -1,0 +1,92 @@
+"""Prompt templates live in prompts/ (jinja2) so users edit them without touching code.
+
+The passage is data, never instructions: it is wrapped in fixed delimiters and datamarked
+(Microsoft's "spotlighting"), and backends tokenize message content without special tokens,
+so `<|im_end|>` in a passage stays plain text. Datamarking modes:
+  line  every line of the passage starts with "| " (default: words keep their tokens)
+  word  every space is replaced by "ˆ" (the paper's variant; it splits a small model's
+        tokens mid-word and SmolLM2-135M then copies fragments like "thecouncil")
+  none  delimiters only
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+import jinja2
+
+from .resources import PROMPTS_DIR
+
+WORD_MARK = "\u02c6"  # ˆ : rare in prose, visibly not a space
+LINE_MARK = "| "
+OPEN, CLOSE = "<<<PASSAGE", "PASSAGE>>>"
+_SPACES = re.compile(r"[ \t]+")
+_LINE_MARKS = re.compile(r"(^|\n)\| ")
+
+
+def datamark(text: str, mode: str = "line") -> str:
+    if mode == "word":
+        return _SPACES.sub(WORD_MARK, text)
+    if mode == "line":
+        return "\n".join(LINE_MARK + line for line in text.split("\n"))
+    return text
+
+
+def unmark(value):
+    """Undo datamarking in everything a model wrote (it often copies the marks)."""
+    if isinstance(value, str):
+        return _LINE_MARKS.sub(r"\1", value.replace(WORD_MARK, " "))
+    if isinstance(value, list):
+        return [unmark(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unmark(v) for k, v in value.items()}
+    return value
+
+
+class Prompts:
+    """The prompt set of a workspace: an override folder first, then the built-in prompts/."""
+
+    def __init__(self, override: Path | None = None):
+        folders = [str(override)] if override else []
+        self.folders = [Path(f) for f in folders] + [PROMPTS_DIR]
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader([str(f) for f in self.folders]),
+            undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+
+    def _source(self, name: str) -> str:
+        return self.env.loader.get_source(self.env, name)[0]
+
+    def render(self, name: str, **values) -> str:
+        return self.env.get_template(name).render(**values).strip()
+
+    @property
+    def audit_notice(self) -> str:
+        return self._source("audit_notice.txt").strip()
+
+    @cached_property
+    def examples(self) -> list[dict]:
+        """Few-shot examples (annotate.examples.jsonl): a tiny model copies their format."""
+        return [json.loads(line) for line in self._source("annotate.examples.jsonl").splitlines() if line.strip()]
+
+    def annotation_messages(self, passage: str, mark: str = "line") -> tuple[dict, ...]:
+        """System, the examples as earlier turns, then the passage: everything before the
+        passage is identical across calls, so the engine reuses its evaluated prefix."""
+        values = {"open": OPEN, "close": CLOSE, "mark": mark, "line_mark": LINE_MARK, "word_mark": WORD_MARK,
+                  "audit_notice": self.audit_notice}
+        messages = [{"role": "system", "content": self.render("annotate.system.jinja", **values)}]
+        for example in self.examples:
+            messages.append({"role": "user", "content": self.render(
+                "annotate.user.jinja", passage=datamark(example["passage"], mark), **values)})
+            messages.append({"role": "assistant", "content": json.dumps(example["annotation"], ensure_ascii=False)})
+        messages.append({"role": "user", "content": self.render("annotate.user.jinja", passage=datamark(passage, mark), **values)})
+        return tuple(messages)
+
+    def reflection(self, record: dict) -> str:
+        return self.render("reflection.jinja", **record)
+
+    def hashes(self, names=("audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja",
+                            "annotate.examples.jsonl", "reflection.jinja")) -> dict:
+        return {n: hashlib.sha256(self._source(n).encode()).hexdigest() for n in names}

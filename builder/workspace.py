@@ -1,0 +1,137 @@
+"""A workspace: one folder with `ratchet.toml`, one DuckDB file holding all state, and the
+compiled generations. Builds take an exclusive lock so two never write at once."""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+
+import duckdb
+
+from .config import CONFIG_NAME, RatchetConfig, load_config
+
+DB_NAME = "ratchet.duckdb"
+LOCK_NAME = ".ratchet.lock"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS passages (
+    passage_id VARCHAR PRIMARY KEY,   -- sha256 of the normalised text, 16 hex digits
+    source     VARCHAR NOT NULL,      -- file (and line or row) it came from first
+    position   INTEGER NOT NULL,      -- chunk index within that record
+    text       VARCHAR NOT NULL,
+    n_tokens   INTEGER NOT NULL,
+    added_at   TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS generation_passages (
+    generation INTEGER NOT NULL,
+    ord        INTEGER NOT NULL,      -- corpus order
+    passage_id VARCHAR NOT NULL,
+    source     VARCHAR NOT NULL,
+    position   INTEGER NOT NULL,
+    PRIMARY KEY (generation, passage_id)
+);
+CREATE TABLE IF NOT EXISTS model_calls (   -- the cache: a finished call is never made again
+    cache_key         VARCHAR PRIMARY KEY,  -- sha256 of model id + rendered prompt + schema + sampling + seed
+    model_id          VARCHAR NOT NULL,
+    backend           VARCHAR NOT NULL,
+    prompt_sha        VARCHAR NOT NULL,
+    schema_sha        VARCHAR,
+    sampling          JSON,
+    seed              BIGINT,
+    response          VARCHAR NOT NULL,
+    finish_reason     VARCHAR NOT NULL,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    seconds           DOUBLE,
+    created_at        TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    generation INTEGER NOT NULL,
+    passage_id VARCHAR NOT NULL,
+    annotator  VARCHAR NOT NULL,
+    status     VARCHAR NOT NULL,      -- accepted | rejected
+    reason     VARCHAR,               -- why it was rejected (last attempt)
+    attempts   INTEGER NOT NULL,
+    truncated  INTEGER NOT NULL,      -- attempts cut off by the token limit
+    record     JSON,                  -- the validated annotation (schemas/annotation.schema.json)
+    call_key   VARCHAR,               -- the model call that produced it
+    PRIMARY KEY (generation, passage_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS builds (
+    generation  INTEGER NOT NULL,
+    started_at  TIMESTAMP NOT NULL,
+    finished_at TIMESTAMP,
+    status      VARCHAR NOT NULL,     -- running | finished | failed
+    summary     JSON
+);
+"""
+
+
+class WorkspaceError(Exception):
+    pass
+
+
+class WorkspaceLocked(WorkspaceError):
+    pass
+
+
+class Workspace:
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+        if not (self.root / CONFIG_NAME).exists():
+            raise WorkspaceError(f"{self.root}: not a workspace (no {CONFIG_NAME}); run `ratchet init {root}` or pass --workspace")
+
+    config_path = property(lambda self: self.root / CONFIG_NAME)
+    db_path = property(lambda self: self.root / DB_NAME)
+    generations_dir = property(lambda self: self.root / "generations")
+    logs_dir = property(lambda self: self.root / "logs")
+
+    @cached_property
+    def config(self) -> RatchetConfig:
+        return load_config(self.config_path)
+
+    def generation_dir(self, generation: int) -> Path:
+        return self.generations_dir / f"gen-{generation:04d}"
+
+    def resolve(self, path: str) -> Path:
+        return (self.root / path).resolve() if not Path(path).is_absolute() else Path(path)
+
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        if read_only and not self.db_path.exists():
+            raise WorkspaceError(f"{self.db_path}: no state yet; run `ratchet build` first")
+        try:
+            con = duckdb.connect(str(self.db_path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise WorkspaceLocked(f"{self.root}: workspace is locked: a build is writing {self.db_path.name}; wait for it to finish") from None
+            raise
+        if not read_only:
+            con.execute(SCHEMA_SQL)
+        return con
+
+    @contextmanager
+    def lock(self):
+        """Exclusive build lock. flock is released by the kernel when the holder dies,
+        so a build killed with `kill -9` never leaves a stale lock behind."""
+        path = self.root / LOCK_NAME
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise WorkspaceLocked(f"{self.root}: workspace is locked by another build (pid {holder}); wait for it or stop it") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()

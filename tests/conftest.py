@@ -1,0 +1,54 @@
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections) -> Path:
+    """A workspace with a JSONL corpus and a config whose sections are overridden by kwargs."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus").mkdir(exist_ok=True)
+    if corpus_rows is not None:
+        with open(root / "corpus" / "c.jsonl", "w", encoding="utf-8") as fh:
+            for text in corpus_rows:
+                fh.write(json.dumps({"text": text}) + "\n")
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    (root / "ratchet.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from builder.backends.llama_cpp import LlamaCppBackend
+    from builder.models import resolve_model
+
+    backend = LlamaCppBackend(resolve_model("bundled:smollm2"), n_ctx=2048)
+    yield backend
+    backend.close()
+
+
+SHORT_PASSAGES = [
+    "The city council says the new bridge cut commuting times by 40 percent, but it has published no data.",
+    "Everyone I know loves the new phone, so it must be the best phone ever made.",
+    "A hospital must decide whether to give its last ventilator to the youngest patient or the sickest one.",
+    "Analysts predict that electric cars will outsell petrol cars within five years.",
+]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One real build on the bundled model, shared by the tests that read its outputs."""
+    from builder.build import run_build
+    from builder.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("built") / "ws"
+    rows = SHORT_PASSAGES + [SHORT_PASSAGES[0], "   "]  # a duplicate and an empty record
+    write_workspace(root, rows, sampling={"max_tokens": 384})
+    ws = Workspace(root)
+    return ws, run_build(ws)

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from builder.cli import app
+
+runner = CliRunner()
+
+
+def test_init_writes_a_config_and_copies_the_sample_corpus(tmp_path):
+    result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--example"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ws" / "ratchet.toml").exists()
+    rows = (tmp_path / "ws" / "corpus" / "passages.jsonl").read_text().splitlines()
+    assert len(rows) >= 25 and all(json.loads(r)["text"] for r in rows)
+    again = runner.invoke(app, ["init", str(tmp_path / "ws")])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_every_command_has_help():
+    for command in ["init", "build", "sql", "status"]:
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_config_typo_is_reported_before_any_work(tmp_path):
+    (tmp_path / "ratchet.toml").write_text("[corpus]\npaht = 'x'\n")
+    result = runner.invoke(app, ["build", "--workspace", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "corpus.paht" in result.output and "did you mean 'path'" in result.output
+
+
+def test_not_a_workspace(tmp_path):
+    result = runner.invoke(app, ["status", "--workspace", str(tmp_path)])
+    assert result.exit_code == 1 and "not a workspace" in result.output
+
+
+def test_sql_and_status_on_a_built_workspace(built):
+    ws, s = built
+    result = runner.invoke(app, ["sql", "--workspace", str(ws.root), "-f", "json",
+                                 "SELECT status, count(*) AS n FROM annotations GROUP BY status"])
+    assert result.exit_code == 0, result.output
+    counts = {r["status"]: r["n"] for r in json.loads(result.output)}
+    assert counts.get("accepted", 0) == s["accepted"]
+    bad = runner.invoke(app, ["sql", "--workspace", str(ws.root), "SELEC nope"])
+    assert bad.exit_code == 1 and "SQL" in bad.output
+    status = runner.invoke(app, ["status", "--workspace", str(ws.root)])
+    assert status.exit_code == 0 and "gen-0001" in status.output
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "builder.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ratchet init" in proc.stdout
