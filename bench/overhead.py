@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -37,14 +38,16 @@ def sample_texts(n: int) -> list[str]:
 def raw_engine(texts, cfg: RatchetConfig) -> tuple[float, int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(resolve_model(cfg.annotator.model)), n_ctx=cfg.annotator.n_ctx, verbose=False)
+    llm = Llama(model_path=str(resolve_model(cfg.annotator.model)), n_ctx=cfg.annotator.n_ctx,
+                n_threads=os.cpu_count(), n_batch=512, verbose=False)
     prompts, schema, s = Prompts(), load_schema("annotation"), cfg.sampling
     valid = 0
     start = time.perf_counter()
     for text in texts:
         out = llm.create_chat_completion(
             messages=list(prompts.annotation_messages(text)), max_tokens=s.max_tokens, temperature=s.temperature,
-            top_p=s.top_p, seed=s.seed, response_format={"type": "json_object", "schema": schema})
+            top_p=s.top_p, repeat_penalty=s.repeat_penalty, seed=s.seed,
+            response_format={"type": "json_object", "schema": schema})
         try:
             json.loads(out["choices"][0]["message"]["content"])
             valid += out["choices"][0]["finish_reason"] == "stop"

@@ -71,7 +71,8 @@ def annotate(
         temperature = s.temperature if attempt == 0 else max(s.temperature, RETRY_MIN_TEMPERATURE)
         requests = [
             Request(messages=prompts.annotation_messages(p.text, mark=config.annotate.datamark), schema=schema,
-                    max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p, seed=s.seed + attempt)
+                    max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p,
+                    repeat_penalty=s.repeat_penalty, seed=s.seed + attempt)
             for p in pending]
         keys = [engine.key(r)[0] for r in requests] if hasattr(engine, "key") else [None] * len(requests)
         failed: list[int] = []

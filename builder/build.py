@@ -8,13 +8,15 @@ from collections import Counter
 from pathlib import Path
 
 from .annotate import AnnotationResult, annotate
+from .audit import load_secret, model_audit, sample, store_audits, update_reputation
 from .backends import make_backend
 from .cache import CachedBackend
 from .compile import compile_generation
 from .corpus import IngestReport, Passage, ingest
-from .models import file_sha256
+from .config import RatchetConfig
+from .models import file_sha256, resolve_model
 from .prompts import Prompts
-from .workspace import Workspace
+from .workspace import Workspace, insert_rows
 
 
 def build_logger(ws: Workspace, generation: int) -> logging.Logger:
@@ -35,12 +37,12 @@ def build_logger(ws: Workspace, generation: int) -> logging.Logger:
 def store_passages(con, generation: int, passages: list[Passage]) -> None:
     con.execute("BEGIN")
     try:
-        con.executemany(
-            "INSERT OR IGNORE INTO passages (passage_id, source, position, text, n_tokens) VALUES (?,?,?,?,?)",
+        insert_rows(
+            con, "INSERT OR IGNORE INTO passages (passage_id, source, position, text, n_tokens) VALUES (?,?,?,?,?)",
             [[p.passage_id, p.source, p.position, p.text, p.n_tokens] for p in passages])
         con.execute("DELETE FROM generation_passages WHERE generation = ?", [generation])
-        con.executemany("INSERT INTO generation_passages VALUES (?,?,?,?,?)",
-                        [[generation, i, p.passage_id, p.source, p.position] for i, p in enumerate(passages)])
+        insert_rows(con, "INSERT INTO generation_passages VALUES (?,?,?,?,?)",
+                    [[generation, i, p.passage_id, p.source, p.position] for i, p in enumerate(passages)])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -51,8 +53,8 @@ def store_annotations(con, generation: int, annotator: str, results: list[Annota
     con.execute("BEGIN")
     try:
         con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?", [generation, annotator])
-        con.executemany(
-            "INSERT INTO annotations VALUES (?,?,?,?,?,?,?,?,?)",
+        insert_rows(
+            con, "INSERT INTO annotations VALUES (?,?,?,?,?,?,?,?,?)",
             [[generation, r.passage_id, annotator, r.status, r.reason, r.attempts, r.truncated,
               json.dumps(r.record) if r.record is not None else None, r.call_key] for r in results])
         con.execute("COMMIT")
@@ -61,7 +63,41 @@ def store_annotations(con, generation: int, annotator: str, results: list[Annota
         raise
 
 
-def metrics_of(results: list[AnnotationResult], engine: CachedBackend, report: IngestReport, seconds: float) -> dict:
+def store_member(con, name: str, backend, persona: str) -> None:
+    con.execute("INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                [name, backend.family, persona, backend.model_path.name, backend.kind])
+
+
+def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator_backend, prompts: Prompts,
+              progress, log) -> tuple[dict, list[CachedBackend]]:
+    """Choose the secret sample, let the model auditor check it, update reputation.
+    Only aggregates leave this function: they go to the summary, the manifest and the card."""
+    secret = load_secret(ws.root)
+    items = sample(con, secret, generation, cfg.audit.rate)
+    engines, failed = [], 0
+    if cfg.audit.auditor and items:
+        shared = resolve_model(cfg.audit.auditor).resolve() == annotator_backend.model_path.resolve()
+        backend = annotator_backend if shared else make_backend(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
+        auditor = f"{annotator_name(cfg.audit.auditor)}-{cfg.audit.persona}"
+        engine = CachedBackend(backend, con, log)
+        engines.append(engine)
+        task = progress.add_task(f"audit ({auditor})", total=len(items)) if progress else None
+        try:
+            rows, failed = model_audit(con, items, generation, engine, prompts, cfg, auditor,
+                                       on_progress=(lambda n: progress.advance(task, n)) if progress else None)
+        finally:
+            if not shared:
+                backend.close()
+        store_audits(con, generation, rows)
+    reputation = update_reputation(con, generation)
+    audits, passes = con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits WHERE generation = ?",
+                                 [generation]).fetchone()
+    return {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
+            "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
+            "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())}}, engines
+
+
+def metrics_of(results: list[AnnotationResult], engines: list[CachedBackend], report: IngestReport, seconds: float) -> dict:
     attempts = sum(r.attempts for r in results)
     reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == "rejected")
     return {
@@ -71,10 +107,10 @@ def metrics_of(results: list[AnnotationResult], engine: CachedBackend, report: I
         "rejection_reasons": dict(sorted(reasons.items())),
         "attempts": attempts,
         "truncation_rate": round(sum(r.truncated for r in results) / attempts, 4) if attempts else 0.0,
-        "model_calls": engine.stats.calls,
-        "cached_calls": engine.stats.hits,
-        "engine_errors": engine.stats.errors,
-        "completion_tokens": engine.stats.completion_tokens,
+        "model_calls": sum(e.stats.calls for e in engines),
+        "cached_calls": sum(e.stats.hits for e in engines),
+        "engine_errors": sum(e.stats.errors for e in engines),
+        "completion_tokens": sum(e.stats.completion_tokens for e in engines),
         "files": report.files,
         "records": report.records,
         "empty_records": report.empty_records,
@@ -96,8 +132,10 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
     with ws.lock():
         con = ws.connect()
         started = time.perf_counter()
+        # We hold the lock, so a build still marked running was killed: say so.
+        con.execute("UPDATE builds SET status = 'interrupted' WHERE status = 'running'")
         con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
-        status = "failed"
+        status, summary = "failed", None
         try:
             with make_backend(cfg.annotator) as backend:
                 corpus_path = ws.resolve(corpus or cfg.corpus.path)
@@ -112,17 +150,21 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 tick = (lambda n: progress.advance(task, n)) if progress else None
                 results = annotate(passages, engine, prompts, cfg, annotator, on_progress=tick)
                 store_annotations(con, generation, annotator, results)
-                metrics = metrics_of(results, engine, report, time.perf_counter() - started)
+                store_member(con, annotator, backend, persona="default")
+                audit, audit_engines = run_audit(ws, con, generation, cfg, backend, prompts, progress, log)
+                metrics = metrics_of(results, [engine, *audit_engines], report, time.perf_counter() - started)
+                metrics["audit"] = audit
                 models = {annotator: {"file": backend.model_path.name, "sha256": file_sha256(backend.model_path),
                                       "backend": backend.kind}}
                 out = compile_generation(ws, con, generation, prompts, models, metrics)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"
             log.info("finished generation %d in %.1fs", generation, metrics["seconds"])
-            return {"generation": generation, "workspace": str(ws.root), "output": str(out),
-                    "database": str(ws.db_path), "card": str(out / "README.md"), **metrics}
+            summary = {"generation": generation, "workspace": str(ws.root), "output": str(out),
+                       "database": str(ws.db_path), "card": str(out / "README.md"), **metrics}
+            return summary
         finally:
-            con.execute("UPDATE builds SET finished_at = now(), status = ? WHERE generation = ? AND status = 'running'",
-                        [status, generation])
+            con.execute("UPDATE builds SET finished_at = now(), status = ?, summary = ? WHERE status = 'running'",
+                        [status, json.dumps(summary) if summary else None])
             con.close()
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
 from .config import CONFIG_NAME, ConfigError, starter_config
 from .corpus import CorpusError
 from .models import ModelNotFound
@@ -56,11 +57,13 @@ def init(
         fail(f"{config} already exists (use --force to overwrite it)")
     (directory / "corpus").mkdir(parents=True, exist_ok=True)
     config.write_text(starter_config(), encoding="utf-8")
+    secret = create_secret(directory)  # chooses the audit sample; never leaves this folder
     if example:
         for item in (EXAMPLES_DIR / "corpus").iterdir():
             shutil.copy2(item, directory / "corpus" / item.name)
     console.print(f"Workspace ready: [bold]{directory}[/]\n  config: {config}\n  corpus: {directory / 'corpus'}"
                   f"{' (sample corpus copied)' if example else ' (put .txt, .md, .jsonl or .parquet files here)'}\n"
+                  f"\n  audit secret: {secret} (mode 0600; keep it out of version control)\n"
                   f"Next: ratchet build --workspace {directory}")
 
 
@@ -83,6 +86,13 @@ def _summary_table(s: dict) -> Table:
         ("completion tokens", s["completion_tokens"]),
         ("time", f"{s['seconds']:.1f} s"),
     ]
+    audit = s.get("audit")
+    if audit:
+        rows += [
+            ("audit sample", f"{audit['sampled']} of {s['accepted']} accepted (rate {audit['rate']:.0%}, chosen by a secret)"),
+            ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
+            ("reputation (vote weight)", ", ".join(f"{k} {v:.2f}" for k, v in audit["reputation"].items()) or "no audits yet"),
+        ]
     for key, value in rows:
         table.add_row(key, str(value))
     return table
@@ -115,7 +125,10 @@ def build(
                       "see the rejection reasons above (raise sampling.max_tokens if they are 'truncated')")
     for label, path in [("dataset", summary["output"]), ("card", summary["card"]), ("database", summary["database"])]:
         console.print(f"[bold]{label}:[/] {path}")
-    console.print(f"[bold]try:[/] ratchet sql --workspace {workspace} \"{EXAMPLE_QUERY}\"")
+    console.print(f"[bold]try:[/] ratchet sql --workspace {workspace} \"{EXAMPLE_QUERY}\"", soft_wrap=True)
+    for name, weight in summary.get("audit", {}).get("reputation", {}).items():
+        if weight < 0.5:
+            console.print(f"[yellow]warning:[/] {name} fails most of its audits: its votes now weigh {weight:.2f}")
     for line in summary["skipped_files"] + summary["skipped_records"]:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
 
@@ -155,6 +168,52 @@ def sql(
             table.add_row(*("NULL" if v is None else str(v) for v in r))
         console.print(table)
         console.print(f"{len(rows)} row(s)")
+
+
+audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("export")
+def audit_export(
+    file: Annotated[Path, typer.Argument(help="Where to write the sample: a .csv or .jsonl file.")],
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[int, typer.Option(min=1, help="Generation whose sample to export.")] = 1,
+) -> None:
+    """Write the items chosen for audit, for a person to review: fill in verdict (pass/fail),
+    reasons (separated by ';' in CSV) and wrong_claims (claim numbers, e.g. 1,3).
+    The file reveals the secret sample: keep it away from annotators and training data."""
+    ws = open_workspace(workspace)
+    try:
+        con = ws.connect(read_only=True)
+        n = export_sample(con, load_secret(ws.root), generation, ws.config.audit.rate, file)
+    except (WorkspaceError, AuditError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {n} item(s) to review to {file}\nthen: ratchet audit import {file} --auditor YOUR_NAME")
+
+
+@audit_app.command("import")
+def audit_import(
+    file: Annotated[Path, typer.Argument(help="A reviewed export (.csv or .jsonl).")],
+    auditor: Annotated[str, typer.Option(help="Who reviewed it (stored with every verdict).")],
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Read reviewed verdicts back into the audits table and update reputation. Bad rows are
+    reported by line and skipped; the good ones are kept (exit code 1 if any row was bad)."""
+    ws = open_workspace(workspace)
+    try:
+        with ws.lock():
+            con = ws.connect()
+            imported, problems = import_verdicts(con, file, auditor)
+            con.close()
+    except (WorkspaceError, AuditError) as exc:
+        fail(str(exc))
+    console.print(f"imported {imported} verdict(s) by {auditor} from {file}")
+    for line in problems:
+        err.print(f"[yellow]skipped[/] {line}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -41,6 +41,7 @@ class ModelConfig(Section):
 class SamplingConfig(Section):
     temperature: float = Field(0.2, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
+    repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Penalty on repeated tokens; 1.0 turns it off.")
     max_tokens: int = Field(512, ge=8, description="Output budget; the schema is bounded to fit inside it.")
     seed: int = Field(1234, ge=0, description="Base seed; each retry uses another seed.")
 
@@ -52,11 +53,19 @@ class AnnotateConfig(Section):
     prompts: str = Field("", description="A folder of prompt templates that overrides the built-in prompts/.")
 
 
+class AuditConfig(Section):
+    rate: float = Field(0.25, ge=0.0, le=1.0, description="Share of accepted annotations chosen (secretly) for audit.")
+    auditor: str = Field("bundled:smollm2", description="Model auditor (GGUF path or bundled:NAME); empty: humans only.")
+    persona: str = Field("auditor", description="The auditor's perspective; its prompt is prompts/audit.system.jinja.")
+    max_tokens: int = Field(192, ge=16, description="Output budget of one audit verdict.")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

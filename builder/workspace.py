@@ -59,14 +59,97 @@ CREATE TABLE IF NOT EXISTS annotations (
     call_key   VARCHAR,               -- the model call that produced it
     PRIMARY KEY (generation, passage_id, annotator)
 );
+CREATE TABLE IF NOT EXISTS members (      -- who annotates: the substrate and perspective of each
+    name    VARCHAR PRIMARY KEY,
+    family  VARCHAR NOT NULL,             -- model architecture (GGUF general.architecture)
+    persona VARCHAR NOT NULL,
+    model   VARCHAR NOT NULL,             -- model file name
+    backend VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audits (
+    item         VARCHAR NOT NULL,        -- passage id
+    annotator    VARCHAR NOT NULL,
+    generation   INTEGER NOT NULL,
+    auditor      VARCHAR NOT NULL,        -- a model member name, or the person's name
+    auditor_kind VARCHAR NOT NULL,        -- model | human
+    verdict      VARCHAR NOT NULL,        -- pass | fail
+    reasons      JSON,
+    wrong_claims JSON,                    -- 1-based numbers of the claims that misstate the passage
+    audited_at   TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (item, annotator, generation, auditor)
+);
+CREATE TABLE IF NOT EXISTS reputation (   -- Beta posterior of each annotator's audit pass rate
+    annotator  VARCHAR NOT NULL,
+    generation INTEGER NOT NULL,          -- over every audit up to this generation
+    passes     BIGINT NOT NULL,
+    fails      BIGINT NOT NULL,
+    alpha      DOUBLE NOT NULL,
+    beta       DOUBLE NOT NULL,
+    mean       DOUBLE NOT NULL,           -- the annotator's vote weight
+    PRIMARY KEY (annotator, generation)
+);
 CREATE TABLE IF NOT EXISTS builds (
     generation  INTEGER NOT NULL,
     started_at  TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
-    status      VARCHAR NOT NULL,     -- running | finished | failed
+    status      VARCHAR NOT NULL,     -- running | finished | failed | interrupted (killed)
     summary     JSON
 );
 """
+
+
+# Documented views (README, "Audit statistics"): users query them with `ratchet sql` or duckdb.
+VIEWS_SQL = """
+CREATE OR REPLACE VIEW audit_pass_rate_by_annotator AS
+SELECT annotator, generation, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
+       round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
+FROM audits GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW audit_pass_rate_by_persona AS
+SELECT coalesce(m.persona, '?') AS persona, a.generation, count(*) AS audits,
+       count(*) FILTER (a.verdict = 'pass') AS passes, round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
+FROM audits a LEFT JOIN members m ON m.name = a.annotator GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW audit_pass_rate_by_family AS
+SELECT coalesce(m.family, '?') AS family, a.generation, count(*) AS audits,
+       count(*) FILTER (a.verdict = 'pass') AS passes, round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
+FROM audits a LEFT JOIN members m ON m.name = a.annotator GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW audit_pass_rate_by_generation AS
+SELECT generation, auditor_kind, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
+       round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
+FROM audits GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW audit_model_vs_human AS
+SELECT generation, count(*) AS both_audited,
+       count(*) FILTER (model_verdict <> human_verdict) AS disagreements,
+       round(disagreements / both_audited, 3) AS disagreement_rate,
+       count(*) FILTER (model_verdict = 'pass' AND human_verdict = 'fail') AS model_too_lenient,
+       count(*) FILTER (model_verdict = 'fail' AND human_verdict = 'pass') AS model_too_strict
+FROM (SELECT m.generation, m.verdict AS model_verdict, h.verdict AS human_verdict
+      FROM audits m JOIN audits h ON h.item = m.item AND h.annotator = m.annotator AND h.generation = m.generation
+      WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human')
+GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW audit_coverage AS
+WITH done AS (
+    SELECT generation, annotator, count(DISTINCT item) AS audited,
+           count(DISTINCT item) FILTER (auditor_kind = 'model') AS model_audited,
+           count(DISTINCT item) FILTER (auditor_kind = 'human') AS human_audited
+    FROM audits GROUP BY ALL),
+accepted AS (
+    SELECT generation, annotator, count(*) AS accepted FROM annotations WHERE status = 'accepted' GROUP BY ALL)
+SELECT c.generation, c.annotator, c.accepted, coalesce(d.audited, 0) AS audited,
+       coalesce(d.model_audited, 0) AS model_audited, coalesce(d.human_audited, 0) AS human_audited,
+       round(coalesce(d.audited, 0) / c.accepted, 3) AS coverage
+FROM accepted c LEFT JOIN done d USING (generation, annotator) ORDER BY ALL;
+"""
+
+
+def insert_rows(con, sql: str, rows: list) -> None:
+    """executemany that accepts no rows (DuckDB's refuses an empty list)."""
+    if rows:
+        con.executemany(sql, rows)
 
 
 class WorkspaceError(Exception):
@@ -109,6 +192,7 @@ class Workspace:
             raise
         if not read_only:
             con.execute(SCHEMA_SQL)
+            con.execute(VIEWS_SQL)
         return con
 
     @contextmanager

@@ -21,7 +21,7 @@ def test_summary_counts_every_record(built):
     assert s["accepted"] + s["rejected"] == 4
     assert s["accepted"] >= 2, s["rejection_reasons"]
     assert 0.0 <= s["truncation_rate"] <= 1.0
-    assert s["model_calls"] == s["attempts"] and s["cached_calls"] == 0
+    assert s["model_calls"] == s["attempts"] + s["audit"]["sampled"] and s["cached_calls"] == 0
 
 
 def test_state_lands_in_duckdb(built):
@@ -78,7 +78,7 @@ def test_rebuild_makes_zero_model_calls_and_identical_files(built):
     before = {p.name: p.read_bytes() for p in (gen / "data").iterdir()}
     again = run_build(ws)
     assert again["model_calls"] == 0
-    assert again["cached_calls"] == s["attempts"]
+    assert again["cached_calls"] == s["attempts"] + s["audit"]["sampled"]
     assert {p.name: p.read_bytes() for p in (gen / "data").iterdir()} == before
 
 
@@ -120,3 +120,10 @@ def test_bad_corpus_file_writes_nothing(tmp_path):
     assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 0
     con.close()
     assert not (root / "generations" / "gen-0001").exists()
+
+
+def test_corpus_of_only_empty_records_builds_an_empty_generation(tmp_path):
+    root = write_workspace(tmp_path / "ws", ["", "   ", "\n\n"])
+    s = run_build(Workspace(root))
+    assert s["passages"] == 0 and s["empty_records"] == 3 and s["model_calls"] == 0
+    assert json.loads((Workspace(root).generation_dir(1) / "manifest.json").read_text())["splits"] == {}

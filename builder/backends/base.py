@@ -18,10 +18,12 @@ class Request:
     max_tokens: int = 512
     temperature: float = 0.2
     top_p: float = 0.95
+    repeat_penalty: float = 1.0
     seed: int = 0
 
     def sampling(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "repeat_penalty": self.repeat_penalty}
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Backend(ABC):
     """An engine bound to one model."""
 
     kind: str = "base"
+    family: str = "unknown"  # the model's architecture: ensembles and audit stats group by it
 
     @property
     @abstractmethod

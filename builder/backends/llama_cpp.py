@@ -11,6 +11,7 @@ prompt, so llama.cpp reuses their evaluated prefix from one call to the next.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -35,8 +36,10 @@ class LlamaCppBackend(Backend):
     def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0):
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
-        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or None,
+        # llama-cpp-python's default is half the cores; 0 here means all of them.
+        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
                          n_batch=512, verbose=False)
+        self.family = self.llm.metadata.get("general.architecture", "unknown")
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.bos = self._token_text(self.llm.token_bos())
         self.eos = self._token_text(self.llm.token_eos())
@@ -55,7 +58,8 @@ class LlamaCppBackend(Backend):
         """The rendered prompt with each message's content replaced by a sentinel."""
         stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
         if self.formatter is None:
-            return "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
+            bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
+            return bos + "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
         return self.formatter(messages=stand_ins).prompt
 
     def render(self, messages: Sequence[dict]) -> str:
@@ -96,7 +100,8 @@ class LlamaCppBackend(Backend):
                     "lower corpus.chunk_tokens or raise annotator.n_ctx"))
             out = self.llm.create_completion(
                 prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
-                top_p=request.top_p, seed=request.seed, grammar=self._grammar(request.schema))
+                top_p=request.top_p, repeat_penalty=request.repeat_penalty, seed=request.seed,
+                grammar=self._grammar(request.schema))
         except Exception as exc:  # one bad request must not stop the batch
             return Response("", "error", error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
         choice, usage = out["choices"][0], out.get("usage", {})
