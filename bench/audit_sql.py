@@ -40,6 +40,9 @@ def fill(con, rows: int) -> None:
                CASE WHEN i % 2 = 1 AND (i // 2) % 5 = 0 THEN 'human' ELSE 'model' END,
                CASE WHEN hash(i) % 4 = 0 THEN 'fail' ELSE 'pass' END, '[]', '[]'
         FROM range({rows}) t(i)""")
+    # what builder.audit.store_audits keeps up to date as audits arrive
+    con.execute("""INSERT INTO audit_items SELECT item, annotator, generation, bool_or(auditor_kind = 'model'),
+                   bool_or(auditor_kind = 'human') FROM audits GROUP BY ALL""")
 
 
 def main() -> None:
@@ -52,8 +55,9 @@ def main() -> None:
         con.execute(VIEWS_SQL)
         start = time.perf_counter()
         fill(con, args.rows)
-        print(f"filled {con.execute('SELECT count(*) FROM audits').fetchone()[0]:,} audit rows in "
-              f"{time.perf_counter() - start:.1f} s (threads: {con.execute('SELECT current_setting(''threads'')').fetchone()[0]})")
+        rows = con.execute("SELECT count(*) FROM audits").fetchone()[0]
+        threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        print(f"filled {rows:,} audit rows in {time.perf_counter() - start:.1f} s (duckdb threads: {threads})")
         worst = 0.0
         for view in VIEWS + ["reputation (update_reputation)"]:
             start = time.perf_counter()

@@ -136,6 +136,11 @@ def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
         "VALUES (?,?,?,?,?,?,?,?)",
         [[r.item, r.annotator, generation, r.auditor, r.auditor_kind, r.verdict, json.dumps(r.reasons),
           json.dumps(r.wrong_claims)] for r in rows])
+    insert_rows(
+        con,
+        "INSERT INTO audit_items VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+        "by_model = audit_items.by_model OR excluded.by_model, by_human = audit_items.by_human OR excluded.by_human",
+        [[r.item, r.annotator, generation, r.auditor_kind == "model", r.auditor_kind == "human"] for r in rows])
 
 
 # ---------------------------------------------------------------- reputation

@@ -78,6 +78,14 @@ CREATE TABLE IF NOT EXISTS audits (
     audited_at   TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (item, annotator, generation, auditor)
 );
+CREATE TABLE IF NOT EXISTS audit_items (  -- one row per audited item, kept by store_audits:
+    item       VARCHAR NOT NULL,          -- exact coverage without a per-item GROUP BY over all audits
+    annotator  VARCHAR NOT NULL,
+    generation INTEGER NOT NULL,
+    by_model   BOOLEAN NOT NULL,
+    by_human   BOOLEAN NOT NULL,
+    PRIMARY KEY (item, annotator, generation)
+);
 CREATE TABLE IF NOT EXISTS reputation (   -- Beta posterior of each annotator's audit pass rate
     annotator  VARCHAR NOT NULL,
     generation INTEGER NOT NULL,          -- over every audit up to this generation
@@ -133,10 +141,9 @@ GROUP BY ALL ORDER BY ALL;
 
 CREATE OR REPLACE VIEW audit_coverage AS
 WITH done AS (
-    SELECT generation, annotator, count(DISTINCT item) AS audited,
-           count(DISTINCT item) FILTER (auditor_kind = 'model') AS model_audited,
-           count(DISTINCT item) FILTER (auditor_kind = 'human') AS human_audited
-    FROM audits GROUP BY ALL),
+    SELECT generation, annotator, count(*) AS audited, count(*) FILTER (by_model) AS model_audited,
+           count(*) FILTER (by_human) AS human_audited
+    FROM audit_items GROUP BY ALL),
 accepted AS (
     SELECT generation, annotator, count(*) AS accepted FROM annotations WHERE status = 'accepted' GROUP BY ALL)
 SELECT c.generation, c.annotator, c.accepted, coalesce(d.audited, 0) AS audited,

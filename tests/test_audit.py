@@ -6,8 +6,8 @@ import stat
 import duckdb
 import pytest
 
-from builder.audit import (SECRET_ENV, AuditError, create_secret, import_verdicts, is_selected, load_secret, sample,
-                           update_reputation)
+from builder.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, import_verdicts, is_selected, load_secret,
+                           sample, store_audits, update_reputation)
 from builder.workspace import SCHEMA_SQL, VIEWS_SQL
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -105,10 +105,9 @@ def test_import_refuses_other_file_types(tmp_path):
 
 def test_documented_views_answer_from_the_tables():
     con = db_with_annotations(4)
-    con.executemany("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) VALUES (?,?,?,?,?,?)", [
-        ("p000", "smollm2", 1, "m", "model", "pass"), ("p000", "smollm2", 1, "h", "human", "fail"),
-        ("p001", "smollm2", 1, "m", "model", "fail"), ("p001", "smollm2", 1, "h", "human", "fail"),
-        ("p002", "smollm2", 1, "m", "model", "pass")])
+    store_audits(con, 1, [AuditRow(item, "smollm2", auditor, kind, verdict) for item, auditor, kind, verdict in [
+        ("p000", "m", "model", "pass"), ("p000", "h", "human", "fail"), ("p001", "m", "model", "fail"),
+        ("p001", "h", "human", "fail"), ("p002", "m", "model", "pass")]])
     assert con.execute("SELECT audits, passes, pass_rate FROM audit_pass_rate_by_annotator").fetchall() == [(5, 2, 0.4)]
     assert con.execute("SELECT family, audits FROM audit_pass_rate_by_family").fetchall() == [("llama", 5)]
     assert con.execute("SELECT persona, audits FROM audit_pass_rate_by_persona").fetchall() == [("default", 5)]
