@@ -37,7 +37,7 @@ def carry_rate(backend, rows, datamark: str, seeds: int) -> tuple[int, int, int]
         con = duckdb.connect()
         con.execute(SCHEMA_SQL)
         cfg = RatchetConfig.model_validate({"annotate": {"datamark": datamark}, "sampling": {"seed": 1000 + seed}})
-        for result in annotate(passages, CachedBackend(backend, con), Prompts(), cfg, "bench"):
+        for result in annotate(passages, CachedBackend(backend, con), Prompts(), cfg):
             total += 1
             if result.record is not None:
                 accepted += 1

@@ -54,7 +54,6 @@ def annotate(
     engine,
     prompts: Prompts,
     config: RatchetConfig,
-    annotator: str,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[AnnotationResult]:
     """Run every passage through `engine` (a cached backend) in rounds: round 0 for all, then
@@ -74,7 +73,6 @@ def annotate(
                     max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p,
                     repeat_penalty=s.repeat_penalty, seed=s.seed + attempt)
             for p in pending]
-        keys = [engine.key(r)[0] for r in requests] if hasattr(engine, "key") else [None] * len(requests)
         failed: list[int] = []
 
         def on_response(i: int, response: Response) -> None:
@@ -83,7 +81,8 @@ def annotate(
             result.truncated += response.finish_reason == "length"
             record, reason = check_output(response, validator)
             if record is not None:
-                result.status, result.record, result.reason, result.call_key = "accepted", record, None, keys[i]
+                result.status, result.record, result.reason = "accepted", record, None
+                result.call_key = response.extra.get("cache_key")
                 if on_progress:
                     on_progress(1)
             else:

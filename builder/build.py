@@ -14,7 +14,6 @@ from .cache import CachedBackend
 from .compile import compile_generation
 from .corpus import IngestReport, Passage, ingest
 from .config import RatchetConfig
-from .models import file_sha256, resolve_model
 from .prompts import Prompts
 from .workspace import Workspace, insert_rows
 
@@ -65,7 +64,7 @@ def store_annotations(con, generation: int, annotator: str, results: list[Annota
 
 def store_member(con, name: str, backend, persona: str) -> None:
     con.execute("INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
-                [name, backend.family, persona, backend.model_path.name, backend.kind])
+                [name, backend.family, persona, backend.model_name, backend.kind])
 
 
 def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator_backend, prompts: Prompts,
@@ -76,7 +75,7 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator
     items = sample(con, secret, generation, cfg.audit.rate)
     engines, failed = [], 0
     if cfg.audit.auditor and items:
-        shared = resolve_model(cfg.audit.auditor).resolve() == annotator_backend.model_path.resolve()
+        shared = cfg.audit.auditor == cfg.annotator.model
         backend = annotator_backend if shared else make_backend(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
         auditor = f"{annotator_name(cfg.audit.auditor)}-{cfg.audit.persona}"
         engine = CachedBackend(backend, con, log)
@@ -148,14 +147,13 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 annotator = annotator_name(cfg.annotator.model)
                 task = progress.add_task(f"annotate ({annotator})", total=len(passages)) if progress else None
                 tick = (lambda n: progress.advance(task, n)) if progress else None
-                results = annotate(passages, engine, prompts, cfg, annotator, on_progress=tick)
+                results = annotate(passages, engine, prompts, cfg, on_progress=tick)
                 store_annotations(con, generation, annotator, results)
                 store_member(con, annotator, backend, persona="default")
                 audit, audit_engines = run_audit(ws, con, generation, cfg, backend, prompts, progress, log)
                 metrics = metrics_of(results, [engine, *audit_engines], report, time.perf_counter() - started)
                 metrics["audit"] = audit
-                models = {annotator: {"file": backend.model_path.name, "sha256": file_sha256(backend.model_path),
-                                      "backend": backend.kind}}
+                models = {annotator: backend.describe()}
                 out = compile_generation(ws, con, generation, prompts, models, metrics)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"

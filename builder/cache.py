@@ -52,7 +52,8 @@ class CachedBackend:
         rows = self.con.execute(
             "SELECT cache_key, response, finish_reason, prompt_tokens, completion_tokens, seconds "
             "FROM model_calls WHERE cache_key IN (SELECT unnest($keys))", {"keys": keys}).fetchall()
-        return {r[0]: Response(r[1], r[2], r[3] or 0, r[4] or 0, r[5] or 0.0, extra={"cached": True}) for r in rows}
+        return {r[0]: Response(r[1], r[2], r[3] or 0, r[4] or 0, r[5] or 0.0, extra={"cached": True, "cache_key": r[0]})
+                for r in rows}
 
     def _store(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> None:
         self.con.execute(
@@ -78,6 +79,7 @@ class CachedBackend:
 
         def done(j: int, response: Response) -> None:
             i = misses[j]
+            response.extra["cache_key"] = keyed[i][0]  # stages record which call produced a record
             results[i] = response
             if response.finish_reason == "error":
                 self.stats.errors += 1  # not cached: a server that was down must be asked again

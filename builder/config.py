@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_NAME = "ratchet.toml"
 
@@ -32,10 +32,24 @@ class CorpusConfig(Section):
 
 
 class ModelConfig(Section):
-    backend: Literal["llama_cpp"] = Field("llama_cpp", description="Engine that runs the model.")
-    model: str = Field("bundled:smollm2", description="A GGUF path, or bundled:smollm2 / bundled:gemma3.")
-    n_ctx: int = Field(4096, ge=256, description="Context window in tokens.")
-    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+    backend: Literal["llama_cpp", "openai"] = Field(
+        "llama_cpp", description="llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server.")
+    model: str = Field("bundled:smollm2", description="llama_cpp: a GGUF path or bundled:NAME; openai: the served model name.")
+    n_ctx: int = Field(4096, ge=256, description="llama_cpp: context window in tokens.")
+    threads: int = Field(0, ge=0, description="llama_cpp: CPU threads; 0 = all cores.")
+    base_url: str = Field("", description="openai: the server, e.g. http://127.0.0.1:8000 (without /v1).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key, if any.")
+    concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one answer.")
+    max_retries: int = Field(3, ge=0, le=20, description="openai: retries (with backoff) on connection errors, timeouts, 5xx.")
+    response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="openai: json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object (llama-cpp-python).")
+
+    @model_validator(mode="after")
+    def _server_needs_a_url(self):
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000)")
+        return self
 
 
 class SamplingConfig(Section):

@@ -96,7 +96,7 @@ def test_every_injection_passage_gets_a_valid_record_or_a_reason(smollm2):
     con.execute(SCHEMA_SQL)
     cfg = RatchetConfig.model_validate({"sampling": {"max_tokens": 320}, "annotate": {"retries": 0}})
     results = annotate([Passage(passage_id(r["text"]), r["name"], 0, r["text"], 0) for r in rows],
-                       CachedBackend(smollm2, con), Prompts(), cfg, "smollm2")
+                       CachedBackend(smollm2, con), Prompts(), cfg)
     assert len(results) == 3
     for r in results:
         assert (r.status == "accepted" and r.record["reflection"]) or (r.status == "rejected" and r.reason)

@@ -57,13 +57,15 @@ def run(script, texts, retries=2):
     backend = Scripted(script)
     engine = CachedBackend(backend, con)
     cfg = RatchetConfig.model_validate({"annotate": {"retries": retries}, "sampling": {"temperature": 0.0}})
-    return annotate(passages(*texts), engine, Prompts(), cfg, "scripted"), backend, engine, con
+    return annotate(passages(*texts), engine, Prompts(), cfg), backend, engine, con
 
 
 def test_valid_output_accepted_and_datamarks_removed():
     results, backend, engine, _ = run({"alpha": [(json.dumps(GOOD), "stop")]}, ["alpha text"])
     assert results[0].status == "accepted"
     assert results[0].record["claims"][0]["claim"] == "Taxes rose"
+    stored = engine.con.execute("SELECT cache_key FROM model_calls").fetchall()
+    assert [(results[0].call_key,)] == stored  # the record names the call that produced it
     assert f"{LINE_MARK}alpha text" in backend.calls[0][0]  # the passage was datamarked in the prompt
     assert engine.stats.calls == 1
 
@@ -101,9 +103,9 @@ def test_second_run_is_served_from_the_cache():
     cfg = RatchetConfig()
     script = {"zeta": [(json.dumps(GOOD), "stop")]}
     first = CachedBackend(Scripted(script), con)
-    annotate(passages("zeta text"), first, Prompts(), cfg, "s")
+    annotate(passages("zeta text"), first, Prompts(), cfg)
     again_backend = Scripted(script)
     again = CachedBackend(again_backend, con)
-    results = annotate(passages("zeta text"), again, Prompts(), cfg, "s")
+    results = annotate(passages("zeta text"), again, Prompts(), cfg)
     assert results[0].status == "accepted"
     assert again_backend.calls == [] and again.stats.hits == 1

@@ -51,6 +51,15 @@ class Backend(ABC):
     def model_id(self) -> str:
         """Identifies the weights (e.g. sha256 of the model file); part of every cache key."""
 
+    @property
+    def model_name(self) -> str:
+        """A short name of the model (a file name, a served model name)."""
+        return self.model_id
+
+    def describe(self) -> dict:
+        """What the manifest records about the model behind this backend."""
+        return {"model": self.model_name, "backend": self.kind}
+
     @abstractmethod
     def render(self, messages: Sequence[dict]) -> str:
         """The prompt text the model sees for these messages (cache keys, debugging)."""

@@ -54,6 +54,13 @@ class LlamaCppBackend(Backend):
     def model_id(self) -> str:
         return file_sha256(self.model_path)
 
+    @property
+    def model_name(self) -> str:
+        return self.model_path.name
+
+    def describe(self) -> dict:
+        return {"file": self.model_path.name, "sha256": self.model_id, "backend": self.kind}
+
     def _template(self, messages: Sequence[dict]) -> str:
         """The rendered prompt with each message's content replaced by a sentinel."""
         stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]

@@ -1,0 +1,148 @@
+"""Any server that speaks the OpenAI chat API: vLLM serve, SGLang, llama.cpp's server,
+llama-cpp-python's server, hosted APIs.
+
+Requests of a batch run concurrently (bounded), each with a timeout and retries with
+exponential backoff on connection errors, timeouts and 5xx answers. A server that is down,
+or answers something that is not an OpenAI chat completion, gives a response with
+finish_reason "error" and a reason that names the server: never an exception mid-batch.
+
+The server renders the chat template and tokenizes it itself, and the servers we know
+(llama.cpp's and llama-cpp-python's among them) tokenize the rendered prompt with special
+tokens enabled. So spellings of special tokens in message content are broken up with a zero
+width space before they are sent: `<|im_end|>` in a passage reaches the model as the
+visible characters, never as the token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import httpx
+
+from ..corpus import approx_tokens
+from .base import Backend, OnResponse, Request, Response
+
+ZWSP = "\u200b"
+# ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
+_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?(?:start_of_turn|end_of_turn|bos|eos|s|pad|unk)>|\[/?INST\]")
+
+
+def neutralize_special_tokens(text: str) -> str:
+    """Insert a zero-width space after the first character of every special-token spelling."""
+    return _SPECIAL.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
+
+
+class ServerError(Exception):
+    pass
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
+                 timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5,
+                 response_format: str = "json_schema", model_id: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.response_format = response_format
+        self._model_id = model_id or f"openai:{self.base_url}:{model}"
+        key = os.environ.get(api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    def describe(self) -> dict:
+        return {"server": self.base_url, "model": self.model, "backend": self.kind}
+
+    def render(self, messages: Sequence[dict]) -> str:
+        # The server owns the chat template: the messages as sent are what identifies a prompt.
+        return json.dumps(self._messages(messages), ensure_ascii=False)
+
+    def count_tokens(self, text: str) -> int:
+        return approx_tokens(text)  # servers do not share one tokenize endpoint; an estimate serves chunking
+
+    @staticmethod
+    def _messages(messages: Sequence[dict]) -> list[dict]:
+        return [{"role": m["role"], "content": neutralize_special_tokens(m["content"])} for m in messages]
+
+    def payload(self, request: Request) -> dict:
+        body = {"model": self.model, "messages": self._messages(request.messages), "max_tokens": request.max_tokens,
+                "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+        if request.repeat_penalty != 1.0:
+            body["repeat_penalty"] = request.repeat_penalty  # llama.cpp and vLLM read it; others ignore it
+        if request.schema is not None:
+            if self.response_format == "json_object":  # llama-cpp-python's server
+                body["response_format"] = {"type": "json_object", "schema": request.schema}
+            else:  # OpenAI, vLLM, SGLang, llama.cpp's llama-server
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": request.schema.get("title", "output")[:64].replace(" ", "_"),
+                                                           "schema": request.schema}}
+        return body
+
+    def _post(self, body: dict) -> dict:
+        """One request with retries; raises ServerError with a reason that names the server."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                answer = self.client.post("/v1/chat/completions", json=body)
+            except httpx.ConnectError:
+                last = f"cannot connect to {self.base_url} (is the server running?)"
+                continue
+            except httpx.TimeoutException:
+                last = f"{self.base_url} did not answer within {self.client.timeout.read}s"
+                continue
+            except httpx.HTTPError as exc:
+                last = f"{self.base_url}: {type(exc).__name__}: {exc}"
+                continue
+            if answer.status_code >= 500 or answer.status_code == 429:
+                last = f"{self.base_url} answered HTTP {answer.status_code}: {answer.text[:200]}"
+                continue
+            if answer.status_code >= 400:
+                raise ServerError(f"{self.base_url} refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+            try:
+                data = answer.json()
+                data["choices"][0]["message"]
+                return data
+            except (ValueError, KeyError, IndexError, TypeError):
+                last = f"{self.base_url} answered something that is not a chat completion: {answer.text[:200]!r}"
+        raise ServerError(f"{last} (after {self.max_retries + 1} attempts)")
+
+    def _one(self, request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            data = self._post(self.payload(request))
+        except ServerError as exc:
+            return Response("", "error", error=str(exc), seconds=time.perf_counter() - start)
+        choice, usage = data["choices"][0], data.get("usage") or {}
+        return Response(choice["message"].get("content") or "", choice.get("finish_reason") or "stop",
+                        usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), time.perf_counter() - start)
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        responses: list[Response | None] = [None] * len(requests)
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
+            for future in as_completed(futures):  # callbacks run here, in the caller's thread
+                i = futures[future]
+                responses[i] = future.result()
+                if on_response:
+                    on_response(i, responses[i])
+        return responses  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.client.close()
