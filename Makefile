@@ -35,8 +35,10 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/injection.py
+	$(BIN)/python bench/audit_sql.py
 
 clean:
 	rm -rf $(VENV) demo-workspace
