@@ -121,7 +121,8 @@ def metrics_of(results: list[AnnotationResult], engines: list[CachedBackend], re
 
 
 def annotator_name(spec: str) -> str:
-    return spec.removeprefix("bundled:") if spec.startswith("bundled:") else Path(spec).stem
+    """bundled:smollm2 -> smollm2, /models/x.gguf -> x, org/Llama-3.1-8B (a served model) -> Llama-3.1-8B."""
+    return spec.removeprefix("bundled:") if spec.startswith("bundled:") else Path(spec).name.removesuffix(".gguf")
 
 
 def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None) -> dict:

@@ -109,3 +109,11 @@ def test_second_run_is_served_from_the_cache():
     results = annotate(passages("zeta text"), again, Prompts(), cfg)
     assert results[0].status == "accepted"
     assert again_backend.calls == [] and again.stats.hits == 1
+
+
+def test_annotator_names_keep_version_dots():
+    from builder.build import annotator_name
+
+    assert annotator_name("bundled:smollm2") == "smollm2"
+    assert annotator_name("/models/tiny.Q4_0.gguf") == "tiny.Q4_0"
+    assert annotator_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"
