@@ -24,7 +24,6 @@ class CacheStats:
     calls: int = 0
     errors: int = 0
     completion_tokens: int = 0
-    seconds: float = 0.0
 
 
 class CachedBackend:
@@ -87,7 +86,6 @@ class CachedBackend:
                 self._store(*keyed[i], requests[i], response)
                 self.stats.calls += 1
                 self.stats.completion_tokens += response.completion_tokens
-                self.stats.seconds += response.seconds
             if self.log:
                 self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[i][0][:12], response.finish_reason,
                               response.completion_tokens, response.seconds)

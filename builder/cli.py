@@ -228,12 +228,17 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_column()
     table.add_row("config", str(ws.config_path))
     table.add_row("corpus", str(ws.resolve(cfg.corpus.path)))
-    try:
-        model = str(resolve_model(cfg.annotator.model))
-    except ModelNotFound as exc:
-        model = f"[red]{exc}[/]"
-    table.add_row("engine", f"{cfg.annotator.backend} (in-process llama.cpp)" if cfg.annotator.backend == "llama_cpp" else cfg.annotator.backend)
+    if cfg.annotator.backend == "llama_cpp":
+        try:
+            model = str(resolve_model(cfg.annotator.model))
+        except ModelNotFound as exc:
+            model = f"[red]{exc}[/]"
+        engine = "llama_cpp: llama.cpp in-process (annotator.backend)"
+    else:
+        model, engine = cfg.annotator.model, f"openai: the server at {cfg.annotator.base_url} (annotator.backend)"
+    table.add_row("engine", engine)
     table.add_row("annotator model", model)
+    table.add_row("audit", f"rate {cfg.audit.rate:.0%}, model auditor {cfg.audit.auditor or 'none (humans only)'}")
     if ws.db_path.exists():
         try:
             con = ws.connect(read_only=True)

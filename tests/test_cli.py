@@ -53,3 +53,16 @@ def test_sql_and_status_on_a_built_workspace(built):
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "builder.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ratchet init" in proc.stdout
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("A passage.")
+    (tmp_path / "ratchet.toml").write_text(f'[annotator]\nmodel = "{tmp_path}/nope.gguf"\n')
+    result = runner.invoke(app, ["build", "--workspace", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "nope.gguf: model file not found" in " ".join(result.output.split())
+    unknown = tmp_path / "ratchet.toml"
+    unknown.write_text('[annotator]\nmodel = "bundled:llama9"\n')
+    result = runner.invoke(app, ["build", "--workspace", str(tmp_path)])
+    assert result.exit_code == 1 and "unknown bundled model 'llama9'" in result.output
