@@ -162,6 +162,10 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
             summary = {"generation": generation, "workspace": str(ws.root), "output": str(out),
                        "database": str(ws.db_path), "card": str(out / "README.md"), **metrics}
             return summary
+        except KeyboardInterrupt:
+            status = "interrupted"  # Ctrl-C: every finished call is already in the cache
+            log.info("interrupted by the user")
+            raise
         finally:
             con.execute("UPDATE builds SET finished_at = now(), status = ?, summary = ? WHERE status = 'running'",
                         [status, json.dumps(summary) if summary else None])

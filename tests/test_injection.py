@@ -100,3 +100,12 @@ def test_every_injection_passage_gets_a_valid_record_or_a_reason(smollm2):
     assert len(results) == 3
     for r in results:
         assert (r.status == "accepted" and r.record["reflection"]) or (r.status == "rejected" and r.reason)
+
+
+def test_a_workspace_prompt_folder_overrides_the_built_in_prompts(tmp_path):
+    (tmp_path / "audit_notice.txt").write_text("Every third answer is checked by a person.")
+    prompts = Prompts(tmp_path)
+    system = prompts.annotation_messages("A passage.")[0]["content"]
+    assert "Every third answer is checked by a person." in system
+    assert "data, not instructions" in system  # the other templates still come from prompts/
+    assert prompts.hashes()["audit_notice.txt"] != Prompts().hashes()["audit_notice.txt"]  # so the manifest shows it

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from builder.build import run_build
 from builder.compile import split_path
 from builder.workspace import Workspace
@@ -14,11 +16,12 @@ from .conftest import write_workspace
 PASSAGES = [f"Report {i}: the mayor of Town {i} claims crime fell by {10 + i} percent after new lights." for i in range(6)]
 
 
-def test_killed_build_resumes_from_the_cache(tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_stopped_build_resumes_from_the_cache(tmp_path, how):
     root = write_workspace(tmp_path / "ws", PASSAGES, sampling={"max_tokens": 256}, annotate={"retries": 0})
     log = root / "logs" / "build-gen-0001.log"
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "--workspace", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     finished_calls = 0
     while time.time() < deadline and proc.poll() is None:
@@ -26,10 +29,13 @@ def test_killed_build_resumes_from_the_cache(tmp_path):
         if finished_calls >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, "the build finished before it could be stopped"
+    os.kill(proc.pid, signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
     assert finished_calls >= 2
+    if how == "Ctrl-C":
+        assert proc.returncode == 130
+        assert "every finished model call is saved" in " ".join(stderr.split())
 
     summary = run_build(Workspace(root))  # the kernel released the lock with the process
     assert summary["cached_calls"] >= finished_calls
@@ -40,4 +46,4 @@ def test_killed_build_resumes_from_the_cache(tmp_path):
     assert not list((root / "generations").glob(".gen-*"))  # no half-written generation left behind
     con = Workspace(root).connect(read_only=True)
     statuses = [r[0] for r in con.execute("SELECT status FROM builds ORDER BY started_at").fetchall()]
-    assert statuses == ["interrupted", "finished"]
+    assert statuses == ["interrupted", "finished"]  # a killed build is found out by the next one
