@@ -77,6 +77,28 @@ def sample(con, secret: bytes, generation: int, rate: float) -> list[tuple[str, 
     return [(item, annotator) for item, annotator in rows if is_selected(secret, item, annotator, generation, rate)]
 
 
+@dataclass
+class SampledItem:
+    item: str
+    annotator: str
+    passage: str
+    record: dict
+
+
+def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[SampledItem]:
+    """Passage and annotation of each sampled (item, annotator), in the sample's order: only
+    the sample is read and decoded, not every accepted annotation."""
+    if not items:
+        return []
+    rows = con.execute("""SELECT a.passage_id, a.annotator, p.text, a.record FROM annotations a
+                          JOIN passages p USING (passage_id)
+                          WHERE a.generation = $generation AND a.status = 'accepted'
+                            AND a.passage_id IN (SELECT unnest($ids))""",
+                       {"generation": generation, "ids": sorted({item for item, _ in items})}).fetchall()
+    found = {(r[0], r[1]): SampledItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
+    return [found[key] for key in items if key in found]
+
+
 # ---------------------------------------------------------------- model auditor
 
 
@@ -104,13 +126,12 @@ def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prom
     verdicts and the number of audits that produced no valid verdict."""
     schema = load_schema("audit")
     validator = jsonschema.Draft202012Validator(schema)
-    records = dict(((r[0], r[1]), (r[2], json.loads(r[3]))) for r in con.execute(
-        "SELECT a.passage_id, a.annotator, p.text, a.record FROM annotations a JOIN passages p USING (passage_id) "
-        "WHERE a.generation = ? AND a.status = 'accepted'", [generation]).fetchall())
+    sampled = sampled_items(con, items, generation)
     s = config.sampling
-    requests = [Request(messages=audit_messages(prompts, *records[key]), schema=schema, max_tokens=config.audit.max_tokens,
-                        temperature=s.temperature, top_p=s.top_p, repeat_penalty=s.repeat_penalty, seed=s.seed)
-                for key in items]
+    requests = [Request(messages=audit_messages(prompts, x.passage, x.record), schema=schema,
+                        max_tokens=config.audit.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                        repeat_penalty=s.repeat_penalty, seed=s.seed)
+                for x in sampled]
     rows: list[AuditRow] = []
     failed = 0
 
@@ -120,8 +141,8 @@ def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prom
         if verdict is None:
             failed += 1
         else:
-            rows.append(AuditRow(items[i][0], items[i][1], auditor, "model", verdict["verdict"], verdict["reasons"],
-                                 sorted(set(verdict["wrong_claims"]))))
+            rows.append(AuditRow(sampled[i].item, sampled[i].annotator, auditor, "model", verdict["verdict"],
+                                 verdict["reasons"], sorted(set(verdict["wrong_claims"]))))
         if on_progress:
             on_progress(1)
 
@@ -168,18 +189,12 @@ EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "refle
 def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
     """Write the sampled items for a person to review (.csv or .jsonl): the passage and the
     annotation, numbered claims, and empty verdict / reasons / wrong_claims to fill in."""
-    items = set(sample(con, secret, generation, rate))
-    rows = con.execute("""SELECT a.passage_id, a.annotator, p.text, a.record FROM annotations a
-                          JOIN passages p USING (passage_id) WHERE a.generation = ? AND a.status = 'accepted'
-                          ORDER BY a.passage_id, a.annotator""", [generation]).fetchall()
     out = []
-    for item, annotator, text, record in rows:
-        if (item, annotator) not in items:
-            continue
-        rec = json.loads(record)
-        claims = "\n".join(f"{i}. {c['claim']} ({c['kind']}; support: {c['support']})" for i, c in enumerate(rec["claims"], 1))
-        out.append({"item": item, "annotator": annotator, "generation": generation, "passage": text, "claims": claims,
-                    "reflection": rec["reflection"], "verdict": "", "reasons": "", "wrong_claims": ""})
+    for x in sampled_items(con, sample(con, secret, generation, rate), generation):
+        claims = "\n".join(f"{i}. {c['claim']} ({c['kind']}; support: {c['support']})"
+                           for i, c in enumerate(x.record["claims"], 1))
+        out.append({"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
+                    "claims": claims, "reflection": x.record["reflection"], "verdict": "", "reasons": "", "wrong_claims": ""})
     path = Path(path)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
@@ -209,9 +224,13 @@ def _read_rows(path: Path):
             if line.strip():
                 try:
                     row = json.loads(line)
-                    yield lineno, row if isinstance(row, dict) else None, None if isinstance(row, dict) else "not a JSON object"
                 except json.JSONDecodeError as exc:
                     yield lineno, None, f"not valid JSON ({exc.msg})"
+                    continue
+                if isinstance(row, dict):
+                    yield lineno, row, None
+                else:
+                    yield lineno, None, "not a JSON object"
     else:
         reader = csv.DictReader(text.splitlines(keepends=True))
         for n, row in enumerate(reader, 1):

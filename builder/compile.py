@@ -87,10 +87,11 @@ def write_split(rows: list[dict], schema: pa.Schema, folder: Path, split: str) -
     The name carries the content hash because `datasets` caches a local folder by its name
     and its relative data_files alone: two workspaces' gen-0001/data/sft.parquet would share
     one cache entry and `load_dataset` would return the other one's rows."""
-    tmp = folder / "data" / f".{split}.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd", store_schema=True)
-    name = f"data/{split}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:12]}.parquet"
-    tmp.rename(folder / name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd", store_schema=True)
+    data = sink.getvalue().to_pybytes()
+    name = f"data/{split}-{hashlib.sha256(data).hexdigest()[:12]}.parquet"
+    (folder / name).write_bytes(data)
     return name
 
 

@@ -107,27 +107,20 @@ CREATE TABLE IF NOT EXISTS builds (
 
 
 # Documented views (README, "Audit statistics"): users query them with `ratchet sql` or duckdb.
+_PASS_RATE_VIEW = """
+CREATE OR REPLACE VIEW audit_pass_rate_by_{name} AS
+SELECT {keys}, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
+       round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
+FROM audits_with_members GROUP BY ALL ORDER BY ALL;
+"""
+
 VIEWS_SQL = """
-CREATE OR REPLACE VIEW audit_pass_rate_by_annotator AS
-SELECT annotator, generation, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
-       round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
-FROM audits GROUP BY ALL ORDER BY ALL;
-
-CREATE OR REPLACE VIEW audit_pass_rate_by_persona AS
-SELECT coalesce(m.persona, '?') AS persona, a.generation, count(*) AS audits,
-       count(*) FILTER (a.verdict = 'pass') AS passes, round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
-FROM audits a LEFT JOIN members m ON m.name = a.annotator GROUP BY ALL ORDER BY ALL;
-
-CREATE OR REPLACE VIEW audit_pass_rate_by_family AS
-SELECT coalesce(m.family, '?') AS family, a.generation, count(*) AS audits,
-       count(*) FILTER (a.verdict = 'pass') AS passes, round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
-FROM audits a LEFT JOIN members m ON m.name = a.annotator GROUP BY ALL ORDER BY ALL;
-
-CREATE OR REPLACE VIEW audit_pass_rate_by_generation AS
-SELECT generation, auditor_kind, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
-       round(count(*) FILTER (verdict = 'pass') / count(*), 3) AS pass_rate
-FROM audits GROUP BY ALL ORDER BY ALL;
-
+CREATE OR REPLACE VIEW audits_with_members AS
+SELECT a.*, coalesce(m.persona, '?') AS persona, coalesce(m.family, '?') AS family
+FROM audits a LEFT JOIN members m ON m.name = a.annotator;
+""" + "".join(_PASS_RATE_VIEW.format(name=name, keys=keys) for name, keys in [
+    ("annotator", "annotator, generation"), ("persona", "persona, generation"),
+    ("family", "family, generation"), ("generation", "generation, auditor_kind")]) + """
 CREATE OR REPLACE VIEW audit_model_vs_human AS
 SELECT generation, count(*) AS both_audited,
        count(*) FILTER (model_verdict <> human_verdict) AS disagreements,

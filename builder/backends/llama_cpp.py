@@ -43,7 +43,9 @@ class LlamaCppBackend(Backend):
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.bos = self._token_text(self.llm.token_bos())
         self.eos = self._token_text(self.llm.token_eos())
-        # Base models (Gemma 3 270M here) ship no chat template: render a plain prompt instead.
+        # Base models (Gemma 3 270M here) ship no chat template: render a plain prompt instead,
+        # starting with BOS where the model's metadata asks for one.
+        self.plain_bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
         self.formatter = Jinja2ChatFormatter(template, eos_token=self.eos, bos_token=self.bos) if template else None
         self._grammars: dict[str, LlamaGrammar] = {}
 
@@ -65,8 +67,7 @@ class LlamaCppBackend(Backend):
         """The rendered prompt with each message's content replaced by a sentinel."""
         stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
         if self.formatter is None:
-            bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
-            return bos + "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
+            return self.plain_bos + "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
         return self.formatter(messages=stand_ins).prompt
 
     def render(self, messages: Sequence[dict]) -> str:
