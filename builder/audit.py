@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jsonschema
 
-from .annotate import check_output
+from .structured import check_output
 from .backends.base import Request
 from .config import RatchetConfig
 from .prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark

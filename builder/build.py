@@ -1,4 +1,5 @@
-"""`ratchet build`: ingest → annotate → compile, for one generation of one workspace."""
+"""`ratchet build`: ingest → annotate → scrutinize → converge → audit → compile, for one
+generation of one workspace."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,12 @@ from .audit import load_secret, model_audit, sample, store_audits, update_reputa
 from .backends import make_backend
 from .cache import CachedBackend
 from .compile import compile_generation
+from .config import RatchetConfig, model_short_name
+from .converge import PRIOR_WEIGHT, Agreement, Scored, Selection, agreement, score_annotations, select
 from .corpus import IngestReport, Passage, ingest
-from .config import RatchetConfig
+from .ensemble import Ensemble, Member
 from .prompts import Prompts
+from .scrutinize import CritiqueResult, Task, critique
 from .workspace import Workspace, insert_rows
 
 
@@ -62,12 +66,81 @@ def store_annotations(con, generation: int, annotator: str, results: list[Annota
         raise
 
 
-def store_member(con, name: str, backend, persona: str) -> None:
-    con.execute("INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
-                [name, backend.family, persona, backend.model_name, backend.kind])
+def store_members(con, ensemble: Ensemble) -> None:
+    insert_rows(con, "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                [[m.name, m.family, m.persona, m.backend.model_name, m.backend.kind] for m in ensemble.members])
 
 
-def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator_backend, prompts: Prompts,
+def _replace(con, table: str, generation: int, sql: str, rows: list) -> None:
+    """Replace one generation's rows of a table in one transaction."""
+    con.execute("BEGIN")
+    try:
+        con.execute(f"DELETE FROM {table} WHERE generation = ?", [generation])
+        insert_rows(con, sql, rows)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def reputation_weights(con, generation: int) -> dict[str, float]:
+    """Each member's latest reputation from generations before this one (see converge.py)."""
+    return dict(con.execute("""SELECT annotator, arg_max(mean, generation) FROM reputation
+                               WHERE generation < ? GROUP BY annotator""", [generation]).fetchall())
+
+
+def run_scrutiny(con, generation: int, passages: list[Passage], ensemble: Ensemble, engines, prompts: Prompts,
+                 cfg: RatchetConfig, progress) -> list[CritiqueResult]:
+    """Every accepted annotation to its k critics; one batch per critic so that each engine
+    keeps its critic instructions as the evaluated prefix."""
+    if ensemble.k == 0:
+        return []
+    text = {p.passage_id: p.text for p in passages}
+    rows = con.execute("SELECT passage_id, annotator, record FROM annotations WHERE generation = ? AND status = 'accepted' "
+                       "ORDER BY passage_id, annotator", [generation]).fetchall()
+    by_name = {m.name: m for m in ensemble.members}
+    work: dict[str, list[Task]] = {c.name: [] for c in ensemble.critics}
+    for pid, author, record in rows:
+        if pid in text and author in by_name:
+            for critic in ensemble.critics_for(by_name[author], pid):
+                work[critic.name].append(Task(pid, text[pid], author, json.loads(record)))
+    total = sum(len(t) for t in work.values())
+    task = progress.add_task("critique", total=total) if progress and total else None
+    results: list[CritiqueResult] = []
+    for name, tasks in work.items():
+        if tasks:
+            critic = by_name[name]
+            results += critique(tasks, critic, engines[id(critic.backend)], prompts, cfg,
+                                on_progress=(lambda n: progress.advance(task, n)) if task is not None else None)
+    return results
+
+
+def run_convergence(con, generation: int, passages: list[Passage], ensemble: Ensemble, critiques: list[CritiqueResult],
+                    cfg: RatchetConfig) -> tuple[list[Scored], list[Selection], list[Agreement]]:
+    weights = reputation_weights(con, generation)
+    accepted = [tuple(r) for r in con.execute(
+        "SELECT passage_id, annotator FROM annotations WHERE generation = ? AND status = 'accepted' "
+        "ORDER BY passage_id, annotator", [generation]).fetchall()]
+    scored = score_annotations(accepted, critiques, weights)
+    ids = list(dict.fromkeys(p.passage_id for p in passages))
+    selections = select(ids, scored, cfg.ensemble.threshold, ensemble.k > 0, [m.name for m in ensemble.annotators])
+    agreements = agreement(critiques) if critiques else []
+    chosen = {(s.passage_id, s.annotator) for s in selections if s.annotator}
+    _replace(con, "critiques", generation, "INSERT INTO critiques VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+             [[generation, c.passage_id, c.author, c.critic, c.status, c.verdict, json.dumps(c.claim_verdicts),
+               json.dumps(c.objections), weights.get(c.critic, PRIOR_WEIGHT), c.reason, c.attempts, c.call_key]
+              for c in critiques])
+    _replace(con, "convergence", generation, "INSERT INTO convergence VALUES (?,?,?,?,?,?)",
+             [[generation, s.passage_id, s.annotator, s.score, s.critiques, (s.passage_id, s.annotator) in chosen]
+              for s in scored])
+    _replace(con, "selections", generation, "INSERT INTO selections VALUES (?,?,?,?,?)",
+             [[generation, s.passage_id, s.annotator, s.score, s.reason] for s in selections])
+    _replace(con, "agreement", generation, "INSERT INTO agreement VALUES (?,?,?,?,?,?)",
+             [[generation, a.scope, a.member, a.alpha, a.units, a.critiques] for a in agreements])
+    return scored, selections, agreements
+
+
+def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
               progress, log) -> tuple[dict, list[CachedBackend]]:
     """Choose the secret sample, let the model auditor check it, update reputation.
     Only aggregates leave this function: they go to the summary, the manifest and the card."""
@@ -75,9 +148,9 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator
     items = sample(con, secret, generation, cfg.audit.rate)
     engines, failed = [], 0
     if cfg.audit.auditor and items:
-        shared = cfg.audit.auditor == cfg.annotator.model
-        backend = annotator_backend if shared else make_backend(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
-        auditor = f"{annotator_name(cfg.audit.auditor)}-{cfg.audit.persona}"
+        loaded = ensemble.backend_for(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
+        backend = loaded or make_backend(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
+        auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
         engine = CachedBackend(backend, con, log)
         engines.append(engine)
         task = progress.add_task(f"audit ({auditor})", total=len(items)) if progress else None
@@ -85,7 +158,7 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, annotator
             rows, failed = model_audit(con, items, generation, engine, prompts, cfg, auditor,
                                        on_progress=(lambda n: progress.advance(task, n)) if progress else None)
         finally:
-            if not shared:
+            if loaded is None:
                 backend.close()
         store_audits(con, generation, rows)
     reputation = update_reputation(con, generation)
@@ -100,7 +173,8 @@ def metrics_of(results: list[AnnotationResult], engines: list[CachedBackend], re
     attempts = sum(r.attempts for r in results)
     reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == "rejected")
     return {
-        "passages": len(results),
+        "passages": report.passages,
+        "annotations": len(results),
         "accepted": sum(r.status == "accepted" for r in results),
         "rejected": sum(r.status == "rejected" for r in results),
         "rejection_reasons": dict(sorted(reasons.items())),
@@ -120,9 +194,40 @@ def metrics_of(results: list[AnnotationResult], engines: list[CachedBackend], re
     }
 
 
+def ensemble_metrics(ensemble: Ensemble, per_member: dict[str, list[AnnotationResult]], critiques: list[CritiqueResult],
+                     scored: list[Scored], selections: list[Selection], agreements: list[Agreement],
+                     cfg: RatchetConfig) -> dict:
+    """What the summary, the manifest and the card say about the ensemble."""
+    selected = Counter(s.annotator for s in selections if s.annotator)
+    scores: dict[str, list[float]] = {}
+    for s in scored:
+        if s.score is not None:
+            scores.setdefault(s.annotator, []).append(s.score)
+    members = {}
+    for m in ensemble.members:
+        results = per_member.get(m.name, [])
+        mine = [c for c in critiques if c.critic == m.name and c.status == "accepted"]
+        members[m.name] = {
+            "family": m.family, "persona": m.persona, "roles": m.roles,
+            "accepted": sum(r.status == "accepted" for r in results), "rejected": sum(r.status == "rejected" for r in results),
+            "selected": selected.get(m.name, 0),
+            "mean_score": round(sum(scores[m.name]) / len(scores[m.name]), 3) if scores.get(m.name) else None,
+            "critiques": len(mine), "survives_given": sum(c.verdict == "survives" for c in mine)}
+    reasons = Counter(s.reason.split(":")[0] for s in selections if not s.annotator)
+    return {
+        "k": ensemble.k, "threshold": cfg.ensemble.threshold, "families": ensemble.families, "members": members,
+        "critiques": sum(c.status == "accepted" for c in critiques),
+        "invalid_critiques": sum(c.status != "accepted" for c in critiques),
+        "verdicts": dict(sorted(Counter(c.verdict for c in critiques if c.verdict).items())),
+        "selected": sum(1 for s in selections if s.annotator), "not_selected": dict(sorted(reasons.items())),
+        "agreement": {("generation" if a.scope == "generation" else f"{a.scope}:{a.member}"): a.alpha for a in agreements},
+        "warnings": ensemble.warnings(),
+    }
+
+
 def annotator_name(spec: str) -> str:
     """bundled:smollm2 -> smollm2, /models/x.gguf -> x, org/Llama-3.1-8B (a served model) -> Llama-3.1-8B."""
-    return spec.removeprefix("bundled:") if spec.startswith("bundled:") else Path(spec).name.removesuffix(".gguf")
+    return model_short_name(spec)
 
 
 def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None) -> dict:
@@ -137,25 +242,35 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
         con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
         status, summary = "failed", None
         try:
-            with make_backend(cfg.annotator) as backend:
+            with Ensemble(cfg) as ensemble:
+                for line in ensemble.warnings():
+                    log.warning(line)
+                first = ensemble.annotators[0].backend  # its tokenizer measures the passages
                 corpus_path = ws.resolve(corpus or cfg.corpus.path)
                 passages, report = ingest(corpus_path, cfg.corpus.text_field, cfg.corpus.chunk_tokens,
-                                          backend.count_tokens, cfg.corpus.on_bad_file)
+                                          first.count_tokens, cfg.corpus.on_bad_file)
+                report.passages = len(passages)
                 log.info("ingested %d passages from %s", len(passages), corpus_path)
                 store_passages(con, generation, passages)
+                store_members(con, ensemble)
                 prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
-                engine = CachedBackend(backend, con, log)
-                annotator = annotator_name(cfg.annotator.model)
-                task = progress.add_task(f"annotate ({annotator})", total=len(passages)) if progress else None
-                tick = (lambda n: progress.advance(task, n)) if progress else None
-                results = annotate(passages, engine, prompts, cfg, on_progress=tick)
-                store_annotations(con, generation, annotator, results)
-                store_member(con, annotator, backend, persona="default")
-                audit, audit_engines = run_audit(ws, con, generation, cfg, backend, prompts, progress, log)
-                metrics = metrics_of(results, [engine, *audit_engines], report, time.perf_counter() - started)
+                engines = {id(m.backend): CachedBackend(m.backend, con, log) for m in ensemble.members}
+                per_member: dict[str, list[AnnotationResult]] = {}
+                for member in ensemble.annotators:
+                    task = progress.add_task(f"annotate ({member.name})", total=len(passages)) if progress else None
+                    per_member[member.name] = annotate(
+                        passages, engines[id(member.backend)], prompts, cfg, persona=member.persona,
+                        temperature=member.temperature, on_progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
+                    store_annotations(con, generation, member.name, per_member[member.name])
+                critiques = run_scrutiny(con, generation, passages, ensemble, engines, prompts, cfg, progress)
+                scored, selections, agreements = run_convergence(con, generation, passages, ensemble, critiques, cfg)
+                audit, audit_engines = run_audit(ws, con, generation, cfg, ensemble, prompts, progress, log)
+                results = [r for rs in per_member.values() for r in rs]
+                metrics = metrics_of(results, [*engines.values(), *audit_engines], report, time.perf_counter() - started)
+                metrics["ensemble"] = ensemble_metrics(ensemble, per_member, critiques, scored, selections, agreements, cfg)
                 metrics["audit"] = audit
-                models = {annotator: backend.describe()}
-                out = compile_generation(ws, con, generation, prompts, models, metrics)
+                personas = [m.persona for m in ensemble.members]
+                out = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics, personas)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"
             log.info("finished generation %d in %.1fs", generation, metrics["seconds"])
@@ -170,4 +285,3 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
             con.execute("UPDATE builds SET finished_at = now(), status = ?, summary = ? WHERE status = 'running'",
                         [status, json.dumps(summary) if summary else None])
             con.close()
-

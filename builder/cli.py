@@ -14,6 +14,8 @@ from rich.table import Table
 from .audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
 from .config import CONFIG_NAME, ConfigError, starter_config
 from .corpus import CorpusError
+from .ensemble import EnsembleError
+from .prompts import PromptError
 from .models import ModelNotFound
 from .resources import EXAMPLES_DIR
 from .workspace import Workspace, WorkspaceError
@@ -27,8 +29,7 @@ console = Console()
 err = Console(stderr=True)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (holds ratchet.toml).")]
-EXAMPLE_QUERY = ("SELECT status, count(*) AS n, round(avg(attempts), 2) AS avg_attempts "
-                 "FROM annotations GROUP BY status ORDER BY status")
+EXAMPLE_QUERY = "SELECT * FROM convergence_by_member"
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -67,6 +68,10 @@ def init(
                   f"Next: ratchet build --workspace {directory}")
 
 
+def _fmt_alpha(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _summary_table(s: dict) -> Table:
     table = Table(title=f"generation {s['generation']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -78,7 +83,7 @@ def _summary_table(s: dict) -> Table:
         ("skipped files", len(s["skipped_files"])),
         ("skipped records", len(s["skipped_records"])),
         ("passages", s["passages"]),
-        ("annotations accepted", s["accepted"]),
+        ("annotations accepted", f"{s['accepted']} of {s['annotations']}"),
         ("annotations rejected", f"{s['rejected']} {s['rejection_reasons'] or ''}"),
         ("truncated outputs", f"{100 * s['truncation_rate']:.1f}% of {s['attempts']} attempts"),
         ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
@@ -86,6 +91,23 @@ def _summary_table(s: dict) -> Table:
         ("completion tokens", s["completion_tokens"]),
         ("time", f"{s['seconds']:.1f} s"),
     ]
+    e = s.get("ensemble")
+    if e:
+        alpha = e["agreement"].get("generation")
+        rows += [
+            ("ensemble", f"{len(e['members'])} member(s), {len(e['families'])} famil{'y' if len(e['families']) == 1 else 'ies'} "
+                         f"({', '.join(e['families'])}), k = {e['k']} critic(s) per annotation"),
+            ("critiques (valid / invalid)", f"{e['critiques']} / {e['invalid_critiques']} {e['verdicts'] or ''}"),
+            ("kept after convergence", f"{e['selected']} of {s['passages']} passages (threshold {e['threshold']}) "
+                                       f"{e['not_selected'] or ''}"),
+            ("critic agreement (alpha)", "undefined" if alpha is None else f"{alpha:.3f}"),
+        ]
+        for name, m in e["members"].items():
+            score = "n/a" if m["mean_score"] is None else f"{m['mean_score']:.2f}"
+            rows.append((f"  {name}", f"{m['family']}/{m['persona']}: accepted {m['accepted']}, kept {m['selected']}, "
+                                      f"mean score {score}, critiques given {m['critiques']}, "
+                                      f"alpha as author {_fmt_alpha(e['agreement'].get('author:' + name))}, "
+                                      f"as critic {_fmt_alpha(e['agreement'].get('critic:' + name))}"))
     audit = s.get("audit")
     if audit:
         rows += [
@@ -115,7 +137,7 @@ def build(
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             summary = run_build(ws, generation=generation, corpus=corpus, progress=progress)
-    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound) as exc:
+    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; every finished model call is saved: run the same command to resume", code=130)
@@ -126,6 +148,8 @@ def build(
     for label, path in [("dataset", summary["output"]), ("card", summary["card"]), ("database", summary["database"])]:
         console.print(f"[bold]{label}:[/] {path}")
     console.print(f"[bold]try:[/] ratchet sql --workspace {workspace} \"{EXAMPLE_QUERY}\"", soft_wrap=True)
+    for line in summary.get("ensemble", {}).get("warnings", []):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
     for name, weight in summary.get("audit", {}).get("reputation", {}).items():
         if weight < 0.5:
             console.print(f"[yellow]warning:[/] {name} fails most of its audits: its votes now weigh {weight:.2f}")
@@ -139,8 +163,12 @@ def sql(
     workspace: WorkspaceOpt = Path("."),
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
 ) -> None:
-    """Query the workspace's state with SQL (tables: passages, generation_passages, model_calls,
-    annotations, builds). Read-only."""
+    """Query the workspace's state with SQL. Read-only.
+
+    Tables: passages, generation_passages, model_calls, annotations, critiques, convergence,
+    selections, agreement, members, audits, audit_items, reputation, builds. Views:
+    convergence_by_member, critic_verdicts_by_member, agreement_by_member, audit_pass_rate_by_*,
+    audit_model_vs_human, audit_coverage."""
     import duckdb
 
     ws = open_workspace(workspace)
@@ -218,7 +246,7 @@ def audit_import(
 
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
-    """What a workspace holds: config, engine and model, generations built, cache size."""
+    """What a workspace holds: config, ensemble members and their engines, generations built, cache size."""
     from .models import resolve_model
 
     ws = open_workspace(workspace)
@@ -228,16 +256,19 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_column()
     table.add_row("config", str(ws.config_path))
     table.add_row("corpus", str(ws.resolve(cfg.corpus.path)))
-    if cfg.annotator.backend == "llama_cpp":
-        try:
-            model = str(resolve_model(cfg.annotator.model))
-        except ModelNotFound as exc:
-            model = f"[red]{exc}[/]"
-        engine = "llama_cpp: llama.cpp in-process (annotator.backend)"
-    else:
-        model, engine = cfg.annotator.model, f"openai: the server at {cfg.annotator.base_url} (annotator.backend)"
-    table.add_row("engine", engine)
-    table.add_row("annotator model", model)
+    for m in cfg.ensemble.members:
+        engine = m.engine(cfg.annotator)
+        if engine.backend == "llama_cpp":
+            try:
+                where = f"{resolve_model(engine.model)} (llama.cpp in-process)"
+            except ModelNotFound as exc:
+                where = f"[red]{exc}[/]"
+        elif engine.backend == "openai":
+            where = f"{engine.model} at {engine.base_url} (OpenAI-compatible server)"
+        else:
+            where = f"{engine.model} ({engine.backend})"
+        table.add_row(f"member {m.display_name}", f"{where}; persona {m.persona}; {', '.join(m.roles)}")
+    table.add_row("critique", f"k = {cfg.ensemble.k} critic(s) per annotation, threshold {cfg.ensemble.threshold}")
     table.add_row("audit", f"rate {cfg.audit.rate:.0%}, model auditor {cfg.audit.auditor or 'none (humans only)'}")
     if ws.db_path.exists():
         try:

@@ -27,11 +27,14 @@ SFT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()),
     ("messages", pa.list_(MESSAGE)), ("text", pa.string()), ("n_reflections", pa.int32())])
 CLAIM = pa.struct([("claim", pa.string()), ("kind", pa.string()), ("support", pa.string()), ("confidence", pa.string())])
+CRITIQUE = pa.struct([("critic", pa.string()), ("verdict", pa.string()), ("claim_verdicts", pa.list_(pa.string())),
+                      ("objections", pa.list_(pa.string())), ("weight", pa.float64())])
 ANNOTATION_SCHEMA = pa.schema([
     ("passage_id", pa.string()), ("generation", pa.int32()), ("annotator", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
     ("weak_reasoning", pa.list_(pa.string())), ("uncertainties", pa.list_(pa.string())),
-    ("ethical_stakes", pa.list_(pa.string())), ("reflection", pa.string())])
+    ("ethical_stakes", pa.list_(pa.string())), ("reflection", pa.string()),
+    ("convergence", pa.float64()), ("selected", pa.bool_()), ("critiques", pa.list_(CRITIQUE))])
 
 
 def flat_text(messages: list[dict]) -> str:
@@ -40,11 +43,13 @@ def flat_text(messages: list[dict]) -> str:
 
 
 def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
-    """One example per source record: its passages in order, each followed by its reflection."""
+    """One example per source record: its passages in order, each followed by the reflection
+    it kept after convergence (a passage that kept none stands alone)."""
     rows = con.execute("""
         SELECT g.source, g.position, p.passage_id, p.text, a.record
         FROM generation_passages g JOIN passages p USING (passage_id)
-        LEFT JOIN annotations a ON a.generation = g.generation AND a.passage_id = g.passage_id AND a.status = 'accepted'
+        LEFT JOIN selections s ON s.generation = g.generation AND s.passage_id = g.passage_id
+        LEFT JOIN annotations a ON a.generation = g.generation AND a.passage_id = g.passage_id AND a.annotator = s.annotator
         WHERE g.generation = ? ORDER BY g.ord""", [generation]).fetchall()
     documents: dict[str, list] = {}
     for source, _position, pid, text, record in rows:
@@ -66,17 +71,27 @@ def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
 
 
 def annotation_rows(con, generation: int) -> list[dict]:
+    """Every annotation of every member, with its convergence score and its critics' verdicts."""
     rows = con.execute("""
-        SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text, a.record
+        SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text, a.record, v.score,
+               coalesce(v.selected, false),
+               list({'critic': c.critic, 'verdict': c.verdict, 'claim_verdicts': c.claim_verdicts::VARCHAR,
+                     'objections': c.objections::VARCHAR, 'weight': c.weight} ORDER BY c.critic)
+                   FILTER (c.critic IS NOT NULL AND c.status = 'accepted')
         FROM annotations a JOIN passages p USING (passage_id)
-        WHERE a.generation = ? ORDER BY a.passage_id, a.annotator""", [generation]).fetchall()
+        LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
+        LEFT JOIN critiques c ON c.generation = a.generation AND c.passage_id = a.passage_id AND c.annotator = a.annotator
+        WHERE a.generation = ? GROUP BY ALL ORDER BY a.passage_id, a.annotator""", [generation]).fetchall()
     out = []
-    for pid, annotator, status, reason, attempts, text, record in rows:
+    for pid, annotator, status, reason, attempts, text, record, score, selected, critiques in rows:
         rec = json.loads(record) if record else {}
+        critiques = [{**c, "claim_verdicts": json.loads(c["claim_verdicts"]), "objections": json.loads(c["objections"])}
+                     for c in critiques or []]
         out.append({"passage_id": pid, "generation": generation, "annotator": annotator, "status": status,
                     "reason": reason, "attempts": attempts, "passage": text, "claims": rec.get("claims"),
                     "weak_reasoning": rec.get("weak_reasoning"), "uncertainties": rec.get("uncertainties"),
-                    "ethical_stakes": rec.get("ethical_stakes"), "reflection": rec.get("reflection")})
+                    "ethical_stakes": rec.get("ethical_stakes"), "reflection": rec.get("reflection"),
+                    "convergence": score, "selected": selected, "critiques": critiques})
     return out
 
 
@@ -115,7 +130,7 @@ def render_card(manifest: dict, template: str = "generation.md.jinja") -> str:
 
 
 def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, models: dict[str, dict],
-                       metrics: dict) -> Path:
+                       metrics: dict, personas: list[str] = ()) -> Path:
     sft = sft_rows(con, generation, prompts)
     annotations = annotation_rows(con, generation)
     config = ws.config.model_dump()
@@ -126,7 +141,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
         "config_hash": sha256(config),
         "config": config,
         "models": models,
-        "prompt_hashes": prompts.hashes(),
+        "prompt_hashes": prompts.hashes(personas),
         "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
         "counts": {
             "passages": con.execute("SELECT count(*) FROM generation_passages WHERE generation = ?", [generation]).fetchone()[0],
@@ -134,6 +149,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "reflections": sum(r["n_reflections"] for r in sft),
             "annotations_accepted": sum(a["status"] == "accepted" for a in annotations),
             "annotations_rejected": sum(a["status"] == "rejected" for a in annotations),
+            "annotations_selected": sum(a["selected"] for a in annotations),
         },
         "metrics": metrics,
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,11 +32,13 @@ class CorpusConfig(Section):
 
 
 class ModelConfig(Section):
-    backend: Literal["llama_cpp", "openai"] = Field(
-        "llama_cpp", description="llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server.")
-    model: str = Field("bundled:smollm2", description="llama_cpp: a GGUF path or bundled:NAME; openai: the served model name.")
+    backend: Literal["llama_cpp", "openai", "transformers", "vllm"] = Field(
+        "llama_cpp", description="llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server; "
+        "transformers: a local HF checkpoint (e.g. models/gen-0001); vllm: vLLM offline batch (GPU, extra .[vllm]).")
+    model: str = Field("bundled:smollm2", description="llama_cpp: a GGUF path or bundled:NAME; openai: the served model "
+                       "name; transformers / vllm: a local checkpoint folder (or a Hub id vLLM can load).")
     n_ctx: int = Field(4096, ge=256, description="llama_cpp: context window in tokens.")
-    threads: int = Field(0, ge=0, description="llama_cpp: CPU threads; 0 = all cores.")
+    threads: int = Field(0, ge=0, description="llama_cpp, transformers: CPU threads; 0 = all cores.")
     base_url: str = Field("", description="openai: the server, e.g. http://127.0.0.1:8000 (without /v1).")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key, if any.")
     concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once.")
@@ -44,6 +46,14 @@ class ModelConfig(Section):
     max_retries: int = Field(3, ge=0, le=20, description="openai: retries (with backoff) on connection errors, timeouts, 5xx.")
     response_format: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="openai: json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object (llama-cpp-python).")
+    constrained: Literal["auto", "grammar", "validate"] = Field(
+        "auto", description="llama_cpp: grammar = constrain decoding to the JSON Schema; validate = decode freely, "
+        "validate and retry; auto = grammar unless the vocabulary is huge (Gemma's 262k tokens: ~2.5 s/token).")
+    dtype: str = Field("auto", description="transformers / vllm: weights dtype (auto, float32, bfloat16, float16).")
+    device: str = Field("auto", description="transformers: cpu, cuda, or auto (cuda when available).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory vLLM may take.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over.")
+    enable_prefix_caching: bool = Field(True, description="vllm: reuse the shared instructions' KV cache across requests.")
 
     @model_validator(mode="after")
     def _server_needs_a_url(self):
@@ -74,25 +84,105 @@ class AuditConfig(Section):
     max_tokens: int = Field(192, ge=16, description="Output budget of one audit verdict.")
 
 
+ROLES = ("annotate", "critique")
+
+
+class MemberConfig(Section):
+    """One ensemble member: a model (substrate) and a persona (perspective). Engine keys left
+    out are taken from [annotator]."""
+    name: str = Field("", description="Unique name; default MODEL-PERSONA (e.g. smollm2-empiricist).")
+    model: str | None = Field(None, description="As annotator.model (a GGUF path, bundled:NAME, a served model, a "
+                              "checkpoint folder); default annotator.model.")
+    backend: Literal["llama_cpp", "openai", "transformers", "vllm"] | None = Field(
+        None, description="Engine; default annotator.backend.")
+    base_url: str | None = Field(None, description="openai: this member's server; default annotator.base_url.")
+    persona: str = Field("empiricist", description="A file prompts/personas/PERSONA.txt (or in annotate.prompts).")
+    roles: list[Literal["annotate", "critique"]] = Field(
+        list(ROLES), min_length=1, description="What the member does: annotate, critique, or both.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; default sampling.temperature.")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{model_short_name(self.model or '?')}-{self.persona}"
+
+    def engine(self, defaults: ModelConfig) -> ModelConfig:
+        """This member's engine: [annotator] with the member's own keys on top."""
+        own = {k: v for k, v in {"model": self.model, "backend": self.backend, "base_url": self.base_url}.items()
+               if v is not None}
+        return ModelConfig.model_validate({**defaults.model_dump(), **own})
+
+
+def default_members() -> list[MemberConfig]:
+    """Two model families that run here, three perspectives: every annotation can get two
+    critics that differ from its author, the first from the other family."""
+    return [MemberConfig(persona="empiricist"),  # annotator.model: bundled:smollm2 unless set
+            MemberConfig(model="bundled:gemma3", persona="skeptic"),
+            MemberConfig(persona="care-ethicist", roles=["critique"])]
+
+
+class EnsembleConfig(Section):
+    members: list[MemberConfig] = Field(default_factory=default_members, min_length=1)
+    k: int = Field(2, ge=0, description="Critics per annotation, chosen to differ from its author: another "
+                   "family first, then another persona. 0 keeps every valid annotation unscrutinized.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Lowest convergence score a kept annotation may have.")
+    critic_max_tokens: int = Field(160, ge=16, description="Output budget of one critique.")
+
+    def check(self, default_model: str) -> None:
+        for m in self.members:
+            m.model = m.model or default_model
+        names = [m.display_name for m in self.members]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"ensemble.members: names must be unique; {', '.join(twice)} appears more than once (set name = ...)")
+        if not any("annotate" in m.roles for m in self.members):
+            raise ValueError("ensemble.members: no member has the role 'annotate'")
+        critics = [m for m in self.members if "critique" in m.roles]
+        for m in self.members:
+            if "annotate" in m.roles:
+                others = [c for c in critics if c.display_name != m.display_name]
+                if self.k > len(others):
+                    raise ValueError(f"ensemble.k = {self.k} but {m.display_name} has only {len(others)} other critic(s) in the "
+                                     f"ensemble; lower k or add members with role 'critique'")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
     audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _members_inherit_the_annotator(self):
+        self.ensemble.check(self.annotator.model)  # members without a model use annotator.model
+        return self
+
+
+def model_short_name(spec: str) -> str:
+    """bundled:smollm2 -> smollm2, /models/x.gguf -> x, org/Llama-3.1-8B (a served model) -> Llama-3.1-8B."""
+    return spec.removeprefix("bundled:") if spec.startswith("bundled:") else Path(spec).name.removesuffix(".gguf")
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an index into a list of tables, e.g. ensemble.members.0
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if field is None:
             return []
-        model = field.annotation
+        inner = [a for a in (field.annotation, *get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
     return list(model.model_fields)
 
 
 def _describe(error: dict) -> str:
     loc = tuple(error["loc"])
+    if not loc:  # a check across sections: its message names the keys
+        return error["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
         known = _known_keys(RatchetConfig, loc)

@@ -37,6 +37,7 @@ class Passage:
 
 @dataclass
 class IngestReport:
+    passages: int = 0  # distinct passages kept, set by the caller after ingest
     files: int = 0
     records: int = 0
     empty_records: int = 0

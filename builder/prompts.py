@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def unmark(value):
     return value
 
 
+class PromptError(Exception):
+    """A prompt file that is missing or broken; the message names it."""
+
+
 class Prompts:
     """The prompt set of a workspace: an override folder first, then the built-in prompts/."""
 
@@ -71,12 +76,22 @@ class Prompts:
         """Few-shot examples (annotate.examples.jsonl): a tiny model copies their format."""
         return [json.loads(line) for line in self._source("annotate.examples.jsonl").splitlines() if line.strip()]
 
-    def annotation_messages(self, passage: str, mark: str = "line") -> tuple[dict, ...]:
+    def persona(self, name: str) -> str:
+        """The text of personas/NAME.txt; "default" is the empty persona."""
+        try:
+            return self._source(f"personas/{name}.txt").strip()
+        except jinja2.TemplateNotFound:
+            known = sorted(p.stem for f in self.folders for p in (f / "personas").glob("*.txt"))
+            raise PromptError(f"persona '{name}': no file personas/{name}.txt in {', '.join(map(str, self.folders))} "
+                              f"(known: {', '.join(dict.fromkeys(known))})") from None
+
+    def annotation_messages(self, passage: str, mark: str = "line", persona: str = "default") -> tuple[dict, ...]:
         """System, the examples as earlier turns, then the passage: everything before the
         passage is identical across calls, so the engine reuses its evaluated prefix."""
         values = {"open": OPEN, "close": CLOSE, "mark": mark, "line_mark": LINE_MARK, "word_mark": WORD_MARK,
                   "audit_notice": self.audit_notice}
-        messages = [{"role": "system", "content": self.render("annotate.system.jinja", **values)}]
+        system = self.render("annotate.system.jinja", persona=self.persona(persona), **values)
+        messages = [{"role": "system", "content": system}]
         for example in self.examples:
             messages.append({"role": "user", "content": self.render(
                 "annotate.user.jinja", passage=datamark(example["passage"], mark), **values)})
@@ -84,9 +99,28 @@ class Prompts:
         messages.append({"role": "user", "content": self.render("annotate.user.jinja", passage=datamark(passage, mark), **values)})
         return tuple(messages)
 
+    @cached_property
+    def critique_examples(self) -> list[dict]:
+        return [json.loads(line) for line in self._source("critique.examples.jsonl").splitlines() if line.strip()]
+
+    def critique_messages(self, passage: str, record: dict, persona: str = "default") -> tuple[dict, ...]:
+        """The critic sees the passage and the annotation, never who wrote it. Passages are
+        always line-marked here: the critic must tell the passage from the annotation."""
+        values = {"open": OPEN, "close": CLOSE, "line_mark": LINE_MARK, "audit_notice": self.audit_notice}
+        messages = [{"role": "system", "content": self.render("critique.system.jinja", persona=self.persona(persona), **values)}]
+        for example in self.critique_examples:
+            messages.append({"role": "user", "content": self.render(
+                "critique.user.jinja", passage=datamark(example["passage"], "line"), **values, **example["annotation"])})
+            messages.append({"role": "assistant", "content": json.dumps(example["critique"], ensure_ascii=False)})
+        messages.append({"role": "user", "content": self.render(
+            "critique.user.jinja", passage=datamark(passage, "line"), **values, **record)})
+        return tuple(messages)
+
     def reflection(self, record: dict) -> str:
         return self.render("reflection.jinja", **record)
 
-    def hashes(self, names=("audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja",
-                            "annotate.examples.jsonl", "reflection.jinja")) -> dict:
+    def hashes(self, personas: Sequence[str] = ()) -> dict:
+        names = ["audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja", "annotate.examples.jsonl",
+                 "critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
+                 *(f"personas/{p}.txt" for p in sorted(set(personas)))]
         return {n: hashlib.sha256(self._source(n).encode()).hexdigest() for n in names}

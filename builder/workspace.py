@@ -59,6 +59,47 @@ CREATE TABLE IF NOT EXISTS annotations (
     call_key   VARCHAR,               -- the model call that produced it
     PRIMARY KEY (generation, passage_id, annotator)
 );
+CREATE TABLE IF NOT EXISTS critiques (    -- scrutinize: each accepted annotation, critiqued by k other members
+    generation     INTEGER NOT NULL,
+    passage_id     VARCHAR NOT NULL,
+    annotator      VARCHAR NOT NULL,      -- the author (never shown to the critic)
+    critic         VARCHAR NOT NULL,
+    status         VARCHAR NOT NULL,      -- accepted | rejected (no valid critique after every retry)
+    verdict        VARCHAR,               -- survives | revise | reject
+    claim_verdicts JSON,                  -- sound | doubtful | wrong, one per claim
+    objections     JSON,
+    weight         DOUBLE NOT NULL,       -- the critic's vote weight (reputation from earlier generations)
+    reason         VARCHAR,
+    attempts       INTEGER NOT NULL,
+    call_key       VARCHAR,
+    PRIMARY KEY (generation, passage_id, annotator, critic)
+);
+CREATE TABLE IF NOT EXISTS convergence (  -- converge: one score per accepted annotation
+    generation INTEGER NOT NULL,
+    passage_id VARCHAR NOT NULL,
+    annotator  VARCHAR NOT NULL,
+    score      DOUBLE,                    -- weighted share of 'survives'; NULL: not scrutinized or no valid critique
+    critiques  INTEGER NOT NULL,          -- valid critiques behind the score
+    selected   BOOLEAN NOT NULL,
+    PRIMARY KEY (generation, passage_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS selections (   -- the annotation each passage keeps, or none and why
+    generation INTEGER NOT NULL,
+    passage_id VARCHAR NOT NULL,
+    annotator  VARCHAR,
+    score      DOUBLE,
+    reason     VARCHAR NOT NULL,
+    PRIMARY KEY (generation, passage_id)
+);
+CREATE TABLE IF NOT EXISTS agreement (    -- Krippendorff's alpha (nominal) of the critics' verdicts
+    generation INTEGER NOT NULL,
+    scope      VARCHAR NOT NULL,          -- generation | author | critic
+    member     VARCHAR NOT NULL,          -- '*' for the whole generation
+    alpha      DOUBLE,                    -- NULL where undefined (no annotation with two verdicts, no variation)
+    units      INTEGER NOT NULL,          -- annotations with at least two valid verdicts
+    critiques  INTEGER NOT NULL,
+    PRIMARY KEY (generation, scope, member)
+);
 CREATE TABLE IF NOT EXISTS members (      -- who annotates: the substrate and perspective of each
     name    VARCHAR PRIMARY KEY,
     family  VARCHAR NOT NULL,             -- model architecture (GGUF general.architecture)
@@ -131,6 +172,22 @@ FROM (SELECT m.generation, m.verdict AS model_verdict, h.verdict AS human_verdic
       FROM audits m JOIN audits h ON h.item = m.item AND h.annotator = m.annotator AND h.generation = m.generation
       WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human')
 GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW agreement_by_member AS
+SELECT generation, scope, member, alpha, units, critiques FROM agreement ORDER BY generation, scope, member;
+
+CREATE OR REPLACE VIEW critic_verdicts_by_member AS
+SELECT c.generation, c.critic, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,
+       count(*) FILTER (status = 'accepted') AS critiques, count(*) FILTER (status <> 'accepted') AS invalid,
+       count(*) FILTER (verdict = 'survives') AS survives, count(*) FILTER (verdict = 'revise') AS revise,
+       count(*) FILTER (verdict = 'reject') AS reject,
+       round(count(*) FILTER (verdict = 'survives') / nullif(count(*) FILTER (status = 'accepted'), 0), 3) AS survive_rate
+FROM critiques c LEFT JOIN members m ON m.name = c.critic GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW convergence_by_member AS
+SELECT v.generation, v.annotator, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,
+       count(*) AS annotations, round(avg(v.score), 3) AS mean_score, count(*) FILTER (v.selected) AS selected
+FROM convergence v LEFT JOIN members m ON m.name = v.annotator GROUP BY ALL ORDER BY ALL;
 
 CREATE OR REPLACE VIEW audit_coverage AS
 WITH done AS (

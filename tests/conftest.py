@@ -7,8 +7,23 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
+# Tests that are not about the ensemble use one member (named like the model, as before the
+# ensemble existed) and no critics: the default ensemble runs three members.
+ONE_MEMBER = {"k": 0, "members": [{"name": "smollm2", "persona": "default"}]}
+
+
+def toml_value(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections) -> Path:
-    """A workspace with a JSONL corpus and a config whose sections are overridden by kwargs."""
+    """A workspace with a JSONL corpus and a config whose sections are overridden by kwargs
+    (one-member ensemble unless `ensemble` is given)."""
+    sections.setdefault("ensemble", ONE_MEMBER)
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus").mkdir(exist_ok=True)
     if corpus_rows is not None:
@@ -18,7 +33,7 @@ def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     (root / "ratchet.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 

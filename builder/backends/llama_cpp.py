@@ -24,6 +24,7 @@ from ..models import file_sha256
 from .base import Backend, OnResponse, Request, Response
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
+GRAMMAR_MAX_VOCAB = 131_072
 
 
 def _sentinel(i: int) -> str:
@@ -33,7 +34,7 @@ def _sentinel(i: int) -> str:
 class LlamaCppBackend(Backend):
     kind = "llama_cpp"
 
-    def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0):
+    def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0, constrained: str = "auto"):
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         # llama-cpp-python's default is half the cores; 0 here means all of them.
@@ -48,26 +49,34 @@ class LlamaCppBackend(Backend):
         self.plain_bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
         self.formatter = Jinja2ChatFormatter(template, eos_token=self.eos, bos_token=self.bos) if template else None
         self._grammars: dict[str, LlamaGrammar] = {}
+        # llama-cpp-python checks the grammar against every candidate token at every step: over
+        # Gemma 3's 262k-token vocabulary that took ~2.5 s/token on 2 cores. "auto" decodes such
+        # models freely and leaves it to validation and retries (the few-shot turns show the format).
+        if constrained == "auto":
+            constrained = "validate" if self.llm.n_vocab() > GRAMMAR_MAX_VOCAB else "grammar"
+        self.use_grammar = constrained == "grammar"
 
     def _token_text(self, token: int) -> str:
         return self.llm._model.token_get_text(token) if token >= 0 else ""
 
     @property
     def model_id(self) -> str:
-        return file_sha256(self.model_path)
+        # Free decoding answers differently from grammar decoding: never share cache entries.
+        return file_sha256(self.model_path) + ("" if self.use_grammar else ":free")
 
     @property
     def model_name(self) -> str:
         return self.model_path.name
 
     def describe(self) -> dict:
-        return {"file": self.model_path.name, "sha256": self.model_id, "backend": self.kind}
+        return {"file": self.model_path.name, "sha256": file_sha256(self.model_path), "backend": self.kind,
+                "family": self.family, "decoding": "grammar" if self.use_grammar else "free, validated"}
 
     def _template(self, messages: Sequence[dict]) -> str:
         """The rendered prompt with each message's content replaced by a sentinel."""
         stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
         if self.formatter is None:
-            return self.plain_bos + "\n\n".join(f"{m['role'].capitalize()}:\n{m['content']}" for m in stand_ins) + "\n\nAnswer:\n"
+            return self.plain_bos + "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in stand_ins) + "Assistant:\n"
         return self.formatter(messages=stand_ins).prompt
 
     def render(self, messages: Sequence[dict]) -> str:
@@ -90,8 +99,17 @@ class LlamaCppBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
+    def _stop(self, request: Request) -> list[str]:
+        """A chat template ends the turn with EOS; a plain prompt needs stop strings. The few-shot
+        answers there are one line of JSON, so a free-decoded JSON answer ends at the newline."""
+        if self.formatter is not None:
+            return []
+        if request.schema is not None and not self.use_grammar:
+            return ["\n"]
+        return ["\n\nUser:", "\n\nSystem:", "\n\nAssistant:"]
+
     def _grammar(self, schema: dict | None) -> LlamaGrammar | None:
-        if schema is None:
+        if schema is None or not self.use_grammar:
             return None
         key = json.dumps(schema)  # not sorted: the grammar writes properties in the schema's order
         if key not in self._grammars:
@@ -109,7 +127,7 @@ class LlamaCppBackend(Backend):
             out = self.llm.create_completion(
                 prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p, repeat_penalty=request.repeat_penalty, seed=request.seed,
-                grammar=self._grammar(request.schema))
+                grammar=self._grammar(request.schema), stop=self._stop(request))
         except Exception as exc:  # one bad request must not stop the batch
             return Response("", "error", error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
         choice, usage = out["choices"][0], out.get("usage", {})
