@@ -1,0 +1,163 @@
+"""vLLM offline batch inference (a CUDA GPU; the optional extra `.[vllm]`).
+
+vLLM is imported only when the backend is constructed, so this module imports anywhere. Every
+request of a `generate()` call goes into ONE `LLM.generate` call: vLLM schedules the whole
+batch itself (continuous batching) and, with prefix caching, evaluates the shared
+instructions once. Prompts are token ids from hf_chat (`TokensPrompt`), never text: vLLM's
+own chat path tokenizes the rendered prompt with special tokens enabled, so `<|im_end|>` in a
+passage would end the turn. Each request carries its own SamplingParams (sampling, seed,
+max_tokens, and the JSON Schema as structured output, which vLLM decodes with xgrammar by
+default, like the transformers backend).
+
+The request building is plain functions (`sampling_kwargs`, `structured_kwargs`,
+`build_batch`) so that tests check it without vLLM or a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..models import ModelNotFound
+from . import hf_chat
+from .base import Backend, OnResponse, Request, Response
+from .transformers import weights_sha256
+
+INSTALL_HINT = "backend 'vllm' needs the optional extra: pip install 'moral-ratchet[vllm]' (a CUDA GPU)"
+
+
+def import_vllm():
+    try:
+        return importlib.import_module("vllm")
+    except ImportError as exc:
+        # ModelNotFound, like a bundled model whose package is missing: the CLI reports it as one line.
+        raise ModelNotFound(f"{INSTALL_HINT} ({exc})") from exc
+
+
+def sampling_kwargs(request: Request) -> dict:
+    """SamplingParams arguments of one request, structured output aside. temperature 0 is
+    greedy in vLLM as it is here."""
+    return {"temperature": request.temperature, "top_p": request.top_p, "repetition_penalty": request.repeat_penalty,
+            "max_tokens": request.max_tokens, "seed": request.seed}
+
+
+def structured_kwargs(schema: dict | None, vllm) -> dict:
+    """The SamplingParams argument that constrains output to a JSON Schema."""
+    if schema is None:
+        return {}
+    params = importlib.import_module(f"{vllm.__name__}.sampling_params")
+    if hasattr(params, "StructuredOutputsParams"):  # current vLLM
+        # Compact JSON, as in the transformers backend: free whitespace lets a small model
+        # emit newlines until max_tokens.
+        return {"structured_outputs": params.StructuredOutputsParams(json=schema, disable_any_whitespace=True)}
+    return {"guided_decoding": params.GuidedDecodingParams(json=schema)}  # older vLLM (gone since 0.12)
+
+
+def build_batch(requests: Sequence[Request], tokenizer, n_ctx: int, vllm):
+    """(prompts, sampling params, their request indexes, responses with the errors filled in).
+
+    A request that cannot run (prompt too long, bad messages) gets its error response here and
+    stays out of the batch: vLLM rejects a whole `generate` call for one bad prompt."""
+    tokens_prompt = importlib.import_module(f"{vllm.__name__}.inputs").TokensPrompt
+    prompts, params, slots = [], [], []
+    responses: list[Response | None] = [None] * len(requests)
+    for i, request in enumerate(requests):
+        try:
+            ids = hf_chat.prompt_ids(tokenizer, request.messages)
+            param = vllm.SamplingParams(**sampling_kwargs(request), **structured_kwargs(request.schema, vllm))
+        except Exception as exc:  # bad messages, or sampling values vLLM refuses
+            responses[i] = Response("", "error", error=f"{type(exc).__name__}: {exc}")
+            continue
+        if len(ids) + request.max_tokens > n_ctx:
+            responses[i] = Response("", "error", len(ids), error=(
+                f"prompt of {len(ids)} tokens + {request.max_tokens} output tokens exceeds n_ctx={n_ctx}; "
+                "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+            continue
+        prompts.append(tokens_prompt(prompt_token_ids=ids))
+        params.append(param)
+        slots.append(i)
+    return prompts, params, slots, responses
+
+
+def to_response(output, seconds: float) -> Response:
+    """A vLLM RequestOutput to a Response."""
+    completion = output.outputs[0]
+    reason = completion.finish_reason or "stop"
+    prompt_tokens = len(output.prompt_token_ids or [])
+    if reason not in ("stop", "length"):  # "abort": vLLM dropped the request
+        return Response("", "error", prompt_tokens, error=f"vLLM finished the request with '{reason}'", seconds=seconds)
+    return Response(completion.text, reason, prompt_tokens, len(completion.token_ids), seconds)
+
+
+class VLLMBackend(Backend):
+    kind = "vllm"
+
+    def __init__(self, model: str, n_ctx: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0):
+        self.vllm = import_vllm()
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model = str(model)
+        self.local = Path(self.model).is_dir()
+        self.n_ctx = n_ctx
+        # The same tokenizer vLLM loads; ours renders and tokenizes the prompts.
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.family = AutoConfig.from_pretrained(self.model).model_type
+        self.llm = self.vllm.LLM(model=self.model, enable_prefix_caching=enable_prefix_caching,
+                                 gpu_memory_utilization=gpu_memory_utilization,
+                                 tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx, seed=seed)
+        self._model_id: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = weights_sha256(Path(self.model)) if self.local else f"hf:{self.model}@{self._revision()}"
+        return self._model_id
+
+    def _revision(self) -> str:
+        """The Hub commit vLLM downloaded: a commit pins the weights without hashing 100+ GB."""
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(self.model, local_files_only=True)).name
+        except Exception:  # not in the local Hub cache (a custom download dir): the name is all we know
+            return "unknown"
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).name if self.local else self.model
+
+    def describe(self) -> dict:
+        if self.local:  # "file" + "sha256": the keys the dataset card reads for weights it can identify
+            return {"file": self.model_name, "sha256": self.model_id, "backend": self.kind, "family": self.family}
+        return {"model": self.model, "server": "vLLM offline", "revision": self.model_id, "backend": self.kind,
+                "family": self.family}
+
+    def render(self, messages: Sequence[dict]) -> str:
+        return hf_chat.render(self.tokenizer, messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(hf_chat.content_ids(self.tokenizer, text))
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        prompts, params, slots, responses = build_batch(requests, self.tokenizer, self.n_ctx, self.vllm)
+        if prompts:
+            start = time.perf_counter()
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as exc:  # vLLM fails a batch as a whole: every request in it gets the reason
+                for i in slots:
+                    responses[i] = Response("", "error", error=f"{type(exc).__name__}: {exc}")
+            else:
+                # One batch, one wall time: each response gets its share, so their sum stays the real time.
+                share = (time.perf_counter() - start) / len(slots)
+                for i, output in zip(slots, outputs):
+                    responses[i] = to_response(output, share)
+        for i, response in enumerate(responses):
+            if on_response:
+                on_response(i, response)
+        return responses  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.llm = None  # vLLM frees the GPU when the engine is garbage-collected
