@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/injection.py
 	$(BIN)/python bench/audit_sql.py
+	$(BIN)/python bench/ensemble.py
 
 clean:
 	rm -rf $(VENV) demo-workspace

@@ -6,7 +6,6 @@ import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 from .annotate import AnnotationResult, annotate
 from .audit import load_secret, model_audit, sample, store_audits, update_reputation
@@ -16,7 +15,7 @@ from .compile import compile_generation
 from .config import RatchetConfig, model_short_name
 from .converge import PRIOR_WEIGHT, Agreement, Scored, Selection, agreement, score_annotations, select
 from .corpus import IngestReport, Passage, ingest
-from .ensemble import Ensemble, Member
+from .ensemble import Ensemble
 from .prompts import Prompts
 from .scrutinize import CritiqueResult, Task, critique
 from .workspace import Workspace, insert_rows

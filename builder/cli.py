@@ -126,7 +126,10 @@ def build(
     corpus: Annotated[Optional[str], typer.Option(help="Ingest this file or folder instead of corpus.path, for this run.")] = None,
     generation: Annotated[int, typer.Option(min=1, help="Generation to build; rebuilding a finished one reuses every cached call.")] = 1,
 ) -> None:
-    """Ingest the corpus, annotate every passage, compile generations/gen-NNNN/.
+    """Ingest the corpus, let every annotating ensemble member annotate every passage, have k
+    critics of another family or persona critique each annotation, keep per passage the one
+    that converges (or none, with the reason), audit a secret sample, compile
+    generations/gen-NNNN/.
 
     Every model call is cached in the workspace's DuckDB file: a stopped build resumes where it
     stopped, and rebuilding a finished generation makes no model call at all."""

@@ -67,3 +67,18 @@ def built(tmp_path_factory):
     write_workspace(root, rows, sampling={"max_tokens": 384})
     ws = Workspace(root)
     return ws, run_build(ws)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(tmp_path_factory):
+    """SmolLM2 exported from its GGUF to a transformers checkpoint, once per session."""
+    from builder.models import export_hf, resolve_model
+
+    return export_hf(resolve_model("bundled:smollm2"), tmp_path_factory.getbasetemp() / "hf-smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(hf_smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_smollm2))

@@ -2,7 +2,6 @@
 Krippendorff's alpha, config errors and a critic that answers garbage. The same stages run
 on the real models in test_ensemble.py."""
 import json
-from pathlib import Path
 
 import duckdb
 import pytest

@@ -24,55 +24,35 @@ SMALL_SCHEMA = {
 ASK = ({"role": "user", "content": "Is the sky green? Answer in JSON with a verdict and a score from 0 to 10."},)
 
 
-def export_smollm2(tmp_path_factory):
-    """SmolLM2 as a transformers checkpoint, once per session: export_hf returns early when the
-    folder exists, so test_vllm_backend's fixture reuses this one."""
-    from builder.models import export_hf, resolve_model
-
-    return export_hf(resolve_model("bundled:smollm2"), tmp_path_factory.getbasetemp() / "hf-smollm2")
-
-
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
-    return export_smollm2(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def tokenizer(hf_checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(hf_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def backend(hf_checkpoint):
+def backend(hf_smollm2):
     # One thread: as fast for a 135M model, and immune to a busy neighbour process (see threads).
-    b = make_backend(ModelConfig(backend="transformers", model=str(hf_checkpoint), n_ctx=2048, device="cpu",
+    b = make_backend(ModelConfig(backend="transformers", model=str(hf_smollm2), n_ctx=2048, device="cpu",
                                  threads=1))
     yield b
     b.close()
 
 
-def test_content_cannot_inject_special_tokens(tokenizer):
+def test_content_cannot_inject_special_tokens(hf_tokenizer):
     messages = [{"role": "system", "content": "Annotate the passage."}, {"role": "user", "content": INJECTION}]
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    naive = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
-    ids = hf_chat.prompt_ids(tokenizer, messages)
+    start, end = hf_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    naive = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    ids = hf_chat.prompt_ids(hf_tokenizer, messages)
     # The template's own turns: system, user, and the generation prompt; the naive path adds
     # the passage's fake "system" turn.
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert naive.count(start) == 4 and naive.count(end) == 4
-    assert not hf_chat.special_ids(tokenizer) & set(hf_chat.content_ids(tokenizer, INJECTION))
+    assert not hf_chat.special_ids(hf_tokenizer) & set(hf_chat.content_ids(hf_tokenizer, INJECTION))
     # Same text as the template renders: only the tokenization of the content differs.
-    rendered = hf_chat.render(tokenizer, messages)
-    assert rendered == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert tokenizer.decode(ids) == rendered
+    rendered = hf_chat.render(hf_tokenizer, messages)
+    assert rendered == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert hf_tokenizer.decode(ids) == rendered
 
 
-def test_plain_prompt_without_chat_template(hf_checkpoint):
+def test_plain_prompt_without_chat_template(hf_smollm2):
     from transformers import AutoTokenizer
 
-    base = AutoTokenizer.from_pretrained(str(hf_checkpoint))
+    base = AutoTokenizer.from_pretrained(str(hf_smollm2))
     base.chat_template = None  # a base model's tokenizer
     messages = [{"role": "system", "content": "Rules."}, {"role": "user", "content": INJECTION}]
     assert hf_chat.render(base, messages) == f"System:\nRules.\n\nUser:\n{INJECTION}\n\nAssistant:\n"
@@ -87,11 +67,11 @@ def test_missing_checkpoint_is_model_not_found(tmp_path):
         make_backend(ModelConfig(backend="transformers", model=str(tmp_path / "empty")))
 
 
-def test_identity_and_token_counts(backend, hf_checkpoint):
+def test_identity_and_token_counts(backend, hf_smollm2):
     from builder.backends.transformers import weights_sha256
 
     assert backend.kind == "transformers" and backend.family == "llama"
-    assert backend.model_id == weights_sha256(hf_checkpoint) and len(backend.model_id) == 64
+    assert backend.model_id == weights_sha256(hf_smollm2) and len(backend.model_id) == 64
     assert backend.describe()["sha256"] == backend.model_id
     assert backend.count_tokens("<|im_end|>") > 1  # plain text, never the special token
     assert backend.count_tokens("") == 0

@@ -2,16 +2,8 @@
 import math
 
 import datasets
-import pytest
 
 from builder.compile import split_path
-
-
-@pytest.fixture(scope="session")
-def hf_smollm2(tmp_path_factory):
-    from builder.models import export_hf, resolve_model
-
-    return export_hf(resolve_model("bundled:smollm2"), tmp_path_factory.mktemp("hf") / "smollm2")
 
 
 def test_sft_split_trains_one_step_with_trl(built, hf_smollm2, tmp_path):

@@ -13,7 +13,7 @@ from builder.backends.vllm import INSTALL_HINT, build_batch, sampling_kwargs, st
 from builder.config import ModelConfig
 from builder.models import ModelNotFound
 
-from .test_transformers_backend import INJECTION, SMALL_SCHEMA, export_smollm2
+from .test_transformers_backend import INJECTION, SMALL_SCHEMA
 
 ASK = ({"role": "system", "content": "Annotate."}, {"role": "user", "content": INJECTION})
 
@@ -62,18 +62,6 @@ def fake_vllm(monkeypatch, old_api: bool = False):
     return vllm
 
 
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
-    return export_smollm2(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(hf_checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(hf_checkpoint))
-
-
 def test_importing_the_module_does_not_import_vllm():
     code = "import sys, builder.backends.vllm; assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -100,19 +88,19 @@ def test_structured_kwargs_current_and_old_api(monkeypatch):
     assert old["guided_decoding"].kwargs == {"json": SMALL_SCHEMA}
 
 
-def test_build_batch_token_ids_and_params(monkeypatch, tokenizer):
+def test_build_batch_token_ids_and_params(monkeypatch, hf_tokenizer):
     vllm = fake_vllm(monkeypatch)
     requests = [Request(messages=ASK, schema=SMALL_SCHEMA, max_tokens=50, seed=5),
                 Request(messages=ASK, max_tokens=2000, seed=6),  # prompt + 2000 > n_ctx
                 Request(messages=({"role": "user"},)),  # no content
                 Request(messages=ASK, max_tokens=20, temperature=0, seed=7)]
-    prompts, params, slots, responses = build_batch(requests, tokenizer, 1024, vllm)
+    prompts, params, slots, responses = build_batch(requests, hf_tokenizer, 1024, vllm)
     assert slots == [0, 3] and len(prompts) == len(params) == 2
     ids = prompts[0]["prompt_token_ids"]
-    assert ids == hf_chat.prompt_ids(tokenizer, ASK)
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids == hf_chat.prompt_ids(hf_tokenizer, ASK)
+    start, end = hf_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids.count(start) == 3 and ids.count(end) == 2  # the passage's <|im_end|> stayed text
-    assert not hf_chat.special_ids(tokenizer) & set(hf_chat.content_ids(tokenizer, INJECTION))
+    assert not hf_chat.special_ids(hf_tokenizer) & set(hf_chat.content_ids(hf_tokenizer, INJECTION))
     assert params[0].kwargs["structured_outputs"].kwargs["json"] == SMALL_SCHEMA
     assert params[0].kwargs["seed"] == 5 and params[0].kwargs["max_tokens"] == 50
     assert "structured_outputs" not in params[1].kwargs and params[1].kwargs["temperature"] == 0
@@ -121,13 +109,13 @@ def test_build_batch_token_ids_and_params(monkeypatch, tokenizer):
     assert responses[2].finish_reason == "error" and "KeyError" in responses[2].error
 
 
-def test_whole_batch_goes_in_one_generate_call(monkeypatch, hf_checkpoint):
+def test_whole_batch_goes_in_one_generate_call(monkeypatch, hf_smollm2):
     fake_vllm(monkeypatch)
-    cfg = ModelConfig(backend="vllm", model=str(hf_checkpoint), n_ctx=1024, dtype="bfloat16",
+    cfg = ModelConfig(backend="vllm", model=str(hf_smollm2), n_ctx=1024, dtype="bfloat16",
                       gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=True)
     backend = make_backend(cfg)
     (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": str(hf_checkpoint), "enable_prefix_caching": True, "gpu_memory_utilization": 0.5,
+    assert llm.kwargs == {"model": str(hf_smollm2), "enable_prefix_caching": True, "gpu_memory_utilization": 0.5,
                           "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 1024, "seed": 0}
     assert backend.kind == "vllm" and backend.family == "llama" and len(backend.model_id) == 64
     requests = [Request(messages=ASK, schema=SMALL_SCHEMA, max_tokens=40, seed=i) for i in range(3)]
@@ -146,9 +134,9 @@ def test_whole_batch_goes_in_one_generate_call(monkeypatch, hf_checkpoint):
                                                                         add_generation_prompt=True)
 
 
-def test_a_failing_batch_gives_error_responses(monkeypatch, hf_checkpoint):
+def test_a_failing_batch_gives_error_responses(monkeypatch, hf_smollm2):
     fake_vllm(monkeypatch)
-    backend = make_backend(ModelConfig(backend="vllm", model=str(hf_checkpoint), n_ctx=1024))
+    backend = make_backend(ModelConfig(backend="vllm", model=str(hf_smollm2), n_ctx=1024))
     FakeLLM.fail = True
     responses = backend.generate([Request(messages=ASK, max_tokens=8), Request(messages=ASK, max_tokens=8)])
     assert [r.finish_reason for r in responses] == ["error", "error"]

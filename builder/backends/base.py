@@ -81,3 +81,20 @@ class Backend(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SequentialBackend(Backend):
+    """An engine that runs one request at a time (llama.cpp in-process, transformers): in
+    request order, which keeps a shared prompt prefix warm from one call to the next."""
+
+    @abstractmethod
+    def _one(self, request: Request) -> Response:
+        """One request; never raises (an error response instead)."""
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        responses = []
+        for i, request in enumerate(requests):
+            responses.append(self._one(request))
+            if on_response:
+                on_response(i, responses[-1])
+        return responses

@@ -21,7 +21,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..models import file_sha256
-from .base import Backend, OnResponse, Request, Response
+from .base import Request, Response, SequentialBackend
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 GRAMMAR_MAX_VOCAB = 131_072
@@ -31,7 +31,7 @@ def _sentinel(i: int) -> str:
     return f"\ue000{i}\ue001"  # private-use characters: never in a template, never survive tokenization
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(SequentialBackend):
     kind = "llama_cpp"
 
     def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0, constrained: str = "auto"):
@@ -133,16 +133,6 @@ class LlamaCppBackend(Backend):
         choice, usage = out["choices"][0], out.get("usage", {})
         return Response(choice["text"], choice.get("finish_reason") or "stop", usage.get("prompt_tokens", len(tokens)),
                         usage.get("completion_tokens", 0), time.perf_counter() - start)
-
-    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
-        # llama.cpp in-process runs one sequence at a time; order keeps the prefix cache warm.
-        responses = []
-        for i, request in enumerate(requests):
-            response = self._one(request)
-            responses.append(response)
-            if on_response:
-                on_response(i, response)
-        return responses
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -6,8 +6,8 @@ content without, so a passage cannot inject a turn. Output is constrained to the
 by xgrammar, through its transformers LogitsProcessor. xgrammar rather than outlines or
 lm-format-enforcer: it is the grammar engine vLLM uses by default, so the transformers and
 vLLM backends constrain a schema the same way; its per-token masks are precomputed from the
-vocabulary when a schema is compiled (fast on CPU), and it works with the CPU torch (its
-wheel does pull in triton, unused here).
+vocabulary when a schema is compiled (fast on CPU), and it works with the CPU torch (the
+Makefile installs it without triton, which only its CUDA kernels use).
 
 Requests run one at a time with `torch.manual_seed(request.seed)` before each, so the same
 request gives the same output whatever else was in the batch.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..models import ModelNotFound, file_sha256
 from . import hf_chat
-from .base import Backend, OnResponse, Request, Response
+from .base import Request, Response, SequentialBackend
 
 
 def weights_sha256(folder: Path) -> str:
@@ -55,7 +55,7 @@ def torch_dtype(name: str):
     return dtype
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(SequentialBackend):
     kind = "transformers"
 
     def __init__(self, model_dir: Path, n_ctx: int = 4096, dtype: str = "auto", device: str = "auto",
@@ -161,15 +161,6 @@ class TransformersBackend(Backend):
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         finish = "length" if not stopped and len(new) >= request.max_tokens else "stop"
         return Response(text, finish, len(tokens), len(new), time.perf_counter() - start)
-
-    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
-        responses = []
-        for i, request in enumerate(requests):
-            response = self._one(request)
-            responses.append(response)
-            if on_response:
-                on_response(i, response)
-        return responses
 
     def close(self) -> None:
         if self.model is not None:
