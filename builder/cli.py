@@ -247,6 +247,68 @@ def audit_import(
         raise typer.Exit(1)
 
 
+@app.command("eval-judge")
+def eval_judge(
+    file: Annotated[Path, typer.Argument(help="Labelled pairs: JSONL, parquet or a datasets folder with prompt, response, label.")],
+    framework: Annotated[str, typer.Option(help="Framework file in prompts/frameworks/ (without .toml).")] = "three-laws",
+    judge_model: Annotated[str, typer.Option("--judge", help="The judge: a GGUF path or bundled:NAME.")] = "bundled:smollm2",
+    prompt_field: Annotated[str, typer.Option(help="Column holding the request.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="Column holding the response.")] = "response",
+    label_field: Annotated[str, typer.Option(help="Column holding the gold label: ethical, neutral or unethical.")] = "label",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the metrics and every prediction as JSON here.")] = None,
+) -> None:
+    """Score a conscience judge against a labelled file: accuracy, per-class precision and
+    recall, Cohen's kappa and the confusion matrix. A judge's labels must be checked, not
+    trusted. The bundled examples/code_hacking/judge_eval.jsonl is a small file to start with."""
+    import duckdb
+
+    from .backends import make_backend
+    from .cache import CachedBackend
+    from .conscience import LABELS, ConscienceError, judge, judge_metrics, load_framework, load_items
+    from .config import RatchetConfig
+    from .prompts import Prompts
+    from .workspace import SCHEMA_SQL
+
+    cfg = RatchetConfig()
+    try:
+        fw = load_framework(framework, Prompts())
+        items, skipped = load_items(file, prompt_field, response_field, label_field)
+    except ConscienceError as exc:
+        fail(str(exc))
+    items = items[:limit] if limit else items
+    con = duckdb.connect()  # a throwaway cache: evaluation runs outside any workspace
+    con.execute(SCHEMA_SQL)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with make_backend(cfg.annotator.model_copy(update={"model": judge_model})) as backend, \
+                Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"judge ({framework})", total=len(items))
+            outcomes = judge([(i.prompt, i.response) for i in items], CachedBackend(backend, con), fw, cfg,
+                             on_progress=lambda n: progress.advance(task, n))
+    except ModelNotFound as exc:
+        fail(str(exc))
+    predicted = [o.record["label"] if o.record else None for o in outcomes]
+    m = judge_metrics([i.label for i in items], predicted)
+    table = Table("class", "precision", "recall", "f1", "support", title=f"{fw.name}: judge {judge_model} on {file}",
+                  title_justify="left")
+    for c in LABELS:
+        x = m["per_class"][c]
+        table.add_row(c, f"{x['precision']:.2f}", f"{x['recall']:.2f}", f"{x['f1']:.2f}", str(x["support"]))
+    console.print(table)
+    console.print(f"accuracy {m['accuracy']:.3f}   Cohen's kappa {m['cohen_kappa']:.3f}   "
+                  f"n {m['n']}   no valid label {m['invalid']}")
+    console.print("confusion (gold -> predicted): " + json.dumps(m["confusion"]), soft_wrap=True)
+    for line in skipped:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    if output:
+        rows = [{"source": i.source, "gold": i.label, "predicted": p, "reason": o.reason,
+                 "reasons": o.record["reasons"] if o.record else None} for i, p, o in zip(items, predicted, outcomes)]
+        output.write_text(json.dumps({"framework": framework, "judge": judge_model, "metrics": m, "items": rows},
+                                     indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {output}")
+
+
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """What a workspace holds: config, ensemble members and their engines, generations built, cache size."""

@@ -20,7 +20,7 @@ def test_init_writes_a_config_and_copies_the_sample_corpus(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ["init", "build", "sql", "status"]:
+    for command in ["init", "build", "sql", "status", "eval-judge"]:
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 
