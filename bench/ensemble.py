@@ -5,7 +5,8 @@
             passages, every model call recorded; audit off so the job is annotate + critique.
 2. raw      the very same requests replayed straight into llama.cpp (same prompt tokens,
             grammar, stop strings, sampling, seed): no cache, no validation, no orchestration.
-3. critics  each critic member on every accepted annotation twice: under its own passage
+3. critics  each critic member (through the scrutinize stage, retries included) on every
+            accepted annotation twice: under its own passage
             ("match") and under another passage ("mismatch"). A critic that discriminates
             says `survives` more often for matches than for mismatches.
 
@@ -26,14 +27,12 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder.backends.base import Request  # noqa: E402
 from builder.build import run_build  # noqa: E402
 from builder.cache import CachedBackend  # noqa: E402
 from builder.config import RatchetConfig  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
-from builder.scrutinize import critique_schema  # noqa: E402
-from builder.structured import check_output, validator_for  # noqa: E402
+from builder.scrutinize import Task, critique  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
 
 
@@ -76,26 +75,23 @@ def raw_replay(calls, ensemble: Ensemble) -> tuple[float, int]:
     return seconds, tokens
 
 
-def discrimination(ws: Workspace, ensemble: Ensemble, prompts: Prompts) -> dict[str, Counter]:
+def discrimination(ws: Workspace, ensemble: Ensemble, prompts: Prompts, cfg: RatchetConfig) -> dict[str, Counter]:
+    """Each critic, through the scrutinize stage itself, on every accepted annotation under its
+    own passage and under another one."""
     con = ws.connect(read_only=True)
     rows = con.execute("""SELECT p.text, a.record FROM annotations a JOIN passages p USING (passage_id)
                           WHERE a.status = 'accepted' ORDER BY a.passage_id, a.annotator""").fetchall()
     con.close()
+    tasks = []
+    for i, (text, record) in enumerate(rows):
+        other = next((t for t, _ in rows[i + 1:] + rows[:i] if t != text), None)
+        for kind, passage in (("match", text), ("mismatch", other)):
+            if passage is not None:
+                tasks.append(Task(kind, passage, "bench", json.loads(record)))
     out: dict[str, Counter] = {}
     for critic in ensemble.critics:
-        tally = Counter()
-        for i, (text, record) in enumerate(rows):
-            record = json.loads(record)
-            other = next((t for t, _ in rows[i + 1:] + rows[:i] if t != text), None)
-            for kind, passage in (("match", text), ("mismatch", other)):
-                if passage is None:
-                    continue
-                msgs = prompts.critique_messages(passage, record, persona=critic.persona)
-                schema = critique_schema(len(record["claims"]))
-                response = critic.backend.generate([Request(msgs, schema, 160, 0.2, 0.95, 1.1, 1234)])[0]
-                verdict, _ = check_output(response, validator_for(schema))
-                tally[(kind, verdict["verdict"] if verdict else "invalid")] += 1
-        out[critic.name] = tally
+        results = critique(tasks, critic, critic.backend, prompts, cfg)
+        out[critic.name] = Counter((r.passage_id, r.verdict or "invalid") for r in results)
     return out
 
 
@@ -110,7 +106,7 @@ def main() -> None:
         build_s, s, calls = build(texts, tmp)
         with Ensemble(RatchetConfig()) as ensemble:
             raw_s, raw_tokens = raw_replay(calls, ensemble)
-            tally = discrimination(Workspace(tmp / "ws"), ensemble, Prompts())
+            tally = discrimination(Workspace(tmp / "ws"), ensemble, Prompts(), RatchetConfig())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     e = s["ensemble"]

@@ -18,7 +18,7 @@ from .corpus import IngestReport, Passage, ingest
 from .ensemble import Ensemble
 from .prompts import Prompts
 from .scrutinize import CritiqueResult, Task, critique
-from .workspace import Workspace, insert_rows
+from .workspace import Workspace, insert_rows, replace_generation, transaction
 
 
 def build_logger(ws: Workspace, generation: int) -> logging.Logger:
@@ -37,49 +37,32 @@ def build_logger(ws: Workspace, generation: int) -> logging.Logger:
 
 
 def store_passages(con, generation: int, passages: list[Passage]) -> None:
-    con.execute("BEGIN")
-    try:
+    with transaction(con):
         insert_rows(
             con, "INSERT OR IGNORE INTO passages (passage_id, source, position, text, n_tokens) VALUES (?,?,?,?,?)",
             [[p.passage_id, p.source, p.position, p.text, p.n_tokens] for p in passages])
         con.execute("DELETE FROM generation_passages WHERE generation = ?", [generation])
         insert_rows(con, "INSERT INTO generation_passages VALUES (?,?,?,?,?)",
                     [[generation, i, p.passage_id, p.source, p.position] for i, p in enumerate(passages)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def store_annotations(con, generation: int, annotator: str, results: list[AnnotationResult]) -> None:
-    con.execute("BEGIN")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?", [generation, annotator])
         insert_rows(
             con, "INSERT INTO annotations VALUES (?,?,?,?,?,?,?,?,?)",
             [[generation, r.passage_id, annotator, r.status, r.reason, r.attempts, r.truncated,
               json.dumps(r.record) if r.record is not None else None, r.call_key] for r in results])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
-def store_members(con, ensemble: Ensemble) -> None:
-    insert_rows(con, "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
-                [[m.name, m.family, m.persona, m.backend.model_name, m.backend.kind] for m in ensemble.members])
-
-
-def _replace(con, table: str, generation: int, sql: str, rows: list) -> None:
-    """Replace one generation's rows of a table in one transaction."""
-    con.execute("BEGIN")
-    try:
-        con.execute(f"DELETE FROM {table} WHERE generation = ?", [generation])
-        insert_rows(con, sql, rows)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+def store_members(con, generation: int, ensemble: Ensemble) -> None:
+    """Record who annotates; drop this generation's annotations by members no longer in the
+    ensemble (a renamed or removed member), so the splits and the audit see only this one's."""
+    with transaction(con):
+        insert_rows(con, "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                    [[m.name, m.family, m.persona, m.backend.model_name, m.backend.kind] for m in ensemble.members])
+        con.execute("DELETE FROM annotations WHERE generation = $g AND annotator NOT IN (SELECT unnest($names))",
+                    {"g": generation, "names": [m.name for m in ensemble.annotators]})
 
 
 def reputation_weights(con, generation: int) -> dict[str, float]:
@@ -88,21 +71,24 @@ def reputation_weights(con, generation: int) -> dict[str, float]:
                                WHERE generation < ? GROUP BY annotator""", [generation]).fetchall())
 
 
-def run_scrutiny(con, generation: int, passages: list[Passage], ensemble: Ensemble, engines, prompts: Prompts,
-                 cfg: RatchetConfig, progress) -> list[CritiqueResult]:
+def accepted_annotations(per_member: dict[str, list[AnnotationResult]]) -> list[tuple[str, str, dict]]:
+    """(passage_id, annotator, record) of every accepted annotation, in a stable order."""
+    return sorted((r.passage_id, name, r.record) for name, results in per_member.items()
+                  for r in results if r.status == "accepted")
+
+
+def run_scrutiny(passages: list[Passage], accepted: list[tuple[str, str, dict]], ensemble: Ensemble, engines,
+                 prompts: Prompts, cfg: RatchetConfig, progress) -> list[CritiqueResult]:
     """Every accepted annotation to its k critics; one batch per critic so that each engine
     keeps its critic instructions as the evaluated prefix."""
     if ensemble.k == 0:
         return []
     text = {p.passage_id: p.text for p in passages}
-    rows = con.execute("SELECT passage_id, annotator, record FROM annotations WHERE generation = ? AND status = 'accepted' "
-                       "ORDER BY passage_id, annotator", [generation]).fetchall()
     by_name = {m.name: m for m in ensemble.members}
     work: dict[str, list[Task]] = {c.name: [] for c in ensemble.critics}
-    for pid, author, record in rows:
-        if pid in text and author in by_name:
-            for critic in ensemble.critics_for(by_name[author], pid):
-                work[critic.name].append(Task(pid, text[pid], author, json.loads(record)))
+    for pid, author, record in accepted:
+        for critic in ensemble.critics_for(by_name[author], pid):
+            work[critic.name].append(Task(pid, text[pid], author, record))
     total = sum(len(t) for t in work.values())
     task = progress.add_task("critique", total=total) if progress and total else None
     results: list[CritiqueResult] = []
@@ -114,27 +100,25 @@ def run_scrutiny(con, generation: int, passages: list[Passage], ensemble: Ensemb
     return results
 
 
-def run_convergence(con, generation: int, passages: list[Passage], ensemble: Ensemble, critiques: list[CritiqueResult],
+def run_convergence(con, generation: int, passages: list[Passage], accepted: list[tuple[str, str, dict]],
+                    ensemble: Ensemble, critiques: list[CritiqueResult],
                     cfg: RatchetConfig) -> tuple[list[Scored], list[Selection], list[Agreement]]:
     weights = reputation_weights(con, generation)
-    accepted = [tuple(r) for r in con.execute(
-        "SELECT passage_id, annotator FROM annotations WHERE generation = ? AND status = 'accepted' "
-        "ORDER BY passage_id, annotator", [generation]).fetchall()]
-    scored = score_annotations(accepted, critiques, weights)
+    scored = score_annotations([(pid, author) for pid, author, _ in accepted], critiques, weights)
     ids = list(dict.fromkeys(p.passage_id for p in passages))
     selections = select(ids, scored, cfg.ensemble.threshold, ensemble.k > 0, [m.name for m in ensemble.annotators])
     agreements = agreement(critiques) if critiques else []
     chosen = {(s.passage_id, s.annotator) for s in selections if s.annotator}
-    _replace(con, "critiques", generation, "INSERT INTO critiques VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+    replace_generation(con, "critiques", generation, "INSERT INTO critiques VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
              [[generation, c.passage_id, c.author, c.critic, c.status, c.verdict, json.dumps(c.claim_verdicts),
                json.dumps(c.objections), weights.get(c.critic, PRIOR_WEIGHT), c.reason, c.attempts, c.call_key]
               for c in critiques])
-    _replace(con, "convergence", generation, "INSERT INTO convergence VALUES (?,?,?,?,?,?)",
+    replace_generation(con, "convergence", generation, "INSERT INTO convergence VALUES (?,?,?,?,?,?)",
              [[generation, s.passage_id, s.annotator, s.score, s.critiques, (s.passage_id, s.annotator) in chosen]
               for s in scored])
-    _replace(con, "selections", generation, "INSERT INTO selections VALUES (?,?,?,?,?)",
+    replace_generation(con, "selections", generation, "INSERT INTO selections VALUES (?,?,?,?,?)",
              [[generation, s.passage_id, s.annotator, s.score, s.reason] for s in selections])
-    _replace(con, "agreement", generation, "INSERT INTO agreement VALUES (?,?,?,?,?,?)",
+    replace_generation(con, "agreement", generation, "INSERT INTO agreement VALUES (?,?,?,?,?,?)",
              [[generation, a.scope, a.member, a.alpha, a.units, a.critiques] for a in agreements])
     return scored, selections, agreements
 
@@ -147,8 +131,9 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble:
     items = sample(con, secret, generation, cfg.audit.rate)
     engines, failed = [], 0
     if cfg.audit.auditor and items:
-        loaded = ensemble.backend_for(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
-        backend = loaded or make_backend(cfg.annotator.model_copy(update={"model": cfg.audit.auditor}))
+        engine_cfg = cfg.annotator.model_copy(update={"model": cfg.audit.auditor})
+        loaded = ensemble.backend_for(engine_cfg)  # the auditor's model is often a member's: reuse it
+        backend = loaded or make_backend(engine_cfg)
         auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
         engine = CachedBackend(backend, con, log)
         engines.append(engine)
@@ -168,11 +153,12 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble:
             "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())}}, engines
 
 
-def metrics_of(results: list[AnnotationResult], engines: list[CachedBackend], report: IngestReport, seconds: float) -> dict:
+def metrics_of(n_passages: int, results: list[AnnotationResult], engines: list[CachedBackend], report: IngestReport,
+               seconds: float) -> dict:
     attempts = sum(r.attempts for r in results)
     reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == "rejected")
     return {
-        "passages": report.passages,
+        "passages": n_passages,
         "annotations": len(results),
         "accepted": sum(r.status == "accepted" for r in results),
         "rejected": sum(r.status == "rejected" for r in results),
@@ -224,11 +210,6 @@ def ensemble_metrics(ensemble: Ensemble, per_member: dict[str, list[AnnotationRe
     }
 
 
-def annotator_name(spec: str) -> str:
-    """bundled:smollm2 -> smollm2, /models/x.gguf -> x, org/Llama-3.1-8B (a served model) -> Llama-3.1-8B."""
-    return model_short_name(spec)
-
-
 def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None) -> dict:
     """Build one generation. `progress` is a rich Progress (or None). Returns the summary."""
     cfg = ws.config
@@ -248,10 +229,9 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 corpus_path = ws.resolve(corpus or cfg.corpus.path)
                 passages, report = ingest(corpus_path, cfg.corpus.text_field, cfg.corpus.chunk_tokens,
                                           first.count_tokens, cfg.corpus.on_bad_file)
-                report.passages = len(passages)
                 log.info("ingested %d passages from %s", len(passages), corpus_path)
                 store_passages(con, generation, passages)
-                store_members(con, ensemble)
+                store_members(con, generation, ensemble)
                 prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
                 engines = {id(m.backend): CachedBackend(m.backend, con, log) for m in ensemble.members}
                 per_member: dict[str, list[AnnotationResult]] = {}
@@ -261,15 +241,15 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                         passages, engines[id(member.backend)], prompts, cfg, persona=member.persona,
                         temperature=member.temperature, on_progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
                     store_annotations(con, generation, member.name, per_member[member.name])
-                critiques = run_scrutiny(con, generation, passages, ensemble, engines, prompts, cfg, progress)
-                scored, selections, agreements = run_convergence(con, generation, passages, ensemble, critiques, cfg)
+                accepted = accepted_annotations(per_member)
+                critiques = run_scrutiny(passages, accepted, ensemble, engines, prompts, cfg, progress)
+                scored, selections, agreements = run_convergence(con, generation, passages, accepted, ensemble, critiques, cfg)
                 audit, audit_engines = run_audit(ws, con, generation, cfg, ensemble, prompts, progress, log)
                 results = [r for rs in per_member.values() for r in rs]
-                metrics = metrics_of(results, [*engines.values(), *audit_engines], report, time.perf_counter() - started)
+                metrics = metrics_of(len(passages), results, [*engines.values(), *audit_engines], report, time.perf_counter() - started)
                 metrics["ensemble"] = ensemble_metrics(ensemble, per_member, critiques, scored, selections, agreements, cfg)
                 metrics["audit"] = audit
-                personas = [m.persona for m in ensemble.members]
-                out = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics, personas)
+                out = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"
             log.info("finished generation %d in %.1fs", generation, metrics["seconds"])

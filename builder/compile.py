@@ -130,7 +130,7 @@ def render_card(manifest: dict, template: str = "generation.md.jinja") -> str:
 
 
 def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, models: dict[str, dict],
-                       metrics: dict, personas: list[str] = ()) -> Path:
+                       metrics: dict) -> Path:
     sft = sft_rows(con, generation, prompts)
     annotations = annotation_rows(con, generation)
     config = ws.config.model_dump()
@@ -141,7 +141,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
         "config_hash": sha256(config),
         "config": config,
         "models": models,
-        "prompt_hashes": prompts.hashes(personas),
+        "prompt_hashes": prompts.hashes([m["persona"] for m in models.values() if "persona" in m]),
         "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
         "counts": {
             "passages": con.execute("SELECT count(*) FROM generation_passages WHERE generation = ?", [generation]).fetchone()[0],

@@ -10,7 +10,6 @@ and `ratchet eval-judge`'s metrics (accuracy, per-class precision/recall, Cohen'
 """
 from __future__ import annotations
 
-import json
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 import jinja2
 
 from .backends.base import Request
-from .corpus import CorpusError, _check_text_bytes
+from .corpus import CorpusError, jsonl_rows, read_table
 from .prompts import LINE_MARK, Prompts, datamark
 from .resources import load_schema
 from .structured import generate_valid, retry_sampling
@@ -86,37 +85,20 @@ class Item:
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(source, row) of a JSONL file, a parquet file or a `datasets` folder or file."""
     if not path.exists():
         raise ConscienceError(f"{path}: no such file or folder")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        try:
-            text = _check_text_bytes(path, path.read_bytes())
-        except CorpusError as exc:
-            raise ConscienceError(str(exc)) from None
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConscienceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ConscienceError(f"{path}:{lineno}: not a JSON object")
-                rows.append((f"{path}:{lineno}", row))
-        return rows
-    import datasets
-
     try:
-        if suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        elif path.is_dir() and (path / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(str(path), split="train")
-    except Exception as exc:
-        raise ConscienceError(f"{path}: `datasets` could not read it ({type(exc).__name__}: {exc})") from None
-    return [(f"{path}#{i}", row) for i, row in enumerate(ds)]
+        if path.suffix.lower() == ".jsonl":
+            rows = []
+            for source, row, problem in jsonl_rows(path):
+                if problem:
+                    raise ConscienceError(f"{source}: {problem}")
+                rows.append((source, row))
+            return rows
+        return [(f"{path}#{i}", row) for i, row in enumerate(read_table(path).to_pylist())]
+    except CorpusError as exc:
+        raise ConscienceError(str(exc)) from None
 
 
 def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "response",

@@ -37,7 +37,6 @@ class Passage:
 
 @dataclass
 class IngestReport:
-    passages: int = 0  # distinct passages kept, set by the caller after ingest
     files: int = 0
     records: int = 0
     empty_records: int = 0
@@ -119,8 +118,8 @@ def _check_text_bytes(path: Path, data: bytes) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str | None, str | None]]:
-    """Yields (source, text, problem) per line."""
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Yields (file:line, row, problem) per non-empty line; row is None where there is a problem."""
     text = _check_text_bytes(path, path.read_bytes())
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -131,36 +130,36 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str | None, 
         except json.JSONDecodeError as exc:
             yield source, None, f"not valid JSON ({exc.msg})"
             continue
-        if not isinstance(row, dict) or text_field not in row:
+        if isinstance(row, dict):
+            yield source, row, None
+        else:
+            yield source, None, "not a JSON object"
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str | None, str | None]]:
+    """Yields (source, text, problem) per line."""
+    for source, row, problem in jsonl_rows(path):
+        if problem:
+            yield source, None, problem
+        elif text_field not in row:
             yield source, None, f"no '{text_field}' field (set corpus.text_field)"
-            continue
-        value = row[text_field]
-        if value is not None and not isinstance(value, str):
+        elif row[text_field] is not None and not isinstance(row[text_field], str):
             yield source, None, f"'{text_field}' is not a string"
         else:
-            yield source, value, None
+            yield source, row[text_field], None
 
 
-def _read_table(path: Path, text_field: str, table) -> Iterator[tuple[str, str | None, str | None]]:
-    if text_field not in table.column_names:
-        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)}); set corpus.text_field")
-    for row, value in enumerate(table.column(text_field).to_pylist()):
-        yield f"{path}#{row}", value if isinstance(value, str) else None, None
-
-
-def _read_parquet(path: Path, text_field: str):
-    import pyarrow.parquet as pq
-
-    if path.stat().st_size == 0:
+def read_table(path: Path):
+    """A parquet file, or anything `datasets` reads from a local path, as a pyarrow Table."""
+    if path.is_file() and path.stat().st_size == 0:
         raise CorpusError(f"{path}: empty file")
-    try:
-        table = pq.read_table(path, columns=None)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise CorpusError(f"{path}: not a readable parquet file ({exc})") from None
-    yield from _read_table(path, text_field, table)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
 
-
-def _read_with_datasets(path: Path, text_field: str):
+        try:
+            return pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise CorpusError(f"{path}: not a readable parquet file ({exc})") from None
     import datasets
 
     try:
@@ -169,30 +168,32 @@ def _read_with_datasets(path: Path, text_field: str):
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), split="train")
         else:
-            if path.stat().st_size == 0:
-                raise CorpusError(f"{path}: empty file")
             ds = datasets.load_dataset(DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except CorpusError:
-        raise
     except Exception as exc:
         raise CorpusError(f"{path}: `datasets` could not read it ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[next(iter(ds))]
-    yield from _read_table(path, text_field, ds.data.table)
+    return ds.data.table
+
+
+def _read_table(path: Path, text_field: str) -> Iterator[tuple[str, str | None, str | None]]:
+    table = read_table(path)
+    if text_field not in table.column_names:
+        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)}); set corpus.text_field")
+    for row, value in enumerate(table.column(text_field).to_pylist()):
+        yield f"{path}#{row}", value if isinstance(value, str) else None, None
 
 
 def _read_file(path: Path, text_field: str):
     suffix = path.suffix.lower()
     if path.is_dir():  # a dataset saved with `save_to_disk`
-        yield from _read_with_datasets(path, text_field)
+        yield from _read_table(path, text_field)
     elif suffix in TEXT_SUFFIXES:
         yield str(path), _check_text_bytes(path, path.read_bytes()), None
     elif suffix == ".jsonl":
         yield from _read_jsonl(path, text_field)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path, text_field)
-    elif suffix in DATASETS_BUILDERS:
-        yield from _read_with_datasets(path, text_field)
+    elif suffix == ".parquet" or suffix in DATASETS_BUILDERS:
+        yield from _read_table(path, text_field)
     else:
         raise CorpusError(f"{path}: unsupported file type '{suffix}' (use .txt, .md, .jsonl, .parquet, .csv, .json or .arrow)")
 

@@ -71,10 +71,13 @@ class Prompts:
     def audit_notice(self) -> str:
         return self._source("audit_notice.txt").strip()
 
+    def _jsonl(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in self._source(name).splitlines() if line.strip()]
+
     @cached_property
     def examples(self) -> list[dict]:
         """Few-shot examples (annotate.examples.jsonl): a tiny model copies their format."""
-        return [json.loads(line) for line in self._source("annotate.examples.jsonl").splitlines() if line.strip()]
+        return self._jsonl("annotate.examples.jsonl")
 
     def persona(self, name: str) -> str:
         """The text of personas/NAME.txt; "default" is the empty persona."""
@@ -101,7 +104,7 @@ class Prompts:
 
     @cached_property
     def critique_examples(self) -> list[dict]:
-        return [json.loads(line) for line in self._source("critique.examples.jsonl").splitlines() if line.strip()]
+        return self._jsonl("critique.examples.jsonl")
 
     def critique_messages(self, passage: str, record: dict, persona: str = "default") -> tuple[dict, ...]:
         """The critic sees the passage and the annotation, never who wrote it. Passages are

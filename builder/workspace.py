@@ -203,6 +203,25 @@ FROM accepted c LEFT JOIN done d USING (generation, annotator) ORDER BY ALL;
 """
 
 
+@contextmanager
+def transaction(con):
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
+    con.execute("BEGIN")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def replace_generation(con, table: str, generation: int, sql: str, rows: list) -> None:
+    """Replace one generation's rows of a table in one transaction."""
+    with transaction(con):
+        con.execute(f"DELETE FROM {table} WHERE generation = ?", [generation])
+        insert_rows(con, sql, rows)
+
+
 def insert_rows(con, sql: str, rows: list) -> None:
     """executemany that accepts no rows (DuckDB's refuses an empty list)."""
     if rows:

@@ -3,8 +3,22 @@ from pathlib import Path
 
 import pytest
 
+from builder.backends.base import Backend
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+
+
+class TextBackend(Backend):
+    """Base of the scripted test backends: the prompt is its messages' contents, one word a token."""
+
+    kind = "scripted"
+
+    def render(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def count_tokens(self, text):
+        return len(text.split())
 
 
 # Tests that are not about the ensemble use one member (named like the model, as before the

@@ -7,7 +7,7 @@ import duckdb
 import pytest
 
 import builder.ensemble as ensemble_module
-from builder.backends.base import Backend, Response
+from builder.backends.base import Response
 from builder.cache import CachedBackend
 from builder.config import ConfigError, RatchetConfig, load_config, parse_config
 from builder.converge import PRIOR_WEIGHT, Scored, alpha, convergence_score, score_annotations, select
@@ -16,15 +16,15 @@ from builder.prompts import Prompts
 from builder.scrutinize import CritiqueResult, Task, critique, critique_schema
 from builder.workspace import SCHEMA_SQL
 
+from .conftest import TextBackend
+
 RECORD = {"claims": [{"claim": "Taxes rose", "kind": "fact", "support": "weak", "confidence": "low"},
                      {"claim": "Taxes are unfair", "kind": "value", "support": "none", "confidence": "low"}],
           "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [], "reflection": "An unsourced claim about taxes."}
 
 
-class Fake(Backend):
+class Fake(TextBackend):
     """A backend of a given family that answers from a list, one answer per call."""
-
-    kind = "fake"
 
     def __init__(self, family="llama", answers=()):
         self.family = family
@@ -32,12 +32,6 @@ class Fake(Backend):
         self.prompts = []
 
     model_id = property(lambda self: f"fake-{self.family}")
-
-    def render(self, messages):
-        return "\n".join(m["content"] for m in messages)
-
-    def count_tokens(self, text):
-        return len(text.split())
 
     def generate(self, requests, on_response=None):
         out = []
@@ -202,3 +196,18 @@ def test_missing_persona_file_is_a_clear_error(tmp_path):
     (tmp_path / "personas").mkdir()
     (tmp_path / "personas" / "stoic.txt").write_text("You read as a Stoic.")
     assert "You read as a Stoic." in Prompts(tmp_path).annotation_messages("text", persona="stoic")[0]["content"]
+
+
+def test_a_rebuild_forgets_annotations_of_members_no_longer_in_the_ensemble(monkeypatch):
+    from builder.build import store_members
+
+    con = duckdb.connect()
+    con.execute(SCHEMA_SQL)
+    for annotator in ("smollm2-empiricist", "renamed-away"):
+        con.execute("INSERT INTO annotations VALUES (1, 'p', ?, 'accepted', NULL, 1, 0, '{}', NULL)", [annotator])
+    con.execute("INSERT INTO annotations VALUES (2, 'p', 'renamed-away', 'accepted', NULL, 1, 0, '{}', NULL)")
+    store_members(con, 1, ensemble_of(monkeypatch, DEFAULT, k=2))
+    kept = con.execute("SELECT generation, annotator FROM annotations ORDER BY ALL").fetchall()
+    assert kept == [(1, "smollm2-empiricist"), (2, "renamed-away")]  # other generations are left alone
+    assert {r[0] for r in con.execute("SELECT name FROM members").fetchall()} == {
+        "smollm2-empiricist", "gemma3-skeptic", "smollm2-care-ethicist"}

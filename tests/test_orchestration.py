@@ -5,33 +5,27 @@ import json
 import duckdb
 
 from builder.annotate import annotate
-from builder.backends.base import Backend, Response
+from builder.backends.base import Response
 from builder.cache import CachedBackend
 from builder.config import RatchetConfig
 from builder.corpus import Passage, passage_id
 from builder.prompts import LINE_MARK, Prompts
 from builder.workspace import SCHEMA_SQL
 
+from .conftest import TextBackend
+
 GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "kind": "fact", "support": "weak", "confidence": "low"}],
         "weak_reasoning": [], "uncertainties": ["no source"], "ethical_stakes": [], "reflection": "Unsourced claim about taxes."}
 
 
-class Scripted(Backend):
+class Scripted(TextBackend):
     """Answers from a script: a list of (text, finish_reason) per passage text, one per attempt."""
-
-    kind = "scripted"
 
     def __init__(self, script):
         self.script = script
         self.calls = []
 
     model_id = "scripted-model"
-
-    def render(self, messages):
-        return "\n".join(m["content"] for m in messages)
-
-    def count_tokens(self, text):
-        return len(text.split())
 
     def generate(self, requests, on_response=None):
         out = []
@@ -112,7 +106,7 @@ def test_second_run_is_served_from_the_cache():
 
 
 def test_annotator_names_keep_version_dots():
-    from builder.build import annotator_name
+    from builder.config import model_short_name as annotator_name
 
     assert annotator_name("bundled:smollm2") == "smollm2"
     assert annotator_name("/models/tiny.Q4_0.gguf") == "tiny.Q4_0"

@@ -40,6 +40,15 @@ class Response:
 OnResponse = Callable[[int, Response], None]
 
 
+def context_overflow(prompt_tokens: int, request: Request, n_ctx: int) -> Response | None:
+    """An error response when prompt + output budget cannot fit in the context window."""
+    if prompt_tokens + request.max_tokens <= n_ctx:
+        return None
+    return Response("", "error", prompt_tokens, error=(
+        f"prompt of {prompt_tokens} tokens + {request.max_tokens} output tokens exceeds n_ctx={n_ctx}; "
+        "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+
+
 class Backend(ABC):
     """An engine bound to one model."""
 

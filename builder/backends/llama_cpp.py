@@ -21,7 +21,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..models import file_sha256
-from .base import Request, Response, SequentialBackend
+from .base import Request, Response, SequentialBackend, context_overflow
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 GRAMMAR_MAX_VOCAB = 131_072
@@ -120,10 +120,9 @@ class LlamaCppBackend(SequentialBackend):
         start = time.perf_counter()
         try:
             tokens = self.prompt_tokens(request.messages)
-            if len(tokens) + request.max_tokens > self.n_ctx:
-                return Response("", "error", len(tokens), error=(
-                    f"prompt of {len(tokens)} tokens + {request.max_tokens} output tokens exceeds n_ctx={self.n_ctx}; "
-                    "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+            overflow = context_overflow(len(tokens), request, self.n_ctx)
+            if overflow:
+                return overflow
             out = self.llm.create_completion(
                 prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p, repeat_penalty=request.repeat_penalty, seed=request.seed,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..models import ModelNotFound, file_sha256
 from . import hf_chat
-from .base import Request, Response, SequentialBackend
+from .base import Request, Response, SequentialBackend, context_overflow
 
 
 def weights_sha256(folder: Path) -> str:
@@ -130,10 +130,9 @@ class TransformersBackend(SequentialBackend):
         tokens: list[int] = []
         try:
             tokens = self.prompt_tokens(request.messages)
-            if len(tokens) + request.max_tokens > self.n_ctx:
-                return Response("", "error", len(tokens), error=(
-                    f"prompt of {len(tokens)} tokens + {request.max_tokens} output tokens exceeds n_ctx={self.n_ctx}; "
-                    "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+            overflow = context_overflow(len(tokens), request, self.n_ctx)
+            if overflow:
+                return overflow
             kwargs: dict = {"max_new_tokens": request.max_tokens, "pad_token_id": self.pad_id,
                             "eos_token_id": self.eos_ids}
             if request.temperature > 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..models import ModelNotFound
 from . import hf_chat
-from .base import Backend, OnResponse, Request, Response
+from .base import Backend, OnResponse, Request, Response, context_overflow
 from .transformers import weights_sha256
 
 INSTALL_HINT = "backend 'vllm' needs the optional extra: pip install 'moral-ratchet[vllm]' (a CUDA GPU)"
@@ -69,10 +69,9 @@ def build_batch(requests: Sequence[Request], tokenizer, n_ctx: int, vllm):
         except Exception as exc:  # bad messages, or sampling values vLLM refuses
             responses[i] = Response("", "error", error=f"{type(exc).__name__}: {exc}")
             continue
-        if len(ids) + request.max_tokens > n_ctx:
-            responses[i] = Response("", "error", len(ids), error=(
-                f"prompt of {len(ids)} tokens + {request.max_tokens} output tokens exceeds n_ctx={n_ctx}; "
-                "lower corpus.chunk_tokens or raise annotator.n_ctx"))
+        overflow = context_overflow(len(ids), request, n_ctx)
+        if overflow:
+            responses[i] = overflow
             continue
         prompts.append(tokens_prompt(prompt_token_ids=ids))
         params.append(param)
