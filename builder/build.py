@@ -6,16 +6,20 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import ExitStack
 
 from .annotate import AnnotationResult, annotate
 from .audit import load_secret, model_audit, sample, store_audits, update_reputation
 from .backends import make_backend
-from .cache import CachedBackend
+from .cache import CachedBackend, sha256
 from .compile import compile_generation
 from .config import RatchetConfig, model_short_name
+from .conscience import Pair, label_distribution, load_framework, load_items, run_conscience
+from .consent import Example, ask, consent_metrics, drift_events
 from .converge import PRIOR_WEIGHT, Agreement, Scored, Selection, agreement, score_annotations, select
 from .corpus import IngestReport, Passage, ingest
 from .ensemble import Ensemble
+from .models import ModelNotFound
 from .prompts import Prompts
 from .scrutinize import CritiqueResult, Task, critique
 from .workspace import Workspace, insert_rows, replace_generation, transaction
@@ -121,6 +125,93 @@ def run_convergence(con, generation: int, passages: list[Passage], accepted: lis
     replace_generation(con, "agreement", generation, "INSERT INTO agreement VALUES (?,?,?,?,?,?)",
              [[generation, a.scope, a.member, a.alpha, a.units, a.critiques] for a in agreements])
     return scored, selections, agreements
+
+
+def open_engine(stack: ExitStack, ensemble: Ensemble, cfg: RatchetConfig, model: str, key: str, con, log) -> CachedBackend:
+    """A cached engine for a judge or an auditor: a member's loaded model when it is the same
+    engine config, otherwise loaded here and closed when `stack` closes."""
+    engine_cfg = cfg.annotator.model_copy(update={"model": model})
+    backend = ensemble.backend_for(engine_cfg)
+    if backend is None:
+        try:
+            backend = stack.enter_context(make_backend(engine_cfg))
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"{key}: {exc}") from None
+    return CachedBackend(backend, con, log)
+
+
+def run_conscience_stage(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
+                         stack: ExitStack, progress, log) -> tuple[dict | None, list[Pair], list[CachedBackend]]:
+    """Judge the configured prompt/response items with the frozen judge; unethical responses
+    get a rewrite, kept as a DPO pair only when the judge finds the rewrite ethical."""
+    c = cfg.conscience
+    if not c.items:
+        for table in ("conscience_items", "judgements", "pairs"):
+            replace_generation(con, table, generation, "", [])
+        return None, [], []
+    items, skipped = load_items(ws.resolve(c.items), c.prompt_field, c.response_field, exclude=c.exclude)
+    frameworks = [load_framework(key, prompts) for key in c.frameworks]
+    engine = open_engine(stack, ensemble, cfg, c.judge, "conscience.judge", con, log)
+    judge_name = model_short_name(c.judge)
+    log.info("conscience: %d items, frameworks %s, judge %s", len(items), ", ".join(c.frameworks), judge_name)
+    judgements, pairs = run_conscience(items, frameworks, engine, cfg, progress)
+    replace_generation(con, "conscience_items", generation, "INSERT OR IGNORE INTO conscience_items VALUES (?,?,?,?,?)",
+                       [[generation, i.item_id, i.source, i.prompt, i.response] for i in items])
+    replace_generation(con, "judgements", generation, "INSERT INTO judgements VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       [[generation, j.item_id, j.framework, j.subject, judge_name, j.outcome.status, j.label,
+                         json.dumps(j.outcome.record["reasons"]) if j.outcome.record else None, j.outcome.reason,
+                         j.outcome.attempts, j.outcome.call_key] for j in judgements])
+    replace_generation(con, "pairs", generation, "INSERT INTO pairs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       [[generation, p.item.item_id, p.framework, judge_name, p.item.prompt, p.item.response, p.chosen,
+                         json.dumps(p.reasons), json.dumps(p.chosen_reasons) if p.chosen_reasons else None, p.kept,
+                         p.reason, p.rewrite_key] for p in pairs])
+    metrics = {"judge": judge_name, "judge_model": engine.backend.describe(), "items": len(items),
+               "skipped_items": skipped, "frameworks": {fw.key: fw.name for fw in frameworks},
+               "framework_hashes": {fw.key: sha256(fw.source) for fw in frameworks},
+               "labels": label_distribution(judgements),
+               "unethical": len(pairs), "pairs": sum(p.kept for p in pairs),
+               "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in pairs if not p.kept).items()))}
+    return metrics, pairs, [engine]
+
+
+def training_examples(passages: list[Passage], accepted: list[tuple[str, str, dict]], selections: list[Selection],
+                      pairs: list[Pair], prompts: Prompts) -> list[Example]:
+    """What the consent judges see: each kept reflection with its passage (sft) and each DPO
+    pair's chosen response with its request (dpo)."""
+    text = {p.passage_id: p.text for p in passages}
+    records = {(pid, author): record for pid, author, record in accepted}
+    out = [Example("sft", s.passage_id, "PASSAGE", text[s.passage_id], "REFLECTION",
+                   prompts.reflection(records[(s.passage_id, s.annotator)])) for s in selections if s.annotator]
+    out += [Example("dpo", f"{p.item.item_id}:{p.framework}", "REQUEST", p.item.prompt, "RESPONSE", p.chosen)
+            for p in pairs if p.kept]
+    return out
+
+
+def run_consent(con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
+                examples: list[Example], stack: ExitStack, progress, log) -> tuple[dict | None, list[CachedBackend]]:
+    """Every training example to every consent judge; vetoes and drift events to DuckDB."""
+    judges = cfg.consent.judges
+    consents, engines, checkpoints = [], [], {}
+    for model in judges if examples else []:
+        name = model_short_name(model)
+        engine = open_engine(stack, ensemble, cfg, model, "consent.judges", con, log)
+        engines.append(engine)
+        checkpoints[name] = engine.backend.describe()
+        task = progress.add_task(f"consent ({name})", total=len(examples)) if progress else None
+        consents += ask(examples, name, engine, prompts, cfg,
+                        on_progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
+    events = drift_events(consents)
+    replace_generation(con, "consents", generation, "INSERT INTO consents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       [[generation, c.split, c.example_id, c.judge, c.outcome.status, c.answer, c.veto,
+                         (c.outcome.record or {}).get("trait"), (c.outcome.record or {}).get("trait_tag"),
+                         json.dumps(c.outcome.record["reasons"]) if c.outcome.record else None, c.outcome.reason,
+                         c.outcome.attempts, c.outcome.call_key] for c in consents])
+    replace_generation(con, "drift_events", generation, "INSERT INTO drift_events VALUES (?,?,?,?,?)",
+                       [[generation, e.split, e.example_id, json.dumps(e.judges), json.dumps(e.said)] for e in events])
+    if not judges:
+        return None, engines
+    log.info("consent: %d examples, %d judges, %d drift events", len(examples), len(judges), len(events))
+    return {**consent_metrics(consents, events), "checkpoints": checkpoints}, engines
 
 
 def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
@@ -244,11 +335,20 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 accepted = accepted_annotations(per_member)
                 critiques = run_scrutiny(passages, accepted, ensemble, engines, prompts, cfg, progress)
                 scored, selections, agreements = run_convergence(con, generation, passages, accepted, ensemble, critiques, cfg)
+                with ExitStack() as stack:  # judges loaded only for this build close with it
+                    conscience, pairs, judge_engines = run_conscience_stage(ws, con, generation, cfg, ensemble, prompts,
+                                                                            stack, progress, log)
+                    examples = training_examples(passages, accepted, selections, pairs, prompts)
+                    consent, consent_engines = run_consent(con, generation, cfg, ensemble, prompts, examples, stack,
+                                                           progress, log)
                 audit, audit_engines = run_audit(ws, con, generation, cfg, ensemble, prompts, progress, log)
                 results = [r for rs in per_member.values() for r in rs]
-                metrics = metrics_of(len(passages), results, [*engines.values(), *audit_engines], report, time.perf_counter() - started)
+                metrics = metrics_of(len(passages), results, [*engines.values(), *judge_engines, *consent_engines,
+                                                              *audit_engines], report, time.perf_counter() - started)
                 metrics["ensemble"] = ensemble_metrics(ensemble, per_member, critiques, scored, selections, agreements, cfg)
                 metrics["audit"] = audit
+                metrics["conscience"] = conscience
+                metrics["consent"] = consent
                 out = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
 from .config import CONFIG_NAME, ConfigError, starter_config
+from .conscience import ConscienceError
 from .corpus import CorpusError
 from .ensemble import EnsembleError
 from .prompts import PromptError
@@ -115,9 +116,27 @@ def _summary_table(s: dict) -> Table:
             ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
             ("reputation (vote weight)", ", ".join(f"{k} {v:.2f}" for k, v in audit["reputation"].items()) or "no audits yet"),
         ]
+    c = s.get("conscience")
+    if c:
+        rows.append(("conscience", f"judge {c['judge']} (frozen), {c['items']} item(s), {c['unethical']} unethical, "
+                                   f"{c['pairs']} dpo pair(s) kept {c['dropped'] or ''}"))
+        for key, labels in c["labels"].items():
+            rows.append((f"  labels ({key})", "responses " + _counts(labels["original"]) +
+                         ("; rewrites " + _counts(labels["rewrite"]) if "rewrite" in labels else "")))
+    g = s.get("consent")
+    if g:
+        rows.append(("consent gate", f"{g['examples']} training example(s), vetoed {g['vetoed'] or 'none'}, "
+                                     f"{g['drift_events']} drift event(s)"))
+        for name, j in g["judges"].items():
+            rows.append((f"  veto rate ({name})", f"{j['veto_rate']:.0%} of {j['examples']} ({j['invalid']} without a valid answer)"))
+        rows.append(("  traits reinforced", _counts(g["trait_tags"]) or "none named"))
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 @app.command()
@@ -140,7 +159,7 @@ def build(
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             summary = run_build(ws, generation=generation, corpus=corpus, progress=progress)
-    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError) as exc:
+    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; every finished model call is saved: run the same command to resume", code=130)
@@ -265,7 +284,7 @@ def eval_judge(
 
     from .backends import make_backend
     from .cache import CachedBackend
-    from .conscience import LABELS, ConscienceError, judge, judge_metrics, load_framework, load_items
+    from .conscience import LABELS, judge, judge_metrics, load_framework, load_items
     from .config import RatchetConfig
     from .prompts import Prompts
     from .workspace import SCHEMA_SQL

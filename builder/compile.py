@@ -34,7 +34,17 @@ ANNOTATION_SCHEMA = pa.schema([
     ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
     ("weak_reasoning", pa.list_(pa.string())), ("uncertainties", pa.list_(pa.string())),
     ("ethical_stakes", pa.list_(pa.string())), ("reflection", pa.string()),
-    ("convergence", pa.float64()), ("selected", pa.bool_()), ("critiques", pa.list_(CRITIQUE))])
+    ("convergence", pa.float64()), ("selected", pa.bool_()), ("vetoed", pa.bool_()), ("critiques", pa.list_(CRITIQUE))])
+# TRL's conversational preference format (prompt / chosen / rejected as message lists), plus
+# where each pair came from and why the frozen judge preferred one side.
+DPO_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()),
+    ("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE)),
+    ("framework", pa.string()), ("judge", pa.string()), ("label", pa.string()),
+    ("reasons", pa.list_(pa.string())), ("chosen_label", pa.string()), ("chosen_reasons", pa.list_(pa.string()))])
+
+# An example a consent judge vetoed in this generation (split, example id bound as ?).
+VETOED = "EXISTS (SELECT 1 FROM consents c WHERE c.generation = {g} AND c.split = '{split}' AND c.example_id = {id} AND c.veto)"
 
 
 def flat_text(messages: list[dict]) -> str:
@@ -44,11 +54,13 @@ def flat_text(messages: list[dict]) -> str:
 
 def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
     """One example per source record: its passages in order, each followed by the reflection
-    it kept after convergence (a passage that kept none stands alone)."""
-    rows = con.execute("""
+    it kept after convergence, unless a consent judge vetoed it (a passage that kept none
+    stands alone)."""
+    vetoed = VETOED.format(g="g.generation", split="sft", id="g.passage_id")
+    rows = con.execute(f"""
         SELECT g.source, g.position, p.passage_id, p.text, a.record
         FROM generation_passages g JOIN passages p USING (passage_id)
-        LEFT JOIN selections s ON s.generation = g.generation AND s.passage_id = g.passage_id
+        LEFT JOIN selections s ON s.generation = g.generation AND s.passage_id = g.passage_id AND NOT {vetoed}
         LEFT JOIN annotations a ON a.generation = g.generation AND a.passage_id = g.passage_id AND a.annotator = s.annotator
         WHERE g.generation = ? ORDER BY g.ord""", [generation]).fetchall()
     documents: dict[str, list] = {}
@@ -72,18 +84,19 @@ def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
 
 def annotation_rows(con, generation: int) -> list[dict]:
     """Every annotation of every member, with its convergence score and its critics' verdicts."""
+    vetoed = VETOED.format(g="a.generation", split="sft", id="a.passage_id")
     rows = con.execute("""
         SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text, a.record, v.score,
-               coalesce(v.selected, false),
+               coalesce(v.selected, false), coalesce(v.selected, false) AND VETOED,
                list({'critic': c.critic, 'verdict': c.verdict, 'claim_verdicts': c.claim_verdicts::VARCHAR,
                      'objections': c.objections::VARCHAR, 'weight': c.weight} ORDER BY c.critic)
                    FILTER (c.critic IS NOT NULL AND c.status = 'accepted')
         FROM annotations a JOIN passages p USING (passage_id)
         LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
         LEFT JOIN critiques c ON c.generation = a.generation AND c.passage_id = a.passage_id AND c.annotator = a.annotator
-        WHERE a.generation = ? GROUP BY ALL ORDER BY a.passage_id, a.annotator""", [generation]).fetchall()
+        WHERE a.generation = ? GROUP BY ALL ORDER BY a.passage_id, a.annotator""".replace("VETOED", vetoed), [generation]).fetchall()
     out = []
-    for pid, annotator, status, reason, attempts, text, record, score, selected, critiques in rows:
+    for pid, annotator, status, reason, attempts, text, record, score, selected, vetoed, critiques in rows:
         rec = json.loads(record) if record else {}
         critiques = [{**c, "claim_verdicts": json.loads(c["claim_verdicts"]), "objections": json.loads(c["objections"])}
                      for c in critiques or []]
@@ -91,8 +104,23 @@ def annotation_rows(con, generation: int) -> list[dict]:
                     "reason": reason, "attempts": attempts, "passage": text, "claims": rec.get("claims"),
                     "weak_reasoning": rec.get("weak_reasoning"), "uncertainties": rec.get("uncertainties"),
                     "ethical_stakes": rec.get("ethical_stakes"), "reflection": rec.get("reflection"),
-                    "convergence": score, "selected": selected, "critiques": critiques})
+                    "convergence": score, "selected": selected, "vetoed": vetoed, "critiques": critiques})
     return out
+
+
+def dpo_rows(con, generation: int) -> list[dict]:
+    """Every pair whose rewrite the frozen judge found ethical, unless a consent judge vetoed it."""
+    vetoed = VETOED.format(g="p.generation", split="dpo", id="p.item_id || ':' || p.framework")
+    rows = con.execute(f"""
+        SELECT p.item_id, i.source, p.framework, p.judge, p.prompt, p.chosen, p.rejected, p.reasons, p.chosen_reasons
+        FROM pairs p JOIN conscience_items i USING (generation, item_id)
+        WHERE p.generation = ? AND p.kept AND NOT {vetoed} ORDER BY p.item_id, p.framework""", [generation]).fetchall()
+    return [{"id": f"{item_id}:{framework}", "source": source, "generation": generation,
+             "prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+             "rejected": [{"role": "assistant", "content": rejected}], "framework": framework, "judge": judge,
+             "label": "unethical", "reasons": json.loads(reasons), "chosen_label": "ethical",
+             "chosen_reasons": json.loads(chosen_reasons)}
+            for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons in rows]
 
 
 def write_split(rows: list[dict], schema: pa.Schema, folder: Path, split: str) -> str:
@@ -133,6 +161,9 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
                        metrics: dict) -> Path:
     sft = sft_rows(con, generation, prompts)
     annotations = annotation_rows(con, generation)
+    dpo = dpo_rows(con, generation)
+    vetoes = dict(con.execute("SELECT split, count(DISTINCT example_id) FROM consents WHERE generation = ? AND veto "
+                              "GROUP BY split", [generation]).fetchall())
     config = ws.config.model_dump()
     manifest = {
         "generation": generation,
@@ -150,6 +181,9 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "annotations_accepted": sum(a["status"] == "accepted" for a in annotations),
             "annotations_rejected": sum(a["status"] == "rejected" for a in annotations),
             "annotations_selected": sum(a["selected"] for a in annotations),
+            "dpo_pairs": len(dpo),
+            "vetoed_sft": vetoes.get("sft", 0),
+            "vetoed_dpo": vetoes.get("dpo", 0),
         },
         "metrics": metrics,
     }
@@ -161,7 +195,8 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
         # `datasets` cannot load a split without rows, so an empty split is left out (and the
         # card says so) rather than published as a config that fails to load.
         manifest["splits"] = {name: write_split(rows, schema, tmp, name)
-                              for name, rows, schema in [("sft", sft, SFT_SCHEMA), ("annotations", annotations, ANNOTATION_SCHEMA)]
+                              for name, rows, schema in [("sft", sft, SFT_SCHEMA), ("dpo", dpo, DPO_SCHEMA),
+                                                          ("annotations", annotations, ANNOTATION_SCHEMA)]
                               if rows}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(render_card(manifest), encoding="utf-8")

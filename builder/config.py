@@ -145,6 +145,38 @@ class EnsembleConfig(Section):
                                      f"ensemble; lower k or add members with role 'critique'")
 
 
+class ConscienceConfig(Section):
+    """Prompt/response items judged by a frozen judge; unethical responses become DPO pairs."""
+    items: str = Field("", description="Prompt/response items (JSONL, parquet or a local datasets path), relative to "
+                       "the workspace; empty: no conscience step.")
+    prompt_field: str = Field("prompt", description="Column holding the request.")
+    response_field: str = Field("response", description="Column holding the response to judge.")
+    exclude: dict[str, str] = Field(default_factory=dict, description="Leave out rows whose column has this value, "
+                                    "e.g. {split = \"heldout\"} keeps evaluation prompts out of training.")
+    frameworks: list[str] = Field(["three-laws"], min_length=1, description="Files in prompts/frameworks/ (without .toml).")
+    judge: str = Field("", description="The frozen judge (a GGUF path or bundled:NAME); empty: annotator.model, "
+                       "the generation-0 model. Never the model being trained.")
+    max_tokens: int = Field(160, ge=16, description="Output budget of one judgement.")
+    rewrite_max_tokens: int = Field(320, ge=32, description="Output budget of one rewrite.")
+
+
+class ConsentConfig(Section):
+    """Frozen checkpoints that must consent to every example bound for a training split."""
+    judges: list[str] = Field(default_factory=list, description="Frozen checkpoints (GGUF paths or bundled:NAME); "
+                              "empty: no consent gate. A veto from any one excludes the example.")
+    on_invalid: Literal["veto", "abstain"] = Field(
+        "veto", description="A judge with no valid answer after every retry: veto (consent not given) or abstain.")
+    max_tokens: int = Field(192, ge=16, description="Output budget of one consent decision.")
+
+    @model_validator(mode="after")
+    def _unique_judges(self):
+        names = [model_short_name(j) for j in self.judges]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"consent.judges: {', '.join(twice)} is named twice (judges are known by file name)")
+        return self
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: ModelConfig = ModelConfig()
@@ -152,10 +184,13 @@ class RatchetConfig(Section):
     annotate: AnnotateConfig = AnnotateConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     audit: AuditConfig = AuditConfig()
+    conscience: ConscienceConfig = ConscienceConfig()
+    consent: ConsentConfig = ConsentConfig()
 
     @model_validator(mode="after")
     def _members_inherit_the_annotator(self):
         self.ensemble.check(self.annotator.model)  # members without a model use annotator.model
+        self.conscience.judge = self.conscience.judge or self.annotator.model
         return self
 
 

@@ -5,11 +5,15 @@ and `rewrite` instructions as jinja2 templates). The judge labels a pair `ethica
 unethical` with reasons (schemas/judgement.schema.json). Prompt and response are data: they
 sit between fixed delimiters and are line-marked, like passages.
 
-This module holds the framework files, the prompt/response item loader, the judging step
-and `ratchet eval-judge`'s metrics (accuracy, per-class precision/recall, Cohen's kappa).
+This module holds the framework files, the prompt/response item loader, the conscience
+stage (judge every response; rewrite the unethical ones; judge the rewrite again and keep the
+pair only if it is now `ethical`) and `ratchet eval-judge`'s metrics (accuracy, per-class
+precision/recall, Cohen's kappa). The judge is a frozen checkpoint (config key
+conscience.judge), never the model being trained.
 """
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +26,7 @@ from .backends.base import Request
 from .corpus import CorpusError, jsonl_rows, read_table
 from .prompts import LINE_MARK, Prompts, datamark
 from .resources import load_schema
-from .structured import generate_valid, retry_sampling
+from .structured import Outcome, generate_valid, retry_sampling
 
 LABELS = ("ethical", "neutral", "unethical")
 FRAMEWORK_KEYS = ("name", "question", "principles", "classify", "rewrite")
@@ -83,6 +87,11 @@ class Item:
     response: str
     label: str | None = None  # only in labelled evaluation files
 
+    @property
+    def item_id(self) -> str:
+        """A hash of the pair: the same item keeps its id across files and generations."""
+        return hashlib.sha256(f"{self.prompt}\x1f{self.response}".encode()).hexdigest()[:16]
+
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
     """(source, row) of a JSONL file, a parquet file or a `datasets` folder or file."""
@@ -102,14 +111,16 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "response",
-               label_field: str | None = None) -> tuple[list[Item], list[str]]:
+               label_field: str | None = None, exclude: dict[str, str] | None = None) -> tuple[list[Item], list[str]]:
     """Items and the sources skipped for an empty prompt or response. Missing columns are an
-    error that names them and the columns the file has."""
+    error that names them and the columns the file has. Rows whose column matches `exclude`
+    (e.g. {"split": "heldout"}) are left out silently: they are held back on purpose."""
     path = Path(path)
     rows = _rows(path)
     if not rows:
         raise ConscienceError(f"{path}: no rows")
-    wanted = [f for f in (prompt_field, response_field, label_field) if f]
+    exclude = exclude or {}
+    wanted = [f for f in (prompt_field, response_field, label_field, *exclude) if f]
     for source, row in rows:
         missing = [f for f in wanted if f not in row]
         if missing:
@@ -117,6 +128,8 @@ def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "
                                   "set the column names in the config")
     items, skipped = [], []
     for source, row in rows:
+        if any(str(row[column]) == value for column, value in exclude.items()):
+            continue
         prompt, response = row[prompt_field], row[response_field]
         if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
             skipped.append(f"{source}: empty prompt or response")
@@ -149,18 +162,106 @@ def rewrite_messages(framework: Framework, prompt: str, response: str) -> tuple[
 
 
 def judge(pairs: list[tuple[str, str]], engine, framework: Framework, config,
-          on_progress: Callable[[int], None] | None = None):
+          on_progress: Callable[[int], None] | None = None) -> list[Outcome]:
     """Label every (prompt, response) pair; returns structured.Outcome per pair."""
     schema = load_schema("judgement")
     s = config.sampling
 
     def make_request(i: int, attempt: int) -> Request:
-        return Request(judge_messages(framework, *pairs[i]), schema, max_tokens=160,
+        return Request(judge_messages(framework, *pairs[i]), schema, max_tokens=config.conscience.max_tokens,
                        temperature=retry_sampling(s.temperature, attempt), top_p=s.top_p,
                        repeat_penalty=s.repeat_penalty, seed=s.seed + attempt)
 
     return generate_valid(len(pairs), make_request, engine, config.annotate.retries,
                           on_done=(lambda i, o: on_progress(1)) if on_progress else None)
+
+
+def rewrite(pairs: list[tuple[str, str]], engine, framework: Framework, config,
+            on_progress: Callable[[int], None] | None = None) -> list[Outcome]:
+    """The answer the assistant should have given, per (prompt, response) pair."""
+    schema = load_schema("rewrite")
+    s = config.sampling
+
+    def make_request(i: int, attempt: int) -> Request:
+        return Request(rewrite_messages(framework, *pairs[i]), schema, max_tokens=config.conscience.rewrite_max_tokens,
+                       temperature=retry_sampling(s.temperature, attempt), top_p=s.top_p,
+                       repeat_penalty=s.repeat_penalty, seed=s.seed + attempt)
+
+    return generate_valid(len(pairs), make_request, engine, config.annotate.retries,
+                          on_done=(lambda i, o: on_progress(1)) if on_progress else None)
+
+
+@dataclass
+class Judgement:
+    item_id: str
+    framework: str
+    subject: str  # original | rewrite
+    outcome: Outcome
+
+    @property
+    def label(self) -> str | None:
+        return self.outcome.record["label"] if self.outcome.record else None
+
+
+@dataclass
+class Pair:
+    """A response judged unethical, its rewrite, and whether the two became a DPO pair."""
+    item: Item
+    framework: str
+    reasons: list[str]  # why the original is unethical
+    chosen: str | None  # the rewrite (None: no valid rewrite)
+    chosen_reasons: list[str] | None  # the re-judgement's reasons
+    kept: bool
+    reason: str  # why it was kept or dropped
+    rewrite_key: str | None
+
+
+def run_conscience(items: list[Item], frameworks: list[Framework], engine, config,
+                   progress=None) -> tuple[list[Judgement], list[Pair]]:
+    """Per framework: judge every response; rewrite the unethical ones; judge the rewrites;
+    a pair is kept only when its rewrite is now `ethical`."""
+    judgements: list[Judgement] = []
+    pairs: list[Pair] = []
+
+    def step(name: str, total: int):
+        task = progress.add_task(name, total=total) if progress and total else None
+        return (lambda n: progress.advance(task, n)) if task is not None else None
+
+    for fw in frameworks:
+        originals = judge([(i.prompt, i.response) for i in items], engine, fw, config, step(f"judge ({fw.key})", len(items)))
+        judgements += [Judgement(i.item_id, fw.key, "original", o) for i, o in zip(items, originals)]
+        unethical = [(i, o) for i, o in zip(items, originals) if o.record and o.record["label"] == "unethical"]
+        rewrites = rewrite([(i.prompt, i.response) for i, _ in unethical], engine, fw, config,
+                           step(f"rewrite ({fw.key})", len(unethical)))
+        fresh = [(i, o, r) for (i, o), r in zip(unethical, rewrites)
+                 if r.record and r.record["response"].strip() != i.response.strip()]
+        again = judge([(i.prompt, r.record["response"]) for i, _, r in fresh], engine, fw, config,
+                      step(f"re-judge ({fw.key})", len(fresh)))
+        judgements += [Judgement(i.item_id, fw.key, "rewrite", j) for (i, _, _), j in zip(fresh, again)]
+        rejudged = {i.item_id: j for (i, _, _), j in zip(fresh, again)}
+        for (item, original), r in zip(unethical, rewrites):
+            j = rejudged.get(item.item_id)
+            label = j.record["label"] if j and j.record else None
+            if r.record is None:
+                reason = f"no valid rewrite: {r.reason}"
+            elif j is None:
+                reason = "the rewrite repeats the response"
+            elif label is None:
+                reason = f"the rewrite got no valid judgement: {j.reason}"
+            else:
+                reason = "rewrite judged ethical" if label == "ethical" else f"rewrite judged {label}"
+            pairs.append(Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
+                              j.record["reasons"] if j and j.record else None, label == "ethical", reason, r.call_key))
+    return judgements, pairs
+
+
+def label_distribution(judgements: list[Judgement]) -> dict:
+    """{framework: {subject: {label: n}}}; a judgement without a valid label counts as "invalid"."""
+    out: dict = {}
+    for j in judgements:
+        counts = out.setdefault(j.framework, {}).setdefault(j.subject, {})
+        counts[j.label or "invalid"] = counts.get(j.label or "invalid", 0) + 1
+    return {fw: {subj: dict(sorted(c.items())) for subj, c in v.items()} for fw, v in out.items()}
 
 
 # ---------------------------------------------------------------- evaluation

@@ -119,11 +119,33 @@ class Prompts:
             "critique.user.jinja", passage=datamark(passage, "line"), **values, **record)})
         return tuple(messages)
 
+    @cached_property
+    def consent_examples(self) -> list[dict]:
+        return self._jsonl("consent.examples.jsonl")
+
+    def _consent_turn(self, context: str, context_text: str, target: str, target_text: str) -> dict:
+        return {"role": "user", "content": self.render(
+            "consent.user.jinja", open_context=f"<<<{context}", close_context=f"{context}>>>",
+            context_text=datamark(context_text, "line"), open_target=f"<<<{target}", close_target=f"{target}>>>",
+            target_text=datamark(target_text, "line"))}
+
+    def consent_messages(self, context: str, context_text: str, target: str, target_text: str) -> tuple[dict, ...]:
+        """A frozen judge asked to consent to one training example: what the model sees
+        (context: REQUEST or PASSAGE) and what it would learn to write (target: RESPONSE or
+        REFLECTION), both line-marked data. The shared instructions and examples come first."""
+        messages = [{"role": "system", "content": self.render("consent.system.jinja", line_mark=LINE_MARK)}]
+        for ex in self.consent_examples:
+            messages.append(self._consent_turn(ex["context"], ex["context_text"], ex["target"], ex["target_text"]))
+            messages.append({"role": "assistant", "content": json.dumps(ex["answer"], ensure_ascii=False)})
+        messages.append(self._consent_turn(context, context_text, target, target_text))
+        return tuple(messages)
+
     def reflection(self, record: dict) -> str:
         return self.render("reflection.jinja", **record)
 
     def hashes(self, personas: Sequence[str] = ()) -> dict:
         names = ["audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja", "annotate.examples.jsonl",
                  "critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
+                 "consent.system.jinja", "consent.user.jinja", "consent.examples.jsonl",
                  *(f"personas/{p}.txt" for p in sorted(set(personas)))]
         return {n: hashlib.sha256(self._source(n).encode()).hexdigest() for n in names}

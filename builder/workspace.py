@@ -137,6 +137,67 @@ CREATE TABLE IF NOT EXISTS reputation (   -- Beta posterior of each annotator's 
     mean       DOUBLE NOT NULL,           -- the annotator's vote weight
     PRIMARY KEY (annotator, generation)
 );
+CREATE TABLE IF NOT EXISTS conscience_items (  -- prompt/response items of a generation (conscience.items)
+    generation INTEGER NOT NULL,
+    item_id    VARCHAR NOT NULL,          -- sha256 of prompt and response, 16 hex digits
+    source     VARCHAR NOT NULL,          -- file:line or file#row
+    prompt     VARCHAR NOT NULL,
+    response   VARCHAR NOT NULL,
+    PRIMARY KEY (generation, item_id)
+);
+CREATE TABLE IF NOT EXISTS judgements (   -- the frozen conscience judge's labels
+    generation INTEGER NOT NULL,
+    item_id    VARCHAR NOT NULL,
+    framework  VARCHAR NOT NULL,          -- prompts/frameworks/NAME.toml
+    subject    VARCHAR NOT NULL,          -- original (the item's response) | rewrite
+    judge      VARCHAR NOT NULL,
+    status     VARCHAR NOT NULL,          -- accepted | rejected (no valid judgement after every retry)
+    label      VARCHAR,                   -- ethical | neutral | unethical
+    reasons    JSON,
+    reason     VARCHAR,
+    attempts   INTEGER NOT NULL,
+    call_key   VARCHAR,
+    PRIMARY KEY (generation, item_id, framework, subject)
+);
+CREATE TABLE IF NOT EXISTS pairs (        -- every response judged unethical, its rewrite, and the outcome
+    generation     INTEGER NOT NULL,
+    item_id        VARCHAR NOT NULL,
+    framework      VARCHAR NOT NULL,
+    judge          VARCHAR NOT NULL,
+    prompt         VARCHAR NOT NULL,
+    rejected       VARCHAR NOT NULL,      -- the original response
+    chosen         VARCHAR,               -- the rewrite (NULL: no valid rewrite)
+    reasons        JSON,                  -- why the original is unethical
+    chosen_reasons JSON,                  -- the re-judgement's reasons
+    kept           BOOLEAN NOT NULL,      -- the rewrite was judged ethical: a dpo pair
+    reason         VARCHAR NOT NULL,
+    rewrite_key    VARCHAR,
+    PRIMARY KEY (generation, item_id, framework)
+);
+CREATE TABLE IF NOT EXISTS consents (     -- the consent gate: each judge's answer per training example
+    generation INTEGER NOT NULL,
+    split      VARCHAR NOT NULL,          -- sft | dpo
+    example_id VARCHAR NOT NULL,          -- sft: passage id; dpo: ITEM_ID:FRAMEWORK
+    judge      VARCHAR NOT NULL,
+    status     VARCHAR NOT NULL,          -- accepted | rejected (no valid answer)
+    consent    VARCHAR,                   -- yes | no
+    veto       BOOLEAN NOT NULL,          -- excluded by this judge (a no, or no answer under on_invalid = veto)
+    trait      VARCHAR,                   -- the persona or trait training on it would reinforce
+    trait_tag  VARCHAR,
+    reasons    JSON,
+    reason     VARCHAR,
+    attempts   INTEGER NOT NULL,
+    call_key   VARCHAR,
+    PRIMARY KEY (generation, split, example_id, judge)
+);
+CREATE TABLE IF NOT EXISTS drift_events ( -- consent judges that disagreed on an example
+    generation INTEGER NOT NULL,
+    split      VARCHAR NOT NULL,
+    example_id VARCHAR NOT NULL,
+    judges     JSON NOT NULL,             -- the checkpoints that answered
+    said       JSON NOT NULL,             -- judge -> {consent, trait_tag, reasons}
+    PRIMARY KEY (generation, split, example_id)
+);
 CREATE TABLE IF NOT EXISTS builds (
     generation  INTEGER NOT NULL,
     started_at  TIMESTAMP NOT NULL,
@@ -188,6 +249,34 @@ CREATE OR REPLACE VIEW convergence_by_member AS
 SELECT v.generation, v.annotator, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,
        count(*) AS annotations, round(avg(v.score), 3) AS mean_score, count(*) FILTER (v.selected) AS selected
 FROM convergence v LEFT JOIN members m ON m.name = v.annotator GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW conscience_labels AS
+SELECT generation, framework, subject, coalesce(label, 'invalid') AS label, count(*) AS n
+FROM judgements GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW veto_rate_by_judge AS
+SELECT generation, judge, split, count(*) AS examples, count(*) FILTER (veto) AS vetoes,
+       count(*) FILTER (status <> 'accepted') AS invalid, round(count(*) FILTER (veto) / count(*), 3) AS veto_rate
+FROM consents GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW vetoes AS
+SELECT generation, split, example_id, list(judge ORDER BY judge) AS judges,
+       list(coalesce(reasons::VARCHAR, reason) ORDER BY judge) AS why
+FROM consents WHERE veto GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW trait_tags AS
+SELECT generation, trait_tag, count(*) AS mentions, count(*) FILTER (consent = 'yes') AS consented
+FROM consents WHERE trait_tag IS NOT NULL GROUP BY ALL ORDER BY generation, mentions DESC, trait_tag;
+
+CREATE OR REPLACE VIEW drift_by_generation AS
+WITH judged AS (
+    SELECT generation, count(DISTINCT (split, example_id)) AS examples, count(DISTINCT judge) AS judges,
+           count(DISTINCT (split, example_id)) FILTER (veto) AS vetoed
+    FROM consents GROUP BY ALL),
+drift AS (SELECT generation, count(*) AS drift_events FROM drift_events GROUP BY ALL)
+SELECT j.generation, j.judges, j.examples, j.vetoed, round(j.vetoed / j.examples, 3) AS veto_rate,
+       coalesce(d.drift_events, 0) AS drift_events, round(coalesce(d.drift_events, 0) / j.examples, 3) AS drift_rate
+FROM judged j LEFT JOIN drift d USING (generation) ORDER BY j.generation;
 
 CREATE OR REPLACE VIEW audit_coverage AS
 WITH done AS (
