@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from .annotate import AnnotationResult, annotate
 from .audit import load_secret, model_audit, sample, store_audits, update_reputation
@@ -14,12 +15,13 @@ from .backends import make_backend
 from .cache import CachedBackend, sha256
 from .compile import compile_generation
 from .config import RatchetConfig, model_short_name
-from .conscience import Pair, label_distribution, load_framework, load_items, run_conscience
+from .conscience import (ConscienceError, Framework, Item, Pair, label_distribution, load_framework, load_items,
+                         run_conscience)
 from .consent import Example, ask, consent_metrics, drift_events
 from .converge import PRIOR_WEIGHT, Agreement, Scored, Selection, agreement, score_annotations, select
 from .corpus import IngestReport, Passage, ingest
 from .ensemble import Ensemble
-from .models import ModelNotFound
+from .models import ModelNotFound, resolve_model
 from .prompts import Prompts
 from .scrutinize import CritiqueResult, Task, critique
 from .workspace import Workspace, insert_rows, replace_generation, transaction
@@ -140,17 +142,44 @@ def open_engine(stack: ExitStack, ensemble: Ensemble, cfg: RatchetConfig, model:
     return CachedBackend(backend, con, log)
 
 
-def run_conscience_stage(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
+@dataclass
+class ConscienceInput:
+    items: list[Item]
+    skipped: list[str]  # sources of items with an empty prompt or response
+    frameworks: list[Framework]
+
+
+def prepare_conscience(ws: Workspace, cfg: RatchetConfig, prompts: Prompts) -> ConscienceInput | None:
+    """Load the items and frameworks and find every judge's model before any model runs, so
+    that a missing column, a broken framework file or a missing checkpoint fails fast."""
+    judges = [("consent.judges", j) for j in cfg.consent.judges]
+    c = cfg.conscience
+    if c.items:
+        judges.append(("conscience.judge", c.judge))
+    if cfg.annotator.backend == "llama_cpp":
+        for key, model in judges:
+            try:
+                resolve_model(model)
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"{key}: {exc}") from None
+    if not c.items:
+        return None
+    items, skipped = load_items(ws.resolve(c.items), c.prompt_field, c.response_field, exclude=c.exclude)
+    if not items:
+        raise ConscienceError(f"{ws.resolve(c.items)}: no item left to judge (every row was empty or excluded)")
+    return ConscienceInput(items, skipped, [load_framework(key, prompts) for key in c.frameworks])
+
+
+def run_conscience_stage(con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, given: ConscienceInput | None,
                          stack: ExitStack, progress, log) -> tuple[dict | None, list[Pair], list[CachedBackend]]:
     """Judge the configured prompt/response items with the frozen judge; unethical responses
     get a rewrite, kept as a DPO pair only when the judge finds the rewrite ethical."""
-    c = cfg.conscience
-    if not c.items:
+    if given is None:
         for table in ("conscience_items", "judgements", "pairs"):
             replace_generation(con, table, generation, "", [])
         return None, [], []
-    items, skipped = load_items(ws.resolve(c.items), c.prompt_field, c.response_field, exclude=c.exclude)
-    frameworks = [load_framework(key, prompts) for key in c.frameworks]
+    c = cfg.conscience
+    items, skipped, frameworks = given.items, given.skipped, given.frameworks
     engine = open_engine(stack, ensemble, cfg, c.judge, "conscience.judge", con, log)
     judge_name = model_short_name(c.judge)
     log.info("conscience: %d items, frameworks %s, judge %s", len(items), ", ".join(c.frameworks), judge_name)
@@ -313,6 +342,8 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
         con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
         status, summary = "failed", None
         try:
+            prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
+            conscience_input = prepare_conscience(ws, cfg, prompts)
             with Ensemble(cfg) as ensemble:
                 for line in ensemble.warnings():
                     log.warning(line)
@@ -323,7 +354,6 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 log.info("ingested %d passages from %s", len(passages), corpus_path)
                 store_passages(con, generation, passages)
                 store_members(con, generation, ensemble)
-                prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
                 engines = {id(m.backend): CachedBackend(m.backend, con, log) for m in ensemble.members}
                 per_member: dict[str, list[AnnotationResult]] = {}
                 for member in ensemble.annotators:
@@ -336,7 +366,7 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 critiques = run_scrutiny(passages, accepted, ensemble, engines, prompts, cfg, progress)
                 scored, selections, agreements = run_convergence(con, generation, passages, accepted, ensemble, critiques, cfg)
                 with ExitStack() as stack:  # judges loaded only for this build close with it
-                    conscience, pairs, judge_engines = run_conscience_stage(ws, con, generation, cfg, ensemble, prompts,
+                    conscience, pairs, judge_engines = run_conscience_stage(con, generation, cfg, ensemble, conscience_input,
                                                                             stack, progress, log)
                     examples = training_examples(passages, accepted, selections, pairs, prompts)
                     consent, consent_engines = run_consent(con, generation, cfg, ensemble, prompts, examples, stack,

@@ -188,9 +188,10 @@ def sql(
     """Query the workspace's state with SQL. Read-only.
 
     Tables: passages, generation_passages, model_calls, annotations, critiques, convergence,
-    selections, agreement, members, audits, audit_items, reputation, builds. Views:
-    convergence_by_member, critic_verdicts_by_member, agreement_by_member, audit_pass_rate_by_*,
-    audit_model_vs_human, audit_coverage."""
+    selections, agreement, members, audits, audit_items, reputation, conscience_items,
+    judgements, pairs, consents, drift_events, builds. Views: convergence_by_member,
+    critic_verdicts_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
+    audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation."""
     import duckdb
 
     ws = open_workspace(workspace)
@@ -218,6 +219,54 @@ def sql(
             table.add_row(*("NULL" if v is None else str(v) for v in r))
         console.print(table)
         console.print(f"{len(rows)} row(s)")
+
+
+@app.command()
+def drift(
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[Optional[int], typer.Option(help="List the events of this generation only.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Events to list (0: only the trend).")] = 20,
+) -> None:
+    """Value drift between consent judges: the trend across generations (examples judged, veto
+    rate, drift events), the veto rate of each frozen checkpoint, then the drift events
+    themselves: which example, which checkpoints, what each said."""
+    ws = open_workspace(workspace)
+    try:
+        con = ws.connect(read_only=True)
+    except WorkspaceError as exc:
+        fail(str(exc))
+    trend = con.execute("SELECT * FROM drift_by_generation").fetchall()
+    if not trend:
+        console.print("No consent judgements yet: set [consent] judges in ratchet.toml and build.")
+        return
+    table = Table("generation", "judges", "examples", "vetoed", "veto rate", "drift events", "drift rate",
+                  title="trend", title_justify="left")
+    for g, judges, examples, vetoed, veto_rate, events, drift_rate in trend:
+        table.add_row(str(g), str(judges), str(examples), str(vetoed), f"{veto_rate:.0%}", str(events), f"{drift_rate:.0%}")
+    console.print(table)
+    table = Table("generation", "judge", "split", "examples", "vetoes", "no answer", "veto rate",
+                  title="veto rate per checkpoint", title_justify="left")
+    for g, judge, split, examples, vetoes, invalid, rate in con.execute("SELECT * FROM veto_rate_by_judge").fetchall():
+        table.add_row(str(g), judge, split, str(examples), str(vetoes), str(invalid), f"{rate:.0%}")
+    console.print(table)
+    events = con.execute("""
+        SELECT d.generation, d.split, d.example_id, d.said,
+               coalesce(any_value(left(p.text, 80)), any_value(left(i.prompt, 80))) AS what
+        FROM drift_events d
+        LEFT JOIN passages p ON d.split = 'sft' AND p.passage_id = d.example_id
+        LEFT JOIN conscience_items i ON d.split = 'dpo' AND i.generation = d.generation
+             AND d.example_id LIKE i.item_id || ':%'
+        WHERE $g IS NULL OR d.generation = $g
+        GROUP BY ALL ORDER BY d.generation DESC, d.split, d.example_id LIMIT $n""",
+                         {"g": generation, "n": limit}).fetchall()
+    if limit:
+        table = Table("gen", "split", "example", "what", "what each checkpoint said", title="drift events",
+                      title_justify="left")
+        for g, split, example_id, said, what in events:
+            said = json.loads(said)
+            table.add_row(str(g), split, example_id, (what or "").replace("\n", " "),
+                          "\n".join(f"{j}: {s['consent']} ({s['trait_tag']}): {'; '.join(s['reasons'])}" for j, s in said.items()))
+        console.print(table)
 
 
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",
