@@ -31,15 +31,16 @@ def _sentinel(i: int) -> str:
     return f"\ue000{i}\ue001"  # private-use characters: never in a template, never survive tokenization
 
 
-class LlamaCppBackend(SequentialBackend):
-    kind = "llama_cpp"
+class LlamaPrompting:
+    """Chat template rendering, tokenization, stop strings and grammars of one GGUF model:
+    what the in-process engine and the managed llama-server share, so that both send the
+    very same prompt tokens and grammar (and share cache keys). `self.llm` may be a full
+    model or a vocab-only load (tokenizer and metadata, no weights)."""
 
-    def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0, constrained: str = "auto"):
-        self.model_path = Path(model_path)
-        self.n_ctx = n_ctx
-        # llama-cpp-python's default is half the cores; 0 here means all of them.
-        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                         n_batch=512, verbose=False)
+    llm: Llama
+    model_path: Path
+
+    def _setup_prompting(self, constrained: str) -> None:
         self.family = self.llm.metadata.get("general.architecture", "unknown")
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.bos = self._token_text(self.llm.token_bos())
@@ -115,6 +116,32 @@ class LlamaCppBackend(SequentialBackend):
         if key not in self._grammars:
             self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
         return self._grammars[key]
+
+    def grammar_text(self, schema: dict | None) -> str | None:
+        """The GBNF grammar the in-process engine decodes under (llama-cpp-python's JSON Schema
+        converter), as text for a server: both engines then constrain with the same grammar."""
+        grammar = self._grammar(schema)
+        return grammar._grammar if grammar is not None else None
+
+
+class LlamaCppBackend(LlamaPrompting, SequentialBackend):
+    kind = "llama_cpp"
+
+    def __init__(self, model_path: Path, n_ctx: int = 4096, threads: int = 0, constrained: str = "auto"):
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        # Why this engine runs when another was asked for (no llama-server binary, ...): see make_backend.
+        self.engine_note: str | None = None
+        # llama-cpp-python's default is half the cores; 0 here means all of them.
+        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
+                         n_batch=512, verbose=False)
+        self._setup_prompting(constrained)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.engine_note:
+            out["engine_note"] = self.engine_note
+        return out
 
     def _one(self, request: Request) -> Response:
         start = time.perf_counter()
