@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 CONFIG_NAME = "ratchet.toml"
 
@@ -31,19 +31,29 @@ class CorpusConfig(Section):
         "error", description="An empty, binary or non-UTF-8 file: stop with an error, or skip it and report it.")
 
 
+BACKENDS = Literal["auto", "llama_server", "llama_cpp", "openai", "transformers", "vllm"]
+
+
 class ModelConfig(Section):
-    backend: Literal["llama_cpp", "openai", "transformers", "vllm"] = Field(
-        "llama_cpp", description="llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server; "
+    backend: BACKENDS = Field(
+        "llama_cpp", description="auto: llama_server when a llama-server binary is found, else llama_cpp; "
+        "llama_server: llama.cpp's server, started and stopped by the builder (extra .[server]); "
+        "llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server; "
         "transformers: a local HF checkpoint (e.g. models/gen-0001); vllm: vLLM offline batch (GPU, extra .[vllm]).")
     model: str = Field("bundled:smollm2", description="llama_cpp: a GGUF path or bundled:NAME; openai: the served model "
                        "name; transformers / vllm: a local checkpoint folder (or a Hub id vLLM can load).")
-    n_ctx: int = Field(4096, ge=256, description="llama_cpp: context window in tokens.")
-    threads: int = Field(0, ge=0, description="llama_cpp, transformers: CPU threads; 0 = all cores.")
+    n_ctx: int = Field(4096, ge=256, description="llama_cpp: context window in tokens; llama_server: per slot.")
+    threads: int = Field(0, ge=0, description="llama_cpp, llama_server, transformers: CPU threads; 0 = all cores.")
+    slots: int = Field(4, ge=1, le=64, description="llama_server: sequences decoded in parallel (requests in flight).")
+    prompt_cache: bool = Field(True, description="llama_server: reuse a slot's evaluated prompt prefix (cache_prompt).")
+    server_binary: str = Field("", description="llama_server: path of a llama-server binary; default: "
+                               "$RATCHET_LLAMA_SERVER, then the .[server] extra's, then llama-server on PATH.")
     base_url: str = Field("", description="openai: the server, e.g. http://127.0.0.1:8000 (without /v1).")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key, if any.")
     concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one answer.")
-    max_retries: int = Field(3, ge=0, le=20, description="openai: retries (with backoff) on connection errors, timeouts, 5xx.")
+    timeout_s: float = Field(120.0, gt=0, description="openai, llama_server: seconds to wait for one answer.")
+    max_retries: int = Field(3, ge=0, le=20, description="openai, llama_server: retries (with backoff) on connection "
+                             "errors, timeouts, 5xx, garbage.")
     response_format: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="openai: json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object (llama-cpp-python).")
     constrained: Literal["auto", "grammar", "validate"] = Field(
@@ -54,6 +64,15 @@ class ModelConfig(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory vLLM may take.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over.")
     enable_prefix_caching: bool = Field(True, description="vllm: reuse the shared instructions' KV cache across requests.")
+    # Where managed servers write their logs: the workspace's logs/ (set by load_config; not a key).
+    _log_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def log_dir(self) -> Path | None:
+        return self._log_dir
+
+    def __eq__(self, other) -> bool:  # the keys, not where a server logs, make an engine config
+        return isinstance(other, ModelConfig) and self.model_dump() == other.model_dump()
 
     @model_validator(mode="after")
     def _server_needs_a_url(self):
@@ -93,8 +112,7 @@ class MemberConfig(Section):
     name: str = Field("", description="Unique name; default MODEL-PERSONA (e.g. smollm2-empiricist).")
     model: str | None = Field(None, description="As annotator.model (a GGUF path, bundled:NAME, a served model, a "
                               "checkpoint folder); default annotator.model.")
-    backend: Literal["llama_cpp", "openai", "transformers", "vllm"] | None = Field(
-        None, description="Engine; default annotator.backend.")
+    backend: BACKENDS | None = Field(None, description="Engine; default annotator.backend.")
     base_url: str | None = Field(None, description="openai: this member's server; default annotator.base_url.")
     persona: str = Field("empiricist", description="A file prompts/personas/PERSONA.txt (or in annotate.prompts).")
     roles: list[Literal["annotate", "critique"]] = Field(
@@ -109,7 +127,9 @@ class MemberConfig(Section):
         """This member's engine: [annotator] with the member's own keys on top."""
         own = {k: v for k, v in {"model": self.model, "backend": self.backend, "base_url": self.base_url}.items()
                if v is not None}
-        return ModelConfig.model_validate({**defaults.model_dump(), **own})
+        engine = ModelConfig.model_validate({**defaults.model_dump(), **own})
+        engine._log_dir = defaults._log_dir
+        return engine
 
 
 def default_members() -> list[MemberConfig]:
@@ -245,7 +265,9 @@ def load_config(path: Path) -> RatchetConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_config(data, str(path))
+    cfg = parse_config(data, str(path))
+    cfg.annotator._log_dir = path.parent / "logs"  # managed engine servers log into the workspace
+    return cfg
 
 
 def starter_config() -> str:

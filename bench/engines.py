@@ -1,0 +1,214 @@
+"""The embedded engines on one annotation job, side by side.
+
+Job: short claims, the sample corpus (30 passages) and long documents (~3,000 characters,
+made of sample passages), each with the real annotation prompt (system, few-shot turns,
+datamarked passage) and schema, greedy decoding, the default output budget. Arms:
+
+  in-process   llama.cpp through llama-cpp-python, one request at a time (backend llama_cpp)
+  server-1     the managed llama-server with 1 slot (backend llama_server, slots = 1)
+  server-N     the managed llama-server with N slots, N requests in flight
+  distilabel   distilabel 1.5.3's LlamaCppLLM + ChatGeneration pipeline on the same messages,
+               schema and sampling (`pip install '.[bench]'`), in a fresh interpreter
+
+It prints requests/s, completion tokens/s, the share of outputs that are valid (parse and
+follow the schema, not cut off), the ratios, and how many outputs of each server arm are
+identical to the in-process ones and to each other.
+
+Usage: python bench/engines.py [--slots N] [--arms in-process,server-1,server-N,distilabel]
+       [--results FILE.json]   (arms already in FILE are not run again: run them one by one)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from builder.backends.base import Request, Response  # noqa: E402
+from builder.config import RatchetConfig  # noqa: E402
+from builder.models import resolve_model  # noqa: E402
+from builder.prompts import Prompts  # noqa: E402
+from builder.resources import load_schema  # noqa: E402
+from builder.structured import check_output, validator_for  # noqa: E402
+
+SHORT_CLAIMS = [
+    "The city council says the new bridge cut commuting times by 40 percent, but it has published no data.",
+    "Everyone I know loves the new phone, so it must be the best phone ever made.",
+    "A hospital must decide whether to give its last ventilator to the youngest patient or the sickest one.",
+    "Analysts predict that electric cars will outsell petrol cars within five years.",
+]
+LONG_CHARS = 3000
+
+
+def job_texts() -> list[str]:
+    """Short claims, the sample corpus, then long documents made of consecutive sample passages."""
+    sample = [json.loads(line)["text"] for line in (ROOT / "examples/corpus/passages.jsonl").read_text().splitlines()]
+    longs, current = [], []
+    for text in sample:
+        current.append(text)
+        if sum(len(t) + 2 for t in current) >= LONG_CHARS:
+            longs.append("\n\n".join(current)[:LONG_CHARS])
+            current = []
+    return SHORT_CLAIMS + sample + longs
+
+
+def job_requests(cfg: RatchetConfig) -> list[Request]:
+    prompts, schema, s = Prompts(), load_schema("annotation"), cfg.sampling
+    return [Request(messages=prompts.annotation_messages(t), schema=schema, max_tokens=s.max_tokens, temperature=0.0,
+                    top_p=s.top_p, repeat_penalty=s.repeat_penalty, seed=s.seed) for t in job_texts()]
+
+
+def summarize(name: str, seconds: float, texts: list[str], tokens: int, valid: int) -> dict:
+    return {"arm": name, "seconds": round(seconds, 2), "requests": len(texts), "completion_tokens": tokens,
+            "valid": valid, "outputs": texts}
+
+
+def run_backend(name: str, backend, requests: list[Request]) -> dict:
+    validator = validator_for(load_schema("annotation"))
+    start = time.perf_counter()
+    responses: list[Response] = backend.generate(requests)
+    seconds = time.perf_counter() - start
+    valid = sum(check_output(r, validator)[0] is not None for r in responses)
+    errors = [r.error for r in responses if r.finish_reason == "error"]
+    if errors:
+        print(f"{name}: {len(errors)} error(s), first: {errors[0]}", file=sys.stderr)
+    return summarize(name, seconds, [r.text for r in responses], sum(r.completion_tokens for r in responses), valid)
+
+
+def arm_in_process(cfg: RatchetConfig, requests: list[Request]) -> dict:
+    from builder.backends.llama_cpp import LlamaCppBackend
+
+    with LlamaCppBackend(resolve_model(cfg.annotator.model), n_ctx=cfg.annotator.n_ctx) as backend:
+        return run_backend("in-process", backend, requests)
+
+
+def arm_server(cfg: RatchetConfig, requests: list[Request], slots: int) -> dict:
+    from builder.backends.llama_server import LlamaServerBackend, find_binary
+
+    found = find_binary(cfg.annotator.server_binary)
+    if found.path is None:
+        raise SystemExit(f"server arms need llama-server: {found.source}")
+    with LlamaServerBackend(resolve_model(cfg.annotator.model), found.path, n_ctx=cfg.annotator.n_ctx,
+                            slots=slots) as backend:
+        # Warm the server as the in-process engine is warm after loading: one tiny request.
+        backend.generate([Request(messages=({"role": "user", "content": "hi"},), max_tokens=1)])
+        return run_backend(f"server-{slots}", backend, requests)
+
+
+def arm_distilabel(cfg: RatchetConfig) -> dict | None:
+    """distilabel forks its step processes; forked after this process has run llama.cpp, the
+    step hung at 0% CPU (see bench/overhead.py). So its arm runs in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, __file__, "--arms", "distilabel-child"], capture_output=True, text=True,
+                          timeout=3600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("DISTILABEL ")), None)
+    if line is None:
+        raise RuntimeError(f"distilabel arm failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("DISTILABEL "))
+
+
+def distilabel_child(cfg: RatchetConfig) -> dict | None:
+    try:
+        from distilabel.models import LlamaCppLLM
+        from distilabel.pipeline import Pipeline
+        from distilabel.steps import LoadDataFromDicts
+        from distilabel.steps.tasks import ChatGeneration
+    except ImportError:
+        return None
+    requests = job_requests(cfg)
+    r0 = requests[0]
+    rows = [{"messages": list(r.messages)} for r in requests]
+    llm = LlamaCppLLM(model_path=str(resolve_model(cfg.annotator.model)), n_ctx=cfg.annotator.n_ctx, n_batch=512,
+                      extra_kwargs={"n_threads": os.cpu_count()},
+                      generation_kwargs={"max_new_tokens": r0.max_tokens, "temperature": r0.temperature, "top_p": r0.top_p,
+                                         "extra_generation_kwargs": {"response_format": {"type": "json_object",
+                                                                                         "schema": r0.schema},
+                                                                     "repeat_penalty": r0.repeat_penalty, "seed": r0.seed}})
+    with Pipeline(name="ratchet-engines-bench") as pipeline:
+        LoadDataFromDicts(data=rows) >> ChatGeneration(llm=llm, input_batch_size=len(rows))
+    start = time.perf_counter()
+    distiset = pipeline.run(use_cache=False)
+    seconds = time.perf_counter() - start
+    validator = validator_for(r0.schema)
+    train = distiset["default"]["train"]
+    texts = [t or "" for t in train["generation"]]
+    valid = sum(check_output(Response(t, "stop"), validator)[0] is not None for t in texts)
+    tokens = 0
+    if "statistics_chat_generation" in train.column_names:  # distilabel counts output tokens per row
+        for stats in train["statistics_chat_generation"]:
+            out = (stats or {}).get("output_tokens")
+            tokens += sum(out) if isinstance(out, list) else (out or 0)
+    return summarize("distilabel", seconds, texts, tokens, valid)
+
+
+def same(a: dict, b: dict) -> int:
+    return sum(x == y for x, y in zip(a["outputs"], b["outputs"]))
+
+
+def report(results: dict[str, dict], slots: int) -> None:
+    base = results.get("in-process")
+    distil = results.get("distilabel")
+    print(f"job: {len(job_texts())} requests (short claims, the sample corpus, {LONG_CHARS}-character documents), "
+          "annotation prompt and schema, greedy, SmolLM2-135M Q4_1")
+    print("| arm | requests/s | completion tokens/s | valid | × in-process | × distilabel |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in ["in-process", "server-1", f"server-{slots}", "distilabel"]:
+        r = results.get(name)
+        if r is None:
+            continue
+        rps = r["requests"] / r["seconds"]
+        tps = f"{r['completion_tokens'] / r['seconds']:.1f}" if r["completion_tokens"] else "–"
+        vs_base = f"{rps / (base['requests'] / base['seconds']):.2f}" if base else "–"
+        vs_distil = f"{rps / (distil['requests'] / distil['seconds']):.2f}" if distil else "–"
+        print(f"| {name} | {rps:.3f} | {tps} | {r['valid']}/{r['requests']} | {vs_base} | {vs_distil} |")
+    pairs = [("server-1", "in-process"), (f"server-{slots}", "server-1"), (f"server-{slots}", "in-process"),
+             ("distilabel", "in-process")]
+    for a, b in pairs:
+        if a in results and b in results:
+            print(f"identical outputs {a} vs {b}: {same(results[a], results[b])}/{results[a]['requests']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--arms", default="in-process,server-1,server-N,distilabel")
+    parser.add_argument("--results", type=Path, help="keep results here; arms already in it are not run again")
+    args = parser.parse_args()
+    cfg = RatchetConfig()
+    if args.arms == "distilabel-child":
+        print("DISTILABEL " + json.dumps(distilabel_child(cfg)))
+        return
+    results: dict[str, dict] = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
+    requests = job_requests(cfg)
+    for arm in args.arms.split(","):
+        name = f"server-{args.slots}" if arm == "server-N" else arm
+        if name in results:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        if arm == "in-process":
+            result = arm_in_process(cfg, requests)
+        elif arm == "server-1":
+            result = arm_server(cfg, requests, 1)
+        elif arm == "server-N":
+            result = arm_server(cfg, requests, args.slots)
+        elif arm == "distilabel":
+            result = arm_distilabel(cfg)
+            if result is None:
+                print("distilabel: not installed (pip install '.[bench]')", file=sys.stderr)
+                continue
+        else:
+            raise SystemExit(f"unknown arm {arm}")
+        results[name] = result
+        if args.results:
+            args.results.write_text(json.dumps(results))
+    report(results, args.slots)
+
+
+if __name__ == "__main__":
+    main()

