@@ -9,7 +9,7 @@ WORKSPACE ?= demo-workspace
 # AMX kernels on some Xeons and segfaults there (see shared/DESIGN.md).
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-conscience test bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ demo: install
 	$(BIN)/ratchet init $(WORKSPACE) --example
 	$(BIN)/ratchet build --workspace $(WORKSPACE)
 
+# The conscience step and the consent gate on the code-hacking scenario (examples/code_hacking).
+demo-conscience: install
+	rm -rf $(WORKSPACE)-conscience
+	$(BIN)/ratchet init $(WORKSPACE)-conscience --scenario code-hacking
+	$(BIN)/ratchet build --workspace $(WORKSPACE)-conscience
+	$(BIN)/ratchet drift --workspace $(WORKSPACE)-conscience --limit 5
+
 test: install
 	$(BIN)/python -m pytest
 
@@ -45,4 +52,4 @@ bench: install
 	$(BIN)/python bench/ensemble.py
 
 clean:
-	rm -rf $(VENV) demo-workspace
+	rm -rf $(VENV) demo-workspace demo-workspace-conscience
