@@ -13,7 +13,8 @@ from .annotate import AnnotationResult, annotate
 from .audit import load_secret, model_audit, sample, store_audits, update_reputation
 from .backends import make_backend
 from .cache import CachedBackend, sha256
-from .compile import compile_generation
+from . import ratchet
+from .compile import compile_generation, compiled_config_hash
 from .config import RatchetConfig, model_short_name
 from .conscience import (ConscienceError, Framework, Item, Pair, label_distribution, load_framework, load_items,
                          run_conscience)
@@ -24,6 +25,7 @@ from .ensemble import Ensemble
 from .models import ModelNotFound, resolve_model
 from .prompts import Prompts
 from .scrutinize import CritiqueResult, Task, critique
+from .ratchet import RatchetError, Reflection
 from .workspace import Workspace, insert_rows, replace_generation, transaction
 
 
@@ -243,6 +245,63 @@ def run_consent(con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, pr
     return {**consent_metrics(consents, events), "checkpoints": checkpoints}, engines
 
 
+def check_generation(ws: Workspace, con, generation: int, cfg: RatchetConfig, overwrite: bool) -> None:
+    """A generation builds on a finished parent, and a compiled one is immutable: refuse
+    before any model runs rather than after."""
+    if generation > 1:
+        done = con.execute("SELECT count(*) FROM builds WHERE generation = ? AND status = 'finished'",
+                           [generation - 1]).fetchone()[0]
+        if not done or not ws.generation_dir(generation - 1).exists():
+            raise RatchetError(f"generation {generation} re-annotates generation {generation - 1}'s passages, which is "
+                               f"not built: run `ratchet build --generation {generation - 1}` first")
+    compiled = compiled_config_hash(ws.generation_dir(generation))
+    if compiled and compiled != sha256(cfg.model_dump()) and not overwrite:
+        raise RatchetError(f"{ws.generation_dir(generation)} is compiled and immutable, and ratchet.toml changed since "
+                           f"it was built: build the next generation (--generation {generation + 1}), or pass "
+                           "--overwrite to rebuild and replace this one")
+
+
+def parent_passages(con, generation: int) -> list[Passage]:
+    """Generation N annotates exactly the passages of generation N - 1, in the same order."""
+    rows = con.execute("""SELECT g.passage_id, g.source, g.position, p.text, p.n_tokens
+                          FROM generation_passages g JOIN passages p USING (passage_id)
+                          WHERE g.generation = ? ORDER BY g.ord""", [generation - 1]).fetchall()
+    return [Passage(*row) for row in rows]
+
+
+def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:
+    """With ratchet.reseed, each generation samples its annotations with its own seed."""
+    if not cfg.ratchet.reseed or generation == 1:
+        return cfg
+    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * (generation - 1)})})
+
+
+def run_ratchet(con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
+                passages: list[Passage], accepted: list[tuple[str, str, dict]], selections: list[Selection],
+                stack: ExitStack, progress, log) -> tuple[dict, list[CachedBackend]]:
+    """The reference panel scores this generation's candidates (converged, not vetoed) and the
+    parent's reflections; a candidate replaces the parent's only if it scores at least as well."""
+    panel = ratchet.open_panel(ratchet.load_or_freeze_panel(con, cfg, ensemble, generation), ensemble, stack, con, log)
+    vetoed = {e for e, in con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND split = 'sft' "
+                                      "AND veto", [generation]).fetchall()}
+    records = {(pid, author): record for pid, author, record in accepted}
+    new, why_not = {}, {}
+    for s in selections:
+        if s.annotator and s.passage_id not in vetoed:
+            new[s.passage_id] = Reflection(s.passage_id, s.annotator, generation, records[(s.passage_id, s.annotator)])
+        else:
+            why_not[s.passage_id] = "the new reflection was vetoed by a consent judge" if s.annotator else s.reason
+    parents = ratchet.parent_reflections(con, generation)
+    text = {p.passage_id: p.text for p in passages}
+    scores, verdicts = ratchet.score([*new.values(), *parents.values()], text, panel, prompts, cfg, progress)
+    decisions = ratchet.decide(list(dict.fromkeys(p.passage_id for p in passages)), new, parents, scores, why_not)
+    ratchet.store(con, generation, decisions, verdicts, prompts)
+    log.info("ratchet: %s", dict(Counter(d.decision for d in decisions)))
+    return ({**ratchet.metrics(con, generation), "panel": [p.name for p, _, _ in panel],
+             "panel_models": {p.name: p.model_hash for p, _, _ in panel},
+             "panel_attempts": sum(v.attempts for v in verdicts)}, [e for _, _, e in panel])
+
+
 def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble: Ensemble, prompts: Prompts,
               progress, log) -> tuple[dict, list[CachedBackend]]:
     """Choose the secret sample, let the model auditor check it, update reputation.
@@ -330,9 +389,14 @@ def ensemble_metrics(ensemble: Ensemble, per_member: dict[str, list[AnnotationRe
     }
 
 
-def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None) -> dict:
-    """Build one generation. `progress` is a rich Progress (or None). Returns the summary."""
-    cfg = ws.config
+def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None,
+              overwrite: bool = False, config: RatchetConfig | None = None) -> dict:
+    """Build one generation. `progress` is a rich Progress (or None). Generation 1 ingests the
+    corpus; generation N > 1 re-annotates generation N - 1's passages and keeps, per passage,
+    the better of the two reflections by the fixed panel (the ratchet). `config` replaces the
+    workspace's ratchet.toml for this build (e.g. `ratchet loop` adding the trained model as a
+    member); the manifest records the config the build ran with. Returns the summary."""
+    cfg = config or ws.config
     log = build_logger(ws, generation)
     with ws.lock():
         con = ws.connect()
@@ -342,24 +406,33 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
         con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
         status, summary = "failed", None
         try:
+            check_generation(ws, con, generation, cfg, overwrite)
+            if generation > 1 and corpus:
+                raise RatchetError(f"--corpus applies to generation 1 only: generation {generation} re-annotates "
+                                   f"generation {generation - 1}'s passages")
             prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
             conscience_input = prepare_conscience(ws, cfg, prompts)
             with Ensemble(cfg) as ensemble:
                 for line in ensemble.warnings():
                     log.warning(line)
                 first = ensemble.annotators[0].backend  # its tokenizer measures the passages
-                corpus_path = ws.resolve(corpus or cfg.corpus.path)
-                passages, report = ingest(corpus_path, cfg.corpus.text_field, cfg.corpus.chunk_tokens,
-                                          first.count_tokens, cfg.corpus.on_bad_file)
-                log.info("ingested %d passages from %s", len(passages), corpus_path)
+                if generation == 1:
+                    corpus_path = ws.resolve(corpus or cfg.corpus.path)
+                    passages, report = ingest(corpus_path, cfg.corpus.text_field, cfg.corpus.chunk_tokens,
+                                              first.count_tokens, cfg.corpus.on_bad_file)
+                    log.info("ingested %d passages from %s", len(passages), corpus_path)
+                else:
+                    passages, report = parent_passages(con, generation), IngestReport()
+                    log.info("re-annotating the %d passages of generation %d", len(passages), generation - 1)
                 store_passages(con, generation, passages)
                 store_members(con, generation, ensemble)
                 engines = {id(m.backend): CachedBackend(m.backend, con, log) for m in ensemble.members}
                 per_member: dict[str, list[AnnotationResult]] = {}
+                annotate_cfg = annotation_config(cfg, generation)
                 for member in ensemble.annotators:
                     task = progress.add_task(f"annotate ({member.name})", total=len(passages)) if progress else None
                     per_member[member.name] = annotate(
-                        passages, engines[id(member.backend)], prompts, cfg, persona=member.persona,
+                        passages, engines[id(member.backend)], prompts, annotate_cfg, persona=member.persona,
                         temperature=member.temperature, on_progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
                     store_annotations(con, generation, member.name, per_member[member.name])
                 accepted = accepted_annotations(per_member)
@@ -371,19 +444,25 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                     examples = training_examples(passages, accepted, selections, pairs, prompts)
                     consent, consent_engines = run_consent(con, generation, cfg, ensemble, prompts, examples, stack,
                                                            progress, log)
+                    ratchet_metrics, panel_engines = run_ratchet(con, generation, cfg, ensemble, prompts, passages,
+                                                                 accepted, selections, stack, progress, log)
                 audit, audit_engines = run_audit(ws, con, generation, cfg, ensemble, prompts, progress, log)
                 results = [r for rs in per_member.values() for r in rs]
                 metrics = metrics_of(len(passages), results, [*engines.values(), *judge_engines, *consent_engines,
-                                                              *audit_engines], report, time.perf_counter() - started)
+                                                              *panel_engines, *audit_engines], report, time.perf_counter() - started)
                 metrics["ensemble"] = ensemble_metrics(ensemble, per_member, critiques, scored, selections, agreements, cfg)
                 metrics["audit"] = audit
                 metrics["conscience"] = conscience
                 metrics["consent"] = consent
-                out = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics)
+                metrics["ratchet"] = ratchet_metrics
+                out, written = compile_generation(ws, con, generation, prompts, ensemble.describe(), metrics, overwrite,
+                                                  config=cfg)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             status = "finished"
             log.info("finished generation %d in %.1fs", generation, metrics["seconds"])
-            summary = {"generation": generation, "workspace": str(ws.root), "output": str(out),
+            summary = {"generation": generation, "parent": generation - 1 if generation > 1 else None,
+                       "compiled": "written" if written else "unchanged (already compiled with identical splits)",
+                       "workspace": str(ws.root), "output": str(out),
                        "database": str(ws.db_path), "card": str(out / "README.md"), **metrics}
             return summary
         except KeyboardInterrupt:

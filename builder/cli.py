@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,12 +13,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
+from .compile import GenerationImmutable
 from .config import CONFIG_NAME, ConfigError, starter_config
 from .conscience import ConscienceError
 from .corpus import CorpusError
 from .ensemble import EnsembleError
-from .prompts import PromptError
 from .models import ModelNotFound
+from .prompts import PromptError
+from .ratchet import RatchetError
 from .resources import EXAMPLES_DIR
 from .workspace import Workspace, WorkspaceError
 
@@ -47,24 +50,54 @@ def open_workspace(path: Path) -> Workspace:
         fail(str(exc))
 
 
+# The code-hacking scenario's config: the starter config with the conscience step and the
+# consent gate switched on (one copy of the commented starter, not two).
+SCENARIO_KEYS = [('items = ""', 'items = "items/scenario.jsonl"'),
+                 ('# exclude = {split = "heldout"}', 'exclude = {split = "heldout"}'),
+                 ('frameworks = ["three-laws"]', 'frameworks = ["three-laws", "wwjd"]'),
+                 ('judges = []', 'judges = ["bundled:smollm2", "bundled:gemma3"]')]
+
+
+def code_hacking_config() -> str:
+    text = starter_config()
+    for old, new in SCENARIO_KEYS:
+        if old not in text:
+            raise RuntimeError(f"examples/ratchet.toml has no line {old!r} to switch on for the scenario")
+        text = text.replace(old, new, 1)
+    return "# The code-hacking scenario (`ratchet init DIR --scenario code-hacking`): the starter config with the\n" \
+           "# conscience step and the consent gate on.\n" + text
+
+
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder to create (or fill) as a workspace.")],
     example: Annotated[bool, typer.Option("--example", help="Copy the bundled sample corpus into DIR/corpus.")] = False,
+    scenario: Annotated[Optional[str], typer.Option(
+        help="Set up a bundled scenario instead: 'code-hacking' (a small corpus, 40 coding requests with insecure "
+             "responses for the conscience step, consent judges on).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing ratchet.toml.")] = False,
 ) -> None:
     """Create a workspace: a commented starter ratchet.toml and a corpus/ folder."""
     config = directory / CONFIG_NAME
     if config.exists() and not force:
         fail(f"{config} already exists (use --force to overwrite it)")
+    if scenario not in (None, "code-hacking"):
+        fail(f"unknown scenario '{scenario}' (known: code-hacking)")
     (directory / "corpus").mkdir(parents=True, exist_ok=True)
     config.write_text(starter_config(), encoding="utf-8")
     secret = create_secret(directory)  # chooses the audit sample; never leaves this folder
-    if example:
-        for item in (EXAMPLES_DIR / "corpus").iterdir():
+    source = EXAMPLES_DIR / "code_hacking" / "corpus" if scenario else EXAMPLES_DIR / "corpus"
+    if scenario:
+        config.write_text(code_hacking_config(), encoding="utf-8")
+        (directory / "items").mkdir(exist_ok=True)
+        shutil.copy2(EXAMPLES_DIR / "code_hacking" / "scenario.jsonl", directory / "items" / "scenario.jsonl")
+        console.print(f"Scenario code-hacking: {directory / 'items' / 'scenario.jsonl'} (its responses are deliberately "
+                      "insecure: never run them)")
+    if example or scenario:
+        for item in source.iterdir():
             shutil.copy2(item, directory / "corpus" / item.name)
     console.print(f"Workspace ready: [bold]{directory}[/]\n  config: {config}\n  corpus: {directory / 'corpus'}"
-                  f"{' (sample corpus copied)' if example else ' (put .txt, .md, .jsonl or .parquet files here)'}\n"
+                  f"{' (sample corpus copied)' if example or scenario else ' (put .txt, .md, .jsonl or .parquet files here)'}\n"
                   f"\n  audit secret: {secret} (mode 0600; keep it out of version control)\n"
                   f"Next: ratchet build --workspace {directory}")
 
@@ -130,6 +163,17 @@ def _summary_table(s: dict) -> Table:
         for name, j in g["judges"].items():
             rows.append((f"  veto rate ({name})", f"{j['veto_rate']:.0%} of {j['examples']} ({j['invalid']} without a valid answer)"))
         rows.append(("  traits reinforced", _counts(g["trait_tags"]) or "none named"))
+    r = s.get("ratchet")
+    if r and r.get("history"):
+        rate = lambda x: "n/a" if x is None else f"{x:.0%}"
+        rows.append(("ratchet", f"gen {s['generation']}" + (f" vs parent gen {s['parent']}" if s.get("parent") else
+                                                             " (no parent: the first generation)") +
+                     f"; panel {', '.join(r['panel'])}"))
+        rows.append(("  mean panel score", " → ".join(f"{h['mean_score']:.3f}" for h in r["history"]) + " (by generation)"))
+        rows.append(("  replaced / carried forward", f"{r['replaced']} / {r['carried']} of {r['with_parent']} passages with a "
+                     f"parent ({rate(r['replacement_rate'])} / {rate(r['carried_rate'])}); unchanged {r['unchanged']}, "
+                     f"new {r['new']}"))
+    rows.append(("compiled", s.get("compiled", "written")))
     for key, value in rows:
         table.add_row(key, str(value))
     return table
@@ -143,7 +187,11 @@ def _counts(counts: dict) -> str:
 def build(
     workspace: WorkspaceOpt = Path("."),
     corpus: Annotated[Optional[str], typer.Option(help="Ingest this file or folder instead of corpus.path, for this run.")] = None,
-    generation: Annotated[int, typer.Option(min=1, help="Generation to build; rebuilding a finished one reuses every cached call.")] = 1,
+    generation: Annotated[int, typer.Option(min=1, help="Generation to build. 1 ingests the corpus; N > 1 re-annotates "
+                                            "generation N-1's passages and keeps the better reflection of each (the ratchet). "
+                                            "Rebuilding a finished one reuses every cached call.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this generation even if it is compiled and its "
+                                            "splits would change (compiled generations are immutable otherwise).")] = False,
 ) -> None:
     """Ingest the corpus, let every annotating ensemble member annotate every passage, have k
     critics of another family or persona critique each annotation, keep per passage the one
@@ -158,8 +206,9 @@ def build(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            summary = run_build(ws, generation=generation, corpus=corpus, progress=progress)
-    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError) as exc:
+            summary = run_build(ws, generation=generation, corpus=corpus, progress=progress, overwrite=overwrite)
+    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError,
+            RatchetError, GenerationImmutable) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; every finished model call is saved: run the same command to resume", code=130)
@@ -221,6 +270,53 @@ def sql(
         console.print(f"{len(rows)} row(s)")
 
 
+def _generation_number(value: str) -> int:
+    try:
+        return int(value.removeprefix("gen-"))
+    except ValueError:
+        fail(f"'{value}' is not a generation: give a number or a name like gen-0002")
+
+
+@app.command()
+def diff(
+    old: Annotated[str, typer.Argument(help="The earlier generation: 1 or gen-0001.")],
+    new: Annotated[str, typer.Argument(help="The later generation: 2 or gen-0002.")],
+    workspace: WorkspaceOpt = Path("."),
+    changed_only: Annotated[bool, typer.Option("--changed-only", help="Leave out passages whose reflection was kept.")] = False,
+) -> None:
+    """What changed per passage between two generations, and why: `replaced` (the panel scored
+    the new reflection at least as well as the old one), `kept` (the old one was carried
+    forward: the new one scored lower, did not converge or was vetoed), `newly converged`,
+    `none`. Scores are the fixed reference panel's (0..1).
+
+    Example: ratchet diff gen-0001 gen-0002 --workspace ws"""
+    from . import ratchet
+
+    a, b = _generation_number(old), _generation_number(new)
+    ws = open_workspace(workspace)
+    try:
+        con = ws.connect(read_only=True)
+    except WorkspaceError as exc:
+        fail(str(exc))
+    built = {g for g, in con.execute("SELECT DISTINCT generation FROM ratchet").fetchall()}
+    for g in (a, b):
+        if g not in built:
+            fail(f"generation {g} is not built in {ws.root} (built: {', '.join(map(str, sorted(built))) or 'none'})")
+    rows = ratchet.diff(con, a, b)
+    table = Table("passage", "change", f"gen {a}", f"gen {b}", "why", title=f"gen-{a:04d} → gen-{b:04d}",
+                  title_justify="left")
+    fmt = lambda who, g, score: "—" if who is None else f"{who} (gen {g}) {score if score is not None else 'n/a'}"
+    for r in rows:
+        if changed_only and r["change"] in ("kept", "none"):
+            continue
+        table.add_row(f"{r['passage_id'][:12]} {(r['passage'] or '').replace(chr(10), ' ')[:40]}", r["change"],
+                      fmt(r["annotator_a"], r["gen_a"], r["score_a"]), fmt(r["annotator_b"], r["gen_b"], r["score_b"]),
+                      r["reason"] or "")
+    console.print(table)
+    counts = Counter(r["change"] for r in rows)
+    console.print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" ({len(rows)} passages)")
+
+
 @app.command()
 def drift(
     workspace: WorkspaceOpt = Path("."),
@@ -267,6 +363,76 @@ def drift(
             table.add_row(str(g), split, example_id, (what or "").replace("\n", " "),
                           "\n".join(f"{j}: {s['consent']} ({s['trait_tag']}): {'; '.join(s['reasons'])}" for j, s in said.items()))
         console.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@app.command()
+def publish(
+    workspace: WorkspaceOpt = Path("."),
+    out: Annotated[Optional[Path], typer.Option(help="Write (or update) a git repository in Hub layout in this folder.")] = None,
+    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="Push to this Hub dataset repository (ORG/NAME).")] = None,
+    generation: Annotated[Optional[int], typer.Option(min=1, help="Publish only this generation (default: every compiled one not published yet).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repository private (ignored when it exists).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be written or uploaded; change nothing.")] = False,
+) -> None:
+    """Publish compiled generations as a Hub dataset: one commit and one tag (gen-0001, named
+    like the generation folder) per generation, the tree holding exactly that generation's
+    card, manifest and data/ files. Generations already tagged are skipped, so running it
+    again only publishes what is new.
+
+    \b
+    Examples:
+      ratchet publish -w my-ws --out my-dataset          # a git repository on disk
+      python -c 'import datasets; print(datasets.load_dataset("my-dataset", "sft"))'
+      git -C my-dataset log --oneline --decorate         # one commit and tag per generation
+      ratchet publish -w my-ws --repo-id me/my-dataset --dry-run   # what would be uploaded
+      HF_TOKEN=hf_... ratchet publish -w my-ws --repo-id me/my-dataset --private
+
+    The Hub token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+    Transient Hub failures (connection errors, timeouts, HTTP 429/5xx) are retried with backoff."""
+    from .publish import PublishError, load_generations, publish_hub, publish_local
+
+    if (out is None) == (repo_id is None):
+        fail("give exactly one target: --out DIR (a git repository on disk) or --repo-id ORG/NAME (the Hub)")
+    log = lambda line: console.print(f"  {line}", highlight=False, markup=False)  # noqa: E731
+    try:
+        gens = load_generations(workspace, generation)
+        if out is not None:
+            result = publish_local(gens, out, dry_run=dry_run, log=log)
+        else:
+            result = publish_hub(gens, repo_id, private=private or None, dry_run=dry_run, log=log)
+    except PublishError as exc:
+        fail(str(exc))
+    verb = "would publish" if dry_run else "published"
+    table = Table("generation", "tag", "action", "files", "deleted", "commit", title=result.target, title_justify="left")
+    for s in result.steps:
+        table.add_row(str(s.generation.number), s.generation.tag, f"{verb}" if s.action == "publish" else f"skipped: {s.reason}",
+                      f"{len(s.adds)} ({_size(sum(s.adds.values()))})" if s.action == "publish" else "",
+                      str(len(s.deletes)) if s.action == "publish" else "", s.commit[:12])
+    console.print(table)
+    if dry_run:
+        for s in result.published:
+            console.print(f"[bold]{s.generation.tag}[/] commit \"{s.generation.title}\", then tag {s.generation.tag}",
+                          highlight=False)
+            for rel, size in s.adds.items():
+                console.print(f"  + {rel} ({_size(size)})", highlight=False, markup=False)
+            for rel in s.deletes:
+                console.print(f"  - {rel}", highlight=False, markup=False)
+        if repo_id and result.published:
+            console.print("dry run: no network call was made, so generations already on the Hub are listed too; "
+                          "a real push skips those whose tag exists (and deletes the previous generation's files)")
+        console.print("dry run: nothing was written or uploaded")
+    console.print(f"{len(result.published)} generation(s) {verb}, {len(result.skipped)} skipped: {result.target}",
+                  highlight=False)
+    if out is not None and result.published and not dry_run:
+        console.print(f"[bold]try:[/] python -c 'import datasets; print(datasets.load_dataset(\"{out}\", \"sft\"))'",
+                      soft_wrap=True, highlight=False)
 
 
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",
@@ -409,6 +575,10 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
         table.add_row(f"member {m.display_name}", f"{where}; persona {m.persona}; {', '.join(m.roles)}")
     table.add_row("critique", f"k = {cfg.ensemble.k} critic(s) per annotation, threshold {cfg.ensemble.threshold}")
     table.add_row("audit", f"rate {cfg.audit.rate:.0%}, model auditor {cfg.audit.auditor or 'none (humans only)'}")
+    c = cfg.conscience
+    table.add_row("conscience", f"items {ws.resolve(c.items)}, frameworks {', '.join(c.frameworks)}, frozen judge {c.judge}"
+                  if c.items else "off (set conscience.items)")
+    table.add_row("consent gate", ", ".join(cfg.consent.judges) or "off (set consent.judges)")
     if ws.db_path.exists():
         try:
             con = ws.connect(read_only=True)

@@ -43,69 +43,73 @@ DPO_SCHEMA = pa.schema([
     ("framework", pa.string()), ("judge", pa.string()), ("label", pa.string()),
     ("reasons", pa.list_(pa.string())), ("chosen_label", pa.string()), ("chosen_reasons", pa.list_(pa.string()))])
 
-# An example a consent judge vetoed in this generation (split, example id bound as ?).
+AUDIT_SUMMARY_SCHEMA = pa.schema([
+    ("generation", pa.int32()), ("annotator", pa.string()), ("family", pa.string()), ("persona", pa.string()),
+    ("accepted", pa.int64()), ("audits", pa.int64()), ("passes", pa.int64()), ("pass_rate", pa.float64()),
+    ("reputation", pa.float64())])
+
+ROW_GROUP = 50_000  # rows per parquet row group: fixed, so the same rows give the same bytes
+
+# An example a consent judge vetoed in this generation.
 VETOED = "EXISTS (SELECT 1 FROM consents c WHERE c.generation = {g} AND c.split = '{split}' AND c.example_id = {id} AND c.veto)"
 
+# One example per source record: its passages in order, each followed by the reflection the
+# ratchet kept for it (this generation's, or one carried forward from a parent); a passage
+# without one stands alone, a document without a single reflection is left out.
+SFT_SQL = r"""
+WITH parts AS (
+    SELECT g.source, g.ord, g.passage_id, p.text, r.reflection
+    FROM generation_passages g JOIN passages p USING (passage_id)
+    LEFT JOIN ratchet r ON r.generation = g.generation AND r.passage_id = g.passage_id
+    WHERE g.generation = $g),
+docs AS (
+    SELECT source,
+           flatten(list(CASE WHEN reflection IS NULL THEN [{'role': 'text', 'content': text}]
+                             ELSE [{'role': 'text', 'content': text}, {'role': 'internal', 'content': reflection}] END
+                        ORDER BY ord)) AS messages,
+           count(reflection) AS n_reflections,
+           sha256(string_agg(passage_id, '' ORDER BY ord)) AS doc_hash
+    FROM parts GROUP BY source HAVING count(reflection) > 0)
+SELECT left(doc_hash, 16) AS id, source, $g AS generation, messages,
+       array_to_string(list_transform(messages, lambda m: '<' || m.role || '>' || chr(10) || m.content || chr(10)
+                                                      || '</' || m.role || '>'), chr(10)) AS text,
+       n_reflections
+FROM docs ORDER BY id"""
 
-def flat_text(messages: list[dict]) -> str:
-    """The `text` column: every turn between explicit markers, for trainers without chat templates."""
-    return "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages)
+RECORD_TYPE = ('{"claims": [{"claim": "VARCHAR", "kind": "VARCHAR", "support": "VARCHAR", "confidence": "VARCHAR"}], '
+               '"weak_reasoning": ["VARCHAR"], "uncertainties": ["VARCHAR"], "ethical_stakes": ["VARCHAR"], '
+               '"reflection": "VARCHAR"}')
 
+# Every annotation of every member, with its convergence score and its critics' verdicts.
+ANNOTATIONS_SQL = """
+WITH crit AS (
+    SELECT passage_id, annotator,
+           list({'critic': critic, 'verdict': verdict, 'claim_verdicts': from_json(claim_verdicts, '["VARCHAR"]'),
+                 'objections': from_json(objections, '["VARCHAR"]'), 'weight': weight} ORDER BY critic) AS critiques
+    FROM critiques WHERE generation = $g AND status = 'accepted' GROUP BY ALL)
+SELECT a.passage_id, $g AS generation, a.annotator, a.status, a.reason, a.attempts, p.text AS passage,
+       rec.claims, rec.weak_reasoning, rec.uncertainties, rec.ethical_stakes, rec.reflection,
+       v.score AS convergence, coalesce(v.selected, false) AS selected,
+       coalesce(v.selected, false) AND VETOED AS vetoed, coalesce(c.critiques, []) AS critiques
+FROM (SELECT *, from_json(record, 'RECORD_TYPE') AS rec FROM annotations WHERE generation = $g) a
+JOIN passages p USING (passage_id)
+LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
+LEFT JOIN crit c ON c.passage_id = a.passage_id AND c.annotator = a.annotator
+ORDER BY a.passage_id, a.annotator""".replace("RECORD_TYPE", RECORD_TYPE).replace(
+    "VETOED", VETOED.format(g="a.generation", split="sft", id="a.passage_id"))
 
-def sft_rows(con, generation: int, prompts: Prompts) -> list[dict]:
-    """One example per source record: its passages in order, each followed by the reflection
-    it kept after convergence, unless a consent judge vetoed it (a passage that kept none
-    stands alone)."""
-    vetoed = VETOED.format(g="g.generation", split="sft", id="g.passage_id")
-    rows = con.execute(f"""
-        SELECT g.source, g.position, p.passage_id, p.text, a.record
-        FROM generation_passages g JOIN passages p USING (passage_id)
-        LEFT JOIN selections s ON s.generation = g.generation AND s.passage_id = g.passage_id AND NOT {vetoed}
-        LEFT JOIN annotations a ON a.generation = g.generation AND a.passage_id = g.passage_id AND a.annotator = s.annotator
-        WHERE g.generation = ? ORDER BY g.ord""", [generation]).fetchall()
-    documents: dict[str, list] = {}
-    for source, _position, pid, text, record in rows:
-        documents.setdefault(source, []).append((pid, text, record))
-    out = []
-    for source, parts in documents.items():
-        messages = []
-        for _pid, text, record in parts:
-            messages.append({"role": "text", "content": text})
-            if record is not None:
-                messages.append({"role": "internal", "content": prompts.reflection(json.loads(record))})
-        n = sum(m["role"] == "internal" for m in messages)
-        if n == 0:
-            continue  # nothing to learn from a document without a single kept reflection
-        doc_id = hashlib.sha256("".join(pid for pid, _, _ in parts).encode()).hexdigest()[:16]
-        out.append({"id": doc_id, "source": source, "generation": generation, "messages": messages,
-                    "text": flat_text(messages), "n_reflections": n})
-    return sorted(out, key=lambda r: r["id"])
-
-
-def annotation_rows(con, generation: int) -> list[dict]:
-    """Every annotation of every member, with its convergence score and its critics' verdicts."""
-    vetoed = VETOED.format(g="a.generation", split="sft", id="a.passage_id")
-    rows = con.execute("""
-        SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text, a.record, v.score,
-               coalesce(v.selected, false), coalesce(v.selected, false) AND VETOED,
-               list({'critic': c.critic, 'verdict': c.verdict, 'claim_verdicts': c.claim_verdicts::VARCHAR,
-                     'objections': c.objections::VARCHAR, 'weight': c.weight} ORDER BY c.critic)
-                   FILTER (c.critic IS NOT NULL AND c.status = 'accepted')
-        FROM annotations a JOIN passages p USING (passage_id)
-        LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
-        LEFT JOIN critiques c ON c.generation = a.generation AND c.passage_id = a.passage_id AND c.annotator = a.annotator
-        WHERE a.generation = ? GROUP BY ALL ORDER BY a.passage_id, a.annotator""".replace("VETOED", vetoed), [generation]).fetchall()
-    out = []
-    for pid, annotator, status, reason, attempts, text, record, score, selected, vetoed, critiques in rows:
-        rec = json.loads(record) if record else {}
-        critiques = [{**c, "claim_verdicts": json.loads(c["claim_verdicts"]), "objections": json.loads(c["objections"])}
-                     for c in critiques or []]
-        out.append({"passage_id": pid, "generation": generation, "annotator": annotator, "status": status,
-                    "reason": reason, "attempts": attempts, "passage": text, "claims": rec.get("claims"),
-                    "weak_reasoning": rec.get("weak_reasoning"), "uncertainties": rec.get("uncertainties"),
-                    "ethical_stakes": rec.get("ethical_stakes"), "reflection": rec.get("reflection"),
-                    "convergence": score, "selected": selected, "vetoed": vetoed, "critiques": critiques})
-    return out
+# Aggregates of the blind audit per annotator: never which items were audited.
+AUDIT_SUMMARY_SQL = """
+WITH acc AS (SELECT annotator, count(*) AS accepted FROM annotations
+             WHERE generation = $g AND status = 'accepted' GROUP BY ALL),
+aud AS (SELECT annotator, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes
+        FROM audits WHERE generation = $g GROUP BY ALL),
+rep AS (SELECT annotator, mean FROM reputation WHERE generation = $g)
+SELECT $g AS generation, acc.annotator, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,
+       acc.accepted, coalesce(aud.audits, 0) AS audits, coalesce(aud.passes, 0) AS passes,
+       round(aud.passes / nullif(aud.audits, 0), 4) AS pass_rate, round(rep.mean, 4) AS reputation
+FROM acc LEFT JOIN aud USING (annotator) LEFT JOIN rep USING (annotator) LEFT JOIN members m ON m.name = acc.annotator
+ORDER BY acc.annotator"""
 
 
 def dpo_rows(con, generation: int) -> list[dict]:
@@ -123,19 +127,61 @@ def dpo_rows(con, generation: int) -> list[dict]:
             for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons in rows]
 
 
-def write_split(rows: list[dict], schema: pa.Schema, folder: Path, split: str) -> str:
-    """Write one split as data/{split}-{sha12}.parquet and return its relative path.
+def write_parquet(batches, schema: pa.Schema, path: Path) -> int:
+    """Stream record batches into one parquet file in row groups of exactly ROW_GROUP rows.
 
-    Fixed schema, sorted rows and no timestamps: the same inputs give byte-identical files.
-    The name carries the content hash because `datasets` caches a local folder by its name
-    and its relative data_files alone: two workspaces' gen-0001/data/sft.parquet would share
-    one cache entry and `load_dataset` would return the other one's rows."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd", store_schema=True)
-    data = sink.getvalue().to_pybytes()
-    name = f"data/{split}-{hashlib.sha256(data).hexdigest()[:12]}.parquet"
-    (folder / name).write_bytes(data)
-    return name
+    Fixed schema, ordered rows, fixed row groups and no timestamps: the same rows give
+    byte-identical files, however the batches arrive, and memory stays at one row group."""
+    rows, pending = 0, []
+    with pq.ParquetWriter(path, schema, compression="zstd", store_schema=True) as writer:
+        def flush(table: pa.Table) -> None:
+            writer.write_table(table.combine_chunks(), row_group_size=ROW_GROUP)
+
+        buffered = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            pending.append(pa.Table.from_batches([batch]).cast(schema))
+            buffered += batch.num_rows
+            while buffered >= ROW_GROUP:
+                table = pa.concat_tables(pending)
+                flush(table.slice(0, ROW_GROUP))
+                pending, buffered = [table.slice(ROW_GROUP)], buffered - ROW_GROUP
+                rows += ROW_GROUP
+        if buffered:
+            flush(pa.concat_tables(pending))
+            rows += buffered
+    return rows
+
+
+def write_split(source, schema: pa.Schema, folder: Path, split: str) -> tuple[str | None, int]:
+    """Write one split as data/{split}-{sha12}.parquet; returns (relative path, rows), or
+    (None, 0) for a split without rows: `datasets` cannot load one, so it is left out.
+
+    `source` is a list of dicts or an iterator of record batches. The name carries the
+    content hash because `datasets` caches a local folder by its name and its relative
+    data_files alone: two workspaces' gen-0001/data/sft.parquet would share one cache entry
+    and `load_dataset` would return the other one's rows."""
+    if isinstance(source, list):
+        source = pa.Table.from_pylist(source, schema=schema).to_batches()
+    tmp = folder / "data" / f".{split}.parquet"
+    rows = write_parquet(source, schema, tmp)
+    if rows == 0:
+        tmp.unlink()
+        return None, 0
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    name = f"data/{split}-{digest.hexdigest()[:12]}.parquet"
+    tmp.rename(folder / name)
+    return name, rows
+
+
+def query_batches(con, sql: str, generation: int, rows: int = 10_000):
+    """The query's rows as record batches, run only when iterated: a DuckDB connection holds
+    one open result, so each split's query must start after the previous one finished."""
+    yield from con.sql(sql, params={"g": generation}).to_arrow_reader(rows)
 
 
 def split_path(generation_dir: Path, split: str) -> Path:
@@ -157,53 +203,115 @@ def render_card(manifest: dict, template: str = "generation.md.jinja") -> str:
     return env.get_template(template).render(m=manifest, size_category=size_category(manifest["counts"]["sft_examples"]))
 
 
+class GenerationImmutable(Exception):
+    """A compiled generation asked to change: generations are immutable once compiled."""
+
+
+def compiled_config_hash(folder: Path) -> str | None:
+    """The config hash a compiled generation was built with (None: not compiled)."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("config_hash")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def plot_ratchet(history: list[dict], path: Path) -> None:
+    """The ratchet's figures across generations as a PNG (the card shows it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(gens, [h["mean_score"] for h in history], "o-", label="mean panel score")
+    for key, label in [("replacement_rate", "replacement rate"), ("carried_rate", "carried-forward rate")]:
+        points = [(g, h[key]) for g, h in zip(gens, history) if h[key] is not None]
+        if points:
+            ax.plot(*zip(*points), "s--", label=label)
+    ax.set_xlabel("generation")
+    ax.set_xticks(gens)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Moral Ratchet: reflection quality per generation")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: same figures, same bytes
+    plt.close(fig)
+
+
 def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, models: dict[str, dict],
-                       metrics: dict) -> Path:
-    sft = sft_rows(con, generation, prompts)
-    annotations = annotation_rows(con, generation)
-    dpo = dpo_rows(con, generation)
-    vetoes = dict(con.execute("SELECT split, count(DISTINCT example_id) FROM consents WHERE generation = ? AND veto "
-                              "GROUP BY split", [generation]).fetchall())
-    config = ws.config.model_dump()
-    manifest = {
-        "generation": generation,
-        "name": ws.root.name,
-        "package_version": version("moral-ratchet"),
-        "config_hash": sha256(config),
-        "config": config,
-        "models": models,
-        "prompt_hashes": prompts.hashes([m["persona"] for m in models.values() if "persona" in m]),
-        "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
-        "counts": {
-            "passages": con.execute("SELECT count(*) FROM generation_passages WHERE generation = ?", [generation]).fetchone()[0],
-            "sft_examples": len(sft),
-            "reflections": sum(r["n_reflections"] for r in sft),
-            "annotations_accepted": sum(a["status"] == "accepted" for a in annotations),
-            "annotations_rejected": sum(a["status"] == "rejected" for a in annotations),
-            "annotations_selected": sum(a["selected"] for a in annotations),
-            "dpo_pairs": len(dpo),
-            "vetoed_sft": vetoes.get("sft", 0),
-            "vetoed_dpo": vetoes.get("dpo", 0),
-        },
-        "metrics": metrics,
-    }
+                       metrics: dict, overwrite: bool = False, config=None) -> tuple[Path, bool]:
+    """Write generations/gen-NNNN/. Returns (folder, written). A generation already compiled
+    with the same splits is left as it is (written = False); one whose splits would change is
+    refused (GenerationImmutable) unless `overwrite`."""
     final = ws.generation_dir(generation)
     final.parent.mkdir(parents=True, exist_ok=True)
+    config = (config or ws.config).model_dump()
+    dpo = dpo_rows(con, generation)
+    con.execute("SET memory_limit = '1GB'")  # DuckDB spills past it: compiling a million passages stays small
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         (tmp / "data").mkdir()
-        # `datasets` cannot load a split without rows, so an empty split is left out (and the
-        # card says so) rather than published as a config that fails to load.
-        manifest["splits"] = {name: write_split(rows, schema, tmp, name)
-                              for name, rows, schema in [("sft", sft, SFT_SCHEMA), ("dpo", dpo, DPO_SCHEMA),
-                                                          ("annotations", annotations, ANNOTATION_SCHEMA)]
-                              if rows}
+        splits, rows = {}, {}
+        for name, source, schema in [("sft", query_batches(con, SFT_SQL, generation), SFT_SCHEMA),
+                                     ("dpo", dpo, DPO_SCHEMA),
+                                     ("annotations", query_batches(con, ANNOTATIONS_SQL, generation), ANNOTATION_SCHEMA),
+                                     ("audit_summary", query_batches(con, AUDIT_SUMMARY_SQL, generation),
+                                      AUDIT_SUMMARY_SCHEMA)]:
+            path, rows[name] = write_split(source, schema, tmp, name)
+            if path:  # `datasets` cannot load a split without rows: an empty split is left out, the card says so
+                splits[name] = path
+        counts = con.execute("""
+            SELECT (SELECT count(*) FROM generation_passages WHERE generation = $g),
+                   (SELECT count(record) FROM ratchet WHERE generation = $g),
+                   (SELECT count(*) FILTER (status = 'accepted') FROM annotations WHERE generation = $g),
+                   (SELECT count(*) FILTER (status = 'rejected') FROM annotations WHERE generation = $g),
+                   (SELECT count(*) FILTER (selected) FROM convergence WHERE generation = $g),
+                   (SELECT count(DISTINCT example_id) FILTER (split = 'sft') FROM consents WHERE generation = $g AND veto),
+                   (SELECT count(DISTINCT example_id) FILTER (split = 'dpo') FROM consents WHERE generation = $g AND veto)
+            """, {"g": generation}).fetchone()
+        manifest = {
+            "generation": generation,
+            "parent": generation - 1 if generation > 1 else None,
+            "name": ws.root.name,
+            "package_version": version("moral-ratchet"),
+            "config_hash": sha256(config),
+            "config": config,
+            "models": models,
+            "prompt_hashes": prompts.hashes([m["persona"] for m in models.values() if "persona" in m]),
+            "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
+            "counts": dict(zip(["passages", "reflections", "annotations_accepted", "annotations_rejected",
+                                "annotations_selected", "vetoed_sft", "vetoed_dpo"], counts),
+                           sft_examples=rows["sft"], dpo_pairs=rows["dpo"], audit_summary_rows=rows["audit_summary"]),
+            "metrics": metrics,
+            "splits": splits,
+        }
+        history = (metrics.get("ratchet") or {}).get("history") or []
+        if history:
+            plot_ratchet(history, tmp / "ratchet.png")
+        manifest["plot"] = "ratchet.png" if history else None
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(render_card(manifest), encoding="utf-8")
         if final.exists():
+            old = json.loads((final / "manifest.json").read_text(encoding="utf-8")).get("splits") \
+                if (final / "manifest.json").exists() else None
+            if old == splits and not overwrite:
+                shutil.rmtree(tmp)
+                return final, False  # immutable, and nothing would change
+            if not overwrite:
+                raise GenerationImmutable(
+                    f"{final} is compiled and immutable, and this build's splits differ from it (changed: "
+                    f"{', '.join(sorted(k for k in {*splits, *(old or {})} if (old or {}).get(k) != splits.get(k)))}); "
+                    f"build the next generation (--generation {generation + 1}), or pass --overwrite to replace it")
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    finally:
+        con.execute("RESET memory_limit")
+    return final, True

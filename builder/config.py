@@ -197,6 +197,14 @@ class ConsentConfig(Section):
         return self
 
 
+class RatchetRuleConfig(Section):
+    """Generation N+1 re-annotates generation N's passages; a fixed panel decides what replaces what."""
+    panel: list[str] = Field(default_factory=list, description="Ensemble members (by name) that form the fixed "
+                             "reference panel, frozen by the workspace's first generation; empty: every critic then.")
+    reseed: bool = Field(True, description="Generation N annotates with sampling.seed + 1000 * (N - 1), so the same "
+                         "models draw new reflections each generation; false: the same seed (and cached answers).")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: ModelConfig = ModelConfig()
@@ -206,6 +214,7 @@ class RatchetConfig(Section):
     audit: AuditConfig = AuditConfig()
     conscience: ConscienceConfig = ConscienceConfig()
     consent: ConsentConfig = ConsentConfig()
+    ratchet: RatchetRuleConfig = RatchetRuleConfig()
 
     @model_validator(mode="after")
     def _members_inherit_the_annotator(self):

@@ -198,6 +198,41 @@ CREATE TABLE IF NOT EXISTS drift_events ( -- consent judges that disagreed on an
     said       JSON NOT NULL,             -- judge -> {consent, trait_tag, reasons}
     PRIMARY KEY (generation, split, example_id)
 );
+CREATE TABLE IF NOT EXISTS panel (        -- the ratchet's fixed reference panel, frozen by the first generation
+    name             VARCHAR PRIMARY KEY,
+    persona          VARCHAR NOT NULL,
+    family           VARCHAR NOT NULL,
+    engine           JSON NOT NULL,       -- the engine config it runs with
+    sampling         JSON NOT NULL,       -- temperature, top_p, repeat_penalty, max_tokens, seed, retries
+    model_hash       VARCHAR NOT NULL,    -- sha256 of the model file: a changed file is refused
+    since_generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ratchet (      -- the reflection each passage keeps in a generation, and why
+    generation        INTEGER NOT NULL,
+    passage_id        VARCHAR NOT NULL,
+    decision          VARCHAR NOT NULL,   -- new | replaced | unchanged | carried | none
+    annotator         VARCHAR,            -- author of the final reflection
+    source_generation INTEGER,            -- the generation that wrote it (older when carried forward)
+    record            JSON,               -- the final reflection (schemas/annotation.schema.json)
+    reflection        VARCHAR,            -- the record rendered with prompts/reflection.jinja (the sft text)
+    score             DOUBLE,             -- its panel score (0..1)
+    parent_annotator  VARCHAR,
+    parent_generation INTEGER,
+    parent_score      DOUBLE,             -- the parent's reflection, re-scored by the panel now
+    new_annotator     VARCHAR,
+    new_score         DOUBLE,             -- this generation's candidate (converged, not vetoed)
+    reflection_key    VARCHAR,            -- hash of the final record
+    reason            VARCHAR NOT NULL,
+    PRIMARY KEY (generation, passage_id)
+);
+CREATE TABLE IF NOT EXISTS panel_verdicts ( -- every verdict behind a panel score
+    generation INTEGER NOT NULL,
+    passage_id VARCHAR NOT NULL,
+    reflection VARCHAR NOT NULL,          -- hash of the scored record
+    critic     VARCHAR NOT NULL,
+    verdict    VARCHAR,                   -- survives | revise | reject; NULL: no valid critique
+    call_key   VARCHAR
+);
 CREATE TABLE IF NOT EXISTS builds (
     generation  INTEGER NOT NULL,
     started_at  TIMESTAMP NOT NULL,
@@ -277,6 +312,16 @@ drift AS (SELECT generation, count(*) AS drift_events FROM drift_events GROUP BY
 SELECT j.generation, j.judges, j.examples, j.vetoed, round(j.vetoed / j.examples, 3) AS veto_rate,
        coalesce(d.drift_events, 0) AS drift_events, round(coalesce(d.drift_events, 0) / j.examples, 3) AS drift_rate
 FROM judged j LEFT JOIN drift d USING (generation) ORDER BY j.generation;
+
+CREATE OR REPLACE VIEW ratchet_by_generation AS
+SELECT generation, count(*) AS passages, count(record) AS with_reflection,
+       round(avg(coalesce(score, 0)), 4) AS mean_score,
+       count(parent_annotator) AS with_parent,
+       count(*) FILTER (decision = 'replaced') AS replaced, count(*) FILTER (decision = 'carried') AS carried,
+       count(*) FILTER (decision = 'unchanged') AS unchanged, count(*) FILTER (decision = 'new') AS new,
+       round(count(*) FILTER (decision = 'replaced') / nullif(count(parent_annotator), 0), 4) AS replacement_rate,
+       round(count(*) FILTER (decision = 'carried') / nullif(count(parent_annotator), 0), 4) AS carried_rate
+FROM ratchet GROUP BY generation ORDER BY generation;
 
 CREATE OR REPLACE VIEW audit_coverage AS
 WITH done AS (

@@ -56,7 +56,9 @@ def two_builds(tmp_path_factory):
         published_a = {p.relative_to(gen): p.read_bytes() for p in gen.rglob("*") if p.is_file()}
         current = prompts["b"]
         with mock.patch.dict(os.environ, {SECRET_ENV: secret_b}):
-            result = CliRunner().invoke(app, ["build", "--workspace", str(root)])
+            # another secret, another audit sample, other audit aggregates: the compiled
+            # generation may only be replaced on purpose
+            result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
         assert result.exit_code == 0, result.output
     published_b = {p.relative_to(gen): p.read_bytes() for p in gen.rglob("*") if p.is_file()}
     return dict(ws=ws, secrets=(secret_a, secret_b), prompts=prompts, summary_a=summary_a, cli_output=result.output,
@@ -64,8 +66,16 @@ def two_builds(tmp_path_factory):
 
 
 def annotation_prompts(prompts):
+    """The annotators' prompts (the ratchet panel's critic prompts carry the notice too)."""
     notice = Prompts().audit_notice
-    return [p for p in prompts if notice in p]
+    return [p for p in prompts if notice in p and "You are a critic." not in p]
+
+
+def test_critic_prompts_carry_the_same_notice_once(two_builds):
+    notice = Prompts().audit_notice
+    critic = [p for p in two_builds["prompts"]["a"] if "You are a critic." in p]
+    assert critic and all(p.count(notice) == 1 for p in critic)
+    assert len({p.split(notice)[0] for p in critic}) == 1
 
 
 def test_every_annotator_prompt_carries_the_same_notice_once(two_builds):
@@ -111,9 +121,11 @@ def test_secret_appears_nowhere(two_builds):
 
 def test_published_files_carry_no_per_item_audit_marker(two_builds):
     published_a, published_b = two_builds["published"]
-    data_a = {k: v for k, v in published_a.items() if k.parts[0] == "data"}
-    data_b = {k: v for k, v in published_b.items() if k.parts[0] == "data"}
-    assert data_a == data_b  # other sample, byte-identical splits: nothing in them depends on it
+    # The audit_summary split holds the audit's aggregates (pass rates per annotator), which do
+    # depend on the sample; every other split must be byte-identical under another secret.
+    data_a = {k: v for k, v in published_a.items() if k.parts[0] == "data" and not k.name.startswith("audit_summary")}
+    data_b = {k: v for k, v in published_b.items() if k.parts[0] == "data" and not k.name.startswith("audit_summary")}
+    assert data_a == data_b and data_b  # other sample, byte-identical splits: nothing in them depends on it
     import pyarrow.parquet as pq
 
     gen = two_builds["ws"].generation_dir(1)

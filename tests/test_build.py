@@ -21,7 +21,9 @@ def test_summary_counts_every_record(built):
     assert s["accepted"] + s["rejected"] == 4
     assert s["accepted"] >= 2, s["rejection_reasons"]
     assert 0.0 <= s["truncation_rate"] <= 1.0
-    assert s["model_calls"] == s["attempts"] + s["audit"]["sampled"] and s["cached_calls"] == 0
+    # annotation attempts, audits, and the ratchet panel (the member itself, k = 0: no critique to reuse)
+    assert s["model_calls"] == s["attempts"] + s["audit"]["sampled"] + s["ratchet"]["panel_attempts"]
+    assert s["cached_calls"] == 0
 
 
 def test_state_lands_in_duckdb(built):
@@ -59,8 +61,14 @@ def test_generation_folder_loads_by_config_name_and_card_parses(built):
     accepted = [a for a in annotations if a["status"] == "accepted"]
     assert all(a["claims"] and a["claims"][0]["kind"] in {"fact", "opinion", "value", "prediction"} for a in accepted)
     card = DatasetCard.load(gen / "README.md")
-    assert {c["config_name"] for c in card.data.configs} == {"sft", "annotations"}
+    assert {c["config_name"] for c in card.data.configs} == {"sft", "annotations", "audit_summary"}
     assert "text-generation" in card.data.task_categories
+    # The audit split holds aggregates per annotator, never which passages were audited.
+    audit = datasets.load_dataset(str(gen), "audit_summary", split="train")
+    assert audit["annotator"] == ["smollm2"] and audit["accepted"] == [s["accepted"]]
+    assert audit["audits"] == [s["audit"]["sampled"]]
+    ids = {a["passage_id"] for a in annotations}
+    assert not any(str(v) in ids for row in audit for v in row.values())
 
 
 def test_manifest_pins_model_prompts_and_config(built):
@@ -78,7 +86,7 @@ def test_rebuild_makes_zero_model_calls_and_identical_files(built):
     before = {p.name: p.read_bytes() for p in (gen / "data").iterdir()}
     again = run_build(ws)
     assert again["model_calls"] == 0
-    assert again["cached_calls"] == s["attempts"] + s["audit"]["sampled"]
+    assert again["cached_calls"] == s["attempts"] + s["audit"]["sampled"] + s["ratchet"]["panel_attempts"]
     assert {p.name: p.read_bytes() for p in (gen / "data").iterdir()} == before
 
 

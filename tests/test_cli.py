@@ -19,8 +19,25 @@ def test_init_writes_a_config_and_copies_the_sample_corpus(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_init_scenario_sets_up_the_conscience_step_and_the_consent_gate(tmp_path):
+    from builder.conscience import load_items
+    from builder.workspace import Workspace
+
+    result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--scenario", "code-hacking"])
+    assert result.exit_code == 0, result.output
+    ws = Workspace(tmp_path / "ws")
+    cfg = ws.config
+    assert cfg.conscience.items == "items/scenario.jsonl" and cfg.conscience.frameworks == ["three-laws", "wwjd"]
+    assert cfg.consent.judges == ["bundled:smollm2", "bundled:gemma3"]
+    items, skipped = load_items(ws.resolve(cfg.conscience.items), exclude=cfg.conscience.exclude)
+    assert len(items) == 32 and not skipped  # 40 requests, the 8 held-out ones stay out of training
+    assert list((tmp_path / "ws" / "corpus").iterdir())
+    bad = runner.invoke(app, ["init", str(tmp_path / "other"), "--scenario", "nope"])
+    assert bad.exit_code == 1 and "unknown scenario 'nope'" in bad.output
+
+
 def test_every_command_has_help():
-    for command in ["init", "build", "sql", "status", "eval-judge"]:
+    for command in ["init", "build", "sql", "status", "eval-judge", "diff", "drift"]:
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 

@@ -496,7 +496,7 @@ def test_publish_real_generation(built, tmp_path):
         loaded = load_dataset(str(out), split, split="train", cache_dir=str(tmp_path / "cache"))
         expected = pq.read_table(split_path(gen1, split))
         assert loaded.num_rows == expected.num_rows > 0
-        key = "id" if "id" in expected.column_names else "passage_id"
+        key = next(k for k in ("id", "passage_id", "annotator") if k in expected.column_names)
         assert loaded[key] == expected.column(key).to_pylist()
     card = DatasetCard.load(out / "README.md")
     assert isinstance(card.data, DatasetCardData)
