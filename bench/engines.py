@@ -59,10 +59,12 @@ def job_texts() -> list[str]:
     return SHORT_CLAIMS + sample + longs
 
 
-def job_requests(cfg: RatchetConfig) -> list[Request]:
+def job_requests(cfg: RatchetConfig, limit: int = 0) -> list[Request]:
     prompts, schema, s = Prompts(), load_schema("annotation"), cfg.sampling
+    texts = job_texts()
+    texts = texts[:limit] + texts[-1:] if limit else texts  # a subset keeps a long document
     return [Request(messages=prompts.annotation_messages(t), schema=schema, max_tokens=s.max_tokens, temperature=0.0,
-                    top_p=s.top_p, repeat_penalty=s.repeat_penalty, seed=s.seed) for t in job_texts()]
+                    top_p=s.top_p, repeat_penalty=s.repeat_penalty, seed=s.seed) for t in texts]
 
 
 def summarize(name: str, seconds: float, texts: list[str], tokens: int, valid: int) -> dict:
@@ -105,7 +107,8 @@ def arm_server(cfg: RatchetConfig, requests: list[Request], slots: int) -> dict:
 def arm_distilabel(cfg: RatchetConfig) -> dict | None:
     """distilabel forks its step processes; forked after this process has run llama.cpp, the
     step hung at 0% CPU (see bench/overhead.py). So its arm runs in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, __file__, "--arms", "distilabel-child"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, "--arms", "distilabel-child",
+                           "--repeat-penalty", str(cfg.sampling.repeat_penalty)], capture_output=True, text=True,
                           timeout=3600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("DISTILABEL ")), None)
     if line is None:
@@ -121,7 +124,7 @@ def distilabel_child(cfg: RatchetConfig) -> dict | None:
         from distilabel.steps.tasks import ChatGeneration
     except ImportError:
         return None
-    requests = job_requests(cfg)
+    requests = job_requests(cfg, int(os.environ.get("BENCH_LIMIT", "0")))
     r0 = requests[0]
     rows = [{"messages": list(r.messages)} for r in requests]
     llm = LlamaCppLLM(model_path=str(resolve_model(cfg.annotator.model)), n_ctx=cfg.annotator.n_ctx, n_batch=512,
@@ -139,11 +142,15 @@ def distilabel_child(cfg: RatchetConfig) -> dict | None:
     train = distiset["default"]["train"]
     texts = [t or "" for t in train["generation"]]
     valid = sum(check_output(Response(t, "stop"), validator)[0] is not None for t in texts)
-    tokens = 0
-    if "statistics_chat_generation" in train.column_names:  # distilabel counts output tokens per row
-        for stats in train["statistics_chat_generation"]:
-            out = (stats or {}).get("output_tokens")
-            tokens += sum(out) if isinstance(out, list) else (out or 0)
+    # distilabel keeps no token counts for this LLM: count the outputs with the model's tokenizer.
+    import contextlib
+    import io
+
+    from llama_cpp import Llama
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        vocab = Llama(model_path=str(resolve_model(cfg.annotator.model)), vocab_only=True, n_ctx=64, verbose=False)
+    tokens = sum(len(vocab.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in texts)
     return summarize("distilabel", seconds, texts, tokens, valid)
 
 
@@ -154,7 +161,8 @@ def same(a: dict, b: dict) -> int:
 def report(results: dict[str, dict], slots: int) -> None:
     base = results.get("in-process")
     distil = results.get("distilabel")
-    print(f"job: {len(job_texts())} requests (short claims, the sample corpus, {LONG_CHARS}-character documents), "
+    n = next(iter(results.values()))["requests"] if results else 0
+    print(f"job: {n} requests (short claims, the sample corpus, {LONG_CHARS}-character documents), "
           "annotation prompt and schema, greedy, SmolLM2-135M Q4_1")
     print("| arm | requests/s | completion tokens/s | valid | × in-process | × distilabel |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -179,13 +187,20 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--arms", default="in-process,server-1,server-N,distilabel")
     parser.add_argument("--results", type=Path, help="keep results here; arms already in it are not run again")
+    parser.add_argument("--repeat-penalty", type=float, default=None,
+                        help="default: sampling.repeat_penalty (1.1); 1.0 turns it off (for the identity check)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (and the last long document)")
     args = parser.parse_args()
     cfg = RatchetConfig()
+    if args.repeat_penalty is not None:
+        cfg.sampling.repeat_penalty = args.repeat_penalty
+    if args.limit:
+        os.environ["BENCH_LIMIT"] = str(args.limit)
     if args.arms == "distilabel-child":
         print("DISTILABEL " + json.dumps(distilabel_child(cfg)))
         return
     results: dict[str, dict] = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
-    requests = job_requests(cfg)
+    requests = job_requests(cfg, args.limit)
     for arm in args.arms.split(","):
         name = f"server-{args.slots}" if arm == "server-N" else arm
         if name in results:

@@ -36,7 +36,7 @@ BACKENDS = Literal["auto", "llama_server", "llama_cpp", "openai", "transformers"
 
 class ModelConfig(Section):
     backend: BACKENDS = Field(
-        "llama_cpp", description="auto: llama_server when a llama-server binary is found, else llama_cpp; "
+        "auto", description="auto: llama_server when a llama-server binary is found, else llama_cpp; "
         "llama_server: llama.cpp's server, started and stopped by the builder (extra .[server]); "
         "llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server; "
         "transformers: a local HF checkpoint (e.g. models/gen-0001); vllm: vLLM offline batch (GPU, extra .[vllm]).")
@@ -51,7 +51,8 @@ class ModelConfig(Section):
     base_url: str = Field("", description="openai: the server, e.g. http://127.0.0.1:8000 (without /v1).")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key, if any.")
     concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0, description="openai, llama_server: seconds to wait for one answer.")
+    timeout_s: float = Field(120.0, gt=0, description="openai, llama_server: seconds to wait for one answer "
+                             "(llama_server: per slot, since the requests in flight share the cores).")
     max_retries: int = Field(3, ge=0, le=20, description="openai, llama_server: retries (with backoff) on connection "
                              "errors, timeouts, 5xx, garbage.")
     response_format: Literal["json_schema", "json_object"] = Field(

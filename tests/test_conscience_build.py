@@ -33,7 +33,9 @@ def scenario_rows(lines):
 
 
 def conscience_workspace(root, lines=LINES, **sections):
-    sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0},
+    # Pinned to the in-process engine: the assertions below rely on its exact outputs (the
+    # managed llama-server decodes differently, see README "Engines").
+    sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0}, "annotator": {"backend": "llama_cpp"},
                 "conscience": {"items": "items.jsonl", "exclude": {"split": "heldout"}},
                 "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"]}, **sections}
     write_workspace(root, SHORT_PASSAGES[:2], **sections)

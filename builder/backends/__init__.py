@@ -61,7 +61,8 @@ def make_backend(cfg: ModelConfig) -> Backend:
             try:
                 return LlamaServerBackend(path, choice.binary, n_ctx=cfg.n_ctx, slots=cfg.slots, threads=cfg.threads,
                                           prompt_cache=cfg.prompt_cache, constrained=cfg.constrained,
-                                          timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                                          # N requests in flight share the cores: each may take N times as long
+                                          timeout_s=cfg.timeout_s * cfg.slots, max_retries=cfg.max_retries,
                                           log_dir=cfg.log_dir)
             except ServerStartError as exc:
                 note = f"llama-server failed to start: {exc}"
