@@ -226,7 +226,7 @@ def plot(figures: dict, path: Path) -> None:
     left.set_title("held-out code-hacking prompts", fontsize=10)
     left.grid(alpha=0.3)
     if left.get_lines():
-        left.legend(loc="lower right", fontsize=8)
+        left.legend(loc="best", fontsize=8)
     for key, label, style in [("mean_score", "mean panel score", "o-"), ("replacement_rate", "replacement rate", "s--"),
                               ("carried_rate", "carried-forward rate", "s--")]:
         pts = [(g["generation"], g["ratchet"][key]) for g in gens if g.get("ratchet") and g["ratchet"].get(key) is not None]
@@ -238,7 +238,7 @@ def plot(figures: dict, path: Path) -> None:
     right.set_title("the ratchet", fontsize=10)
     right.grid(alpha=0.3)
     if right.get_lines():
-        right.legend(loc="lower right", fontsize=8)
+        right.legend(loc="best", fontsize=8)
     fig.suptitle("Moral Ratchet: per generation", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

@@ -165,6 +165,42 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@contextmanager
+def quiet():
+    """No progress bars from datasets and transformers, no deprecation notices from inside
+    TRL: the CLI prints one line per step (step_reporter) and a summary instead."""
+    import warnings
+
+    import datasets.utils as ds_utils
+    from transformers.utils import logging as hf_logging
+
+    ds_bars, hf_bars = ds_utils.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    ds_utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        if ds_bars:
+            ds_utils.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def step_reporter(trainer, stage: str, say) -> None:
+    """Replace the trainer's printed log dicts with one line per step."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class Report(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                say(f"  {stage} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Report())
+
+
 def stage_summary(trainer, result, examples: int, seconds: float) -> dict:
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     if not all(math.isfinite(x) for x in [*losses, result.training_loss]):
@@ -184,19 +220,20 @@ def _merged(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def run_sft(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path):
+def run_sft(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**common_args(cfg, scratch / "sft"), max_steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
                      assistant_only_loss=True, dataset_kwargs={"skip_prepare_dataset": False})
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg))
+    step_reporter(trainer, "SFT", say)
     started = time.perf_counter()
     result = trainer.train()
     return _merged(trainer.model), stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
 
 
-def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path):
+def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(**common_args(cfg, scratch / "dpo"), max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_learning_rate,
@@ -205,6 +242,7 @@ def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path):
     # as the reference, or, with LoRA, the same model with its adapters switched off.
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg))
+    step_reporter(trainer, "DPO", say)
     started = time.perf_counter()
     result = trainer.train()
     return _merged(trainer.model), stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
@@ -230,7 +268,7 @@ def train_generation(ws: Workspace, generation: int, config: RatchetConfig | Non
     """Train models/gen-NNNN on generation N's splits. Returns the summary (also in training.json).
     A model already trained with the same identity (dataset splits, start model, settings) is
     left as it is (`unchanged`); a different one is refused unless `overwrite`."""
-    with ws.lock():  # one writer per workspace: no build or evaluation runs beside the training
+    with ws.lock(), quiet():  # one writer per workspace: no build or evaluation runs beside the training
         return _train(ws, generation, (config or ws.config).train, overwrite, say or (lambda line: None))
 
 
@@ -277,11 +315,11 @@ def _train(ws: Workspace, generation: int, cfg: TrainConfig, overwrite: bool, sa
             dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             model = AutoModelForCausalLM.from_pretrained(str(start_path), dtype=dtype)
             say(f"SFT: {len(sft)} example(s), {cfg.sft_steps} step(s), from {start['model']}")
-            model, sft_summary = run_sft(model, tokenizer, sft, cfg, scratch)
+            model, sft_summary = run_sft(model, tokenizer, sft, cfg, scratch, say)
             if dpo_reason is None:
                 dpo = read_split(ws, generation, manifest, "dpo", ["prompt", "chosen", "rejected"])
                 say(f"DPO: {len(dpo)} pair(s), {cfg.dpo_steps} step(s)")
-                model, dpo_summary = run_dpo(model, tokenizer, dpo, cfg, scratch)
+                model, dpo_summary = run_dpo(model, tokenizer, dpo, cfg, scratch, say)
             else:
                 say(f"DPO skipped: {dpo_reason}")
                 dpo_summary = {"skipped": dpo_reason}
@@ -385,10 +423,14 @@ def run_loop(ws: Workspace, generations: int, engine: str = "transformers", prog
     model (the base for g = 1, models/gen-(g-1) after) on the held-out prompts, build
     generation g on the same passages, and train models/gen-g unless g = K. Finished builds,
     trained models and evaluations are reused (every model call is cached)."""
+    with quiet():
+        return _loop(ws, generations, engine, progress, say or (lambda line: None), overwrite)
+
+
+def _loop(ws: Workspace, generations: int, engine: str, progress, say, overwrite: bool) -> dict:
     from .build import run_build
     from .evaluate import evaluate_model, record_generation
 
-    say = say or (lambda line: None)
     base = ws.config
     out = []
     for g in range(1, generations + 1):
