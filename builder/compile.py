@@ -55,48 +55,94 @@ VETOED = "EXISTS (SELECT 1 FROM consents c WHERE c.generation = {g} AND c.split 
 
 # One example per source record: its passages in order, each followed by the reflection the
 # ratchet kept for it (this generation's, or one carried forward from a parent); a passage
-# without one stands alone, a document without a single reflection is left out.
-SFT_SQL = r"""
-WITH parts AS (
-    SELECT g.source, g.ord, g.passage_id, p.text, r.reflection
-    FROM generation_passages g JOIN passages p USING (passage_id)
-    LEFT JOIN ratchet r ON r.generation = g.generation AND r.passage_id = g.passage_id
-    WHERE g.generation = $g),
-docs AS (
-    SELECT source,
-           flatten(list(CASE WHEN reflection IS NULL THEN [{'role': 'text', 'content': text}]
-                             ELSE [{'role': 'text', 'content': text}, {'role': 'internal', 'content': reflection}] END
-                        ORDER BY ord)) AS messages,
-           count(reflection) AS n_reflections,
-           sha256(string_agg(passage_id, '' ORDER BY ord)) AS doc_hash
-    FROM parts GROUP BY source HAVING count(reflection) > 0)
-SELECT left(doc_hash, 16) AS id, source, $g AS generation, messages,
-       array_to_string(list_transform(messages, lambda m: '<' || m.role || '>' || chr(10) || m.content || chr(10)
-                                                      || '</' || m.role || '>'), chr(10)) AS text,
-       n_reflections
-FROM docs ORDER BY id"""
+# without one stands alone, a document without a single reflection is left out. The rows come
+# sorted by document and are grouped while streaming: a sort spills to disk, a list aggregate
+# over a million documents does not.
+SFT_PARTS_SQL = """
+SELECT g.source, g.passage_id, p.text, r.reflection
+FROM generation_passages g JOIN passages p USING (passage_id)
+LEFT JOIN ratchet r ON r.generation = g.generation AND r.passage_id = g.passage_id
+WHERE g.generation = $g ORDER BY g.source, g.ord"""
+
+
+def sft_batches(con, generation: int, batch_rows: int = 5_000):
+    """The sft split as record batches, one row per document, in source order."""
+    out: list[dict] = []
+
+    def document(source: str, parts: list[tuple]) -> dict | None:
+        messages = []
+        for _pid, text, reflection in parts:
+            messages.append({"role": "text", "content": text})
+            if reflection is not None:
+                messages.append({"role": "internal", "content": reflection})
+        n = sum(r is not None for _, _, r in parts)
+        if n == 0:
+            return None  # nothing to learn from a document without a single kept reflection
+        doc_id = hashlib.sha256("".join(pid for pid, _, _ in parts).encode()).hexdigest()[:16]
+        return {"id": doc_id, "source": source, "generation": generation, "messages": messages,
+                "text": flat_text(messages), "n_reflections": n}
+
+    current, parts = None, []
+    for batch in query_batches(con, SFT_PARTS_SQL, generation):
+        cols = batch.to_pydict()
+        for source, pid, text, reflection in zip(cols["source"], cols["passage_id"], cols["text"], cols["reflection"]):
+            if source != current:
+                if parts and (row := document(current, parts)):
+                    out.append(row)
+                current, parts = source, []
+            parts.append((pid, text, reflection))
+        if len(out) >= batch_rows:
+            yield pa.RecordBatch.from_pylist(out, schema=SFT_SCHEMA)
+            out = []
+    if parts and (row := document(current, parts)):
+        out.append(row)
+    if out:
+        yield pa.RecordBatch.from_pylist(out, schema=SFT_SCHEMA)
+
+
+def flat_text(messages: list[dict]) -> str:
+    """The `text` column: every turn between explicit markers, for trainers without chat templates."""
+    return "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages)
+
 
 RECORD_TYPE = ('{"claims": [{"claim": "VARCHAR", "kind": "VARCHAR", "support": "VARCHAR", "confidence": "VARCHAR"}], '
                '"weak_reasoning": ["VARCHAR"], "uncertainties": ["VARCHAR"], "ethical_stakes": ["VARCHAR"], '
                '"reflection": "VARCHAR"}')
 
-# Every annotation of every member, with its convergence score and its critics' verdicts.
+# Every annotation of every member, with its convergence score and its critics' verdicts: one
+# row per (annotation, critique), sorted, grouped into one row per annotation while streaming.
 ANNOTATIONS_SQL = """
-WITH crit AS (
-    SELECT passage_id, annotator,
-           list({'critic': critic, 'verdict': verdict, 'claim_verdicts': from_json(claim_verdicts, '["VARCHAR"]'),
-                 'objections': from_json(objections, '["VARCHAR"]'), 'weight': weight} ORDER BY critic) AS critiques
-    FROM critiques WHERE generation = $g AND status = 'accepted' GROUP BY ALL)
-SELECT a.passage_id, $g AS generation, a.annotator, a.status, a.reason, a.attempts, p.text AS passage,
-       rec.claims, rec.weak_reasoning, rec.uncertainties, rec.ethical_stakes, rec.reflection,
+SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text AS passage,
+       a.rec.claims, a.rec.weak_reasoning, a.rec.uncertainties, a.rec.ethical_stakes, a.rec.reflection,
        v.score AS convergence, coalesce(v.selected, false) AS selected,
-       coalesce(v.selected, false) AND VETOED AS vetoed, coalesce(c.critiques, []) AS critiques
+       coalesce(v.selected, false) AND VETOED AS vetoed,
+       c.critic, c.verdict, from_json(c.claim_verdicts, '["VARCHAR"]') AS claim_verdicts,
+       from_json(c.objections, '["VARCHAR"]') AS objections, c.weight
 FROM (SELECT *, from_json(record, 'RECORD_TYPE') AS rec FROM annotations WHERE generation = $g) a
 JOIN passages p USING (passage_id)
 LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
-LEFT JOIN crit c ON c.passage_id = a.passage_id AND c.annotator = a.annotator
-ORDER BY a.passage_id, a.annotator""".replace("RECORD_TYPE", RECORD_TYPE).replace(
+LEFT JOIN critiques c ON c.generation = a.generation AND c.passage_id = a.passage_id AND c.annotator = a.annotator
+     AND c.status = 'accepted'
+ORDER BY a.passage_id, a.annotator, c.critic""".replace("RECORD_TYPE", RECORD_TYPE).replace(
     "VETOED", VETOED.format(g="a.generation", split="sft", id="a.passage_id"))
+CRITIQUE_FIELDS = ("critic", "verdict", "claim_verdicts", "objections", "weight")
+
+
+def annotation_batches(con, generation: int, batch_rows: int = 5_000):
+    out: list[dict] = []
+    for batch in query_batches(con, ANNOTATIONS_SQL, generation):
+        for row in batch.to_pylist():
+            critique = {k: row.pop(k) for k in CRITIQUE_FIELDS}
+            if out and (out[-1]["passage_id"], out[-1]["annotator"]) == (row["passage_id"], row["annotator"]):
+                out[-1]["critiques"].append(critique)
+                continue
+            if len(out) > batch_rows:  # the last row may still get critiques from the next batch
+                yield pa.RecordBatch.from_pylist(out[:-1], schema=ANNOTATION_SCHEMA)
+                out = out[-1:]
+            out.append({**row, "generation": generation, "critiques": [critique] if critique["critic"] else []})
+    if out:
+        yield pa.RecordBatch.from_pylist(out, schema=ANNOTATION_SCHEMA)
+
 
 # Aggregates of the blind audit per annotator: never which items were audited.
 AUDIT_SUMMARY_SQL = """
@@ -257,9 +303,9 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
     try:
         (tmp / "data").mkdir()
         splits, rows = {}, {}
-        for name, source, schema in [("sft", query_batches(con, SFT_SQL, generation), SFT_SCHEMA),
+        for name, source, schema in [("sft", sft_batches(con, generation), SFT_SCHEMA),
                                      ("dpo", dpo, DPO_SCHEMA),
-                                     ("annotations", query_batches(con, ANNOTATIONS_SQL, generation), ANNOTATION_SCHEMA),
+                                     ("annotations", annotation_batches(con, generation), ANNOTATION_SCHEMA),
                                      ("audit_summary", query_batches(con, AUDIT_SUMMARY_SQL, generation),
                                       AUDIT_SUMMARY_SCHEMA)]:
             path, rows[name] = write_split(source, schema, tmp, name)
