@@ -555,11 +555,13 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_column()
     table.add_row("config", str(ws.config_path))
     table.add_row("corpus", str(ws.resolve(cfg.corpus.path)))
+    from rich.markup import escape
+
     from .backends import choose_engine
 
-    choice = choose_engine(cfg.annotator)  # which engine runs the GGUF models, and why
-    table.add_row("engine", choice.describe() + (f"; {cfg.annotator.slots} slot(s), n_ctx {cfg.annotator.n_ctx} per slot"
-                                                 if choice.backend == "llama_server" else ""))
+    choice = choose_engine(cfg.annotator)  # which engine runs the GGUF models, and why ("[server]" is no markup)
+    table.add_row("engine", escape(choice.describe() + (f"; {cfg.annotator.slots} slot(s), n_ctx {cfg.annotator.n_ctx} "
+                                                        "per slot" if choice.backend == "llama_server" else "")))
     for m in cfg.ensemble.members:
         engine = m.engine(cfg.annotator)
         if engine.backend in ("llama_cpp", "llama_server", "auto"):
