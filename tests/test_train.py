@@ -189,9 +189,13 @@ def test_training_again_is_a_no_op_and_other_settings_need_overwrite(looped):
     runner = CliRunner()
     folder = ws.root / "models" / "gen-0001"
     before = folder.joinpath("model.safetensors").stat().st_mtime_ns
-    result = runner.invoke(app, ["train", "--generation", "1", "--workspace", str(ws.root)])
+    result = runner.invoke(app, ["train", "--generation", "1", "--workspace", str(ws.root), "--evaluate"])
     assert result.exit_code == 0, result.output
     assert "unchanged" in result.output and folder.joinpath("model.safetensors").stat().st_mtime_ns == before
+    # --evaluate: the loop's evaluation of gen-0001 again, every call from the cache.
+    rate = json.loads((ws.root / "models" / "evaluation.json").read_text())["generations"]["2"]["evaluation"]
+    expected = "n/a" if rate["unethical_rate"] is None else f"{rate['unethical_rate']:.0%}"
+    assert f"held-out unethical rate (judge smollm2, {len(HELDOUT_LINES)} prompts): {expected}" in result.output
     cfg = ws.config.model_copy(update={"train": ws.config.train.model_copy(update={"sft_learning_rate": 1e-4})})
     with pytest.raises(TrainError, match="--overwrite"):
         train_generation(ws, 1, cfg)
