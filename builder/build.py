@@ -158,7 +158,7 @@ def prepare_conscience(ws: Workspace, cfg: RatchetConfig, prompts: Prompts) -> C
     c = cfg.conscience
     if c.items:
         judges.append(("conscience.judge", c.judge))
-    if cfg.annotator.backend == "llama_cpp":
+    if cfg.annotator.backend in ("llama_cpp", "llama_server", "auto"):  # GGUF engines: the file must exist
         for key, model in judges:
             try:
                 resolve_model(model)
