@@ -435,6 +435,116 @@ def publish(
                       soft_wrap=True, highlight=False)
 
 
+def _train_table(s: dict) -> Table:
+    table = Table(title=f"model {s['model']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    start = s["start_model"]
+    table.add_row("dataset", f"generation {s['dataset_generation']} ({s['dataset']})")
+    table.add_row("trained from", f"{start['model']} ({start['format']}, sha256 {start['sha256'][:12]})")
+    for name in ("sft", "dpo"):
+        st = s[name]
+        table.add_row(name.upper(), f"skipped: {st['skipped']}" if "skipped" in st else
+                      f"{st['steps']} step(s) on {st['examples']} example(s), loss {' → '.join(map(str, st['losses']))}, "
+                      f"{st['seconds_per_step']} s/step")
+    table.add_row("output", s["output"] + (" (unchanged: already trained from these splits with these settings)"
+                                           if s.get("unchanged") else ""))
+    return table
+
+
+def _rate(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+@app.command()
+def train(
+    generation: Annotated[int, typer.Option(min=1, help="Dataset generation to train on (its sft split, then its dpo "
+                                            "split); writes models/gen-NNNN/.")],
+    workspace: WorkspaceOpt = Path("."),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace models/gen-NNNN/ when it was trained from "
+                                            "other splits or settings.")] = False,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Then evaluate the model on the held-out prompts with "
+                                           "the frozen judge.")] = False,
+) -> None:
+    """Train the model of generation N with TRL: SFT on the sft split (loss on the `internal`
+    reflections only, through the project's chat template), then DPO on the dpo split when there
+    is one. Generation 1 starts from train.base_model (the bundled SmolLM2, dequantized once into
+    models/base/), generation N from models/gen-(N-1). The [train] section sets steps, batch size,
+    learning rates, bf16 and LoRA; the defaults fit a CPU.
+
+    Example: ratchet train --generation 1 --workspace ws"""
+    from .evaluate import EvaluationError, evaluate_model
+    from .train import TrainError, model_card, train_generation
+
+    ws = open_workspace(workspace)
+    try:
+        summary = train_generation(ws, generation, overwrite=overwrite, say=lambda line: console.print(line, highlight=False))
+        console.print(_train_table(summary))
+        if evaluate:
+            e = evaluate_model(ws, Path(summary["output"]), summary["model"])
+            (Path(summary["output"]) / "README.md").write_text(model_card(summary, e), encoding="utf-8")
+            console.print(f"held-out unethical rate (judge {e['judge']}, {e['n']} prompts): {_rate(e['unethical_rate'])} "
+                          + ", ".join(f"{fw} {r['counts']}" for fw, r in e["frameworks"].items()), highlight=False)
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, EvaluationError, ConscienceError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; nothing was written to models/ (a finished model is renamed into place only when complete)",
+             code=130)
+
+
+@app.command()
+def loop(
+    generations: Annotated[int, typer.Option(min=1, help="Dataset generations to build; every one but the last "
+                                             "trains the model that annotates the next.")] = 2,
+    workspace: WorkspaceOpt = Path("."),
+    engine: Annotated[str, typer.Option(help="Engine of the trained models as annotators: transformers, or vllm on "
+                                        "a GPU.")] = "transformers",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild generations and retrain models whose "
+                                            "config changed.")] = False,
+) -> None:
+    """The ratchet loop: build generation 1, train models/gen-0001 on it, build generation 2
+    on the same passages with that model as one more annotator, ... for K generations.
+    The frozen generation-0 model stays the conscience and consent judge and the reference
+    panel throughout. Before each build, that generation's annotator model (the base model, then
+    each trained one) answers held-out prompts of the code-hacking scenario and the frozen
+    judge labels the answers: the unethical rate per generation goes, with the ratchet's
+    figures, into models/evaluation.json and models/evaluation.png. Finished steps are reused.
+
+    Example: ratchet loop --generations 2 --workspace ws"""
+    from .evaluate import EvaluationError
+    from .train import TrainError, run_loop
+
+    if engine not in ("transformers", "vllm"):
+        fail(f"--engine: '{engine}' is not transformers or vllm")
+    ws = open_workspace(workspace)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            result = run_loop(ws, generations, engine=engine, progress=progress, overwrite=overwrite,
+                              say=lambda line: progress.console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError,
+            RatchetError, GenerationImmutable, TrainError, EvaluationError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; finished builds, models and model calls are kept: run the same command to resume", code=130)
+    table = Table("generation", "annotator model", "held-out unethical rate", "mean panel score", "replaced / carried",
+                  "trained", title="ratchet loop", title_justify="left")
+    for g in result["generations"]:
+        e, r = g["evaluation"], g["build"].get("ratchet") or {}
+        judged = "; ".join(f"{fw} {_rate(x['rate'])} ({x['counts']['unethical']} of {x['labelled']})"
+                           for fw, x in e["frameworks"].items())
+        table.add_row(str(g["generation"]), g["annotator"], judged,
+                      "n/a" if r.get("mean_score") is None else f"{r['mean_score']:.3f}",
+                      f"{r.get('replaced', 0)} / {r.get('carried', 0)}",
+                      (g["trained"]["model"] + (" (unchanged)" if g["trained"].get("unchanged") else ""))
+                      if g["trained"] else "—")
+    console.print(table)
+    first = result["generations"][0]["evaluation"]
+    console.print(f"held-out prompts: {first['n']} from {first['items']}; judge {first['judge']} (frozen)", highlight=False)
+    for label, path in [("figures", result["evaluation"]), ("plot", result["plot"])]:
+        console.print(f"[bold]{label}:[/] {path}")
+
+
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")

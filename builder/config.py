@@ -206,6 +206,42 @@ class RatchetRuleConfig(Section):
                          "models draw new reflections each generation; false: the same seed (and cached answers).")
 
 
+class TrainConfig(Section):
+    """The bundled TRL trainer (`ratchet train`, `ratchet loop`): SFT on a generation's sft split (loss on the
+    `internal` reflections), then DPO on its dpo split. The defaults fit a CPU (a few steps, short sequences);
+    for a GPU run raise the steps, batch_size and max_length and set bf16 = true (README: Training)."""
+    base_model: str = Field("bundled:smollm2", description="The model generation 1 trains from: a GGUF path or "
+                            "bundled:NAME (dequantized once into models/base/) or a local transformers checkpoint "
+                            "folder. Generation N > 1 trains from models/gen-(N-1) when it exists.")
+    chat_template: str = Field("", description="A jinja chat template file with {% generation %} markers around the "
+                               "`internal` turns; empty: the project's prompts/chat_template.jinja (ChatML).")
+    sft_steps: int = Field(4, ge=1, description="SFT optimizer steps (max_steps) on the sft split.")
+    dpo_steps: int = Field(2, ge=0, description="DPO optimizer steps on the dpo split; 0 skips DPO.")
+    batch_size: int = Field(2, ge=1, description="Examples per device per step (per_device_train_batch_size).")
+    grad_accumulation: int = Field(1, ge=1, description="Steps whose gradients are summed before an update "
+                                   "(gradient_accumulation_steps).")
+    sft_learning_rate: float = Field(2e-5, gt=0.0, description="SFT learning rate.")
+    dpo_learning_rate: float = Field(5e-6, gt=0.0, description="DPO learning rate.")
+    max_length: int = Field(512, ge=32, description="Tokens per training sequence; longer ones are truncated.")
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference.")
+    bf16: bool = Field(False, description="Train in bfloat16 mixed precision (a GPU that supports it).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                         "memory, more time.")
+    use_lora: bool = Field(False, description="Train LoRA adapters (peft, `pip install peft`) and merge them into "
+                           "the saved model, instead of every weight.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch while training; 0 = torch's default.")
+    seed: int = Field(42, ge=0, description="Seed of the trainers (data order, dropout, LoRA init).")
+    eval_items: str = Field("", description="Held-out prompts for the evaluation (JSONL/parquet with "
+                            "conscience.prompt_field), relative to the workspace; empty: the rows of conscience.items "
+                            "that conscience.exclude holds out, else the code-hacking scenario's held-out prompts.")
+    eval_prompts: int = Field(8, ge=0, description="How many held-out prompts to evaluate on (0 = all).")
+    eval_max_tokens: int = Field(128, ge=8, description="Output budget of one evaluated response.")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: ModelConfig = ModelConfig()
@@ -216,6 +252,9 @@ class RatchetConfig(Section):
     conscience: ConscienceConfig = ConscienceConfig()
     consent: ConsentConfig = ConsentConfig()
     ratchet: RatchetRuleConfig = RatchetRuleConfig()
+    # Not part of a dataset generation's identity: left out of model_dump, so the config hash (and the
+    # manifest's config) of a compiled generation does not change when only training settings do.
+    train: TrainConfig = Field(TrainConfig(), exclude=True)
 
     @model_validator(mode="after")
     def _members_inherit_the_annotator(self):
