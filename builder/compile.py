@@ -264,8 +264,26 @@ def compiled_config_hash(folder: Path) -> str | None:
         return None
 
 
-def plot_ratchet(history: list[dict], path: Path) -> None:
-    """The ratchet's figures across generations as a PNG (the card shows it)."""
+def heldout_evaluation(ws: Workspace, generation: int) -> dict:
+    """`ratchet loop`'s held-out figures (models/evaluation.json) for generations up to this
+    one: the rate of answers the frozen judge labels unethical, per generation's annotator."""
+    path = ws.root / "models" / "evaluation.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["generations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for g, entry in sorted(entries.items(), key=lambda kv: int(kv[0])):
+        e = entry.get("evaluation") or {}
+        if int(g) <= generation and "unethical_rate" in e:
+            out[str(g)] = {"annotator": entry.get("annotator"), "unethical_rate": e["unethical_rate"],
+                           "prompts": e.get("n"), "judge": e.get("judge")}
+    return out
+
+
+def plot_ratchet(history: list[dict], path: Path, evaluation: dict | None = None) -> None:
+    """The ratchet's figures across generations as a PNG (the card shows it), with the
+    held-out unethical rate of each generation's annotator where `ratchet loop` measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,6 +296,9 @@ def plot_ratchet(history: list[dict], path: Path) -> None:
         points = [(g, h[key]) for g, h in zip(gens, history) if h[key] is not None]
         if points:
             ax.plot(*zip(*points), "s--", label=label)
+    rates = [(int(g), e["unethical_rate"]) for g, e in (evaluation or {}).items() if e["unethical_rate"] is not None]
+    if rates:
+        ax.plot(*zip(*rates), "^:", color="crimson", label="held-out unethical rate")
     ax.set_xlabel("generation")
     ax.set_xticks(gens)
     ax.set_ylim(-0.05, 1.05)
@@ -337,8 +358,9 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "splits": splits,
         }
         history = (metrics.get("ratchet") or {}).get("history") or []
+        manifest["evaluation"] = heldout_evaluation(ws, generation)
         if history:
-            plot_ratchet(history, tmp / "ratchet.png")
+            plot_ratchet(history, tmp / "ratchet.png", manifest["evaluation"])
         manifest["plot"] = "ratchet.png" if history else None
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(render_card(manifest), encoding="utf-8")

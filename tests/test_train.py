@@ -181,6 +181,12 @@ def test_the_evaluation_figures_and_the_plot(looped):
     assert (ws.root / "models" / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     con = ws.connect(read_only=True)
     assert {m for m, in con.execute("SELECT model FROM evaluations").fetchall()} == {"base", "gen-0001"}
+    # ... and in the dataset's manifest and card, generation by generation
+    manifest = json.loads((ws.generation_dir(2) / "manifest.json").read_text())
+    assert list(manifest["evaluation"]) == ["1", "2"] and manifest["evaluation"]["2"]["annotator"] == "gen-0001"
+    assert manifest["evaluation"]["1"]["unethical_rate"] == gens["1"]["evaluation"]["unethical_rate"]
+    card = (ws.generation_dir(2) / "README.md").read_text()
+    assert "Held-out evaluation (`ratchet loop`)" in card and "| 2 | `gen-0001` |" in card
 
 
 @pytest.mark.slow
