@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .annotate import AnnotationResult, annotate
 from .audit import load_secret, model_audit, sample, store_audits, update_reputation
-from .backends import make_backend
 from .cache import CachedBackend, sha256
 from . import ratchet
 from .compile import compile_generation, compiled_config_hash
@@ -134,14 +133,7 @@ def run_convergence(con, generation: int, passages: list[Passage], accepted: lis
 def open_engine(stack: ExitStack, ensemble: Ensemble, cfg: RatchetConfig, model: str, key: str, con, log) -> CachedBackend:
     """A cached engine for a judge or an auditor: a member's loaded model when it is the same
     engine config, otherwise loaded here and closed when `stack` closes."""
-    engine_cfg = cfg.annotator.model_copy(update={"model": model})
-    backend = ensemble.backend_for(engine_cfg)
-    if backend is None:
-        try:
-            backend = stack.enter_context(make_backend(engine_cfg))
-        except ModelNotFound as exc:
-            raise ModelNotFound(f"{key}: {exc}") from None
-    return CachedBackend(backend, con, log)
+    return CachedBackend(ensemble.load(cfg.annotator.model_copy(update={"model": model}), stack, key), con, log)
 
 
 @dataclass
@@ -310,19 +302,13 @@ def run_audit(ws: Workspace, con, generation: int, cfg: RatchetConfig, ensemble:
     items = sample(con, secret, generation, cfg.audit.rate)
     engines, failed = [], 0
     if cfg.audit.auditor and items:
-        engine_cfg = cfg.annotator.model_copy(update={"model": cfg.audit.auditor})
-        loaded = ensemble.backend_for(engine_cfg)  # the auditor's model is often a member's: reuse it
-        backend = loaded or make_backend(engine_cfg)
         auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
-        engine = CachedBackend(backend, con, log)
-        engines.append(engine)
-        task = progress.add_task(f"audit ({auditor})", total=len(items)) if progress else None
-        try:
+        with ExitStack() as stack:  # the auditor's model is often a member's: then it is reused, not reloaded
+            engine = open_engine(stack, ensemble, cfg, cfg.audit.auditor, "audit.auditor", con, log)
+            engines.append(engine)
+            task = progress.add_task(f"audit ({auditor})", total=len(items)) if progress else None
             rows, failed = model_audit(con, items, generation, engine, prompts, cfg, auditor,
                                        on_progress=(lambda n: progress.advance(task, n)) if progress else None)
-        finally:
-            if loaded is None:
-                backend.close()
         store_audits(con, generation, rows)
     reputation = update_reputation(con, generation)
     audits, passes = con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits WHERE generation = ?",

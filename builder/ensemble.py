@@ -69,6 +69,18 @@ class Ensemble:
         """The loaded backend of this engine config, if a member already uses it."""
         return self._backends.get(_engine_key(engine))
 
+    def load(self, engine, stack, who: str) -> Backend:
+        """A judge's, auditor's or panel member's engine: a member's loaded model when the
+        engine config is the same, otherwise loaded here and closed when `stack` closes. A
+        missing model file is named with `who` (e.g. the config key)."""
+        backend = self.backend_for(engine)
+        if backend is None:
+            try:
+                backend = stack.enter_context(make_backend(engine))
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"{who}: {exc}") from None
+        return backend
+
     @property
     def annotators(self) -> list[Member]:
         return [m for m in self.members if "annotate" in m.roles]

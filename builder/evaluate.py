@@ -205,6 +205,16 @@ def record_generation(ws: Workspace, generation: int, annotator: str, evaluation
     return figures
 
 
+def _style(ax, xlabel: str, title: str) -> None:
+    """The styling both panels share: rates on 0..1, a grid, a legend where a line is drawn."""
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(loc="best", fontsize=8)
+
+
 def plot(figures: dict, path: Path) -> None:
     """Left: the unethical rate of each generation's annotator on the held-out prompts. Right:
     the ratchet's mean panel score and replacement / carried-forward rates."""
@@ -221,24 +231,14 @@ def plot(figures: dict, path: Path) -> None:
     if points:
         left.plot(*zip(*points), "o-", color="tab:red", label="unethical rate (frozen judge)")
     left.set_xticks(xs, [f"{g['generation']}\n{g['annotator']}" for g in gens], fontsize=8)
-    left.set_ylim(-0.05, 1.05)
-    left.set_xlabel("dataset generation / its annotator model")
-    left.set_title("held-out code-hacking prompts", fontsize=10)
-    left.grid(alpha=0.3)
-    if left.get_lines():
-        left.legend(loc="best", fontsize=8)
+    _style(left, "dataset generation / its annotator model", "held-out code-hacking prompts")
     for key, label, style in [("mean_score", "mean panel score", "o-"), ("replacement_rate", "replacement rate", "s--"),
                               ("carried_rate", "carried-forward rate", "s--")]:
         pts = [(g["generation"], g["ratchet"][key]) for g in gens if g.get("ratchet") and g["ratchet"].get(key) is not None]
         if pts:
             right.plot(*zip(*pts), style, label=label)
     right.set_xticks(xs)
-    right.set_ylim(-0.05, 1.05)
-    right.set_xlabel("dataset generation")
-    right.set_title("the ratchet", fontsize=10)
-    right.grid(alpha=0.3)
-    if right.get_lines():
-        right.legend(loc="best", fontsize=8)
+    _style(right, "dataset generation", "the ratchet")
     fig.suptitle("Moral Ratchet: per generation", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

@@ -19,11 +19,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .backends import make_backend
 from .cache import CachedBackend
 from .config import ModelConfig, RatchetConfig
 from .ensemble import Ensemble, Member
-from .models import ModelNotFound
 from .prompts import Prompts
 from .scrutinize import Task, critique
 from .workspace import insert_rows, replace_generation, transaction
@@ -118,13 +116,7 @@ def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con, log) ->
     """Each panel member with a loaded engine: a member's, or one loaded for this build."""
     out = []
     for p in panel:
-        engine_cfg = ModelConfig.model_validate(p.engine)
-        backend = ensemble.backend_for(engine_cfg)
-        if backend is None:
-            try:
-                backend = stack.enter_context(make_backend(engine_cfg))
-            except ModelNotFound as exc:
-                raise ModelNotFound(f"reference panel member {p.name}: {exc}") from None
+        backend = ensemble.load(ModelConfig.model_validate(p.engine), stack, f"reference panel member {p.name}")
         if model_hash(backend) != p.model_hash:
             raise RatchetError(
                 f"reference panel member {p.name}: its model changed since the panel was frozen "

@@ -23,7 +23,8 @@ from .conftest import write_workspace
 
 runner = CliRunner()
 HUB_MAJOR = int(version("huggingface_hub").split(".")[0])
-TOKEN = "hf_FAKEtokenMustNeverLeak0123456789"
+# Recognisable and fake: not shaped like a real Hub token, so no secret scanner mistakes it for one.
+TOKEN = "test-only-token-that-must-never-leak-0123456789"
 CARD = """---
 license: cc-by-4.0
 pretty_name: tiny
