@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 
-from builder.audit import update_reputation  # noqa: E402
-from builder.workspace import SCHEMA_SQL, VIEWS_SQL  # noqa: E402
+from builder.stages.audit import update_reputation  # noqa: E402
+from builder.workspace import create_schema  # noqa: E402
 
 VIEWS = ["audit_pass_rate_by_annotator", "audit_pass_rate_by_persona", "audit_pass_rate_by_family",
          "audit_pass_rate_by_generation", "audit_model_vs_human", "audit_coverage"]
@@ -51,8 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         con = duckdb.connect(str(Path(tmp) / "bench.duckdb"))
-        con.execute(SCHEMA_SQL)
-        con.execute(VIEWS_SQL)
+        create_schema(con)
         start = time.perf_counter()
         fill(con, args.rows)
         rows = con.execute("SELECT count(*) FROM audits").fetchone()[0]

@@ -32,7 +32,7 @@ from builder.cache import CachedBackend  # noqa: E402
 from builder.config import RatchetConfig  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
-from builder.scrutinize import Task, critique  # noqa: E402
+from builder.stages.scrutinize import Task, critique  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
 
 

@@ -20,13 +20,13 @@ sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 
-from builder.annotate import annotate  # noqa: E402
+from builder.stages.annotate import annotate  # noqa: E402
 from builder.backends import make_backend  # noqa: E402
 from builder.cache import CachedBackend  # noqa: E402
 from builder.config import RatchetConfig  # noqa: E402
 from builder.corpus import Passage, passage_id  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
-from builder.workspace import SCHEMA_SQL  # noqa: E402
+from builder.workspace import create_schema  # noqa: E402
 
 
 def carry_rate(backend, rows, datamark: str, seeds: int) -> tuple[int, int, int]:
@@ -35,7 +35,7 @@ def carry_rate(backend, rows, datamark: str, seeds: int) -> tuple[int, int, int]
     payload = {passage_id(r["text"]): r["payload"] for r in rows}
     for seed in range(seeds):
         con = duckdb.connect()
-        con.execute(SCHEMA_SQL)
+        create_schema(con)
         cfg = RatchetConfig.model_validate({"annotate": {"datamark": datamark}, "sampling": {"seed": 1000 + seed}})
         for result in annotate(passages, CachedBackend(backend, con), Prompts(), cfg):
             total += 1

@@ -7,10 +7,32 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import duckdb
 
 from .backends.base import Backend, OnResponse, Request, Response
+from .tables import Json, Table, doc
+
+
+@dataclass
+class ModelCall:
+    cache_key: str = doc("sha256 of model id + rendered prompt + schema + sampling + seed")
+    model_id: str
+    backend: str
+    prompt_sha: str
+    schema_sha: str | None
+    sampling: Json | None
+    seed: Annotated[int, "BIGINT"] | None
+    response: str
+    finish_reason: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    seconds: float | None
+
+
+MODEL_CALLS = Table("model_calls", ModelCall, key=("cache_key",), extra=("created_at TIMESTAMP DEFAULT current_timestamp",),
+                    doc="the cache: a finished call is never made again")
 
 
 def sha256(value) -> str:
@@ -29,10 +51,13 @@ class CacheStats:
 class CachedBackend:
     """Wraps a backend with the DuckDB call cache; same interface as a backend."""
 
-    def __init__(self, backend: Backend, con: duckdb.DuckDBPyConnection, log=None):
+    def __init__(self, backend: Backend, con: duckdb.DuckDBPyConnection, log=None, executor=None):
+        from .executors import LOCAL
+
         self.backend = backend
         self.con = con
         self.log = log
+        self.executor = executor or LOCAL  # where the calls that missed the cache run
         self.stats = CacheStats()
 
     def __getattr__(self, name):  # count_tokens, render, model_id, kind, ...
@@ -55,12 +80,10 @@ class CachedBackend:
                 for r in rows}
 
     def _store(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> None:
-        self.con.execute(
-            "INSERT OR IGNORE INTO model_calls (cache_key, model_id, backend, prompt_sha, schema_sha, sampling, seed, "
-            "response, finish_reason, prompt_tokens, completion_tokens, seconds) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            [key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha, json.dumps(request.sampling()),
-             request.seed, response.text, response.finish_reason, response.prompt_tokens,
-             response.completion_tokens, response.seconds])
+        MODEL_CALLS.insert(self.con, [ModelCall(key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha,
+                                                request.sampling(), request.seed, response.text, response.finish_reason,
+                                                response.prompt_tokens, response.completion_tokens, response.seconds)],
+                           on_conflict="ignore")
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         keyed = [self.key(r) for r in requests]
@@ -93,5 +116,5 @@ class CachedBackend:
                 on_response(i, response)
 
         if misses:
-            self.backend.generate([requests[i] for i in misses], done)
+            self.executor.run(self.backend, [requests[i] for i in misses], done)
         return results  # type: ignore[return-value]

@@ -9,19 +9,22 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
+from .backends import registry
+from .backends.base import EngineError
 from .compile import GenerationImmutable
 from .config import CONFIG_NAME, ConfigError, starter_config
-from .conscience import ConscienceError
 from .corpus import CorpusError
 from .ensemble import EnsembleError
 from .models import ModelNotFound
 from .prompts import PromptError
-from .ratchet import RatchetError
 from .resources import EXAMPLES_DIR
+from .stages.audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
+from .stages.conscience import ConscienceError
+from .stages.ratchet import RatchetError
 from .workspace import Workspace, WorkspaceError
 
 app = typer.Typer(
@@ -31,6 +34,10 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 err = Console(stderr=True)
+
+# What a build reports as one line instead of a traceback: each names the file, line or key.
+BUILD_ERRORS = (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError,
+                RatchetError, GenerationImmutable, EngineError)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (holds ratchet.toml).")]
 EXAMPLE_QUERY = "SELECT * FROM convergence_by_member"
@@ -173,6 +180,9 @@ def _summary_table(s: dict) -> Table:
         rows.append(("  replaced / carried forward", f"{r['replaced']} / {r['carried']} of {r['with_parent']} passages with a "
                      f"parent ({rate(r['replacement_rate'])} / {rate(r['carried_rate'])}); unchanged {r['unchanged']}, "
                      f"new {r['new']}"))
+    if s.get("scripted_engine"):
+        rows.append(("[yellow]scripted engine[/]", f"{', '.join(s['scripted_engine'])}: answers without a model "
+                                                   "(a dry run); nothing here is a model's judgement"))
     rows.append(("compiled", s.get("compiled", "written")))
     for key, value in rows:
         table.add_row(key, str(value))
@@ -192,6 +202,9 @@ def build(
                                             "Rebuilding a finished one reuses every cached call.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this generation even if it is compiled and its "
                                             "splits would change (compiled generations are immutable otherwise).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build generation 1 with the scripted engine in place of "
+                                          "every model, in a throwaway copy of the workspace: checks the config, the "
+                                          "corpus, the prompts and every stage in seconds; writes nothing here.")] = False,
 ) -> None:
     """Ingest the corpus, let every annotating ensemble member annotate every passage, have k
     critics of another family or persona critique each annotation, keep per passage the one
@@ -200,19 +213,28 @@ def build(
 
     Every model call is cached in the workspace's DuckDB file: a stopped build resumes where it
     stopped, and rebuilding a finished generation makes no model call at all."""
+    from .build import dry_run as dry_run_build
     from .build import run_build
 
     ws = open_workspace(workspace)
+    if dry_run and generation != 1:
+        fail("--dry-run builds generation 1 (a throwaway workspace has no parent generation)")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            summary = run_build(ws, generation=generation, corpus=corpus, progress=progress, overwrite=overwrite)
-    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError,
-            RatchetError, GenerationImmutable) as exc:
+            if dry_run:
+                summary = dry_run_build(ws, corpus=corpus, progress=progress)
+            else:
+                summary = run_build(ws, generation=generation, corpus=corpus, progress=progress, overwrite=overwrite)
+    except BUILD_ERRORS as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; every finished model call is saved: run the same command to resume", code=130)
     console.print(_summary_table(summary))
+    if summary.get("dry_run"):
+        console.print(f"dry run: every stage ran on the scripted engine (no model) in a throwaway workspace; "
+                      f"nothing was written to {workspace}. Run without --dry-run to build.", highlight=False)
+        return
     if summary["accepted"] == 0:
         console.print("[yellow]warning:[/] no reflection was accepted, so the sft split is empty and was not written; "
                       "see the rejection reasons above (raise sampling.max_tokens if they are 'truncated')")
@@ -290,7 +312,7 @@ def diff(
     `none`. Scores are the fixed reference panel's (0..1).
 
     Example: ratchet diff gen-0001 gen-0002 --workspace ws"""
-    from . import ratchet
+    from .stages import ratchet
 
     a, b = _generation_number(old), _generation_number(new)
     ws = open_workspace(workspace)
@@ -469,7 +491,7 @@ def train(
     """Train the model of generation N with TRL: SFT on the sft split (loss on the `internal`
     reflections only, through the project's chat template), then DPO on the dpo split when there
     is one. Generation 1 starts from train.base_model (the bundled SmolLM2, dequantized once into
-    models/base/), generation N from models/gen-(N-1). The [train] section sets steps, batch size,
+    models/base/), generation N from models/gen-(N-1). The \\[train] section sets steps, batch size,
     learning rates, bf16 and LoRA; the defaults fit a CPU.
 
     Example: ratchet train --generation 1 --workspace ws"""
@@ -497,8 +519,9 @@ def loop(
     generations: Annotated[int, typer.Option(min=1, help="Dataset generations to build; every one but the last "
                                              "trains the model that annotates the next.")] = 2,
     workspace: WorkspaceOpt = Path("."),
-    engine: Annotated[str, typer.Option(help="Engine of the trained models as annotators: transformers, or vllm on "
-                                        "a GPU.")] = "transformers",
+    engine: Annotated[str, typer.Option(help="Engine of the trained models as annotators: "
+                                        f"{' or '.join(registry.checkpoint_engines())} (see `ratchet engines`).")
+                      ] = registry.DEFAULT_CHECKPOINT_ENGINE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild generations and retrain models whose "
                                             "config changed.")] = False,
 ) -> None:
@@ -514,16 +537,16 @@ def loop(
     from .evaluate import EvaluationError
     from .train import TrainError, run_loop
 
-    if engine not in ("transformers", "vllm"):
-        fail(f"--engine: '{engine}' is not transformers or vllm")
+    if engine not in registry.checkpoint_engines():
+        fail(f"--engine: '{engine}' does not run a checkpoint folder (engines that do: "
+             f"{', '.join(registry.checkpoint_engines())})")
     ws = open_workspace(workspace)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=True) as progress:
             result = run_loop(ws, generations, engine=engine, progress=progress, overwrite=overwrite,
                               say=lambda line: progress.console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, CorpusError, ModelNotFound, EnsembleError, PromptError, ConscienceError,
-            RatchetError, GenerationImmutable, TrainError, EvaluationError) as exc:
+    except (*BUILD_ERRORS, TrainError, EvaluationError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; finished builds, models and model calls are kept: run the same command to resume", code=130)
@@ -609,10 +632,10 @@ def eval_judge(
 
     from .backends import make_backend
     from .cache import CachedBackend
-    from .conscience import LABELS, judge, judge_metrics, load_framework, load_items
     from .config import RatchetConfig
     from .prompts import Prompts
-    from .workspace import SCHEMA_SQL
+    from .stages.conscience import LABELS, judge, judge_metrics, load_framework, load_items
+    from .workspace import create_schema
 
     cfg = RatchetConfig()
     try:
@@ -622,10 +645,10 @@ def eval_judge(
         fail(str(exc))
     items = items[:limit] if limit else items
     con = duckdb.connect()  # a throwaway cache: evaluation runs outside any workspace
-    con.execute(SCHEMA_SQL)
+    create_schema(con)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
-        with make_backend(cfg.annotator.model_copy(update={"model": judge_model})) as backend, \
+        with make_backend(cfg.engine_for(judge_model)) as backend, \
                 Progress(*columns, console=console) as progress:
             task = progress.add_task(f"judge ({framework})", total=len(items))
             outcomes = judge([(i.prompt, i.response) for i in items], CachedBackend(backend, con), fw, cfg,
@@ -654,10 +677,35 @@ def eval_judge(
 
 
 @app.command()
+def engines(
+    name: Annotated[Optional[str], typer.Argument(help="One engine: list its keys with their defaults.")] = None,
+) -> None:
+    """The engines a config can name with `backend = "..."` (in \\[annotator] or a member), and
+    each one's keys. A key that belongs to another engine is a config error.
+
+    Example: ratchet engines llama_server"""
+    if name is not None:
+        try:
+            e = registry.engine(name)
+        except registry.UnknownEngine as exc:
+            fail(str(exc))
+        table = Table("key", "default", "what", title=escape(f"engine {e.name}: {e.summary}"), title_justify="left")
+        for key, field in e.config.model_fields.items():
+            table.add_row(key, json.dumps(field.default), escape(field.description or ""))
+        console.print(table)
+        return
+    table = Table("backend", "model names", "what", "keys", title="engines", title_justify="left")
+    for e in registry.ENGINES.values():
+        keys = [k for k in e.config.model_fields if k not in ("backend", "model")]
+        table.add_row(e.name, {"gguf": "a GGUF file or bundled:NAME", "checkpoint": "a checkpoint folder",
+                               "name": "a name"}.get(e.model_file, e.model_file), escape(e.summary), ", ".join(keys))
+    console.print(table)
+    console.print(f"default: {registry.DEFAULT}; `ratchet engines NAME` lists one engine's keys with their defaults")
+
+
+@app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """What a workspace holds: config, ensemble members and their engines, generations built, cache size."""
-    from .models import resolve_model
-
     ws = open_workspace(workspace)
     cfg = ws.config
     table = Table(show_header=False, title=str(ws.root), title_justify="left")
@@ -665,25 +713,10 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_column()
     table.add_row("config", str(ws.config_path))
     table.add_row("corpus", str(ws.resolve(cfg.corpus.path)))
-    from rich.markup import escape
-
-    from .backends import choose_engine
-
-    choice = choose_engine(cfg.annotator)  # which engine runs the GGUF models, and why ("[server]" is no markup)
-    table.add_row("engine", escape(choice.describe() + (f"; {cfg.annotator.slots} slot(s), n_ctx {cfg.annotator.n_ctx} "
-                                                        "per slot" if choice.backend == "llama_server" else "")))
+    # Which engine runs, and why ("[server]" in it is no markup).
+    table.add_row("engine", escape(registry.explain(cfg.annotator)))
     for m in cfg.ensemble.members:
-        engine = m.engine(cfg.annotator)
-        if engine.backend in ("llama_cpp", "llama_server", "auto"):
-            try:
-                kind = "llama-server" if choose_engine(engine).backend == "llama_server" else "llama.cpp in-process"
-                where = f"{resolve_model(engine.model)} ({kind})"
-            except ModelNotFound as exc:
-                where = f"[red]{exc}[/]"
-        elif engine.backend == "openai":
-            where = f"{engine.model} at {engine.base_url} (OpenAI-compatible server)"
-        else:
-            where = f"{engine.model} ({engine.backend})"
+        where = registry.where(m.engine(cfg.annotator))
         table.add_row(f"member {m.display_name}", f"{where}; persona {m.persona}; {', '.join(m.roles)}")
     table.add_row("critique", f"k = {cfg.ensemble.k} critic(s) per annotation, threshold {cfg.ensemble.threshold}")
     table.add_row("audit", f"rate {cfg.audit.rate:.0%}, model auditor {cfg.audit.auditor or 'none (humans only)'}")

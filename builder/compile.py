@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from .cache import sha256
 from .prompts import Prompts
 from .resources import CARDS_DIR, SCHEMAS_DIR
+from .stages.base import BuildContext, Stage
 from .workspace import Workspace
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -253,15 +255,34 @@ class GenerationImmutable(Exception):
     """A compiled generation asked to change: generations are immutable once compiled."""
 
 
-def compiled_config_hash(folder: Path) -> str | None:
-    """The config hash a compiled generation was built with (None: not compiled)."""
+def compiled_config(folder: Path) -> dict | None:
+    """The config a compiled generation was built with, as its manifest keeps it (None: not
+    compiled, or no readable manifest)."""
     path = Path(folder) / "manifest.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("config_hash")
+        return json.loads(path.read_text(encoding="utf-8")).get("config")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def config_identity(config: dict) -> str:
+    """What makes two configs the same build: the config as today's code reads it, every key
+    at its value (defaults included). A config written by an older version is read the same
+    way (its engine tables kept every engine's keys: the ones its engine lacks are dropped), so
+    a generation compiled before a key was added or an engine's keys were split out is still
+    recognised as unchanged. A stored config today's code cannot read is its own identity."""
+    from .backends import registry
+    from .config import ConfigError, parse_config
+
+    data = json.loads(json.dumps(config))
+    try:
+        if isinstance(data.get("annotator"), dict):
+            data["annotator"] = registry.parse_stored(data["annotator"]).model_dump()
+        return sha256(parse_config(data).model_dump())
+    except (ConfigError, ValueError):
+        return sha256({"unreadable": config})
 
 
 def heldout_evaluation(ws: Workspace, generation: int) -> dict:
@@ -346,7 +367,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "parent": generation - 1 if generation > 1 else None,
             "name": ws.root.name,
             "package_version": version("moral-ratchet"),
-            "config_hash": sha256(config),
+            "config_hash": config_identity(config),
             "config": config,
             "models": models,
             "prompt_hashes": prompts.hashes([m["persona"] for m in models.values() if "persona" in m]),
@@ -383,3 +404,34 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
     finally:
         con.execute("RESET memory_limit")
     return final, True
+
+
+class Compile(Stage):
+    """The last stage: the generation's state in DuckDB to generations/gen-NNNN/. A compiled
+    generation is immutable: a changed config is refused before any model runs (prepare) and
+    changed splits at compile, unless --overwrite."""
+    name = "compile"
+
+    def prepare(self, ctx: BuildContext) -> None:
+        from .stages.ratchet import RatchetError
+
+        compiled = compiled_config(ctx.ws.generation_dir(ctx.generation))
+        if compiled is not None and config_identity(compiled) != config_identity(ctx.cfg.model_dump()) \
+                and not ctx.overwrite:
+            raise RatchetError(f"{ctx.ws.generation_dir(ctx.generation)} is compiled and immutable, and ratchet.toml "
+                               f"changed since it was built: build the next generation (--generation "
+                               f"{ctx.generation + 1}), or pass --overwrite to rebuild and replace this one")
+
+    def run(self, ctx: BuildContext) -> dict:
+        engines = list(ctx.engines.values())
+        calls = {"model_calls": sum(e.stats.calls for e in engines), "cached_calls": sum(e.stats.hits for e in engines),
+                 "engine_errors": sum(e.stats.errors for e in engines),
+                 "completion_tokens": sum(e.stats.completion_tokens for e in engines),
+                 "seconds": round(time.perf_counter() - ctx.started, 2)}
+        scripted = sorted({e.backend.model_name for e in engines if not e.backend.is_model})
+        if scripted:  # nothing a scripted engine writes is a model's judgement: say so wherever the build is shown
+            calls["scripted_engine"] = scripted
+        ctx.metrics.update(calls)
+        ctx.output, ctx.written = compile_generation(ctx.ws, ctx.con, ctx.generation, ctx.prompts,
+                                                     ctx.ensemble.describe(), ctx.metrics, ctx.overwrite, config=ctx.cfg)
+        return {}

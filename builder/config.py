@@ -10,7 +10,10 @@ import tomllib
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
+
+from .backends.base import EngineConfig
 
 CONFIG_NAME = "ratchet.toml"
 
@@ -31,55 +34,11 @@ class CorpusConfig(Section):
         "error", description="An empty, binary or non-UTF-8 file: stop with an error, or skip it and report it.")
 
 
-BACKENDS = Literal["auto", "llama_server", "llama_cpp", "openai", "transformers", "vllm"]
+def engine_section(value):
+    """[annotator] (or any engine table) as its engine's config class, picked by `backend`."""
+    from .backends import registry
 
-
-class ModelConfig(Section):
-    backend: BACKENDS = Field(
-        "auto", description="auto: llama_server when a llama-server binary is found, else llama_cpp; "
-        "llama_server: llama.cpp's server, started and stopped by the builder (extra .[server]); "
-        "llama_cpp: in-process llama.cpp; openai: any OpenAI-compatible server; "
-        "transformers: a local HF checkpoint (e.g. models/gen-0001); vllm: vLLM offline batch (GPU, extra .[vllm]).")
-    model: str = Field("bundled:smollm2", description="llama_cpp: a GGUF path or bundled:NAME; openai: the served model "
-                       "name; transformers / vllm: a local checkpoint folder (or a Hub id vLLM can load).")
-    n_ctx: int = Field(4096, ge=256, description="llama_cpp: context window in tokens; llama_server: per slot.")
-    threads: int = Field(0, ge=0, description="llama_cpp, llama_server, transformers: CPU threads; 0 = all cores.")
-    slots: int = Field(4, ge=1, le=64, description="llama_server: sequences decoded in parallel (requests in flight).")
-    prompt_cache: bool = Field(True, description="llama_server: reuse a slot's evaluated prompt prefix (cache_prompt).")
-    server_binary: str = Field("", description="llama_server: path of a llama-server binary; default: "
-                               "$RATCHET_LLAMA_SERVER, then the .[server] extra's, then llama-server on PATH.")
-    base_url: str = Field("", description="openai: the server, e.g. http://127.0.0.1:8000 (without /v1).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key, if any.")
-    concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0, description="openai, llama_server: seconds to wait for one answer "
-                             "(llama_server: per slot, since the requests in flight share the cores).")
-    max_retries: int = Field(3, ge=0, le=20, description="openai, llama_server: retries (with backoff) on connection "
-                             "errors, timeouts, 5xx, garbage.")
-    response_format: Literal["json_schema", "json_object"] = Field(
-        "json_schema", description="openai: json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object (llama-cpp-python).")
-    constrained: Literal["auto", "grammar", "validate"] = Field(
-        "auto", description="llama_cpp: grammar = constrain decoding to the JSON Schema; validate = decode freely, "
-        "validate and retry; auto = grammar unless the vocabulary is huge (Gemma's 262k tokens: ~2.5 s/token).")
-    dtype: str = Field("auto", description="transformers / vllm: weights dtype (auto, float32, bfloat16, float16).")
-    device: str = Field("auto", description="transformers: cpu, cuda, or auto (cuda when available).")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory vLLM may take.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over.")
-    enable_prefix_caching: bool = Field(True, description="vllm: reuse the shared instructions' KV cache across requests.")
-    # Where managed servers write their logs: the workspace's logs/ (set by load_config; not a key).
-    _log_dir: Path | None = PrivateAttr(None)
-
-    @property
-    def log_dir(self) -> Path | None:
-        return self._log_dir
-
-    def __eq__(self, other) -> bool:  # the keys, not where a server logs, make an engine config
-        return isinstance(other, ModelConfig) and self.model_dump() == other.model_dump()
-
-    @model_validator(mode="after")
-    def _server_needs_a_url(self):
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000)")
-        return self
+    return registry.parse(value)
 
 
 class SamplingConfig(Section):
@@ -113,24 +72,31 @@ class MemberConfig(Section):
     name: str = Field("", description="Unique name; default MODEL-PERSONA (e.g. smollm2-empiricist).")
     model: str | None = Field(None, description="As annotator.model (a GGUF path, bundled:NAME, a served model, a "
                               "checkpoint folder); default annotator.model.")
-    backend: BACKENDS | None = Field(None, description="Engine; default annotator.backend.")
+    backend: str | None = Field(None, description="Engine (see `ratchet engines`); default annotator.backend.")
     base_url: str | None = Field(None, description="openai: this member's server; default annotator.base_url.")
     persona: str = Field("empiricist", description="A file prompts/personas/PERSONA.txt (or in annotate.prompts).")
     roles: list[Literal["annotate", "critique"]] = Field(
         list(ROLES), min_length=1, description="What the member does: annotate, critique, or both.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; default sampling.temperature.")
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str | None) -> str | None:
+        from .backends import registry
+
+        if value is not None:
+            registry.engine(value)  # an unknown name is an error with a suggestion
+        return value
+
     @property
     def display_name(self) -> str:
         return self.name or f"{model_short_name(self.model or '?')}-{self.persona}"
 
-    def engine(self, defaults: ModelConfig) -> ModelConfig:
-        """This member's engine: [annotator] with the member's own keys on top."""
-        own = {k: v for k, v in {"model": self.model, "backend": self.backend, "base_url": self.base_url}.items()
-               if v is not None}
-        engine = ModelConfig.model_validate({**defaults.model_dump(), **own})
-        engine._log_dir = defaults._log_dir
-        return engine
+    def engine(self, defaults: EngineConfig) -> EngineConfig:
+        """This member's engine: [annotator]'s keys that its engine has, the member's own on top."""
+        from .backends import registry
+
+        return registry.derive(defaults, model=self.model, backend=self.backend, base_url=self.base_url)
 
 
 def default_members() -> list[MemberConfig]:
@@ -209,7 +175,7 @@ class RatchetRuleConfig(Section):
 class TrainConfig(Section):
     """The bundled TRL trainer (`ratchet train`, `ratchet loop`): SFT on a generation's sft split (loss on the
     `internal` reflections), then DPO on its dpo split. The defaults fit a CPU (a few steps, short sequences);
-    for a GPU run raise the steps, batch_size and max_length and set bf16 = true (README: Training)."""
+    for a GPU run raise the steps, batch_size and max_length and set bf16 = true (docs/training-and-loop.md)."""
     base_model: str = Field("bundled:smollm2", description="The model generation 1 trains from: a GGUF path or "
                             "bundled:NAME (dequantized once into models/base/) or a local transformers checkpoint "
                             "folder. Generation N > 1 trains from models/gen-(N-1) when it exists.")
@@ -244,7 +210,7 @@ class TrainConfig(Section):
 
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
-    annotator: ModelConfig = ModelConfig()
+    annotator: SerializeAsAny[EngineConfig] = Field(default_factory=lambda: engine_section({}))
     sampling: SamplingConfig = SamplingConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
@@ -256,11 +222,36 @@ class RatchetConfig(Section):
     # manifest's config) of a compiled generation does not change when only training settings do.
     train: TrainConfig = Field(TrainConfig(), exclude=True)
 
+    @field_validator("annotator", mode="before")
+    @classmethod
+    def _engine_section(cls, value):
+        return engine_section(value)
+
     @model_validator(mode="after")
     def _members_inherit_the_annotator(self):
         self.ensemble.check(self.annotator.model)  # members without a model use annotator.model
+        for i, m in enumerate(self.ensemble.members):
+            try:
+                m.engine(self.annotator)  # a member's engine that cannot work fails here, not mid-build
+            except (ValidationError, ValueError) as exc:
+                raise ValueError(f"ensemble.members[{i}] ({m.display_name}): "
+                                 f"{_engine_problem(exc, m.backend or self.annotator.backend)}") from None
         self.conscience.judge = self.conscience.judge or self.annotator.model
         return self
+
+    def engine_for(self, model: str, backend: str | None = None) -> EngineConfig:
+        """[annotator]'s engine running another model (a judge, the auditor), or another engine."""
+        from .backends import registry
+
+        return registry.derive(self.annotator, model=model, backend=backend)
+
+
+def _engine_problem(exc: Exception, backend: str) -> str:
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(_foreign_engine_key(str(e["loc"][0]), str(e["loc"][0]), backend) if e["type"] == "extra_forbidden"
+                     else f"{'.'.join(map(str, e['loc'])) or 'engine'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors())
 
 
 def model_short_name(spec: str) -> str:
@@ -283,24 +274,44 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, data: dict) -> str:
     loc = tuple(error["loc"])
     if not loc:  # a check across sections: its message names the keys
         return error["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden" and loc[0] == "annotator" and len(loc) == 2:
+        return _foreign_engine_key(key, str(loc[1]), (data.get("annotator") or {}).get("backend"))
     if error["type"] == "extra_forbidden":
         known = _known_keys(RatchetConfig, loc)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
         return f"unknown key '{key}'{hint}"
-    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    return f"'{key}': {message}" + ("" if isinstance(given, dict) else f" (got {given!r})")
+
+
+def _foreign_engine_key(key: str, name: str, backend: str | None) -> str:
+    """A key in [annotator] that the chosen engine does not have: name the engine and the
+    engines that do have it (or the closest key of this engine)."""
+    from .backends import registry
+
+    backend = backend or registry.DEFAULT
+    own = registry.keys_of(backend)
+    others = registry.owners(name)
+    if others:
+        return (f"'{key}' is not a key of engine '{backend}' (it belongs to {', '.join(others)}); "
+                f"{backend}'s keys: {', '.join(own)}")
+    close = difflib.get_close_matches(name, own, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"{backend}'s keys: {', '.join(own)}"
+    return f"unknown key '{key}' ({hint})"
 
 
 def parse_config(data: dict, source: str = "<config>") -> RatchetConfig:
     try:
         return RatchetConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        lines = "\n".join(f"  - {_describe(e, data)}" for e in exc.errors())
         raise ConfigError(f"{source}: invalid config\n{lines}") from None
 
 

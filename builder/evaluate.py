@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import make_backend
+from .backends import make_backend, registry
 from .backends.base import Request
 from .cache import CachedBackend, sha256
 from .config import RatchetConfig, model_short_name
-from .conscience import LABELS, Item, judge, load_framework, load_items
 from .models import ModelNotFound
 from .prompts import Prompts
 from .resources import EXAMPLES_DIR
-from .workspace import Workspace, insert_rows, transaction
+from .stages.conscience import LABELS, Item, judge, load_framework, load_items
+from .tables import Table
+from .workspace import Workspace, transaction
 
 SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 HELD_OUT = {"split": "heldout"}
@@ -31,11 +33,25 @@ HELD_OUT = {"split": "heldout"}
 # the base model and the trained ones see the same prompt text.
 SYSTEM = "You are a helpful coding assistant."
 
-EVALUATIONS_SQL = """
-CREATE TABLE IF NOT EXISTS evaluations (   -- held-out evaluation of a model by the frozen judge
-    model VARCHAR, model_sha256 VARCHAR, generation INTEGER, framework VARCHAR, judge VARCHAR, items_sha256 VARCHAR,
-    n INTEGER, ethical INTEGER, neutral INTEGER, unethical INTEGER, invalid INTEGER, no_response INTEGER,
-    rate DOUBLE, created_at TIMESTAMP DEFAULT current_timestamp)"""
+@dataclass
+class EvaluationRow:
+    model: str | None
+    model_sha256: str | None
+    generation: int | None
+    framework: str | None
+    judge: str | None
+    items_sha256: str | None
+    n: int | None
+    ethical: int | None
+    neutral: int | None
+    unethical: int | None
+    invalid: int | None
+    no_response: int | None
+    rate: float | None
+
+
+EVALUATIONS = Table("evaluations", EvaluationRow, extra=("created_at TIMESTAMP DEFAULT current_timestamp",),
+                    doc="held-out evaluation of a model by the frozen judge")
 
 
 class EvaluationError(Exception):
@@ -74,10 +90,7 @@ def heldout_items(ws: Workspace, cfg: RatchetConfig) -> tuple[list[Item], str]:
 
 
 def engine_config(cfg: RatchetConfig, model: str, backend: str | None = None):
-    update = {"model": model}
-    if backend:
-        update["backend"] = backend
-    return cfg.annotator.model_copy(update=update)
+    return cfg.engine_for(model, backend)
 
 
 def answer(items: list[Item], engine, cfg: RatchetConfig) -> list:
@@ -111,7 +124,7 @@ def unethical_rate(items: list[Item], answers: list, judge_engine, frameworks, c
 
 
 def evaluate_model(ws: Workspace, model: Path | str, label: str, cfg: RatchetConfig | None = None,
-                   backend: str = "transformers", generation: int | None = None) -> dict:
+                   backend: str | None = registry.DEFAULT_CHECKPOINT_ENGINE, generation: int | None = None) -> dict:
     """Evaluate one model (a checkpoint folder with `backend`, or a GGUF with the annotator's
     engine when `backend` is None) on the held-out prompts with the frozen judge."""
     cfg = cfg or ws.config
@@ -122,7 +135,6 @@ def evaluate_model(ws: Workspace, model: Path | str, label: str, cfg: RatchetCon
     with ws.lock():
         con = ws.connect()
         try:
-            con.execute(EVALUATIONS_SQL)
             try:
                 subject = make_backend(engine_config(cfg, str(model), backend))
             except ModelNotFound as exc:
@@ -154,13 +166,11 @@ def evaluate_model(ws: Workspace, model: Path | str, label: str, cfg: RatchetCon
             with transaction(con):
                 con.execute("DELETE FROM evaluations WHERE model_sha256 = ? AND items_sha256 = ? AND judge = ?",
                             [record["model_sha256"], items_sha, record["judge"]])
-                insert_rows(con, "INSERT INTO evaluations (model, model_sha256, generation, framework, judge, "
-                                 "items_sha256, n, ethical, neutral, unethical, invalid, no_response, rate) "
-                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            [[label, record["model_sha256"], generation, fw, record["judge"], items_sha, len(items),
-                              r["counts"]["ethical"], r["counts"]["neutral"], r["counts"]["unethical"],
-                              r["counts"]["invalid"], result["no_response"], r["rate"]]
-                             for fw, r in result["frameworks"].items()])
+                EVALUATIONS.insert(con, [
+                    EvaluationRow(label, record["model_sha256"], generation, fw, record["judge"], items_sha, len(items),
+                                  r["counts"]["ethical"], r["counts"]["neutral"], r["counts"]["unethical"],
+                                  r["counts"]["invalid"], result["no_response"], r["rate"])
+                    for fw, r in result["frameworks"].items()])
         finally:
             con.close()
     return record

@@ -64,6 +64,25 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def weights_sha256(folder: Path) -> str:
+    """sha256 over a checkpoint's *.safetensors (sorted, name and content): the call cache is
+    keyed on the weights, not on the folder's name. Per-file hashes are memoised."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_checkpoint(folder: Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFound(f"{folder}: checkpoint folder not found (expected a local "
+                            "transformers checkpoint: a folder with config.json, *.safetensors and the tokenizer)")
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise ModelNotFound(f"{folder}: not a transformers checkpoint (needs config.json and *.safetensors)")
+    return folder
+
+
 def export_hf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF into a transformers checkpoint (safetensors + tokenizer) for training.
 

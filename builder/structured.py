@@ -1,6 +1,6 @@
 """Schema-valid outputs from any engine: validate, retry with another seed, or record why not.
 
-Every stage that asks a model for JSON (annotate, scrutinize, audit) goes through here.
+Every model task (stages/base.py: run_task) goes through here.
 Output is constrained to the request's JSON Schema where the engine can do it, and always
 validated again: an invalid output is retried with the next seed (and a temperature high
 enough to change the answer), a bounded number of times; after that the item gets a

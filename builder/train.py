@@ -20,10 +20,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .backends.transformers import check_checkpoint, weights_sha256
+from .backends import registry
 from .cache import sha256
 from .config import RatchetConfig, TrainConfig
-from .models import ModelNotFound, export_hf, file_sha256, resolve_model
+from .models import ModelNotFound, check_checkpoint, export_hf, file_sha256, resolve_model, weights_sha256
 from .resources import PROMPTS_DIR
 from .workspace import Workspace
 
@@ -62,7 +62,7 @@ def base_checkpoint(ws: Workspace, spec: str) -> tuple[Path, dict]:
         local = ws.resolve(spec)
         if local.is_dir():
             check_checkpoint(local)
-            return local, {"model": spec, "format": "transformers", "sha256": weights_sha256(local)}
+            return local, {"model": spec, "format": "transformers checkpoint", "sha256": weights_sha256(local)}
         spec = str(local)
     try:
         gguf = resolve_model(spec)
@@ -120,7 +120,7 @@ def start_model(ws: Workspace, generation: int, cfg: TrainConfig) -> tuple[Path,
         parent = model_dir(ws, generation - 1)
         if parent.is_dir():
             check_checkpoint(parent)
-            return parent, {"model": parent.name, "format": "transformers", "sha256": weights_sha256(parent)}
+            return parent, {"model": parent.name, "format": "transformers checkpoint", "sha256": weights_sha256(parent)}
     return base_checkpoint(ws, cfg.base_model)
 
 
@@ -389,7 +389,7 @@ def model_card(summary: dict, evaluation: dict | None = None) -> str:
         for fw, r in e["frameworks"].items():
             lines.append(f"| {fw} | {_fmt(r['rate'])} | {', '.join(f'{k} {v}' for k, v in r['counts'].items())} |")
     lines += ["", "Use it as the next generation's annotator:", "", "```toml", "[[ensemble.members]]",
-              f'name = "{s["model"]}"', f'model = "{s["output"]}"', 'backend = "transformers"',  # a folder is not
+              f'name = "{s["model"]}"', f'model = "{s["output"]}"', f'backend = "{registry.DEFAULT_CHECKPOINT_ENGINE}"',  # a folder is not
               # resolved against the workspace: the absolute path works from anywhere
               'roles = ["annotate"]', "```", ""]
     return "\n".join(lines)
@@ -398,7 +398,8 @@ def model_card(summary: dict, evaluation: dict | None = None) -> str:
 # ---------------------------------------------------------------- the loop
 
 
-def loop_config(base: RatchetConfig, ws: Workspace, generation: int, engine: str = "transformers") -> RatchetConfig:
+def loop_config(base: RatchetConfig, ws: Workspace, generation: int,
+                engine: str = registry.DEFAULT_CHECKPOINT_ENGINE) -> RatchetConfig:
     """Generation N > 1 is annotated by models/gen-(N-1) as one more ensemble member (the first
     annotator's persona, annotate only). The frozen generation-0 model stays the conscience and
     consent judge (those keys do not change) and the panel (frozen in DuckDB by generation 1)."""
@@ -417,7 +418,7 @@ def loop_config(base: RatchetConfig, ws: Workspace, generation: int, engine: str
     return base.model_copy(update={"ensemble": ensemble})
 
 
-def run_loop(ws: Workspace, generations: int, engine: str = "transformers", progress=None, say=None,
+def run_loop(ws: Workspace, generations: int, engine: str = registry.DEFAULT_CHECKPOINT_ENGINE, progress=None, say=None,
              overwrite: bool = False) -> dict:
     """build → evaluate → train → build …: for g in 1..K, evaluate generation g's annotator
     model (the base for g = 1, models/gen-(g-1) after) on the held-out prompts, build

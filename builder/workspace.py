@@ -15,235 +15,26 @@ from .config import CONFIG_NAME, RatchetConfig, load_config
 DB_NAME = "ratchet.duckdb"
 LOCK_NAME = ".ratchet.lock"
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS passages (
-    passage_id VARCHAR PRIMARY KEY,   -- sha256 of the normalised text, 16 hex digits
-    source     VARCHAR NOT NULL,      -- file (and line or row) it came from first
-    position   INTEGER NOT NULL,      -- chunk index within that record
-    text       VARCHAR NOT NULL,
-    n_tokens   INTEGER NOT NULL,
-    added_at   TIMESTAMP DEFAULT current_timestamp
-);
-CREATE TABLE IF NOT EXISTS generation_passages (
-    generation INTEGER NOT NULL,
-    ord        INTEGER NOT NULL,      -- corpus order
-    passage_id VARCHAR NOT NULL,
-    source     VARCHAR NOT NULL,
-    position   INTEGER NOT NULL,
-    PRIMARY KEY (generation, passage_id)
-);
-CREATE TABLE IF NOT EXISTS model_calls (   -- the cache: a finished call is never made again
-    cache_key         VARCHAR PRIMARY KEY,  -- sha256 of model id + rendered prompt + schema + sampling + seed
-    model_id          VARCHAR NOT NULL,
-    backend           VARCHAR NOT NULL,
-    prompt_sha        VARCHAR NOT NULL,
-    schema_sha        VARCHAR,
-    sampling          JSON,
-    seed              BIGINT,
-    response          VARCHAR NOT NULL,
-    finish_reason     VARCHAR NOT NULL,
-    prompt_tokens     INTEGER,
-    completion_tokens INTEGER,
-    seconds           DOUBLE,
-    created_at        TIMESTAMP DEFAULT current_timestamp
-);
-CREATE TABLE IF NOT EXISTS annotations (
-    generation INTEGER NOT NULL,
-    passage_id VARCHAR NOT NULL,
-    annotator  VARCHAR NOT NULL,
-    status     VARCHAR NOT NULL,      -- accepted | rejected
-    reason     VARCHAR,               -- why it was rejected (last attempt)
-    attempts   INTEGER NOT NULL,
-    truncated  INTEGER NOT NULL,      -- attempts cut off by the token limit
-    record     JSON,                  -- the validated annotation (schemas/annotation.schema.json)
-    call_key   VARCHAR,               -- the model call that produced it
-    PRIMARY KEY (generation, passage_id, annotator)
-);
-CREATE TABLE IF NOT EXISTS critiques (    -- scrutinize: each accepted annotation, critiqued by k other members
-    generation     INTEGER NOT NULL,
-    passage_id     VARCHAR NOT NULL,
-    annotator      VARCHAR NOT NULL,      -- the author (never shown to the critic)
-    critic         VARCHAR NOT NULL,
-    status         VARCHAR NOT NULL,      -- accepted | rejected (no valid critique after every retry)
-    verdict        VARCHAR,               -- survives | revise | reject
-    claim_verdicts JSON,                  -- sound | doubtful | wrong, one per claim
-    objections     JSON,
-    weight         DOUBLE NOT NULL,       -- the critic's vote weight (reputation from earlier generations)
-    reason         VARCHAR,
-    attempts       INTEGER NOT NULL,
-    call_key       VARCHAR,
-    PRIMARY KEY (generation, passage_id, annotator, critic)
-);
-CREATE TABLE IF NOT EXISTS convergence (  -- converge: one score per accepted annotation
-    generation INTEGER NOT NULL,
-    passage_id VARCHAR NOT NULL,
-    annotator  VARCHAR NOT NULL,
-    score      DOUBLE,                    -- weighted share of 'survives'; NULL: not scrutinized or no valid critique
-    critiques  INTEGER NOT NULL,          -- valid critiques behind the score
-    selected   BOOLEAN NOT NULL,
-    PRIMARY KEY (generation, passage_id, annotator)
-);
-CREATE TABLE IF NOT EXISTS selections (   -- the annotation each passage keeps, or none and why
-    generation INTEGER NOT NULL,
-    passage_id VARCHAR NOT NULL,
-    annotator  VARCHAR,
-    score      DOUBLE,
-    reason     VARCHAR NOT NULL,
-    PRIMARY KEY (generation, passage_id)
-);
-CREATE TABLE IF NOT EXISTS agreement (    -- Krippendorff's alpha (nominal) of the critics' verdicts
-    generation INTEGER NOT NULL,
-    scope      VARCHAR NOT NULL,          -- generation | author | critic
-    member     VARCHAR NOT NULL,          -- '*' for the whole generation
-    alpha      DOUBLE,                    -- NULL where undefined (no annotation with two verdicts, no variation)
-    units      INTEGER NOT NULL,          -- annotations with at least two valid verdicts
-    critiques  INTEGER NOT NULL,
-    PRIMARY KEY (generation, scope, member)
-);
-CREATE TABLE IF NOT EXISTS members (      -- who annotates: the substrate and perspective of each
-    name    VARCHAR PRIMARY KEY,
-    family  VARCHAR NOT NULL,             -- model architecture (GGUF general.architecture)
-    persona VARCHAR NOT NULL,
-    model   VARCHAR NOT NULL,             -- model file name
-    backend VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audits (
-    item         VARCHAR NOT NULL,        -- passage id
-    annotator    VARCHAR NOT NULL,
-    generation   INTEGER NOT NULL,
-    auditor      VARCHAR NOT NULL,        -- a model member name, or the person's name
-    auditor_kind VARCHAR NOT NULL,        -- model | human
-    verdict      VARCHAR NOT NULL,        -- pass | fail
-    reasons      JSON,
-    wrong_claims JSON,                    -- 1-based numbers of the claims that misstate the passage
-    audited_at   TIMESTAMP DEFAULT current_timestamp,
-    PRIMARY KEY (item, annotator, generation, auditor)
-);
-CREATE TABLE IF NOT EXISTS audit_items (  -- one row per audited item, kept by store_audits:
-    item       VARCHAR NOT NULL,          -- exact coverage without a per-item GROUP BY over all audits
-    annotator  VARCHAR NOT NULL,
-    generation INTEGER NOT NULL,
-    by_model   BOOLEAN NOT NULL,
-    by_human   BOOLEAN NOT NULL,
-    PRIMARY KEY (item, annotator, generation)
-);
-CREATE TABLE IF NOT EXISTS reputation (   -- Beta posterior of each annotator's audit pass rate
-    annotator  VARCHAR NOT NULL,
-    generation INTEGER NOT NULL,          -- over every audit up to this generation
-    passes     BIGINT NOT NULL,
-    fails      BIGINT NOT NULL,
-    alpha      DOUBLE NOT NULL,
-    beta       DOUBLE NOT NULL,
-    mean       DOUBLE NOT NULL,           -- the annotator's vote weight
-    PRIMARY KEY (annotator, generation)
-);
-CREATE TABLE IF NOT EXISTS conscience_items (  -- prompt/response items of a generation (conscience.items)
-    generation INTEGER NOT NULL,
-    item_id    VARCHAR NOT NULL,          -- sha256 of prompt and response, 16 hex digits
-    source     VARCHAR NOT NULL,          -- file:line or file#row
-    prompt     VARCHAR NOT NULL,
-    response   VARCHAR NOT NULL,
-    PRIMARY KEY (generation, item_id)
-);
-CREATE TABLE IF NOT EXISTS judgements (   -- the frozen conscience judge's labels
-    generation INTEGER NOT NULL,
-    item_id    VARCHAR NOT NULL,
-    framework  VARCHAR NOT NULL,          -- prompts/frameworks/NAME.toml
-    subject    VARCHAR NOT NULL,          -- original (the item's response) | rewrite
-    judge      VARCHAR NOT NULL,
-    status     VARCHAR NOT NULL,          -- accepted | rejected (no valid judgement after every retry)
-    label      VARCHAR,                   -- ethical | neutral | unethical
-    reasons    JSON,
-    reason     VARCHAR,
-    attempts   INTEGER NOT NULL,
-    call_key   VARCHAR,
-    PRIMARY KEY (generation, item_id, framework, subject)
-);
-CREATE TABLE IF NOT EXISTS pairs (        -- every response judged unethical, its rewrite, and the outcome
-    generation     INTEGER NOT NULL,
-    item_id        VARCHAR NOT NULL,
-    framework      VARCHAR NOT NULL,
-    judge          VARCHAR NOT NULL,
-    prompt         VARCHAR NOT NULL,
-    rejected       VARCHAR NOT NULL,      -- the original response
-    chosen         VARCHAR,               -- the rewrite (NULL: no valid rewrite)
-    reasons        JSON,                  -- why the original is unethical
-    chosen_reasons JSON,                  -- the re-judgement's reasons
-    kept           BOOLEAN NOT NULL,      -- the rewrite was judged ethical: a dpo pair
-    reason         VARCHAR NOT NULL,
-    rewrite_key    VARCHAR,
-    PRIMARY KEY (generation, item_id, framework)
-);
-CREATE TABLE IF NOT EXISTS consents (     -- the consent gate: each judge's answer per training example
-    generation INTEGER NOT NULL,
-    split      VARCHAR NOT NULL,          -- sft | dpo
-    example_id VARCHAR NOT NULL,          -- sft: passage id; dpo: ITEM_ID:FRAMEWORK
-    judge      VARCHAR NOT NULL,
-    status     VARCHAR NOT NULL,          -- accepted | rejected (no valid answer)
-    consent    VARCHAR,                   -- yes | no
-    veto       BOOLEAN NOT NULL,          -- excluded by this judge (a no, or no answer under on_invalid = veto)
-    trait      VARCHAR,                   -- the persona or trait training on it would reinforce
-    trait_tag  VARCHAR,
-    reasons    JSON,
-    reason     VARCHAR,
-    attempts   INTEGER NOT NULL,
-    call_key   VARCHAR,
-    PRIMARY KEY (generation, split, example_id, judge)
-);
-CREATE TABLE IF NOT EXISTS drift_events ( -- consent judges that disagreed on an example
-    generation INTEGER NOT NULL,
-    split      VARCHAR NOT NULL,
-    example_id VARCHAR NOT NULL,
-    judges     JSON NOT NULL,             -- the checkpoints that answered
-    said       JSON NOT NULL,             -- judge -> {consent, trait_tag, reasons}
-    PRIMARY KEY (generation, split, example_id)
-);
-CREATE TABLE IF NOT EXISTS panel (        -- the ratchet's fixed reference panel, frozen by the first generation
-    name             VARCHAR PRIMARY KEY,
-    persona          VARCHAR NOT NULL,
-    family           VARCHAR NOT NULL,
-    engine           JSON NOT NULL,       -- the engine config it runs with
-    sampling         JSON NOT NULL,       -- temperature, top_p, repeat_penalty, max_tokens, seed, retries
-    model_hash       VARCHAR NOT NULL,    -- sha256 of the model file: a changed file is refused
-    since_generation INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ratchet (      -- the reflection each passage keeps in a generation, and why
-    generation        INTEGER NOT NULL,
-    passage_id        VARCHAR NOT NULL,
-    decision          VARCHAR NOT NULL,   -- new | replaced | unchanged | carried | none
-    annotator         VARCHAR,            -- author of the final reflection
-    source_generation INTEGER,            -- the generation that wrote it (older when carried forward)
-    record            JSON,               -- the final reflection (schemas/annotation.schema.json)
-    reflection        VARCHAR,            -- the record rendered with prompts/reflection.jinja (the sft text)
-    score             DOUBLE,             -- its panel score (0..1)
-    parent_annotator  VARCHAR,
-    parent_generation INTEGER,
-    parent_score      DOUBLE,             -- the parent's reflection, re-scored by the panel now
-    new_annotator     VARCHAR,
-    new_score         DOUBLE,             -- this generation's candidate (converged, not vetoed)
-    reflection_key    VARCHAR,            -- hash of the final record
-    reason            VARCHAR NOT NULL,
-    PRIMARY KEY (generation, passage_id)
-);
-CREATE TABLE IF NOT EXISTS panel_verdicts ( -- every verdict behind a panel score
-    generation INTEGER NOT NULL,
-    passage_id VARCHAR NOT NULL,
-    reflection VARCHAR NOT NULL,          -- hash of the scored record
-    critic     VARCHAR NOT NULL,
-    verdict    VARCHAR,                   -- survives | revise | reject; NULL: no valid critique
-    call_key   VARCHAR
-);
-CREATE TABLE IF NOT EXISTS builds (
-    generation  INTEGER NOT NULL,
-    started_at  TIMESTAMP NOT NULL,
-    finished_at TIMESTAMP,
-    status      VARCHAR NOT NULL,     -- running | finished | failed | interrupted (killed)
-    summary     JSON
-);
-"""
+def create_schema(con) -> None:
+    """Every table (each declared once, by the row type of the stage that writes it: see
+    tables.py) and every documented view."""
+    from . import build, evaluate  # noqa: F401 - their modules declare the tables on import
+    from .tables import REGISTRY
+
+    for table in REGISTRY.values():
+        table.create(con)
+    con.execute(VIEWS_SQL)
 
 
-# Documented views (README, "Audit statistics"): users query them with `ratchet sql` or duckdb.
+def schema_sql() -> str:
+    """The CREATE statements of every table, as `ratchet sql` users see them."""
+    from . import build, evaluate  # noqa: F401
+    from .tables import schema_sql as sql
+
+    return sql()
+
+
+# Documented views (docs/sql.md): users query them with `ratchet sql` or duckdb.
 _PASS_RATE_VIEW = """
 CREATE OR REPLACE VIEW audit_pass_rate_by_{name} AS
 SELECT {keys}, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
@@ -349,13 +140,6 @@ def transaction(con):
         raise
 
 
-def replace_generation(con, table: str, generation: int, sql: str, rows: list) -> None:
-    """Replace one generation's rows of a table in one transaction."""
-    with transaction(con):
-        con.execute(f"DELETE FROM {table} WHERE generation = ?", [generation])
-        insert_rows(con, sql, rows)
-
-
 def insert_rows(con, sql: str, rows: list) -> None:
     """executemany that accepts no rows (DuckDB's refuses an empty list)."""
     if rows:
@@ -401,8 +185,7 @@ class Workspace:
                 raise WorkspaceLocked(f"{self.root}: workspace is locked: a build is writing {self.db_path.name}; wait for it to finish") from None
             raise
         if not read_only:
-            con.execute(SCHEMA_SQL)
-            con.execute(VIEWS_SQL)
+            create_schema(con)
         return con
 
     @contextmanager

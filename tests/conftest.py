@@ -21,6 +21,13 @@ class TextBackend(Backend):
         return len(text.split())
 
 
+def engine_config(**keys):
+    """An engine config as a TOML table would give it (the registry picks the class by `backend`)."""
+    from builder.backends import registry
+
+    return registry.parse(keys)
+
+
 # Tests that are not about the ensemble use one member (named like the model, as before the
 # ensemble existed) and no critics: the default ensemble runs three members.
 ONE_MEMBER = {"k": 0, "members": [{"name": "smollm2", "persona": "default"}]}

@@ -9,6 +9,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,55 @@ def context_overflow(prompt_tokens: int, request: Request, n_ctx: int) -> Respon
         "lower corpus.chunk_tokens or raise annotator.n_ctx"))
 
 
+class EngineConfig(BaseModel):
+    """The keys every engine has. Each engine's file subclasses it with its own keys and a
+    `backend` Literal of its name; a key that belongs to another engine is an error (see
+    registry.py, which picks the class from `backend`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    backend: str = Field("auto", description="The engine; see `ratchet engines` (or docs/engines.md) for each one's keys.")
+    model: str = Field("bundled:smollm2", description="What the engine loads: a GGUF path or bundled:NAME, a "
+                       "checkpoint folder, or a served model's name, as the engine takes it.")
+    # Where managed servers write their logs: the workspace's logs/ (set by load_config; not a key).
+    _log_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def log_dir(self) -> Path | None:
+        return self._log_dir
+
+    def __eq__(self, other) -> bool:  # the keys, not where a server logs, make an engine config
+        return isinstance(other, EngineConfig) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.model_dump().items())))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine in the registry (registry.py): its name (the `backend` key), its config
+    class, how a config becomes a loaded backend, and what the rest of the builder needs to
+    know about it without loading anything."""
+    name: str
+    config: type[EngineConfig]
+    load: Callable[[EngineConfig], "Backend"]
+    model_file: str = "name"  # what `model` names: gguf (a GGUF file), checkpoint (a folder), name (a served name)
+    summary: str = ""  # one line for `ratchet engines` and the docs
+    check_model: Callable[[str], None] | None = None  # raises ModelNotFound before any model runs
+    explain: Callable[[EngineConfig], str] | None = None  # which engine runs and why (`ratchet status`)
+    where: Callable[[EngineConfig], str] | None = None  # where the model comes from (`ratchet status`)
+
+
+class EngineError(Exception):
+    """An engine that cannot start as configured (a file it needs, a server); the message
+    names the file or key."""
+
+
 class Backend(ABC):
     """An engine bound to one model."""
 
     kind: str = "base"
+    is_model: bool = True  # False: answers without a model (the scripted engine); builds say so
     family: str = "unknown"  # the model's architecture: ensembles and audit stats group by it
 
     @property

@@ -16,15 +16,41 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from llama_cpp import Llama, LlamaGrammar
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from pydantic import Field
 
-from ..models import file_sha256
-from .base import Request, Response, SequentialBackend, context_overflow
+from ..models import file_sha256, resolve_model
+from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
+
+if TYPE_CHECKING:  # llama_cpp loads its shared library on import: only engines that run load it
+    from llama_cpp import Llama, LlamaGrammar
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 GRAMMAR_MAX_VOCAB = 131_072
+
+
+class GGUFKeys(EngineConfig):
+    """The keys of every engine that runs a GGUF file with llama.cpp."""
+    n_ctx: int = Field(4096, ge=256, description="Context window in tokens (llama_server: per slot).")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+    constrained: Literal["auto", "grammar", "validate"] = Field(
+        "auto", description="grammar = constrain decoding to the JSON Schema; validate = decode freely, validate and "
+        "retry; auto = grammar unless the vocabulary is huge (Gemma's 262k tokens: ~2.5 s/token in-process).")
+
+
+class LlamaCppConfig(GGUFKeys):
+    backend: Literal["llama_cpp"] = "llama_cpp"
+
+
+def where_gguf(cfg: EngineConfig) -> str:
+    """Where a GGUF engine's model file is (`ratchet status`), or why it is not."""
+    from ..models import ModelNotFound
+
+    try:
+        return str(resolve_model(cfg.model))
+    except ModelNotFound as exc:
+        return f"[red]{exc}[/]"
 
 
 def _sentinel(i: int) -> str:
@@ -48,6 +74,8 @@ class LlamaPrompting:
         # Base models (Gemma 3 270M here) ship no chat template: render a plain prompt instead,
         # starting with BOS where the model's metadata asks for one.
         self.plain_bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         self.formatter = Jinja2ChatFormatter(template, eos_token=self.eos, bos_token=self.bos) if template else None
         self._grammars: dict[str, LlamaGrammar] = {}
         # llama-cpp-python checks the grammar against every candidate token at every step: over
@@ -112,6 +140,8 @@ class LlamaPrompting:
     def _grammar(self, schema: dict | None) -> LlamaGrammar | None:
         if schema is None or not self.use_grammar:
             return None
+        from llama_cpp import LlamaGrammar
+
         key = json.dumps(schema)  # not sorted: the grammar writes properties in the schema's order
         if key not in self._grammars:
             self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
@@ -132,10 +162,18 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         self.n_ctx = n_ctx
         # Why this engine runs when another was asked for (no llama-server binary, ...): see make_backend.
         self.engine_note: str | None = None
+        from llama_cpp import Llama
+
         # llama-cpp-python's default is half the cores; 0 here means all of them.
         self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
                          n_batch=512, verbose=False)
         self._setup_prompting(constrained)
+
+    @classmethod
+    def from_config(cls, cfg: GGUFKeys, note: str | None = None) -> "LlamaCppBackend":
+        backend = cls(resolve_model(cfg.model), n_ctx=cfg.n_ctx, threads=cfg.threads, constrained=cfg.constrained)
+        backend.engine_note = note
+        return backend
 
     def describe(self) -> dict:
         out = super().describe()
@@ -164,3 +202,9 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.close()
+
+
+ENGINE = Engine("llama_cpp", LlamaCppConfig, LlamaCppBackend.from_config, model_file="gguf",
+                summary="llama.cpp in-process through llama-cpp-python (the fallback; bit-exact with itself)",
+                check_model=resolve_model, explain=lambda cfg: "llama.cpp in-process (backend = llama_cpp)",
+                where=lambda cfg: f"{where_gguf(cfg)} (llama.cpp in-process)")

@@ -40,18 +40,35 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
-from llama_cpp import Llama
+from pydantic import Field
 
-from .base import Backend, OnResponse, Request, Response, context_overflow
-from .llama_cpp import LlamaPrompting
+from ..models import resolve_model
+from .base import Backend, Engine, OnResponse, Request, Response, context_overflow
+from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
 
 log = logging.getLogger("ratchet.engine")
 
 ENV_BINARY = "RATCHET_LLAMA_SERVER"
 # llama-cpp-python's sampling defaults, sent explicitly so both engines sample alike.
 SAMPLING_DEFAULTS = {"top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_last_n": 64}
+
+
+class ServerKeys(GGUFKeys):
+    """The managed server's keys (llama_server, and auto, which runs it when it can)."""
+    slots: int = Field(4, ge=1, le=64, description="Sequences decoded in parallel (requests in flight).")
+    prompt_cache: bool = Field(True, description="Reuse a slot's evaluated prompt prefix (cache_prompt).")
+    server_binary: str = Field("", description="Path of a llama-server binary; default: $RATCHET_LLAMA_SERVER, "
+                               "then the .[server] extra's, then llama-server on PATH.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer, per slot (the requests in "
+                             "flight share the cores).")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries (with backoff) on timeouts, 5xx and garbage.")
+
+
+class LlamaServerConfig(ServerKeys):
+    backend: Literal["llama_server"] = "llama_server"
 
 
 class ServerStartError(Exception):
@@ -219,6 +236,8 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "ratchet-llama-server"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"llama-server-{self.model_path.stem}-{os.getpid()}-{id(self):x}.log"
+        from llama_cpp import Llama
+
         # The tokenizer and chat template only: the weights live in the server.
         with contextlib.redirect_stderr(io.StringIO()):  # a vocab-only context warns about n_ctx_train = 0
             self.llm = Llama(model_path=str(self.model_path), vocab_only=True, n_ctx=64, verbose=False)
@@ -413,6 +432,13 @@ class LlamaServerBackend(LlamaPrompting, Backend):
             break
         return responses  # type: ignore[return-value]
 
+    @classmethod
+    def from_config(cls, cfg: ServerKeys, binary: Path) -> "LlamaServerBackend":
+        # N requests in flight share the cores: each may take N times as long.
+        return cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=cfg.slots, threads=cfg.threads,
+                   prompt_cache=cfg.prompt_cache, constrained=cfg.constrained, timeout_s=cfg.timeout_s * cfg.slots,
+                   max_retries=cfg.max_retries, log_dir=cfg.log_dir)
+
     # -- description and shutdown --
 
     def describe(self) -> dict:
@@ -437,3 +463,60 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         if llm is not None:
             llm.close()
         _LIVE.discard(self)
+
+
+def load(cfg: ServerKeys) -> Backend:
+    """The managed server when a binary is found and starts; else llama.cpp in-process, saying why
+    (backend llama_server asked for it explicitly: a warning; auto: a note in the manifest)."""
+    from .llama_cpp import LlamaCppBackend
+
+    path = resolve_model(cfg.model)  # a missing file is an error before any process starts
+    choice = choose(cfg)
+    if choice.backend == "llama_server":
+        try:
+            return LlamaServerBackend.from_config(cfg, choice.binary)
+        except ServerStartError as exc:
+            note = f"llama-server failed to start: {exc}"
+            log.warning("%s\nrunning %s with llama.cpp in-process instead", note, path.name)
+            return LlamaCppBackend.from_config(cfg, note)
+    if cfg.backend == "llama_server":  # asked for explicitly: say why it is not used
+        log.warning("backend llama_server: %s; running %s with llama.cpp in-process instead", choice.reason, path.name)
+    return LlamaCppBackend.from_config(cfg, choice.reason)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine a GGUF model runs on and why (`ratchet status` prints it)."""
+    backend: str  # llama_server | llama_cpp
+    binary: Path | None
+    reason: str
+
+    def describe(self) -> str:
+        if self.backend == "llama_server":
+            return f"llama-server, managed ({self.binary}; {self.reason})"
+        return f"llama.cpp in-process ({self.reason})"
+
+
+def choose(cfg: ServerKeys) -> EngineChoice:
+    """The managed llama-server when a binary is found, else llama.cpp in-process."""
+    found = find_binary(cfg.server_binary)
+    if found.path is None:
+        return EngineChoice("llama_cpp", None, found.source)
+    return EngineChoice("llama_server", found.path, f"found via {found.source}")
+
+
+def explain(cfg: ServerKeys) -> str:
+    choice = choose(cfg)
+    extra = f"; {cfg.slots} slot(s), n_ctx {cfg.n_ctx} per slot" if choice.backend == "llama_server" else ""
+    return choice.describe() + extra
+
+
+def where(cfg: ServerKeys) -> str:
+    kind = "llama-server" if choose(cfg).backend == "llama_server" else "llama.cpp in-process"
+    return f"{where_gguf(cfg)} ({kind})"
+
+
+ENGINE = Engine("llama_server", LlamaServerConfig, load, model_file="gguf",
+                summary="llama.cpp's own server, started and stopped by the builder (extra .[server]); "
+                        "falls back to llama_cpp with a warning when no binary is found",
+                check_model=resolve_model, explain=explain, where=where)

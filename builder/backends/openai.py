@@ -20,11 +20,13 @@ import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Literal
 
 import httpx
+from pydantic import Field, model_validator
 
 from ..corpus import approx_tokens
-from .base import Backend, OnResponse, Request, Response
+from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response
 
 ZWSP = "\u200b"
 # ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
@@ -34,6 +36,25 @@ _SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?(?:start_of_turn|end_of_turn|bos
 def neutralize_special_tokens(text: str) -> str:
     """Insert a zero-width space after the first character of every special-token spelling."""
     return _SPECIAL.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
+
+
+class OpenAIConfig(EngineConfig):
+    backend: Literal["openai"] = "openai"
+    base_url: str = Field("", description="The server, e.g. http://127.0.0.1:8000 (without /v1).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key, if any.")
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries (with backoff) on connection errors, timeouts, "
+                             "5xx, garbage.")
+    response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object "
+        "(llama-cpp-python's server).")
+
+    @model_validator(mode="after")
+    def _needs_a_url(self):
+        if not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000)")
+        return self
 
 
 class ServerError(Exception):
@@ -56,6 +77,11 @@ class OpenAIBackend(Backend):
         key = os.environ.get(api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
+
+    @classmethod
+    def from_config(cls, cfg: OpenAIConfig) -> "OpenAIBackend":
+        return cls(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, response_format=cfg.response_format)
 
     @property
     def model_id(self) -> str:
@@ -146,3 +172,8 @@ class OpenAIBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
+
+
+ENGINE = Engine("openai", OpenAIConfig, OpenAIBackend.from_config, model_file="name",
+                summary="any OpenAI-compatible server (vLLM serve, SGLang, llama.cpp's server, hosted APIs)",
+                where=lambda cfg: f"{cfg.model} at {cfg.base_url} (OpenAI-compatible server)")

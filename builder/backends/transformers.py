@@ -14,34 +14,25 @@ request gives the same output whatever else was in the batch.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from ..models import ModelNotFound, file_sha256
+from pydantic import Field
+
+from ..models import check_checkpoint, weights_sha256
 from . import hf_chat
-from .base import Request, Response, SequentialBackend, context_overflow
+from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
 
 
-def weights_sha256(folder: Path) -> str:
-    """sha256 over a checkpoint's *.safetensors (sorted, name and content): the call cache is
-    keyed on the weights, not on the folder's name. Per-file hashes are memoised."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def check_checkpoint(folder: Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelNotFound(f"{folder}: checkpoint folder not found (backend 'transformers' loads a local "
-                            "transformers checkpoint: a folder with config.json, *.safetensors and the tokenizer)")
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise ModelNotFound(f"{folder}: not a transformers checkpoint (needs config.json and *.safetensors)")
-    return folder
+class TransformersConfig(EngineConfig):
+    backend: Literal["transformers"] = "transformers"
+    n_ctx: int = Field(4096, ge=256, description="Context window in tokens.")
+    threads: int = Field(0, ge=0, description="CPU threads of torch; 0 = torch's default.")
+    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16, float16.")
+    device: str = Field("auto", description="cpu, cuda, or auto (cuda when available).")
 
 
 def torch_dtype(name: str):
@@ -85,6 +76,11 @@ class TransformersBackend(SequentialBackend):
         self._model_id: str | None = None
         self._compiler = None
         self._grammars: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: TransformersConfig) -> "TransformersBackend":
+        # A relative folder is taken as given: the caller resolves it against the workspace.
+        return cls(Path(cfg.model), n_ctx=cfg.n_ctx, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
 
     @property
     def model_id(self) -> str:
@@ -168,3 +164,10 @@ class TransformersBackend(SequentialBackend):
             torch.set_num_threads(self._threads_before)
         self.model = None
         self._grammars.clear()
+
+
+ENGINE = Engine("transformers", TransformersConfig, TransformersBackend.from_config, model_file="checkpoint",
+                summary="a local transformers checkpoint in-process (e.g. a trained generation, models/gen-0001), "
+                        "xgrammar-constrained",
+                check_model=lambda spec: check_checkpoint(Path(spec)) and None,
+                where=lambda cfg: f"{cfg.model} (transformers checkpoint)")

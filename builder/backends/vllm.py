@@ -18,11 +18,22 @@ import importlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from ..models import ModelNotFound
+from pydantic import Field
+
+from ..models import ModelNotFound, weights_sha256
 from . import hf_chat
-from .base import Backend, OnResponse, Request, Response, context_overflow
-from .transformers import weights_sha256
+from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, context_overflow
+
+class VLLMConfig(EngineConfig):
+    backend: Literal["vllm"] = "vllm"
+    n_ctx: int = Field(4096, ge=256, description="Context window in tokens (max_model_len).")
+    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16, float16.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the shared instructions' KV cache across requests.")
+
 
 INSTALL_HINT = "backend 'vllm' needs the optional extra: pip install 'moral-ratchet[vllm]' (a CUDA GPU)"
 
@@ -108,6 +119,12 @@ class VLLMBackend(Backend):
                                  tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx, seed=seed)
         self._model_id: str | None = None
 
+    @classmethod
+    def from_config(cls, cfg: VLLMConfig) -> "VLLMBackend":
+        # A local folder (as given, like transformers) or a Hub id that vLLM downloads.
+        return cls(cfg.model, n_ctx=cfg.n_ctx, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=cfg.enable_prefix_caching)
+
     @property
     def model_id(self) -> str:
         if self._model_id is None:
@@ -160,3 +177,8 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         self.llm = None  # vLLM frees the GPU when the engine is garbage-collected
+
+
+ENGINE = Engine("vllm", VLLMConfig, VLLMBackend.from_config, model_file="checkpoint",
+                summary="vLLM offline batch on a CUDA GPU (extra .[vllm]): a local checkpoint or a Hub id",
+                where=lambda cfg: f"{cfg.model} (vLLM offline batch)")

@@ -1,0 +1,118 @@
+"""Annotate: every annotating ensemble member writes one epistemic reflection per passage
+(schemas/annotation.schema.json), or a recorded rejection after its retries."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..config import RatchetConfig
+from ..corpus import Passage
+from ..prompts import Prompts
+from ..structured import Outcome
+from ..tables import Json, Table, doc
+from ..workspace import transaction
+from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+
+
+@dataclass
+class AnnotationRow:
+    generation: int
+    passage_id: str
+    annotator: str
+    status: str = doc("accepted | rejected")
+    reason: str | None = doc("why it was rejected (last attempt)")
+    attempts: int
+    truncated: int = doc("attempts cut off by the token limit")
+    record: Json | None = doc("the validated annotation (schemas/annotation.schema.json)")
+    call_key: str | None = doc("the model call that produced it")
+
+
+ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
+
+
+@dataclass
+class MemberRow:
+    name: str
+    family: str = doc("model architecture (GGUF general.architecture)")
+    persona: str
+    model: str = doc("model file name")
+    backend: str
+
+
+MEMBERS = Table("members", MemberRow, key=("name",), doc="who annotates: the substrate and perspective of each")
+
+
+class AnnotateTask(ModelTask[Passage, AnnotationRow]):
+    schema_name = "annotation"
+
+    def __init__(self, prompts: Prompts, cfg: RatchetConfig, generation: int, annotator: str, persona: str = "default",
+                 temperature: float | None = None):
+        super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
+        self.prompts, self.mark, self.persona = prompts, cfg.annotate.datamark, persona
+        self.generation, self.annotator = generation, annotator
+
+    def format_input(self, passage: Passage) -> tuple[dict, ...]:
+        return self.prompts.annotation_messages(passage.text, mark=self.mark, persona=self.persona)
+
+    def format_output(self, passage: Passage, o: Outcome) -> AnnotationRow:
+        return AnnotationRow(self.generation, passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
+                             o.truncated, o.record, o.call_key)
+
+
+class Annotate(Stage):
+    name = "annotate"
+    tables = (ANNOTATIONS, MEMBERS)
+
+    def run(self, ctx: BuildContext) -> dict:
+        store_members(ctx.con, ctx.generation, ctx.ensemble)
+        cfg = annotation_config(ctx.cfg, ctx.generation)
+        for member in ctx.ensemble.annotators:
+            task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature)
+            rows = run_task(task, ctx.passages, ctx.engine(member.backend), ctx.step(task.label, len(ctx.passages)))
+            ctx.per_member[member.name] = rows
+            with transaction(ctx.con):
+                ctx.con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?",
+                                [ctx.generation, member.name])
+                ANNOTATIONS.insert(ctx.con, rows)
+        ctx.accepted = accepted_annotations(ctx.per_member)
+        return annotation_metrics([r for rows in ctx.per_member.values() for r in rows])
+
+
+def annotate(passages: list[Passage], engine, prompts: Prompts, config: RatchetConfig, on_progress=None,
+             persona: str = "default", temperature: float | None = None, generation: int = 1,
+             annotator: str = "annotator") -> list[AnnotationRow]:
+    """Annotate passages with one cached engine outside a build (benches, notebooks, tests)."""
+    return run_task(AnnotateTask(prompts, config, generation, annotator, persona, temperature), passages, engine,
+                    on_progress)
+
+
+def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:
+    """With ratchet.reseed, each generation samples its annotations with its own seed."""
+    if not cfg.ratchet.reseed or generation == 1:
+        return cfg
+    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * (generation - 1)})})
+
+
+def store_members(con, generation: int, ensemble) -> None:
+    """Record who annotates; drop this generation's annotations by members no longer in the
+    ensemble (a renamed or removed member), so the splits and the audit see only this one's."""
+    with transaction(con):
+        MEMBERS.insert(con, [MemberRow(m.name, m.family, m.persona, m.backend.model_name, m.backend.kind)
+                             for m in ensemble.members], on_conflict="replace")
+        con.execute("DELETE FROM annotations WHERE generation = $g AND annotator NOT IN (SELECT unnest($names))",
+                    {"g": generation, "names": [m.name for m in ensemble.annotators]})
+
+
+def accepted_annotations(per_member: dict[str, list[AnnotationRow]]) -> list[tuple[str, str, dict]]:
+    """(passage_id, annotator, record) of every accepted annotation, in a stable order."""
+    return sorted((r.passage_id, name, r.record) for name, rows in per_member.items()
+                  for r in rows if r.status == "accepted")
+
+
+def annotation_metrics(rows: list[AnnotationRow]) -> dict:
+    attempts = sum(r.attempts for r in rows)
+    reasons = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected")
+    return {"annotations": len(rows), "accepted": sum(r.status == "accepted" for r in rows),
+            "rejected": sum(r.status == "rejected" for r in rows), "rejection_reasons": dict(sorted(reasons.items())),
+            "attempts": attempts,
+            "truncation_rate": round(sum(r.truncated for r in rows) / attempts, 4) if attempts else 0.0}

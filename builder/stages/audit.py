@@ -1,0 +1,338 @@
+"""Blind audit: a secret sample of annotations is checked by auditors; outcomes feed reputation.
+
+Every annotator prompt carries the same audit notice (prompts/audit_notice.txt) and nothing
+else about auditing. Which items are audited is decided by an HMAC of (item, annotator,
+generation) under a per-workspace secret that no prompt, log line, published file or
+training text contains: reproducible for whoever holds the secret, invisible to annotators.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from typing import Annotated
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import RatchetConfig, model_short_name
+from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
+from ..structured import Outcome
+from ..tables import Json, Table, doc
+from ..workspace import insert_rows
+from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+
+SECRET_ENV = "RATCHET_AUDIT_SECRET"
+SECRET_FILE = ".ratchet-secret"
+MIN_SECRET_BYTES = 16
+
+
+class AuditError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- the secret and the sample
+
+
+def create_secret(root: Path) -> Path:
+    """A new random secret in ROOT/.ratchet-secret, readable by its owner only (0600)."""
+    path = Path(root) / SECRET_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def load_secret(root: Path) -> bytes:
+    """The audit secret: $RATCHET_AUDIT_SECRET, else the workspace's secret file (made on first use)."""
+    value = os.environ.get(SECRET_ENV)
+    source = f"${SECRET_ENV}"
+    if value is None:
+        path = create_secret(root)
+        if path.stat().st_mode & 0o077:
+            raise AuditError(f"{path}: the audit secret is readable by others; run `chmod 600 {path}`")
+        value, source = path.read_text(encoding="utf-8"), str(path)
+    value = value.strip()
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        # Never echo the value: an error message is a place the secret must not appear.
+        raise AuditError(f"{source}: the audit secret is too short (at least {MIN_SECRET_BYTES} characters)")
+    return value.encode()
+
+
+def is_selected(secret: bytes, item: str, annotator: str, generation: int, rate: float) -> bool:
+    """Keyed hash of the item's identity only: no prompt, text or model output goes in."""
+    digest = hmac.new(secret, f"{item}\x1f{annotator}\x1f{generation}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") < rate * 2**64
+
+
+def sample(con, secret: bytes, generation: int, rate: float) -> list[tuple[str, str]]:
+    """(item, annotator) of the accepted annotations chosen for audit, in a stable order."""
+    rows = con.execute("SELECT passage_id, annotator FROM annotations WHERE generation = ? AND status = 'accepted' "
+                       "ORDER BY passage_id, annotator", [generation]).fetchall()
+    return [(item, annotator) for item, annotator in rows if is_selected(secret, item, annotator, generation, rate)]
+
+
+@dataclass
+class SampledItem:
+    item: str
+    annotator: str
+    passage: str
+    record: dict
+
+
+def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[SampledItem]:
+    """Passage and annotation of each sampled (item, annotator), in the sample's order: only
+    the sample is read and decoded, not every accepted annotation."""
+    if not items:
+        return []
+    rows = con.execute("""SELECT a.passage_id, a.annotator, p.text, a.record FROM annotations a
+                          JOIN passages p USING (passage_id)
+                          WHERE a.generation = $generation AND a.status = 'accepted'
+                            AND a.passage_id IN (SELECT unnest($ids))""",
+                       {"generation": generation, "ids": sorted({item for item, _ in items})}).fetchall()
+    found = {(r[0], r[1]): SampledItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
+    return [found[key] for key in items if key in found]
+
+
+# ---------------------------------------------------------------- model auditor
+
+
+def audit_messages(prompts: Prompts, passage: str, record: dict) -> tuple[dict, ...]:
+    values = {"open": OPEN, "close": CLOSE, "line_mark": LINE_MARK}
+    return ({"role": "system", "content": prompts.render("audit.system.jinja", **values)},
+            {"role": "user", "content": prompts.render("audit.user.jinja", passage=datamark(passage, "line"), **values,
+                                                        **record)})
+
+
+@dataclass
+class AuditRow:
+    item: str = doc("passage id")
+    annotator: str
+    generation: int
+    auditor: str = doc("a model member name, or the person's name")
+    auditor_kind: str = doc("model | human")
+    verdict: str = doc("pass | fail")
+    reasons: Json | None
+    wrong_claims: Json | None = doc("1-based numbers of the claims that misstate the passage")
+
+
+AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor"),
+               extra=("audited_at TIMESTAMP DEFAULT current_timestamp",))
+
+
+@dataclass
+class AuditItemRow:
+    item: str
+    annotator: str
+    generation: int
+    by_model: bool
+    by_human: bool
+
+
+AUDIT_ITEMS = Table("audit_items", AuditItemRow, key=("item", "annotator", "generation"),
+                    doc="one row per audited item: exact coverage without a per-item GROUP BY over all audits")
+
+
+class AuditTask(ModelTask[SampledItem, Outcome]):
+    """The model auditor checks one sampled annotation against its passage (never learning who
+    wrote it); schemas/audit.schema.json."""
+    schema_name = "audit"
+
+    def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
+        super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"audit ({auditor})")
+        self.prompts = prompts
+
+    def format_input(self, x: SampledItem) -> tuple[dict, ...]:
+        return audit_messages(self.prompts, x.passage, x.record)
+
+    def format_output(self, x: SampledItem, outcome: Outcome) -> Outcome:
+        return outcome
+
+
+def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prompts: Prompts, config: RatchetConfig,
+                auditor: str, on_progress=None) -> tuple[list[AuditRow], int]:
+    """Audit each sampled item once, with retries like every model stage. Returns the verdicts
+    and the number of audits that produced no valid verdict."""
+    sampled = sampled_items(con, items, generation)
+    outcomes = run_task(AuditTask(prompts, config, auditor), sampled, engine, on_progress)
+    rows = [AuditRow(x.item, x.annotator, generation, auditor, "model", o.record["verdict"], o.record["reasons"],
+                     sorted(set(o.record["wrong_claims"]))) for x, o in zip(sampled, outcomes) if o.record]
+    return rows, sum(o.record is None for o in outcomes)
+
+
+def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
+    AUDITS.insert(con, rows, on_conflict="replace")
+    insert_rows(
+        con,
+        "INSERT INTO audit_items VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+        "by_model = audit_items.by_model OR excluded.by_model, by_human = audit_items.by_human OR excluded.by_human",
+        [[r.item, r.annotator, r.generation, r.auditor_kind == "model", r.auditor_kind == "human"] for r in rows])
+
+
+# ---------------------------------------------------------------- reputation
+
+
+@dataclass
+class ReputationRow:
+    annotator: str
+    generation: int = doc("over every audit up to this generation")
+    passes: Annotated[int, "BIGINT"]
+    fails: Annotated[int, "BIGINT"]
+    alpha: float
+    beta: float
+    mean: float = doc("the annotator's vote weight")
+
+
+REPUTATION = Table("reputation", ReputationRow, key=("annotator", "generation"),
+                   doc="Beta posterior of each annotator's audit pass rate")
+
+
+def update_reputation(con, generation: int) -> dict[str, float]:
+    """Beta(1 + passes, 1 + fails) posterior of each annotator's pass rate over every audit
+    up to this generation; its mean is the annotator's vote weight. Returns name -> mean."""
+    con.execute("DELETE FROM reputation WHERE generation = ?", [generation])
+    con.execute("""
+        INSERT INTO reputation
+        SELECT annotator, ?::INTEGER AS generation,
+               count(*) FILTER (verdict = 'pass') AS passes, count(*) FILTER (verdict = 'fail') AS fails,
+               1 + passes AS alpha, 1 + fails AS beta, alpha / (alpha + beta) AS mean
+        FROM audits WHERE generation <= ? GROUP BY annotator""", [generation, generation])
+    return dict(con.execute("SELECT annotator, mean FROM reputation WHERE generation = ?", [generation]).fetchall())
+
+
+# ---------------------------------------------------------------- human auditors
+
+
+EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims"]
+
+
+def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
+    """Write the sampled items for a person to review (.csv or .jsonl): the passage and the
+    annotation, numbered claims, and empty verdict / reasons / wrong_claims to fill in."""
+    out = []
+    for x in sampled_items(con, sample(con, secret, generation, rate), generation):
+        claims = "\n".join(f"{i}. {c['claim']} ({c['kind']}; support: {c['support']})"
+                           for i, c in enumerate(x.record["claims"], 1))
+        out.append({"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
+                    "claims": claims, "reflection": x.record["reflection"], "verdict": "", "reasons": "", "wrong_claims": ""})
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    elif path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, EXPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(out)
+    else:
+        raise AuditError(f"{path}: use a .csv or .jsonl file name")
+    return len(out)
+
+
+def _read_rows(path: Path):
+    """(where, row dict or None, problem) per data row; where is "LINE" or, in CSV, whose
+    fields may span lines, "LINE (row N)"."""
+    if path.suffix not in (".csv", ".jsonl"):
+        raise AuditError(f"{path}: use a .csv or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AuditError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise AuditError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield lineno, None, f"not valid JSON ({exc.msg})"
+                    continue
+                if isinstance(row, dict):
+                    yield lineno, row, None
+                else:
+                    yield lineno, None, "not a JSON object"
+    else:
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        for n, row in enumerate(reader, 1):
+            yield f"{reader.line_num} (row {n})", row, None
+
+
+def _as_list(value, cast) -> list:
+    if value in (None, ""):
+        return []
+    if isinstance(value, list):
+        return [cast(v) for v in value]
+    separator = ";" if cast is str else ","
+    return [cast(v.strip()) for v in str(value).split(separator) if v.strip()]
+
+
+def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -> AuditRow:
+    missing = [c for c in ("item", "annotator", "generation", "verdict") if not str(row.get(c) or "").strip()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    verdict = str(row["verdict"]).strip().lower()
+    if verdict not in ("pass", "fail"):
+        raise ValueError(f"verdict {row['verdict']!r} is not pass or fail")
+    try:
+        generation = int(row["generation"])
+        wrong = _as_list(row.get("wrong_claims"), int)
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+    if any(not 1 <= n <= 3 for n in wrong):
+        raise ValueError(f"wrong_claims {wrong} must be claim numbers 1-3")
+    key = (str(row["item"]).strip(), str(row["annotator"]).strip(), generation)
+    if key not in known:
+        raise ValueError(f"no accepted annotation {key[0]} by {key[1]} in generation {generation}")
+    return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, _as_list(row.get("reasons"), str),
+                    sorted(set(wrong)))
+
+
+def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
+    """Read a reviewed export back. Good rows are stored; bad ones come back as 'line N: why'."""
+    known = {(r[0], r[1], r[2]) for r in con.execute(
+        "SELECT passage_id, annotator, generation FROM annotations WHERE status = 'accepted'").fetchall()}
+    good: dict[int, list[AuditRow]] = {}
+    problems = []
+    for where, row, problem in _read_rows(Path(path)):
+        if problem is None:
+            try:
+                audit = parse_human_row(row, auditor, known)
+                good.setdefault(int(row["generation"]), []).append(audit)
+                continue
+            except ValueError as exc:
+                problem = str(exc)
+        problems.append(f"{path}:{where}: {problem}")
+    for generation, rows in good.items():
+        store_audits(con, generation, rows)
+        update_reputation(con, generation)
+    return sum(len(r) for r in good.values()), problems
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class Audit(Stage):
+    """Choose the secret sample, let the model auditor check it, update reputation. Only
+    aggregates leave this stage: they go to the summary, the manifest and the card."""
+    name = "audit"
+    tables = (AUDITS, AUDIT_ITEMS, REPUTATION)
+
+    def run(self, ctx: BuildContext) -> dict:
+        g, cfg = ctx.generation, ctx.cfg
+        items = sample(ctx.con, load_secret(ctx.ws.root), g, cfg.audit.rate)
+        failed = 0
+        if cfg.audit.auditor and items:
+            auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
+            engine = ctx.judge_engine(cfg.audit.auditor, "audit.auditor")  # often a member's model: reused
+            rows, failed = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor,
+                                       ctx.step(f"audit ({auditor})", len(items)))
+            store_audits(ctx.con, g, rows)
+        reputation = update_reputation(ctx.con, g)
+        audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
+                                         "WHERE generation = ?", [g]).fetchone()
+        return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
+                          "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
+                          "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())}}}

@@ -1,0 +1,200 @@
+"""Consent gate: frozen checkpoints must consent to every example bound for a training split.
+
+Each judge (config key consent.judges) sees every sft reflection (with its passage) and every
+dpo pair's chosen response (with its request) and answers with schemas/consent.schema.json:
+the persona or trait training on it would reinforce (free text and a short tag), its
+reasons, then `yes` or `no`. A `no` from any judge vetoes the example; the reason is kept.
+Where judges with a valid answer disagree, a drift event records the example, the
+checkpoints and what each said: a later checkpoint drifting from an earlier one shows up
+there instead of passing unnoticed.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from ..config import model_short_name
+from ..prompts import Prompts
+from ..structured import Outcome
+from ..tables import Json, Table, doc
+from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+
+
+@dataclass
+class Example:
+    """One example bound for a training split, as a judge sees it."""
+    split: str  # sft | dpo
+    example_id: str  # sft: the passage id; dpo: ITEM_ID:FRAMEWORK
+    context: str  # PASSAGE | REQUEST
+    context_text: str
+    target: str  # REFLECTION | RESPONSE
+    target_text: str
+
+
+@dataclass
+class Consent:
+    split: str
+    example_id: str
+    judge: str
+    outcome: Outcome
+    veto: bool
+
+    @property
+    def answer(self) -> str | None:
+        return self.outcome.record["consent"] if self.outcome.record else None
+
+
+@dataclass
+class DriftEvent:
+    split: str
+    example_id: str
+    judges: list[str]
+    said: dict[str, dict]  # judge -> {consent, trait_tag, reasons}
+
+
+def tag(text: str) -> str:
+    """A trait tag as a slug: lowercase words joined by hyphens, at most three."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return "-".join(words[:3]) or "none"
+
+
+class ConsentTask(ModelTask[Example, Consent]):
+    """One judge answers for every example. An example without a valid answer after every
+    retry is vetoed (consent.on_invalid = "veto": consent not given) or abstained on."""
+    schema_name = "consent"
+
+    def __init__(self, prompts: Prompts, config, judge: str):
+        super().__init__(Sampling.of(config, config.consent.max_tokens), label=f"consent ({judge})")
+        self.prompts, self.judge, self.on_invalid = prompts, judge, config.consent.on_invalid
+
+    def format_input(self, e: Example) -> tuple[dict, ...]:
+        return self.prompts.consent_messages(e.context, e.context_text, e.target, e.target_text)
+
+    def format_output(self, e: Example, o: Outcome) -> Consent:
+        if o.record:
+            o.record["trait_tag"] = tag(o.record["trait_tag"])
+            veto = o.record["consent"] == "no"
+        else:
+            veto = self.on_invalid == "veto"
+        return Consent(e.split, e.example_id, self.judge, o, veto)
+
+
+def ask(examples: list[Example], judge: str, engine, prompts: Prompts, config, on_progress=None) -> list[Consent]:
+    return run_task(ConsentTask(prompts, config, judge), examples, engine, on_progress)
+
+
+def drift_events(consents: list[Consent]) -> list[DriftEvent]:
+    """Examples on which judges with a valid answer did not all say the same."""
+    by_example: dict[tuple[str, str], list[Consent]] = {}
+    for c in consents:
+        by_example.setdefault((c.split, c.example_id), []).append(c)
+    events = []
+    for (split, example_id), cs in sorted(by_example.items()):
+        answered = [c for c in cs if c.answer]
+        if len({c.answer for c in answered}) > 1:
+            events.append(DriftEvent(split, example_id, sorted(c.judge for c in answered),
+                                     {c.judge: {k: c.outcome.record[k] for k in ("consent", "trait_tag", "reasons")}
+                                      for c in sorted(answered, key=lambda c: c.judge)}))
+    return events
+
+
+def vetoed(consents: list[Consent]) -> set[tuple[str, str]]:
+    return {(c.split, c.example_id) for c in consents if c.veto}
+
+
+def consent_metrics(consents: list[Consent], events: list[DriftEvent], top: int = 5) -> dict:
+    """Veto rate per judge, examples vetoed per split, drift events and the traits most
+    reinforced by the examples that go to training."""
+    judges: dict[str, dict] = {}
+    for c in consents:
+        j = judges.setdefault(c.judge, {"examples": 0, "vetoes": 0, "invalid": 0})
+        j["examples"] += 1
+        j["vetoes"] += c.veto
+        j["invalid"] += c.outcome.record is None
+    for j in judges.values():
+        j["veto_rate"] = round(j["vetoes"] / j["examples"], 3) if j["examples"] else None
+    gone = vetoed(consents)
+    examples = {(c.split, c.example_id) for c in consents}
+    kept_tags = Counter(c.outcome.record["trait_tag"] for c in consents
+                        if c.outcome.record and (c.split, c.example_id) not in gone)
+    return {"judges": dict(sorted(judges.items())), "examples": len(examples),
+            "vetoed": dict(sorted(Counter(split for split, _ in gone).items())),
+            "drift_events": len(events),
+            "trait_tags": dict(kept_tags.most_common(top))}
+
+
+# ---------------------------------------------------------------- the stage and its tables
+
+
+@dataclass
+class ConsentRow:
+    generation: int
+    split: str = doc("sft | dpo")
+    example_id: str = doc("sft: passage id; dpo: ITEM_ID:FRAMEWORK")
+    judge: str
+    status: str = doc("accepted | rejected (no valid answer)")
+    consent: str | None = doc("yes | no")
+    veto: bool = doc("excluded by this judge (a no, or no answer under on_invalid = veto)")
+    trait: str | None = doc("the persona or trait training on it would reinforce")
+    trait_tag: str | None
+    reasons: Json | None
+    reason: str | None
+    attempts: int
+    call_key: str | None
+
+
+@dataclass
+class DriftRow:
+    generation: int
+    split: str
+    example_id: str
+    judges: Json = doc("the checkpoints that answered")
+    said: Json = doc("judge -> {consent, trait_tag, reasons}")
+
+
+CONSENTS = Table("consents", ConsentRow, key=("generation", "split", "example_id", "judge"),
+                 doc="the consent gate: each judge's answer per training example")
+DRIFT_EVENTS = Table("drift_events", DriftRow, key=("generation", "split", "example_id"),
+                     doc="consent judges that disagreed on an example")
+
+
+def training_examples(ctx: BuildContext) -> list[Example]:
+    """What the consent judges see: each kept reflection with its passage (sft) and each DPO
+    pair's chosen response with its request (dpo)."""
+    text = ctx.text()
+    records = {(pid, author): record for pid, author, record in ctx.accepted}
+    out = [Example("sft", s.passage_id, "PASSAGE", text[s.passage_id], "REFLECTION",
+                   ctx.prompts.reflection(records[(s.passage_id, s.annotator)])) for s in ctx.selections if s.annotator]
+    out += [Example("dpo", f"{p.item.item_id}:{p.framework}", "REQUEST", p.item.prompt, "RESPONSE", p.chosen)
+            for p in ctx.pairs if p.kept]
+    return out
+
+
+class ConsentGate(Stage):
+    """Every training example to every consent judge; vetoes and drift events to DuckDB."""
+    name = "consent"
+    tables = (CONSENTS, DRIFT_EVENTS)
+
+    def run(self, ctx: BuildContext) -> dict:
+        g, judges = ctx.generation, ctx.cfg.consent.judges
+        ctx.examples = training_examples(ctx)
+        consents, checkpoints = [], {}
+        for model in judges if ctx.examples else []:
+            name = model_short_name(model)
+            engine = ctx.judge_engine(model, "consent.judges")
+            checkpoints[name] = engine.backend.describe()
+            consents += run_task(ConsentTask(ctx.prompts, ctx.cfg, name), ctx.examples, engine,
+                                 ctx.step(f"consent ({name})", len(ctx.examples)))
+        events = drift_events(consents)
+        CONSENTS.replace_generation(ctx.con, g, [
+            ConsentRow(g, c.split, c.example_id, c.judge, c.outcome.status, c.answer, c.veto,
+                       (c.outcome.record or {}).get("trait"), (c.outcome.record or {}).get("trait_tag"),
+                       c.outcome.record["reasons"] if c.outcome.record else None, c.outcome.reason,
+                       c.outcome.attempts, c.outcome.call_key) for c in consents])
+        DRIFT_EVENTS.replace_generation(ctx.con, g, [DriftRow(g, e.split, e.example_id, e.judges, e.said)
+                                                     for e in events])
+        if not judges:
+            return {"consent": None}
+        ctx.log.info("consent: %d examples, %d judges, %d drift events", len(ctx.examples), len(judges), len(events))
+        return {"consent": {**consent_metrics(consents, events), "checkpoints": checkpoints}}

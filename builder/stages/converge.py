@@ -1,0 +1,232 @@
+"""Converge: a score per annotation from its critics' verdicts, one kept annotation per passage
+(or none, with the reason), and how far the critics agree (Krippendorff's alpha).
+
+score = weighted share of critics whose verdict is `survives`; a critic's weight is its
+reputation (audit pass rate, Beta posterior mean) earned in earlier generations, the prior
+0.5 for a member never audited, so in generation 1 every vote weighs the same. Earlier
+generations only: this generation's audit sample is secret, and nothing published may
+depend on which items it holds.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import krippendorff
+import numpy as np
+
+from ..tables import Table, doc
+from .base import BuildContext, Stage
+from .scrutinize import PRIOR_WEIGHT, CritiqueRow, reputation_weights
+
+VERDICTS = ("survives", "revise", "reject")
+
+
+@dataclass
+class Scored:
+    passage_id: str
+    annotator: str
+    score: float | None  # None: not scrutinized, or no valid critique
+    critiques: int  # valid critiques behind the score
+
+
+@dataclass
+class Selection:
+    passage_id: str
+    annotator: str | None  # None: the passage keeps no annotation this generation
+    score: float | None
+    reason: str
+
+
+def convergence_score(votes: list[tuple[str, str]], weights: dict[str, float]) -> float | None:
+    """votes: (critic, verdict) of the valid critiques of one annotation."""
+    total = sum(weights.get(critic, PRIOR_WEIGHT) for critic, _ in votes)
+    if not votes or total <= 0:
+        return None
+    return sum(weights.get(critic, PRIOR_WEIGHT) for critic, verdict in votes if verdict == "survives") / total
+
+
+def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueRow],
+                      weights: dict[str, float]) -> list[Scored]:
+    """accepted: (passage_id, annotator) of every valid annotation."""
+    votes: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for c in critiques:
+        if c.status == "accepted":
+            votes[(c.passage_id, c.annotator)].append((c.critic, c.verdict))
+    return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]))
+            for pid, author in accepted]
+
+
+def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrutinized: bool,
+           member_order: list[str]) -> list[Selection]:
+    """Per passage, the annotation with the highest score at or above the threshold (ties: more
+    critiques, then the ensemble's order), or none with the reason."""
+    by_passage: dict[str, list[Scored]] = defaultdict(list)
+    for s in scored:
+        by_passage[s.passage_id].append(s)
+    rank = {name: i for i, name in enumerate(member_order)}
+    out = []
+    for pid in passage_ids:
+        candidates = by_passage.get(pid, [])
+        if not candidates:
+            out.append(Selection(pid, None, None, "no valid annotation"))
+            continue
+        if not scrutinized:
+            first = min(candidates, key=lambda s: rank.get(s.annotator, len(rank)))
+            out.append(Selection(pid, first.annotator, None, "not scrutinized (ensemble.k = 0)"))
+            continue
+        rated = [s for s in candidates if s.score is not None]
+        if not rated:
+            out.append(Selection(pid, None, None, "no valid critique"))
+            continue
+        best = min(rated, key=lambda s: (-s.score, -s.critiques, rank.get(s.annotator, len(rank))))
+        if best.score >= threshold:
+            out.append(Selection(pid, best.annotator, best.score, "converged"))
+        else:
+            out.append(Selection(pid, None, best.score,
+                                 f"below threshold: best score {best.score:.2f} ({best.annotator}) < {threshold:.2f}"))
+    return out
+
+
+def alpha(critiques: list[CritiqueRow]) -> float | None:
+    """Krippendorff's alpha (nominal) of the critics' verdicts: units are annotations, coders
+    are critics. None where it is undefined (no annotation with two verdicts, or no variation)."""
+    valid = [c for c in critiques if c.status == "accepted"]
+    units = sorted({(c.passage_id, c.annotator) for c in valid})
+    coders = sorted({c.critic for c in valid})
+    if len(coders) < 2 or not units:
+        return None
+    col, row = {u: j for j, u in enumerate(units)}, {c: i for i, c in enumerate(coders)}
+    data = np.full((len(coders), len(units)), np.nan)
+    for c in valid:
+        data[row[c.critic], col[(c.passage_id, c.annotator)]] = VERDICTS.index(c.verdict)
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 where nobody disagrees: undefined
+            value = krippendorff.alpha(reliability_data=data, level_of_measurement="nominal", value_domain=[0, 1, 2])
+    except ValueError:
+        return None
+    return None if math.isnan(value) else round(float(value), 4)
+
+
+@dataclass
+class Agreement:
+    scope: str  # generation | author (annotations by this member) | critic (annotations this member critiqued)
+    member: str  # "*" for the generation
+    alpha: float | None
+    units: int  # annotations with at least two valid verdicts
+    critiques: int
+
+
+def _agreement(scope: str, member: str, critiques: list[CritiqueRow]) -> Agreement:
+    valid = [c for c in critiques if c.status == "accepted"]
+    per_unit: dict[tuple, int] = defaultdict(int)
+    for c in valid:
+        per_unit[(c.passage_id, c.annotator)] += 1
+    return Agreement(scope, member, alpha(valid), sum(n >= 2 for n in per_unit.values()), len(valid))
+
+
+def agreement(critiques: list[CritiqueRow]) -> list[Agreement]:
+    """Alpha for the whole generation, per author (do critics agree about this member's work?)
+    and per critic (over the annotations it critiqued, with the other critics of those)."""
+    rows = [_agreement("generation", "*", critiques)]
+    for author in sorted({c.annotator for c in critiques}):
+        rows.append(_agreement("author", author, [c for c in critiques if c.annotator == author]))
+    for critic in sorted({c.critic for c in critiques}):
+        units = {(c.passage_id, c.annotator) for c in critiques if c.critic == critic}
+        rows.append(_agreement("critic", critic, [c for c in critiques if (c.passage_id, c.annotator) in units]))
+    return rows
+
+
+# ---------------------------------------------------------------- the stage and its tables
+
+
+@dataclass
+class ConvergenceRow:
+    generation: int
+    passage_id: str
+    annotator: str
+    score: float | None = doc("weighted share of 'survives'; NULL: not scrutinized or no valid critique")
+    critiques: int = doc("valid critiques behind the score")
+    selected: bool
+
+
+@dataclass
+class SelectionRow:
+    generation: int
+    passage_id: str
+    annotator: str | None
+    score: float | None
+    reason: str
+
+
+@dataclass
+class AgreementRow:
+    generation: int
+    scope: str = doc("generation | author | critic")
+    member: str = doc("'*' for the whole generation")
+    alpha: float | None = doc("NULL where undefined (no annotation with two verdicts, no variation)")
+    units: int = doc("annotations with at least two valid verdicts")
+    critiques: int
+
+
+CONVERGENCE = Table("convergence", ConvergenceRow, key=("generation", "passage_id", "annotator"),
+                    doc="converge: one score per accepted annotation")
+SELECTIONS = Table("selections", SelectionRow, key=("generation", "passage_id"),
+                   doc="the annotation each passage keeps, or none and why")
+AGREEMENT = Table("agreement", AgreementRow, key=("generation", "scope", "member"),
+                  doc="Krippendorff's alpha (nominal) of the critics' verdicts")
+
+
+class Converge(Stage):
+    name = "converge"
+    tables = (CONVERGENCE, SELECTIONS, AGREEMENT)
+
+    def run(self, ctx: BuildContext) -> dict:
+        g, ensemble = ctx.generation, ctx.ensemble
+        weights = reputation_weights(ctx.con, g)
+        ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights)
+        ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
+        ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0,
+                                [m.name for m in ensemble.annotators])
+        ctx.agreements = agreement(ctx.critiques) if ctx.critiques else []
+        chosen = {(s.passage_id, s.annotator) for s in ctx.selections if s.annotator}
+        CONVERGENCE.replace_generation(ctx.con, g, [
+            ConvergenceRow(g, s.passage_id, s.annotator, s.score, s.critiques, (s.passage_id, s.annotator) in chosen)
+            for s in ctx.scored])
+        SELECTIONS.replace_generation(ctx.con, g, [SelectionRow(g, s.passage_id, s.annotator, s.score, s.reason)
+                                                   for s in ctx.selections])
+        AGREEMENT.replace_generation(ctx.con, g, [AgreementRow(g, a.scope, a.member, a.alpha, a.units, a.critiques)
+                                                  for a in ctx.agreements])
+        return {"ensemble": ensemble_metrics(ctx)}
+
+
+def ensemble_metrics(ctx: BuildContext) -> dict:
+    """What the summary, the manifest and the card say about the ensemble."""
+    ensemble, critiques, selections = ctx.ensemble, ctx.critiques, ctx.selections
+    selected = Counter(s.annotator for s in selections if s.annotator)
+    scores: dict[str, list[float]] = {}
+    for s in ctx.scored:
+        if s.score is not None:
+            scores.setdefault(s.annotator, []).append(s.score)
+    members = {}
+    for m in ensemble.members:
+        rows = ctx.per_member.get(m.name, [])
+        mine = [c for c in critiques if c.critic == m.name and c.status == "accepted"]
+        members[m.name] = {
+            "family": m.family, "persona": m.persona, "roles": m.roles,
+            "accepted": sum(r.status == "accepted" for r in rows), "rejected": sum(r.status == "rejected" for r in rows),
+            "selected": selected.get(m.name, 0),
+            "mean_score": round(sum(scores[m.name]) / len(scores[m.name]), 3) if scores.get(m.name) else None,
+            "critiques": len(mine), "survives_given": sum(c.verdict == "survives" for c in mine)}
+    reasons = Counter(s.reason.split(":")[0] for s in selections if not s.annotator)
+    return {
+        "k": ensemble.k, "threshold": ctx.cfg.ensemble.threshold, "families": ensemble.families, "members": members,
+        "critiques": sum(c.status == "accepted" for c in critiques),
+        "invalid_critiques": sum(c.status != "accepted" for c in critiques),
+        "verdicts": dict(sorted(Counter(c.verdict for c in critiques if c.verdict).items())),
+        "selected": sum(1 for s in selections if s.annotator), "not_selected": dict(sorted(reasons.items())),
+        "agreement": {("generation" if a.scope == "generation" else f"{a.scope}:{a.member}"): a.alpha
+                      for a in ctx.agreements},
+        "warnings": ensemble.warnings(),
+    }

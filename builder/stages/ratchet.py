@@ -1,0 +1,331 @@
+"""The ratchet: generation N+1 annotates the same passages as generation N, and a new reflection
+replaces the parent's only if a fixed reference panel scores it at least as well.
+
+The panel is frozen when a workspace builds its first generation (by default: every critic
+of the ensemble then, the generation-0 models) and recorded in DuckDB with each member's
+engine, sampling and model hash; later generations load it from there, whatever the config
+says by then, and refuse to run if a panel model file changed. Each generation re-scores both
+the parent's reflection and the new one with that panel (fixed seed and sampling, so the
+parent's score is a cache hit), so a drifting judge cannot fake progress.
+
+Score of a reflection = mean over panel critics of survives 1, revise 0.5, reject 0 (critiques
+without a valid answer do not count; no valid critique at all scores 0 in the means). Per
+passage the final score never falls, so the generation's mean over its passages never falls:
+monotone by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from ..backends.base import Backend
+from ..config import RatchetConfig
+from ..ensemble import Ensemble, Member
+from ..prompts import Prompts
+from ..tables import Json, Table, doc
+from .base import BuildContext, Sampling, Stage, run_task
+from .scrutinize import CritiqueTask, Task
+
+VERDICT_POINTS = {"survives": 1.0, "revise": 0.5, "reject": 0.0}
+
+
+class RatchetError(Exception):
+    """A generation that cannot be built as asked (no parent, a panel that changed)."""
+
+
+@dataclass
+class PanelMember:
+    name: str
+    persona: str
+    family: str
+    engine: Json = doc("the engine config it runs with")
+    sampling: Json = doc("temperature, top_p, repeat_penalty, max_tokens, seed, retries: fixed forever")
+    model_hash: str = doc("sha256 of the model file: a changed file is refused")
+    since_generation: int = 0
+
+
+PANEL = Table("panel", PanelMember, key=("name",),
+              doc="the ratchet's fixed reference panel, frozen by the first generation")
+
+
+@dataclass
+class Reflection:
+    """A passage's reflection: the new candidate of this generation or the parent's final one."""
+    passage_id: str
+    annotator: str
+    generation: int  # the generation that wrote it
+    record: dict
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RatchetRow:
+    generation: int
+    passage_id: str
+    decision: str = doc("new | replaced | unchanged | carried | none")
+    annotator: str | None = doc("author of the final reflection")
+    source_generation: int | None = doc("the generation that wrote it (older when carried forward)")
+    record: Json | None = doc("the final reflection (schemas/annotation.schema.json)")
+    reflection: str | None = doc("the record rendered with prompts/reflection.jinja (the sft text)")
+    score: float | None = doc("its panel score (0..1)")
+    parent_annotator: str | None
+    parent_generation: int | None
+    parent_score: float | None = doc("the parent's reflection, re-scored by the panel now")
+    new_annotator: str | None
+    new_score: float | None = doc("this generation's candidate (converged, not vetoed)")
+    reflection_key: str | None = doc("hash of the final record")
+    reason: str
+
+
+RATCHET = Table("ratchet", RatchetRow, key=("generation", "passage_id"),
+                doc="the reflection each passage keeps in a generation, and why")
+
+
+@dataclass
+class Decision:
+    passage_id: str
+    decision: str  # new | replaced | unchanged | carried | none
+    final: Reflection | None
+    score: float | None
+    parent: Reflection | None
+    parent_score: float | None
+    new: Reflection | None
+    new_score: float | None
+    reason: str
+
+
+def model_hash(backend) -> str:
+    return backend.describe().get("sha256") or backend.model_id
+
+
+# ---------------------------------------------------------------- the panel
+
+
+def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) -> list[PanelMember]:
+    """The panel a workspace's first generation freezes: ratchet.panel, or every critic."""
+    names = cfg.ratchet.panel or [m.name for m in ensemble.critics]
+    by_name = {m.name: m for m in ensemble.members}
+    configs = {m.display_name: m for m in cfg.ensemble.members}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise RatchetError(f"ratchet.panel: no ensemble member named {', '.join(unknown)} "
+                           f"(members: {', '.join(by_name)})")
+    if not names:
+        raise RatchetError("ratchet.panel is empty and the ensemble has no critic: name at least one member")
+    s = cfg.sampling
+    panel = []
+    for name in names:
+        member = by_name[name]
+        temperature = s.temperature if member.temperature is None else member.temperature
+        panel.append(PanelMember(
+            name, member.persona, member.family, configs[name].engine(cfg.annotator).model_dump(),
+            {"temperature": temperature, "top_p": s.top_p, "repeat_penalty": s.repeat_penalty,
+             "max_tokens": cfg.ensemble.critic_max_tokens, "seed": s.seed, "retries": cfg.annotate.retries},
+            model_hash(member.backend), generation))
+    return panel
+
+
+def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int) -> list[PanelMember]:
+    rows = PANEL.read(con, "true ORDER BY name")
+    if rows:
+        return rows
+    panel = choose_panel(cfg, ensemble, generation)
+    PANEL.insert(con, panel)
+    return panel
+
+
+def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack) -> list[tuple[PanelMember, Member, Backend]]:
+    """Each panel member with a loaded engine: a member's, or one loaded for this build."""
+    from ..backends import registry
+
+    out = []
+    for p in panel:
+        backend = ensemble.load(registry.parse_stored(p.engine), stack, f"reference panel member {p.name}")
+        if model_hash(backend) != p.model_hash:
+            raise RatchetError(
+                f"reference panel member {p.name}: its model changed since the panel was frozen "
+                f"(was {p.model_hash[:12]}…, now {model_hash(backend)[:12]}…); the panel must stay fixed for "
+                "the ratchet to mean anything: restore the file, or start a new workspace")
+        member = Member(p.name, p.persona, ["critique"], p.sampling["temperature"], backend)
+        out.append((p, member, backend))
+    return out
+
+
+def panel_sampling(sampling: dict) -> Sampling:
+    """A panel critic samples as frozen, whatever the config says today."""
+    return Sampling(sampling["max_tokens"], sampling["temperature"], sampling["top_p"], sampling["repeat_penalty"],
+                    sampling["seed"], sampling["retries"])
+
+
+@dataclass
+class PanelVerdict:
+    generation: int
+    passage_id: str
+    reflection: str = doc("hash of the scored record (Reflection.key)")
+    critic: str
+    verdict: str | None = doc("survives | revise | reject; NULL: no valid critique")
+    call_key: str | None
+
+
+PANEL_VERDICTS = Table("panel_verdicts", PanelVerdict, doc="every verdict behind a panel score")
+
+
+def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: Prompts, generation: int,
+          advance=None) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict], int]:
+    """{(passage_id, reflection key): score}, every panel verdict behind the scores, and the
+    attempts they took."""
+    unique = list({(r.passage_id, r.key): r for r in reflections}.values())
+    verdicts: list[PanelVerdict] = []
+    attempts = 0
+    for p, member, engine in panel:
+        tasks = [Task(r.passage_id, text[r.passage_id], r.key, r.record) for r in unique]
+        task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member, label="ratchet panel")
+        results = run_task(task, tasks, engine, advance)
+        verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key)
+                     for c in results]
+        attempts += sum(c.attempts for c in results)
+    points: dict[tuple[str, str], list[float]] = {(r.passage_id, r.key): [] for r in unique}
+    for v in verdicts:
+        if v.verdict in VERDICT_POINTS:
+            points[(v.passage_id, v.reflection)].append(VERDICT_POINTS[v.verdict])
+    return {k: round(sum(x) / len(x), 4) if x else None for k, x in points.items()}, verdicts, attempts
+
+
+# ---------------------------------------------------------------- the rule
+
+
+def decide(passage_ids: list[str], new: dict[str, Reflection], parents: dict[str, Reflection],
+           scores: dict[tuple[str, str], float | None], why_no_new: dict[str, str]) -> list[Decision]:
+    """Per passage: the new reflection replaces the parent's only if the panel scores it at
+    least as well (a reflection without a valid panel score counts as 0)."""
+    out = []
+    for pid in passage_ids:
+        n, p = new.get(pid), parents.get(pid)
+        ns = scores.get((pid, n.key)) if n else None
+        ps = scores.get((pid, p.key)) if p else None
+        if p is None and n is None:
+            out.append(Decision(pid, "none", None, None, None, None, None, None, why_no_new.get(pid, "no reflection")))
+        elif p is None:
+            out.append(Decision(pid, "new", n, ns, None, None, n, ns, "first reflection of this passage"))
+        elif n is None:
+            out.append(Decision(pid, "carried", p, ps, p, ps, None, None,
+                                f"parent carried forward: {why_no_new.get(pid, 'no new reflection')}"))
+        elif n.key == p.key:
+            out.append(Decision(pid, "unchanged", p, ps, p, ps, n, ns, "the new reflection is the parent's"))
+        elif (ns or 0.0) >= (ps or 0.0):
+            out.append(Decision(pid, "replaced", n, ns, p, ps, n, ns,
+                                f"new scored {_fmt(ns)} >= parent {_fmt(ps)}"))
+        else:
+            out.append(Decision(pid, "carried", p, ps, p, ps, n, ns,
+                                f"parent carried forward: new scored {_fmt(ns)} < parent {_fmt(ps)}"))
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.2f}"
+
+
+def parent_reflections(con, generation: int) -> dict[str, Reflection]:
+    """The final reflection per passage of generation - 1 (empty for the first generation)."""
+    rows = con.execute("""SELECT passage_id, annotator, source_generation, record FROM ratchet
+                          WHERE generation = ? AND record IS NOT NULL""", [generation - 1]).fetchall()
+    return {pid: Reflection(pid, a, g, json.loads(r)) for pid, a, g, r in rows}
+
+
+def store(con, generation: int, decisions: list[Decision], verdicts: list[PanelVerdict], prompts: Prompts) -> None:
+    """The decisions, with each final reflection rendered once here so that compiling a
+    generation is SQL alone."""
+    def row(d: Decision) -> RatchetRow:
+        f = d.final
+        return RatchetRow(generation, d.passage_id, d.decision, f.annotator if f else None, f.generation if f else None,
+                          f.record if f else None, prompts.reflection(f.record) if f else None, d.score,
+                          d.parent.annotator if d.parent else None, d.parent.generation if d.parent else None,
+                          d.parent_score, d.new.annotator if d.new else None, d.new_score, f.key if f else None,
+                          d.reason)
+
+    RATCHET.replace_generation(con, generation, [row(d) for d in decisions])
+    PANEL_VERDICTS.replace_generation(con, generation, verdicts)
+
+
+def metrics(con, generation: int) -> dict:
+    """This generation's ratchet figures (the view ratchet_by_generation) and the history."""
+    cols = ["generation", "passages", "with_reflection", "mean_score", "with_parent", "replaced", "carried",
+            "unchanged", "new", "replacement_rate", "carried_rate"]
+    rows = con.execute("SELECT * FROM ratchet_by_generation WHERE generation <= ? ORDER BY generation",
+                       [generation]).fetchall()
+    history = [dict(zip(cols, r)) for r in rows]
+    return {**history[-1], "history": history} if history else {"history": []}
+
+
+def diff(con, a: int, b: int) -> list[dict]:
+    """Per passage of generation b: how its final reflection relates to generation a's, and why."""
+    rows = con.execute("""
+        SELECT coalesce(rb.passage_id, ra.passage_id) AS passage_id, left(p.text, 70) AS passage,
+               ra.reflection_key AS key_a, ra.annotator AS annotator_a, ra.source_generation AS gen_a, ra.score AS score_a,
+               rb.reflection_key AS key_b, rb.annotator AS annotator_b, rb.source_generation AS gen_b, rb.score AS score_b,
+               rb.decision, rb.reason,
+               EXISTS (SELECT 1 FROM consents c WHERE c.generation = $b AND c.split = 'sft'
+                       AND c.example_id = rb.passage_id AND c.veto) AS vetoed
+        FROM (SELECT * FROM ratchet WHERE generation = $a) ra
+        FULL JOIN (SELECT * FROM ratchet WHERE generation = $b) rb USING (passage_id)
+        LEFT JOIN passages p ON p.passage_id = coalesce(rb.passage_id, ra.passage_id)
+        ORDER BY passage_id""", {"a": a, "b": b}).fetchall()
+    cols = ["passage_id", "passage", "key_a", "annotator_a", "gen_a", "score_a", "key_b", "annotator_b", "gen_b",
+            "score_b", "decision", "reason", "vetoed"]
+    out = []
+    for row in rows:
+        r = dict(zip(cols, row))
+        if r["key_a"] is None and r["key_b"] is None:
+            r["change"] = "none"
+        elif r["key_a"] is None:
+            r["change"] = "newly converged"
+        elif r["key_b"] is None:
+            r["change"] = "dropped"
+        elif r["key_a"] == r["key_b"]:
+            r["change"] = "kept"
+        else:
+            r["change"] = "replaced"
+        if r["vetoed"]:
+            r["reason"] = f"{r['reason']} (the new reflection was vetoed by a consent judge)"
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class Ratchet(Stage):
+    """The reference panel scores this generation's candidates (converged, not vetoed) and the
+    parent's reflections; a candidate replaces the parent's only if it scores at least as well."""
+    name = "ratchet"
+    tables = (PANEL, RATCHET, PANEL_VERDICTS)
+
+    def run(self, ctx: BuildContext) -> dict:
+        g = ctx.generation
+        panel = [(p, member, ctx.engine(backend)) for p, member, backend in
+                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g), ctx.ensemble, ctx.stack)]
+        vetoed = {e for e, in ctx.con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND "
+                                              "split = 'sft' AND veto", [g]).fetchall()}
+        records = {(pid, author): record for pid, author, record in ctx.accepted}
+        new, why_not = {}, {}
+        for s in ctx.selections:
+            if s.annotator and s.passage_id not in vetoed:
+                new[s.passage_id] = Reflection(s.passage_id, s.annotator, g, records[(s.passage_id, s.annotator)])
+            else:
+                why_not[s.passage_id] = "the new reflection was vetoed by a consent judge" if s.annotator else s.reason
+        parents = parent_reflections(ctx.con, g)
+        unique = {(r.passage_id, r.key) for r in [*new.values(), *parents.values()]}
+        advance = ctx.step("ratchet panel", len(unique) * len(panel))
+        scores, verdicts, attempts = score([*new.values(), *parents.values()], ctx.text(), panel, ctx.prompts, g,
+                                           advance)
+        decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not)
+        store(ctx.con, g, decisions, verdicts, ctx.prompts)
+        ctx.log.info("ratchet: %s", dict(Counter(d.decision for d in decisions)))
+        return {"ratchet": {**metrics(ctx.con, g), "panel": [p.name for p, _, _ in panel],
+                            "panel_models": {p.name: p.model_hash for p, _, _ in panel},
+                            "panel_attempts": attempts}}

@@ -1,0 +1,136 @@
+"""Each DuckDB table is declared once: by the row type of the stage that writes it.
+
+A row type is a dataclass; its fields, in order, are the table's columns. The SQL type comes
+from the annotation (int INTEGER, str VARCHAR, float DOUBLE, bool BOOLEAN, `Json` JSON, or an
+explicit `Annotated[int, "BIGINT"]`), `X | None` makes a column nullable, and `doc(...)` gives
+a column its comment. `Table` turns that into the CREATE statement and the inserts, so a
+column is named in one place and a row is written by name, never by position.
+
+    @dataclass
+    class NoteRow:
+        generation: int
+        passage_id: str
+        note: str | None = doc("what the stage says about the passage")
+
+    NOTES = Table("notes", NoteRow, key=("generation", "passage_id"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+import types
+import typing
+from typing import Annotated, Any, Union
+
+JSON_TYPE = "JSON"
+Json = Annotated[Any, JSON_TYPE]  # a dict or list, stored as JSON text
+
+_SQL_TYPES = {int: "INTEGER", str: "VARCHAR", float: "DOUBLE", bool: "BOOLEAN", datetime: "TIMESTAMP"}
+
+
+def doc(text: str, default=dataclasses.MISSING):
+    """A column with a comment (shown in the CREATE statement and in `duckdb_columns()`)."""
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+    nullable: bool
+    doc: str = ""
+    json: bool = False
+
+    def ddl(self) -> str:
+        return f"{self.name} {self.sql_type}{'' if self.nullable else ' NOT NULL'}"
+
+
+def _column(field: dataclasses.Field, hint) -> Column:
+    nullable = False
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if typing.get_origin(hint) is Annotated:
+        base, *extras = typing.get_args(hint)
+        sql = next(e for e in extras if isinstance(e, str))
+        return Column(field.name, sql, nullable, field.metadata.get("doc", ""), json=sql == JSON_TYPE)
+    if hint not in _SQL_TYPES:
+        raise TypeError(f"{field.name}: no SQL type for {hint!r}; annotate it as Annotated[..., 'SQL TYPE']")
+    return Column(field.name, _SQL_TYPES[hint], nullable, field.metadata.get("doc", ""))
+
+
+REGISTRY: dict[str, "Table"] = {}
+
+
+class Table:
+    """A DuckDB table declared by a row dataclass. `extra` adds columns a row never sets
+    (e.g. "added_at TIMESTAMP DEFAULT current_timestamp"), after the row's own."""
+
+    def __init__(self, name: str, row: type, key: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                 doc: str = "", register: bool = True):
+        self.name, self.row, self.key, self.extra, self.doc = name, row, key, extra, doc
+        hints = typing.get_type_hints(row, include_extras=True)
+        self.columns = [_column(f, hints[f.name]) for f in dataclasses.fields(row)]
+        missing = [k for k in key if k not in self.names]
+        if missing:
+            raise TypeError(f"table {name}: key column(s) {missing} are not fields of {row.__name__}")
+        if register:  # every workspace has it (a stage's own tables are also created when a build starts)
+            REGISTRY[name] = self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def create_sql(self) -> str:
+        entries = [(c.ddl(), c.doc) for c in self.columns] + [(x, "") for x in self.extra]
+        if self.key:
+            entries.append((f"PRIMARY KEY ({', '.join(self.key)})", ""))
+        width = max(len(ddl) for ddl, _ in entries) + 1
+        lines = []
+        for i, (ddl, comment) in enumerate(entries):
+            text = ddl + ("," if i < len(entries) - 1 else "")
+            lines.append(f"    {text.ljust(width)} -- {comment}" if comment else f"    {text}")
+        head = f"CREATE TABLE IF NOT EXISTS {self.name} ({' -- ' + self.doc if self.doc else ''}"
+        return head + "\n" + "\n".join(lines) + "\n);"
+
+    def create(self, con) -> None:
+        con.execute(self.create_sql())
+
+    def values(self, row) -> list:
+        out = []
+        for c in self.columns:
+            value = getattr(row, c.name)
+            out.append(json.dumps(value, ensure_ascii=False) if c.json and value is not None else value)
+        return out
+
+    def insert(self, con, rows: list, on_conflict: str | None = None) -> None:
+        """Insert rows (row dataclasses) by column name. on_conflict: None, "ignore" or "replace"."""
+        if not rows:
+            return  # DuckDB's executemany refuses an empty list
+        verb = {None: "INSERT", "ignore": "INSERT OR IGNORE", "replace": "INSERT OR REPLACE"}[on_conflict]
+        sql = f"{verb} INTO {self.name} ({', '.join(self.names)}) VALUES ({', '.join('?' * len(self.columns))})"
+        con.executemany(sql, [self.values(r) for r in rows])
+
+    def replace_generation(self, con, generation: int, rows: list, on_conflict: str | None = None) -> None:
+        """Replace one generation's rows in one transaction."""
+        from .workspace import transaction
+
+        with transaction(con):
+            con.execute(f"DELETE FROM {self.name} WHERE generation = ?", [generation])
+            self.insert(con, rows, on_conflict)
+
+    def read(self, con, where: str = "", params=None) -> list:
+        """Rows as row dataclasses (JSON columns parsed)."""
+        sql = f"SELECT {', '.join(self.names)} FROM {self.name}" + (f" WHERE {where}" if where else "")
+        out = []
+        for values in con.execute(sql, params or []).fetchall():
+            kwargs = {c.name: (json.loads(v) if c.json and isinstance(v, str) else v) for c, v in zip(self.columns, values)}
+            out.append(self.row(**kwargs))
+        return out
+
+
+def schema_sql(tables=None) -> str:
+    return "\n".join(t.create_sql() for t in (tables or REGISTRY.values()))

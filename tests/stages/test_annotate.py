@@ -1,0 +1,113 @@
+"""Orchestration with a scripted backend: retries, rejections, cache. The features themselves
+are tested against the real model in test_build.py."""
+import json
+
+import duckdb
+
+from builder.stages.annotate import annotate
+from builder.backends.base import Response
+from builder.cache import CachedBackend
+from builder.config import RatchetConfig
+from builder.corpus import Passage, passage_id
+from builder.prompts import LINE_MARK, Prompts
+from builder.workspace import create_schema
+
+from ..conftest import TextBackend
+
+GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "kind": "fact", "support": "weak", "confidence": "low"}],
+        "weak_reasoning": [], "uncertainties": ["no source"], "ethical_stakes": [], "reflection": "Unsourced claim about taxes."}
+
+
+class Scripted(TextBackend):
+    """Answers from a script: a list of (text, finish_reason) per passage text, one per attempt."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    model_id = "scripted-model"
+
+    def generate(self, requests, on_response=None):
+        out = []
+        for i, r in enumerate(requests):
+            passage = r.messages[-1]["content"]
+            self.calls.append((passage, r.seed, r.temperature))
+            answers = next(v for k, v in self.script.items() if k in passage)
+            text, finish = answers[min(len([c for c in self.calls if c[0] == passage]) - 1, len(answers) - 1)]
+            resp = Response(text, finish, 10, 5, 0.01, error="server down" if finish == "error" else None)
+            out.append(resp)
+            if on_response:
+                on_response(i, resp)
+        return out
+
+
+def passages(*texts):
+    return [Passage(passage_id(t), "test", 0, t, 3) for t in texts]
+
+
+def run(script, texts, retries=2):
+    con = duckdb.connect()
+    create_schema(con)
+    backend = Scripted(script)
+    engine = CachedBackend(backend, con)
+    cfg = RatchetConfig.model_validate({"annotate": {"retries": retries}, "sampling": {"temperature": 0.0}})
+    return annotate(passages(*texts), engine, Prompts(), cfg), backend, engine, con
+
+
+def test_valid_output_accepted_and_datamarks_removed():
+    results, backend, engine, _ = run({"alpha": [(json.dumps(GOOD), "stop")]}, ["alpha text"])
+    assert results[0].status == "accepted"
+    assert results[0].record["claims"][0]["claim"] == "Taxes rose"
+    stored = engine.con.execute("SELECT cache_key FROM model_calls").fetchall()
+    assert [(results[0].call_key,)] == stored  # the record names the call that produced it
+    assert f"{LINE_MARK}alpha text" in backend.calls[0][0]  # the passage was datamarked in the prompt
+    assert engine.stats.calls == 1
+
+
+def test_invalid_then_valid_is_retried_with_another_seed_and_temperature():
+    script = {"beta": [("{not json", "stop"), (json.dumps(GOOD), "stop")]}
+    results, backend, _, _ = run(script, ["beta text"])
+    assert results[0].status == "accepted" and results[0].attempts == 2
+    (_, seed0, t0), (_, seed1, t1) = backend.calls
+    assert seed1 != seed0
+    assert t0 == 0.0 and t1 >= 0.7  # greedy decoding would repeat the same invalid output
+
+
+def test_bounded_retries_then_rejection_with_reason():
+    script = {"gamma": [('{"claims": [', "length")], "delta": [('{"claims": []}', "stop")]}
+    results, backend, _, _ = run(script, ["gamma text", "delta text"], retries=2)
+    by = {r.passage_id: r for r in results}
+    gamma, delta = by[passage_id("gamma text")], by[passage_id("delta text")]
+    assert gamma.status == "rejected" and gamma.attempts == 3 and gamma.truncated == 3
+    assert gamma.reason.startswith("truncated")
+    assert delta.status == "rejected" and "schema violation" in delta.reason
+    assert len(backend.calls) == 6
+
+
+def test_engine_error_is_a_rejection_and_is_not_cached():
+    results, _, engine, con = run({"eps": [("", "error")]}, ["eps text"], retries=0)
+    assert results[0].status == "rejected" and "server down" in results[0].reason
+    assert engine.stats.errors == 1
+    assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 0
+
+
+def test_second_run_is_served_from_the_cache():
+    con = duckdb.connect()
+    create_schema(con)
+    cfg = RatchetConfig()
+    script = {"zeta": [(json.dumps(GOOD), "stop")]}
+    first = CachedBackend(Scripted(script), con)
+    annotate(passages("zeta text"), first, Prompts(), cfg)
+    again_backend = Scripted(script)
+    again = CachedBackend(again_backend, con)
+    results = annotate(passages("zeta text"), again, Prompts(), cfg)
+    assert results[0].status == "accepted"
+    assert again_backend.calls == [] and again.stats.hits == 1
+
+
+def test_annotator_names_keep_version_dots():
+    from builder.config import model_short_name as annotator_name
+
+    assert annotator_name("bundled:smollm2") == "smollm2"
+    assert annotator_name("/models/tiny.Q4_0.gguf") == "tiny.Q4_0"
+    assert annotator_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"

@@ -1,0 +1,120 @@
+"""The secret sample, human audit import, reputation and the documented views (no model)."""
+import json
+import os
+import stat
+
+import duckdb
+import pytest
+
+from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, import_verdicts, is_selected, load_secret,
+                           sample, store_audits, update_reputation)
+from builder.workspace import create_schema
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def db_with_annotations(n=40, generation=1, annotator="smollm2"):
+    con = duckdb.connect()
+    create_schema(con)
+    for i in range(n):
+        con.execute("INSERT INTO passages VALUES (?, 's', 0, ?, 3, now())", [f"p{i:03d}", f"text {i}"])
+        con.execute("INSERT INTO annotations VALUES (?,?,?,'accepted',NULL,1,0,?,NULL)",
+                    [generation, f"p{i:03d}", annotator, json.dumps({"claims": [], "reflection": "r"})])
+    con.execute("INSERT INTO members VALUES (?, 'llama', 'default', 'm.gguf', 'llama_cpp')", [annotator])
+    return con
+
+
+def test_selection_is_keyed_reproducible_and_near_the_rate():
+    ids = [f"item{i}" for i in range(20000)]
+    chosen = [i for i in ids if is_selected(SECRET, i, "a", 1, 0.25)]
+    assert 0.23 < len(chosen) / len(ids) < 0.27
+    assert chosen == [i for i in ids if is_selected(SECRET, i, "a", 1, 0.25)]  # reproducible with the secret
+    other = [i for i in ids if is_selected(b"another-secret-of-32-characters!", i, "a", 1, 0.25)]
+    assert len(set(chosen) & set(other)) < 0.4 * len(chosen)  # unpredictable without it
+    assert not any(is_selected(SECRET, i, "a", 1, 0.0) for i in ids[:500])
+    assert all(is_selected(SECRET, i, "a", 1, 1.0) for i in ids[:500])
+
+
+def test_selection_depends_on_identity_not_on_text():
+    a, b = db_with_annotations(), db_with_annotations()
+    b.execute("UPDATE passages SET text = 'rewritten: ' || text")  # other prompts, same items
+    b.execute("UPDATE annotations SET record = '{\"claims\": [], \"reflection\": \"other\"}'")
+    assert sample(a, SECRET, 1, 0.3) == sample(b, SECRET, 1, 0.3)
+    assert sample(a, SECRET, 1, 0.3) != sample(a, SECRET, 2, 0.3) or not sample(a, SECRET, 1, 0.3)
+
+
+def test_secret_file_is_private_and_env_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    path = create_secret(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_secret(tmp_path) == path.read_text().strip().encode()
+    monkeypatch.setenv(SECRET_ENV, "from-the-environment-0123456789")
+    assert load_secret(tmp_path) == b"from-the-environment-0123456789"
+
+
+def test_bad_secrets_are_refused_without_echoing_them(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "tiny-s3cret")
+    with pytest.raises(AuditError) as exc:
+        load_secret(tmp_path)
+    assert "too short" in str(exc.value) and "tiny-s3cret" not in str(exc.value)
+    monkeypatch.delenv(SECRET_ENV)
+    path = create_secret(tmp_path)
+    os.chmod(path, 0o644)
+    with pytest.raises(AuditError, match="chmod 600") as exc:
+        load_secret(tmp_path)
+    assert path.read_text().strip() not in str(exc.value)
+
+
+def test_import_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path):
+    con = db_with_annotations(5)
+    csv_file = tmp_path / "review.csv"
+    csv_file.write_text(
+        "item,annotator,generation,passage,claims,reflection,verdict,reasons,wrong_claims\n"
+        "p000,smollm2,1,t,c,r,pass,,\n"
+        "p001,smollm2,1,t,c,r,FAIL,invented a claim; wrong support,\"1,2\"\n"
+        "p002,smollm2,1,t,c,r,maybe,,\n"
+        "p999,smollm2,1,t,c,r,pass,,\n"
+        "p003,smollm2,1,t,c,r,fail,,7\n"
+        "p004,smollm2,x,t,c,r,pass,,\n")
+    imported, problems = import_verdicts(con, csv_file, "ana")
+    assert imported == 2
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{csv_file}:{n} (row {n - 1})" for n in (4, 5, 6, 7)]
+    assert "verdict 'maybe' is not pass or fail" in problems[0]
+    assert "no accepted annotation p999" in problems[1]
+    rows = con.execute("SELECT item, verdict, reasons, wrong_claims, auditor_kind, auditor FROM audits ORDER BY item").fetchall()
+    assert rows == [("p000", "pass", "[]", "[]", "human", "ana"),
+                    ("p001", "fail", '["invented a claim", "wrong support"]', "[1, 2]", "human", "ana")]
+    # reputation follows: Beta(1 + 1 pass, 1 + 1 fail)
+    assert con.execute("SELECT passes, fails, mean FROM reputation").fetchall() == [(1, 1, 0.5)]
+
+
+def test_import_jsonl_with_a_broken_line(tmp_path):
+    con = db_with_annotations(3)
+    f = tmp_path / "review.jsonl"
+    f.write_text(json.dumps({"item": "p000", "annotator": "smollm2", "generation": 1, "verdict": "pass",
+                             "reasons": ["faithful"], "wrong_claims": []}) + "\n{broken\n")
+    imported, problems = import_verdicts(con, f, "bo")
+    assert imported == 1 and len(problems) == 1 and problems[0].startswith(f"{f}:2: not valid JSON")
+
+
+def test_import_refuses_other_file_types(tmp_path):
+    with pytest.raises(AuditError, match=".csv or .jsonl"):
+        import_verdicts(db_with_annotations(1), tmp_path / "x.xlsx", "a")
+
+
+def test_documented_views_answer_from_the_tables():
+    con = db_with_annotations(4)
+    store_audits(con, 1, [AuditRow(item, "smollm2", 1, auditor, kind, verdict, [], []) for item, auditor, kind, verdict in [
+        ("p000", "m", "model", "pass"), ("p000", "h", "human", "fail"), ("p001", "m", "model", "fail"),
+        ("p001", "h", "human", "fail"), ("p002", "m", "model", "pass")]])
+    assert con.execute("SELECT audits, passes, pass_rate FROM audit_pass_rate_by_annotator").fetchall() == [(5, 2, 0.4)]
+    assert con.execute("SELECT family, audits FROM audit_pass_rate_by_family").fetchall() == [("llama", 5)]
+    assert con.execute("SELECT persona, audits FROM audit_pass_rate_by_persona").fetchall() == [("default", 5)]
+    assert con.execute("SELECT auditor_kind, audits, passes FROM audit_pass_rate_by_generation").fetchall() == [
+        ("human", 2, 0), ("model", 3, 2)]
+    assert con.execute("SELECT both_audited, disagreements, model_too_lenient, model_too_strict FROM audit_model_vs_human"
+                       ).fetchall() == [(2, 1, 1, 0)]
+    assert con.execute("SELECT accepted, audited, model_audited, human_audited, coverage FROM audit_coverage").fetchall() == [
+        (4, 3, 3, 2, 0.75)]
+    update_reputation(con, 1)
+    assert con.execute("SELECT passes, fails, alpha, beta, round(mean, 4) FROM reputation").fetchall() == [(2, 3, 3.0, 4.0, 0.4286)]

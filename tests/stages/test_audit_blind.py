@@ -1,0 +1,185 @@
+"""Blindness: the secret and the sample never reach a prompt, a log line, an error, a published
+file or the card, and the prompts do not depend on the sample. What goes where is orchestration,
+so the builds run on the scripted engine (the real model auditor runs in test_build.py's
+real build)."""
+import csv
+import json
+import os
+from unittest import mock
+
+import pytest
+from typer.testing import CliRunner
+
+from builder.stages.audit import SECRET_ENV, is_selected
+from builder.build import run_build
+from builder.cache import CachedBackend
+from builder.cli import app
+from builder.corpus import passage_id
+from builder.prompts import Prompts
+from builder.workspace import Workspace
+
+from ..conftest import SHORT_PASSAGES, write_workspace
+
+RATE = 0.5
+IDS = [passage_id(t) for t in SHORT_PASSAGES]
+
+
+def chosen(secret: str) -> set[str]:
+    return {i for i in IDS if is_selected(secret.encode(), i, "smollm2", 1, RATE)}
+
+
+def pick_secrets() -> tuple[str, str]:
+    """Two secrets whose samples differ and are not empty."""
+    candidates = [f"audit-secret-{n:03d}-" + "9f3c" * 6 for n in range(200)]
+    a = next(s for s in candidates if chosen(s))
+    b = next(s for s in candidates if chosen(s) and chosen(s) != chosen(a))
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    root = write_workspace(tmp_path_factory.mktemp("blind") / "ws", SHORT_PASSAGES, sampling={"max_tokens": 384},
+                           audit={"rate": RATE}, annotator={"backend": "scripted", "model": "bundled:smollm2"})
+    secret_a, secret_b = pick_secrets()
+    prompts: dict[str, list[str]] = {"a": [], "b": []}
+    original = CachedBackend.generate
+    current = []
+
+    def recording(self, requests, on_response=None):
+        current.extend(self.backend.render(r.messages) for r in requests)
+        return original(self, requests, on_response)
+
+    ws = Workspace(root)
+    gen = ws.generation_dir(1)
+    with mock.patch.object(CachedBackend, "generate", recording):
+        current = prompts["a"]
+        with mock.patch.dict(os.environ, {SECRET_ENV: secret_a}):
+            summary_a = run_build(ws)
+        published_a = {p.relative_to(gen): p.read_bytes() for p in gen.rglob("*") if p.is_file()}
+        current = prompts["b"]
+        with mock.patch.dict(os.environ, {SECRET_ENV: secret_b}):
+            # another secret, another audit sample, other audit aggregates: the compiled
+            # generation may only be replaced on purpose
+            result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
+        assert result.exit_code == 0, result.output
+    published_b = {p.relative_to(gen): p.read_bytes() for p in gen.rglob("*") if p.is_file()}
+    return dict(ws=ws, secrets=(secret_a, secret_b), prompts=prompts, summary_a=summary_a, cli_output=result.output,
+                published=(published_a, published_b))
+
+
+def annotation_prompts(prompts):
+    """The annotators' prompts (the ratchet panel's critic prompts carry the notice too)."""
+    notice = Prompts().audit_notice
+    return [p for p in prompts if notice in p and "You are a critic." not in p]
+
+
+def test_critic_prompts_carry_the_same_notice_once(two_builds):
+    notice = Prompts().audit_notice
+    critic = [p for p in two_builds["prompts"]["a"] if "You are a critic." in p]
+    assert critic and all(p.count(notice) == 1 for p in critic)
+    assert len({p.split(notice)[0] for p in critic}) == 1
+
+
+def test_every_annotator_prompt_carries_the_same_notice_once(two_builds):
+    notice = Prompts().audit_notice
+    annotate = annotation_prompts(two_builds["prompts"]["a"])
+    assert len(annotate) >= len(SHORT_PASSAGES)
+    assert all(p.count(notice) == 1 for p in annotate)
+    system = {p.split(notice)[0] for p in annotate}
+    assert len(system) == 1  # word for word the same instructions, audited item or not
+
+
+def test_prompts_do_not_depend_on_the_sample(two_builds):
+    a, b = (annotation_prompts(two_builds["prompts"][k]) for k in "ab")
+    assert chosen(two_builds["secrets"][0]) != chosen(two_builds["secrets"][1])
+    assert a == b  # other sample, same prompts in the same order
+    con = two_builds["ws"].connect(read_only=True)
+    calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    con.close()
+    # the second build made no new annotation call: only audits of newly sampled items
+    newly = chosen(two_builds["secrets"][1]) - chosen(two_builds["secrets"][0])
+    assert calls == two_builds["summary_a"]["model_calls"] + len(newly & accepted_ids(two_builds["ws"]))
+
+
+def accepted_ids(ws):
+    con = ws.connect(read_only=True)
+    ids = {r[0] for r in con.execute("SELECT passage_id FROM annotations WHERE status = 'accepted'").fetchall()}
+    con.close()
+    return ids
+
+
+def test_secret_appears_nowhere(two_builds):
+    ws = two_builds["ws"]
+    places = {"prompt": "\n".join(two_builds["prompts"]["a"] + two_builds["prompts"]["b"]).encode(),
+              "cli output": two_builds["cli_output"].encode(),
+              "database": ws.db_path.read_bytes()}
+    for path in list(ws.logs_dir.rglob("*")) + list(ws.generations_dir.rglob("*")):
+        if path.is_file():
+            places[str(path)] = path.read_bytes()
+    for secret in two_builds["secrets"]:
+        for where, data in places.items():
+            assert secret.encode() not in data, f"secret found in {where}"
+
+
+def test_published_files_carry_no_per_item_audit_marker(two_builds):
+    published_a, published_b = two_builds["published"]
+    # The audit_summary split holds the audit's aggregates (pass rates per annotator), which do
+    # depend on the sample; every other split must be byte-identical under another secret.
+    data_a = {k: v for k, v in published_a.items() if k.parts[0] == "data" and not k.name.startswith("audit_summary")}
+    data_b = {k: v for k, v in published_b.items() if k.parts[0] == "data" and not k.name.startswith("audit_summary")}
+    assert data_a == data_b and data_b  # other sample, byte-identical splits: nothing in them depends on it
+    import pyarrow.parquet as pq
+
+    gen = two_builds["ws"].generation_dir(1)
+    for name in data_b:
+        assert not [c for c in pq.read_schema(gen / name).names if "audit" in c]
+    sampled = chosen(two_builds["secrets"][0]) | chosen(two_builds["secrets"][1])
+    texts = [published_b[k].decode() for k in published_b if k.suffix in (".md", ".json")]
+    texts += [p.read_text() for p in two_builds["ws"].logs_dir.glob("*.log")]
+    for item in sampled:
+        assert not any(item in t for t in texts)  # the card, manifest and logs name no item
+
+
+def test_model_auditor_audits_the_sample_into_duckdb(two_builds):
+    ws = two_builds["ws"]
+    con = ws.connect(read_only=True)
+    rows = con.execute("SELECT item, auditor_kind, verdict FROM audits").fetchall()
+    expected = (chosen(two_builds["secrets"][0]) | chosen(two_builds["secrets"][1])) & accepted_ids(ws)
+    assert {r[0] for r in rows} <= expected and rows
+    assert {r[1] for r in rows} == {"model"} and {r[2] for r in rows} <= {"pass", "fail"}
+    assert con.execute("SELECT count(*) FROM reputation WHERE annotator = 'smollm2'").fetchone()[0] >= 1
+    con.close()
+    assert "audit pass rate" in two_builds["cli_output"]
+
+
+def test_export_review_import_round_trip(two_builds, tmp_path):
+    ws = two_builds["ws"]
+    runner = CliRunner()
+    out = tmp_path / "review.csv"
+    with mock.patch.dict(os.environ, {SECRET_ENV: two_builds["secrets"][1]}):
+        result = runner.invoke(app, ["audit", "export", str(out), "--workspace", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert {r["item"] for r in rows} == chosen(two_builds["secrets"][1]) & accepted_ids(ws)
+    for i, row in enumerate(rows):
+        row["verdict"] = "fail" if i == 0 else "pass"
+        row["reasons"] = "claim 1 is not in the passage" if i == 0 else "faithful"
+        row["wrong_claims"] = "1" if i == 0 else ""
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.write("nope,smollm2,1,,,,pass,,\n")
+    result = runner.invoke(app, ["audit", "import", str(out), "--auditor", "ana", "--workspace", str(ws.root)])
+    assert result.exit_code == 1  # one bad row: reported, the rest kept
+    assert f"imported {len(rows)} verdict(s) by ana" in result.output
+    assert f"(row {len(rows) + 1}): no accepted annotation nope" in " ".join(result.output.split())
+    sql = runner.invoke(app, ["sql", "-w", str(ws.root), "-f", "json", "SELECT * FROM audit_model_vs_human"])
+    stats = json.loads(sql.output)
+    con = ws.connect(read_only=True)
+    model_audited = {r[0] for r in con.execute("SELECT item FROM audits WHERE auditor_kind = 'model'").fetchall()}
+    human = con.execute("SELECT item, verdict, auditor FROM audits WHERE auditor_kind = 'human'").fetchall()
+    con.close()
+    assert {(h[0], h[2]) for h in human} == {(r["item"], "ana") for r in rows}
+    both = {r["item"] for r in rows} & model_audited  # a model audit with no valid verdict is not stored
+    assert (stats[0]["both_audited"] if stats else 0) == len(both)

@@ -1,0 +1,143 @@
+"""The conscience stage and the consent gate in a real build: the bundled SmolLM2 is the frozen
+judge, SmolLM2 and Gemma 3 are the consent checkpoints; the dpo split trains with TRL."""
+import json
+import math
+
+import datasets
+import pytest
+from typer.testing import CliRunner
+
+from builder.build import run_build
+from builder.cli import app
+from builder.compile import split_path
+from builder.stages.conscience import ConscienceError
+from builder.models import ModelNotFound
+from builder.resources import EXAMPLES_DIR
+from builder.workspace import Workspace
+
+from ..conftest import SHORT_PASSAGES, write_workspace
+
+pytestmark = pytest.mark.slow
+
+SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
+# Lines of the scenario file. The bundled 135M judge is weak (README: accuracy 0.25 on the
+# labelled file) and keeps few rewrites, so these lines were picked from a full run of the
+# scenario to hold responses it calls ethical, pairs it keeps and pairs one checkpoint
+# vetoes; line 33 is held out (split = "heldout") and must never be judged.
+LINES = [1, 2, 11, 26, 33, 37]
+
+
+def scenario_rows(lines):
+    rows = SCENARIO.read_text(encoding="utf-8").splitlines()
+    return [json.loads(rows[n - 1]) for n in lines]
+
+
+def conscience_workspace(root, lines=LINES, **sections):
+    # Pinned to the in-process engine: the assertions below rely on its exact outputs (the
+    # managed llama-server decodes differently, see README "Engines").
+    sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0}, "annotator": {"backend": "llama_cpp"},
+                "conscience": {"items": "items.jsonl", "exclude": {"split": "heldout"}},
+                "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"]}, **sections}
+    write_workspace(root, SHORT_PASSAGES[:2], **sections)
+    with open(root / "items.jsonl", "w", encoding="utf-8") as fh:
+        for row in scenario_rows(lines):
+            fh.write(json.dumps(row) + "\n")
+    return Workspace(root)
+
+
+@pytest.fixture(scope="module")
+def conscience_built(tmp_path_factory):
+    ws = conscience_workspace(tmp_path_factory.mktemp("conscience") / "ws")
+    return ws, run_build(ws)
+
+
+def test_every_judgement_and_pair_is_in_duckdb_and_kept_pairs_form_the_dpo_split(conscience_built):
+    ws, summary = conscience_built
+    con = ws.connect(read_only=True)
+    held_out = [r for r in scenario_rows(LINES) if r["split"] == "heldout"]
+    items = con.execute("SELECT prompt FROM conscience_items WHERE generation = 1").fetchall()
+    assert len(items) == len(LINES) - len(held_out) and held_out[0]["prompt"] not in {p for p, in items}
+    originals = dict(con.execute("""SELECT item_id, label FROM judgements
+                                    WHERE generation = 1 AND subject = 'original' AND judge = 'smollm2'""").fetchall())
+    assert len(originals) == len(items)
+    unethical = {i for i, label in originals.items() if label == "unethical"}
+    pairs = con.execute("SELECT item_id, kept, reason, chosen FROM pairs WHERE generation = 1").fetchall()
+    assert {p[0] for p in pairs} == unethical  # every unethical response got a rewrite attempt
+    rejudged = dict(con.execute("""SELECT item_id, label FROM judgements
+                                   WHERE generation = 1 AND subject = 'rewrite'""").fetchall())
+    for item_id, kept, reason, chosen in pairs:
+        assert kept == (rejudged.get(item_id) == "ethical"), reason  # kept exactly when the rewrite is ethical
+    vetoed = {e for e, in con.execute("SELECT example_id FROM vetoes WHERE generation = 1 AND split = 'dpo'").fetchall()}
+    expected = {f"{i}:three-laws" for i, kept, _, _ in pairs if kept} - vetoed
+    assert expected, "the chosen lines should leave at least one pair after the consent gate"
+    dpo = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(1), "dpo")), split="train")
+    assert set(dpo["id"]) == expected
+    row = dpo[0]
+    assert [m["role"] for m in row["prompt"]] == ["user"] and [m["role"] for m in row["chosen"]] == ["assistant"]
+    chosen = dict(con.execute("SELECT item_id || ':' || framework, chosen FROM pairs").fetchall())[row["id"]]
+    assert row["chosen"][0]["content"] == chosen and row["rejected"][0]["content"] != chosen
+    assert row["label"] == "unethical" and row["chosen_label"] == "ethical" and row["framework"] == "three-laws"
+    assert row["judge"] == "smollm2" and row["reasons"] and row["chosen_reasons"]
+    c = summary["conscience"]
+    assert c["items"] == len(items) and c["pairs"] == sum(k for _, k, _, _ in pairs)
+    assert sum(c["labels"]["three-laws"]["original"].values()) == len(items)
+    manifest = json.loads((ws.generation_dir(1) / "manifest.json").read_text())
+    assert manifest["counts"]["dpo_pairs"] == len(dpo)
+    assert manifest["metrics"]["conscience"]["judge_model"]["sha256"]  # the frozen judge, by its weights
+
+
+def test_consent_vetoes_and_drift_events_reach_duckdb_the_splits_and_the_summary(conscience_built):
+    ws, summary = conscience_built
+    con = ws.connect(read_only=True)
+    n_examples = con.execute("SELECT count(DISTINCT (split, example_id)) FROM consents WHERE generation = 1").fetchone()[0]
+    assert con.execute("SELECT count(*) FROM consents WHERE generation = 1").fetchone()[0] == 2 * n_examples
+    assert {j for j, in con.execute("SELECT DISTINCT judge FROM consents").fetchall()} == {"smollm2", "gemma3"}
+    # Drift events are exactly the examples on which the two checkpoints' valid answers differ.
+    disagreements = {e for e, in con.execute("""SELECT example_id FROM consents WHERE generation = 1 AND consent IS NOT NULL
+                                                GROUP BY split, example_id HAVING count(DISTINCT consent) > 1""").fetchall()}
+    events = con.execute("SELECT example_id, judges, said FROM drift_events WHERE generation = 1").fetchall()
+    assert {e for e, _, _ in events} == disagreements and disagreements, "the chosen lines make the checkpoints disagree"
+    for _, judges, said in events:
+        assert json.loads(judges) == ["gemma3", "smollm2"] and {s["consent"] for s in json.loads(said).values()} == {"yes", "no"}
+    # A vetoed reflection is not trained on: its passage stands alone in the sft split (or the
+    # split is empty) and the annotations split marks it.
+    vetoed_sft = {e for e, in con.execute("SELECT example_id FROM vetoes WHERE split = 'sft'").fetchall()}
+    ann = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(1), "annotations")), split="train")
+    assert {r["passage_id"] for r in ann if r["vetoed"]} == vetoed_sft
+    manifest = json.loads((ws.generation_dir(1) / "manifest.json").read_text())
+    assert manifest["counts"]["reflections"] == summary["ensemble"]["selected"] - len(vetoed_sft)
+    g = summary["consent"]
+    assert g["drift_events"] == len(events) and set(g["judges"]) == {"smollm2", "gemma3"}
+    assert sum(g["vetoed"].values()) == con.execute("SELECT count(*) FROM vetoes").fetchone()[0]
+    assert all(t == t.lower() and " " not in t for t in g["trait_tags"])
+    card = (ws.generation_dir(1) / "README.md").read_text()
+    assert "## Consent gate" in card and "## Conscience" in card and "config_name: dpo" in card
+    result = CliRunner().invoke(app, ["drift", "--workspace", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    assert "drift events" in result.output and "veto rate per checkpoint" in result.output
+    assert events[0][0][:12] in result.output
+
+
+def test_dpo_split_trains_one_step_with_trl(conscience_built, hf_smollm2, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    ws, _ = conscience_built
+    dpo = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(1), "dpo")), split="train")
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=1, max_length=256,
+                     report_to="none", save_strategy="no", logging_steps=1, use_cpu=True)
+    result = DPOTrainer(model=str(hf_smollm2), train_dataset=dpo, args=args).train()
+    assert result.global_step == 1
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+
+
+def test_a_missing_judge_checkpoint_or_column_fails_before_any_model_runs(tmp_path):
+    ws = conscience_workspace(tmp_path / "a", conscience={"items": "items.jsonl", "judge": str(tmp_path / "gone.gguf")})
+    with pytest.raises(ModelNotFound, match="conscience.judge: .*gone.gguf"):
+        run_build(ws)
+    ws = conscience_workspace(tmp_path / "b", consent={"judges": ["bundled:smollm2", str(tmp_path / "old.gguf")]})
+    with pytest.raises(ModelNotFound, match="consent.judges: .*old.gguf"):
+        run_build(ws)
+    ws = conscience_workspace(tmp_path / "c", conscience={"items": "items.jsonl", "response_field": "answer"})
+    result = CliRunner().invoke(app, ["build", "--workspace", str(ws.root)])
+    assert result.exit_code == 1 and "missing column(s) answer" in " ".join(result.output.split())
+    assert not ws.generation_dir(1).exists()

@@ -1,0 +1,287 @@
+"""The ratchet: generations, the fixed panel's acceptance rule, immutability and `ratchet diff`.
+
+The rule and the orchestration run first on a scripted backend whose critics reward a marker
+word, so that every branch (replaced, carried forward, new, none) happens on purpose; then a
+two-generation build on the bundled SmolLM2 proves the mean panel score does not fall."""
+import json
+import random
+
+import datasets
+import pytest
+from typer.testing import CliRunner
+
+import builder.ensemble as ensemble_module
+from builder.backends.base import Response
+from builder.build import run_build
+from builder.cli import app
+from builder.compile import split_path
+from builder.stages.ratchet import Decision, RatchetError, Reflection, decide
+from builder.workspace import Workspace
+
+from ..conftest import SHORT_PASSAGES, TextBackend, write_workspace
+
+# ------------------------------------------------------------------ the rule alone
+
+
+def refl(pid, text, gen=1):
+    return Reflection(pid, "m", gen, {"reflection": text})
+
+
+def test_new_replaces_the_parent_only_when_it_scores_at_least_as_well():
+    parents = {p: refl(p, f"old {p}") for p in ["a", "b", "c", "d", "e"]}
+    new = {"a": refl("a", "new a", 2), "b": refl("b", "new b", 2), "c": refl("c", "old c", 2),
+           "e": refl("e", "new e", 2), "f": refl("f", "new f", 2)}
+    scores = {("a", parents["a"].key): 0.5, ("a", new["a"].key): 0.5,   # a tie replaces
+              ("b", parents["b"].key): 1.0, ("b", new["b"].key): 0.5,   # worse: carried forward
+              ("c", parents["c"].key): 0.5,                             # same text: unchanged
+              ("d", parents["d"].key): 0.0,                             # no new one: carried
+              ("e", parents["e"].key): 0.5, ("e", new["e"].key): None,  # no valid panel score counts 0
+              ("f", new["f"].key): 0.0}
+    got = {d.passage_id: d for d in decide(list("abcdefg"), new, parents, scores, {"d": "did not converge",
+                                                                                     "g": "no annotation"})}
+    assert {p: d.decision for p, d in got.items()} == {"a": "replaced", "b": "carried", "c": "unchanged", "d": "carried",
+                                                       "e": "carried", "f": "new", "g": "none"}
+    assert got["b"].final is parents["b"] and got["b"].score == 1.0 and "0.50 < parent 1.00" in got["b"].reason
+    assert got["d"].final is parents["d"] and "did not converge" in got["d"].reason
+    assert got["g"].final is None and got["g"].reason == "no annotation"
+
+
+def test_the_mean_never_falls_whatever_the_scores():
+    rng = random.Random(7)
+    for _ in range(200):
+        ids = [f"p{i}" for i in range(12)]
+        parents = {p: refl(p, f"old {p}") for p in ids if rng.random() < 0.7}
+        new = {p: refl(p, f"new {p}", 2) for p in ids if rng.random() < 0.7}
+        scores = {(p, r.key): rng.choice([None, 0.0, 0.25, 0.5, 0.75, 1.0]) for d in (parents, new) for p, r in d.items()}
+        decisions = decide(ids, new, parents, scores, {})
+        before = sum((scores.get((p, parents[p].key)) or 0.0) if p in parents else 0.0 for p in ids)
+        after = sum(d.score or 0.0 for d in decisions)
+        assert after >= before
+        assert all(isinstance(d, Decision) and (d.score or 0) >= (d.parent_score or 0) for d in decisions)
+
+
+# ------------------------------------------------------------------ orchestration, scripted
+
+
+class Marker(TextBackend):
+    """Annotates with a reflection that says GOOD or weak, by passage and seed (so by
+    generation); as a critic it lets survive exactly the reflections that say GOOD."""
+
+    family = "scripted"
+    model_id = property(lambda self: "scripted-marker")
+    GOOD = {("alpha", 1234): True, ("alpha", 2234): False, ("beta", 1234): False, ("beta", 2234): True,
+            ("gamma", 1234): True, ("gamma", 2234): True}
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, requests, on_response=None):
+        out = []
+        for i, r in enumerate(requests):
+            self.calls += 1
+            last = r.messages[-1]["content"]
+            if "claim_verdicts" in r.schema["properties"]:
+                n = r.schema["properties"]["claim_verdicts"]["minItems"]
+                text = json.dumps({"claim_verdicts": ["sound"] * n, "objections": [],
+                                   "verdict": "survives" if "GOOD" in last else "reject"})
+            else:
+                word = next(w for w in ("alpha", "beta", "gamma", "delta") if w in last)
+                good = self.GOOD.get((word, r.seed), False)
+                text = json.dumps({"claims": [{"claim": f"{word} claim", "kind": "fact", "support": "weak",
+                                               "confidence": "low"}],
+                                   "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [],
+                                   "reflection": f"{'GOOD' if good else 'weak'} reading of {word}, seed {r.seed}."})
+            response = Response(text, "stop", completion_tokens=len(text.split()))
+            out.append(response)
+            if on_response:
+                on_response(i, response)
+        return out
+
+
+MARKER_PASSAGES = ["The alpha report says crime fell.", "The beta study claims coffee cures colds.",
+                   "The gamma survey predicts rain.", "The delta memo praises itself."]
+
+
+@pytest.fixture
+def scripted(monkeypatch, tmp_path):
+    backend = Marker()
+    monkeypatch.setattr(ensemble_module, "make_backend", lambda cfg: backend)
+    root = write_workspace(tmp_path / "ws", MARKER_PASSAGES, audit={"rate": 0.0},
+                           ensemble={"k": 0, "members": [{"name": "marker", "persona": "default"}]})
+    return Workspace(root), backend
+
+
+def test_two_generations_keep_the_better_reflection_and_carry_the_parent_forward(scripted):
+    ws, backend = scripted
+    first = run_build(ws)
+    gen1 = {r["passage"]: r for r in ratchet_rows(ws, 1)}
+    assert first["ratchet"]["history"][0]["generation"] == 1 and first["ratchet"]["panel"] == ["marker"]
+    second = run_build(ws, generation=2)
+    rows = {r["passage"]: r for r in ratchet_rows(ws, 2)}
+    # alpha: GOOD in gen 1, weak in gen 2 -> the parent is carried forward; beta: the other
+    # way round -> replaced; gamma: GOOD both times (a tie) -> replaced; delta: never good.
+    assert rows["alpha"]["decision"] == "carried" and rows["alpha"]["source_generation"] == 1
+    assert rows["alpha"]["score"] == 1.0 and rows["alpha"]["new_score"] == 0.0
+    assert rows["beta"]["decision"] == "replaced" and rows["beta"]["source_generation"] == 2
+    assert rows["gamma"]["decision"] == "replaced" and rows["delta"]["score"] == 0.0
+    # The parent was re-scored by the same panel and got the score it had.
+    for word in ("alpha", "beta", "gamma"):
+        assert rows[word]["parent_score"] == gen1[word]["score"]
+    h = second["ratchet"]["history"]
+    assert [x["generation"] for x in h] == [1, 2] and h[1]["mean_score"] >= h[0]["mean_score"]
+    assert h[0]["mean_score"] == 0.5 and h[1]["mean_score"] == 0.75
+    assert h[1]["replaced"] == 3 and h[1]["carried"] == 1 and h[1]["replacement_rate"] == 0.75
+    # The sft split trains on the final reflections: alpha's from gen 1, beta's from gen 2.
+    sft = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(2), "sft")), split="train")
+    internal = " ".join(m["content"] for row in sft for m in row["messages"] if m["role"] == "internal")
+    assert "GOOD reading of alpha, seed 1234" in internal and "GOOD reading of beta, seed 2234" in internal
+    assert "weak reading of alpha" not in internal
+    manifest = json.loads((ws.generation_dir(2) / "manifest.json").read_text())
+    assert manifest["parent"] == 1 and manifest["plot"] == "ratchet.png"
+    assert (ws.generation_dir(2) / "ratchet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (ws.generation_dir(2) / "README.md").read_text()
+    assert "## The ratchet" in card and "![Ratchet metrics per generation](ratchet.png)" in card
+    assert "| 2 | 4 | 4 | 0.750 | 3 | 1 | 75% | 25% |" in card
+
+
+def ratchet_rows(ws, generation):
+    con = ws.connect(read_only=True)
+    cols = ["passage", "decision", "source_generation", "score", "parent_score", "new_score"]
+    rows = con.execute("""SELECT p.text, r.decision, r.source_generation, r.score, r.parent_score, r.new_score
+                          FROM ratchet r JOIN passages p USING (passage_id) WHERE generation = ?""", [generation]).fetchall()
+    con.close()
+    words = ("alpha", "beta", "gamma", "delta")
+    return [dict(zip(cols, [next(w for w in words if w in r[0]), *r[1:]])) for r in rows]
+
+
+def test_diff_says_per_passage_what_changed_and_why(scripted):
+    ws, _ = scripted
+    run_build(ws)
+    run_build(ws, generation=2)
+    result = CliRunner().invoke(app, ["diff", "gen-0001", "gen-0002", "--workspace", str(ws.root)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "kept 1" in out and "replaced 3" in out and "(4 passages)" in out
+    assert "carried" in out and "forward" in out  # the reason column, however rich wraps it
+    from builder.stages.ratchet import diff
+
+    con = ws.connect(read_only=True)
+    rows = {r["passage"].split()[1]: r for r in diff(con, 1, 2)}
+    con.close()
+    assert rows["alpha"]["change"] == "kept" and "new scored 0.00 < parent 1.00" in rows["alpha"]["reason"]
+    assert rows["beta"]["change"] == "replaced" and rows["beta"]["score_a"] == 0.0 and rows["beta"]["score_b"] == 1.0
+    result = CliRunner().invoke(app, ["diff", "1", "3", "--workspace", str(ws.root)])
+    assert result.exit_code == 1 and "generation 3 is not built" in result.output
+
+
+def test_compiled_generations_are_immutable(scripted):
+    ws, backend = scripted
+    run_build(ws)
+    gen1 = {p.relative_to(ws.generation_dir(1)): p.read_bytes() for p in ws.generation_dir(1).rglob("*") if p.is_file()}
+    again = run_build(ws)  # same config, same cache: nothing to change, nothing rewritten
+    assert again["compiled"].startswith("unchanged") and again["model_calls"] == 0
+    run_build(ws, generation=2)
+    after = {p.relative_to(ws.generation_dir(1)): p.read_bytes() for p in ws.generation_dir(1).rglob("*") if p.is_file()}
+    assert after == gen1  # building generation 2 leaves generation 1 alone
+    config = ws.config_path.read_text()
+    ws.config_path.write_text(config.replace("[annotate]", "[annotate]\nretries = 1") if "[annotate]" in config
+                              else config + "\n[annotate]\nretries = 1\n")
+    calls = backend.calls
+    with pytest.raises(RatchetError, match="gen-0001 is compiled and immutable"):
+        run_build(Workspace(ws.root))
+    assert backend.calls == calls  # refused before any model ran
+    assert run_build(Workspace(ws.root), overwrite=True)["compiled"] == "written"
+
+
+def test_compiling_the_same_inputs_twice_gives_byte_identical_parquet(scripted):
+    from builder.compile import compile_generation
+    from builder.prompts import Prompts
+
+    ws, _ = scripted
+    summary = run_build(ws)
+    manifest = json.loads((ws.generation_dir(1) / "manifest.json").read_text())
+    con = ws.connect()
+    files = []
+    for _ in range(2):
+        out, written = compile_generation(ws, con, 1, Prompts(), manifest["models"], manifest["metrics"], overwrite=True)
+        assert written
+        files.append({p.name: p.read_bytes() for p in (out / "data").iterdir()})
+    con.close()
+    assert files[0] == files[1] and {n.split("-")[0] for n in files[0]} == {"sft", "annotations", "audit_summary"}
+    assert summary["ratchet"]["panel_models"] == {"marker": "scripted-marker"}
+
+
+def test_parquet_bytes_do_not_depend_on_how_the_batches_arrive(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import builder.compile as compile_module
+
+    monkeypatch.setattr(compile_module, "ROW_GROUP", 7)  # several row groups from 30 rows
+    schema = pa.schema([("id", pa.string()), ("n", pa.int32())])
+    table = pa.Table.from_pylist([{"id": f"r{i}", "n": i} for i in range(30)], schema=schema)
+    written = []
+    for size in (1, 4, 30):
+        path = tmp_path / f"{size}.parquet"
+        assert compile_module.write_parquet(table.to_batches(max_chunksize=size), schema, path) == 30
+        written.append(path.read_bytes())
+    assert written[0] == written[1] == written[2]
+    assert pa.parquet.ParquetFile(tmp_path / "1.parquet").metadata.num_row_groups == 5
+
+
+def test_a_generation_needs_its_parent_and_no_new_corpus(scripted):
+    ws, _ = scripted
+    with pytest.raises(RatchetError, match="run `ratchet build --generation 1` first"):
+        run_build(ws, generation=2)
+    run_build(ws)
+    with pytest.raises(RatchetError, match="--corpus applies to generation 1 only"):
+        run_build(ws, generation=2, corpus="corpus")
+    result = CliRunner().invoke(app, ["build", "--workspace", str(ws.root), "--generation", "3"])
+    assert result.exit_code == 1 and "generation 2" in result.output
+
+
+def test_the_panel_is_frozen_by_the_first_generation(scripted):
+    ws, _ = scripted
+    run_build(ws)
+    con = ws.connect()
+    con.execute("UPDATE panel SET model_hash = 'abc123'")  # as if the panel's model file were swapped
+    con.close()
+    with pytest.raises(RatchetError, match="reference panel member marker: its model changed"):
+        run_build(ws, generation=2)
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:3], sampling={"max_tokens": 384}, audit={"rate": 0.0})
+    ws = Workspace(root)
+    first = run_build(ws)
+    second = run_build(ws, generation=2)
+    h = second["ratchet"]["history"]
+    assert h[0] == first["ratchet"]["history"][0]  # generation 1's figures are history, not recomputed
+    assert h[1]["mean_score"] >= h[0]["mean_score"], h
+    con = ws.connect(read_only=True)
+    one = dict(con.execute("SELECT passage_id, coalesce(score, 0) FROM ratchet WHERE generation = 1").fetchall())
+    two = con.execute("""SELECT passage_id, decision, coalesce(score, 0), parent_score, new_score, annotator, source_generation
+                         FROM ratchet WHERE generation = 2""").fetchall()
+    assert len(two) == 3
+    for pid, decision, score, parent_score, new_score, annotator, source in two:
+        assert score >= one[pid]  # per passage, never lower
+        if parent_score is not None:
+            assert parent_score == one[pid]  # the fixed panel gives the parent the score it had
+        if decision == "replaced":
+            assert (new_score or 0) >= (parent_score or 0) and source == 2
+        if decision == "carried":
+            assert source == 1 and (new_score is None or new_score < (parent_score or 0))
+    # generation 2 drew new reflections (reseeded), not the cached ones
+    assert con.execute("""SELECT count(*) FROM annotations a JOIN annotations b USING (passage_id, annotator)
+                          WHERE a.generation = 1 AND b.generation = 2 AND a.record <> b.record""").fetchone()[0] >= 1
+    con.close()
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(ws.generation_dir(2) / "README.md")
+    assert {c["config_name"] for c in card.data.configs} >= {"sft", "annotations"}
+    assert "| 1 | 3 |" in card.text and "| 2 | 3 |" in card.text
+    sft = datasets.load_dataset(str(ws.generation_dir(2)), "sft", split="train")
+    assert len(sft) >= 1
