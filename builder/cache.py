@@ -29,6 +29,7 @@ class ModelCall:
     prompt_tokens: int | None
     completion_tokens: int | None
     seconds: float | None
+    decision: Json | None = doc("a judgement's distribution over its values: {field, logprobs, method}", added=True)
 
 
 MODEL_CALLS = Table("model_calls", ModelCall, key=("cache_key",), extra=("created_at TIMESTAMP DEFAULT current_timestamp",),
@@ -74,15 +75,17 @@ class CachedBackend:
         if not keys:
             return {}
         rows = self.con.execute(
-            "SELECT cache_key, response, finish_reason, prompt_tokens, completion_tokens, seconds "
+            "SELECT cache_key, response, finish_reason, prompt_tokens, completion_tokens, seconds, decision "
             "FROM model_calls WHERE cache_key IN (SELECT unnest($keys))", {"keys": keys}).fetchall()
-        return {r[0]: Response(r[1], r[2], r[3] or 0, r[4] or 0, r[5] or 0.0, extra={"cached": True, "cache_key": r[0]})
+        return {r[0]: Response(r[1], r[2], r[3] or 0, r[4] or 0, r[5] or 0.0, extra={"cached": True, "cache_key": r[0]},
+                               decision=json.loads(r[6]) if r[6] else None)
                 for r in rows}
 
     def _store(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> None:
         MODEL_CALLS.insert(self.con, [ModelCall(key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha,
                                                 request.sampling(), request.seed, response.text, response.finish_reason,
-                                                response.prompt_tokens, response.completion_tokens, response.seconds)],
+                                                response.prompt_tokens, response.completion_tokens, response.seconds,
+                                                response.decision)],
                            on_conflict="ignore")
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:

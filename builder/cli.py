@@ -178,8 +178,16 @@ def _summary_table(s: dict) -> Table:
                      f"; panel {', '.join(r['panel'])}"))
         rows.append(("  mean panel score", " → ".join(f"{h['mean_score']:.3f}" for h in r["history"]) + " (by generation)"))
         rows.append(("  replaced / carried forward", f"{r['replaced']} / {r['carried']} of {r['with_parent']} passages with a "
-                     f"parent ({rate(r['replacement_rate'])} / {rate(r['carried_rate'])}); unchanged {r['unchanged']}, "
-                     f"new {r['new']}"))
+                     f"parent ({rate(r['replacement_rate'])} / {rate(r['carried_rate'])}); ties (parent kept) "
+                     f"{r.get('ties', 0)}, unchanged {r['unchanged']}, new {r['new']}"))
+        change = r.get("score_change")
+        if change:
+            rows.append(("  score change", f"{change['mean']:+.3f} per passage (95% CI {change['low']:+.3f} to "
+                                           f"{change['high']:+.3f}, {change['passages']} passages)"))
+        if r.get("pairwise"):
+            consistency = r.get("position_consistency")
+            rows.append(("  pairwise", f"{r['pairwise']} candidate(s) compared with their parent in both orders; "
+                                       f"position consistency {'n/a' if consistency is None else f'{consistency:.0%}'}"))
     if s.get("scripted_engine"):
         rows.append(("[yellow]scripted engine[/]", f"{', '.join(s['scripted_engine'])}: answers without a model "
                                                    "(a dry run); nothing here is a model's judgement"))

@@ -28,9 +28,14 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()),
     ("messages", pa.list_(MESSAGE)), ("text", pa.string()), ("n_reflections", pa.int32())])
-CLAIM = pa.struct([("claim", pa.string()), ("kind", pa.string()), ("support", pa.string()), ("confidence", pa.string())])
+CLAIM = pa.struct([("evidence", pa.string()), ("claim", pa.string()), ("kind", pa.string()), ("support", pa.string()),
+                   ("confidence", pa.string())])
+VERDICT_PROBS = pa.struct([("survives", pa.float64()), ("revise", pa.float64()), ("reject", pa.float64())])
 CRITIQUE = pa.struct([("critic", pa.string()), ("verdict", pa.string()), ("claim_verdicts", pa.list_(pa.string())),
-                      ("objections", pa.list_(pa.string())), ("weight", pa.float64())])
+                      ("objections", pa.list_(pa.string())), ("weight", pa.float64()),
+                      # the verdict as a distribution (raw, calibrated) and its score P(survives) + 0.5 P(revise)
+                      ("score", pa.float64()), ("probs", VERDICT_PROBS), ("calibrated", VERDICT_PROBS),
+                      ("method", pa.string())])
 ANNOTATION_SCHEMA = pa.schema([
     ("passage_id", pa.string()), ("generation", pa.int32()), ("annotator", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
@@ -43,7 +48,9 @@ DPO_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()),
     ("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE)),
     ("framework", pa.string()), ("judge", pa.string()), ("label", pa.string()),
-    ("reasons", pa.list_(pa.string())), ("chosen_label", pa.string()), ("chosen_reasons", pa.list_(pa.string()))])
+    ("reasons", pa.list_(pa.string())), ("chosen_label", pa.string()), ("chosen_reasons", pa.list_(pa.string())),
+    # the frozen judge's probabilities: P(unethical) of the rejected side, P(ethical) of the chosen one
+    ("label_p", pa.float64()), ("chosen_label_p", pa.float64())])
 
 AUDIT_SUMMARY_SCHEMA = pa.schema([
     ("generation", pa.int32()), ("annotator", pa.string()), ("family", pa.string()), ("persona", pa.string()),
@@ -107,7 +114,8 @@ def flat_text(messages: list[dict]) -> str:
     return "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages)
 
 
-RECORD_TYPE = ('{"claims": [{"claim": "VARCHAR", "kind": "VARCHAR", "support": "VARCHAR", "confidence": "VARCHAR"}], '
+RECORD_TYPE = ('{"claims": [{"evidence": "VARCHAR", "claim": "VARCHAR", "kind": "VARCHAR", "support": "VARCHAR", '
+               '"confidence": "VARCHAR"}], '
                '"weak_reasoning": ["VARCHAR"], "uncertainties": ["VARCHAR"], "ethical_stakes": ["VARCHAR"], '
                '"reflection": "VARCHAR"}')
 
@@ -119,7 +127,10 @@ SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text AS pass
        v.score AS convergence, coalesce(v.selected, false) AS selected,
        coalesce(v.selected, false) AND VETOED AS vetoed,
        c.critic, c.verdict, from_json(c.claim_verdicts, '["VARCHAR"]') AS claim_verdicts,
-       from_json(c.objections, '["VARCHAR"]') AS objections, c.weight
+       from_json(c.objections, '["VARCHAR"]') AS objections, c.weight, c.score,
+       from_json(c.probs, '{"survives": "DOUBLE", "revise": "DOUBLE", "reject": "DOUBLE"}') AS probs,
+       from_json(c.calibrated, '{"survives": "DOUBLE", "revise": "DOUBLE", "reject": "DOUBLE"}') AS calibrated,
+       c.method
 FROM (SELECT *, from_json(record, 'RECORD_TYPE') AS rec FROM annotations WHERE generation = $g) a
 JOIN passages p USING (passage_id)
 LEFT JOIN convergence v ON v.generation = a.generation AND v.passage_id = a.passage_id AND v.annotator = a.annotator
@@ -127,7 +138,8 @@ LEFT JOIN critiques c ON c.generation = a.generation AND c.passage_id = a.passag
      AND c.status = 'accepted'
 ORDER BY a.passage_id, a.annotator, c.critic""".replace("RECORD_TYPE", RECORD_TYPE).replace(
     "VETOED", VETOED.format(g="a.generation", split="sft", id="a.passage_id"))
-CRITIQUE_FIELDS = ("critic", "verdict", "claim_verdicts", "objections", "weight")
+CRITIQUE_FIELDS = ("critic", "verdict", "claim_verdicts", "objections", "weight", "score", "probs", "calibrated",
+                   "method")
 
 
 def annotation_batches(con, generation: int, batch_rows: int = 5_000):
@@ -164,15 +176,17 @@ def dpo_rows(con, generation: int) -> list[dict]:
     """Every pair whose rewrite the frozen judge found ethical, unless a consent judge vetoed it."""
     vetoed = VETOED.format(g="p.generation", split="dpo", id="p.item_id || ':' || p.framework")
     rows = con.execute(f"""
-        SELECT p.item_id, i.source, p.framework, p.judge, p.prompt, p.chosen, p.rejected, p.reasons, p.chosen_reasons
+        SELECT p.item_id, i.source, p.framework, p.judge, p.prompt, p.chosen, p.rejected, p.reasons, p.chosen_reasons,
+               p.rejected_p, p.chosen_p
         FROM pairs p JOIN conscience_items i USING (generation, item_id)
         WHERE p.generation = ? AND p.kept AND NOT {vetoed} ORDER BY p.item_id, p.framework""", [generation]).fetchall()
     return [{"id": f"{item_id}:{framework}", "source": source, "generation": generation,
              "prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}], "framework": framework, "judge": judge,
              "label": "unethical", "reasons": json.loads(reasons), "chosen_label": "ethical",
-             "chosen_reasons": json.loads(chosen_reasons)}
-            for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons in rows]
+             "chosen_reasons": json.loads(chosen_reasons), "label_p": rejected_p, "chosen_label_p": chosen_p}
+            for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons, rejected_p, chosen_p
+            in rows]
 
 
 def write_parquet(batches, schema: pa.Schema, path: Path) -> int:
@@ -255,16 +269,25 @@ class GenerationImmutable(Exception):
     """A compiled generation asked to change: generations are immutable once compiled."""
 
 
-def compiled_config(folder: Path) -> dict | None:
-    """The config a compiled generation was built with, as its manifest keeps it (None: not
-    compiled, or no readable manifest)."""
+def schema_hashes() -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))}
+
+
+def compiled_manifest(folder: Path) -> dict | None:
     path = Path(folder) / "manifest.json"
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("config")
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def changed_files(manifest: dict, prompts: Prompts, cfg) -> list[str]:
+    """The prompt and schema files whose content differs from what a compiled generation was
+    built with (or that one of them lacks): a rebuild would ask the models other questions."""
+    personas = [m.persona for m in cfg.ensemble.members if m.kind == "model"]
+    now = {**prompts.hashes(personas), **schema_hashes()}
+    then = {**manifest.get("prompt_hashes", {}), **manifest.get("schema_hashes", {})}
+    return sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
 
 
 def config_identity(config: dict) -> str:
@@ -371,7 +394,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "config": config,
             "models": models,
             "prompt_hashes": prompts.hashes([m["persona"] for m in models.values() if "persona" in m]),
-            "schema_hashes": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SCHEMAS_DIR.glob("*.json"))},
+            "schema_hashes": schema_hashes(),
             "counts": dict(zip(["passages", "reflections", "annotations_accepted", "annotations_rejected",
                                 "annotations_selected", "vetoed_sft", "vetoed_dpo"], counts),
                            sft_examples=rows["sft"], dpo_pairs=rows["dpo"], audit_summary_rows=rows["audit_summary"]),
@@ -415,12 +438,20 @@ class Compile(Stage):
     def prepare(self, ctx: BuildContext) -> None:
         from .stages.ratchet import RatchetError
 
-        compiled = compiled_config(ctx.ws.generation_dir(ctx.generation))
-        if compiled is not None and config_identity(compiled) != config_identity(ctx.cfg.model_dump()) \
-                and not ctx.overwrite:
-            raise RatchetError(f"{ctx.ws.generation_dir(ctx.generation)} is compiled and immutable, and ratchet.toml "
-                               f"changed since it was built: build the next generation (--generation "
-                               f"{ctx.generation + 1}), or pass --overwrite to rebuild and replace this one")
+        folder = ctx.ws.generation_dir(ctx.generation)
+        manifest = compiled_manifest(folder)
+        if manifest is None or ctx.overwrite:
+            return
+        if config_identity(manifest.get("config") or {}) != config_identity(ctx.cfg.model_dump()):
+            raise RatchetError(f"{folder} is compiled and immutable, and ratchet.toml changed since it was built: build "
+                               f"the next generation (--generation {ctx.generation + 1}), or pass --overwrite to rebuild "
+                               "and replace this one")
+        changed = changed_files(manifest, ctx.prompts, ctx.cfg)
+        if changed:
+            raise RatchetError(f"{folder} is compiled and immutable, and it was built with other prompt or schema files "
+                               f"(changed: {', '.join(changed)}; a newer builder, or an edited prompt folder): build the "
+                               f"next generation (--generation {ctx.generation + 1}), or pass --overwrite to rebuild and "
+                               "replace this one")
 
     def run(self, ctx: BuildContext) -> dict:
         engines = list(ctx.engines.values())
@@ -428,6 +459,8 @@ class Compile(Stage):
                  "engine_errors": sum(e.stats.errors for e in engines),
                  "completion_tokens": sum(e.stats.completion_tokens for e in engines),
                  "seconds": round(time.perf_counter() - ctx.started, 2)}
+        calls["calibration"] = {"attempts": sum(c["attempts"] for c in ctx.calibration),
+                                "baselines": [{k: c[k] for k in ("task", "judge", "baseline")} for c in ctx.calibration]}
         scripted = sorted({e.backend.model_name for e in engines if not e.backend.is_model})
         if scripted:  # nothing a scripted engine writes is a model's judgement: say so wherever the build is shown
             calls["scripted_engine"] = scripted

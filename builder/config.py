@@ -51,6 +51,10 @@ class SamplingConfig(Section):
 
 class AnnotateConfig(Section):
     retries: int = Field(2, ge=0, le=10, description="Extra attempts, with another seed, after an invalid output.")
+    at_length_bound: Literal["trim", "retry"] = Field(
+        "trim", description="A string that reached its schema's maxLength (the grammar stops it there, mid-word): "
+        "trim = cut it back to its last complete sentence or word and keep the answer (counted as trimmed); "
+        "retry = treat the answer as truncated: retry with another seed, then reject it.")
     datamark: Literal["line", "word", "none"] = Field(
         "line", description="How the passage is marked as data in the prompt (spotlighting): line, word or none.")
     prompts: str = Field("", description="A folder of prompt templates that overrides the built-in prompts/.")
@@ -68,8 +72,11 @@ ROLES = ("annotate", "critique")
 
 class MemberConfig(Section):
     """One ensemble member: a model (substrate) and a persona (perspective). Engine keys left
-    out are taken from [annotator]."""
-    name: str = Field("", description="Unique name; default MODEL-PERSONA (e.g. smollm2-empiricist).")
+    out are taken from [annotator]. `kind = "verifier"` is a member that is no model: the
+    grounding verifier (builder/verifier.py), which critiques every annotation."""
+    kind: Literal["model", "verifier"] = Field("model", description="model: a language model; verifier: the grounding "
+                                               "verifier (no model; critiques every annotation, on top of the k critics).")
+    name: str = Field("", description="Unique name; default MODEL-PERSONA (e.g. smollm2-empiricist), or grounding.")
     model: str | None = Field(None, description="As annotator.model (a GGUF path, bundled:NAME, a served model, a "
                               "checkpoint folder); default annotator.model.")
     backend: str | None = Field(None, description="Engine (see `ratchet engines`); default annotator.backend.")
@@ -88,8 +95,18 @@ class MemberConfig(Section):
             registry.engine(value)  # an unknown name is an error with a suggestion
         return value
 
+    @model_validator(mode="after")
+    def _a_verifier_only_critiques(self):
+        if self.kind == "verifier":
+            if "roles" in self.model_fields_set and "annotate" in self.roles:
+                raise ValueError("a verifier member critiques only: roles = [\"critique\"]")
+            self.roles = ["critique"]
+        return self
+
     @property
     def display_name(self) -> str:
+        if self.kind == "verifier":
+            return self.name or "grounding"
         return self.name or f"{model_short_name(self.model or '?')}-{self.persona}"
 
     def engine(self, defaults: EngineConfig) -> EngineConfig:
@@ -104,7 +121,8 @@ def default_members() -> list[MemberConfig]:
     critics that differ from its author, the first from the other family."""
     return [MemberConfig(persona="empiricist"),  # annotator.model: bundled:smollm2 unless set
             MemberConfig(model="bundled:gemma3", persona="skeptic"),
-            MemberConfig(persona="care-ethicist", roles=["critique"])]
+            MemberConfig(persona="care-ethicist", roles=["critique"]),
+            MemberConfig(kind="verifier", name="grounding")]
 
 
 class EnsembleConfig(Section):
@@ -116,14 +134,15 @@ class EnsembleConfig(Section):
 
     def check(self, default_model: str) -> None:
         for m in self.members:
-            m.model = m.model or default_model
+            if m.kind == "model":
+                m.model = m.model or default_model
         names = [m.display_name for m in self.members]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"ensemble.members: names must be unique; {', '.join(twice)} appears more than once (set name = ...)")
         if not any("annotate" in m.roles for m in self.members):
             raise ValueError("ensemble.members: no member has the role 'annotate'")
-        critics = [m for m in self.members if "critique" in m.roles]
+        critics = [m for m in self.members if "critique" in m.roles and m.kind == "model"]  # verifiers are extra
         for m in self.members:
             if "annotate" in m.roles:
                 others = [c for c in critics if c.display_name != m.display_name]
@@ -153,6 +172,8 @@ class ConsentConfig(Section):
                               "empty: no consent gate. A veto from any one excludes the example.")
     on_invalid: Literal["veto", "abstain"] = Field(
         "veto", description="A judge with no valid answer after every retry: veto (consent not given) or abstain.")
+    veto_threshold: float = Field(0.5, ge=0.0, le=1.0, description="A judge vetoes an example when its P(no) "
+                                  "(judgements.decide_by) is above this.")
     max_tokens: int = Field(192, ge=16, description="Output budget of one consent decision.")
 
     @model_validator(mode="after")
@@ -170,6 +191,10 @@ class RatchetRuleConfig(Section):
                              "reference panel, frozen by the workspace's first generation; empty: every critic then.")
     reseed: bool = Field(True, description="Generation N annotates with sampling.seed + 1000 * (N - 1), so the same "
                          "models draw new reflections each generation; false: the same seed (and cached answers).")
+    pairwise: bool = Field(True, description="The panel also compares each candidate with its parent head to head, "
+                           "in both orders; a candidate replaces its parent only when the panel prefers it by more "
+                           "than 0.5 + margin (and scores at least as well). false: only when it scores higher.")
+    margin: float = Field(0.05, ge=0.0, lt=0.5, description="How far above 0.5 the panel's pairwise preference must be.")
 
 
 class TrainConfig(Section):
@@ -208,6 +233,18 @@ class TrainConfig(Section):
     eval_max_tokens: int = Field(128, ge=8, description="Output budget of one evaluated response.")
 
 
+class JudgementsConfig(Section):
+    """How every judgement (critic verdict, panel score, conscience label, consent, audit) is
+    read: a distribution over its allowed values, from the engine's token log-probabilities."""
+    decide_by: Literal["calibrated", "raw", "generated"] = Field(
+        "calibrated", description="calibrated: the distribution divided by the same prompt's distribution for a "
+        "content-free input (Zhao et al. 2021, 'Calibrate Before Use'); raw: the distribution as read; generated: "
+        "the value the model wrote, with probability 1 (the behaviour before graded judgements).")
+    samples: int = Field(5, ge=0, le=50, description="An engine that gives no log-probabilities: answer this many "
+                         "more times (other seeds) and use the share of each value (self-consistency); 0: the "
+                         "written value alone.")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: SerializeAsAny[EngineConfig] = Field(default_factory=lambda: engine_section({}))
@@ -218,6 +255,7 @@ class RatchetConfig(Section):
     conscience: ConscienceConfig = ConscienceConfig()
     consent: ConsentConfig = ConsentConfig()
     ratchet: RatchetRuleConfig = RatchetRuleConfig()
+    judgements: JudgementsConfig = JudgementsConfig()
     # Not part of a dataset generation's identity: left out of model_dump, so the config hash (and the
     # manifest's config) of a compiled generation does not change when only training settings do.
     train: TrainConfig = Field(TrainConfig(), exclude=True)
@@ -231,6 +269,8 @@ class RatchetConfig(Section):
     def _members_inherit_the_annotator(self):
         self.ensemble.check(self.annotator.model)  # members without a model use annotator.model
         for i, m in enumerate(self.ensemble.members):
+            if m.kind == "verifier":
+                continue
             try:
                 m.engine(self.annotator)  # a member's engine that cannot work fails here, not mid-build
             except (ValidationError, ValueError) as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .backends import Backend, make_backend
 from .config import MemberConfig, RatchetConfig
 from .models import ModelNotFound
+from .verifier import GroundingVerifier
 
 
 class EnsembleError(Exception):
@@ -45,10 +46,14 @@ class Ensemble:
 
     def __init__(self, config: RatchetConfig):
         self.k = config.ensemble.k
-        self.members: list[Member] = []
+        self.members: list[Member] = []  # the language models
+        self.verifiers: list[GroundingVerifier] = []  # members that are no model (they critique every annotation)
         self._backends: dict[str, Backend] = {}
         try:
             for m in config.ensemble.members:
+                if m.kind == "verifier":
+                    self.verifiers.append(GroundingVerifier(m.display_name))
+                    continue
                 self.members.append(self._load(m, config))
             self._check_critics()
         except BaseException:
@@ -91,7 +96,7 @@ class Ensemble:
 
     @property
     def families(self) -> list[str]:
-        return sorted({m.family for m in self.members})
+        return sorted({m.family for m in [*self.members, *self.verifiers]})
 
     def eligible_critics(self, author: Member) -> list[Member]:
         return [c for c in self.critics if c.name != author.name and c.differs_from(author)]
@@ -119,13 +124,16 @@ class Ensemble:
         if len(self.families) == 1:
             out.append(f"every member is of one model family ({self.families[0]}): critics share the author's "
                        "substrate, so convergence is weaker; add a member of another family")
-        if self.k == 0:
+        if self.k == 0 and not self.verifiers:
             out.append("ensemble.k = 0: annotations are not scrutinized; every valid one counts as converged")
+        elif self.k == 0:
+            out.append("ensemble.k = 0: only the grounding verifier scrutinizes annotations (no model critic)")
         return out
 
     def describe(self) -> dict:
-        return {m.name: {"persona": m.persona, "roles": m.roles, "family": m.family, **m.backend.describe()}
-                for m in self.members}
+        out = {m.name: {"persona": m.persona, "roles": m.roles, "family": m.family, **m.backend.describe()}
+               for m in self.members}
+        return out | {v.name: v.describe() for v in self.verifiers}
 
     def close(self) -> None:
         for backend in self._backends.values():

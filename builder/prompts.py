@@ -47,6 +47,17 @@ def unmark(value):
     return value
 
 
+def annotation_limits() -> dict[str, int]:
+    """The schema's string bounds, told to the annotator so that it writes within them instead of
+    being cut mid-word by the grammar (schemas/annotation.schema.json is the one source)."""
+    from .resources import load_schema
+
+    props = load_schema("annotation")["properties"]
+    claim = props["claims"]["items"]["properties"]
+    return {"claim": claim["claim"]["maxLength"], "evidence": claim["evidence"]["maxLength"],
+            "note": props["weak_reasoning"]["items"]["maxLength"], "reflection": props["reflection"]["maxLength"]}
+
+
 class PromptError(Exception):
     """A prompt file that is missing or broken; the message names it."""
 
@@ -92,7 +103,7 @@ class Prompts:
         """System, the examples as earlier turns, then the passage: everything before the
         passage is identical across calls, so the engine reuses its evaluated prefix."""
         values = {"open": OPEN, "close": CLOSE, "mark": mark, "line_mark": LINE_MARK, "word_mark": WORD_MARK,
-                  "audit_notice": self.audit_notice}
+                  "audit_notice": self.audit_notice, "limits": annotation_limits()}
         system = self.render("annotate.system.jinja", persona=self.persona(persona), **values)
         messages = [{"role": "system", "content": system}]
         for example in self.examples:
@@ -118,6 +129,14 @@ class Prompts:
         messages.append({"role": "user", "content": self.render(
             "critique.user.jinja", passage=datamark(passage, "line"), **values, **record)})
         return tuple(messages)
+
+    def compare_messages(self, passage: str, a: dict, b: dict, persona: str = "default") -> tuple[dict, ...]:
+        """A panel member compares two reflections of one passage (the ratchet's pairwise test);
+        it never learns which is the parent and which the candidate."""
+        values = {"open": OPEN, "close": CLOSE, "line_mark": LINE_MARK, "audit_notice": self.audit_notice}
+        return ({"role": "system", "content": self.render("compare.system.jinja", persona=self.persona(persona), **values)},
+                {"role": "user", "content": self.render("compare.user.jinja", passage=datamark(passage, "line"), a=a, b=b,
+                                                        **values)})
 
     @cached_property
     def consent_examples(self) -> list[dict]:
@@ -147,5 +166,6 @@ class Prompts:
         names = ["audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja", "annotate.examples.jsonl",
                  "critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
                  "consent.system.jinja", "consent.user.jinja", "consent.examples.jsonl",
+                 "compare.system.jinja", "compare.user.jinja",
                  *(f"personas/{p}.txt" for p in sorted(set(personas)))]
         return {n: hashlib.sha256(self._source(n).encode()).hexdigest() for n in names}

@@ -29,9 +29,10 @@ Json = Annotated[Any, JSON_TYPE]  # a dict or list, stored as JSON text
 _SQL_TYPES = {int: "INTEGER", str: "VARCHAR", float: "DOUBLE", bool: "BOOLEAN", datetime: "TIMESTAMP"}
 
 
-def doc(text: str, default=dataclasses.MISSING):
-    """A column with a comment (shown in the CREATE statement and in `duckdb_columns()`)."""
-    return dataclasses.field(default=default, metadata={"doc": text})
+def doc(text: str, default=dataclasses.MISSING, added: bool = False):
+    """A column with a comment (shown in the CREATE statement). `added`: a column a later version
+    added to an existing table (nullable): a workspace made before gets it with ALTER TABLE."""
+    return dataclasses.field(default=default, metadata={"doc": text, "added": added})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Column:
     nullable: bool
     doc: str = ""
     json: bool = False
+    added: bool = False
 
     def ddl(self) -> str:
         return f"{self.name} {self.sql_type}{'' if self.nullable else ' NOT NULL'}"
@@ -56,10 +58,12 @@ def _column(field: dataclasses.Field, hint) -> Column:
     if typing.get_origin(hint) is Annotated:
         base, *extras = typing.get_args(hint)
         sql = next(e for e in extras if isinstance(e, str))
-        return Column(field.name, sql, nullable, field.metadata.get("doc", ""), json=sql == JSON_TYPE)
+        return Column(field.name, sql, nullable, field.metadata.get("doc", ""), json=sql == JSON_TYPE,
+                      added=field.metadata.get("added", False))
     if hint not in _SQL_TYPES:
         raise TypeError(f"{field.name}: no SQL type for {hint!r}; annotate it as Annotated[..., 'SQL TYPE']")
-    return Column(field.name, _SQL_TYPES[hint], nullable, field.metadata.get("doc", ""))
+    return Column(field.name, _SQL_TYPES[hint], nullable, field.metadata.get("doc", ""),
+                  added=field.metadata.get("added", False))
 
 
 REGISTRY: dict[str, "Table"] = {}
@@ -98,6 +102,9 @@ class Table:
 
     def create(self, con) -> None:
         con.execute(self.create_sql())
+        for c in self.columns:
+            if c.added:  # a table an older version made lacks it (and its position: inserts name columns)
+                con.execute(f"ALTER TABLE {self.name} ADD COLUMN IF NOT EXISTS {c.name} {c.sql_type}")
 
     def values(self, row) -> list:
         out = []

@@ -111,7 +111,8 @@ SELECT generation, count(*) AS passages, count(record) AS with_reflection,
        count(*) FILTER (decision = 'replaced') AS replaced, count(*) FILTER (decision = 'carried') AS carried,
        count(*) FILTER (decision = 'unchanged') AS unchanged, count(*) FILTER (decision = 'new') AS new,
        round(count(*) FILTER (decision = 'replaced') / nullif(count(parent_annotator), 0), 4) AS replacement_rate,
-       round(count(*) FILTER (decision = 'carried') / nullif(count(parent_annotator), 0), 4) AS carried_rate
+       round(count(*) FILTER (decision = 'carried') / nullif(count(parent_annotator), 0), 4) AS carried_rate,
+       count(*) FILTER (decision = 'tie') AS ties
 FROM ratchet GROUP BY generation ORDER BY generation;
 
 CREATE OR REPLACE VIEW audit_coverage AS

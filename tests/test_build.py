@@ -21,8 +21,12 @@ def test_summary_counts_every_record(built):
     assert s["accepted"] + s["rejected"] == 4
     assert s["accepted"] >= 2, s["rejection_reasons"]
     assert 0.0 <= s["truncation_rate"] <= 1.0
-    # annotation attempts, audits, and the ratchet panel (the member itself, k = 0: no critique to reuse)
-    assert s["model_calls"] == s["attempts"] + s["audit"]["sampled"] + s["ratchet"]["panel_attempts"]
+    # annotation attempts, audits, the ratchet panel (the member itself, k = 0: no critique to reuse) and the
+    # content-free calibration of each judging task (two inputs each, cached once)
+    assert s["model_calls"] == (s["attempts"] + s["audit"]["attempts"] + s["ratchet"]["panel_attempts"]
+                                + s["calibration"]["attempts"])
+    assert s["calibration"]["baselines"] and all(sum(b["baseline"].values()) == pytest.approx(1.0, abs=1e-4)
+                                                 for b in s["calibration"]["baselines"] if b["baseline"])
     assert s["cached_calls"] == 0
 
 
@@ -86,7 +90,8 @@ def test_rebuild_makes_zero_model_calls_and_identical_files(built):
     before = {p.name: p.read_bytes() for p in (gen / "data").iterdir()}
     again = run_build(ws)
     assert again["model_calls"] == 0
-    assert again["cached_calls"] == s["attempts"] + s["audit"]["sampled"] + s["ratchet"]["panel_attempts"]
+    assert again["cached_calls"] == (s["attempts"] + s["audit"]["attempts"] + s["ratchet"]["panel_attempts"]
+                                     + s["calibration"]["attempts"])
     assert {p.name: p.read_bytes() for p in (gen / "data").iterdir()} == before
 
 

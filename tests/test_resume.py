@@ -45,10 +45,12 @@ def test_stopped_build_resumes_from_the_cache(tmp_path, how):
 
     summary = run_build(Workspace(root))  # the kernel released the lock with the process
     assert summary["cached_calls"] >= finished_calls
-    audits = summary["audit"]["sampled"]  # the sample depends on the workspace's random secret
+    audits = summary["audit"]["attempts"]  # the sample depends on the workspace's random secret
     panel = summary["ratchet"]["panel_attempts"]  # the ratchet panel scores every kept reflection
-    assert summary["cached_calls"] + summary["model_calls"] == len(PASSAGES) + audits + panel
-    assert summary["model_calls"] <= len(PASSAGES) + audits + panel - finished_calls
+    calibration = summary["calibration"]["attempts"]  # each judging task's two content-free inputs
+    every = len(PASSAGES) + audits + panel + calibration
+    assert summary["cached_calls"] + summary["model_calls"] == every
+    assert summary["model_calls"] <= every - finished_calls
     assert split_path(root / "generations" / "gen-0001", "sft").exists()
     assert not list((root / "generations").glob(".gen-*"))  # no half-written generation left behind
     con = Workspace(root).connect(read_only=True)

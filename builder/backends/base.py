@@ -23,6 +23,11 @@ class Request:
     top_p: float = 0.95
     repeat_penalty: float = 1.0
     seed: int = 0
+    # A judgement's decision: (field, allowed values). An engine that can read token
+    # log-probabilities returns the distribution over the values at the point where the field's
+    # value begins (Response.decision). Not part of the cache key: it asks for more of the same
+    # answer, not for another answer.
+    decision: tuple[str, tuple[str, ...]] | None = None
 
     def sampling(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -38,6 +43,9 @@ class Response:
     seconds: float = 0.0
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    # For a request with a decision: {"field", "logprobs": {value: log-probability, normalised
+    # over the values}, "method": how they were read}; None where the engine could not read them.
+    decision: dict | None = None
 
 
 OnResponse = Callable[[int, Response], None]

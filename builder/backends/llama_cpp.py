@@ -22,6 +22,7 @@ from pydantic import Field
 
 from ..models import file_sha256, resolve_model
 from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
+from .choices import Step, choice_logprobs, top_k
 
 if TYPE_CHECKING:  # llama_cpp loads its shared library on import: only engines that run load it
     from llama_cpp import Llama, LlamaGrammar
@@ -195,8 +196,43 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         except Exception as exc:  # one bad request must not stop the batch
             return Response("", "error", error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
         choice, usage = out["choices"][0], out.get("usage", {})
+        decision = None
+        if request.decision:
+            try:
+                decision = self._decision(request, tokens, choice["text"])
+            except Exception:  # a distribution that cannot be read is not a failed answer
+                decision = None
         return Response(choice["text"], choice.get("finish_reason") or "stop", usage.get("prompt_tokens", len(tokens)),
-                        usage.get("completion_tokens", 0), time.perf_counter() - start)
+                        usage.get("completion_tokens", 0), time.perf_counter() - start, decision=decision)
+
+    def _text(self, token: int) -> str:
+        return self.llm.detokenize([token]).decode("utf-8", errors="replace")
+
+    def _next(self, ids: list[int]) -> dict[int, tuple[str, float]]:
+        """The raw next-token top-K after `ids` (the KV cache keeps the shared prefix)."""
+        import numpy as np
+
+        llm = self.llm
+        keep = 0
+        for a, b in zip(llm._input_ids[:llm.n_tokens], ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        llm.n_tokens = keep = min(keep, len(ids) - 1)  # at least one token to evaluate: its logits are the answer
+        llm.eval(ids[keep:])
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        return top_k(logits, self._text)
+
+    def _decision(self, request: Request, prompt: list[int], text: str) -> dict | None:
+        """Read the decision's distribution after the answer: the generated ids are the evaluated
+        tokens after the prompt; a position's top-K is computed only if the decision needs it."""
+        generated = [int(t) for t in self.llm._input_ids[len(prompt):self.llm.n_tokens]]
+        ids = prompt + generated
+        steps = [Step(t, self._text(t), (lambda j=j: self._next(ids[:len(prompt) + j])))
+                 for j, t in enumerate(generated)]
+        field, choices = request.decision
+        logprobs = choice_logprobs(text, steps, field, choices, probe=lambda path: self._next(prompt + path))
+        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

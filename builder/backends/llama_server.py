@@ -47,6 +47,7 @@ from pydantic import Field
 
 from ..models import resolve_model
 from .base import Backend, Engine, OnResponse, Request, Response, context_overflow
+from .choices import TOP_K, Step, choice_logprobs
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
 
 log = logging.getLogger("ratchet.engine")
@@ -331,6 +332,8 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         grammar = self.grammar_text(request.schema)
         if grammar is not None:
             body["grammar"] = grammar  # llama-cpp-python's own GBNF: the grammar the in-process engine uses
+        if request.decision:  # the raw top-K of every generated token: the decision's distribution is read from them
+            body["n_probs"] = TOP_K
         return body
 
     def _post(self, body: dict) -> dict:
@@ -387,7 +390,31 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         finish = "length" if data.get("stop_type") == "limit" or data.get("truncated") else "stop"
         return Response(data["content"], finish, data.get("tokens_evaluated", len(tokens)), data["tokens_predicted"],
                         time.perf_counter() - start,
-                        extra={"engine": self.kind, "slot": data.get("id_slot"), "tokens_cached": data.get("tokens_cached")})
+                        extra={"engine": self.kind, "slot": data.get("id_slot"), "tokens_cached": data.get("tokens_cached")},
+                        decision=self._decision(request, tokens, data))
+
+    def _decision(self, request: Request, tokens: list[int], data: dict) -> dict | None:
+        """The distribution over the request's decision values, from the tokens' top-K."""
+        if not request.decision or not data.get("completion_probabilities"):
+            return None
+        steps = []
+        for entry in data["completion_probabilities"]:
+            top = {t["id"]: (t["token"], t["logprob"]) for t in entry.get("top_logprobs", [])}
+            top.setdefault(entry["id"], (entry["token"], entry["logprob"]))
+            steps.append(Step(entry["id"], entry["token"], top))
+
+        def probe(path: list[int]) -> dict[int, tuple[str, float]]:
+            body = {"prompt": tokens + path, "n_predict": 1, "n_probs": TOP_K, "temperature": 0.0,
+                    "cache_prompt": self.prompt_cache}
+            try:
+                entry = self._post(body)["completion_probabilities"][0]
+            except (RuntimeError, _Died, KeyError, IndexError):
+                return {}
+            return {t["id"]: (t["token"], t["logprob"]) for t in entry.get("top_logprobs", [])}
+
+        field, choices = request.decision
+        logprobs = choice_logprobs(data["content"], steps, field, choices, probe)
+        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         """Every request, `slots` at a time. A server that dies is restarted (at most

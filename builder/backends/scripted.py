@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -111,12 +112,16 @@ def instance(schema: dict, words: list[str], pick: _Picker):
         high = min(schema.get("maxItems", low + 2), low + 2)
         return [instance(schema.get("items", {}), words, pick) for _ in range(low + pick(high - low + 1))]
     if kind == "string":
-        low, high = schema.get("minLength", 0), schema.get("maxLength", 80)
+        low, high = schema.get("minLength", 0), schema.get("maxLength", 80) - 1  # under the bound: not cut off
         start = pick(len(words))
-        text = " ".join((words[start:] + words[:start])[:8])
+        text = ""
+        for word in (words[start:] + words[:start])[:8]:
+            if len(text) + len(word) + 1 > high:
+                break
+            text = f"{text} {word}".strip()
         while len(text) < low:
             text += " scripted"
-        return text[:high].rstrip() if len(text[:high].rstrip()) >= low else text[:high]
+        return text[:high]
     if kind in ("integer", "number"):
         return schema.get("minimum", 0)
     if kind == "boolean":
@@ -177,7 +182,27 @@ class ScriptedBackend(Backend):
         else:
             return Response("", "error", error=f"scripted engine {self.model}: no answer for this prompt "
                                                 "(on_missing = error)")
-        return Response(text, finish, len(prompt.split()), len(text.split()), 0.0)
+        return Response(text, finish, len(prompt.split()), len(text.split()), 0.0,
+                        decision=self._decision(request, text, prompt))
+
+    @staticmethod
+    def _decision(request: Request, text: str, prompt: str) -> dict | None:
+        """A made-up distribution whose most likely value is the one in the answer, so that the
+        graded path of every judging stage runs without a model (method "scripted")."""
+        if not request.decision:
+            return None
+        field, choices = request.decision
+        try:
+            chosen = json.loads(text).get(field)
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if chosen not in choices:
+            return None
+        top = 0.4 + 0.5 * _Picker(f"{prompt}\x1f{request.seed}\x1fdecision")(1000) / 1000
+        rest = (1.0 - top) / max(1, len(choices) - 1)
+        probs = {c: (top if c == chosen else rest) for c in choices}
+        return {"field": field, "logprobs": {c: math.log(p) if p > 0 else -math.inf for c, p in probs.items()},
+                "method": "scripted"}
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         out = []

@@ -25,6 +25,8 @@ class AnnotationRow:
     truncated: int = doc("attempts cut off by the token limit")
     record: Json | None = doc("the validated annotation (schemas/annotation.schema.json)")
     call_key: str | None = doc("the model call that produced it")
+    trimmed: int | None = doc("strings cut back to a whole sentence or word after reaching their maxLength",
+                              default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -56,7 +58,7 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
 
     def format_output(self, passage: Passage, o: Outcome) -> AnnotationRow:
         return AnnotationRow(self.generation, passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
-                             o.truncated, o.record, o.call_key)
+                             o.truncated, o.record, o.call_key, o.trimmed)
 
 
 class Annotate(Stage):
@@ -68,7 +70,7 @@ class Annotate(Stage):
         cfg = annotation_config(ctx.cfg, ctx.generation)
         for member in ctx.ensemble.annotators:
             task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature)
-            rows = run_task(task, ctx.passages, ctx.engine(member.backend), ctx.step(task.label, len(ctx.passages)))
+            rows = ctx.run(task, ctx.passages, ctx.engine(member.backend))
             ctx.per_member[member.name] = rows
             with transaction(ctx.con):
                 ctx.con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?",
@@ -98,7 +100,9 @@ def store_members(con, generation: int, ensemble) -> None:
     ensemble (a renamed or removed member), so the splits and the audit see only this one's."""
     with transaction(con):
         MEMBERS.insert(con, [MemberRow(m.name, m.family, m.persona, m.backend.model_name, m.backend.kind)
-                             for m in ensemble.members], on_conflict="replace")
+                             for m in ensemble.members]
+                       + [MemberRow(v.name, v.family, v.persona, "-", "none") for v in ensemble.verifiers],
+                       on_conflict="replace")
         con.execute("DELETE FROM annotations WHERE generation = $g AND annotator NOT IN (SELECT unnest($names))",
                     {"g": generation, "names": [m.name for m in ensemble.annotators]})
 
@@ -115,4 +119,5 @@ def annotation_metrics(rows: list[AnnotationRow]) -> dict:
     return {"annotations": len(rows), "accepted": sum(r.status == "accepted" for r in rows),
             "rejected": sum(r.status == "rejected" for r in rows), "rejection_reasons": dict(sorted(reasons.items())),
             "attempts": attempts,
-            "truncation_rate": round(sum(r.truncated for r in rows) / attempts, 4) if attempts else 0.0}
+            "truncation_rate": round(sum(r.truncated for r in rows) / attempts, 4) if attempts else 0.0,
+            "trimmed_strings": sum(r.trimmed or 0 for r in rows if r.status == "accepted")}

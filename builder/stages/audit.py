@@ -22,7 +22,8 @@ from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
 from ..structured import Outcome
 from ..tables import Json, Table, doc
 from ..workspace import insert_rows
-from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
+from .scrutinize import content_free_record
 
 SECRET_ENV = "RATCHET_AUDIT_SECRET"
 SECRET_FILE = ".ratchet-secret"
@@ -117,6 +118,8 @@ class AuditRow:
     verdict: str = doc("pass | fail")
     reasons: Json | None
     wrong_claims: Json | None = doc("1-based numbers of the claims that misstate the passage")
+    pass_prob: float | None = doc("P(pass): the model auditor's under the deciding distribution, a person's 1 or 0",
+                                  default=None, added=True)
 
 
 AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor"),
@@ -136,14 +139,18 @@ AUDIT_ITEMS = Table("audit_items", AuditItemRow, key=("item", "annotator", "gene
                     doc="one row per audited item: exact coverage without a per-item GROUP BY over all audits")
 
 
-class AuditTask(ModelTask[SampledItem, Outcome]):
+class AuditTask(JudgingTask[SampledItem, Outcome]):
     """The model auditor checks one sampled annotation against its passage (never learning who
-    wrote it); schemas/audit.schema.json."""
+    wrote it); schemas/audit.schema.json, read as P(pass)."""
     schema_name = "audit"
+    field, choices = "verdict", ("pass", "fail")
 
     def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
         super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"audit ({auditor})")
-        self.prompts = prompts
+        self.prompts, self.judging = prompts, config.judgements
+
+    def content_free(self, text: str) -> SampledItem:
+        return SampledItem("content-free", "", text, content_free_record(text))
 
     def format_input(self, x: SampledItem) -> tuple[dict, ...]:
         return audit_messages(self.prompts, x.passage, x.record)
@@ -153,14 +160,17 @@ class AuditTask(ModelTask[SampledItem, Outcome]):
 
 
 def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prompts: Prompts, config: RatchetConfig,
-                auditor: str, on_progress=None) -> tuple[list[AuditRow], int]:
-    """Audit each sampled item once, with retries like every model stage. Returns the verdicts
-    and the number of audits that produced no valid verdict."""
+                auditor: str, run=None) -> tuple[list[AuditRow], int, int]:
+    """Audit each sampled item once, with retries like every model stage (`run`: the build's
+    runner, BuildContext.run). Returns the verdicts, the number of audits that produced no valid
+    verdict, and the attempts."""
     sampled = sampled_items(con, items, generation)
-    outcomes = run_task(AuditTask(prompts, config, auditor), sampled, engine, on_progress)
-    rows = [AuditRow(x.item, x.annotator, generation, auditor, "model", o.record["verdict"], o.record["reasons"],
-                     sorted(set(o.record["wrong_claims"]))) for x, o in zip(sampled, outcomes) if o.record]
-    return rows, sum(o.record is None for o in outcomes)
+    outcomes = (run or run_task)(AuditTask(prompts, config, auditor), sampled, engine)
+    rows = [AuditRow(x.item, x.annotator, generation, auditor, "model", o.graded.decided if o.graded else o.record["verdict"],
+                     o.record["reasons"], sorted(set(o.record["wrong_claims"])),
+                     o.graded.p("pass") if o.graded else float(o.record["verdict"] == "pass"))
+            for x, o in zip(sampled, outcomes) if o.record]
+    return rows, sum(o.record is None for o in outcomes), sum(o.attempts for o in outcomes)
 
 
 def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
@@ -184,6 +194,8 @@ class ReputationRow:
     alpha: float
     beta: float
     mean: float = doc("the annotator's vote weight")
+    pass_mass: float | None = doc("sum of P(pass) over the audits (passes counts the most likely verdicts)",
+                                  default=None, added=True)
 
 
 REPUTATION = Table("reputation", ReputationRow, key=("annotator", "generation"),
@@ -191,14 +203,16 @@ REPUTATION = Table("reputation", ReputationRow, key=("annotator", "generation"),
 
 
 def update_reputation(con, generation: int) -> dict[str, float]:
-    """Beta(1 + passes, 1 + fails) posterior of each annotator's pass rate over every audit
-    up to this generation; its mean is the annotator's vote weight. Returns name -> mean."""
+    """Beta(1 + P(pass) summed, 1 + P(fail) summed) posterior of each annotator's pass rate over
+    every audit up to this generation (an audit without a probability counts its verdict as 1 or
+    0); its mean is the annotator's vote weight. Returns name -> mean."""
     con.execute("DELETE FROM reputation WHERE generation = ?", [generation])
     con.execute("""
-        INSERT INTO reputation
+        INSERT INTO reputation (annotator, generation, passes, fails, pass_mass, alpha, beta, mean)
         SELECT annotator, ?::INTEGER AS generation,
                count(*) FILTER (verdict = 'pass') AS passes, count(*) FILTER (verdict = 'fail') AS fails,
-               1 + passes AS alpha, 1 + fails AS beta, alpha / (alpha + beta) AS mean
+               sum(coalesce(pass_prob, (verdict = 'pass')::DOUBLE)) AS pass_mass,
+               1 + pass_mass AS alpha, 1 + count(*) - pass_mass AS beta, alpha / (alpha + beta) AS mean
         FROM audits WHERE generation <= ? GROUP BY annotator""", [generation, generation])
     return dict(con.execute("SELECT annotator, mean FROM reputation WHERE generation = ?", [generation]).fetchall())
 
@@ -287,7 +301,7 @@ def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -
     if key not in known:
         raise ValueError(f"no accepted annotation {key[0]} by {key[1]} in generation {generation}")
     return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, _as_list(row.get("reasons"), str),
-                    sorted(set(wrong)))
+                    sorted(set(wrong)), float(verdict == "pass"))
 
 
 def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
@@ -323,16 +337,16 @@ class Audit(Stage):
     def run(self, ctx: BuildContext) -> dict:
         g, cfg = ctx.generation, ctx.cfg
         items = sample(ctx.con, load_secret(ctx.ws.root), g, cfg.audit.rate)
-        failed = 0
+        failed = attempts = 0
         if cfg.audit.auditor and items:
             auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
             engine = ctx.judge_engine(cfg.audit.auditor, "audit.auditor")  # often a member's model: reused
-            rows, failed = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor,
-                                       ctx.step(f"audit ({auditor})", len(items)))
+            rows, failed, attempts = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor, ctx.run)
             store_audits(ctx.con, g, rows)
         reputation = update_reputation(ctx.con, g)
         audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
                                          "WHERE generation = ?", [g]).fetchone()
         return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
                           "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
+                          "attempts": attempts,
                           "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())}}}

@@ -15,7 +15,10 @@ cache to the build's executor.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -53,12 +56,13 @@ class Sampling:
     repeat_penalty: float
     seed: int
     retries: int  # extra attempts after an invalid output, each with the next seed
+    at_bound: str = "trim"  # a string at its maxLength: trim it back, or retry (annotate.at_length_bound)
 
     @classmethod
     def of(cls, cfg: RatchetConfig, max_tokens: int, temperature: float | None = None) -> "Sampling":
         s = cfg.sampling
         return cls(max_tokens, s.temperature if temperature is None else temperature, s.top_p, s.repeat_penalty,
-                   s.seed, cfg.annotate.retries)
+                   s.seed, cfg.annotate.retries, cfg.annotate.at_length_bound)
 
 
 class ModelTask(ABC, Generic[Item, Row]):
@@ -96,10 +100,125 @@ def run_task(task: ModelTask[Item, Row], items: Sequence[Item], engine: CachedBa
              advance: Callable[[int], None] | None = None) -> list[Row]:
     """Every item through the task: cache, validation, retries (reseeded), progress (`advance`,
     called once per finished item: see `BuildContext.step`). Never raises for one item: an item
-    without a valid answer gets its rejection reason."""
+    without a valid answer gets its rejection reason. A judging task's outcomes are graded
+    (a distribution over its values) before they become rows."""
     outcomes = generate_valid(len(items), lambda i, attempt: task.request(items[i], attempt), engine,
-                              task.sampling.retries, on_done=(lambda i, out: advance(1)) if advance else None)
+                              task.sampling.retries, on_done=(lambda i, out: advance(1)) if advance else None,
+                              at_bound=task.sampling.at_bound)
+    if isinstance(task, JudgingTask):
+        grade(task, items, outcomes, engine)
     return [task.format_output(item, outcome) for item, outcome in zip(items, outcomes)]
+
+
+# ---------------------------------------------------------------- graded judgements
+
+
+@dataclass
+class Graded:
+    """A judgement as a distribution over its allowed values."""
+    raw: dict[str, float] | None  # as read from the engine (None: it gave none)
+    calibrated: dict[str, float] | None  # raw divided by the content-free baseline, normalised
+    method: str  # logprobs | scripted | samples | decoded (the written value alone)
+    probs: dict[str, float]  # the distribution that decides (judgements.decide_by)
+    decided: str  # its most likely value
+
+    def p(self, value: str) -> float:
+        return self.probs.get(value, 0.0)
+
+
+class JudgingTask(ModelTask[Item, Row]):
+    """A model task whose answer ends with a decision among fixed values. Subclasses set `field`
+    and `choices` and give `content_free(item)`: the item with its content replaced by `text`
+    ("" and "N/A"), the input whose answers measure the prompt's own bias."""
+
+    field: str = ""
+    choices: tuple[str, ...] = ()
+    judging = None  # config.JudgementsConfig; set by the stage (default: the config's defaults)
+    baseline: dict[str, float] | None = None  # set by grade(): the content-free distribution
+    calibration_attempts: int = 0
+
+    def request(self, item: Item, attempt: int) -> Request:
+        return dataclasses.replace(super().request(item, attempt), decision=(self.field, self.choices))
+
+    @abstractmethod
+    def content_free(self, text: str) -> Item:
+        """An item like the task's, with its content replaced by `text`."""
+
+
+def graded_columns(outcome: Outcome) -> tuple:
+    """(probs, calibrated, method) of an outcome, for the columns every judging table has."""
+    g = outcome.graded
+    return (g.raw, g.calibrated, g.method) if g else (None, None, None)
+
+
+def _probs(decision: dict | None, choices: Sequence[str]) -> dict[str, float] | None:
+    if not decision or not decision.get("logprobs"):
+        return None
+    probs = {c: math.exp(decision["logprobs"].get(c, -math.inf)) for c in choices}
+    total = sum(probs.values())
+    return {c: p / total for c, p in probs.items()} if total > 0 else None
+
+
+def _samples(task: JudgingTask, item, engine: CachedBackend, n: int) -> dict[str, float] | None:
+    """Self-consistency: the share of each value over n more answers with other seeds."""
+    requests = [task.request(item, 100 + i) for i in range(n)]  # attempts far from the retries' seeds
+    values = []
+    for response in engine.generate(requests):
+        try:
+            value = json.loads(response.text).get(task.field) if response.finish_reason == "stop" else None
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if value in task.choices:
+            values.append(value)
+    return {c: values.count(c) / len(values) for c in task.choices} if values else None
+
+
+def baseline(task: JudgingTask, engine: CachedBackend) -> tuple[dict[str, float] | None, int]:
+    """The task's distribution for content-free inputs ("" and "N/A"), averaged: what the prompt
+    and the model say when there is nothing to judge (None: no distribution could be read), and
+    the attempts it took. Cached like every call."""
+    free = [task.content_free(text) for text in ("", "N/A")]
+    outcomes = generate_valid(len(free), lambda i, attempt: task.request(free[i], attempt), engine,
+                              task.sampling.retries, at_bound=task.sampling.at_bound)
+    attempts = sum(o.attempts for o in outcomes)
+    read = [p for o in outcomes if (p := _probs(o.decision, task.choices))]
+    if not read:
+        return None, attempts
+    return {c: round(sum(p[c] for p in read) / len(read), 6) for c in task.choices}, attempts
+
+
+def calibrate(raw: dict[str, float], base: dict[str, float] | None) -> dict[str, float] | None:
+    if base is None:
+        return None
+    scaled = {c: p / max(base.get(c, 0.0), 1e-6) for c, p in raw.items()}
+    total = sum(scaled.values())
+    return {c: v / total for c, v in scaled.items()} if total > 0 else None
+
+
+def grade(task: JudgingTask, items: Sequence, outcomes: list[Outcome], engine: CachedBackend) -> dict | None:
+    """Give every accepted outcome its Graded judgement; returns the content-free baseline."""
+    from ..config import JudgementsConfig
+
+    judging = task.judging or JudgementsConfig()
+    accepted = [(item, o) for item, o in zip(items, outcomes) if o.record is not None]
+    if not accepted:
+        return None
+    base, attempts = baseline(task, engine) if judging.decide_by == "calibrated" else (None, 0)
+    task.baseline, task.calibration_attempts = base, attempts
+    for item, o in accepted:
+        written = o.record.get(task.field)
+        raw, method = _probs(o.decision, task.choices), (o.decision or {}).get("method")
+        if raw is None and judging.samples and judging.decide_by != "generated":
+            raw, method = _samples(task, item, engine, judging.samples), "samples"
+        if raw is None:
+            raw, method = None, "decoded"
+        calibrated = calibrate(raw, base) if raw is not None else None
+        if judging.decide_by == "generated" or raw is None:
+            probs = {c: float(c == written) for c in task.choices}
+        else:
+            probs = calibrated if judging.decide_by == "calibrated" and calibrated else raw
+        o.graded = Graded(raw, calibrated, method, probs, max(task.choices, key=lambda c: probs[c]))
+    return base
 
 
 def progress_step(progress, label: str, total: int) -> Callable[[int], None] | None:
@@ -131,6 +250,7 @@ class BuildContext:
     stack: ExitStack = field(default_factory=ExitStack)  # engines loaded for this build close with it
     engines: dict[int, CachedBackend] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    calibration: list = field(default_factory=list)  # each judging task's content-free baseline
     # What the stages pass on, in build order.
     passages: list = field(default_factory=list)
     report: Any = None  # corpus.IngestReport
@@ -160,6 +280,15 @@ class BuildContext:
 
     def step(self, label: str, total: int) -> Callable[[int], None] | None:
         return progress_step(self.progress, label, total)
+
+    def run(self, task: ModelTask, items: Sequence, engine: CachedBackend, advance=None) -> list:
+        """run_task with this build's progress (a bar per task unless `advance` is given) and
+        its bookkeeping: a judging task's content-free baseline goes to the summary."""
+        rows = run_task(task, items, engine, advance if advance is not None else self.step(task.label, len(items)))
+        if isinstance(task, JudgingTask) and (task.baseline or task.calibration_attempts):
+            self.calibration.append({"task": task.label, "judge": engine.backend.model_name,
+                                     "baseline": task.baseline, "attempts": task.calibration_attempts})
+        return rows
 
     def text(self) -> dict[str, str]:
         return {p.passage_id: p.text for p in self.passages}
@@ -213,6 +342,6 @@ class ModelStage(ModelTask[Item, Row], Stage):
     def run(self, ctx: BuildContext) -> dict:
         self.ctx, self.sampling = ctx, self.sampling_for(ctx)
         items = self.items(ctx)
-        rows = run_task(self, items, self.engine_for(ctx), ctx.step(self.label or self.name, len(items)))
+        rows = ctx.run(self, items, self.engine_for(ctx), ctx.step(self.label or self.name, len(items)))
         self.store(ctx, rows)
         return {self.name: {"items": len(items), "rows": len(rows)}}

@@ -28,7 +28,7 @@ from ..corpus import CorpusError, jsonl_rows, read_table
 from ..prompts import LINE_MARK, Prompts, datamark
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, ModelTask, Sampling, Stage, graded_columns, run_task
 
 LABELS = ("ethical", "neutral", "unethical")
 FRAMEWORK_KEYS = ("name", "question", "principles", "classify", "rewrite")
@@ -163,13 +163,18 @@ def rewrite_messages(framework: Framework, prompt: str, response: str) -> tuple[
             {"role": "user", "content": pair_text(prompt, response)})
 
 
-class JudgeTask(ModelTask[tuple[str, str], Outcome]):
-    """Label a (prompt, response) pair under one framework (schemas/judgement.schema.json)."""
+class JudgeTask(JudgingTask[tuple[str, str], Outcome]):
+    """Label a (prompt, response) pair under one framework (schemas/judgement.schema.json), as
+    a distribution over the labels (stages/base.py: grade)."""
     schema_name = "judgement"
+    field, choices = "label", LABELS
 
     def __init__(self, framework: Framework, config, label: str | None = None):
         super().__init__(Sampling.of(config, config.conscience.max_tokens), label=label or f"judge ({framework.key})")
-        self.framework = framework
+        self.framework, self.judging = framework, config.judgements
+
+    def content_free(self, text: str) -> tuple[str, str]:
+        return text, text
 
     def format_input(self, pair: tuple[str, str]) -> tuple[dict, ...]:
         return judge_messages(self.framework, *pair)
@@ -209,7 +214,24 @@ class Judgement:
 
     @property
     def label(self) -> str | None:
-        return self.outcome.record["label"] if self.outcome.record else None
+        """The label that decides (judgements.decide_by): the most likely one."""
+        return decided(self.outcome)
+
+    @property
+    def p(self) -> float | None:
+        """Its probability."""
+        return self.outcome.graded.p(self.label) if self.outcome.graded else None
+
+
+def decided(outcome: Outcome) -> str | None:
+    """A judgement's deciding label: the most likely under the deciding distribution, else the written one."""
+    if outcome.record is None:
+        return None
+    return outcome.graded.decided if outcome.graded else outcome.record["label"]
+
+
+def p_of(outcome: Outcome | None, label: str) -> float | None:
+    return outcome.graded.p(label) if outcome is not None and outcome.graded else None
 
 
 @dataclass
@@ -223,23 +245,25 @@ class Pair:
     kept: bool
     reason: str  # why it was kept or dropped
     rewrite_key: str | None
+    rejected_p: float | None = None  # P(unethical) of the original
+    chosen_p: float | None = None  # P(ethical) of the rewrite
 
 
 def run_conscience(items: list[Item], frameworks: list[Framework], engine, config,
-                   step=lambda label, total: None) -> tuple[list[Judgement], list[Pair]]:
+                   runner=None) -> tuple[list[Judgement], list[Pair]]:
     """Per framework: judge every response; rewrite the unethical ones; judge the rewrites;
-    a pair is kept only when its rewrite is now `ethical`. step(label, total) gives a
-    progress callback (BuildContext.step)."""
+    a pair is kept only when its rewrite is now `ethical`. `runner`: the build's
+    (BuildContext.run: progress and bookkeeping), else run_task."""
     judgements: list[Judgement] = []
     pairs: list[Pair] = []
 
     def run(task, work: list[tuple[str, str]]) -> list[Outcome]:
-        return run_task(task, work, engine, step(task.label, len(work)))
+        return runner(task, work, engine) if runner else run_task(task, work, engine)
 
     for fw in frameworks:
         originals = run(JudgeTask(fw, config), [(i.prompt, i.response) for i in items])
         judgements += [Judgement(i.item_id, fw.key, "original", o) for i, o in zip(items, originals)]
-        unethical = [(i, o) for i, o in zip(items, originals) if o.record and o.record["label"] == "unethical"]
+        unethical = [(i, o) for i, o in zip(items, originals) if decided(o) == "unethical"]
         rewrites = run(RewriteTask(fw, config), [(i.prompt, i.response) for i, _ in unethical])
         fresh = [(i, o, r) for (i, o), r in zip(unethical, rewrites)
                  if r.record and r.record["response"].strip() != i.response.strip()]
@@ -249,7 +273,7 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
         rejudged = {i.item_id: j for (i, _, _), j in zip(fresh, again)}
         for (item, original), r in zip(unethical, rewrites):
             j = rejudged.get(item.item_id)
-            label = j.record["label"] if j and j.record else None
+            label = decided(j) if j else None
             if r.record is None:
                 reason = f"no valid rewrite: {r.reason}"
             elif j is None:
@@ -259,7 +283,8 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
             else:
                 reason = "rewrite judged ethical" if label == "ethical" else f"rewrite judged {label}"
             pairs.append(Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
-                              j.record["reasons"] if j and j.record else None, label == "ethical", reason, r.call_key))
+                              j.record["reasons"] if j and j.record else None, label == "ethical", reason, r.call_key,
+                              p_of(original, "unethical"), p_of(j, "ethical")))
     return judgements, pairs
 
 
@@ -321,11 +346,16 @@ class JudgementRow:
     subject: str = doc("original (the item's response) | rewrite")
     judge: str
     status: str = doc("accepted | rejected (no valid judgement after every retry)")
-    label: str | None = doc("ethical | neutral | unethical")
+    label: str | None = doc("ethical | neutral | unethical: the most likely under the deciding distribution")
     reasons: Json | None
     reason: str | None
     attempts: int
     call_key: str | None
+    p: float | None = doc("the label's probability under the deciding distribution", default=None, added=True)
+    written: str | None = doc("the label the judge wrote (decoded)", default=None, added=True)
+    probs: Json | None = doc("the labels' distribution as read", default=None, added=True)
+    calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
+    method: str | None = doc("logprobs | samples | scripted | decoded", default=None, added=True)
 
 
 @dataclass
@@ -342,6 +372,8 @@ class PairRow:
     kept: bool = doc("the rewrite was judged ethical: a dpo pair")
     reason: str
     rewrite_key: str | None
+    rejected_p: float | None = doc("P(unethical) of the original", default=None, added=True)
+    chosen_p: float | None = doc("P(ethical) of the rewrite", default=None, added=True)
 
 
 CONSCIENCE_ITEMS = Table("conscience_items", ConscienceItemRow, key=("generation", "item_id"),
@@ -393,16 +425,19 @@ class Conscience(Stage):
         judge_name = model_short_name(c.judge)
         ctx.log.info("conscience: %d items, frameworks %s, judge %s", len(given.items), ", ".join(c.frameworks),
                      judge_name)
-        judgements, ctx.pairs = run_conscience(given.items, given.frameworks, engine, ctx.cfg, ctx.step)
+        judgements, ctx.pairs = run_conscience(given.items, given.frameworks, engine, ctx.cfg, ctx.run)
         CONSCIENCE_ITEMS.replace_generation(ctx.con, g, [ConscienceItemRow(g, i.item_id, i.source, i.prompt, i.response)
                                                          for i in given.items], on_conflict="ignore")
         JUDGEMENTS.replace_generation(ctx.con, g, [
             JudgementRow(g, j.item_id, j.framework, j.subject, judge_name, j.outcome.status, j.label,
                          j.outcome.record["reasons"] if j.outcome.record else None, j.outcome.reason,
-                         j.outcome.attempts, j.outcome.call_key) for j in judgements])
+                         j.outcome.attempts, j.outcome.call_key, j.p,
+                         j.outcome.record["label"] if j.outcome.record else None,
+                         *graded_columns(j.outcome)) for j in judgements])
         PAIRS.replace_generation(ctx.con, g, [
             PairRow(g, p.item.item_id, p.framework, judge_name, p.item.prompt, p.item.response, p.chosen, p.reasons,
-                    p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key) for p in ctx.pairs])
+                    p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key, p.rejected_p, p.chosen_p)
+            for p in ctx.pairs])
         return {"conscience": {
             "judge": judge_name, "judge_model": engine.backend.describe(), "items": len(given.items),
             "skipped_items": given.skipped, "frameworks": {fw.key: fw.name for fw in given.frameworks},

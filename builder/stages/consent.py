@@ -18,7 +18,7 @@ from ..config import model_short_name
 from ..prompts import Prompts
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, Sampling, Stage, graded_columns, run_task
 
 
 @dataclass
@@ -42,7 +42,14 @@ class Consent:
 
     @property
     def answer(self) -> str | None:
-        return self.outcome.record["consent"] if self.outcome.record else None
+        """The deciding answer: the most likely under the deciding distribution (else the written one)."""
+        if not self.outcome.record:
+            return None
+        return self.outcome.graded.decided if self.outcome.graded else self.outcome.record["consent"]
+
+    @property
+    def p_no(self) -> float | None:
+        return self.outcome.graded.p("no") if self.outcome.graded else None
 
 
 @dataclass
@@ -59,14 +66,20 @@ def tag(text: str) -> str:
     return "-".join(words[:3]) or "none"
 
 
-class ConsentTask(ModelTask[Example, Consent]):
-    """One judge answers for every example. An example without a valid answer after every
-    retry is vetoed (consent.on_invalid = "veto": consent not given) or abstained on."""
+class ConsentTask(JudgingTask[Example, Consent]):
+    """One judge answers for every example: a veto is P(no) above consent.veto_threshold. An
+    example without a valid answer after every retry is vetoed (consent.on_invalid = "veto":
+    consent not given) or abstained on."""
     schema_name = "consent"
+    field, choices = "consent", ("yes", "no")
 
     def __init__(self, prompts: Prompts, config, judge: str):
         super().__init__(Sampling.of(config, config.consent.max_tokens), label=f"consent ({judge})")
         self.prompts, self.judge, self.on_invalid = prompts, judge, config.consent.on_invalid
+        self.threshold, self.judging = config.consent.veto_threshold, config.judgements
+
+    def content_free(self, text: str) -> Example:
+        return Example("sft", "content-free", "PASSAGE", text, "REFLECTION", text)
 
     def format_input(self, e: Example) -> tuple[dict, ...]:
         return self.prompts.consent_messages(e.context, e.context_text, e.target, e.target_text)
@@ -74,7 +87,7 @@ class ConsentTask(ModelTask[Example, Consent]):
     def format_output(self, e: Example, o: Outcome) -> Consent:
         if o.record:
             o.record["trait_tag"] = tag(o.record["trait_tag"])
-            veto = o.record["consent"] == "no"
+            veto = o.graded.p("no") > self.threshold if o.graded else o.record["consent"] == "no"
         else:
             veto = self.on_invalid == "veto"
         return Consent(e.split, e.example_id, self.judge, o, veto)
@@ -142,6 +155,11 @@ class ConsentRow:
     reason: str | None
     attempts: int
     call_key: str | None
+    p_no: float | None = doc("P(no) under the deciding distribution: a veto when above consent.veto_threshold",
+                             default=None, added=True)
+    probs: Json | None = doc("the answer's distribution as read", default=None, added=True)
+    calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
+    method: str | None = doc("logprobs | samples | scripted | decoded", default=None, added=True)
 
 
 @dataclass
@@ -184,14 +202,13 @@ class ConsentGate(Stage):
             name = model_short_name(model)
             engine = ctx.judge_engine(model, "consent.judges")
             checkpoints[name] = engine.backend.describe()
-            consents += run_task(ConsentTask(ctx.prompts, ctx.cfg, name), ctx.examples, engine,
-                                 ctx.step(f"consent ({name})", len(ctx.examples)))
+            consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), ctx.examples, engine)
         events = drift_events(consents)
         CONSENTS.replace_generation(ctx.con, g, [
             ConsentRow(g, c.split, c.example_id, c.judge, c.outcome.status, c.answer, c.veto,
                        (c.outcome.record or {}).get("trait"), (c.outcome.record or {}).get("trait_tag"),
                        c.outcome.record["reasons"] if c.outcome.record else None, c.outcome.reason,
-                       c.outcome.attempts, c.outcome.call_key) for c in consents])
+                       c.outcome.attempts, c.outcome.call_key, c.p_no, *graded_columns(c.outcome)) for c in consents])
         DRIFT_EVENTS.replace_generation(ctx.con, g, [DriftRow(g, e.split, e.example_id, e.judges, e.said)
                                                      for e in events])
         if not judges:

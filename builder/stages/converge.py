@@ -1,7 +1,8 @@
 """Converge: a score per annotation from its critics' verdicts, one kept annotation per passage
 (or none, with the reason), and how far the critics agree (Krippendorff's alpha).
 
-score = weighted share of critics whose verdict is `survives`; a critic's weight is its
+score = weighted mean over critics of P(survives) + 0.5 P(revise) (the critic's verdict as a
+distribution, stages/base.py: grade); a critic's weight is its
 reputation (audit pass rate, Beta posterior mean) earned in earlier generations, the prior
 0.5 for a member never audited, so in generation 1 every vote weighs the same. Earlier
 generations only: this generation's audit sample is secret, and nothing published may
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..tables import Table, doc
 from .base import BuildContext, Stage
-from .scrutinize import PRIOR_WEIGHT, CritiqueRow, reputation_weights
+from .scrutinize import PRIOR_WEIGHT, VERDICT_POINTS, CritiqueRow, reputation_weights
 
 VERDICTS = ("survives", "revise", "reject")
 
@@ -39,21 +40,23 @@ class Selection:
     reason: str
 
 
-def convergence_score(votes: list[tuple[str, str]], weights: dict[str, float]) -> float | None:
-    """votes: (critic, verdict) of the valid critiques of one annotation."""
+def convergence_score(votes: list[tuple[str, float]], weights: dict[str, float]) -> float | None:
+    """votes: (critic, score) of the valid critiques of one annotation, score = P(survives) +
+    0.5 P(revise) of the critic's verdict (1, 0.5 or 0 for a verdict read without a distribution)."""
     total = sum(weights.get(critic, PRIOR_WEIGHT) for critic, _ in votes)
     if not votes or total <= 0:
         return None
-    return sum(weights.get(critic, PRIOR_WEIGHT) for critic, verdict in votes if verdict == "survives") / total
+    return sum(weights.get(critic, PRIOR_WEIGHT) * score for critic, score in votes) / total
 
 
 def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueRow],
                       weights: dict[str, float]) -> list[Scored]:
     """accepted: (passage_id, annotator) of every valid annotation."""
-    votes: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    votes: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
     for c in critiques:
         if c.status == "accepted":
-            votes[(c.passage_id, c.annotator)].append((c.critic, c.verdict))
+            score = c.score if c.score is not None else VERDICT_POINTS.get(c.verdict, 0.0)
+            votes[(c.passage_id, c.annotator)].append((c.critic, score))
     return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]))
             for pid, author in accepted]
 
@@ -146,7 +149,7 @@ class ConvergenceRow:
     generation: int
     passage_id: str
     annotator: str
-    score: float | None = doc("weighted share of 'survives'; NULL: not scrutinized or no valid critique")
+    score: float | None = doc("weighted mean of P(survives) + 0.5 P(revise); NULL: not scrutinized or no valid critique")
     critiques: int = doc("valid critiques behind the score")
     selected: bool
 
@@ -187,7 +190,7 @@ class Converge(Stage):
         weights = reputation_weights(ctx.con, g)
         ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights)
         ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
-        ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0,
+        ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0 or bool(ensemble.verifiers),
                                 [m.name for m in ensemble.annotators])
         ctx.agreements = agreement(ctx.critiques) if ctx.critiques else []
         chosen = {(s.passage_id, s.annotator) for s in ctx.selections if s.annotator}
@@ -210,7 +213,7 @@ def ensemble_metrics(ctx: BuildContext) -> dict:
         if s.score is not None:
             scores.setdefault(s.annotator, []).append(s.score)
     members = {}
-    for m in ensemble.members:
+    for m in [*ensemble.members, *ensemble.verifiers]:
         rows = ctx.per_member.get(m.name, [])
         mine = [c for c in critiques if c.critic == m.name and c.status == "accepted"]
         members[m.name] = {

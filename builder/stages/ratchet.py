@@ -24,11 +24,13 @@ from ..backends.base import Backend
 from ..config import RatchetConfig
 from ..ensemble import Ensemble, Member
 from ..prompts import Prompts
+from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, Sampling, Stage, run_task
-from .scrutinize import CritiqueTask, Task
+from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
+from .. import verifier
+from ..verifier import GroundingVerifier
+from .scrutinize import VERDICT_POINTS, CritiqueTask, Task, content_free_record, verifier_row
 
-VERDICT_POINTS = {"survives": 1.0, "revise": 0.5, "reject": 0.0}
 
 
 class RatchetError(Exception):
@@ -67,7 +69,7 @@ class Reflection:
 class RatchetRow:
     generation: int
     passage_id: str
-    decision: str = doc("new | replaced | unchanged | carried | none")
+    decision: str = doc("new | replaced | unchanged | carried | tie (the parent kept) | none")
     annotator: str | None = doc("author of the final reflection")
     source_generation: int | None = doc("the generation that wrote it (older when carried forward)")
     record: Json | None = doc("the final reflection (schemas/annotation.schema.json)")
@@ -80,6 +82,8 @@ class RatchetRow:
     new_score: float | None = doc("this generation's candidate (converged, not vetoed)")
     reflection_key: str | None = doc("hash of the final record")
     reason: str
+    preference: float | None = doc("the panel's pairwise P(new is better than the parent), both orders averaged",
+                                   default=None, added=True)
 
 
 RATCHET = Table("ratchet", RatchetRow, key=("generation", "passage_id"),
@@ -89,7 +93,7 @@ RATCHET = Table("ratchet", RatchetRow, key=("generation", "passage_id"),
 @dataclass
 class Decision:
     passage_id: str
-    decision: str  # new | replaced | unchanged | carried | none
+    decision: str  # new | replaced | unchanged | carried | tie | none
     final: Reflection | None
     score: float | None
     parent: Reflection | None
@@ -97,6 +101,7 @@ class Decision:
     new: Reflection | None
     new_score: float | None
     reason: str
+    preference: float | None = None  # the panel's pairwise P(new is better)
 
 
 def model_hash(backend) -> str:
@@ -108,8 +113,8 @@ def model_hash(backend) -> str:
 
 def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) -> list[PanelMember]:
     """The panel a workspace's first generation freezes: ratchet.panel, or every critic."""
-    names = cfg.ratchet.panel or [m.name for m in ensemble.critics]
-    by_name = {m.name: m for m in ensemble.members}
+    names = cfg.ratchet.panel or [m.name for m in ensemble.critics] + [v.name for v in ensemble.verifiers]
+    by_name = {m.name: m for m in [*ensemble.members, *ensemble.verifiers]}
     configs = {m.display_name: m for m in cfg.ensemble.members}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -121,6 +126,10 @@ def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) ->
     panel = []
     for name in names:
         member = by_name[name]
+        if member.family == verifier.KIND:  # no model: its identity is the version of its check
+            panel.append(PanelMember(name, member.persona, member.family, {"kind": verifier.KIND}, {},
+                                     verifier.VERSION, generation))
+            continue
         temperature = s.temperature if member.temperature is None else member.temperature
         panel.append(PanelMember(
             name, member.persona, member.family, configs[name].engine(cfg.annotator).model_dump(),
@@ -145,6 +154,12 @@ def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack) -> list[tupl
 
     out = []
     for p in panel:
+        if p.engine.get("kind") == verifier.KIND:
+            if p.model_hash != verifier.VERSION:
+                raise RatchetError(f"reference panel member {p.name}: the grounding check changed since the panel was "
+                                   f"frozen ({p.model_hash}, now {verifier.VERSION}); start a new workspace")
+            out.append((p, GroundingVerifier(p.name), None))
+            continue
         backend = ensemble.load(registry.parse_stored(p.engine), stack, f"reference panel member {p.name}")
         if model_hash(backend) != p.model_hash:
             raise RatchetError(
@@ -159,7 +174,7 @@ def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack) -> list[tupl
 def panel_sampling(sampling: dict) -> Sampling:
     """A panel critic samples as frozen, whatever the config says today."""
     return Sampling(sampling["max_tokens"], sampling["temperature"], sampling["top_p"], sampling["repeat_penalty"],
-                    sampling["seed"], sampling["retries"])
+                    sampling["seed"], sampling["retries"], sampling.get("at_bound", "trim"))
 
 
 @dataclass
@@ -170,13 +185,16 @@ class PanelVerdict:
     critic: str
     verdict: str | None = doc("survives | revise | reject; NULL: no valid critique")
     call_key: str | None
+    score: float | None = doc("P(survives) + 0.5 P(revise) under the deciding distribution", default=None, added=True)
+    probs: Json | None = doc("the verdict's distribution as read", default=None, added=True)
+    calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
 
 
 PANEL_VERDICTS = Table("panel_verdicts", PanelVerdict, doc="every verdict behind a panel score")
 
 
 def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: Prompts, generation: int,
-          advance=None) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict], int]:
+          advance=None, judging=None, run=run_task) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict], int]:
     """{(passage_id, reflection key): score}, every panel verdict behind the scores, and the
     attempts they took."""
     unique = list({(r.passage_id, r.key): r for r in reflections}.values())
@@ -184,15 +202,23 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
     attempts = 0
     for p, member, engine in panel:
         tasks = [Task(r.passage_id, text[r.passage_id], r.key, r.record) for r in unique]
-        task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member, label="ratchet panel")
-        results = run_task(task, tasks, engine, advance)
-        verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key)
-                     for c in results]
+        if engine is None:  # the grounding verifier: no model call
+            rows = [verifier_row(generation, p.name, t) for t in tasks]
+            verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, None, c.score, c.probs,
+                                      None) for c in rows]
+            if advance:
+                advance(len(rows))
+            continue
+        task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member, label="ratchet panel",
+                            judging=judging)
+        results = run(task, tasks, engine, advance)
+        verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key, c.score, c.probs,
+                                  c.calibrated) for c in results]
         attempts += sum(c.attempts for c in results)
     points: dict[tuple[str, str], list[float]] = {(r.passage_id, r.key): [] for r in unique}
     for v in verdicts:
         if v.verdict in VERDICT_POINTS:
-            points[(v.passage_id, v.reflection)].append(VERDICT_POINTS[v.verdict])
+            points[(v.passage_id, v.reflection)].append(v.score if v.score is not None else VERDICT_POINTS[v.verdict])
     return {k: round(sum(x) / len(x), 4) if x else None for k, x in points.items()}, verdicts, attempts
 
 
@@ -200,14 +226,19 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
 
 
 def decide(passage_ids: list[str], new: dict[str, Reflection], parents: dict[str, Reflection],
-           scores: dict[tuple[str, str], float | None], why_no_new: dict[str, str]) -> list[Decision]:
+           scores: dict[tuple[str, str], float | None], why_no_new: dict[str, str],
+           preference: dict[str, float] | None = None, margin: float = 0.0) -> list[Decision]:
     """Per passage: the new reflection replaces the parent's only if the panel scores it at
-    least as well (a reflection without a valid panel score counts as 0)."""
+    least as well (a reflection without a valid panel score counts as 0) and, with `preference`
+    (the panel's pairwise P(new is better), asked in both orders), prefers it by more than
+    0.5 + margin; without pairwise preferences, only if it scores strictly higher. Anything
+    else keeps the parent: a tie is not an improvement. The score per passage never falls."""
     out = []
     for pid in passage_ids:
         n, p = new.get(pid), parents.get(pid)
         ns = scores.get((pid, n.key)) if n else None
         ps = scores.get((pid, p.key)) if p else None
+        pref = (preference or {}).get(pid) if preference is not None else None
         if p is None and n is None:
             out.append(Decision(pid, "none", None, None, None, None, None, None, why_no_new.get(pid, "no reflection")))
         elif p is None:
@@ -217,12 +248,21 @@ def decide(passage_ids: list[str], new: dict[str, Reflection], parents: dict[str
                                 f"parent carried forward: {why_no_new.get(pid, 'no new reflection')}"))
         elif n.key == p.key:
             out.append(Decision(pid, "unchanged", p, ps, p, ps, n, ns, "the new reflection is the parent's"))
-        elif (ns or 0.0) >= (ps or 0.0):
-            out.append(Decision(pid, "replaced", n, ns, p, ps, n, ns,
-                                f"new scored {_fmt(ns)} >= parent {_fmt(ps)}"))
-        else:
+        elif (ns or 0.0) < (ps or 0.0):
             out.append(Decision(pid, "carried", p, ps, p, ps, n, ns,
-                                f"parent carried forward: new scored {_fmt(ns)} < parent {_fmt(ps)}"))
+                                f"parent carried forward: new scored {_fmt(ns)} < parent {_fmt(ps)}", pref))
+        elif preference is not None and pref is not None:
+            if pref > 0.5 + margin:
+                out.append(Decision(pid, "replaced", n, ns, p, ps, n, ns, f"new scored {_fmt(ns)} >= parent "
+                                    f"{_fmt(ps)} and the panel prefers it head to head ({pref:.2f} > {0.5 + margin:.2f})",
+                                    pref))
+            else:
+                out.append(Decision(pid, "tie", p, ps, p, ps, n, ns, f"parent kept: the panel does not prefer the new "
+                                    f"one head to head ({pref:.2f} <= {0.5 + margin:.2f})", pref))
+        elif (ns or 0.0) > (ps or 0.0):
+            out.append(Decision(pid, "replaced", n, ns, p, ps, n, ns, f"new scored {_fmt(ns)} > parent {_fmt(ps)}"))
+        else:
+            out.append(Decision(pid, "tie", p, ps, p, ps, n, ns, f"parent kept: a tie ({_fmt(ns)} = {_fmt(ps)})"))
     return out
 
 
@@ -246,20 +286,45 @@ def store(con, generation: int, decisions: list[Decision], verdicts: list[PanelV
                           f.record if f else None, prompts.reflection(f.record) if f else None, d.score,
                           d.parent.annotator if d.parent else None, d.parent.generation if d.parent else None,
                           d.parent_score, d.new.annotator if d.new else None, d.new_score, f.key if f else None,
-                          d.reason)
+                          d.reason, d.preference)
 
     RATCHET.replace_generation(con, generation, [row(d) for d in decisions])
     PANEL_VERDICTS.replace_generation(con, generation, verdicts)
 
 
 def metrics(con, generation: int) -> dict:
-    """This generation's ratchet figures (the view ratchet_by_generation) and the history."""
+    """This generation's ratchet figures (the view ratchet_by_generation), the history, and the
+    mean change of the per-passage score from the parent generation with a bootstrap 95%
+    interval over passages."""
     cols = ["generation", "passages", "with_reflection", "mean_score", "with_parent", "replaced", "carried",
-            "unchanged", "new", "replacement_rate", "carried_rate"]
-    rows = con.execute("SELECT * FROM ratchet_by_generation WHERE generation <= ? ORDER BY generation",
+            "unchanged", "new", "replacement_rate", "carried_rate", "ties"]
+    rows = con.execute(f"SELECT {', '.join(cols)} FROM ratchet_by_generation WHERE generation <= ? ORDER BY generation",
                        [generation]).fetchall()
     history = [dict(zip(cols, r)) for r in rows]
-    return {**history[-1], "history": history} if history else {"history": []}
+    if not history:
+        return {"history": []}
+    return {**history[-1], "history": history, "score_change": score_change(con, generation)}
+
+
+def score_change(con, generation: int, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Mean over passages of (score now - score in the parent generation), 0 for a passage
+    without a reflection, with a percentile bootstrap 95% interval (fixed seed: reproducible)."""
+    if generation < 2:
+        return None
+    import numpy as np
+
+    rows = con.execute("""SELECT coalesce(b.score, 0) - coalesce(a.score, 0)
+                          FROM (SELECT * FROM ratchet WHERE generation = $b) b
+                          LEFT JOIN (SELECT * FROM ratchet WHERE generation = $a) a USING (passage_id)""",
+                       {"a": generation - 1, "b": generation}).fetchall()
+    diffs = np.array([r[0] for r in rows], dtype=float)
+    if diffs.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, diffs.size, size=(resamples, diffs.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": round(float(diffs.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
+            "passages": int(diffs.size)}
 
 
 def diff(con, a: int, b: int) -> list[dict]:
@@ -296,6 +361,97 @@ def diff(con, a: int, b: int) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------- the pairwise test
+
+
+@dataclass
+class Pairing:
+    """Two reflections of one passage, in the order shown (A first)."""
+    passage_id: str
+    passage: str
+    a: dict
+    b: dict
+
+
+class CompareTask(JudgingTask[Pairing, Outcome]):
+    """A panel member says which of two reflections describes the passage more accurately
+    (schemas/compare.schema.json), read as P(A); calibrated with two empty reflections, which
+    is the member's preference for a position."""
+    schema_name = "compare"
+    field, choices = "better", ("A", "B")
+
+    def __init__(self, prompts: Prompts, sampling: Sampling, member, judging=None):
+        super().__init__(sampling, label="ratchet panel (pairwise)")
+        self.prompts, self.member, self.judging = prompts, member, judging
+
+    def format_input(self, x: Pairing) -> tuple[dict, ...]:
+        return self.prompts.compare_messages(x.passage, x.a, x.b, persona=self.member.persona)
+
+    def format_output(self, x: Pairing, outcome: Outcome) -> Outcome:
+        return outcome
+
+    def content_free(self, text: str) -> Pairing:
+        empty = content_free_record(text)
+        return Pairing("content-free", text, empty, empty)
+
+
+@dataclass
+class Comparison:
+    generation: int
+    passage_id: str
+    critic: str
+    candidate: str = doc("the new reflection's key")
+    parent: str = doc("the parent reflection's key")
+    p_first: float | None = doc("P(candidate better) with the candidate shown first (A)")
+    p_second: float | None = doc("P(candidate better) with the candidate shown second (B)")
+    preference: float | None = doc("their mean: the member's P(candidate better), position bias cancelled")
+    consistent: bool | None = doc("the two orders chose the same reflection")
+    call_keys: Json | None
+
+
+PANEL_COMPARISONS = Table("panel_comparisons", Comparison, key=("generation", "passage_id", "critic"),
+                          doc="the ratchet panel's pairwise test of each candidate against its parent, in both orders")
+
+
+def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], panel, prompts: Prompts,
+            generation: int, advance=None, judging=None, run=run_task) -> list[Comparison]:
+    """Each (candidate, parent) to every panel member, in both orders. The grounding verifier
+    compares the shares of grounded claims (1, 0.5 or 0)."""
+    out = []
+    for p, member, engine in panel:
+        if engine is None:
+            for new, old in pairs:
+                share = [verifier.check(text[new.passage_id], r.record).share for r in (new, old)]
+                pref = 1.0 if share[0] > share[1] else 0.0 if share[0] < share[1] else 0.5
+                out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, pref, pref, pref, True, None))
+            if advance:
+                advance(2 * len(pairs))
+            continue
+        task = CompareTask(prompts, panel_sampling(p.sampling), member, judging)
+        items = [Pairing(n.passage_id, text[n.passage_id], n.record, o.record) for n, o in pairs]
+        items += [Pairing(n.passage_id, text[n.passage_id], o.record, n.record) for n, o in pairs]
+        outcomes = run(task, items, engine, advance)
+        for i, (new, old) in enumerate(pairs):
+            first, second = outcomes[i], outcomes[len(pairs) + i]
+            p1 = first.graded.p("A") if first.graded else None
+            p2 = second.graded.p("B") if second.graded else None
+            known = [x for x in (p1, p2) if x is not None]
+            consistent = ((p1 > 0.5) == (p2 > 0.5)) if p1 is not None and p2 is not None else None
+            out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, p1, p2,
+                                  sum(known) / len(known) if known else None, consistent,
+                                  [first.call_key, second.call_key]))
+    return out
+
+
+def panel_preference(comparisons: list[Comparison]) -> dict[str, float]:
+    """Per passage: the mean over panel members of P(candidate better)."""
+    by: dict[str, list[float]] = {}
+    for c in comparisons:
+        if c.preference is not None:
+            by.setdefault(c.passage_id, []).append(c.preference)
+    return {pid: round(sum(v) / len(v), 4) for pid, v in by.items()}
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -303,11 +459,11 @@ class Ratchet(Stage):
     """The reference panel scores this generation's candidates (converged, not vetoed) and the
     parent's reflections; a candidate replaces the parent's only if it scores at least as well."""
     name = "ratchet"
-    tables = (PANEL, RATCHET, PANEL_VERDICTS)
+    tables = (PANEL, RATCHET, PANEL_VERDICTS, PANEL_COMPARISONS)
 
     def run(self, ctx: BuildContext) -> dict:
         g = ctx.generation
-        panel = [(p, member, ctx.engine(backend)) for p, member, backend in
+        panel = [(p, member, ctx.engine(backend) if backend else None) for p, member, backend in
                  open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g), ctx.ensemble, ctx.stack)]
         vetoed = {e for e, in ctx.con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND "
                                               "split = 'sft' AND veto", [g]).fetchall()}
@@ -322,10 +478,23 @@ class Ratchet(Stage):
         unique = {(r.passage_id, r.key) for r in [*new.values(), *parents.values()]}
         advance = ctx.step("ratchet panel", len(unique) * len(panel))
         scores, verdicts, attempts = score([*new.values(), *parents.values()], ctx.text(), panel, ctx.prompts, g,
-                                           advance)
-        decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not)
+                                           advance, ctx.cfg.judgements, ctx.run)
+        rule = ctx.cfg.ratchet
+        pairs = [(new[pid], parents[pid]) for pid in new if pid in parents and new[pid].key != parents[pid].key]
+        comparisons = []
+        if rule.pairwise and pairs:
+            comparisons = compare(pairs, ctx.text(), panel, ctx.prompts, g,
+                                  ctx.step("ratchet panel (pairwise)", 2 * len(pairs) * len(panel)), ctx.cfg.judgements,
+                                  ctx.run)
+        preference = panel_preference(comparisons) if rule.pairwise else None
+        decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not,
+                           preference, rule.margin)
         store(ctx.con, g, decisions, verdicts, ctx.prompts)
+        PANEL_COMPARISONS.replace_generation(ctx.con, g, comparisons)
         ctx.log.info("ratchet: %s", dict(Counter(d.decision for d in decisions)))
+        judged = [c for c in comparisons if c.consistent is not None]
         return {"ratchet": {**metrics(ctx.con, g), "panel": [p.name for p, _, _ in panel],
                             "panel_models": {p.name: p.model_hash for p, _, _ in panel},
-                            "panel_attempts": attempts}}
+                            "panel_attempts": attempts, "pairwise": len(pairs) if rule.pairwise else None,
+                            "position_consistency": round(sum(c.consistent for c in judged) / len(judged), 3)
+                            if judged else None}}

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import verifier
 from ..prompts import Prompts
 from ..resources import load_schema
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, ModelTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
 
 PRIOR_WEIGHT = 0.5  # mean of Beta(1, 1): a member never audited, no evidence either way
 
@@ -37,6 +38,10 @@ class CritiqueRow:
     reason: str | None
     attempts: int
     call_key: str | None
+    score: float | None = doc("P(survives) + 0.5 P(revise) under the deciding distribution", default=None, added=True)
+    probs: Json | None = doc("the verdict's distribution as read from the engine", default=None, added=True)
+    calibrated: Json | None = doc("probs divided by the content-free baseline, normalised", default=None, added=True)
+    method: str | None = doc("how probs were read: logprobs | samples | scripted | decoded", default=None, added=True)
 
 
 CRITIQUES = Table("critiques", CritiqueRow, key=("generation", "passage_id", "annotator", "critic"),
@@ -50,14 +55,34 @@ def critique_schema(n_claims: int) -> dict:
     return {**schema, "properties": {**schema["properties"], "claim_verdicts": verdicts}}
 
 
-class CritiqueTask(ModelTask[Task, CritiqueRow]):
+VERDICT_POINTS = {"survives": 1.0, "revise": 0.5, "reject": 0.0}
+
+
+def verdict_score(graded) -> float | None:
+    """P(survives) + 0.5 P(revise): a critic's vote as one number in 0..1."""
+    return None if graded is None else round(sum(graded.p(v) * pts for v, pts in VERDICT_POINTS.items()), 6)
+
+
+def content_free_record(text: str) -> dict:
+    """An annotation with nothing in it, for calibration (one claim: the schema needs one)."""
+    return {"claims": [{"claim": text, "evidence": text, "kind": "fact", "support": "none", "confidence": "low"}],
+            "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [], "reflection": text}
+
+
+class CritiqueTask(JudgingTask[Task, CritiqueRow]):
     """One critic (a Member) on many annotations: one batch, so the shared instructions stay
     the engine's cached prefix."""
 
+    field, choices = "verdict", tuple(VERDICT_POINTS)
+
     def __init__(self, prompts: Prompts, sampling: Sampling, generation: int, critic, weight: float = PRIOR_WEIGHT,
-                 label: str | None = None):
+                 label: str | None = None, judging=None):
         super().__init__(sampling, label=label or f"critique ({critic.name})")
         self.prompts, self.generation, self.critic, self.weight = prompts, generation, critic, weight
+        self.judging = judging
+
+    def content_free(self, text: str) -> Task:
+        return Task("content-free", text, "", content_free_record(text))
 
     def schema(self, t: Task) -> dict:
         return critique_schema(len(t.record["claims"]))
@@ -66,17 +91,18 @@ class CritiqueTask(ModelTask[Task, CritiqueRow]):
         return self.prompts.critique_messages(t.passage, t.record, persona=self.critic.persona)
 
     def format_output(self, t: Task, o: Outcome) -> CritiqueRow:
-        rec = o.record or {}
+        rec, g = o.record or {}, o.graded
         return CritiqueRow(self.generation, t.passage_id, t.author, self.critic.name, o.status, rec.get("verdict"),
                            rec.get("claim_verdicts"), rec.get("objections"), self.weight, o.reason, o.attempts,
-                           o.call_key)
+                           o.call_key, verdict_score(g), g.raw if g else None, g.calibrated if g else None,
+                           g.method if g else None)
 
 
 def critique(tasks: list[Task], critic, engine, prompts: Prompts, config, on_progress=None,
              generation: int = 0) -> list[CritiqueRow]:
     """One critic (a Member) on many annotations outside a build (benches, tests)."""
-    return run_task(CritiqueTask(prompts, critic_sampling(config, critic), generation, critic), tasks, engine,
-                    on_progress)
+    return run_task(CritiqueTask(prompts, critic_sampling(config, critic), generation, critic,
+                                 judging=config.judgements), tasks, engine, on_progress)
 
 
 def critic_sampling(cfg, critic) -> Sampling:
@@ -90,8 +116,8 @@ class Scrutinize(Stage):
     def run(self, ctx: BuildContext) -> None:
         ctx.critiques = []
         ensemble = ctx.ensemble
+        weights = reputation_weights(ctx.con, ctx.generation)
         if ensemble.k > 0:
-            weights = reputation_weights(ctx.con, ctx.generation)
             text = ctx.text()
             by_name = {m.name: m for m in ensemble.members}
             work: dict[str, list[Task]] = {c.name: [] for c in ensemble.critics}
@@ -103,10 +129,21 @@ class Scrutinize(Stage):
                 if tasks:
                     critic = by_name[name]
                     task = CritiqueTask(ctx.prompts, critic_sampling(ctx.cfg, critic), ctx.generation, critic,
-                                        weights.get(name, PRIOR_WEIGHT))
-                    ctx.critiques += run_task(task, tasks, ctx.engine(critic.backend), advance)
+                                        weights.get(name, PRIOR_WEIGHT), judging=ctx.cfg.judgements)
+                    ctx.critiques += ctx.run(task, tasks, ctx.engine(critic.backend), advance)
+        for v in ensemble.verifiers:  # no model call: every accepted annotation, on top of the k critics
+            text = ctx.text()
+            ctx.critiques += [verifier_row(ctx.generation, v.name, Task(pid, text[pid], author, record),
+                                           weights.get(v.name, PRIOR_WEIGHT)) for pid, author, record in ctx.accepted]
         CRITIQUES.replace_generation(ctx.con, ctx.generation, ctx.critiques)
         return None
+
+
+def verifier_row(generation: int, name: str, t: Task, weight: float = PRIOR_WEIGHT) -> CritiqueRow:
+    """The grounding verifier's critique of one annotation, as a critic's row."""
+    c = verifier.check(t.passage, t.record)
+    return CritiqueRow(generation, t.passage_id, t.author, name, "accepted", c.verdict, c.claim_verdicts, c.objections,
+                       weight, None, 0, None, c.share, c.probs, None, verifier.KIND)
 
 
 def reputation_weights(con, generation: int) -> dict[str, float]:

@@ -14,7 +14,7 @@ from builder.workspace import create_schema
 
 from ..conftest import TextBackend
 
-GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "kind": "fact", "support": "weak", "confidence": "low"}],
+GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "evidence": "| taxes rose", "kind": "fact", "support": "weak", "confidence": "low"}],
         "weak_reasoning": [], "uncertainties": ["no source"], "ethical_stakes": [], "reflection": "Unsourced claim about taxes."}
 
 

@@ -18,7 +18,8 @@ def db_with_annotations(n=40, generation=1, annotator="smollm2"):
     create_schema(con)
     for i in range(n):
         con.execute("INSERT INTO passages VALUES (?, 's', 0, ?, 3, now())", [f"p{i:03d}", f"text {i}"])
-        con.execute("INSERT INTO annotations VALUES (?,?,?,'accepted',NULL,1,0,?,NULL)",
+        con.execute("INSERT INTO annotations (generation, passage_id, annotator, status, reason, attempts, truncated, "
+                    "record, call_key) VALUES (?,?,?,'accepted',NULL,1,0,?,NULL)",
                     [generation, f"p{i:03d}", annotator, json.dumps({"claims": [], "reflection": "r"})])
     con.execute("INSERT INTO members VALUES (?, 'llama', 'default', 'm.gguf', 'llama_cpp')", [annotator])
     return con

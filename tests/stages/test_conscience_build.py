@@ -20,11 +20,12 @@ from ..conftest import SHORT_PASSAGES, write_workspace
 pytestmark = pytest.mark.slow
 
 SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
-# Lines of the scenario file. The bundled 135M judge is weak (README: accuracy 0.25 on the
-# labelled file) and keeps few rewrites, so these lines were picked from a full run of the
-# scenario to hold responses it calls ethical, pairs it keeps and pairs one checkpoint
-# vetoes; line 33 is held out (split = "heldout") and must never be judged.
-LINES = [1, 2, 11, 26, 33, 37]
+# Lines of the scenario file. The bundled 135M judge is weak (docs/conscience-and-consent.md)
+# and keeps few rewrites, so these lines were picked from a full run of the scenario (calibrated
+# judgements, the in-process engine) to hold responses it calls ethical (15, 37), an unethical
+# one whose rewrite is not kept (2), a pair both checkpoints let through (21) and a pair one
+# vetoes (12); line 33 is held out (split = "heldout") and must never be judged.
+LINES = [2, 12, 15, 21, 33, 37]
 
 
 def scenario_rows(lines):

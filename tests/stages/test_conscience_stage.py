@@ -52,6 +52,11 @@ class ScriptedJudge(TextBackend):
         return out
 
 
+# These scripts answer with labels, not distributions: the written label decides (the graded path
+# runs on the shipped scripted engine in test_graded.py and on the real model there too).
+WRITTEN = {"judgements": {"decide_by": "generated"}}
+
+
 def engine_for(backend):
     con = duckdb.connect()
     create_schema(con)
@@ -70,7 +75,7 @@ def test_unethical_responses_become_pairs_only_when_the_rewrite_is_judged_ethica
         rewrites={"bad answer two": FIXED, "bad answer three": "not json",
                   "bad answer four": json.dumps({"response": "bad answer four, long enough to rewrite"}),
                   "bad answer five": json.dumps({"response": "a half fixed answer, still not great"})})
-    cfg = RatchetConfig.model_validate({"annotate": {"retries": 1}})
+    cfg = RatchetConfig.model_validate({"annotate": {"retries": 1}, **WRITTEN})
     fw = load_framework("three-laws", Prompts())
     judgements, pairs = run_conscience(ITEMS, [fw], engine_for(backend), cfg)
     by_prompt = {p.item.prompt: p for p in pairs}
@@ -94,7 +99,7 @@ NO = json.dumps({"trait": "cutting corners", "trait_tag": "corner-cutter", "reas
 
 
 def test_a_veto_from_any_judge_excludes_and_disagreement_is_a_drift_event():
-    cfg = RatchetConfig()
+    cfg = RatchetConfig.model_validate(WRITTEN)
     early = ask(EXAMPLES, "gen0", engine_for(ScriptedJudge({}, {})), Prompts(), cfg)
     late = ask(EXAMPLES, "gen1", engine_for(ScriptedJudge({}, {}, {"chosen answer": NO})), Prompts(), cfg)
     consents = early + late
@@ -112,9 +117,10 @@ def test_a_veto_from_any_judge_excludes_and_disagreement_is_a_drift_event():
 
 def test_no_valid_answer_vetoes_by_default_or_abstains_when_configured():
     garbage = ScriptedJudge({}, {}, {"passage one": "{not json", "chosen answer": "{not json"})
-    strict = ask(EXAMPLES, "j", engine_for(garbage), Prompts(), RatchetConfig.model_validate({"annotate": {"retries": 0}}))
+    strict = ask(EXAMPLES, "j", engine_for(garbage), Prompts(),
+                 RatchetConfig.model_validate({"annotate": {"retries": 0}, **WRITTEN}))
     assert all(c.veto and c.answer is None and "invalid JSON" in c.outcome.reason for c in strict)
-    lenient = RatchetConfig.model_validate({"annotate": {"retries": 0}, "consent": {"on_invalid": "abstain"}})
+    lenient = RatchetConfig.model_validate({"annotate": {"retries": 0}, "consent": {"on_invalid": "abstain"}, **WRITTEN})
     assert not any(c.veto for c in ask(EXAMPLES, "j", engine_for(garbage), Prompts(), lenient))
     assert drift_events(strict) == []  # no answer is not a disagreement
 

@@ -48,14 +48,16 @@ def query(ws, sql, *args):
 def test_two_families_annotate_and_the_summary_shows_the_ensemble(ensemble_build):
     ws, s, _ = ensemble_build
     e = s["ensemble"]
-    assert e["families"] == ["gemma3", "llama"] and e["k"] == 2
-    assert set(e["members"]) == {"smollm2-empiricist", "gemma3-skeptic", "smollm2-care-ethicist"}
+    assert e["families"] == ["gemma3", "llama", "verifier"] and e["k"] == 2
+    assert set(e["members"]) == {"smollm2-empiricist", "gemma3-skeptic", "smollm2-care-ethicist", "grounding"}
     assert s["annotations"] == 4  # two passages x two annotating members
     annotators = {r[0] for r in query(ws, "SELECT DISTINCT annotator FROM annotations")}
     assert annotators == {"smollm2-empiricist", "gemma3-skeptic"}
     families = dict(query(ws, "SELECT name, family FROM members"))
     assert families["gemma3-skeptic"] == "gemma3" and families["smollm2-care-ethicist"] == "llama"
-    assert e["critiques"] + e["invalid_critiques"] == 2 * s["accepted"]
+    assert families["grounding"] == "verifier"
+    # k = 2 model critics per accepted annotation, and the grounding verifier on every one
+    assert e["critiques"] + e["invalid_critiques"] == 3 * s["accepted"]
 
 
 def test_critics_differ_from_the_author_and_the_other_family_critiques_first(ensemble_build):
@@ -63,12 +65,16 @@ def test_critics_differ_from_the_author_and_the_other_family_critiques_first(ens
     rows = query(ws, """SELECT c.passage_id, c.annotator, c.critic, ma.family, mc.family, ma.persona, mc.persona
                         FROM critiques c JOIN members ma ON ma.name = c.annotator JOIN members mc ON mc.name = c.critic""")
     assert rows
-    per_annotation = {}
+    per_annotation, verified = {}, {}
     for pid, author, critic, fa, fc, pa, pc in rows:
         assert critic != author and (fa != fc or pa != pc)
+        if fc == "verifier":
+            verified[(pid, author)] = verified.get((pid, author), 0) + 1
+            continue
         per_annotation.setdefault((pid, author), []).append(fc != fa)
     for other_family in per_annotation.values():
         assert len(other_family) == 2 and any(other_family)  # one of the two critics is of another family
+    assert set(verified) == set(per_annotation) and set(verified.values()) == {1}  # the verifier checks each once
 
 
 def test_critics_never_see_who_wrote_the_annotation(ensemble_build):
@@ -97,9 +103,12 @@ def test_annotations_split_carries_scores_and_verdicts_and_sft_keeps_the_selecte
             assert row["convergence"] == scores[(row["passage_id"], row["annotator"])]
             verdicts = [c["verdict"] for c in row["critiques"]]
             assert all(v in ("survives", "revise", "reject") for v in verdicts)
-            if row["convergence"] is not None:
-                survives = sum(c["weight"] for c in row["critiques"] if c["verdict"] == "survives")
-                assert row["convergence"] == pytest.approx(survives / sum(c["weight"] for c in row["critiques"]))
+            if row["convergence"] is not None:  # the weighted mean of P(survives) + 0.5 P(revise)
+                for c in row["critiques"]:
+                    dist = c["calibrated"] or c["probs"]  # decide_by = calibrated, where a baseline was read
+                    assert c["score"] == pytest.approx(dist["survives"] + 0.5 * dist["revise"], abs=1e-5)
+                weighted = sum(c["weight"] * c["score"] for c in row["critiques"])
+                assert row["convergence"] == pytest.approx(weighted / sum(c["weight"] for c in row["critiques"]))
         else:
             assert row["critiques"] == [] and not row["selected"]
     selected = query(ws, "SELECT passage_id, annotator, score, reason FROM selections")

@@ -1,7 +1,14 @@
-"""A workspace built by the builder before the stage contract and the engine registry
-(commit c61c753, stored in tests/data/legacy-c61c753 with the script that made it), rebuilt by
-today's builder: no model call, and every split byte-identical. The stored build used the
-scripted engine in place of every model (the script says how); so does the rebuild."""
+"""A workspace built by an older builder (commit c61c753, before the stage contract, graded
+judgements and evidence quotes; stored in tests/data/legacy-c61c753 with the script that made
+it) under today's builder. The stored build used the scripted engine in place of every model
+(the script says how); so do the builds here.
+
+Until graded judgements changed the prompts and the annotation schema, this test rebuilt both
+generations with zero model calls and byte-identical splits (it checked the stage-contract
+refactor, commit a2441c3). Since then the prompts are not the ones that workspace was built
+with: a rebuild is refused before any model runs (the compiled generations are immutable) and
+the workspace grows by a next generation instead, re-annotating its passages and ratcheting
+against its reflections with the panel it froze."""
 import dataclasses
 import shutil
 from pathlib import Path
@@ -59,18 +66,25 @@ def legacy_root():
         shutil.rmtree(BUILT_AT, ignore_errors=True)
 
 
-def test_a_workspace_built_before_the_refactor_rebuilds_without_a_model_call(legacy_root, scripted_everywhere):
+def test_an_older_workspace_is_refused_a_rebuild_before_any_model_call_and_grows_a_next_generation(
+        legacy_root, scripted_everywhere):
+    from builder.stages.ratchet import RatchetError
+
     ws = restore(legacy_root)
     before = {g: split_bytes(ws.generation_dir(g)) for g in (1, 2)}
-    assert all(before.values())
+    con = ws.connect(read_only=True)
+    calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    con.close()
     for generation in (1, 2):
-        summary = run_build(ws, generation=generation)
-        assert summary["model_calls"] == 0, f"generation {generation} made {summary['model_calls']} model calls"
-        assert summary["cached_calls"] > 100
-        assert summary["compiled"].startswith("unchanged")  # the same splits: the folder is left as it was
+        with pytest.raises(RatchetError, match="other prompt or schema files.*annotation.schema.json"):
+            run_build(ws, generation=generation)
         assert split_bytes(ws.generation_dir(generation)) == before[generation]
-    # Rebuilt into a fresh folder, the splits come out byte-identical too (not merely left alone).
-    shutil.rmtree(ws.generation_dir(2))
-    summary = run_build(ws, generation=2)
-    assert summary["model_calls"] == 0 and summary["compiled"] == "written"
-    assert split_bytes(ws.generation_dir(2)) == before[2]
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls  # nothing was asked
+    con.close()
+    summary = run_build(ws, generation=3)
+    assert summary["parent"] == 2 and summary["model_calls"] > 0 and summary["passages"] == 30
+    r = summary["ratchet"]
+    assert r["panel"] == ["gemma3-skeptic", "smollm2-care-ethicist", "smollm2-empiricist"]  # the panel it froze
+    assert r["with_parent"] > 0 and r["history"][-1]["generation"] == 3
+    assert r["history"][-1]["mean_score"] >= r["history"][-2]["mean_score"]  # the ratchet holds across versions

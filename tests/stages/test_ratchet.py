@@ -27,23 +27,38 @@ def refl(pid, text, gen=1):
     return Reflection(pid, "m", gen, {"reflection": text})
 
 
-def test_new_replaces_the_parent_only_when_it_scores_at_least_as_well():
-    parents = {p: refl(p, f"old {p}") for p in ["a", "b", "c", "d", "e"]}
+def test_new_replaces_the_parent_only_when_it_scores_higher_and_a_tie_keeps_the_parent():
+    parents = {p: refl(p, f"old {p}") for p in ["a", "b", "c", "d", "e", "h"]}
     new = {"a": refl("a", "new a", 2), "b": refl("b", "new b", 2), "c": refl("c", "old c", 2),
-           "e": refl("e", "new e", 2), "f": refl("f", "new f", 2)}
-    scores = {("a", parents["a"].key): 0.5, ("a", new["a"].key): 0.5,   # a tie replaces
+           "e": refl("e", "new e", 2), "f": refl("f", "new f", 2), "h": refl("h", "new h", 2)}
+    scores = {("a", parents["a"].key): 0.5, ("a", new["a"].key): 0.5,   # a tie keeps the parent
               ("b", parents["b"].key): 1.0, ("b", new["b"].key): 0.5,   # worse: carried forward
               ("c", parents["c"].key): 0.5,                             # same text: unchanged
               ("d", parents["d"].key): 0.0,                             # no new one: carried
               ("e", parents["e"].key): 0.5, ("e", new["e"].key): None,  # no valid panel score counts 0
-              ("f", new["f"].key): 0.0}
-    got = {d.passage_id: d for d in decide(list("abcdefg"), new, parents, scores, {"d": "did not converge",
-                                                                                     "g": "no annotation"})}
-    assert {p: d.decision for p, d in got.items()} == {"a": "replaced", "b": "carried", "c": "unchanged", "d": "carried",
-                                                       "e": "carried", "f": "new", "g": "none"}
+              ("f", new["f"].key): 0.0,
+              ("h", parents["h"].key): 0.25, ("h", new["h"].key): 0.75}  # strictly higher: replaced
+    got = {d.passage_id: d for d in decide(list("abcdefgh"), new, parents, scores, {"d": "did not converge",
+                                                                                      "g": "no annotation"})}
+    assert {p: d.decision for p, d in got.items()} == {"a": "tie", "b": "carried", "c": "unchanged", "d": "carried",
+                                                       "e": "carried", "f": "new", "g": "none", "h": "replaced"}
+    assert got["a"].final is parents["a"] and "a tie" in got["a"].reason
     assert got["b"].final is parents["b"] and got["b"].score == 1.0 and "0.50 < parent 1.00" in got["b"].reason
     assert got["d"].final is parents["d"] and "did not converge" in got["d"].reason
     assert got["g"].final is None and got["g"].reason == "no annotation"
+    assert got["h"].final is new["h"] and got["h"].score == 0.75
+
+
+def test_with_pairwise_preferences_the_panel_must_prefer_the_new_one_head_to_head():
+    parents = {p: refl(p, f"old {p}") for p in "abcd"}
+    new = {p: refl(p, f"new {p}", 2) for p in "abcd"}
+    scores = {(p, r.key): 0.5 for d in (parents, new) for p, r in d.items()}
+    scores[("d", new["d"].key)] = 0.25  # lower in absolute terms: never replaces, whatever the pairwise test says
+    preference = {"a": 0.8, "b": 0.54, "c": 0.3, "d": 0.9}
+    got = {d.passage_id: d for d in decide(list("abcd"), new, parents, scores, {}, preference, margin=0.05)}
+    assert {p: d.decision for p, d in got.items()} == {"a": "replaced", "b": "tie", "c": "tie", "d": "carried"}
+    assert got["a"].preference == 0.8 and "head to head (0.80 > 0.55)" in got["a"].reason
+    assert "does not prefer the new one head to head (0.54 <= 0.55)" in got["b"].reason
 
 
 def test_the_mean_never_falls_whatever_the_scores():
@@ -53,7 +68,8 @@ def test_the_mean_never_falls_whatever_the_scores():
         parents = {p: refl(p, f"old {p}") for p in ids if rng.random() < 0.7}
         new = {p: refl(p, f"new {p}", 2) for p in ids if rng.random() < 0.7}
         scores = {(p, r.key): rng.choice([None, 0.0, 0.25, 0.5, 0.75, 1.0]) for d in (parents, new) for p, r in d.items()}
-        decisions = decide(ids, new, parents, scores, {})
+        preference = {p: rng.random() for p in ids} if rng.random() < 0.5 else None
+        decisions = decide(ids, new, parents, scores, {}, preference, margin=0.05)
         before = sum((scores.get((p, parents[p].key)) or 0.0) if p in parents else 0.0 for p in ids)
         after = sum(d.score or 0.0 for d in decisions)
         assert after >= before
@@ -65,7 +81,8 @@ def test_the_mean_never_falls_whatever_the_scores():
 
 class Marker(TextBackend):
     """Annotates with a reflection that says GOOD or weak, by passage and seed (so by
-    generation); as a critic it lets survive exactly the reflections that say GOOD."""
+    generation); as a critic it lets survive exactly the reflections that say GOOD; asked to
+    compare two, it prefers the one that says GOOD (A when both or neither do)."""
 
     family = "scripted"
     model_id = property(lambda self: "scripted-marker")
@@ -80,14 +97,18 @@ class Marker(TextBackend):
         for i, r in enumerate(requests):
             self.calls += 1
             last = r.messages[-1]["content"]
-            if "claim_verdicts" in r.schema["properties"]:
+            if "better" in r.schema["properties"]:
+                a, _, b = last.partition("Reflection B:")
+                text = json.dumps({"reasons": ["compared"], "better": "B" if "GOOD" in b and "GOOD" not in a else "A"})
+            elif "claim_verdicts" in r.schema["properties"]:
                 n = r.schema["properties"]["claim_verdicts"]["minItems"]
                 text = json.dumps({"claim_verdicts": ["sound"] * n, "objections": [],
                                    "verdict": "survives" if "GOOD" in last else "reject"})
             else:
                 word = next(w for w in ("alpha", "beta", "gamma", "delta") if w in last)
                 good = self.GOOD.get((word, r.seed), False)
-                text = json.dumps({"claims": [{"claim": f"{word} claim", "kind": "fact", "support": "weak",
+                text = json.dumps({"claims": [{"claim": f"{word} claim", "evidence": f"The {word}", "kind": "fact",
+                                               "support": "weak",
                                                "confidence": "low"}],
                                    "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [],
                                    "reflection": f"{'GOOD' if good else 'weak'} reading of {word}, seed {r.seed}."})
@@ -119,18 +140,24 @@ def test_two_generations_keep_the_better_reflection_and_carry_the_parent_forward
     second = run_build(ws, generation=2)
     rows = {r["passage"]: r for r in ratchet_rows(ws, 2)}
     # alpha: GOOD in gen 1, weak in gen 2 -> the parent is carried forward; beta: the other
-    # way round -> replaced; gamma: GOOD both times (a tie) -> replaced; delta: never good.
+    # way round -> replaced (higher, and preferred head to head in both orders); gamma: GOOD both
+    # times and delta: never good -> ties, the parent is kept.
     assert rows["alpha"]["decision"] == "carried" and rows["alpha"]["source_generation"] == 1
     assert rows["alpha"]["score"] == 1.0 and rows["alpha"]["new_score"] == 0.0
     assert rows["beta"]["decision"] == "replaced" and rows["beta"]["source_generation"] == 2
-    assert rows["gamma"]["decision"] == "replaced" and rows["delta"]["score"] == 0.0
+    assert rows["beta"]["preference"] == 1.0 and rows["gamma"]["preference"] == 0.5
+    assert rows["gamma"]["decision"] == "tie" and rows["gamma"]["source_generation"] == 1
+    assert rows["delta"]["decision"] == "tie" and rows["delta"]["score"] == 0.0
     # The parent was re-scored by the same panel and got the score it had.
     for word in ("alpha", "beta", "gamma"):
         assert rows[word]["parent_score"] == gen1[word]["score"]
     h = second["ratchet"]["history"]
     assert [x["generation"] for x in h] == [1, 2] and h[1]["mean_score"] >= h[0]["mean_score"]
     assert h[0]["mean_score"] == 0.5 and h[1]["mean_score"] == 0.75
-    assert h[1]["replaced"] == 3 and h[1]["carried"] == 1 and h[1]["replacement_rate"] == 0.75
+    assert h[1]["replaced"] == 1 and h[1]["carried"] == 1 and h[1]["ties"] == 2 and h[1]["replacement_rate"] == 0.25
+    assert second["ratchet"]["position_consistency"] == 0.5  # gamma: A in both orders; beta: GOOD in both
+    change = second["ratchet"]["score_change"]
+    assert change["mean"] == 0.25 and change["low"] <= 0.25 <= change["high"] and change["passages"] == 4
     # The sft split trains on the final reflections: alpha's from gen 1, beta's from gen 2.
     sft = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(2), "sft")), split="train")
     internal = " ".join(m["content"] for row in sft for m in row["messages"] if m["role"] == "internal")
@@ -141,13 +168,14 @@ def test_two_generations_keep_the_better_reflection_and_carry_the_parent_forward
     assert (ws.generation_dir(2) / "ratchet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (ws.generation_dir(2) / "README.md").read_text()
     assert "## The ratchet" in card and "![Ratchet metrics per generation](ratchet.png)" in card
-    assert "| 2 | 4 | 4 | 0.750 | 3 | 1 | 75% | 25% |" in card
+    assert "| 2 | 4 | 4 | 0.750 | 1 | 1 | 25% | 25% |" in card
 
 
 def ratchet_rows(ws, generation):
     con = ws.connect(read_only=True)
-    cols = ["passage", "decision", "source_generation", "score", "parent_score", "new_score"]
-    rows = con.execute("""SELECT p.text, r.decision, r.source_generation, r.score, r.parent_score, r.new_score
+    cols = ["passage", "decision", "source_generation", "score", "parent_score", "new_score", "preference"]
+    rows = con.execute("""SELECT p.text, r.decision, r.source_generation, r.score, r.parent_score, r.new_score,
+                                 r.preference
                           FROM ratchet r JOIN passages p USING (passage_id) WHERE generation = ?""", [generation]).fetchall()
     con.close()
     words = ("alpha", "beta", "gamma", "delta")
@@ -161,7 +189,7 @@ def test_diff_says_per_passage_what_changed_and_why(scripted):
     result = CliRunner().invoke(app, ["diff", "gen-0001", "gen-0002", "--workspace", str(ws.root)], terminal_width=200)
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
-    assert "kept 1" in out and "replaced 3" in out and "(4 passages)" in out
+    assert "kept 3" in out and "replaced 1" in out and "(4 passages)" in out
     assert "carried" in out and "forward" in out  # the reason column, however rich wraps it
     from builder.stages.ratchet import diff
 
@@ -170,6 +198,7 @@ def test_diff_says_per_passage_what_changed_and_why(scripted):
     con.close()
     assert rows["alpha"]["change"] == "kept" and "new scored 0.00 < parent 1.00" in rows["alpha"]["reason"]
     assert rows["beta"]["change"] == "replaced" and rows["beta"]["score_a"] == 0.0 and rows["beta"]["score_b"] == 1.0
+    assert rows["gamma"]["change"] == "kept" and "does not prefer the new one head to head" in rows["gamma"]["reason"]
     result = CliRunner().invoke(app, ["diff", "1", "3", "--workspace", str(ws.root)])
     assert result.exit_code == 1 and "generation 3 is not built" in result.output
 

@@ -18,8 +18,10 @@ from builder.workspace import create_schema
 
 from ..conftest import TextBackend
 
-RECORD = {"claims": [{"claim": "Taxes rose", "kind": "fact", "support": "weak", "confidence": "low"},
-                     {"claim": "Taxes are unfair", "kind": "value", "support": "none", "confidence": "low"}],
+RECORD = {"claims": [{"claim": "Taxes rose", "evidence": "taxes rose", "kind": "fact", "support": "weak",
+                      "confidence": "low"},
+                     {"claim": "Taxes are unfair", "evidence": "unfair taxes", "kind": "value", "support": "none",
+                      "confidence": "low"}],
           "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [], "reflection": "An unsourced claim about taxes."}
 
 
@@ -109,16 +111,17 @@ def test_members_inherit_the_annotator_engine():
     assert (engine.backend, engine.base_url, engine.model) == ("openai", "http://127.0.0.1:9", "served")
 
 
-def test_default_ensemble_has_two_families_and_two_critics_per_annotation():
+def test_default_ensemble_has_two_families_two_critics_per_annotation_and_the_verifier():
     cfg = RatchetConfig()
-    assert {m.model for m in cfg.ensemble.members} == {"bundled:smollm2", "bundled:gemma3"}
+    assert {m.model for m in cfg.ensemble.members if m.kind == "model"} == {"bundled:smollm2", "bundled:gemma3"}
+    assert [m.display_name for m in cfg.ensemble.members if m.kind == "verifier"] == ["grounding"]
     assert cfg.ensemble.k == 2
 
 
-def test_convergence_score_is_the_weighted_share_of_survives():
-    votes = [("a", "survives"), ("b", "reject"), ("c", "revise")]
-    assert convergence_score(votes, {}) == pytest.approx(1 / 3)  # equal prior weights
-    assert convergence_score(votes, {"a": 0.9, "b": 0.1, "c": 0.5}) == pytest.approx(0.9 / 1.5)
+def test_convergence_score_is_the_weighted_mean_of_the_critics_scores():
+    votes = [("a", 1.0), ("b", 0.0), ("c", 0.5)]  # P(survives) + 0.5 P(revise) of each critic
+    assert convergence_score(votes, {}) == pytest.approx(0.5)  # equal prior weights
+    assert convergence_score(votes, {"a": 0.9, "b": 0.1, "c": 0.5}) == pytest.approx((0.9 + 0.25) / 1.5)
     assert convergence_score([], {}) is None
     assert PRIOR_WEIGHT == 0.5
 
@@ -133,10 +136,10 @@ def test_selection_keeps_the_best_above_threshold_or_says_why_not():
                  crit("p2", "x", "c1", "reject"), crit("p2", "x", "c2", "revise"),
                  crit("p3", "x", "c1", None, status="rejected")]
     scored = score_annotations([("p1", "x"), ("p1", "y"), ("p2", "x"), ("p3", "x")], critiques, {})
-    assert [s.score for s in scored] == [1.0, 0.5, 0.0, None]
+    assert [s.score for s in scored] == [1.0, 0.5, 0.25, None]  # a verdict without a distribution: 1, 0.5 or 0
     chosen = {s.passage_id: s for s in select(["p1", "p2", "p3", "p4"], scored, 0.5, True, ["x", "y"])}
     assert (chosen["p1"].annotator, chosen["p1"].reason) == ("x", "converged")
-    assert chosen["p2"].annotator is None and chosen["p2"].reason.startswith("below threshold: best score 0.00 (x) < 0.50")
+    assert chosen["p2"].annotator is None and chosen["p2"].reason.startswith("below threshold: best score 0.25 (x) < 0.50")
     assert (chosen["p3"].annotator, chosen["p3"].reason) == (None, "no valid critique")  # a garbage critic does not vote
     assert (chosen["p4"].annotator, chosen["p4"].reason) == (None, "no valid annotation")
 
@@ -204,8 +207,10 @@ def test_a_rebuild_forgets_annotations_of_members_no_longer_in_the_ensemble(monk
     con = duckdb.connect()
     create_schema(con)
     for annotator in ("smollm2-empiricist", "renamed-away"):
-        con.execute("INSERT INTO annotations VALUES (1, 'p', ?, 'accepted', NULL, 1, 0, '{}', NULL)", [annotator])
-    con.execute("INSERT INTO annotations VALUES (2, 'p', 'renamed-away', 'accepted', NULL, 1, 0, '{}', NULL)")
+        con.execute("INSERT INTO annotations (generation, passage_id, annotator, status, attempts, truncated, record) "
+                    "VALUES (1, 'p', ?, 'accepted', 1, 0, '{}')", [annotator])
+    con.execute("INSERT INTO annotations (generation, passage_id, annotator, status, attempts, truncated, record) "
+                "VALUES (2, 'p', 'renamed-away', 'accepted', 1, 0, '{}')")
     store_members(con, 1, ensemble_of(monkeypatch, DEFAULT, k=2))
     kept = con.execute("SELECT generation, annotator FROM annotations ORDER BY ALL").fetchall()
     assert kept == [(1, "smollm2-empiricist"), (2, "renamed-away")]  # other generations are left alone
