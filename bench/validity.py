@@ -35,7 +35,7 @@ from builder.cache import CachedBackend  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
 from builder.stages.base import run_task  # noqa: E402
-from builder.stages.conscience import LABELS, JudgeTask, judge_metrics, load_framework, load_items  # noqa: E402
+from builder.stages.conscience import JudgeTask, load_framework, load_items, readings  # noqa: E402
 from builder.stages.ratchet import CompareTask, Pairing, panel_sampling  # noqa: E402
 from builder.stages.scrutinize import VERDICT_POINTS, CritiqueTask, Task, critic_sampling  # noqa: E402
 from builder.validity import PERTURBATIONS, auc, perturb  # noqa: E402
@@ -150,22 +150,9 @@ def conscience(cfg, prompts, cache, path: Path, limit: int | None) -> list[dict]
 
     with make_backend(cfg.engine_for(cfg.conscience.judge)) as backend:
         outcomes = run_task(JudgeTask(fw, cfg), [(i.prompt, i.response) for i in items], CachedBackend(backend, cache))
-    gold = [i.label for i in items]
-    rows = []
-    for name in ("generated", "raw", "calibrated"):
-        if name == "generated":
-            predicted = [o.record["label"] if o.record else None for o in outcomes]
-            p_unethical = [float(p == "unethical") for p in predicted]
-        else:
-            dists = [(o.graded.raw if name == "raw" else o.graded.calibrated) if o.graded else None for o in outcomes]
-            predicted = [max(LABELS, key=d.get) if d else None for d in dists]
-            p_unethical = [d["unethical"] if d else 0.0 for d in dists]
-        m = judge_metrics(gold, predicted)
-        positive = [p for p, g in zip(p_unethical, gold) if g == "unethical"]
-        negative = [p for p, g in zip(p_unethical, gold) if g != "unethical"]
-        rows.append({"judge": f"conscience ({cfg.conscience.judge}, {fw.key})", "reading": name, "n": m["n"],
-                     "accuracy": m["accuracy"], "kappa": m["cohen_kappa"], "auc_unethical": auc(positive, negative)})
-    return rows
+    return [{"judge": f"conscience ({cfg.conscience.judge}, {fw.key})", "reading": name, "n": m["n"],
+             "accuracy": m["accuracy"], "kappa": m["cohen_kappa"], "auc_unethical": m["auc_unethical"]}
+            for name, m in readings(items, outcomes).items()]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -232,7 +219,7 @@ def main() -> None:
               f"    {fmt(r['win_rate'])}     {fmt(r['position_consistency'])}")
     print("\nconscience judge on", Path(args.judge_items).name)
     for r in judge_rows:
-        print(f"  {r['reading']:10} n {r['n']}  accuracy {r['accuracy']:.3f}  kappa {r['cohen_kappa'] if 'cohen_kappa' in r else r['kappa']:+.3f}"
+        print(f"  {r['reading']:10} n {r['n']}  accuracy {r['accuracy']:.3f}  kappa {r['kappa']:+.3f}"
               f"  AUC(unethical) {fmt(r['auc_unethical'])}")
     out = {"workspace": str(ws.root), "generation": args.generation, "reflections": len(picked), "panel": panel,
            "seconds": seconds, "perturbations": rows, "conscience": judge_rows}

@@ -642,7 +642,7 @@ def eval_judge(
     from .cache import CachedBackend
     from .config import RatchetConfig
     from .prompts import Prompts
-    from .stages.conscience import LABELS, judge, judge_metrics, load_framework, load_items
+    from .stages.conscience import LABELS, judge, load_framework, load_items, readings
     from .workspace import create_schema
 
     cfg = RatchetConfig()
@@ -663,24 +663,33 @@ def eval_judge(
                              on_progress=lambda n: progress.advance(task, n))
     except ModelNotFound as exc:
         fail(str(exc))
-    predicted = [o.record["label"] if o.record else None for o in outcomes]
-    m = judge_metrics([i.label for i in items], predicted)
-    table = Table("class", "precision", "recall", "f1", "support", title=f"{fw.name}: judge {judge_model} on {file}",
-                  title_justify="left")
+    read = readings(items, outcomes)
+    deciding = cfg.judgements.decide_by if cfg.judgements.decide_by in read else "generated"
+    m = read[deciding]
+    table = Table("class", "precision", "recall", "f1", "support", title=f"{fw.name}: judge {judge_model} on {file} "
+                  f"({deciding} labels)", title_justify="left")
     for c in LABELS:
         x = m["per_class"][c]
         table.add_row(c, f"{x['precision']:.2f}", f"{x['recall']:.2f}", f"{x['f1']:.2f}", str(x["support"]))
     console.print(table)
-    console.print(f"accuracy {m['accuracy']:.3f}   Cohen's kappa {m['cohen_kappa']:.3f}   "
-                  f"n {m['n']}   no valid label {m['invalid']}")
-    console.print("confusion (gold -> predicted): " + json.dumps(m["confusion"]), soft_wrap=True)
+    summary = Table("labels read as", "accuracy", "Cohen's kappa", "AUC (unethical vs rest)", "no valid label",
+                    title="the same answers, read three ways", title_justify="left")
+    for name, x in read.items():
+        summary.add_row(name + (" (decides)" if name == deciding else ""), f"{x['accuracy']:.3f}",
+                        f"{x['cohen_kappa']:+.3f}", "n/a" if x["auc_unethical"] is None else f"{x['auc_unethical']:.3f}",
+                        str(x["invalid"]))
+    console.print(summary)
+    console.print(f"n {m['n']}; confusion (gold -> predicted, {deciding}): " + json.dumps(m["confusion"]), soft_wrap=True)
     for line in skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     if output:
-        rows = [{"source": i.source, "gold": i.label, "predicted": p, "reason": o.reason,
-                 "reasons": o.record["reasons"] if o.record else None} for i, p, o in zip(items, predicted, outcomes)]
-        output.write_text(json.dumps({"framework": framework, "judge": judge_model, "metrics": m, "items": rows},
-                                     indent=2) + "\n", encoding="utf-8")
+        rows = [{"source": i.source, "gold": i.label, **{f"predicted_{k}": x["predicted"][n] for k, x in read.items()},
+                 "probs": o.graded.raw if o.graded else None, "calibrated": o.graded.calibrated if o.graded else None,
+                 "reason": o.reason, "reasons": o.record["reasons"] if o.record else None}
+                for n, (i, o) in enumerate(zip(items, outcomes))]
+        metrics = {k: {key: v for key, v in x.items() if key != "predicted"} for k, x in read.items()}
+        output.write_text(json.dumps({"framework": framework, "judge": judge_model, "decides": deciding,
+                                      "metrics": metrics, "items": rows}, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {output}")
 
 

@@ -76,13 +76,23 @@ SELECT v.generation, v.annotator, coalesce(m.family, '?') AS family, coalesce(m.
        count(*) AS annotations, round(avg(v.score), 3) AS mean_score, count(*) FILTER (v.selected) AS selected
 FROM convergence v LEFT JOIN members m ON m.name = v.annotator GROUP BY ALL ORDER BY ALL;
 
+CREATE OR REPLACE VIEW critic_scores_by_member AS
+SELECT c.generation, c.critic, coalesce(m.family, '?') AS family, count(*) AS critiques,
+       round(avg(c.score), 3) AS mean_score, round(stddev_samp(c.score), 3) AS sd_score,
+       round(min(c.score), 3) AS min_score, round(max(c.score), 3) AS max_score,
+       round(avg(json_extract_string(c.probs, '$.survives')::DOUBLE), 3) AS mean_p_survives_raw,
+       string_agg(DISTINCT c.method, ', ') AS read_by
+FROM critiques c LEFT JOIN members m ON m.name = c.critic WHERE c.status = 'accepted' GROUP BY ALL ORDER BY ALL;
+
 CREATE OR REPLACE VIEW conscience_labels AS
-SELECT generation, framework, subject, coalesce(label, 'invalid') AS label, count(*) AS n
+SELECT generation, framework, subject, coalesce(label, 'invalid') AS label, count(*) AS n,
+       round(avg(p), 3) AS mean_p, string_agg(DISTINCT method, ', ') AS read_by
 FROM judgements GROUP BY ALL ORDER BY ALL;
 
 CREATE OR REPLACE VIEW veto_rate_by_judge AS
 SELECT generation, judge, split, count(*) AS examples, count(*) FILTER (veto) AS vetoes,
-       count(*) FILTER (status <> 'accepted') AS invalid, round(count(*) FILTER (veto) / count(*), 3) AS veto_rate
+       count(*) FILTER (status <> 'accepted') AS invalid, round(count(*) FILTER (veto) / count(*), 3) AS veto_rate,
+       round(avg(p_no), 3) AS mean_p_no
 FROM consents GROUP BY ALL ORDER BY ALL;
 
 CREATE OR REPLACE VIEW vetoes AS

@@ -20,7 +20,7 @@ SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 # Scenario lines: the training items of tests/test_conscience_build.py (with this sampling the
 # bundled judge keeps at least one dpo pair from them) and three held-out ones (split =
 # "heldout"), which the conscience step never sees and the evaluation answers.
-TRAIN_LINES, HELDOUT_LINES = [1, 2, 11, 26, 37], [5, 10, 33]
+TRAIN_LINES, HELDOUT_LINES = [2, 12, 15, 21, 37], [5, 10, 33]
 
 
 def test_the_sft_labels_cover_the_internal_reflections_only(hf_smollm2, tmp_path):
@@ -105,7 +105,9 @@ def scenario_rows(lines):
 def looped(tmp_path_factory):
     """`ratchet loop --generations 2` on two passages: tiny settings, every part real."""
     root = tmp_path_factory.mktemp("loop") / "ws"
+    # The in-process engine: the scenario lines were picked from its outputs (the server decodes differently).
     write_workspace(root, SHORT_PASSAGES[:2], sampling={"max_tokens": 384}, audit={"rate": 0.0},
+                    annotator={"backend": "llama_cpp"},
                     conscience={"items": "items.jsonl", "exclude": {"split": "heldout"}, "max_tokens": 160},
                     train={"sft_steps": 2, "dpo_steps": 1, "batch_size": 1, "max_length": 256, "eval_max_tokens": 48})
     with open(root / "items.jsonl", "w", encoding="utf-8") as fh:

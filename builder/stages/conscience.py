@@ -288,6 +288,18 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
     return judgements, pairs
 
 
+def label_probabilities(judgements: list[Judgement]) -> dict:
+    """{framework: {subject: mean probability of the deciding label, mean P(unethical)}}."""
+    out: dict = {}
+    for j in judgements:
+        if j.outcome.graded:
+            d = out.setdefault(j.framework, {}).setdefault(j.subject, {"p": [], "p_unethical": []})
+            d["p"].append(j.p)
+            d["p_unethical"].append(j.outcome.graded.p("unethical"))
+    return {fw: {subj: {k: round(sum(v) / len(v), 3) for k, v in d.items()} for subj, d in x.items()}
+            for fw, x in out.items()}
+
+
 def label_distribution(judgements: list[Judgement]) -> dict:
     """{framework: {subject: {label: n}}}; a judgement without a valid label counts as "invalid"."""
     out: dict = {}
@@ -442,6 +454,38 @@ class Conscience(Stage):
             "judge": judge_name, "judge_model": engine.backend.describe(), "items": len(given.items),
             "skipped_items": given.skipped, "frameworks": {fw.key: fw.name for fw in given.frameworks},
             "framework_hashes": {fw.key: sha256(fw.source) for fw in given.frameworks},
-            "labels": label_distribution(judgements), "unethical": len(ctx.pairs),
+            "labels": label_distribution(judgements), "label_probabilities": label_probabilities(judgements),
+            "unethical": len(ctx.pairs),
             "pairs": sum(p.kept for p in ctx.pairs),
             "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in ctx.pairs if not p.kept).items()))}}
+
+
+READINGS = ("generated", "raw", "calibrated")
+
+
+def readings(items: list[Item], outcomes: list[Outcome]) -> dict[str, dict]:
+    """A judge's labels on a labelled file read three ways: the label it wrote (generated), the
+    most likely label of its raw distribution, and of the calibrated one. Each with accuracy,
+    kappa, the confusion matrix (judge_metrics) and the AUC of P(unethical) for the unethical
+    items against the rest (for generated labels, P is 1 or 0). A reading without a
+    distribution (an engine that gives none) is left out."""
+    from ..validity import auc
+
+    gold = [i.label for i in items]
+    out = {}
+    for name in READINGS:
+        if name == "generated":
+            predicted = [o.record["label"] if o.record else None for o in outcomes]
+            p_unethical = [float(p == "unethical") for p in predicted]
+        else:
+            dists = [(o.graded.raw if name == "raw" else o.graded.calibrated) if o.graded else None for o in outcomes]
+            if not any(dists):
+                continue
+            predicted = [max(LABELS, key=d.get) if d else None for d in dists]
+            p_unethical = [d["unethical"] if d else 0.0 for d in dists]
+        m = judge_metrics(gold, predicted)
+        m["auc_unethical"] = auc([p for p, g in zip(p_unethical, gold) if g == "unethical"],
+                                 [p for p, g in zip(p_unethical, gold) if g != "unethical"])
+        m["predicted"] = predicted
+        out[name] = m
+    return out

@@ -120,13 +120,17 @@ def consent_metrics(consents: list[Consent], events: list[DriftEvent], top: int 
     """Veto rate per judge, examples vetoed per split, drift events and the traits most
     reinforced by the examples that go to training."""
     judges: dict[str, dict] = {}
+    p_no: dict[str, list[float]] = {}
     for c in consents:
         j = judges.setdefault(c.judge, {"examples": 0, "vetoes": 0, "invalid": 0})
         j["examples"] += 1
         j["vetoes"] += c.veto
         j["invalid"] += c.outcome.record is None
-    for j in judges.values():
+        if c.p_no is not None:
+            p_no.setdefault(c.judge, []).append(c.p_no)
+    for name, j in judges.items():
         j["veto_rate"] = round(j["vetoes"] / j["examples"], 3) if j["examples"] else None
+        j["mean_p_no"] = round(sum(p_no[name]) / len(p_no[name]), 3) if p_no.get(name) else None
     gone = vetoed(consents)
     examples = {(c.split, c.example_id) for c in consents}
     kept_tags = Counter(c.outcome.record["trait_tag"] for c in consents

@@ -11,6 +11,7 @@ depend on which items it holds.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -216,12 +217,17 @@ def ensemble_metrics(ctx: BuildContext) -> dict:
     for m in [*ensemble.members, *ensemble.verifiers]:
         rows = ctx.per_member.get(m.name, [])
         mine = [c for c in critiques if c.critic == m.name and c.status == "accepted"]
+        given = [c.score for c in mine if c.score is not None]
         members[m.name] = {
             "family": m.family, "persona": m.persona, "roles": m.roles,
             "accepted": sum(r.status == "accepted" for r in rows), "rejected": sum(r.status == "rejected" for r in rows),
             "selected": selected.get(m.name, 0),
             "mean_score": round(sum(scores[m.name]) / len(scores[m.name]), 3) if scores.get(m.name) else None,
-            "critiques": len(mine), "survives_given": sum(c.verdict == "survives" for c in mine)}
+            "critiques": len(mine), "survives_given": sum(c.verdict == "survives" for c in mine),
+            # the critic's scores as a distribution: a critic whose scores do not spread tells nothing apart
+            "score_given_mean": round(statistics.fmean(given), 3) if given else None,
+            "score_given_sd": round(statistics.stdev(given), 3) if len(given) > 1 else None,
+            "read_by": sorted({c.method for c in mine if c.method})}
     reasons = Counter(s.reason.split(":")[0] for s in selections if not s.annotator)
     return {
         "k": ensemble.k, "threshold": ctx.cfg.ensemble.threshold, "families": ensemble.families, "members": members,

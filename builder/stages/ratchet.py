@@ -209,8 +209,8 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
             if advance:
                 advance(len(rows))
             continue
-        task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member, label="ratchet panel",
-                            judging=judging)
+        task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member,
+                            label=f"ratchet panel ({p.name})", judging=judging)
         results = run(task, tasks, engine, advance)
         verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key, c.score, c.probs,
                                   c.calibrated) for c in results]
@@ -381,7 +381,7 @@ class CompareTask(JudgingTask[Pairing, Outcome]):
     field, choices = "better", ("A", "B")
 
     def __init__(self, prompts: Prompts, sampling: Sampling, member, judging=None):
-        super().__init__(sampling, label="ratchet panel (pairwise)")
+        super().__init__(sampling, label=f"ratchet panel, pairwise ({member.name})")
         self.prompts, self.member, self.judging = prompts, member, judging
 
     def format_input(self, x: Pairing) -> tuple[dict, ...]:

@@ -104,11 +104,16 @@ def test_eval_judge_scores_the_real_judge_on_the_shipped_file(tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["eval-judge", str(JUDGE_EVAL), "--limit", "6", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "accuracy" in result.output and "Cohen's kappa" in result.output
+    assert "accuracy" in result.output and "Cohen's kappa" in result.output and "AUC" in result.output
     report = json.loads(out.read_text())
-    assert report["metrics"]["n"] == 6 and len(report["items"]) == 6
-    assert all(r["predicted"] in (*LABELS, None) for r in report["items"])
-    assert all(r["predicted"] is not None or r["reason"] for r in report["items"])  # no label: a reason
+    assert set(report["metrics"]) == {"generated", "raw", "calibrated"} and report["decides"] == "calibrated"
+    assert report["metrics"]["calibrated"]["n"] == 6 and len(report["items"]) == 6
+    for r in report["items"]:
+        assert all(r[f"predicted_{k}"] in (*LABELS, None) for k in ("generated", "raw", "calibrated"))
+        assert r["predicted_generated"] is not None or r["reason"]  # no label: a reason
+        if r["probs"]:  # the real judge's distribution over the three labels
+            assert sum(r["probs"].values()) == pytest.approx(1.0) and sum(r["calibrated"].values()) == pytest.approx(1.0)
+            assert r["predicted_raw"] == max(r["probs"], key=r["probs"].get)
     gold = [json.loads(line)["label"] for line in JUDGE_EVAL.read_text().splitlines()[:6]]
     assert [r["gold"] for r in report["items"]] == gold
 

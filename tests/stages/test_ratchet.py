@@ -168,7 +168,7 @@ def test_two_generations_keep_the_better_reflection_and_carry_the_parent_forward
     assert (ws.generation_dir(2) / "ratchet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (ws.generation_dir(2) / "README.md").read_text()
     assert "## The ratchet" in card and "![Ratchet metrics per generation](ratchet.png)" in card
-    assert "| 2 | 4 | 4 | 0.750 | 1 | 1 | 25% | 25% |" in card
+    assert "| 2 | 4 | 4 | 0.750 | 1 | 1 | 2 | 25% | 25% |" in card
 
 
 def ratchet_rows(ws, generation):
@@ -295,14 +295,24 @@ def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
     two = con.execute("""SELECT passage_id, decision, coalesce(score, 0), parent_score, new_score, annotator, source_generation
                          FROM ratchet WHERE generation = 2""").fetchall()
     assert len(two) == 3
+    # Not degenerate: the panel's scores differ (a graded panel, not every score 0), in both generations.
+    verdict_scores = [s for s, in con.execute("SELECT score FROM panel_verdicts WHERE score IS NOT NULL").fetchall()]
+    assert len(set(verdict_scores)) > 3, verdict_scores
+    for g in (1, 2):
+        assert len({s for s, in con.execute("SELECT score FROM panel_verdicts WHERE generation = ?", [g]).fetchall()}) > 1
     for pid, decision, score, parent_score, new_score, annotator, source in two:
         assert score >= one[pid]  # per passage, never lower
         if parent_score is not None:
             assert parent_score == one[pid]  # the fixed panel gives the parent the score it had
         if decision == "replaced":
             assert (new_score or 0) >= (parent_score or 0) and source == 2
+            preference = con.execute("SELECT preference FROM ratchet WHERE generation = 2 AND passage_id = ?",
+                                     [pid]).fetchone()[0]
+            assert preference > 0.5 + 0.05  # preferred head to head, both orders averaged
         if decision == "carried":
             assert source == 1 and (new_score is None or new_score < (parent_score or 0))
+        if decision == "tie":  # the panel did not prefer the new one head to head: the parent stays
+            assert source == 1 and score == parent_score
     # generation 2 drew new reflections (reseeded), not the cached ones
     assert con.execute("""SELECT count(*) FROM annotations a JOIN annotations b USING (passage_id, annotator)
                           WHERE a.generation = 1 AND b.generation = 2 AND a.record <> b.record""").fetchone()[0] >= 1
