@@ -121,13 +121,15 @@ def table(scores: dict, pairs: dict, panel: list[str]) -> list[dict]:
     judges = [*scores, "panel"]
     for judge in judges:
         for kind in PERTURBATIONS:
-            if judge == "panel":
+            if judge == "panel":  # as the ratchet scores: the mean over the members with a valid answer
                 members = [scores[m] for m in panel if m in scores]
-                keys = set.intersection(*(set(m) for m in members)) if members else set()
-                mean = {k: tuple(sum(m[k][x] for m in members) / len(members) for x in (0, 1)) for k in keys}
+                keys = set().union(*(set(m) for m in members)) if members else set()
+                mean = {k: tuple(sum(m[k][x] for m in members if k in m) / sum(k in m for m in members) for x in (0, 1))
+                        for k in keys}
                 pm = [pairs[m] for m in panel if m in pairs]
-                pkeys = set.intersection(*(set(m) for m in pm)) if pm else set()
-                pmean = {k: (sum(m[k][0] for m in pm) / len(pm), all(m[k][1] for m in pm)) for k in pkeys}
+                pkeys = set().union(*(set(m) for m in pm)) if pm else set()
+                pmean = {k: (sum(m[k][0] for m in pm if k in m) / sum(k in m for m in pm),
+                             all(m[k][1] for m in pm if k in m)) for k in pkeys}
             else:
                 mean, pmean = scores[judge], pairs.get(judge, {})
             orig = {i: s for (i, k), s in mean.items() if k == "original"}

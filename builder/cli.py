@@ -184,6 +184,12 @@ def _summary_table(s: dict) -> Table:
         if change:
             rows.append(("  score change", f"{change['mean']:+.3f} per passage (95% CI {change['low']:+.3f} to "
                                            f"{change['high']:+.3f}, {change['passages']} passages)"))
+        if r.get("final_by_member"):
+            rows.append(("  final reflections by", _counts(r["final_by_member"])))
+        if r.get("self_scores_skipped"):
+            rows.append(("  self-scores not asked", f"{r['self_scores_skipped']} ({r['self_score_share']:.0%} of the panel's "
+                                                    f"scores; a member never scores its own reflection); "
+                                                    f"{r.get('unscored', 0)} final reflection(s) left without a score"))
         if r.get("pairwise"):
             consistency = r.get("position_consistency")
             rows.append(("  pairwise", f"{r['pairwise']} candidate(s) compared with their parent in both orders; "
@@ -268,21 +274,28 @@ def sql(
 
     Tables: passages, generation_passages, model_calls, annotations, critiques, convergence,
     selections, agreement, members, audits, audit_items, reputation, conscience_items,
-    judgements, pairs, consents, drift_events, builds. Views: convergence_by_member,
-    critic_verdicts_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
-    audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation."""
+    judgements, pairs, consents, drift_events, panel, ratchet, panel_verdicts, panel_comparisons,
+    builds, evaluations. Views: convergence_by_member, critic_verdicts_by_member,
+    critic_scores_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
+    audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation,
+    ratchet_by_generation. The query cannot read or write other files (COPY, read_csv, ATTACH
+    and extensions are refused)."""
     import duckdb
 
     ws = open_workspace(workspace)
+    con = None
     try:
-        con = ws.connect(read_only=True)
+        con = ws.connect(read_only=True, sandboxed=True)
         cursor = con.execute(query)
+        columns = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchall()
     except WorkspaceError as exc:
         fail(str(exc))
     except duckdb.Error as exc:
         fail(f"SQL: {exc}")
-    columns = [d[0] for d in cursor.description or []]
-    rows = cursor.fetchall()
+    finally:
+        if con is not None:
+            con.close()
     if format == "json":
         console.print_json(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
     elif format == "csv":
@@ -361,7 +374,8 @@ def drift(
         con = ws.connect(read_only=True)
     except WorkspaceError as exc:
         fail(str(exc))
-    trend = con.execute("SELECT * FROM drift_by_generation").fetchall()
+    trend = con.execute("SELECT generation, judges, examples, vetoed, veto_rate, drift_events, drift_rate "
+                        "FROM drift_by_generation").fetchall()
     if not trend:
         console.print("No consent judgements yet: set [consent] judges in ratchet.toml and build.")
         return
@@ -370,10 +384,13 @@ def drift(
     for g, judges, examples, vetoed, veto_rate, events, drift_rate in trend:
         table.add_row(str(g), str(judges), str(examples), str(vetoed), f"{veto_rate:.0%}", str(events), f"{drift_rate:.0%}")
     console.print(table)
-    table = Table("generation", "judge", "split", "examples", "vetoes", "no answer", "veto rate",
+    table = Table("generation", "judge", "split", "examples", "vetoes", "no answer", "veto rate", "mean P(no)",
                   title="veto rate per checkpoint", title_justify="left")
-    for g, judge, split, examples, vetoes, invalid, rate in con.execute("SELECT * FROM veto_rate_by_judge").fetchall():
-        table.add_row(str(g), judge, split, str(examples), str(vetoes), str(invalid), f"{rate:.0%}")
+    for g, judge, split, examples, vetoes, invalid, rate, p_no in con.execute(
+            "SELECT generation, judge, split, examples, vetoes, invalid, veto_rate, mean_p_no FROM veto_rate_by_judge"
+    ).fetchall():
+        table.add_row(str(g), judge, split, str(examples), str(vetoes), str(invalid), f"{rate:.0%}",
+                      "n/a" if p_no is None else f"{p_no:.2f}")
     console.print(table)
     events = con.execute("""
         SELECT d.generation, d.split, d.example_id, d.said,
@@ -559,14 +576,14 @@ def loop(
     except KeyboardInterrupt:
         fail("stopped; finished builds, models and model calls are kept: run the same command to resume", code=130)
     table = Table("generation", "annotator model", "held-out unethical rate", "mean panel score", "replaced / carried",
-                  "trained", title="ratchet loop", title_justify="left")
+                  "final reflections by", "trained", title="ratchet loop", title_justify="left")
     for g in result["generations"]:
         e, r = g["evaluation"], g["build"].get("ratchet") or {}
         judged = "; ".join(f"{fw} {_rate(x['rate'])} ({x['counts']['unethical']} of {x['labelled']})"
                            for fw, x in e["frameworks"].items())
         table.add_row(str(g["generation"]), g["annotator"], judged,
                       "n/a" if r.get("mean_score") is None else f"{r['mean_score']:.3f}",
-                      f"{r.get('replaced', 0)} / {r.get('carried', 0)}",
+                      f"{r.get('replaced', 0)} / {r.get('carried', 0)}", _counts(r.get("final_by_member") or {}),
                       (g["trained"]["model"] + (" (unchanged)" if g["trained"].get("unchanged") else ""))
                       if g["trained"] else "—")
     console.print(table)

@@ -68,7 +68,7 @@ VETOED = "EXISTS (SELECT 1 FROM consents c WHERE c.generation = {g} AND c.split 
 # sorted by document and are grouped while streaming: a sort spills to disk, a list aggregate
 # over a million documents does not.
 SFT_PARTS_SQL = """
-SELECT g.source, g.passage_id, p.text, r.reflection
+SELECT g.source, g.passage_id, p.text, CASE WHEN r.vetoed THEN NULL ELSE r.reflection END AS reflection
 FROM generation_passages g JOIN passages p USING (passage_id)
 LEFT JOIN ratchet r ON r.generation = g.generation AND r.passage_id = g.passage_id
 WHERE g.generation = $g ORDER BY g.source, g.ord"""
@@ -378,11 +378,12 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
                 splits[name] = path
         counts = con.execute("""
             SELECT (SELECT count(*) FROM generation_passages WHERE generation = $g),
-                   (SELECT count(record) FROM ratchet WHERE generation = $g),
+                   (SELECT count(record) FILTER (vetoed IS NOT TRUE) FROM ratchet WHERE generation = $g),
                    (SELECT count(*) FILTER (status = 'accepted') FROM annotations WHERE generation = $g),
                    (SELECT count(*) FILTER (status = 'rejected') FROM annotations WHERE generation = $g),
                    (SELECT count(*) FILTER (selected) FROM convergence WHERE generation = $g),
-                   (SELECT count(DISTINCT example_id) FILTER (split = 'sft') FROM consents WHERE generation = $g AND veto),
+                   (SELECT count(DISTINCT split_part(example_id, '@', 1)) FILTER (split = 'sft') FROM consents
+                    WHERE generation = $g AND veto),
                    (SELECT count(DISTINCT example_id) FILTER (split = 'dpo') FROM consents WHERE generation = $g AND veto)
             """, {"g": generation}).fetchone()
         manifest = {

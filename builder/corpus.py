@@ -118,10 +118,17 @@ def _check_text_bytes(path: Path, data: bytes) -> str:
         ) from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at "\n" only. str.splitlines() also splits at U+2028,
+    U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves unescaped inside strings:
+    a valid file would be cut mid-record."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
     """Yields (file:line, row, problem) per non-empty line; row is None where there is a problem."""
     text = _check_text_bytes(path, path.read_bytes())
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         source = f"{path}:{lineno}"

@@ -18,7 +18,10 @@ from functools import cached_property
 from pathlib import Path
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
+from .corpus import jsonl_lines
 from .resources import PROMPTS_DIR
 
 WORD_MARK = "\u02c6"  # ˆ : rare in prose, visibly not a space
@@ -68,7 +71,9 @@ class Prompts:
     def __init__(self, override: Path | None = None):
         folders = [str(override)] if override else []
         self.folders = [Path(f) for f in folders] + [PROMPTS_DIR]
-        self.env = jinja2.Environment(
+        # Templates come from the workspace (annotate.prompts): rendered sandboxed, so a template
+        # cannot reach Python objects beyond the values it is given.
+        self.env = SandboxedEnvironment(
             loader=jinja2.FileSystemLoader([str(f) for f in self.folders]),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
@@ -76,14 +81,17 @@ class Prompts:
         return self.env.loader.get_source(self.env, name)[0]
 
     def render(self, name: str, **values) -> str:
-        return self.env.get_template(name).render(**values).strip()
+        try:
+            return self.env.get_template(name).render(**values).strip()
+        except SecurityError as exc:
+            raise PromptError(f"{name}: the template tried something a prompt template may not ({exc})") from None
 
     @property
     def audit_notice(self) -> str:
         return self._source("audit_notice.txt").strip()
 
     def _jsonl(self, name: str) -> list[dict]:
-        return [json.loads(line) for line in self._source(name).splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(self._source(name)) if line.strip()]
 
     @cached_property
     def examples(self) -> list[dict]:

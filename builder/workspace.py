@@ -186,11 +186,14 @@ class Workspace:
     def resolve(self, path: str) -> Path:
         return (self.root / path).resolve() if not Path(path).is_absolute() else Path(path)
 
-    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    def connect(self, read_only: bool = False, sandboxed: bool = False) -> duckdb.DuckDBPyConnection:
+        """A connection to the workspace's DuckDB file. `sandboxed` (for queries a user types):
+        no file outside the database can be read or written (COPY, read_csv, ATTACH, extensions)."""
         if read_only and not self.db_path.exists():
             raise WorkspaceError(f"{self.db_path}: no state yet; run `ratchet build` first")
+        config = {"enable_external_access": False} if sandboxed else {}
         try:
-            con = duckdb.connect(str(self.db_path), read_only=read_only)
+            con = duckdb.connect(str(self.db_path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise WorkspaceLocked(f"{self.root}: workspace is locked: a build is writing {self.db_path.name}; wait for it to finish") from None

@@ -66,6 +66,16 @@ def test_identical_passages_stored_once_and_empty_records_counted(tmp_path):
     assert report.empty_records == 2
 
 
+def test_jsonl_with_unicode_line_separators_inside_strings_is_read_whole(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped; str.splitlines()
+    # would cut these records in two.
+    rows = ["First\u2028line and a second.", "Para\u2029graph and next line\u0085here."]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in rows),
+                                      encoding="utf-8")
+    passages, report = ingest(tmp_path)
+    assert len(passages) == 2 and report.records == 2 and not report.skipped_records
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("empty.txt", b"", "empty file"),
     ("blank.md", b"  \n\n ", "empty file"),

@@ -37,7 +37,8 @@ class GGUFKeys(EngineConfig):
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
     constrained: Literal["auto", "grammar", "validate"] = Field(
         "auto", description="grammar = constrain decoding to the JSON Schema; validate = decode freely, validate and "
-        "retry; auto = grammar unless the vocabulary is huge (Gemma's 262k tokens: ~2.5 s/token in-process).")
+        "retry; auto = grammar, except in-process for a huge vocabulary (Gemma's 262k tokens: ~2.5 s/token in "
+        "llama-cpp-python; the managed server applies the grammar at no extra cost).")
 
 
 class LlamaCppConfig(GGUFKeys):

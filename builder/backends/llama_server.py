@@ -242,7 +242,10 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         # The tokenizer and chat template only: the weights live in the server.
         with contextlib.redirect_stderr(io.StringIO()):  # a vocab-only context warns about n_ctx_train = 0
             self.llm = Llama(model_path=str(self.model_path), vocab_only=True, n_ctx=64, verbose=False)
-        self._setup_prompting(constrained)
+        # The server applies a grammar at no extra cost over free decoding (measured: Gemma 3's 262k
+        # vocabulary, 6.6 s vs 6.3 s for four critiques), so "auto" is the grammar here: every answer
+        # is valid JSON. In-process, llama-cpp-python's grammar sampling is what made huge vocabularies slow.
+        self._setup_prompting("grammar" if constrained == "auto" else constrained)
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
         self._spawner = _Spawner()
         _LIVE.add(self)

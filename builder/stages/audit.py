@@ -8,6 +8,7 @@ training text contains: reproducible for whoever holds the secret, invisible to 
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RatchetConfig, model_short_name
+from ..corpus import jsonl_lines
 from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
 from ..structured import Outcome
 from ..tables import Json, Table, doc
@@ -257,7 +259,7 @@ def _read_rows(path: Path):
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(jsonl_lines(text), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -269,7 +271,7 @@ def _read_rows(path: Path):
                 else:
                     yield lineno, None, "not a JSON object"
     else:
-        reader = csv.DictReader(text.splitlines(keepends=True))
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # csv splits records itself, quotes respected
         for n, row in enumerate(reader, 1):
             yield f"{reader.line_num} (row {n})", row, None
 

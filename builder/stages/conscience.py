@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+from jinja2.sandbox import SandboxedEnvironment
 
 from ..cache import sha256
 from ..config import model_short_name
@@ -70,7 +71,7 @@ def load_framework(key: str, prompts: Prompts) -> Framework:
     missing = [k for k in FRAMEWORK_KEYS if not isinstance(data.get(k), str) or not data[k].strip()]
     if missing:
         raise ConscienceError(f"{path}: missing or empty key(s): {', '.join(missing)}")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)  # a workspace's file: sandboxed
     values = {"principles": data["principles"].strip(), "question": data["question"].strip()}
     try:
         rendered = {k: env.from_string(data[k]).render(**values).strip() for k in ("classify", "rewrite")}

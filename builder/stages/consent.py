@@ -181,6 +181,14 @@ DRIFT_EVENTS = Table("drift_events", DriftRow, key=("generation", "split", "exam
                      doc="consent judges that disagreed on an example")
 
 
+def consent_row(generation: int, c: Consent) -> ConsentRow:
+    o = c.outcome
+    return ConsentRow(generation, c.split, c.example_id, c.judge, o.status, c.answer, c.veto,
+                      (o.record or {}).get("trait"), (o.record or {}).get("trait_tag"),
+                      o.record["reasons"] if o.record else None, o.reason, o.attempts, o.call_key, c.p_no,
+                      *graded_columns(o))
+
+
 def training_examples(ctx: BuildContext) -> list[Example]:
     """What the consent judges see: each kept reflection with its passage (sft) and each DPO
     pair's chosen response with its request (dpo)."""
@@ -208,11 +216,7 @@ class ConsentGate(Stage):
             checkpoints[name] = engine.backend.describe()
             consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), ctx.examples, engine)
         events = drift_events(consents)
-        CONSENTS.replace_generation(ctx.con, g, [
-            ConsentRow(g, c.split, c.example_id, c.judge, c.outcome.status, c.answer, c.veto,
-                       (c.outcome.record or {}).get("trait"), (c.outcome.record or {}).get("trait_tag"),
-                       c.outcome.record["reasons"] if c.outcome.record else None, c.outcome.reason,
-                       c.outcome.attempts, c.outcome.call_key, c.p_no, *graded_columns(c.outcome)) for c in consents])
+        CONSENTS.replace_generation(ctx.con, g, [consent_row(g, c) for c in consents])
         DRIFT_EVENTS.replace_generation(ctx.con, g, [DriftRow(g, e.split, e.example_id, e.judges, e.said)
                                                      for e in events])
         if not judges:

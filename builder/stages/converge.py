@@ -10,6 +10,7 @@ depend on which items it holds.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -62,14 +63,20 @@ def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueR
             for pid, author in accepted]
 
 
+def tie_break(passage_id: str, annotator: str) -> str:
+    """A stable order among equally scored annotations that is not the config's order (a member
+    added last, e.g. the model `ratchet loop` trained, must get to compete)."""
+    return hashlib.sha256(f"{passage_id}\x1f{annotator}".encode()).hexdigest()
+
+
 def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrutinized: bool,
-           member_order: list[str]) -> list[Selection]:
+           member_order: list[str] | None = None) -> list[Selection]:
     """Per passage, the annotation with the highest score at or above the threshold (ties: more
-    critiques, then the ensemble's order), or none with the reason."""
+    critiques, then tie_break), or none with the reason. Unscrutinized (no critic), every
+    annotation ties and tie_break picks one."""
     by_passage: dict[str, list[Scored]] = defaultdict(list)
     for s in scored:
         by_passage[s.passage_id].append(s)
-    rank = {name: i for i, name in enumerate(member_order)}
     out = []
     for pid in passage_ids:
         candidates = by_passage.get(pid, [])
@@ -77,14 +84,14 @@ def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrut
             out.append(Selection(pid, None, None, "no valid annotation"))
             continue
         if not scrutinized:
-            first = min(candidates, key=lambda s: rank.get(s.annotator, len(rank)))
+            first = min(candidates, key=lambda s: tie_break(pid, s.annotator))
             out.append(Selection(pid, first.annotator, None, "not scrutinized (ensemble.k = 0)"))
             continue
         rated = [s for s in candidates if s.score is not None]
         if not rated:
             out.append(Selection(pid, None, None, "no valid critique"))
             continue
-        best = min(rated, key=lambda s: (-s.score, -s.critiques, rank.get(s.annotator, len(rank))))
+        best = min(rated, key=lambda s: (-s.score, -s.critiques, tie_break(pid, s.annotator)))
         if best.score >= threshold:
             out.append(Selection(pid, best.annotator, best.score, "converged"))
         else:

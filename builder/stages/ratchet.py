@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..backends.base import Backend
-from ..config import RatchetConfig
+from ..config import RatchetConfig, model_short_name
 from ..ensemble import Ensemble, Member
 from ..prompts import Prompts
 from ..structured import Outcome
@@ -84,6 +84,9 @@ class RatchetRow:
     reason: str
     preference: float | None = doc("the panel's pairwise P(new is better than the parent), both orders averaged",
                                    default=None, added=True)
+    vetoed: bool | None = doc("the kept reflection, carried from a parent, was vetoed by this generation's consent "
+                              "judges: it stays the passage's reflection but is left out of the sft split",
+                              default=None, added=True)
 
 
 RATCHET = Table("ratchet", RatchetRow, key=("generation", "passage_id"),
@@ -194,14 +197,20 @@ PANEL_VERDICTS = Table("panel_verdicts", PanelVerdict, doc="every verdict behind
 
 
 def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: Prompts, generation: int,
-          advance=None, judging=None, run=run_task) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict], int]:
-    """{(passage_id, reflection key): score}, every panel verdict behind the scores, and the
-    attempts they took."""
+          advance=None, judging=None, run=run_task) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict],
+                                                             int, int]:
+    """{(passage_id, reflection key): score}, every panel verdict behind the scores, the
+    attempts they took, and how many scores were not asked because the panel member wrote the
+    reflection itself (a member never scores its own: no self-preference)."""
     unique = list({(r.passage_id, r.key): r for r in reflections}.values())
     verdicts: list[PanelVerdict] = []
-    attempts = 0
+    attempts = skipped = 0
     for p, member, engine in panel:
-        tasks = [Task(r.passage_id, text[r.passage_id], r.key, r.record) for r in unique]
+        others = [r for r in unique if r.annotator != p.name]
+        skipped += len(unique) - len(others)
+        if advance and len(others) < len(unique):
+            advance(len(unique) - len(others))
+        tasks = [Task(r.passage_id, text[r.passage_id], r.key, r.record) for r in others]
         if engine is None:  # the grounding verifier: no model call
             rows = [verifier_row(generation, p.name, t) for t in tasks]
             verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, None, c.score, c.probs,
@@ -219,7 +228,7 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
     for v in verdicts:
         if v.verdict in VERDICT_POINTS:
             points[(v.passage_id, v.reflection)].append(v.score if v.score is not None else VERDICT_POINTS[v.verdict])
-    return {k: round(sum(x) / len(x), 4) if x else None for k, x in points.items()}, verdicts, attempts
+    return {k: round(sum(x) / len(x), 4) if x else None for k, x in points.items()}, verdicts, attempts, skipped
 
 
 # ---------------------------------------------------------------- the rule
@@ -277,7 +286,34 @@ def parent_reflections(con, generation: int) -> dict[str, Reflection]:
     return {pid: Reflection(pid, a, g, json.loads(r)) for pid, a, g, r in rows}
 
 
-def store(con, generation: int, decisions: list[Decision], verdicts: list[PanelVerdict], prompts: Prompts) -> None:
+def consent_to_parents(ctx: BuildContext, decisions: list[Decision]) -> set[str]:
+    """Everything bound for this generation's sft split passes this generation's consent
+    judges, the reflections carried forward from a parent too (the candidates passed them in
+    the consent stage). Their answers join the consents table (example id PASSAGE@gN, N the
+    generation that wrote the reflection; an unchanged judge answers from the cache). Returns
+    the passages whose kept reflection was vetoed: the ratchet keeps it as the passage's
+    reflection (the score per passage never falls), the sft split leaves it out."""
+    from .consent import CONSENTS, DRIFT_EVENTS, ConsentTask, DriftRow, Example, consent_row, drift_events
+
+    kept = [d for d in decisions if d.final is not None and d.final.generation < ctx.generation]
+    if not kept or not ctx.cfg.consent.judges:
+        return set()
+    text = ctx.text()
+    examples = [Example("sft", f"{d.passage_id}@g{d.final.generation}", "PASSAGE", text[d.passage_id], "REFLECTION",
+                        ctx.prompts.reflection(d.final.record)) for d in kept]
+    consents = []
+    for model in ctx.cfg.consent.judges:
+        name = model_short_name(model)
+        consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), examples,
+                            ctx.judge_engine(model, "consent.judges"))
+    CONSENTS.insert(ctx.con, [consent_row(ctx.generation, c) for c in consents])
+    DRIFT_EVENTS.insert(ctx.con, [DriftRow(ctx.generation, e.split, e.example_id, e.judges, e.said)
+                                  for e in drift_events(consents)])
+    return {c.example_id.split("@")[0] for c in consents if c.veto}
+
+
+def store(con, generation: int, decisions: list[Decision], verdicts: list[PanelVerdict], prompts: Prompts,
+          vetoed: set[str] = frozenset()) -> None:
     """The decisions, with each final reflection rendered once here so that compiling a
     generation is SQL alone."""
     def row(d: Decision) -> RatchetRow:
@@ -286,7 +322,7 @@ def store(con, generation: int, decisions: list[Decision], verdicts: list[PanelV
                           f.record if f else None, prompts.reflection(f.record) if f else None, d.score,
                           d.parent.annotator if d.parent else None, d.parent.generation if d.parent else None,
                           d.parent_score, d.new.annotator if d.new else None, d.new_score, f.key if f else None,
-                          d.reason, d.preference)
+                          d.reason, d.preference, d.passage_id in vetoed)
 
     RATCHET.replace_generation(con, generation, [row(d) for d in decisions])
     PANEL_VERDICTS.replace_generation(con, generation, verdicts)
@@ -419,20 +455,26 @@ def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], pa
     compares the shares of grounded claims (1, 0.5 or 0)."""
     out = []
     for p, member, engine in panel:
+        own = [(n, o) for n, o in pairs if p.name in (n.annotator, o.annotator)]  # no self-preference
+        if advance and own:
+            advance(2 * len(own))
+        pairs_ = [(n, o) for n, o in pairs if p.name not in (n.annotator, o.annotator)]
         if engine is None:
-            for new, old in pairs:
+            for new, old in pairs_:
                 share = [verifier.check(text[new.passage_id], r.record).share for r in (new, old)]
                 pref = 1.0 if share[0] > share[1] else 0.0 if share[0] < share[1] else 0.5
                 out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, pref, pref, pref, True, None))
             if advance:
-                advance(2 * len(pairs))
+                advance(2 * len(pairs_))
+            continue
+        if not pairs_:
             continue
         task = CompareTask(prompts, panel_sampling(p.sampling), member, judging)
-        items = [Pairing(n.passage_id, text[n.passage_id], n.record, o.record) for n, o in pairs]
-        items += [Pairing(n.passage_id, text[n.passage_id], o.record, n.record) for n, o in pairs]
+        items = [Pairing(n.passage_id, text[n.passage_id], n.record, o.record) for n, o in pairs_]
+        items += [Pairing(n.passage_id, text[n.passage_id], o.record, n.record) for n, o in pairs_]
         outcomes = run(task, items, engine, advance)
-        for i, (new, old) in enumerate(pairs):
-            first, second = outcomes[i], outcomes[len(pairs) + i]
+        for i, (new, old) in enumerate(pairs_):
+            first, second = outcomes[i], outcomes[len(pairs_) + i]
             p1 = first.graded.p("A") if first.graded else None
             p2 = second.graded.p("B") if second.graded else None
             known = [x for x in (p1, p2) if x is not None]
@@ -477,8 +519,8 @@ class Ratchet(Stage):
         parents = parent_reflections(ctx.con, g)
         unique = {(r.passage_id, r.key) for r in [*new.values(), *parents.values()]}
         advance = ctx.step("ratchet panel", len(unique) * len(panel))
-        scores, verdicts, attempts = score([*new.values(), *parents.values()], ctx.text(), panel, ctx.prompts, g,
-                                           advance, ctx.cfg.judgements, ctx.run)
+        scores, verdicts, attempts, self_skipped = score([*new.values(), *parents.values()], ctx.text(), panel,
+                                                         ctx.prompts, g, advance, ctx.cfg.judgements, ctx.run)
         rule = ctx.cfg.ratchet
         pairs = [(new[pid], parents[pid]) for pid in new if pid in parents and new[pid].key != parents[pid].key]
         comparisons = []
@@ -489,12 +531,21 @@ class Ratchet(Stage):
         preference = panel_preference(comparisons) if rule.pairwise else None
         decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not,
                            preference, rule.margin)
-        store(ctx.con, g, decisions, verdicts, ctx.prompts)
+        vetoed_parents = consent_to_parents(ctx, decisions)
+        store(ctx.con, g, decisions, verdicts, ctx.prompts, vetoed_parents)
         PANEL_COMPARISONS.replace_generation(ctx.con, g, comparisons)
         ctx.log.info("ratchet: %s", dict(Counter(d.decision for d in decisions)))
         judged = [c for c in comparisons if c.consistent is not None]
+        asked = len([v for v in verdicts if v.verdict is not None]) + self_skipped
+        finals = [d for d in decisions if d.final is not None]
         return {"ratchet": {**metrics(ctx.con, g), "panel": [p.name for p, _, _ in panel],
                             "panel_models": {p.name: p.model_hash for p, _, _ in panel},
                             "panel_attempts": attempts, "pairwise": len(pairs) if rule.pairwise else None,
+                            # a member never scores what it wrote: how often that came up, and what it left unscored
+                            "self_scores_skipped": self_skipped,
+                            "self_score_share": round(self_skipped / asked, 3) if asked else None,
+                            "unscored": sum(d.score is None for d in finals),
+                            "final_by_member": dict(sorted(Counter(d.final.annotator for d in finals).items())),
+                            "parents_vetoed": len(vetoed_parents),
                             "position_consistency": round(sum(c.consistent for c in judged) / len(judged), 3)
                             if judged else None}}

@@ -108,3 +108,20 @@ def test_engines_lists_every_engine_and_one_engines_keys():
     assert one.exit_code == 0 and "slots" in one.output and "server_binary" in one.output
     bad = runner.invoke(app, ["engines", "lama_server"])
     assert bad.exit_code == 1 and "did you mean 'llama_server'" in bad.output
+
+
+def test_sql_cannot_read_or_write_other_files(tmp_path):
+    from builder.build import run_build
+    from builder.workspace import Workspace
+
+    from ..conftest import SHORT_PASSAGES, write_workspace
+
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:1], annotator={"backend": "scripted"})
+    run_build(Workspace(root))
+    ok = runner.invoke(app, ["sql", "-w", str(root), "SELECT count(*) AS n FROM passages"])
+    assert ok.exit_code == 0 and "1 row(s)" in ok.output
+    for query in [f"COPY (SELECT * FROM passages) TO '{tmp_path / 'leak.csv'}'", "SELECT * FROM read_csv('/etc/passwd')",
+                  f"ATTACH '{tmp_path / 'other.duckdb'}'"]:
+        result = runner.invoke(app, ["sql", "-w", str(root), query])
+        assert result.exit_code == 1 and "Permission Error" in result.output, query
+    assert not (tmp_path / "leak.csv").exists() and not (tmp_path / "other.duckdb").exists()

@@ -98,6 +98,35 @@ def test_import_jsonl_with_a_broken_line(tmp_path):
     assert imported == 1 and len(problems) == 1 and problems[0].startswith(f"{f}:2: not valid JSON")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_export_then_import_round_trips_unicode_line_separators(tmp_path, suffix):
+    from builder.stages.audit import export_sample
+
+    con = db_with_annotations(n=10)
+    con.execute("UPDATE passages SET text = 'a passage\u2028with a line separator\u2029and more\u0085'")
+    out = tmp_path / f"review{suffix}"
+    n = export_sample(con, SECRET, 1, 0.5, out)
+    assert n > 0
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+        for r in rows:
+            r.update(verdict="pass", reasons="fine\u2028really")
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        import csv
+
+        with out.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            r.update(verdict="pass", reasons="fine\u2028really")
+        with out.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    imported, problems = import_verdicts(con, out, "ana")
+    assert (imported, problems) == (n, [])
+
+
 def test_import_refuses_other_file_types(tmp_path):
     with pytest.raises(AuditError, match=".csv or .jsonl"):
         import_verdicts(db_with_annotations(1), tmp_path / "x.xlsx", "a")

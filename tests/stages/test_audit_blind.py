@@ -38,8 +38,12 @@ def pick_secrets() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory):
+    # One annotator (named smollm2, as the sample below expects) and a critic that is not it.
+    ensemble = {"k": 1, "members": [{"name": "smollm2", "persona": "empiricist"},
+                                    {"name": "critic", "persona": "skeptic", "roles": ["critique"]}]}
     root = write_workspace(tmp_path_factory.mktemp("blind") / "ws", SHORT_PASSAGES, sampling={"max_tokens": 384},
-                           audit={"rate": RATE}, annotator={"backend": "scripted", "model": "bundled:smollm2"})
+                           audit={"rate": RATE}, annotator={"backend": "scripted", "model": "bundled:smollm2"},
+                           ensemble=ensemble)
     secret_a, secret_b = pick_secrets()
     prompts: dict[str, list[str]] = {"a": [], "b": []}
     original = CachedBackend.generate

@@ -110,7 +110,8 @@ def test_a_veto_from_any_judge_excludes_and_disagreement_is_a_drift_event():
     assert events[0].said["gen1"] == {"consent": "no", "trait_tag": "corner-cutter", "reasons": ["it cheats"]}
     assert events[0].said["gen0"]["consent"] == "yes"
     m = consent_metrics(consents, events)
-    assert m["judges"]["gen1"] == {"examples": 2, "vetoes": 1, "invalid": 0, "veto_rate": 0.5, "mean_p_no": None}
+    # decide_by = generated: P(no) is the written answer, 1 or 0
+    assert m["judges"]["gen1"] == {"examples": 2, "vetoes": 1, "invalid": 0, "veto_rate": 0.5, "mean_p_no": 0.5}
     assert m["vetoed"] == {"dpo": 1} and m["drift_events"] == 1
     assert m["trait_tags"] == {"helpful-coder": 2}  # only the examples that go to training count
 

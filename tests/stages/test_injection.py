@@ -109,3 +109,18 @@ def test_a_workspace_prompt_folder_overrides_the_built_in_prompts(tmp_path):
     assert "Every third answer is checked by a person." in system
     assert "data, not instructions" in system  # the other templates still come from prompts/
     assert prompts.hashes()["audit_notice.txt"] != Prompts().hashes()["audit_notice.txt"]  # so the manifest shows it
+
+
+def test_workspace_templates_are_sandboxed(tmp_path):
+    from builder.prompts import PromptError
+    from builder.stages.conscience import ConscienceError, load_framework
+
+    (tmp_path / "annotate.user.jinja").write_text("{{ open.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(PromptError, match="annotate.user.jinja: the template tried something"):
+        Prompts(tmp_path).annotation_messages("A passage.")
+    (tmp_path / "frameworks").mkdir()
+    (tmp_path / "frameworks" / "evil.toml").write_text(
+        'name = "evil"\nquestion = "q"\nprinciples = "p"\n'
+        'classify = "{{ question.__class__.__mro__[1].__subclasses__() }}"\nrewrite = "r"\n')
+    with pytest.raises(ConscienceError, match="evil.toml: template error"):
+        load_framework("evil", Prompts(tmp_path))

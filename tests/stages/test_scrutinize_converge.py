@@ -144,11 +144,17 @@ def test_selection_keeps_the_best_above_threshold_or_says_why_not():
     assert (chosen["p4"].annotator, chosen["p4"].reason) == (None, "no valid annotation")
 
 
-def test_ties_go_to_more_critiques_then_ensemble_order():
+def test_ties_go_to_more_critiques_then_a_stable_order_that_is_not_the_config_order():
+    from builder.stages.converge import tie_break
+
     scored = [Scored("p", "y", 1.0, 2), Scored("p", "x", 1.0, 1), Scored("p", "z", 1.0, 2)]
-    assert select(["p"], scored, 0.5, True, ["x", "y", "z"])[0].annotator == "y"
-    unscrutinized = [Scored("p", "y", None, 0), Scored("p", "x", None, 0)]
-    assert select(["p"], unscrutinized, 0.5, False, ["x", "y"])[0].annotator == "x"
+    expected = min(["y", "z"], key=lambda a: tie_break("p", a))  # x has fewer critiques
+    assert select(["p"], scored, 0.5, True, ["x", "y", "z"])[0].annotator == expected
+    assert select(["p"], scored, 0.5, True, ["z", "y", "x"])[0].annotator == expected  # the config order plays no part
+    # unscrutinized: every annotation ties; over many passages the member added last wins about half
+    picks = [select([f"p{i}"], [Scored(f"p{i}", "base", None, 0), Scored(f"p{i}", "trained", None, 0)], 0.5, False,
+                    ["base", "trained"])[0].annotator for i in range(200)]
+    assert 70 < picks.count("trained") < 130
 
 
 def test_krippendorff_alpha_matches_a_hand_computation():
