@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from ..corpus import approx_tokens
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response
+from .choices import TOP_K, Step, choice_logprobs
 
 ZWSP = "\u200b"
 # ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
@@ -49,6 +50,9 @@ class OpenAIConfig(EngineConfig):
     response_format: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="json_schema (OpenAI, vLLM, SGLang, llama-server) or json_object "
         "(llama-cpp-python's server).")
+    logprobs: bool = Field(True, description="Ask for top_logprobs with a judgement (its distribution is read from "
+                           "them); a server that refuses them is asked again without, and judgements fall back to "
+                           "samples (judgements.samples).")
 
     @model_validator(mode="after")
     def _needs_a_url(self):
@@ -61,12 +65,31 @@ class ServerError(Exception):
     pass
 
 
+def decision_from_logprobs(request: Request, text: str, logprobs: dict | None) -> dict | None:
+    """The decision's distribution from an OpenAI `logprobs.content` list (token strings, no
+    ids: a token that begins several values is split evenly unless it is on the generated path;
+    a chat server cannot be asked to continue a given prefix)."""
+    if not request.decision or not logprobs or not logprobs.get("content"):
+        return None
+    ids: dict[str, int] = {}
+    steps = []
+    for entry in logprobs["content"]:
+        top = {ids.setdefault(t["token"], len(ids)): (t["token"], t["logprob"]) for t in entry.get("top_logprobs") or []}
+        token = ids.setdefault(entry["token"], len(ids))
+        top.setdefault(token, (entry["token"], entry["logprob"]))
+        steps.append(Step(token, entry["token"], top))
+    field, choices = request.decision
+    found = choice_logprobs(text, steps, field, choices)
+    return None if found is None else {"field": field, "logprobs": found, "method": "logprobs"}
+
+
 class OpenAIBackend(Backend):
     kind = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5,
-                 response_format: str = "json_schema", model_id: str | None = None):
+                 response_format: str = "json_schema", model_id: str | None = None, logprobs: bool = True):
+        self.logprobs = logprobs
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.concurrency = concurrency
@@ -81,7 +104,8 @@ class OpenAIBackend(Backend):
     @classmethod
     def from_config(cls, cfg: OpenAIConfig) -> "OpenAIBackend":
         return cls(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, response_format=cfg.response_format)
+                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, response_format=cfg.response_format,
+                   logprobs=cfg.logprobs)
 
     @property
     def model_id(self) -> str:
@@ -117,6 +141,8 @@ class OpenAIBackend(Backend):
                 body["response_format"] = {"type": "json_schema",
                                            "json_schema": {"name": request.schema.get("title", "output")[:64].replace(" ", "_"),
                                                            "schema": request.schema}}
+        if request.decision and self.logprobs:
+            body.update(logprobs=True, top_logprobs=TOP_K)
         return body
 
     def _post(self, body: dict) -> dict:
@@ -151,13 +177,22 @@ class OpenAIBackend(Backend):
 
     def _one(self, request: Request) -> Response:
         start = time.perf_counter()
+        body = self.payload(request)
         try:
-            data = self._post(self.payload(request))
+            try:
+                data = self._post(body)
+            except ServerError:
+                if "logprobs" not in body:
+                    raise
+                self.logprobs = False  # a server that refuses logprobs: ask without them from now on
+                data = self._post(self.payload(request))
         except ServerError as exc:
             return Response("", "error", error=str(exc), seconds=time.perf_counter() - start)
         choice, usage = data["choices"][0], data.get("usage") or {}
-        return Response(choice["message"].get("content") or "", choice.get("finish_reason") or "stop",
-                        usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), time.perf_counter() - start)
+        text = choice["message"].get("content") or ""
+        return Response(text, choice.get("finish_reason") or "stop", usage.get("prompt_tokens", 0),
+                        usage.get("completion_tokens", 0), time.perf_counter() - start,
+                        decision=decision_from_logprobs(request, text, choice.get("logprobs")))
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         responses: list[Response | None] = [None] * len(requests)

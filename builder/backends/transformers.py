@@ -25,6 +25,7 @@ from pydantic import Field
 from ..models import check_checkpoint, weights_sha256
 from . import hf_chat
 from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
+from .choices import Step, choice_logprobs, top_k
 
 
 class TransformersConfig(EngineConfig):
@@ -142,11 +143,14 @@ class TransformersBackend(SequentialBackend):
 
                 # One processor per generate() call: it holds the matcher's state.
                 kwargs["logits_processor"] = [LogitsProcessor(self._grammar(request.schema))]
+            if request.decision:  # the raw logits of every step: the decision's distribution is read from them
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             input_ids = torch.tensor([tokens], device=self.device)
             torch.manual_seed(request.seed)
             with torch.inference_mode():
                 out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-            new = out[0, len(tokens):].tolist()
+            sequences = out.sequences if request.decision else out
+            new = sequences[0, len(tokens):].tolist()
         except Exception as exc:  # one bad request must not stop the batch
             return Response("", "error", len(tokens), error=f"{type(exc).__name__}: {exc}",
                             seconds=time.perf_counter() - start)
@@ -155,7 +159,32 @@ class TransformersBackend(SequentialBackend):
             new = new[:-1]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         finish = "length" if not stopped and len(new) >= request.max_tokens else "stop"
-        return Response(text, finish, len(tokens), len(new), time.perf_counter() - start)
+        decision = None
+        if request.decision:
+            try:
+                decision = self._decision(request, tokens, new, out.logits, text)
+            except Exception:  # a distribution that cannot be read is not a failed answer
+                decision = None
+        return Response(text, finish, len(tokens), len(new), time.perf_counter() - start, decision=decision)
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _decision(self, request: Request, prompt: list[int], new: list[int], logits, text: str) -> dict | None:
+        """The decision's distribution from the raw logits of the generated steps (the scores
+        before the grammar's processor), probing one step further where a token begins several values."""
+        import torch
+
+        def probe(path: list[int]) -> dict[int, tuple[str, float]]:
+            with torch.inference_mode():
+                row = self.model(input_ids=torch.tensor([prompt + path], device=self.device)).logits[0, -1]
+            return top_k(row.float().cpu().numpy(), self._text)
+
+        steps = [Step(t, self._text(t), (lambda j=j: top_k(logits[j][0].float().cpu().numpy(), self._text)))
+                 for j, t in enumerate(new)]
+        field, choices = request.decision
+        logprobs = choice_logprobs(text, steps, field, choices, probe)
+        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
 
     def close(self) -> None:
         if self.model is not None:

@@ -25,6 +25,7 @@ from pydantic import Field
 from ..models import ModelNotFound, weights_sha256
 from . import hf_chat
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, context_overflow
+from .choices import TOP_K, Step, choice_logprobs
 
 class VLLMConfig(EngineConfig):
     backend: Literal["vllm"] = "vllm"
@@ -49,8 +50,11 @@ def import_vllm():
 def sampling_kwargs(request: Request) -> dict:
     """SamplingParams arguments of one request, structured output aside. temperature 0 is
     greedy in vLLM as it is here."""
-    return {"temperature": request.temperature, "top_p": request.top_p, "repetition_penalty": request.repeat_penalty,
-            "max_tokens": request.max_tokens, "seed": request.seed}
+    out = {"temperature": request.temperature, "top_p": request.top_p, "repetition_penalty": request.repeat_penalty,
+           "max_tokens": request.max_tokens, "seed": request.seed}
+    if request.decision:  # the top-K of every generated token: the decision's distribution is read from them
+        out["logprobs"] = TOP_K
+    return out
 
 
 def structured_kwargs(schema: dict | None, vllm) -> dict:
@@ -90,14 +94,24 @@ def build_batch(requests: Sequence[Request], tokenizer, n_ctx: int, vllm):
     return prompts, params, slots, responses
 
 
-def to_response(output, seconds: float) -> Response:
-    """A vLLM RequestOutput to a Response."""
+def to_response(output, seconds: float, request: Request | None = None, probe=None) -> Response:
+    """A vLLM RequestOutput to a Response (with the decision's distribution when asked)."""
     completion = output.outputs[0]
     reason = completion.finish_reason or "stop"
     prompt_tokens = len(output.prompt_token_ids or [])
     if reason not in ("stop", "length"):  # "abort": vLLM dropped the request
         return Response("", "error", prompt_tokens, error=f"vLLM finished the request with '{reason}'", seconds=seconds)
-    return Response(completion.text, reason, prompt_tokens, len(completion.token_ids), seconds)
+    decision = None
+    if request is not None and request.decision and getattr(completion, "logprobs", None):
+        steps = []
+        for token, top in zip(completion.token_ids, completion.logprobs):
+            alternatives = {int(i): (lp.decoded_token or "", lp.logprob) for i, lp in top.items()}
+            steps.append(Step(int(token), alternatives.get(int(token), ("", 0.0))[0], alternatives))
+        field, choices = request.decision
+        found = choice_logprobs(completion.text, steps, field, choices,
+                                (lambda path: probe(list(output.prompt_token_ids) + path)) if probe else None)
+        decision = None if found is None else {"field": field, "logprobs": found, "method": "logprobs"}
+    return Response(completion.text, reason, prompt_tokens, len(completion.token_ids), seconds, decision=decision)
 
 
 class VLLMBackend(Backend):
@@ -169,11 +183,23 @@ class VLLMBackend(Backend):
                 # One batch, one wall time: each response gets its share, so their sum stays the real time.
                 share = (time.perf_counter() - start) / len(slots)
                 for i, output in zip(slots, outputs):
-                    responses[i] = to_response(output, share)
+                    responses[i] = to_response(output, share, requests[i], self._probe)
         for i, response in enumerate(responses):
             if on_response:
                 on_response(i, response)
         return responses  # type: ignore[return-value]
+
+    def _probe(self, ids: list[int]) -> dict[int, tuple[str, float]]:
+        """The next-token top-K after `ids`: one more one-token request (prefix caching keeps it cheap)."""
+        tokens_prompt = importlib.import_module(f"{self.vllm.__name__}.inputs").TokensPrompt
+        try:
+            [out] = self.llm.generate([tokens_prompt(prompt_token_ids=ids)],
+                                      [self.vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_K)],
+                                      use_tqdm=False)
+            [top] = out.outputs[0].logprobs
+        except Exception:
+            return {}
+        return {int(i): (lp.decoded_token or "", lp.logprob) for i, lp in top.items()}
 
     def close(self) -> None:
         self.llm = None  # vLLM frees the GPU when the engine is garbage-collected

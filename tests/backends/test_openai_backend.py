@@ -174,3 +174,56 @@ def test_openai_backend_needs_a_base_url(tmp_path):
     path.write_text('[annotator]\nbackend = "openai"\nmodel = "x"\n')
     with pytest.raises(ConfigError, match="base_url"):
         load_config(path)
+
+
+class WithLogprobs(BaseHTTPRequestHandler):
+    """An OpenAI-style server: refuses `logprobs` when told to, else answers a verdict with the
+    top_logprobs of each token (the value's first token "re" begins two values: split evenly)."""
+    refuse = False
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's spelling
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        WithLogprobs.bodies.append(body)
+        if self.refuse and body.get("logprobs"):
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": "logprobs are not supported"}')
+            return
+        text = '{"verdict": "reject"}'
+        tokens = [('{"', {}), ("verdict", {}), ('": "', {}), ("re", {"re": 0.6, "surv": 0.3, "rev": 0.1}),
+                  ("ject", {"ject": 0.9, "vise": 0.1}), ('"}', {})]
+        content = [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": a, "logprob": __import__("math").log(p)}
+                                                                   for a, p in top.items()]} for t, top in tokens]
+        answer = {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                               "logprobs": {"content": content} if body.get("logprobs") else None}],
+                  "usage": {"prompt_tokens": 10, "completion_tokens": 6}}
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(answer).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_judgement_is_read_from_top_logprobs_and_a_server_refusing_them_is_asked_without(refuse):
+    import math
+
+    WithLogprobs.refuse, WithLogprobs.bodies = refuse, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WithLogprobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}", "m", max_retries=0)
+        request = Request(({"role": "user", "content": "judge"},), decision=("verdict", ("survives", "revise", "reject")))
+        [r] = backend.generate([request])
+    finally:
+        server.shutdown()
+    assert r.finish_reason == "stop" and r.text == '{"verdict": "reject"}'
+    assert WithLogprobs.bodies[0]["top_logprobs"] == 20
+    if refuse:  # asked again without logprobs, and no more from then on
+        assert r.decision is None and "logprobs" not in WithLogprobs.bodies[-1] and backend.logprobs is False
+    else:  # "re" is on the generated path: its mass is split by the next token's top_logprobs
+        probs = {k: math.exp(v) for k, v in r.decision["logprobs"].items()}
+        assert probs == pytest.approx({"survives": 0.3, "revise": 0.1 + 0.6 * 0.1, "reject": 0.6 * 0.9})

@@ -67,7 +67,7 @@ def test_missing_checkpoint_is_model_not_found(tmp_path):
 
 
 def test_identity_and_token_counts(backend, hf_smollm2):
-    from builder.backends.transformers import weights_sha256
+    from builder.models import weights_sha256
 
     assert backend.kind == "transformers" and backend.family == "llama"
     assert backend.model_id == weights_sha256(hf_smollm2) and len(backend.model_id) == 64
@@ -128,3 +128,34 @@ def test_same_seed_same_output(backend):
     second = backend.generate([sampled, greedy])  # order and neighbours do not matter
     assert first[0].text == second[1].text and first[0].text
     assert first[1].text == second[0].text and first[1].text
+
+
+@pytest.mark.slow
+def test_a_decision_is_read_as_a_distribution_like_llama_cpp_reads_it(backend):
+    """The transformers engine reads a judgement's distribution from its raw logits, like the
+    llama.cpp engines: it sums to 1, greedy writes its most likely value, and it is close to
+    llama.cpp's for the same model (the checkpoint is the bundled GGUF dequantized)."""
+    import json
+    import math
+
+    from builder.backends import make_backend
+    from builder.backends.base import Request
+    from builder.prompts import Prompts
+    from builder.resources import load_schema
+
+    prompts = Prompts()
+    record = {"claims": [{"evidence": "cut commuting times by 40 percent", "claim": "The bridge cut times", "kind": "fact",
+                          "support": "weak", "confidence": "medium"}], "weak_reasoning": [], "uncertainties": [],
+              "ethical_stakes": [], "reflection": "A figure without published data."}
+    requests = [Request(prompts.consent_messages("PASSAGE", p, "REFLECTION", prompts.reflection(record)),
+                        load_schema("consent"), max_tokens=192, temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=7,
+                        decision=("consent", ("yes", "no"))) for p in SHORT_PASSAGES[:2]]
+    ours = backend.generate(requests)
+    for r in ours:
+        assert r.decision and r.decision["method"] == "logprobs"
+        probs = {k: math.exp(v) for k, v in r.decision["logprobs"].items()}
+        assert sum(probs.values()) == pytest.approx(1.0) and max(probs, key=probs.get) == json.loads(r.text)["consent"]
+    with make_backend(engine_config(backend="llama_cpp", model="bundled:smollm2", n_ctx=2048)) as llama:
+        theirs = llama.generate(requests)
+    for a, b in zip(ours, theirs):
+        assert math.exp(a.decision["logprobs"]["yes"]) == pytest.approx(math.exp(b.decision["logprobs"]["yes"]), abs=0.1)

@@ -142,3 +142,30 @@ def test_a_failing_batch_gives_error_responses(monkeypatch, hf_smollm2):
     responses = backend.generate([Request(messages=ASK, max_tokens=8), Request(messages=ASK, max_tokens=8)])
     assert [r.finish_reason for r in responses] == ["error", "error"]
     assert "CUDA out of memory" in responses[0].error
+
+
+def test_a_decision_is_read_from_vllms_logprobs_and_probes_a_shared_prefix():
+    """vLLM returns the top-K of each generated token as {id: Logprob}; "re" (begins revise and
+    reject) off the generated path is followed with a one-token probe."""
+    import math
+
+    from builder.backends.vllm import to_response
+
+    lp = lambda text, p: types.SimpleNamespace(decoded_token=text, logprob=math.log(p))  # noqa: E731
+    tokens = [(1, '{"verdict": "', {1: lp('{"verdict": "', 1.0)}), (2, "surv", {2: lp("surv", 0.5), 3: lp("re", 0.5)}),
+              (4, "ives", {4: lp("ives", 1.0)}), (5, '"}', {5: lp('"}', 1.0)})]
+    output = types.SimpleNamespace(prompt_token_ids=[9, 9], outputs=[types.SimpleNamespace(
+        text='{"verdict": "survives"}', token_ids=[t for t, _, _ in tokens], logprobs=[top for _, _, top in tokens],
+        finish_reason="stop")])
+    probed = []
+
+    def probe(ids):
+        probed.append(ids)
+        return {6: ("vise", math.log(0.2)), 7: ("ject", math.log(0.8))}
+
+    request = Request(ASK, decision=("verdict", ("survives", "revise", "reject")))
+    r = to_response(output, 0.1, request, probe)
+    probs = {k: math.exp(v) for k, v in r.decision["logprobs"].items()}
+    assert probs == pytest.approx({"survives": 0.5, "revise": 0.1, "reject": 0.4})
+    assert probed == [[9, 9, 1, 3]]  # the prompt, the tokens before the value, and "re"
+    assert sampling_kwargs(request)["logprobs"] == 20 and "logprobs" not in sampling_kwargs(Request(ASK))
