@@ -28,10 +28,11 @@ VIEWS = ["audit_pass_rate_by_annotator", "audit_pass_rate_by_persona", "audit_pa
 
 def fill(con, rows: int) -> None:
     items = rows // 2
-    con.execute("""INSERT INTO members SELECT 'member' || i, CASE WHEN i % 2 = 0 THEN 'llama' ELSE 'gemma3' END,
+    con.execute("""INSERT INTO members (name, family, persona, model, backend) SELECT 'member' || i, CASE WHEN i % 2 = 0 THEN 'llama' ELSE 'gemma3' END,
                    ['empiricist', 'skeptic', 'virtue', 'care'][i % 4 + 1], 'm.gguf', 'llama_cpp' FROM range(8) t(i)""")
-    con.execute(f"""INSERT INTO passages SELECT 'p' || i, 's', 0, 'text', 1, now() FROM range({items}) t(i)""")
-    con.execute(f"""INSERT INTO annotations SELECT 1 + i % 5, 'p' || i, 'member' || i % 8, 'accepted', NULL, 1, 0, NULL, NULL
+    con.execute(f"""INSERT INTO passages (passage_id, source, position, text, n_tokens, added_at) SELECT 'p' || i, 's', 0, 'text', 1, now() FROM range({items}) t(i)""")
+    con.execute(f"""INSERT INTO annotations (generation, passage_id, annotator, status, reason, attempts, truncated, record, call_key)
+                    SELECT 1 + i % 5, 'p' || i, 'member' || i % 8, 'accepted', NULL, 1, 0, NULL, NULL
                     FROM range({items}) t(i)""")
     con.execute(f"""
         INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict, reasons, wrong_claims)
@@ -41,7 +42,7 @@ def fill(con, rows: int) -> None:
                CASE WHEN hash(i) % 4 = 0 THEN 'fail' ELSE 'pass' END, '[]', '[]'
         FROM range({rows}) t(i)""")
     # what builder.audit.store_audits keeps up to date as audits arrive
-    con.execute("""INSERT INTO audit_items SELECT item, annotator, generation, bool_or(auditor_kind = 'model'),
+    con.execute("""INSERT INTO audit_items (item, annotator, generation, by_model, by_human) SELECT item, annotator, generation, bool_or(auditor_kind = 'model'),
                    bool_or(auditor_kind = 'human') FROM audits GROUP BY ALL""")
 
 

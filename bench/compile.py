@@ -33,7 +33,7 @@ SELECT printf('%016x', i), 'synthetic.jsonl:' || (i // $per + 1), i % $per,
 FROM range($n) t(i);
 INSERT INTO generation_passages SELECT 1, i, printf('%016x', i), 'synthetic.jsonl:' || (i // $per + 1), i % $per
 FROM range($n) t(i);
-INSERT INTO annotations
+INSERT INTO annotations (generation, passage_id, annotator, status, reason, attempts, truncated, record, call_key)
 SELECT 1, printf('%016x', i), 'smollm2-empiricist', 'accepted', NULL, 1, 0,
        json_object('claims', [json_object('claim', 'The bridge cut commuting times by ' || (i % 60) || ' percent',
                                           'kind', 'fact', 'support', 'weak', 'confidence', 'medium'),
@@ -44,27 +44,29 @@ SELECT 1, printf('%016x', i), 'smollm2-empiricist', 'accepted', NULL, 1, 0,
                    'reflection', 'A claim without evidence; treat the ' || (i % 60) || ' percent figure as unverified.'),
        md5(i::VARCHAR)
 FROM range($n) t(i);
-INSERT INTO critiques
+INSERT INTO critiques (generation, passage_id, annotator, critic, status, verdict, claim_verdicts, objections,
+                       weight, reason, attempts, call_key)
 SELECT 1, printf('%016x', i), 'smollm2-empiricist', critic, 'accepted',
        CASE WHEN (i + c) % 3 = 0 THEN 'reject' ELSE 'survives' END, '["sound", "doubtful"]',
        '["The figure is not sourced"]', 0.5, NULL, 1, md5(i::VARCHAR || critic)
 FROM range($n) t(i), (VALUES (0, 'gemma3-skeptic'), (1, 'smollm2-care-ethicist')) c(c, critic);
-INSERT INTO convergence SELECT 1, printf('%016x', i), 'smollm2-empiricist',
+INSERT INTO convergence (generation, passage_id, annotator, score, critiques, selected) SELECT 1, printf('%016x', i), 'smollm2-empiricist',
        CASE WHEN i % 3 = 0 THEN 0.5 ELSE 1.0 END, 2, true FROM range($n) t(i);
-INSERT INTO selections SELECT 1, printf('%016x', i), 'smollm2-empiricist',
+INSERT INTO selections (generation, passage_id, annotator, score, reason) SELECT 1, printf('%016x', i), 'smollm2-empiricist',
        CASE WHEN i % 3 = 0 THEN 0.5 ELSE 1.0 END, 'selected' FROM range($n) t(i);
-INSERT INTO ratchet
+INSERT INTO ratchet (generation, passage_id, decision, annotator, source_generation, record, reflection, score,
+                    parent_annotator, parent_generation, parent_score, new_annotator, new_score, reflection_key, reason)
 SELECT 1, a.passage_id, 'new', a.annotator, 1, a.record,
        'Claims:' || chr(10) || '- ' || (a.record->>'$.claims[0].claim') || ' (fact; support: weak)' || chr(10)
        || 'Reflection: ' || (a.record->>'$.reflection'),
        0.75, NULL, NULL, NULL, a.annotator, 0.75, md5(a.passage_id), 'first reflection of this passage'
 FROM annotations a;
-INSERT INTO members VALUES ('smollm2-empiricist', 'llama', 'empiricist', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'llama_cpp');
-INSERT INTO audits
+INSERT INTO members (name, family, persona, model, backend) VALUES ('smollm2-empiricist', 'llama', 'empiricist', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'llama_cpp');
+INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict, reasons, wrong_claims, audited_at)
 SELECT printf('%016x', i), 'smollm2-empiricist', 1, 'smollm2-auditor', 'model',
        CASE WHEN i % 5 = 0 THEN 'fail' ELSE 'pass' END, '[]', '[]', TIMESTAMP '2026-01-01'
 FROM range(0, $n, 4) t(i);
-INSERT INTO reputation VALUES ('smollm2-empiricist', 1, 0, 0, 1, 1, 0.8);
+INSERT INTO reputation (annotator, generation, passes, fails, alpha, beta, mean) VALUES ('smollm2-empiricist', 1, 0, 0, 1, 1, 0.8);
 """
 
 
