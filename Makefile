@@ -34,9 +34,9 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/pip install -q -e '.[server]'
 	touch $(STAMP)
 
+# A second `make demo` keeps the workspace and rebuilds generation 1 from its cache: zero model calls.
 demo: install
-	rm -rf $(WORKSPACE)
-	$(BIN)/ratchet init $(WORKSPACE) --example
+	test -f $(WORKSPACE)/ratchet.toml || $(BIN)/ratchet init $(WORKSPACE) --example
 	$(BIN)/ratchet build --workspace $(WORKSPACE)
 
 # The conscience step and the consent gate on the code-hacking scenario (examples/code_hacking).

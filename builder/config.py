@@ -245,6 +245,11 @@ class JudgementsConfig(Section):
                          "written value alone.")
 
 
+# Tokens a passage's prompt takes besides the passage: the built-in annotation prompts (system,
+# persona, two few-shot turns, delimiters, line marks) take about 800 with the bundled tokenizers.
+PROMPT_ALLOWANCE = 1024
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: SerializeAsAny[EngineConfig] = Field(default_factory=lambda: engine_section({}))
@@ -272,12 +277,24 @@ class RatchetConfig(Section):
             if m.kind == "verifier":
                 continue
             try:
-                m.engine(self.annotator)  # a member's engine that cannot work fails here, not mid-build
+                engine = m.engine(self.annotator)  # a member's engine that cannot work fails here, not mid-build
             except (ValidationError, ValueError) as exc:
                 raise ValueError(f"ensemble.members[{i}] ({m.display_name}): "
                                  f"{_engine_problem(exc, m.backend or self.annotator.backend)}") from None
+            self._check_passages_fit(engine, f"ensemble.members[{i}] ({m.display_name})")
         self.conscience.judge = self.conscience.judge or self.annotator.model
         return self
+
+    def _check_passages_fit(self, engine: EngineConfig, who: str) -> None:
+        """A passage of corpus.chunk_tokens, the prompt around it and the output budget must fit
+        in the engine's context window: a config error now, not one rejection per passage later."""
+        n_ctx = getattr(engine, "n_ctx", None)
+        need = self.corpus.chunk_tokens + PROMPT_ALLOWANCE + self.sampling.max_tokens
+        if n_ctx is not None and need > n_ctx:
+            raise ValueError(f"corpus.chunk_tokens ({self.corpus.chunk_tokens}) + about {PROMPT_ALLOWANCE} tokens of "
+                             f"prompt + sampling.max_tokens ({self.sampling.max_tokens}) = {need} do not fit in the "
+                             f"context window of {who}: n_ctx = {n_ctx}; lower corpus.chunk_tokens to at most "
+                             f"{max(16, n_ctx - PROMPT_ALLOWANCE - self.sampling.max_tokens)} or raise annotator.n_ctx")
 
     def engine_for(self, model: str, backend: str | None = None) -> EngineConfig:
         """[annotator]'s engine running another model (a judge, the auditor), or another engine."""

@@ -151,7 +151,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str | None, 
         elif text_field not in row:
             yield source, None, f"no '{text_field}' field (set corpus.text_field)"
         elif row[text_field] is not None and not isinstance(row[text_field], str):
-            yield source, None, f"'{text_field}' is not a string"
+            yield source, None, _not_text(text_field, row[text_field])
         else:
             yield source, row[text_field], None
 
@@ -188,7 +188,15 @@ def _read_table(path: Path, text_field: str) -> Iterator[tuple[str, str | None, 
     if text_field not in table.column_names:
         raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)}); set corpus.text_field")
     for row, value in enumerate(table.column(text_field).to_pylist()):
-        yield f"{path}#{row}", value if isinstance(value, str) else None, None
+        if value is None or isinstance(value, str):
+            yield f"{path}#{row}", value, None
+        else:
+            yield f"{path}#{row}", None, _not_text(text_field, value)
+
+
+def _not_text(column: str, value) -> str:
+    """A number or a struct where the text should be is bad input, not an empty record."""
+    return f"column '{column}' holds a {type(value).__name__}, not a string (set corpus.text_field?)"
 
 
 def _read_file(path: Path, text_field: str):
@@ -255,4 +263,9 @@ def ingest(
                     report.duplicates += 1
                     continue
                 passages[pid] = Passage(pid, source, position, piece, count_tokens(piece))
+    if not passages:  # nothing to annotate: say so now, not as an empty generation later
+        skipped = (f"; {len(report.skipped_records)} record(s) and {len(report.skipped_files)} file(s) skipped"
+                   if report.skipped_files or report.skipped_records else "")
+        raise CorpusError(f"{root}: no passage to annotate ({report.records} record(s) read from {report.files} "
+                          f"file(s), {report.empty_records} of them empty{skipped})")
     return list(passages.values()), report

@@ -135,8 +135,14 @@ def test_bad_corpus_file_writes_nothing(tmp_path):
     assert not (root / "generations" / "gen-0001").exists()
 
 
-def test_corpus_of_only_empty_records_builds_an_empty_generation(tmp_path):
+def test_corpus_of_only_empty_records_is_an_error_before_anything_is_written(tmp_path):
+    """Not an empty generation that `publish` later calls broken (#15.8)."""
     root = write_workspace(tmp_path / "ws", ["", "   ", "\n\n"])
-    s = run_build(Workspace(root))
-    assert s["passages"] == 0 and s["empty_records"] == 3 and s["model_calls"] == 0
-    assert json.loads((Workspace(root).generation_dir(1) / "manifest.json").read_text())["splits"] == {}
+    out = subprocess.run([sys.executable, "-m", "builder.cli", "build", "-w", str(root)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "no passage to annotate (3 record(s) read from 1 file(s), 3 of them empty)" in out.stdout + out.stderr
+    con = Workspace(root).connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM passages").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 0
+    con.close()
+    assert not (root / "generations" / "gen-0001").exists()

@@ -51,3 +51,19 @@ def test_out_of_range_value(tmp_path):
     path.write_text("[corpus]\non_bad_file = 'ignore'\n")
     with pytest.raises(ConfigError, match="corpus.on_bad_file"):
         load_config(path)
+
+
+def test_passages_that_cannot_fit_the_context_window_are_a_config_error(tmp_path):
+    """corpus.chunk_tokens + the prompt + the output budget over n_ctx: an error naming the keys
+    and the largest chunk_tokens that fits, not a rejection per passage mid-build (#15.8)."""
+    path = tmp_path / "ratchet.toml"
+    path.write_text("[corpus]\nchunk_tokens = 4000\n")
+    with pytest.raises(ConfigError, match=r"corpus.chunk_tokens \(4000\).*sampling.max_tokens \(512\).*n_ctx = 4096; "
+                                          r"lower corpus.chunk_tokens to at most 2560 or raise annotator.n_ctx"):
+        load_config(path)
+    path.write_text("[corpus]\nchunk_tokens = 4000\n[annotator]\nn_ctx = 8192\n")
+    assert load_config(path).corpus.chunk_tokens == 4000
+    # an engine without a window of its own to check (a served model) is not refused
+    path.write_text("[corpus]\nchunk_tokens = 4000\n[annotator]\nbackend = 'openai'\nbase_url = 'http://127.0.0.1:9'\n"
+                    "model = 'served'\n[ensemble]\nk = 0\nmembers = [{persona = 'empiricist'}]\n")
+    assert load_config(path).corpus.chunk_tokens == 4000

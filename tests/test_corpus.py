@@ -129,3 +129,30 @@ def test_huge_record_is_chunked_not_rejected(tmp_path):
     passages, _ = ingest(tmp_path, chunk_tokens=256)
     assert len(passages) > 500
     assert all(p.n_tokens <= 256 for p in passages)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_non_string_text_is_an_error_naming_column_row_and_type(tmp_path, fmt):
+    """A number where the text should be is bad input, not an "empty" record (#15.8)."""
+    if fmt == "jsonl":
+        (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": 42}\n')
+        where = r"c\.jsonl:2"
+    else:
+        pq.write_table(pa.table({"text": pa.array([{"a": 1}, {"a": 2}])}), tmp_path / "c.parquet")
+        where = r"c\.parquet#0"
+    with pytest.raises(CorpusError, match=where + r": column 'text' holds a (int|dict), not a string"):
+        ingest(tmp_path)
+    if fmt == "jsonl":
+        passages, report = ingest(tmp_path, on_bad_file="skip")
+        assert [p.text for p in passages] == ["ok"]
+        assert report.empty_records == 0 and report.skipped_records[0][0].endswith("c.jsonl:2")
+    else:  # every row skipped: nothing left to annotate is an error too
+        with pytest.raises(CorpusError, match=r"no passage to annotate \(0 record\(s\) read from 1 file\(s\), 0 of "
+                                              r"them empty; 2 record\(s\) and 0 file\(s\) skipped\)"):
+            ingest(tmp_path, on_bad_file="skip")
+
+
+def test_a_corpus_of_empty_records_is_an_error_before_anything_is_stored(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": null}\n')
+    with pytest.raises(CorpusError, match=r"no passage to annotate \(3 record\(s\) read from 1 file\(s\), 3 of them empty\)"):
+        ingest(tmp_path)

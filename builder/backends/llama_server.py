@@ -144,14 +144,31 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 def _die_with_parent(parent_pid: int):
     """A preexec_fn: ask the kernel to SIGKILL the server when the thread that started it dies
-    (the spawner thread below lives as long as the backend, so: when the builder dies)."""
+    (the spawner thread below lives as long as the backend, so: when the builder dies).
+
+    Python documents preexec_fn as unsafe in threaded programs because the child may need a lock
+    that another thread held at fork. This one takes none: one prctl and one getppid system call
+    through ctypes, no allocation by Python code, no logging, no import. The process group is set
+    by Popen's own `process_group`, not here. tests/backends/test_llama_server.py starts a server
+    from a short-lived thread while four threads log and allocate, then kills the builder with -9."""
     def setup() -> None:
         if _LIBC is not None:
             _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
             if os.getppid() != parent_pid:  # the parent died before prctl took effect
                 os._exit(1)
-        os.setpgid(0, 0)  # its own process group: Ctrl-C at the terminal reaches the builder, which stops it
     return setup
+
+
+# What llama-server needs from the builder's environment: where programs and libraries are, the
+# locale, a temp folder, and llama.cpp's / the accelerator runtimes' own variables. Nothing else:
+# the Hub token, API keys and the audit secret stay in the builder.
+SERVER_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "TZ")
+SERVER_ENV_PREFIXES = ("LLAMA_", "GGML_", "CUDA_", "HIP_", "ROCR_", "OMP_", "VK_", "ONEAPI_", "SYCL_")
+
+
+def server_environment(environ=None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k in SERVER_ENV_KEYS or k.startswith(SERVER_ENV_PREFIXES)}
 
 
 class _Spawner:
@@ -276,8 +293,10 @@ class LlamaServerBackend(LlamaPrompting, Backend):
             with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(f"\n=== ratchet: starting {' '.join(self.command(port))}\n")
                 fh.flush()
+                # its own process group: Ctrl-C at the terminal reaches the builder, which stops it
                 proc = self._spawner.popen(self.command(port), stdout=fh, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()), close_fds=True)
+                                           stdin=subprocess.DEVNULL, env=server_environment(), process_group=0,
+                                           preexec_fn=_die_with_parent(os.getpid()), close_fds=True)
             self.starts += 1
             url = f"http://127.0.0.1:{port}"
             outcome = self._wait_ready(proc, url)

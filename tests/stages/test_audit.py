@@ -148,3 +148,22 @@ def test_documented_views_answer_from_the_tables():
         (4, 3, 3, 2, 0.75)]
     update_reputation(con, 1)
     assert con.execute("SELECT passes, fails, alpha, beta, round(mean, 4) FROM reputation").fetchall() == [(2, 3, 3.0, 4.0, 0.4286)]
+
+
+def test_human_verdicts_are_validated_against_the_audit_schema(tmp_path):
+    """schemas/audit.schema.json bounds reasons (at most 2, 3-120 characters each) for model and
+    human auditors alike (#15.8)."""
+    con = db_with_annotations(3)
+    f = tmp_path / "review.jsonl"
+    rows = [{"item": "p000", "annotator": "smollm2", "generation": 1, "verdict": "fail", "reasons": ["ok", "x" * 5],
+             "wrong_claims": []},
+            {"item": "p001", "annotator": "smollm2", "generation": 1, "verdict": "fail",
+             "reasons": ["one reason", "another reason", "a third reason"], "wrong_claims": [1]},
+            {"item": "p002", "annotator": "smollm2", "generation": 1, "verdict": "fail", "reasons": ["invented a claim"],
+             "wrong_claims": [2]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    imported, problems = import_verdicts(con, f, "ana")
+    assert imported == 1
+    assert problems[0].startswith(f"{f}:1: does not match schemas/audit.schema.json at reasons/0: 'ok' is too short")
+    assert problems[1].startswith(f"{f}:2: does not match schemas/audit.schema.json at reasons:")
+    assert con.execute("SELECT item FROM audits").fetchall() == [("p002",)]
