@@ -30,7 +30,7 @@ from .stages.ingest import Ingest
 from .stages.ratchet import Ratchet
 from .stages.scrutinize import Scrutinize
 from .tables import Json, Table
-from .workspace import Workspace
+from .workspace import Workspace, transaction
 
 # The build, in order. Consent sees the converged reflections and the conscience's DPO pairs;
 # the ratchet sees what consent let through; the audit comes after everything published is
@@ -66,6 +66,56 @@ def build_logger(ws: Workspace, generation: int) -> logging.Logger:
     return log
 
 
+# ---------------------------------------------------------------- a rebuild that leaves no trace
+# Rebuilding a compiled generation writes its rows stage by stage and may be refused only at
+# compile (its splits would change). So the generation's rows are copied aside first, into real
+# tables (a `kill -9` mid-rebuild leaves them for the next build to put back), and put back
+# unless the rebuild compiles: DuckDB and generations/gen-NNNN/ never disagree.
+SNAPSHOT_PREFIX = "rebuild_snapshot__"
+
+
+def generation_tables(con, stages: Sequence[Stage]) -> list[str]:
+    names = {t.name for stage in stages for t in stage.tables}
+    rows = con.execute("SELECT DISTINCT table_name FROM information_schema.columns WHERE column_name = 'generation' "
+                       "AND table_schema = 'main'").fetchall()
+    return sorted(n for (n,) in rows if n in names)
+
+
+def snapshot_generation(con, generation: int, tables: list[str]) -> None:
+    with transaction(con):
+        con.execute(f'CREATE OR REPLACE TABLE "{SNAPSHOT_PREFIX}meta" AS SELECT ?::INTEGER AS generation, '
+                    '?::VARCHAR[] AS tables', [generation, tables])
+        for t in tables:
+            con.execute(f'CREATE OR REPLACE TABLE "{SNAPSHOT_PREFIX}{t}" AS SELECT * FROM "{t}" WHERE generation = ?',
+                        [generation])
+
+
+def drop_snapshot(con) -> None:
+    names = [n for (n,) in con.execute("SELECT table_name FROM information_schema.tables "
+                                       "WHERE starts_with(table_name, ?)", [SNAPSHOT_PREFIX]).fetchall()]
+    with transaction(con):
+        for n in names:
+            con.execute(f'DROP TABLE "{n}"')
+
+
+def restore_snapshot(con) -> int | None:
+    """Put back the rows a refused, failed or killed rebuild replaced; the generation, or None."""
+    found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                        [f"{SNAPSHOT_PREFIX}meta"]).fetchone()[0]
+    if not found:
+        return None
+    generation, tables = con.execute(f'SELECT generation, tables FROM "{SNAPSHOT_PREFIX}meta"').fetchone()
+    with transaction(con):
+        for t in tables:
+            con.execute(f'DELETE FROM "{t}" WHERE generation = ?', [generation])
+            columns = ", ".join(f'"{c}"' for (c,) in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+                [f"{SNAPSHOT_PREFIX}{t}"]).fetchall())
+            con.execute(f'INSERT INTO "{t}" ({columns}) SELECT {columns} FROM "{SNAPSHOT_PREFIX}{t}"')
+    drop_snapshot(con)
+    return generation
+
+
 def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None,
               overwrite: bool = False, config: RatchetConfig | None = None, stages: Sequence[Stage] | None = None,
               executor: Executor | None = None) -> dict:
@@ -80,11 +130,15 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
     log = build_logger(ws, generation)
     with ws.lock():
         con = ws.connect()
-        # We hold the lock, so a build still marked running was killed: say so.
+        # We hold the lock, so a build still marked running was killed: say so, and put back what
+        # a killed rebuild of a compiled generation had replaced.
         con.execute("UPDATE builds SET status = 'interrupted' WHERE status = 'running'")
+        restored = restore_snapshot(con)
+        if restored is not None:
+            log.warning("put back generation %d's rows, which a killed rebuild had replaced", restored)
         con.execute("INSERT INTO builds VALUES (?, now(), NULL, 'running', NULL)", [generation])
         status, summary = "failed", None
-        prompts = None
+        prompts, rebuilding = None, False
         try:
             prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
             ctx = BuildContext(ws, con, generation, cfg, prompts, log, progress=progress, executor=executor or LOCAL,
@@ -93,12 +147,18 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 for table in stage.tables:
                     table.create(con)
                 stage.prepare(ctx)  # everything that can fail without a model fails here
+            rebuilding = ws.generation_dir(generation).exists() and not overwrite
+            if rebuilding:
+                snapshot_generation(con, generation, generation_tables(con, stages))
             with Ensemble(cfg) as ensemble, ctx.stack:
                 ctx.ensemble = ensemble
                 for line in ensemble.warnings():
                     log.warning(line)
                 for stage in stages:
                     ctx.metrics.update(stage.run(ctx) or {})
+            if rebuilding:
+                drop_snapshot(con)  # compiled (or identical): the new rows stand
+                rebuilding = False
             ctx.metrics["seconds"] = round(time.perf_counter() - ctx.started, 2)
             status = "finished"
             log.info("finished generation %d in %.1fs", generation, ctx.metrics["seconds"])
@@ -113,6 +173,8 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
             log.info("interrupted by the user")
             raise
         finally:
+            if rebuilding and restore_snapshot(con) is not None:
+                log.info("put back generation %d's rows as they were before this rebuild", generation)
             con.execute("UPDATE builds SET finished_at = now(), status = ?, summary = ? WHERE status = 'running'",
                         [status, json.dumps(summary) if summary else None])
             con.close()

@@ -456,6 +456,11 @@ def publish(
             result = publish_hub(gens, repo_id, private=private or None, dry_run=dry_run, log=log)
     except PublishError as exc:
         fail(str(exc))
+    for s in result.published:
+        if not s.generation.license:
+            console.print(f"[yellow]warning:[/] {s.generation.tag} states no licence (publish.license was empty when it "
+                          "was built; its card says `unknown`): set one in ratchet.toml for the next generation",
+                          highlight=False)
     verb = "would publish" if dry_run else "published"
     table = Table("generation", "tag", "action", "files", "deleted", "commit", title=result.target, title_justify="left")
     for s in result.steps:

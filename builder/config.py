@@ -6,6 +6,7 @@ instead of a setting silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal, get_args
@@ -250,6 +251,21 @@ class JudgementsConfig(Section):
 PROMPT_ALLOWANCE = 1024
 
 
+class PublishConfig(Section):
+    """What the dataset card states about the published data."""
+    license: str = Field("", description="The dataset's licence, as a Hub licence id (cc-by-4.0, apache-2.0, odc-by, "
+                         "other, ...). Your corpus's licence decides what you may state. Empty: the card says no "
+                         "licence was stated (Hub id `unknown`) and `ratchet publish` warns.")
+
+    @field_validator("license")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", value):
+            raise ValueError(f"{value!r} is not a Hub licence id (lower-case, e.g. cc-by-4.0, apache-2.0, other)")
+        return value
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: SerializeAsAny[EngineConfig] = Field(default_factory=lambda: engine_section({}))
@@ -261,6 +277,7 @@ class RatchetConfig(Section):
     consent: ConsentConfig = ConsentConfig()
     ratchet: RatchetRuleConfig = RatchetRuleConfig()
     judgements: JudgementsConfig = JudgementsConfig()
+    publish: PublishConfig = PublishConfig()
     # Not part of a dataset generation's identity: left out of model_dump, so the config hash (and the
     # manifest's config) of a compiled generation does not change when only training settings do.
     train: TrainConfig = Field(TrainConfig(), exclude=True)

@@ -61,6 +61,11 @@ class Generation:
     files: dict[str, int]  # path relative to the generation folder (posix) -> size in bytes
 
     @property
+    def license(self) -> str:
+        """The licence its card states (publish.license when it was built), "" when none."""
+        return (((self.manifest.get("config") or {}).get("publish") or {}).get("license") or "").strip()
+
+    @property
     def tag(self) -> str:
         return self.path.name  # gen-0001: the folder name
 

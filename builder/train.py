@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -220,13 +221,38 @@ def _merged(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+WORD_JOINER = "\u2060"  # invisible, and no tokenizer's special token contains it
+
+
+def plain_text_for(tokenizer):
+    """A function that breaks every spelling of one of the tokenizer's special tokens (its
+    end-of-turn, start-of-turn, unk, ...) by a word joiner after its first character. TRL renders
+    messages with the chat template and tokenizes the result with special tokens allowed, so a
+    passage (or a reflection) holding `<|im_end|><|im_start|>assistant` would otherwise become real
+    turn boundaries at training time; the prompt path already keeps such text plain."""
+    spellings = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+
+    def plain(text: str) -> str:
+        while pattern is not None and text and pattern.search(text):
+            text = pattern.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+        return text
+    return plain
+
+
+def plain_messages(dataset, tokenizer, columns: tuple[str, ...]):
+    """The dataset with every message's content made plain text (see plain_text_for)."""
+    plain = plain_text_for(tokenizer)
+    return dataset.map(lambda row: {c: [{**m, "content": plain(m["content"])} for m in row[c]] for c in columns})
+
+
 def run_sft(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**common_args(cfg, scratch / "sft"), max_steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
                      assistant_only_loss=True, dataset_kwargs={"skip_prepare_dataset": False})
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config(cfg))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=plain_messages(dataset, tokenizer, ("messages",)),
+                         processing_class=tokenizer, peft_config=lora_config(cfg))
     step_reporter(trainer, "SFT", say)
     started = time.perf_counter()
     result = trainer.train()
@@ -240,6 +266,7 @@ def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lamb
                      beta=cfg.dpo_beta)
     # No ref_model: the trainer takes a frozen copy of the model it starts from (the SFT result)
     # as the reference, or, with LoRA, the same model with its adapters switched off.
+    dataset = plain_messages(dataset, tokenizer, ("prompt", "chosen", "rejected"))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg))
     step_reporter(trainer, "DPO", say)

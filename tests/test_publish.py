@@ -518,3 +518,35 @@ def test_publish_real_generation(built, tmp_path):
     assert len(git(out2, "log", "--format=%H").split()) == 2
     assert git(out2, "show", "gen-0002:manifest.json") == m2.read_text()
     assert cli("-w", str(ws2), "--out", str(out2)).output.count("already published") == 2
+
+
+@pytest.mark.parametrize("licence", ["cc-by-4.0", ""])
+def test_the_card_states_the_configured_licence_or_says_none_was_stated(tmp_path, licence):
+    """No silent default licence (#15.9): publish.license goes into the card's metadata; without
+    one the card says `unknown` and why, and `ratchet publish` warns."""
+    from huggingface_hub import DatasetCard
+
+    from builder.build import run_build
+    from builder.workspace import Workspace
+
+    from .conftest import SHORT_PASSAGES, write_workspace
+
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES, annotator={"backend": "scripted", "model": "bundled:smollm2"},
+                           publish={"license": licence})
+    run_build(Workspace(root))
+    card_path = root / "generations" / "gen-0001" / "README.md"
+    card = DatasetCard.load(card_path)
+    assert card.data.license == (licence or "unknown")
+    assert ("No licence was stated" in card.text) == (not licence)
+    r = cli("-w", str(root), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert ("gen-0001 states no licence" in " ".join(r.output.split())) == (not licence)
+
+
+def test_a_licence_that_is_not_a_hub_id_is_a_config_error(tmp_path):
+    from builder.config import ConfigError, load_config
+
+    path = tmp_path / "ratchet.toml"
+    path.write_text("[publish]\nlicense = 'CC BY 4.0'\n")
+    with pytest.raises(ConfigError, match=r"publish.license.*not a Hub licence id"):
+        load_config(path)

@@ -51,6 +51,7 @@ class Ingest(Stage):
             ctx.passages, ctx.report = ingest(path, cfg.corpus.text_field, cfg.corpus.chunk_tokens, first.count_tokens,
                                               cfg.corpus.on_bad_file)
             ctx.log.info("ingested %d passages from %s", len(ctx.passages), path)
+            refuse_changed_corpus(ctx, path)
         else:
             ctx.passages, ctx.report = parent_passages(ctx.con, ctx.generation), IngestReport()
             ctx.log.info("re-annotating the %d passages of generation %d", len(ctx.passages), ctx.generation - 1)
@@ -59,6 +60,22 @@ class Ingest(Stage):
         return {"passages": len(ctx.passages), "files": r.files, "records": r.records, "empty_records": r.empty_records,
                 "duplicate_passages": r.duplicates, "skipped_files": [f"{f}: {why}" for f, why in r.skipped_files],
                 "skipped_records": [f"{s}: {why}" for s, why in r.skipped_records]}
+
+
+def refuse_changed_corpus(ctx: BuildContext, path) -> None:
+    """A compiled generation is immutable: a corpus that changed since it was built is refused
+    here, before any model runs and before anything is stored (not at compile)."""
+    if ctx.overwrite or not ctx.ws.generation_dir(ctx.generation).exists():
+        return
+    before = [r[0] for r in ctx.con.execute("SELECT passage_id FROM generation_passages WHERE generation = ? "
+                                            "ORDER BY ord", [ctx.generation]).fetchall()]
+    now = [p.passage_id for p in ctx.passages]
+    if before and now != before:
+        added, removed = len(set(now) - set(before)), len(set(before) - set(now))
+        what = f"{added} passage(s) added, {removed} removed" if added or removed else "the same passages, reordered"
+        raise RatchetError(f"{ctx.ws.generation_dir(ctx.generation)} is compiled and immutable, and the corpus {path} "
+                           f"changed since it was built ({what}): build the next generation, use another workspace, "
+                           "or pass --overwrite to rebuild and replace this one")
 
 
 def store_passages(con, generation: int, passages: list[Passage]) -> None:
