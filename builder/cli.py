@@ -1,6 +1,7 @@
 """`ratchet`: a thin typer CLI over the stages."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -740,6 +741,57 @@ def engines(
                                "name": "a name"}.get(e.model_file, e.model_file), escape(e.summary), ", ".join(keys))
     console.print(table)
     console.print(f"default: {registry.DEFAULT}; `ratchet engines NAME` lists one engine's keys with their defaults")
+
+
+@app.command()
+def panel(workspace: WorkspaceOpt = Path(".")) -> None:
+    """The ratchet's reference panel as the workspace's first generation froze it: each member's
+    engine and model hash, its sampling, what it is asked with (prompt files, persona, schemas,
+    the engine `auto` resolved to, how judgements are read) and, for a served model, the model id
+    its server reported and its answers to the fixed probes. A build refuses to score when any of
+    it changed, naming what.
+
+    \b
+    Example:
+      ratchet panel -w my-ws
+    """
+    from types import SimpleNamespace
+
+    ws = open_workspace(workspace)
+    if not ws.db_path.exists():
+        fail(f"{ws.root}: no database yet; the panel is frozen by the first `ratchet build`")
+    try:
+        con = ws.connect(read_only=True)
+        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'panel'").fetchone()[0]
+        cursor = con.execute("SELECT * FROM panel ORDER BY name") if found else None
+    except WorkspaceError as exc:
+        fail(str(exc))
+    # read by column name: a panel frozen by an older builder lacks the newer columns until its next build
+    names = [d[0] for d in cursor.description] if cursor else []
+    rows = [SimpleNamespace(**{"questions": None, "fingerprint": None, **{
+        k: json.loads(v) if k in ("engine", "sampling", "questions", "fingerprint") and isinstance(v, str) else v
+        for k, v in zip(names, row)}}) for row in (cursor.fetchall() if cursor else [])]
+    if not rows:
+        fail(f"{ws.root}: no panel frozen yet; the first `ratchet build` freezes it")
+    table = Table("member", "since gen", "engine / model", "model hash", "sampling", "asked with", title="reference panel "
+                  "(frozen)", title_justify="left")
+    for p in rows:
+        engine = p.engine.get("kind") or f"{(p.questions or {}).get('engine') or p.engine.get('backend')} / " \
+                                          f"{p.engine.get('model', '')}"
+        sampling = ", ".join(f"{k} {v}" for k, v in p.sampling.items()) or "—"
+        files = {k: v for k, v in (p.questions or {}).items() if k not in ("engine", "decide_by")}
+        asked = "not recorded yet (its next build records it)" if not p.questions else (
+            f"engine {p.questions.get('engine')}, judgements {p.questions.get('decide_by')}, {len(files)} prompt/persona/"
+            f"schema files (digest {hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]})")
+        if p.engine.get("kind"):
+            asked = "its check's version"
+        if p.fingerprint:
+            asked += f"; served model {p.fingerprint.get('reported_model')}, probe answers {p.fingerprint.get('answers')}"
+        table.add_row(f"{p.name} ({p.persona}, {p.family})", str(p.since_generation), escape(engine), p.model_hash[:16],
+                      sampling, escape(asked))
+    console.print(table)
+    console.print('each file\'s sha256: ratchet sql -w WS "SELECT name, questions FROM panel"', highlight=False,
+                  markup=False)
 
 
 @app.command()

@@ -109,6 +109,7 @@ class Backend(ABC):
 
     kind: str = "base"
     is_model: bool = True  # False: answers without a model (the scripted engine); builds say so
+    served: bool = False  # True: a model behind someone's server, with no file here to hash (the openai engine)
     family: str = "unknown"  # the model's architecture: ensembles and audit stats group by it
 
     @property

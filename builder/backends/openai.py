@@ -85,6 +85,7 @@ def decision_from_logprobs(request: Request, text: str, logprobs: dict | None) -
 
 class OpenAIBackend(Backend):
     kind = "openai"
+    served = True
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5,
@@ -117,6 +118,16 @@ class OpenAIBackend(Backend):
 
     def describe(self) -> dict:
         return {"server": self.base_url, "model": self.model, "backend": self.kind}
+
+    def reported_model(self) -> str | None:
+        """The model id the server reports for `model` (GET /v1/models), or None when it does not say."""
+        try:
+            r = self.client.get("/v1/models")
+            r.raise_for_status()
+            ids = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)]
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return self.model if self.model in ids else (",".join(sorted(i for i in ids if i)) or None)
 
     def render(self, messages: Sequence[dict]) -> str:
         # The server owns the chat template: the messages as sent are what identifies a prompt.

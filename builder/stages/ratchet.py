@@ -46,6 +46,12 @@ class PanelMember:
     sampling: Json = doc("temperature, top_p, repeat_penalty, max_tokens, seed, retries: fixed forever")
     model_hash: str = doc("sha256 of the model file: a changed file is refused")
     since_generation: int = 0
+    questions: Json | None = doc("what it is asked with: sha256 of each critique/compare prompt file, its persona "
+                                 "text and schema, the engine `auto` resolved to, how judgements are read",
+                                 default=None, added=True)
+    fingerprint: Json | None = doc("a served model (no file to hash): the model id its server reports and its "
+                                   "greedy answers to fixed probes, checked again before every scoring",
+                                   default=None, added=True)
 
 
 PANEL = Table("panel", PanelMember, key=("name",),
@@ -114,7 +120,51 @@ def model_hash(backend) -> str:
 # ---------------------------------------------------------------- the panel
 
 
-def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) -> list[PanelMember]:
+# What a panel member is asked with. A change to any of them changes the panel's judgements as
+# surely as another model file would, so they are frozen with it.
+PANEL_PROMPT_FILES = ("critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
+                      "compare.system.jinja", "compare.user.jinja")
+PANEL_SCHEMAS = ("critique", "compare")
+# Fixed probes for a served model, answered greedily: the same model gives the same answers.
+FINGERPRINT_PROBES = ("Complete the sentence with one word: The sky on a clear day is",
+                      "What is 17 + 25? Answer with the number only.",
+                      "Name the opposite of 'cold' in one word.")
+
+
+def panel_questions(persona: str, prompts: Prompts, cfg: RatchetConfig, backend: Backend | None) -> dict:
+    """What a panel member is asked with (without `engine` when no backend is loaded yet)."""
+    from ..cache import sha256
+    from ..resources import load_schema
+
+    files = prompts.hashes([persona])
+    return {**{n: files[n] for n in (*PANEL_PROMPT_FILES, f"personas/{persona}.txt")},
+            **{f"{s}.schema.json": sha256(load_schema(s)) for s in PANEL_SCHEMAS},
+            **({"engine": backend.describe().get("backend") or type(backend).__name__} if backend else {}),
+            "decide_by": cfg.judgements.decide_by}
+
+
+def served_fingerprint(backend: Backend) -> dict | None:
+    """A model without a file to hash (an OpenAI-compatible server): the model id its server
+    reports and its greedy answers to FINGERPRINT_PROBES, asked of the engine itself (never the
+    cache, which would only repeat the first answers)."""
+    if not backend.served:
+        return None
+    from ..backends.base import Request
+
+    requests = [Request(messages=({"role": "user", "content": q},), max_tokens=8, temperature=0.0, seed=0)
+                for q in FINGERPRINT_PROBES]
+    answers = [r.text.strip() if r.finish_reason != "error" else f"error: {r.error}" for r in backend.generate(requests)]
+    reported = getattr(backend, "reported_model", None)
+    return {"reported_model": reported() if callable(reported) else None, "answers": answers}
+
+
+def frozen_differences(then: dict | None, now: dict | None) -> list[str]:
+    then, now = then or {}, now or {}
+    return sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+
+
+def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1,
+                 prompts: Prompts | None = None) -> list[PanelMember]:
     """The panel a workspace's first generation freezes: ratchet.panel, or every critic."""
     names = cfg.ratchet.panel or [m.name for m in ensemble.critics] + [v.name for v in ensemble.verifiers]
     by_name = {m.name: m for m in [*ensemble.members, *ensemble.verifiers]}
@@ -138,21 +188,27 @@ def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) ->
             name, member.persona, member.family, configs[name].engine(cfg.annotator).model_dump(),
             {"temperature": temperature, "top_p": s.top_p, "repeat_penalty": s.repeat_penalty,
              "max_tokens": cfg.ensemble.critic_max_tokens, "seed": s.seed, "retries": cfg.annotate.retries},
-            model_hash(member.backend), generation))
+            model_hash(member.backend), generation,
+            panel_questions(member.persona, prompts or Prompts(), cfg, member.backend),
+            served_fingerprint(member.backend)))
     return panel
 
 
-def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int) -> list[PanelMember]:
+def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int,
+                         prompts: Prompts | None = None) -> list[PanelMember]:
     rows = PANEL.read(con, "true ORDER BY name")
     if rows:
         return rows
-    panel = choose_panel(cfg, ensemble, generation)
+    panel = choose_panel(cfg, ensemble, generation, prompts)
     PANEL.insert(con, panel)
     return panel
 
 
-def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack) -> list[tuple[PanelMember, Member, Backend]]:
-    """Each panel member with a loaded engine: a member's, or one loaded for this build."""
+def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con=None, prompts: Prompts | None = None,
+               cfg: RatchetConfig | None = None) -> list[tuple[PanelMember, Member, Backend]]:
+    """Each panel member with a loaded engine (a member's, or one loaded for this build), after
+    checking that nothing it is asked with changed since the panel was frozen. A panel frozen
+    before its questions were recorded gets them recorded now (and is held to them from then on)."""
     from ..backends import registry
 
     out = []
@@ -169,9 +225,37 @@ def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack) -> list[tupl
                 f"reference panel member {p.name}: its model changed since the panel was frozen "
                 f"(was {p.model_hash[:12]}…, now {model_hash(backend)[:12]}…); the panel must stay fixed for "
                 "the ratchet to mean anything: restore the file, or start a new workspace")
+        if cfg is not None:
+            check_frozen(p, backend, con, prompts or Prompts(), cfg)
         member = Member(p.name, p.persona, ["critique"], p.sampling["temperature"], backend)
         out.append((p, member, backend))
     return out
+
+
+def refuse_changed_questions(p: PanelMember, questions: dict) -> None:
+    changed = frozen_differences({k: v for k, v in p.questions.items() if k in questions}, questions)
+    if changed:
+        raise RatchetError(f"reference panel member {p.name}: what it is asked with changed since the panel was frozen "
+                           f"(changed: {', '.join(changed)}); the panel must stay fixed for the ratchet to mean "
+                           "anything: restore them, or start a new workspace (`ratchet panel` shows the frozen panel)")
+
+
+def check_frozen(p: PanelMember, backend: Backend, con, prompts: Prompts, cfg: RatchetConfig) -> None:
+    """Refuse to score with a panel member whose questions or served model changed, naming what."""
+    questions = panel_questions(p.persona, prompts, cfg, backend)
+    fingerprint = served_fingerprint(backend)
+    if p.questions is None or (p.fingerprint is None and fingerprint is not None):  # frozen by an older builder
+        p.questions, p.fingerprint = p.questions or questions, p.fingerprint or fingerprint
+        if con is not None:
+            con.execute("UPDATE panel SET questions = ?, fingerprint = ? WHERE name = ?",
+                        [json.dumps(p.questions), json.dumps(p.fingerprint) if p.fingerprint else None, p.name])
+        return
+    refuse_changed_questions(p, questions)
+    changed = frozen_differences(p.fingerprint, fingerprint)
+    if changed:
+        raise RatchetError(f"reference panel member {p.name}: the served model answers otherwise since the panel was "
+                           f"frozen (changed: {', '.join(changed)}: {p.fingerprint} → {fingerprint}); point it at the "
+                           "same model, or start a new workspace (`ratchet panel` shows the frozen panel)")
 
 
 def panel_sampling(sampling: dict) -> Sampling:
@@ -503,10 +587,18 @@ class Ratchet(Stage):
     name = "ratchet"
     tables = (PANEL, RATCHET, PANEL_VERDICTS, PANEL_COMPARISONS)
 
+    def prepare(self, ctx: BuildContext) -> None:
+        """A frozen panel whose prompts, personas, schemas or judgement reading changed is refused
+        before any model runs (the engine and a served model's answers are checked once loaded)."""
+        for p in PANEL.read(ctx.con, "true ORDER BY name"):
+            if p.questions and p.engine.get("kind") != verifier.KIND:
+                refuse_changed_questions(p, panel_questions(p.persona, ctx.prompts, ctx.cfg, None))
+
     def run(self, ctx: BuildContext) -> dict:
         g = ctx.generation
         panel = [(p, member, ctx.engine(backend) if backend else None) for p, member, backend in
-                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g), ctx.ensemble, ctx.stack)]
+                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g, ctx.prompts), ctx.ensemble,
+                            ctx.stack, ctx.con, ctx.prompts, ctx.cfg)]
         vetoed = {e for e, in ctx.con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND "
                                               "split = 'sft' AND veto", [g]).fetchall()}
         records = {(pid, author): record for pid, author, record in ctx.accepted}

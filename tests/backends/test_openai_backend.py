@@ -227,3 +227,27 @@ def test_a_judgement_is_read_from_top_logprobs_and_a_server_refusing_them_is_ask
     else:  # "re" is on the generated path: its mass is split by the next token's top_logprobs
         probs = {k: math.exp(v) for k, v in r.decision["logprobs"].items()}
         assert probs == pytest.approx({"survives": 0.3, "revise": 0.1 + 0.6 * 0.1, "reject": 0.6 * 0.9})
+
+
+def test_a_served_panel_member_is_fingerprinted_and_a_changed_one_refused(llama_server):
+    """A served model has no file to hash: the panel keeps the model id its server reports and its
+    greedy answers to fixed probes, asks again before scoring, and refuses on a difference (#15.2).
+    The same server answers the same; a stored fingerprint that differs is named."""
+    from builder.backends.openai import OpenAIBackend
+    from builder.config import RatchetConfig
+    from builder.prompts import Prompts
+    from builder.stages.ratchet import PanelMember, RatchetError, check_frozen, panel_questions, served_fingerprint
+
+    backend = OpenAIBackend(llama_server, "smollm2")
+    first, again = served_fingerprint(backend), served_fingerprint(backend)
+    assert first == again and first["reported_model"] == "smollm2"
+    assert len(first["answers"]) == 3 and all(a and not a.startswith("error") for a in first["answers"])
+    cfg, prompts = RatchetConfig(), Prompts()
+    frozen = PanelMember("judge", "skeptic", "llama", {"backend": "openai"}, {}, backend.model_id, 1,
+                         panel_questions("skeptic", prompts, cfg, backend), first)
+    check_frozen(frozen, backend, None, prompts, cfg)  # unchanged: no error
+    frozen.fingerprint = {**first, "answers": ["blue", "42", "hot"] if first["answers"] != ["blue", "42", "hot"]
+                          else ["x", "y", "z"]}  # as if another model now answered behind the same URL
+    with pytest.raises(RatchetError, match=r"reference panel member judge: the served model answers otherwise since "
+                                           r"the panel was frozen \(changed: answers"):
+        check_frozen(frozen, backend, None, prompts, cfg)

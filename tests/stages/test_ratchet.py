@@ -386,3 +386,52 @@ def test_a_reflection_carried_forward_passes_this_generations_consent_judges(tmp
     manifest = json.loads((ws.generation_dir(2) / "manifest.json").read_text())
     assert manifest["counts"]["reflections"] == 0 and manifest["counts"]["vetoed_sft"] >= kept
     assert "sft" not in manifest["splits"]  # nothing left to train on: the split is left out
+
+
+def test_the_panel_is_frozen_with_what_it_is_asked(scripted):
+    """Not just the model: the critique and compare prompts, the persona, the schemas, the engine
+    and how judgements are read are frozen with the panel; a change is refused, named (#15.2)."""
+    from builder.resources import PROMPTS_DIR
+
+    ws, _ = scripted
+    mine = ws.root / "myprompts"
+    mine.mkdir()
+    (mine / "critique.system.jinja").write_text((PROMPTS_DIR / "critique.system.jinja").read_text())
+    ws.config_path.write_text(ws.config_path.read_text() + "\n[annotate]\nprompts = 'myprompts'\n")
+    run_build(Workspace(ws.root))
+    con = ws.connect(read_only=True)
+    (questions,) = con.execute("SELECT questions FROM panel WHERE name = 'judge'").fetchone()
+    con.close()
+    questions = json.loads(questions)
+    assert {"critique.system.jinja", "compare.user.jinja", "personas/skeptic.txt", "critique.schema.json"} <= set(questions)
+    assert questions["decide_by"] == "calibrated" and questions["engine"]
+
+    (mine / "critique.system.jinja").write_text((mine / "critique.system.jinja").read_text() + "\nBe lenient.\n")
+    with pytest.raises(RatchetError, match=r"reference panel member judge: what it is asked with changed since the "
+                                           r"panel was frozen \(changed: critique.system.jinja\)"):
+        run_build(Workspace(ws.root), generation=2)
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM annotations WHERE generation = 2").fetchone()[0] == 0  # before any model
+    con.close()
+    (mine / "critique.system.jinja").write_text((PROMPTS_DIR / "critique.system.jinja").read_text())
+    ws.config_path.write_text(ws.config_path.read_text() + "\n[judgements]\ndecide_by = 'raw'\n")
+    with pytest.raises(RatchetError, match=r"\(changed: decide_by\)"):
+        run_build(Workspace(ws.root), generation=2)
+
+    result = CliRunner().invoke(app, ["panel", "--workspace", str(ws.root)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "judge (skeptic" in result.output and "judgements calibrated" in result.output
+
+
+def test_a_panel_frozen_before_its_questions_were_recorded_gets_them_at_its_next_build(scripted):
+    ws, _ = scripted
+    run_build(ws)
+    con = ws.connect()
+    con.execute("UPDATE panel SET questions = NULL")  # as a panel frozen by an older builder
+    con.close()
+    result = CliRunner().invoke(app, ["panel", "--workspace", str(ws.root)], env={"COLUMNS": "200"})
+    assert "not recorded yet" in result.output
+    run_build(Workspace(ws.root), generation=2)
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM panel WHERE questions IS NULL").fetchone()[0] == 0
+    con.close()
