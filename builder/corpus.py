@@ -213,6 +213,20 @@ def _read_file(path: Path, text_field: str):
         raise CorpusError(f"{path}: unsupported file type '{suffix}' (use .txt, .md, .jsonl, .parquet, .csv, .json or .arrow)")
 
 
+def shown_path(path: Path, *bases: Path) -> str:
+    """`path` as it may leave the machine (published splits, manifests, cards): relative to the
+    first of `bases` that holds it, else its file name. No absolute local path is published."""
+    path = Path(path).absolute()
+    for base in bases:
+        try:
+            shown = path.relative_to(Path(base).absolute()).as_posix()
+        except ValueError:
+            continue
+        if shown != ".":
+            return shown
+    return path.name
+
+
 def corpus_files(root: Path) -> list[Path]:
     """The files a corpus path stands for, in a stable order."""
     if not root.exists():
@@ -233,12 +247,18 @@ def ingest(
     chunk_tokens: int = 384,
     count_tokens: Callable[[str], int] = approx_tokens,
     on_bad_file: str = "error",
+    shown_from: Path | None = None,
 ) -> tuple[list[Passage], IngestReport]:
     """Read every file under `root` into unique passages. Raises CorpusError on a bad file
-    (or, with on_bad_file="skip", records it in the report) before anything is stored."""
+    (or, with on_bad_file="skip", records it in the report) before anything is stored. Each
+    passage's `source` is its file relative to `shown_from` (the workspace) when it is inside,
+    else to the corpus folder (a single file: its name), with the line or row."""
     report = IngestReport()
     passages: dict[str, Passage] = {}
-    for path in corpus_files(Path(root)):
+    root = Path(root)
+    bases = [b for b in (shown_from, root if root.is_dir() else root.parent) if b is not None]
+    for path in corpus_files(root):
+        shown = shown_path(path, *bases)
         try:
             records = list(_read_file(path, text_field))
         except CorpusError as exc:
@@ -262,7 +282,7 @@ def ingest(
                 if pid in passages:
                     report.duplicates += 1
                     continue
-                passages[pid] = Passage(pid, source, position, piece, count_tokens(piece))
+                passages[pid] = Passage(pid, shown + source[len(str(path)):], position, piece, count_tokens(piece))
     if not passages:  # nothing to annotate: say so now, not as an empty generation later
         skipped = (f"; {len(report.skipped_records)} record(s) and {len(report.skipped_files)} file(s) skipped"
                    if report.skipped_files or report.skipped_records else "")

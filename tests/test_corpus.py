@@ -156,3 +156,16 @@ def test_a_corpus_of_empty_records_is_an_error_before_anything_is_stored(tmp_pat
     (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": null}\n')
     with pytest.raises(CorpusError, match=r"no passage to annotate \(3 record\(s\) read from 1 file\(s\), 3 of them empty\)"):
         ingest(tmp_path)
+
+
+def test_sources_are_relative_to_the_workspace_or_the_corpus_never_absolute(tmp_path):
+    """What a published split's `source` column says (#15.9): no local absolute path."""
+    corpus = tmp_path / "ws" / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "sub" / "c.jsonl").write_text('{"text": "First."}\n{"text": "Second."}\n')
+    passages, _ = ingest(corpus, shown_from=tmp_path / "ws")
+    assert [p.source for p in passages] == ["corpus/sub/c.jsonl:1", "corpus/sub/c.jsonl:2"]
+    passages, _ = ingest(corpus)  # outside any workspace: relative to the corpus folder
+    assert [p.source for p in passages] == ["sub/c.jsonl:1", "sub/c.jsonl:2"]
+    passages, _ = ingest(corpus / "sub" / "c.jsonl", shown_from=tmp_path / "elsewhere")  # one file: its name
+    assert [p.source for p in passages] == ["c.jsonl:1", "c.jsonl:2"]

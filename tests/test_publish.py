@@ -550,3 +550,33 @@ def test_a_licence_that_is_not_a_hub_id_is_a_config_error(tmp_path):
     path.write_text("[publish]\nlicense = 'CC BY 4.0'\n")
     with pytest.raises(ConfigError, match=r"publish.license.*not a Hub licence id"):
         load_config(path)
+
+
+def test_nothing_published_carries_a_local_absolute_path(tmp_path):
+    """Splits, manifest and card of a build with a corpus and conscience items in the workspace:
+    sources are relative to it (#15.9)."""
+    from builder.build import run_build
+    from builder.resources import EXAMPLES_DIR
+    from builder.workspace import Workspace
+
+    from .conftest import SHORT_PASSAGES, write_workspace
+
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES, annotator={"backend": "scripted", "model": "bundled:smollm2"},
+                           conscience={"items": "items/scenario.jsonl", "exclude": {"split": "heldout"}})
+    (root / "items").mkdir()
+    shutil.copy2(EXAMPLES_DIR / "code_hacking" / "scenario.jsonl", root / "items" / "scenario.jsonl")  # as `init` does
+    run_build(Workspace(root))
+    gen = root / "generations" / "gen-0001"
+    local = [str(tmp_path), str(EXAMPLES_DIR), str(Path.home())]
+    texts = {"manifest.json": (gen / "manifest.json").read_text(), "README.md": (gen / "README.md").read_text()}
+    for f in (gen / "data").glob("*.parquet"):
+        texts[f.name] = json.dumps(pq.read_table(f).to_pylist(), default=str)
+    for name, text in texts.items():
+        assert not [p for p in local if p in text], name
+    sft = pq.read_table(next((gen / "data").glob("sft-*.parquet"))).column("source").to_pylist()
+    assert sft and all(s.startswith("corpus/c.jsonl:") for s in sft)
+    # the dpo split's source column comes from here (whether the scripted judge kept a pair or not)
+    con = Workspace(root).connect(read_only=True)
+    items = [s for s, in con.execute("SELECT source FROM conscience_items").fetchall()]
+    con.close()
+    assert items and all(s.startswith("items/scenario.jsonl:") for s in items)

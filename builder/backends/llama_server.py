@@ -492,7 +492,8 @@ class LlamaServerBackend(LlamaPrompting, Backend):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update({"server": str(self.binary), "slots": self.slots, "n_ctx_per_slot": self.n_ctx,
+        # the binary by name: a local path does not leave the machine in a manifest (its version is in the log)
+        out.update({"server": self.binary.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx,
                     "prompt_cache": self.prompt_cache})
         return out
 

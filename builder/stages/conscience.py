@@ -25,7 +25,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from ..cache import sha256
 from ..config import model_short_name
-from ..corpus import CorpusError, jsonl_rows, read_table
+from ..corpus import CorpusError, jsonl_rows, read_table, shown_path
+from ..resources import EXAMPLES_DIR
 from ..prompts import LINE_MARK, Prompts, datamark
 from ..structured import Outcome
 from ..tables import Json, Table, doc
@@ -114,12 +115,16 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "response",
-               label_field: str | None = None, exclude: dict[str, str] | None = None) -> tuple[list[Item], list[str]]:
+               label_field: str | None = None, exclude: dict[str, str] | None = None,
+               shown_from: tuple[Path, ...] = ()) -> tuple[list[Item], list[str]]:
     """Items and the sources skipped for an empty prompt or response. Missing columns are an
     error that names them and the columns the file has. Rows whose column matches `exclude`
-    (e.g. {"split": "heldout"}) are left out silently: they are held back on purpose."""
+    (e.g. {"split": "heldout"}) are left out silently: they are held back on purpose. With
+    `shown_from`, each item's source is its file relative to the first of those folders that
+    holds it (else its name), as published splits must not carry local paths."""
     path = Path(path)
     rows = _rows(path)
+    shown = shown_path(path, *shown_from) if shown_from else str(path)
     if not rows:
         raise ConscienceError(f"{path}: no rows")
     exclude = exclude or {}
@@ -140,7 +145,7 @@ def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "
         label = str(row[label_field]).strip().lower() if label_field else None
         if label_field and label not in LABELS:
             raise ConscienceError(f"{source}: label {row[label_field]!r} is not one of {', '.join(LABELS)}")
-        items.append(Item(source, prompt, response, label))
+        items.append(Item(shown + source[len(str(path)):], prompt, response, label))
     return items, skipped
 
 
@@ -421,7 +426,8 @@ class Conscience(Stage):
             registry.check_model(cfg.engine_for(model), key)
         ctx.conscience_input = None
         if c.items:
-            items, skipped = load_items(ctx.ws.resolve(c.items), c.prompt_field, c.response_field, exclude=c.exclude)
+            items, skipped = load_items(ctx.ws.resolve(c.items), c.prompt_field, c.response_field, exclude=c.exclude,
+                                        shown_from=(ctx.ws.root, EXAMPLES_DIR.parent))
             if not items:
                 raise ConscienceError(f"{ctx.ws.resolve(c.items)}: no item left to judge (every row was empty or "
                                       "excluded)")

@@ -49,7 +49,7 @@ class Ingest(Stage):
             first = ctx.ensemble.annotators[0].backend  # its tokenizer measures the passages
             path = ctx.ws.resolve(ctx.corpus or cfg.corpus.path)
             ctx.passages, ctx.report = ingest(path, cfg.corpus.text_field, cfg.corpus.chunk_tokens, first.count_tokens,
-                                              cfg.corpus.on_bad_file)
+                                              cfg.corpus.on_bad_file, shown_from=ctx.ws.root)
             ctx.log.info("ingested %d passages from %s", len(ctx.passages), path)
             refuse_changed_corpus(ctx, path)
         else:

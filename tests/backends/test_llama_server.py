@@ -143,6 +143,8 @@ def test_build_through_the_managed_server(tmp_path):
     assert {r[0] for r in con.execute("SELECT DISTINCT backend FROM model_calls").fetchall()} == {"llama_server"}
     con.close()
     assert set(_servers()) <= before  # stopped when the build ended
+    manifest = (root / "generations" / "gen-0001" / "manifest.json").read_text()
+    assert str(BINARY.parent) not in manifest and '"server": "llama-server"' in manifest  # named, not located (#15.9)
     again = run_build(Workspace(root))
     assert again["model_calls"] == 0 and again["cached_calls"] == first["model_calls"]
 
