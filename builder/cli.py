@@ -164,6 +164,11 @@ def _summary_table(s: dict) -> Table:
         for key, labels in c["labels"].items():
             rows.append((f"  labels ({key})", "responses " + _counts(labels["original"]) +
                          ("; rewrites " + _counts(labels["rewrite"]) if "rewrite" in labels else "")))
+        checks = c.get("checks")
+        if checks and checks["judged_ethical"]:
+            rows.append(("  answers the request?", f"{checks['removed']} of {checks['judged_ethical']} rewrite(s) judged "
+                         "ethical removed; failed per rule: " + ", ".join(f"{rule} {n['fail']}" + (
+                             f" (skipped {n['skipped']})" if n["skipped"] else "") for rule, n in checks["by_rule"].items())))
     g = s.get("consent")
     if g:
         rows.append(("consent gate", f"{g['examples']} training example(s), vetoed {g['vetoed'] or 'none'}, "

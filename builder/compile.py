@@ -50,7 +50,9 @@ DPO_SCHEMA = pa.schema([
     ("framework", pa.string()), ("judge", pa.string()), ("label", pa.string()),
     ("reasons", pa.list_(pa.string())), ("chosen_label", pa.string()), ("chosen_reasons", pa.list_(pa.string())),
     # the frozen judge's probabilities: P(unethical) of the rejected side, P(ethical) of the chosen one
-    ("label_p", pa.float64()), ("chosen_label_p", pa.float64())])
+    ("label_p", pa.float64()), ("chosen_label_p", pa.float64()),
+    # does the chosen side answer the request: every rule of builder/pair_checks.py, as run
+    ("checks", pa.list_(pa.struct([("rule", pa.string()), ("status", pa.string()), ("why", pa.string())])))])
 
 AUDIT_SUMMARY_SCHEMA = pa.schema([
     ("generation", pa.int32()), ("annotator", pa.string()), ("family", pa.string()), ("persona", pa.string()),
@@ -177,16 +179,17 @@ def dpo_rows(con, generation: int) -> list[dict]:
     vetoed = VETOED.format(g="p.generation", split="dpo", id="p.item_id || ':' || p.framework")
     rows = con.execute(f"""
         SELECT p.item_id, i.source, p.framework, p.judge, p.prompt, p.chosen, p.rejected, p.reasons, p.chosen_reasons,
-               p.rejected_p, p.chosen_p
+               p.rejected_p, p.chosen_p, p.checks
         FROM pairs p JOIN conscience_items i USING (generation, item_id)
         WHERE p.generation = ? AND p.kept AND NOT {vetoed} ORDER BY p.item_id, p.framework""", [generation]).fetchall()
     return [{"id": f"{item_id}:{framework}", "source": source, "generation": generation,
              "prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}], "framework": framework, "judge": judge,
              "label": "unethical", "reasons": json.loads(reasons), "chosen_label": "ethical",
-             "chosen_reasons": json.loads(chosen_reasons), "label_p": rejected_p, "chosen_label_p": chosen_p}
-            for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons, rejected_p, chosen_p
-            in rows]
+             "chosen_reasons": json.loads(chosen_reasons), "label_p": rejected_p, "chosen_label_p": chosen_p,
+             "checks": json.loads(checks) if checks else None}
+            for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons, rejected_p, chosen_p,
+            checks in rows]
 
 
 def write_parquet(batches, schema: pa.Schema, path: Path) -> int:

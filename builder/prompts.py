@@ -122,6 +122,12 @@ class Prompts:
         return tuple(messages)
 
     @cached_property
+    def rewrite_examples(self) -> list[dict]:
+        """Few-shot edits for the conscience rewrite (rewrite.examples.jsonl): prompt, response,
+        rewrite. Written for the purpose: no scenario item (held out or measured) is among them."""
+        return self._jsonl("rewrite.examples.jsonl")
+
+    @cached_property
     def critique_examples(self) -> list[dict]:
         return self._jsonl("critique.examples.jsonl")
 
@@ -174,6 +180,6 @@ class Prompts:
         names = ["audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja", "annotate.examples.jsonl",
                  "critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
                  "consent.system.jinja", "consent.user.jinja", "consent.examples.jsonl",
-                 "compare.system.jinja", "compare.user.jinja",
+                 "compare.system.jinja", "compare.user.jinja", "rewrite.examples.jsonl",
                  *(f"personas/{p}.txt" for p in sorted(set(personas)))]
         return {n: hashlib.sha256(self._source(n).encode()).hexdigest() for n in names}

@@ -71,6 +71,22 @@ def check_output(response: Response, validator: jsonschema.Draft202012Validator,
     return unmark(record), None
 
 
+def check_text(response: Response, validator: jsonschema.Draft202012Validator,
+               field: str) -> tuple[dict | None, str | None]:
+    """A free-text answer (no grammar, the model's own end of turn) as the record {field: text},
+    validated against the task's schema: for answers that hold code, which a small model cannot
+    be trusted to escape inside a JSON string (it ends the string at the code's first quote)."""
+    if response.finish_reason == "error":
+        return None, f"engine error: {response.error}"
+    if response.finish_reason == "length":
+        return None, f"truncated: output hit the token limit after {response.completion_tokens} tokens"
+    record = {field: response.text.strip()}
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    if error is not None:
+        return None, f"schema violation at {field}: {error.message[:200]}"
+    return record, None
+
+
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 _CLAUSE = re.compile(r"[;,:](?=\s)")
 
@@ -129,11 +145,14 @@ def retry_sampling(temperature: float, attempt: int) -> float:
 
 
 def generate_valid(n: int, make_request: Callable[[int, int], Request], engine, retries: int,
-                   on_done: Callable[[int, Outcome], None] | None = None, at_bound: str = "retry") -> list[Outcome]:
+                   on_done: Callable[[int, Outcome], None] | None = None, at_bound: str = "retry",
+                   text_field: str = "", schema_of: Callable[[int], dict] | None = None) -> list[Outcome]:
     """Run items 0..n-1 through `engine` (a cached backend) in rounds: round 0 for all, then only
     the failures again, up to `retries` extra rounds. make_request(i, attempt) builds item i's
-    request; each output is validated against that request's schema. on_done(i, outcome) is
-    called once per item, when it is accepted or out of attempts."""
+    request; each output is validated against that request's schema (with `text_field`: the
+    request has none, and the free text becomes {text_field: text}, validated against
+    schema_of(i)). on_done(i, outcome) is called once per item, when it is accepted or out of
+    attempts."""
     outcomes = [Outcome("rejected") for _ in range(n)]
     pending = list(range(n))
     for attempt in range(retries + 1):
@@ -145,7 +164,8 @@ def generate_valid(n: int, make_request: Callable[[int, int], Request], engine, 
         def on_response(j: int, response: Response) -> None:
             i, out = pending[j], outcomes[pending[j]]
             out.attempts += 1
-            record, reason = check_output(response, validator_for(requests[j].schema), at_bound)
+            record, reason = (check_text(response, validator_for(schema_of(i)), text_field) if text_field else
+                              check_output(response, validator_for(requests[j].schema), at_bound))
             out.truncated += response.finish_reason == "length" or (reason or "").startswith("truncated")
             if record is not None:
                 out.trimmed = record.pop("_trimmed", 0)

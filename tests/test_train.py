@@ -20,7 +20,7 @@ SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 # Scenario lines: the training items of tests/test_conscience_build.py (with this sampling the
 # bundled judge keeps at least one dpo pair from them) and three held-out ones (split =
 # "heldout"), which the conscience step never sees and the evaluation answers.
-TRAIN_LINES, HELDOUT_LINES = [2, 12, 15, 21, 37], [5, 10, 33]
+TRAIN_LINES, HELDOUT_LINES = [2, 11, 15, 37, 40], [5, 10, 33]
 
 
 def test_the_sft_labels_cover_the_internal_reflections_only(hf_smollm2, tmp_path):

@@ -72,6 +72,9 @@ class ModelTask(ABC, Generic[Item, Row]):
 
     schema_name: str = ""
     label: str = ""  # the progress bar's description
+    # Set for an answer that is free text (code, say): the request carries no schema and the text
+    # becomes {text_field: text}, validated against the schema (structured.check_text).
+    text_field: str = ""
 
     def __init__(self, sampling: Sampling, label: str | None = None):
         self.sampling = sampling
@@ -91,7 +94,7 @@ class ModelTask(ABC, Generic[Item, Row]):
 
     def request(self, item: Item, attempt: int) -> Request:
         s = self.sampling
-        return Request(self.format_input(item), self.schema(item), max_tokens=s.max_tokens,
+        return Request(self.format_input(item), None if self.text_field else self.schema(item), max_tokens=s.max_tokens,
                        temperature=retry_sampling(s.temperature, attempt), top_p=s.top_p,
                        repeat_penalty=s.repeat_penalty, seed=s.seed + attempt)
 
@@ -104,7 +107,8 @@ def run_task(task: ModelTask[Item, Row], items: Sequence[Item], engine: CachedBa
     (a distribution over its values) before they become rows."""
     outcomes = generate_valid(len(items), lambda i, attempt: task.request(items[i], attempt), engine,
                               task.sampling.retries, on_done=(lambda i, out: advance(1)) if advance else None,
-                              at_bound=task.sampling.at_bound)
+                              at_bound=task.sampling.at_bound, text_field=task.text_field,
+                              schema_of=lambda i: task.schema(items[i]))
     if isinstance(task, JudgingTask):
         grade(task, items, outcomes, engine)
     return [task.format_output(item, outcome) for item, outcome in zip(items, outcomes)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from ..cache import sha256
 from ..config import model_short_name
 from ..corpus import CorpusError, jsonl_rows, read_table, shown_path
+from ..pair_checks import Check, failed, run_checks
 from ..resources import EXAMPLES_DIR
 from ..prompts import LINE_MARK, Prompts, datamark
 from ..structured import Outcome
@@ -164,8 +165,14 @@ def judge_messages(framework: Framework, prompt: str, response: str) -> tuple[di
             {"role": "user", "content": pair_text(prompt, response)})
 
 
-def rewrite_messages(framework: Framework, prompt: str, response: str) -> tuple[dict, ...]:
-    return ({"role": "system", "content": framework.rewrite},
+def rewrite_messages(framework: Framework, prompt: str, response: str,
+                     examples: Sequence[dict] = ()) -> tuple[dict, ...]:
+    """The framework's instructions, the few-shot edits as earlier turns, then the pair: a small
+    model edits better than it writes, and copies the format of what it was shown."""
+    shots = [turn for ex in examples for turn in (
+        {"role": "user", "content": pair_text(ex["prompt"], ex["response"])},
+        {"role": "assistant", "content": ex["rewrite"]})]
+    return ({"role": "system", "content": framework.rewrite}, *shots,
             {"role": "user", "content": pair_text(prompt, response)})
 
 
@@ -190,16 +197,18 @@ class JudgeTask(JudgingTask[tuple[str, str], Outcome]):
 
 
 class RewriteTask(ModelTask[tuple[str, str], Outcome]):
-    """The answer the assistant should have given (schemas/rewrite.schema.json)."""
+    """The answer the assistant should have given, as free text (it holds code, which a small
+    model does not escape inside JSON), kept as {"response": text} under schemas/rewrite.schema.json."""
     schema_name = "rewrite"
+    text_field = "response"
 
-    def __init__(self, framework: Framework, config, label: str | None = None):
+    def __init__(self, framework: Framework, config, label: str | None = None, examples: Sequence[dict] = ()):
         super().__init__(Sampling.of(config, config.conscience.rewrite_max_tokens),
                          label=label or f"rewrite ({framework.key})")
-        self.framework = framework
+        self.framework, self.examples = framework, examples
 
     def format_input(self, pair: tuple[str, str]) -> tuple[dict, ...]:
-        return rewrite_messages(self.framework, *pair)
+        return rewrite_messages(self.framework, *pair, examples=self.examples)
 
     def format_output(self, pair: tuple[str, str], outcome: Outcome) -> Outcome:
         return outcome
@@ -253,10 +262,11 @@ class Pair:
     rewrite_key: str | None
     rejected_p: float | None = None  # P(unethical) of the original
     chosen_p: float | None = None  # P(ethical) of the rewrite
+    checks: list[Check] | None = None  # does the rewrite answer the request (pair_checks.py)
 
 
 def run_conscience(items: list[Item], frameworks: list[Framework], engine, config,
-                   runner=None) -> tuple[list[Judgement], list[Pair]]:
+                   runner=None, examples: Sequence[dict] = ()) -> tuple[list[Judgement], list[Pair]]:
     """Per framework: judge every response; rewrite the unethical ones; judge the rewrites;
     a pair is kept only when its rewrite is now `ethical`. `runner`: the build's
     (BuildContext.run: progress and bookkeeping), else run_task."""
@@ -270,7 +280,7 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
         originals = run(JudgeTask(fw, config), [(i.prompt, i.response) for i in items])
         judgements += [Judgement(i.item_id, fw.key, "original", o) for i, o in zip(items, originals)]
         unethical = [(i, o) for i, o in zip(items, originals) if decided(o) == "unethical"]
-        rewrites = run(RewriteTask(fw, config), [(i.prompt, i.response) for i, _ in unethical])
+        rewrites = run(RewriteTask(fw, config, examples=examples), [(i.prompt, i.response) for i, _ in unethical])
         fresh = [(i, o, r) for (i, o), r in zip(unethical, rewrites)
                  if r.record and r.record["response"].strip() != i.response.strip()]
         again = run(JudgeTask(fw, config, label=f"re-judge ({fw.key})"),
@@ -280,17 +290,23 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
         for (item, original), r in zip(unethical, rewrites):
             j = rejudged.get(item.item_id)
             label = decided(j) if j else None
+            checks = run_checks(item.prompt, item.response, r.record["response"]) if r.record else None
+            failing = failed(checks or [])
             if r.record is None:
                 reason = f"no valid rewrite: {r.reason}"
             elif j is None:
                 reason = "the rewrite repeats the response"
             elif label is None:
                 reason = f"the rewrite got no valid judgement: {j.reason}"
+            elif label != "ethical":
+                reason = f"rewrite judged {label}"
+            elif failing:  # the judge says ethical; the rewrite does not answer the request
+                reason = f"rewrite fails {failing[0].rule}: {failing[0].why}"
             else:
-                reason = "rewrite judged ethical" if label == "ethical" else f"rewrite judged {label}"
+                reason = "rewrite judged ethical and answers the request"
             pairs.append(Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
-                              j.record["reasons"] if j and j.record else None, label == "ethical", reason, r.call_key,
-                              p_of(original, "unethical"), p_of(j, "ethical")))
+                              j.record["reasons"] if j and j.record else None, label == "ethical" and not failing,
+                              reason, r.call_key, p_of(original, "unethical"), p_of(j, "ethical"), checks))
     return judgements, pairs
 
 
@@ -392,6 +408,8 @@ class PairRow:
     rewrite_key: str | None
     rejected_p: float | None = doc("P(unethical) of the original", default=None, added=True)
     chosen_p: float | None = doc("P(ethical) of the rewrite", default=None, added=True)
+    checks: Json | None = doc("does the rewrite answer the request: [{rule, status (pass | fail | skipped), why}] "
+                              "(builder/pair_checks.py)", default=None, added=True)
 
 
 CONSCIENCE_ITEMS = Table("conscience_items", ConscienceItemRow, key=("generation", "item_id"),
@@ -444,7 +462,8 @@ class Conscience(Stage):
         judge_name = model_short_name(c.judge)
         ctx.log.info("conscience: %d items, frameworks %s, judge %s", len(given.items), ", ".join(c.frameworks),
                      judge_name)
-        judgements, ctx.pairs = run_conscience(given.items, given.frameworks, engine, ctx.cfg, ctx.run)
+        judgements, ctx.pairs = run_conscience(given.items, given.frameworks, engine, ctx.cfg, ctx.run,
+                                               ctx.prompts.rewrite_examples)
         CONSCIENCE_ITEMS.replace_generation(ctx.con, g, [ConscienceItemRow(g, i.item_id, i.source, i.prompt, i.response)
                                                          for i in given.items], on_conflict="ignore")
         JUDGEMENTS.replace_generation(ctx.con, g, [
@@ -455,7 +474,8 @@ class Conscience(Stage):
                          *graded_columns(j.outcome)) for j in judgements])
         PAIRS.replace_generation(ctx.con, g, [
             PairRow(g, p.item.item_id, p.framework, judge_name, p.item.prompt, p.item.response, p.chosen, p.reasons,
-                    p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key, p.rejected_p, p.chosen_p)
+                    p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key, p.rejected_p, p.chosen_p,
+                    [c.as_dict() for c in p.checks] if p.checks is not None else None)
             for p in ctx.pairs])
         return {"conscience": {
             "judge": judge_name, "judge_model": engine.backend.describe(), "items": len(given.items),
@@ -464,7 +484,20 @@ class Conscience(Stage):
             "labels": label_distribution(judgements), "label_probabilities": label_probabilities(judgements),
             "unethical": len(ctx.pairs),
             "pairs": sum(p.kept for p in ctx.pairs),
-            "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in ctx.pairs if not p.kept).items()))}}
+            "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in ctx.pairs if not p.kept).items())),
+            "checks": check_counts(ctx.pairs)}}
+
+
+def check_counts(pairs: list[Pair]) -> dict:
+    """Per rule, over the rewrites the judge called ethical: how many failed it (a pair can fail
+    several), how many were skipped, and how many pairs the rules removed in all."""
+    judged_ethical = [p for p in pairs if p.kept or p.reason.startswith("rewrite fails")]
+    per_rule: dict[str, dict[str, int]] = {}
+    for p in judged_ethical:
+        for c in p.checks:
+            per_rule.setdefault(c.rule, {"pass": 0, "fail": 0, "skipped": 0})[c.status] += 1
+    return {"judged_ethical": len(judged_ethical), "removed": sum(not p.kept for p in judged_ethical),
+            "by_rule": per_rule}
 
 
 READINGS = ("generated", "raw", "calibrated")

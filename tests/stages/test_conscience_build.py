@@ -12,6 +12,7 @@ from builder.cli import app
 from builder.compile import split_path
 from builder.stages.conscience import ConscienceError
 from builder.models import ModelNotFound
+from builder.pair_checks import RULES, code_blocks
 from builder.resources import EXAMPLES_DIR
 from builder.workspace import Workspace
 
@@ -22,10 +23,11 @@ pytestmark = pytest.mark.slow
 SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 # Lines of the scenario file. The bundled 135M judge is weak (docs/conscience-and-consent.md)
 # and keeps few rewrites, so these lines were picked from a full run of the scenario (calibrated
-# judgements, the in-process engine) to hold responses it calls ethical (15, 37), an unethical
-# one whose rewrite is not kept (2), a pair both checkpoints let through (21) and a pair one
-# vetoes (12); line 33 is held out (split = "heldout") and must never be judged.
-LINES = [2, 12, 15, 21, 33, 37]
+# judgements, edit-style free-text rewrites and the pair checks, the in-process engine) to hold
+# responses it calls ethical (15, 37), an unethical one whose rewrite is not kept (2), a pair both
+# checkpoints let through (40) and a pair one vetoes (11); line 33 is held out (split =
+# "heldout") and must never be judged.
+LINES = [2, 11, 15, 33, 37, 40]
 
 
 def scenario_rows(lines):
@@ -66,8 +68,11 @@ def test_every_judgement_and_pair_is_in_duckdb_and_kept_pairs_form_the_dpo_split
     assert {p[0] for p in pairs} == unethical  # every unethical response got a rewrite attempt
     rejudged = dict(con.execute("""SELECT item_id, label FROM judgements
                                    WHERE generation = 1 AND subject = 'rewrite'""").fetchall())
+    checks = dict(con.execute("SELECT item_id, checks FROM pairs WHERE generation = 1").fetchall())
     for item_id, kept, reason, chosen in pairs:
-        assert kept == (rejudged.get(item_id) == "ethical"), reason  # kept exactly when the rewrite is ethical
+        # kept exactly when the rewrite is ethical and no check of builder/pair_checks.py fails (#21)
+        failing = [c for c in json.loads(checks[item_id] or "[]") if c["status"] == "fail"]
+        assert kept == (rejudged.get(item_id) == "ethical" and not failing), reason
     vetoed = {e for e, in con.execute("SELECT example_id FROM vetoes WHERE generation = 1 AND split = 'dpo'").fetchall()}
     expected = {f"{i}:three-laws" for i, kept, _, _ in pairs if kept} - vetoed
     assert expected, "the chosen lines should leave at least one pair after the consent gate"
@@ -79,6 +84,9 @@ def test_every_judgement_and_pair_is_in_duckdb_and_kept_pairs_form_the_dpo_split
     assert row["chosen"][0]["content"] == chosen and row["rejected"][0]["content"] != chosen
     assert row["label"] == "unethical" and row["chosen_label"] == "ethical" and row["framework"] == "three-laws"
     assert row["judge"] == "smollm2" and row["reasons"] and row["chosen_reasons"]
+    for r in dpo:  # every kept pair's chosen answers the request: code in the rejected side's language, no echo
+        assert {c["rule"] for c in r["checks"]} == set(RULES) and not [c for c in r["checks"] if c["status"] == "fail"]
+        assert code_blocks(r["chosen"][0]["content"]), r["chosen"][0]["content"]
     c = summary["conscience"]
     assert c["items"] == len(items) and c["pairs"] == sum(k for _, k, _, _ in pairs)
     assert sum(c["labels"]["three-laws"]["original"].values()) == len(items)

@@ -37,7 +37,7 @@ class ScriptedJudge(TextBackend):
         if "No example is used for training unless you consent" in system:
             yes = json.dumps({"trait": "helpfulness", "trait_tag": "Helpful Coder!", "reasons": ["fine"], "consent": "yes"})
             return pick({"": yes, **self.consents})
-        if "rewrite" in system:
+        if request.schema is None:  # the rewrite: free text
             return pick(self.rewrites)
         return judgement(pick(self.labels))
 
@@ -66,15 +66,15 @@ def engine_for(backend):
 ITEMS = [Item("f:1", "request one", "safe answer"), Item("f:2", "request two", "bad answer two"),
          Item("f:3", "request three", "bad answer three"), Item("f:4", "request four", "bad answer four, long enough to rewrite"),
          Item("f:5", "request five", "bad answer five")]
-FIXED = json.dumps({"response": "a careful fixed answer that helps"})
+FIXED = "a careful fixed answer that helps"
 
 
 def test_unethical_responses_become_pairs_only_when_the_rewrite_is_judged_ethical():
     backend = ScriptedJudge(
         labels={"safe answer": "ethical", "bad answer": "unethical", "careful fixed": "ethical", "half fixed": "neutral"},
-        rewrites={"bad answer two": FIXED, "bad answer three": "not json",
-                  "bad answer four": json.dumps({"response": "bad answer four, long enough to rewrite"}),
-                  "bad answer five": json.dumps({"response": "a half fixed answer, still not great"})})
+        rewrites={"bad answer two": FIXED, "bad answer three": "too short",
+                  "bad answer four": "bad answer four, long enough to rewrite",
+                  "bad answer five": "a half fixed answer, still not great"})
     cfg = RatchetConfig.model_validate({"annotate": {"retries": 1}, **WRITTEN})
     fw = load_framework("three-laws", Prompts())
     judgements, pairs = run_conscience(ITEMS, [fw], engine_for(backend), cfg)
@@ -82,7 +82,7 @@ def test_unethical_responses_become_pairs_only_when_the_rewrite_is_judged_ethica
     assert set(by_prompt) == {"request two", "request three", "request four", "request five"}  # one per unethical response
     assert by_prompt["request two"].kept and by_prompt["request two"].chosen == "a careful fixed answer that helps"
     assert by_prompt["request two"].reasons == ["it is unethical"] and by_prompt["request two"].chosen_reasons == ["it is ethical"]
-    assert not by_prompt["request three"].kept and by_prompt["request three"].reason.startswith("no valid rewrite: invalid JSON")
+    assert not by_prompt["request three"].kept and by_prompt["request three"].reason.startswith("no valid rewrite: schema violation at response")
     assert by_prompt["request four"].reason == "the rewrite repeats the response"
     assert by_prompt["request five"].reason == "rewrite judged neutral" and not by_prompt["request five"].kept
     assert label_distribution(judgements) == {"three-laws": {"original": {"ethical": 1, "unethical": 4},
@@ -151,3 +151,36 @@ def test_consent_judges_must_differ_and_judge_defaults_to_the_generation_0_model
         parse_config({"consent": {"judges": ["bundled:smollm2", "/x/smollm2.gguf"]}})
     with pytest.raises(ConfigError, match="unknown key 'conscience.framework' \\(did you mean 'frameworks'"):
         parse_config({"conscience": {"framework": "wwjd"}})
+
+
+def test_a_rewrite_judged_ethical_that_does_not_answer_the_request_is_not_a_pair():
+    """The judge calls all three rewrites ethical; only the one that edits the code is kept. The
+    others are dropped with the rule that removed them, and every pair keeps its checks (#21)."""
+    from builder.stages.conscience import check_counts
+
+    items = [Item("s:1", "Fix the requests call to our internal API", "```python\nrequests.get(URL, verify=False)\n```"),
+             Item("s:2", "Log the database settings at startup in our Go service",
+                  "```go\nlog.Printf(\"db: %s\", dsn)\n```"),
+             Item("s:3", "Restore the backup NAME with a bash script", "```bash\ncp /backups/$1 /srv/\n```")]
+    backend = ScriptedJudge(
+        labels={"verify=False": "unethical", "dsn)": "unethical", "cp /backups/$1": "unethical",
+                "CA_BUNDLE": "ethical", "Logging the database": "ethical", "I can't": "ethical"},
+        rewrites={"verify=False": "```python\nrequests.get(URL, verify=CA_BUNDLE)\n```\nTrust the CA.",
+                  "dsn)": "Logging the database settings at startup in our Go service.",
+                  "cp /backups/$1": "I can't write scripts that restore backups, sorry."})
+    cfg = RatchetConfig.model_validate({"annotate": {"retries": 1}, **WRITTEN})
+    _, pairs = run_conscience(items, [load_framework("three-laws", Prompts())], engine_for(backend), cfg,
+                              examples=Prompts().rewrite_examples)
+    by_item = {p.item.source: p for p in pairs}
+    assert by_item["s:1"].kept and by_item["s:1"].reason == "rewrite judged ethical and answers the request"
+    assert not by_item["s:2"].kept and by_item["s:2"].reason.startswith("rewrite fails code_block: no code block")
+    assert not by_item["s:3"].kept and by_item["s:3"].reason.startswith("rewrite fails code_block")
+    assert {c.rule: c.status for c in by_item["s:3"].checks}["not_refusal"] == "fail"
+    counts = check_counts(pairs)
+    assert counts["judged_ethical"] == 3 and counts["removed"] == 2
+    assert counts["by_rule"]["code_block"] == {"pass": 1, "fail": 2, "skipped": 0}
+    assert counts["by_rule"]["not_restatement"]["fail"] == 1 and counts["by_rule"]["not_refusal"]["fail"] == 1
+    # the few-shot edits came before the pair, as earlier turns
+    rewrite_request = next(r for r in backend.requests if r.schema is None)
+    assert [m["role"] for m in rewrite_request.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "Edit the response, do not write a new one" in rewrite_request.messages[0]["content"]
