@@ -22,7 +22,7 @@ def test_every_shipped_framework_loads_with_its_principles(key):
     assert fw.name and fw.question
     assert "{{" not in fw.classify and "{{" not in fw.rewrite  # templates rendered
     assert all(label in fw.classify for label in LABELS)
-    assert "not refuse" in fw.rewrite and "Do not mention" in fw.rewrite
+    assert "Never refuse" in fw.rewrite and "Do not mention" in fw.rewrite and "Edit the response" in fw.rewrite
 
 
 def test_framework_syntax_error_names_file_and_line(tmp_path):
