@@ -1,10 +1,15 @@
 """The ensemble build, measured side by side in one run, and whether its critics discriminate.
 
 1. build    `ratchet build` with the default ensemble (SmolLM2 empiricist + Gemma 3 skeptic
-            annotate; those two and a SmolLM2 care-ethicist critique, k = 2) on N sample
-            passages, every model call recorded; audit off so the job is annotate + critique.
+            annotate; those two, a SmolLM2 care-ethicist and the grounding verifier critique,
+            k = 2; the ratchet panel scores the kept reflections) on N sample passages, on the
+            in-process llama.cpp engine (the one the replay can be compared with), every call
+            that reaches the model recorded (cache hits are not: the build does not pay them);
+            audit off.
 2. raw      the very same requests replayed straight into llama.cpp (same prompt tokens,
-            grammar, stop strings, sampling, seed): no cache, no validation, no orchestration.
+            grammar, stop strings, sampling, seed): no cache, no validation, no orchestration,
+            and no reading of judgement distributions (the build reads them with one extra
+            forward pass per probe, so the ratio includes that cost).
 3. critics  each critic member (through the scrutinize stage, retries included) on every
             accepted annotation twice: under its own passage
             ("match") and under another passage ("mismatch"). A critic that discriminates
@@ -26,9 +31,10 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+ENGINE = '[annotator]\nbackend = "llama_cpp"\n'
 
+from builder.backends.llama_cpp import LlamaCppBackend  # noqa: E402
 from builder.build import run_build  # noqa: E402
-from builder.cache import CachedBackend  # noqa: E402
 from builder.config import RatchetConfig  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
@@ -45,16 +51,16 @@ def build(texts: list[str], root: Path) -> tuple[float, dict, list]:
     ws_dir = root / "ws"
     (ws_dir / "corpus").mkdir(parents=True)
     (ws_dir / "corpus/c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (ws_dir / "ratchet.toml").write_text("[audit]\nrate = 0.0\n")  # the default ensemble, no audit
+    (ws_dir / "ratchet.toml").write_text(ENGINE + "[audit]\nrate = 0.0\n")  # the default ensemble, no audit
     calls = []
-    original = CachedBackend.generate
+    original = LlamaCppBackend._one
 
-    def recording(self, requests, on_response=None):
-        calls.extend((self.backend.model_path, r) for r in requests)
-        return original(self, requests, on_response)
+    def recording(self, request):
+        calls.append((self.model_path, request))
+        return original(self, request)
 
     start = time.perf_counter()
-    with mock.patch.object(CachedBackend, "generate", recording):
+    with mock.patch.object(LlamaCppBackend, "_one", recording):
         summary = run_build(Workspace(ws_dir))
     return time.perf_counter() - start, summary, calls
 
@@ -104,15 +110,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     try:
         build_s, s, calls = build(texts, tmp)
-        with Ensemble(RatchetConfig()) as ensemble:
+        cfg = RatchetConfig.model_validate({"annotator": {"backend": "llama_cpp"}})
+        with Ensemble(cfg) as ensemble:
             raw_s, raw_tokens = raw_replay(calls, ensemble)
-            tally = discrimination(Workspace(tmp / "ws"), ensemble, Prompts(), RatchetConfig())
+            tally = discrimination(Workspace(tmp / "ws"), ensemble, Prompts(), cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     e = s["ensemble"]
     print(f"passages: {n}   members: {', '.join(e['members'])}   k: {e['k']}")
     print(f"model calls     : {s['model_calls']} = {s['model_calls'] / n:.1f} per passage "
           f"({s['annotations']} annotations, {e['critiques'] + e['invalid_critiques']} critiques, retries included)")
+    print(f"recorded        : {len(calls)} calls reached llama.cpp ({s['cached_calls']} answered from the cache)")
     print(f"ensemble build  : {n / build_s:6.3f} passages/s, {s['completion_tokens'] / build_s:5.1f} tokens/s  ({build_s:6.1f} s)")
     print(f"raw replay      : {n / raw_s:6.3f} passages/s, {raw_tokens / raw_s:5.1f} tokens/s  ({raw_s:6.1f} s, same requests)")
     print(f"ratio build/raw : {raw_s / build_s:.2f}  (1.0 = no overhead)")
