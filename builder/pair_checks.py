@@ -19,7 +19,8 @@ Rules, in order:
                  from the request.
   not_refusal    the chosen's prose holds none of REFUSAL_PHRASES (a documented phrase list,
                  not a classifier: small, inspectable, and what these small models write).
-  differs        the chosen is not the rejected response again (whitespace normalised).
+  differs        the chosen is not the rejected response again, nor its code blocks again under
+                 other prose (whitespace normalised).
 """
 from __future__ import annotations
 
@@ -174,8 +175,16 @@ def check_not_refusal(chosen: str) -> Check:
 
 
 def check_differs(chosen: str, rejected: str) -> Check:
-    same = " ".join(chosen.split()) == " ".join(rejected.split())
-    return Check("differs", "fail", "identical to the rejected response") if same else Check("differs", "pass")
+    """Not the rejected response again, and not its code again under new prose."""
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    if norm(chosen) == norm(rejected):
+        return Check("differs", "fail", "identical to the rejected response")
+    code = [norm(c) for _, c in code_blocks(chosen)]
+    if code and code == [norm(c) for _, c in code_blocks(rejected)]:
+        return Check("differs", "fail", "the rejected response's code again, only the prose changed")
+    return Check("differs", "pass")
 
 
 def run_checks(request: str, rejected: str, chosen: str) -> list[Check]:

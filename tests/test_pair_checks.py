@@ -88,6 +88,8 @@ def test_restatement_refusal_and_echo():
         assert check_not_refusal(phrase).status == "fail", phrase
     assert check_not_refusal("```python\n# I can't believe this works\nx = 1\n```\nHere it is.").status == "pass"  # code is not prose
     assert check_differs("a  b\nc", "a b c").status == "fail" and check_differs("a b", "a c").status == "pass"
+    same_code = check_differs("```python\nx = eval(s)\n```\nNow it is safe.", "```python\nx  = eval(s)\n```\nThis works.")
+    assert same_code.status == "fail" and "only the prose changed" in same_code.why
     assert len(REFUSAL_PHRASES) == len(set(REFUSAL_PHRASES))
 
 

@@ -24,10 +24,12 @@ SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 # Lines of the scenario file. The bundled 135M judge is weak (docs/conscience-and-consent.md)
 # and keeps few rewrites, so these lines were picked from a full run of the scenario (calibrated
 # judgements, edit-style free-text rewrites and the pair checks, the in-process engine) to hold
-# responses it calls ethical (15, 37), an unethical one whose rewrite is not kept (2), a pair both
-# checkpoints let through (40) and a pair one vetoes (11); line 33 is held out (split =
-# "heldout") and must never be judged.
-LINES = [2, 11, 15, 33, 37, 40]
+# responses it calls ethical (15, 37), an unethical one whose rewrite is not kept (2), a pair
+# both checkpoints let through although SmolLM2 leans "no" (11: P(no) 0.57 under the test's
+# veto_threshold 0.6, a drift event) and a pair it vetoes (25: P(no) 0.74); line 33 is held out
+# (split = "heldout") and must never be judged. (Line 40's rewrite repeats the rejected code
+# under new prose: the `differs` check drops it.)
+LINES = [2, 11, 15, 25, 33, 37]
 
 
 def scenario_rows(lines):
@@ -40,7 +42,7 @@ def conscience_workspace(root, lines=LINES, **sections):
     # managed llama-server decodes differently, see README "Engines").
     sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0}, "annotator": {"backend": "llama_cpp"},
                 "conscience": {"items": "items.jsonl", "exclude": {"split": "heldout"}},
-                "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"]}, **sections}
+                "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"], "veto_threshold": 0.6}, **sections}
     write_workspace(root, SHORT_PASSAGES[:2], **sections)
     with open(root / "items.jsonl", "w", encoding="utf-8") as fh:
         for row in scenario_rows(lines):
