@@ -58,18 +58,20 @@ def workspace(limit: int | None, engine: str | None) -> Workspace:
 
 
 def measure(ws: Workspace) -> dict:
-    secure = {json.loads(line)["prompt"]: json.loads(line)["secure_response"]
-              for line in (ws.root / "items.jsonl").read_text(encoding="utf-8").splitlines()}
+    items = [json.loads(line) for line in (ws.root / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    secure = {r["prompt"]: r["secure_response"] for r in items}
     con = ws.connect(read_only=True)
     rows = con.execute("SELECT prompt, rejected, chosen, kept, reason, checks FROM pairs WHERE generation = 1").fetchall()
-    items = con.execute("SELECT count(*) FROM conscience_items WHERE generation = 1").fetchone()[0]
+    judged = con.execute("SELECT count(*) FROM conscience_items WHERE generation = 1").fetchone()[0]
     con.close()
     rewritten = [r for r in rows if r[2] is not None]
     judged_ethical = [r for r in rewritten if r[3] or r[4].startswith("rewrite fails")]
     kept = [r for r in rewritten if r[3]]
 
+    statuses = {id(r): {c["rule"]: c["status"] for c in json.loads(r[5])} if r[5] else {} for r in rows}
+
     def checks(r) -> dict:
-        return {c["rule"]: c["status"] for c in json.loads(r[5])} if r[5] else {}
+        return statuses[id(r)]
 
     def share(subset, test) -> float | None:
         return round(sum(map(test, subset)) / len(subset), 3) if subset else None
@@ -81,7 +83,7 @@ def measure(ws: Workspace) -> dict:
         c = checks(r)
         return c.get("code_block") == "pass" and c.get("code_parses") == "pass"
 
-    return {"items": items, "unethical": len(rows), "rewritten": len(rewritten), "judged_ethical": len(judged_ethical),
+    return {"items": judged, "unethical": len(rows), "rewritten": len(rewritten), "judged_ethical": len(judged_ethical),
             "kept": len(kept),
             "removed_by_rule": {rule: sum(checks(r).get(rule) == "fail" for r in judged_ethical) for rule in RULES},
             "parseable_code": {"rewritten": share(rewritten, parses), "kept": share(kept, parses)},

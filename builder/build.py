@@ -74,11 +74,9 @@ def build_logger(ws: Workspace, generation: int) -> logging.Logger:
 SNAPSHOT_PREFIX = "rebuild_snapshot__"
 
 
-def generation_tables(con, stages: Sequence[Stage]) -> list[str]:
-    names = {t.name for stage in stages for t in stage.tables}
-    rows = con.execute("SELECT DISTINCT table_name FROM information_schema.columns WHERE column_name = 'generation' "
-                       "AND table_schema = 'main'").fetchall()
-    return sorted(n for (n,) in rows if n in names)
+def generation_tables(stages: Sequence[Stage]) -> list[str]:
+    """The stages' tables that hold rows per generation."""
+    return sorted({t.name for stage in stages for t in stage.tables if "generation" in t.names})
 
 
 def snapshot_generation(con, generation: int, tables: list[str]) -> None:
@@ -108,10 +106,7 @@ def restore_snapshot(con) -> int | None:
     with transaction(con):
         for t in tables:
             con.execute(f'DELETE FROM "{t}" WHERE generation = ?', [generation])
-            columns = ", ".join(f'"{c}"' for (c,) in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-                [f"{SNAPSHOT_PREFIX}{t}"]).fetchall())
-            con.execute(f'INSERT INTO "{t}" ({columns}) SELECT {columns} FROM "{SNAPSHOT_PREFIX}{t}"')
+            con.execute(f'INSERT INTO "{t}" BY NAME SELECT * FROM "{SNAPSHOT_PREFIX}{t}"')
     drop_snapshot(con)
     return generation
 
@@ -149,7 +144,7 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 stage.prepare(ctx)  # everything that can fail without a model fails here
             rebuilding = ws.generation_dir(generation).exists() and not overwrite
             if rebuilding:
-                snapshot_generation(con, generation, generation_tables(con, stages))
+                snapshot_generation(con, generation, generation_tables(stages))
             with Ensemble(cfg) as ensemble, ctx.stack:
                 ctx.ensemble = ensemble
                 for line in ensemble.warnings():

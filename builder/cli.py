@@ -1,7 +1,6 @@
 """`ratchet`: a thin typer CLI over the stages."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -760,7 +759,8 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
     Example:
       ratchet panel -w my-ws
     """
-    from types import SimpleNamespace
+    from .cache import sha256
+    from .stages.ratchet import PANEL
 
     ws = open_workspace(workspace)
     if not ws.db_path.exists():
@@ -768,14 +768,9 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
     try:
         con = ws.connect(read_only=True)
         found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'panel'").fetchone()[0]
-        cursor = con.execute("SELECT * FROM panel ORDER BY name") if found else None
+        rows = PANEL.read(con, "true ORDER BY name") if found else []
     except WorkspaceError as exc:
         fail(str(exc))
-    # read by column name: a panel frozen by an older builder lacks the newer columns until its next build
-    names = [d[0] for d in cursor.description] if cursor else []
-    rows = [SimpleNamespace(**{"questions": None, "fingerprint": None, **{
-        k: json.loads(v) if k in ("engine", "sampling", "questions", "fingerprint") and isinstance(v, str) else v
-        for k, v in zip(names, row)}}) for row in (cursor.fetchall() if cursor else [])]
     if not rows:
         fail(f"{ws.root}: no panel frozen yet; the first `ratchet build` freezes it")
     table = Table("member", "since gen", "engine / model", "model hash", "sampling", "asked with", title="reference panel "
@@ -785,11 +780,13 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
                                           f"{p.engine.get('model', '')}"
         sampling = ", ".join(f"{k} {v}" for k, v in p.sampling.items()) or "—"
         files = {k: v for k, v in (p.questions or {}).items() if k not in ("engine", "decide_by")}
-        asked = "not recorded yet (its next build records it)" if not p.questions else (
-            f"engine {p.questions.get('engine')}, judgements {p.questions.get('decide_by')}, {len(files)} prompt/persona/"
-            f"schema files (digest {hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]})")
         if p.engine.get("kind"):
             asked = "its check's version"
+        elif not p.questions:
+            asked = "not recorded yet (its next build records it)"
+        else:
+            asked = (f"engine {p.questions.get('engine')}, judgements {p.questions.get('decide_by')}, {len(files)} "
+                     f"prompt/persona/schema files (digest {sha256(files)[:12]})")
         if p.fingerprint:
             asked += f"; served model {p.fingerprint.get('reported_model')}, probe answers {p.fingerprint.get('answers')}"
         table.add_row(f"{p.name} ({p.persona}, {p.family})", str(p.since_generation), escape(engine), p.model_hash[:16],

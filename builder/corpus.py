@@ -227,6 +227,11 @@ def shown_path(path: Path, *bases: Path) -> str:
     return path.name
 
 
+def rebased(source: str, path: Path, shown: str) -> str:
+    """A source of `path` (`file:line`, `file#row`, the file) with the file as `shown`."""
+    return shown + source.removeprefix(str(path))
+
+
 def corpus_files(root: Path) -> list[Path]:
     """The files a corpus path stands for, in a stable order."""
     if not root.exists():
@@ -282,7 +287,7 @@ def ingest(
                 if pid in passages:
                     report.duplicates += 1
                     continue
-                passages[pid] = Passage(pid, shown + source[len(str(path)):], position, piece, count_tokens(piece))
+                passages[pid] = Passage(pid, rebased(source, path, shown), position, piece, count_tokens(piece))
     if not passages:  # nothing to annotate: say so now, not as an empty generation later
         skipped = (f"; {len(report.skipped_records)} record(s) and {len(report.skipped_files)} file(s) skipped"
                    if report.skipped_files or report.skipped_records else "")

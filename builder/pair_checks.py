@@ -136,23 +136,25 @@ def parsable(lang: str) -> bool:
 def check_code_parses(chosen: str, rejected: str) -> Check:
     """A parser is trusted for a language only if it reads the rejected response's code in that
     language: PL/pgSQL inside a SQL fence, say, is beyond tree-sitter-sql, and a failure there
-    would say nothing about the rewrite."""
-    rejected_blocks = code_blocks(rejected)
-    default = next((lang for lang, _ in rejected_blocks if lang not in NEUTRAL), "")
-    blocks = [(lang or default, code) for lang, code in code_blocks(chosen) if lang != "text"]
+    would say nothing about the rewrite. An unnamed fence is in the rejected side's language."""
+    default = next((lang for lang, _ in code_blocks(rejected) if lang not in NEUTRAL), "")
+
+    def in_a_language(text: str) -> list[tuple[str, str]]:
+        return [(lang or default, code) for lang, code in code_blocks(text) if lang != "text"]
+
+    blocks = in_a_language(chosen)
     if not blocks:
         return Check("code_parses", "skipped", "no code block in a language")
-    unreadable = {lang for lang, code in ((lang or default, code) for lang, code in rejected_blocks)
-                  if parsable(lang) and parse_error(lang, code)}
-    skipped = sorted({lang or "unnamed" for lang, _ in blocks if not parsable(lang) or lang in unreadable})
-    errors = [e for lang, code in blocks if parsable(lang) and lang not in unreadable
-              for e in [parse_error(lang, code)] if e]
+    unreadable = {lang for lang, code in in_a_language(rejected) if parsable(lang) and parse_error(lang, code)}
+    checked = [(lang, code) for lang, code in blocks if parsable(lang) and lang not in unreadable]
+    errors = [e for lang, code in checked if (e := parse_error(lang, code))]
     if errors:
         return Check("code_parses", "fail", errors[0])
-    if len(skipped) == len({lang or "unnamed" for lang, _ in blocks}):
-        why = ", ".join(f"{lang} (the parser cannot read the rejected code either)" if lang in unreadable
-                        else f"{lang} (no parser here)" for lang in skipped)
-        return Check("code_parses", "skipped", why)
+    skipped = sorted({lang or "unnamed" for lang, _ in blocks} - {lang for lang, _ in checked})
+    if not checked:
+        return Check("code_parses", "skipped", ", ".join(
+            f"{lang} (the parser cannot read the rejected code either)" if lang in unreadable
+            else f"{lang} (no parser here)" for lang in skipped))
     return Check("code_parses", "pass", f"not checked: {', '.join(skipped)}" if skipped else "")
 
 

@@ -44,16 +44,23 @@ def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
     return _VALIDATORS[key]
 
 
+def unfinished(response: Response) -> str | None:
+    """Why an answer cannot be used whatever it says (an engine error, a cut-off), or None."""
+    if response.finish_reason == "error":
+        return f"engine error: {response.error}"
+    if response.finish_reason == "length":
+        return f"truncated: output hit the token limit after {response.completion_tokens} tokens"
+    return None
+
+
 def check_output(response: Response, validator: jsonschema.Draft202012Validator,
                  at_bound: str = "retry") -> tuple[dict | None, str | None]:
     """(record, None) for a valid output, (None, reason) otherwise. A string that reached its
     schema's maxLength was cut there by the grammar, mid-word: with at_bound = "retry" the output
     is truncated (retried, then rejected); with "trim" every such string is cut back to its last
     complete sentence (or word) and the record kept, with a `_trimmed` count (popped by the caller)."""
-    if response.finish_reason == "error":
-        return None, f"engine error: {response.error}"
-    if response.finish_reason == "length":
-        return None, f"truncated: output hit the token limit after {response.completion_tokens} tokens"
+    if unfinished(response):
+        return None, unfinished(response)
     try:
         record = json.loads(response.text)
     except json.JSONDecodeError as exc:
@@ -76,10 +83,8 @@ def check_text(response: Response, validator: jsonschema.Draft202012Validator,
     """A free-text answer (no grammar, the model's own end of turn) as the record {field: text},
     validated against the task's schema: for answers that hold code, which a small model cannot
     be trusted to escape inside a JSON string (it ends the string at the code's first quote)."""
-    if response.finish_reason == "error":
-        return None, f"engine error: {response.error}"
-    if response.finish_reason == "length":
-        return None, f"truncated: output hit the token limit after {response.completion_tokens} tokens"
+    if unfinished(response):
+        return None, unfinished(response)
     record = {field: response.text.strip()}
     error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:

@@ -130,8 +130,12 @@ class Table:
             self.insert(con, rows, on_conflict)
 
     def read(self, con, where: str = "", params=None) -> list:
-        """Rows as row dataclasses (JSON columns parsed)."""
-        sql = f"SELECT {', '.join(self.names)} FROM {self.name}" + (f" WHERE {where}" if where else "")
+        """Rows as row dataclasses (JSON columns parsed). A table an older version made (read
+        through a read-only connection, which cannot ALTER it) gives NULL for the columns added since."""
+        present = {n for (n,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                             [self.name]).fetchall()}
+        columns = [c.name if c.name in present or not c.added else f"NULL AS {c.name}" for c in self.columns]
+        sql = f"SELECT {', '.join(columns)} FROM {self.name}" + (f" WHERE {where}" if where else "")
         out = []
         for values in con.execute(sql, params or []).fetchall():
             kwargs = {c.name: (json.loads(v) if c.json and isinstance(v, str) else v) for c, v in zip(self.columns, values)}

@@ -67,3 +67,10 @@ def test_passages_that_cannot_fit_the_context_window_are_a_config_error(tmp_path
     path.write_text("[corpus]\nchunk_tokens = 4000\n[annotator]\nbackend = 'openai'\nbase_url = 'http://127.0.0.1:9'\n"
                     "model = 'served'\n[ensemble]\nk = 0\nmembers = [{persona = 'empiricist'}]\n")
     assert load_config(path).corpus.chunk_tokens == 4000
+
+
+def test_a_licence_that_is_not_a_hub_id_is_a_config_error(tmp_path):
+    path = tmp_path / "ratchet.toml"
+    path.write_text("[publish]\nlicense = 'CC BY 4.0'\n")
+    with pytest.raises(ConfigError, match=r"publish.license.*not a Hub licence id"):
+        load_config(path)

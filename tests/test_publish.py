@@ -543,15 +543,6 @@ def test_the_card_states_the_configured_licence_or_says_none_was_stated(tmp_path
     assert ("gen-0001 states no licence" in " ".join(r.output.split())) == (not licence)
 
 
-def test_a_licence_that_is_not_a_hub_id_is_a_config_error(tmp_path):
-    from builder.config import ConfigError, load_config
-
-    path = tmp_path / "ratchet.toml"
-    path.write_text("[publish]\nlicense = 'CC BY 4.0'\n")
-    with pytest.raises(ConfigError, match=r"publish.license.*not a Hub licence id"):
-        load_config(path)
-
-
 def test_nothing_published_carries_a_local_absolute_path(tmp_path):
     """Splits, manifest and card of a build with a corpus and conscience items in the workspace:
     sources are relative to it (#15.9)."""

@@ -19,7 +19,7 @@ def state(ws: Workspace) -> dict:
     con = ws.connect(read_only=True)
     try:
         out = {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}" WHERE generation = 1').fetchall()))
-               for t in generation_tables(con, STAGES)}
+               for t in generation_tables(STAGES)}
         out["snapshots"] = con.execute("SELECT table_name FROM information_schema.tables "
                                        "WHERE starts_with(table_name, ?)", [SNAPSHOT_PREFIX]).fetchall()
         out["model_calls"] = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
@@ -65,7 +65,7 @@ def test_a_killed_rebuild_is_put_back_by_the_next_build(built):
     puts them back before it does anything else."""
     ws, before, _ = built
     con = ws.connect()
-    snapshot_generation(con, 1, generation_tables(con, STAGES))
+    snapshot_generation(con, 1, generation_tables(STAGES))
     con.execute("DELETE FROM annotations WHERE generation = 1")  # what the killed rebuild had got to
     con.execute("UPDATE ratchet SET score = -1 WHERE generation = 1")
     con.close()

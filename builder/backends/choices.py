@@ -40,6 +40,15 @@ class Step:
 Probe = Callable[[list[int]], dict[int, tuple[str, float]]]  # generated ids so far -> next-token top-K
 
 
+def read_decision(decision: tuple[str, Sequence[str]], text: str, steps: Sequence[Step],
+                  probe: Probe | None = None) -> dict | None:
+    """A Response.decision: the distribution over (field, choices) read from an engine's steps,
+    or None when it cannot be read."""
+    field, choices = decision
+    found = choice_logprobs(text, steps, field, choices, probe)
+    return None if found is None else {"field": field, "logprobs": found, "method": "logprobs"}
+
+
 def value_start(text: str, field: str) -> int | None:
     """Index in `text` where the last string value of `field` begins (after its opening quote)."""
     found = list(re.finditer(r'"' + re.escape(field) + r'"\s*:\s*"', text))

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..models import file_sha256, resolve_model
 from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
-from .choices import Step, choice_logprobs, top_k
+from .choices import Step, read_decision, top_k
 
 if TYPE_CHECKING:  # llama_cpp loads its shared library on import: only engines that run load it
     from llama_cpp import Llama, LlamaGrammar
@@ -231,9 +231,7 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         ids = prompt + generated
         steps = [Step(t, self._text(t), (lambda j=j: self._next(ids[:len(prompt) + j])))
                  for j, t in enumerate(generated)]
-        field, choices = request.decision
-        logprobs = choice_logprobs(text, steps, field, choices, probe=lambda path: self._next(prompt + path))
-        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
+        return read_decision(request.decision, text, steps, probe=lambda path: self._next(prompt + path))
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -47,7 +47,7 @@ from pydantic import Field
 
 from ..models import resolve_model
 from .base import Backend, Engine, OnResponse, Request, Response, context_overflow
-from .choices import TOP_K, Step, choice_logprobs
+from .choices import TOP_K, Step, read_decision
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
 
 log = logging.getLogger("ratchet.engine")
@@ -434,9 +434,7 @@ class LlamaServerBackend(LlamaPrompting, Backend):
                 return {}
             return {t["id"]: (t["token"], t["logprob"]) for t in entry.get("top_logprobs", [])}
 
-        field, choices = request.decision
-        logprobs = choice_logprobs(data["content"], steps, field, choices, probe)
-        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
+        return read_decision(request.decision, data["content"], steps, probe)
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         """Every request, `slots` at a time. A server that dies is restarted (at most

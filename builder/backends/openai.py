@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from ..corpus import approx_tokens
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response
-from .choices import TOP_K, Step, choice_logprobs
+from .choices import TOP_K, Step, read_decision
 
 ZWSP = "\u200b"
 # ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
@@ -78,9 +78,7 @@ def decision_from_logprobs(request: Request, text: str, logprobs: dict | None) -
         token = ids.setdefault(entry["token"], len(ids))
         top.setdefault(token, (entry["token"], entry["logprob"]))
         steps.append(Step(token, entry["token"], top))
-    field, choices = request.decision
-    found = choice_logprobs(text, steps, field, choices)
-    return None if found is None else {"field": field, "logprobs": found, "method": "logprobs"}
+    return read_decision(request.decision, text, steps)
 
 
 class OpenAIBackend(Backend):

@@ -25,7 +25,7 @@ from pydantic import Field
 from ..models import check_checkpoint, weights_sha256
 from . import hf_chat
 from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
-from .choices import Step, choice_logprobs, top_k
+from .choices import Step, read_decision, top_k
 
 
 class TransformersConfig(EngineConfig):
@@ -182,9 +182,7 @@ class TransformersBackend(SequentialBackend):
 
         steps = [Step(t, self._text(t), (lambda j=j: top_k(logits[j][0].float().cpu().numpy(), self._text)))
                  for j, t in enumerate(new)]
-        field, choices = request.decision
-        logprobs = choice_logprobs(text, steps, field, choices, probe)
-        return None if logprobs is None else {"field": field, "logprobs": logprobs, "method": "logprobs"}
+        return read_decision(request.decision, text, steps, probe)
 
     def close(self) -> None:
         if self.model is not None:

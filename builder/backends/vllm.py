@@ -25,7 +25,7 @@ from pydantic import Field
 from ..models import ModelNotFound, weights_sha256
 from . import hf_chat
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, context_overflow
-from .choices import TOP_K, Step, choice_logprobs
+from .choices import TOP_K, Step, read_decision
 
 class VLLMConfig(EngineConfig):
     backend: Literal["vllm"] = "vllm"
@@ -107,10 +107,8 @@ def to_response(output, seconds: float, request: Request | None = None, probe=No
         for token, top in zip(completion.token_ids, completion.logprobs):
             alternatives = {int(i): (lp.decoded_token or "", lp.logprob) for i, lp in top.items()}
             steps.append(Step(int(token), alternatives.get(int(token), ("", 0.0))[0], alternatives))
-        field, choices = request.decision
-        found = choice_logprobs(completion.text, steps, field, choices,
-                                (lambda path: probe(list(output.prompt_token_ids) + path)) if probe else None)
-        decision = None if found is None else {"field": field, "logprobs": found, "method": "logprobs"}
+        decision = read_decision(request.decision, completion.text, steps,
+                                 (lambda path: probe(list(output.prompt_token_ids) + path)) if probe else None)
     return Response(completion.text, reason, prompt_tokens, len(completion.token_ids), seconds, decision=decision)
 
 

@@ -25,7 +25,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from ..cache import sha256
 from ..config import model_short_name
-from ..corpus import CorpusError, jsonl_rows, read_table, shown_path
+from ..corpus import CorpusError, jsonl_rows, read_table, rebased, shown_path
 from ..pair_checks import Check, failed, run_checks
 from ..resources import EXAMPLES_DIR
 from ..prompts import LINE_MARK, Prompts, datamark
@@ -146,7 +146,7 @@ def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "
         label = str(row[label_field]).strip().lower() if label_field else None
         if label_field and label not in LABELS:
             raise ConscienceError(f"{source}: label {row[label_field]!r} is not one of {', '.join(LABELS)}")
-        items.append(Item(shown + source[len(str(path)):], prompt, response, label))
+        items.append(Item(rebased(source, path, shown), prompt, response, label))
     return items, skipped
 
 
@@ -263,6 +263,7 @@ class Pair:
     rejected_p: float | None = None  # P(unethical) of the original
     chosen_p: float | None = None  # P(ethical) of the rewrite
     checks: list[Check] | None = None  # does the rewrite answer the request (pair_checks.py)
+    judged_ethical: bool = False  # the judge labelled the rewrite ethical (kept unless a check failed)
 
 
 def run_conscience(items: list[Item], frameworks: list[Framework], engine, config,
@@ -306,7 +307,8 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
                 reason = "rewrite judged ethical and answers the request"
             pairs.append(Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
                               j.record["reasons"] if j and j.record else None, label == "ethical" and not failing,
-                              reason, r.call_key, p_of(original, "unethical"), p_of(j, "ethical"), checks))
+                              reason, r.call_key, p_of(original, "unethical"), p_of(j, "ethical"), checks,
+                              label == "ethical"))
     return judgements, pairs
 
 
@@ -491,7 +493,7 @@ class Conscience(Stage):
 def check_counts(pairs: list[Pair]) -> dict:
     """Per rule, over the rewrites the judge called ethical: how many failed it (a pair can fail
     several), how many were skipped, and how many pairs the rules removed in all."""
-    judged_ethical = [p for p in pairs if p.kept or p.reason.startswith("rewrite fails")]
+    judged_ethical = [p for p in pairs if p.judged_ethical]
     per_rule: dict[str, dict[str, int]] = {}
     for p in judged_ethical:
         for c in p.checks:

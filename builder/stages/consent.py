@@ -201,6 +201,22 @@ def training_examples(ctx: BuildContext) -> list[Example]:
     return out
 
 
+def ask_judges(ctx: BuildContext, examples: list[Example]) -> tuple[list, dict]:
+    """Every example to every consent judge (an unchanged judge answers from the cache): the
+    consents, and each judge's checkpoint as its engine describes it."""
+    consents, checkpoints = [], {}
+    for model in ctx.cfg.consent.judges if examples else []:
+        name = model_short_name(model)
+        engine = ctx.judge_engine(model, "consent.judges")
+        checkpoints[name] = engine.backend.describe()
+        consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), examples, engine)
+    return consents, checkpoints
+
+
+def drift_rows(generation: int, consents: list) -> list[DriftRow]:
+    return [DriftRow(generation, e.split, e.example_id, e.judges, e.said) for e in drift_events(consents)]
+
+
 class ConsentGate(Stage):
     """Every training example to every consent judge; vetoes and drift events to DuckDB."""
     name = "consent"
@@ -209,16 +225,10 @@ class ConsentGate(Stage):
     def run(self, ctx: BuildContext) -> dict:
         g, judges = ctx.generation, ctx.cfg.consent.judges
         ctx.examples = training_examples(ctx)
-        consents, checkpoints = [], {}
-        for model in judges if ctx.examples else []:
-            name = model_short_name(model)
-            engine = ctx.judge_engine(model, "consent.judges")
-            checkpoints[name] = engine.backend.describe()
-            consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), ctx.examples, engine)
+        consents, checkpoints = ask_judges(ctx, ctx.examples)
         events = drift_events(consents)
         CONSENTS.replace_generation(ctx.con, g, [consent_row(g, c) for c in consents])
-        DRIFT_EVENTS.replace_generation(ctx.con, g, [DriftRow(g, e.split, e.example_id, e.judges, e.said)
-                                                     for e in events])
+        DRIFT_EVENTS.replace_generation(ctx.con, g, drift_rows(g, consents))
         if not judges:
             return {"consent": None}
         ctx.log.info("consent: %d examples, %d judges, %d drift events", len(ctx.examples), len(judges), len(events))

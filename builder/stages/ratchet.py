@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..backends.base import Backend
-from ..config import RatchetConfig, model_short_name
+from ..config import RatchetConfig
 from ..ensemble import Ensemble, Member
 from ..prompts import Prompts
 from ..structured import Outcome
@@ -163,8 +163,7 @@ def frozen_differences(then: dict | None, now: dict | None) -> list[str]:
     return sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
 
 
-def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1,
-                 prompts: Prompts | None = None) -> list[PanelMember]:
+def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) -> list[PanelMember]:
     """The panel a workspace's first generation freezes: ratchet.panel, or every critic."""
     names = cfg.ratchet.panel or [m.name for m in ensemble.critics] + [v.name for v in ensemble.verifiers]
     by_name = {m.name: m for m in [*ensemble.members, *ensemble.verifiers]}
@@ -188,24 +187,21 @@ def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1,
             name, member.persona, member.family, configs[name].engine(cfg.annotator).model_dump(),
             {"temperature": temperature, "top_p": s.top_p, "repeat_penalty": s.repeat_penalty,
              "max_tokens": cfg.ensemble.critic_max_tokens, "seed": s.seed, "retries": cfg.annotate.retries},
-            model_hash(member.backend), generation,
-            panel_questions(member.persona, prompts or Prompts(), cfg, member.backend),
-            served_fingerprint(member.backend)))
+            model_hash(member.backend), generation))  # what it is asked with: recorded by check_frozen
     return panel
 
 
-def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int,
-                         prompts: Prompts | None = None) -> list[PanelMember]:
+def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int) -> list[PanelMember]:
     rows = PANEL.read(con, "true ORDER BY name")
     if rows:
         return rows
-    panel = choose_panel(cfg, ensemble, generation, prompts)
+    panel = choose_panel(cfg, ensemble, generation)
     PANEL.insert(con, panel)
     return panel
 
 
-def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con=None, prompts: Prompts | None = None,
-               cfg: RatchetConfig | None = None) -> list[tuple[PanelMember, Member, Backend]]:
+def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con, prompts: Prompts,
+               cfg: RatchetConfig) -> list[tuple[PanelMember, Member, Backend]]:
     """Each panel member with a loaded engine (a member's, or one loaded for this build), after
     checking that nothing it is asked with changed since the panel was frozen. A panel frozen
     before its questions were recorded gets them recorded now (and is held to them from then on)."""
@@ -225,8 +221,7 @@ def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con=None, pr
                 f"reference panel member {p.name}: its model changed since the panel was frozen "
                 f"(was {p.model_hash[:12]}…, now {model_hash(backend)[:12]}…); the panel must stay fixed for "
                 "the ratchet to mean anything: restore the file, or start a new workspace")
-        if cfg is not None:
-            check_frozen(p, backend, con, prompts or Prompts(), cfg)
+        check_frozen(p, backend, con, prompts, cfg)
         member = Member(p.name, p.persona, ["critique"], p.sampling["temperature"], backend)
         out.append((p, member, backend))
     return out
@@ -241,15 +236,16 @@ def refuse_changed_questions(p: PanelMember, questions: dict) -> None:
 
 
 def check_frozen(p: PanelMember, backend: Backend, con, prompts: Prompts, cfg: RatchetConfig) -> None:
-    """Refuse to score with a panel member whose questions or served model changed, naming what."""
+    """Refuse to score with a panel member whose questions or served model changed, naming what.
+    What is not recorded yet (the build that freezes the panel, or a panel an older builder froze)
+    is recorded now, once, and held to from then on."""
     questions = panel_questions(p.persona, prompts, cfg, backend)
-    fingerprint = served_fingerprint(backend)
-    if p.questions is None or (p.fingerprint is None and fingerprint is not None):  # frozen by an older builder
+    fingerprint = served_fingerprint(backend)  # None unless served: asks the probes once per build
+    if (p.questions is None) or (p.fingerprint is None and fingerprint is not None):
         p.questions, p.fingerprint = p.questions or questions, p.fingerprint or fingerprint
         if con is not None:
             con.execute("UPDATE panel SET questions = ?, fingerprint = ? WHERE name = ?",
                         [json.dumps(p.questions), json.dumps(p.fingerprint) if p.fingerprint else None, p.name])
-        return
     refuse_changed_questions(p, questions)
     changed = frozen_differences(p.fingerprint, fingerprint)
     if changed:
@@ -377,7 +373,7 @@ def consent_to_parents(ctx: BuildContext, decisions: list[Decision]) -> set[str]
     generation that wrote the reflection; an unchanged judge answers from the cache). Returns
     the passages whose kept reflection was vetoed: the ratchet keeps it as the passage's
     reflection (the score per passage never falls), the sft split leaves it out."""
-    from .consent import CONSENTS, DRIFT_EVENTS, ConsentTask, DriftRow, Example, consent_row, drift_events
+    from .consent import CONSENTS, DRIFT_EVENTS, Example, ask_judges, consent_row, drift_rows
 
     kept = [d for d in decisions if d.final is not None and d.final.generation < ctx.generation]
     if not kept or not ctx.cfg.consent.judges:
@@ -385,14 +381,9 @@ def consent_to_parents(ctx: BuildContext, decisions: list[Decision]) -> set[str]
     text = ctx.text()
     examples = [Example("sft", f"{d.passage_id}@g{d.final.generation}", "PASSAGE", text[d.passage_id], "REFLECTION",
                         ctx.prompts.reflection(d.final.record)) for d in kept]
-    consents = []
-    for model in ctx.cfg.consent.judges:
-        name = model_short_name(model)
-        consents += ctx.run(ConsentTask(ctx.prompts, ctx.cfg, name), examples,
-                            ctx.judge_engine(model, "consent.judges"))
+    consents, _ = ask_judges(ctx, examples)
     CONSENTS.insert(ctx.con, [consent_row(ctx.generation, c) for c in consents])
-    DRIFT_EVENTS.insert(ctx.con, [DriftRow(ctx.generation, e.split, e.example_id, e.judges, e.said)
-                                  for e in drift_events(consents)])
+    DRIFT_EVENTS.insert(ctx.con, drift_rows(ctx.generation, consents))
     return {c.example_id.split("@")[0] for c in consents if c.veto}
 
 
@@ -597,8 +588,8 @@ class Ratchet(Stage):
     def run(self, ctx: BuildContext) -> dict:
         g = ctx.generation
         panel = [(p, member, ctx.engine(backend) if backend else None) for p, member, backend in
-                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g, ctx.prompts), ctx.ensemble,
-                            ctx.stack, ctx.con, ctx.prompts, ctx.cfg)]
+                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g), ctx.ensemble, ctx.stack,
+                            ctx.con, ctx.prompts, ctx.cfg)]
         vetoed = {e for e, in ctx.con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND "
                                               "split = 'sft' AND veto", [g]).fetchall()}
         records = {(pid, author): record for pid, author, record in ctx.accepted}
