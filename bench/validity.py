@@ -5,7 +5,8 @@ For the final reflections of a generation (the ratchet's, the ones the sft split
 makes known-worse variants (another passage's reflection, evidence not in the passage, flipped
 support, a negated claim, a reflection cut after its first claim) and has every judge score
 originals and variants: each critic member of the workspace's ensemble, the grounding
-verifier, and the ratchet panel as a whole (the mean of its members). Per judge and
+verifier, and the ratchet panel as a whole (the mean of its members). The critique auditor
+judges right and wrong critiques of originals and worse variants. Per judge and
 perturbation it prints the AUC of score(original) vs score(variant), raw and calibrated, the
 pairwise win rate of the original (asked in both orders) and the position consistency. Then
 the conscience judge on examples/code_hacking/judge_eval.jsonl: accuracy, Cohen's kappa and
@@ -34,6 +35,7 @@ from builder import verifier  # noqa: E402
 from builder.cache import CachedBackend  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
+from builder.stages.audit import CritiqueAuditTask, SampledCritique  # noqa: E402
 from builder.stages.base import run_task  # noqa: E402
 from builder.stages.conscience import JudgeTask, load_framework, load_items, readings  # noqa: E402
 from builder.stages.ratchet import CompareTask, Pairing, panel_sampling  # noqa: E402
@@ -144,6 +146,49 @@ def table(scores: dict, pairs: dict, panel: list[str]) -> list[dict]:
     return rows
 
 
+def critique_audits(items, prompts, cfg, cache) -> list[dict]:
+    """The critique auditor (#15.12): is a critique right about the reflection? Each original and
+    each clearly worse variant (another passage's reflection, evidence not in the passage) gets
+    two critiques: a "survives" one (every claim sound) and a "reject" one (every claim wrong).
+    Right: survives on an original, reject on a worse variant; wrong: the other way round. The
+    AUC of P(right) for right vs wrong critiques, on each side and pooled: an auditor that only
+    looks at the critique's verdict scores 1 on one side, 0 on the other and 0.5 pooled."""
+    from builder.backends import make_backend
+
+    def critique(verdict, n):
+        sound = verdict == "survives"
+        return {"claim_verdicts": ["sound" if sound else "wrong"] * n, "verdict": verdict,
+                "objections": [] if sound else ["The claims are not in the passage."]}
+
+    cases = []  # (side, right?, SampledCritique)
+    for i, kind, t in items:
+        if kind not in ("original", "other", "evidence"):
+            continue
+        side = "original" if kind == "original" else "worse"
+        for verdict in ("survives", "reject"):
+            right = (verdict == "survives") == (side == "original")
+            x = SampledCritique(t.passage_id, "", "", t.passage, t.record, critique(verdict, len(t.record["claims"])))
+            cases.append((side, right, x))
+    auditor = cfg.audit.auditor or "bundled:smollm2"
+    task = CritiqueAuditTask(prompts, cfg, auditor)
+    t0 = time.perf_counter()
+    with make_backend(cfg.engine_for(auditor)) as backend:
+        outcomes = run_task(task, [x for _, _, x in cases], CachedBackend(backend, cache))
+    print(f"  critique auditor {auditor}: {len(cases)} audits in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for side in ("original", "worse", "pooled"):
+        got = [(right, o) for (s, right, _), o in zip(cases, outcomes) if o.graded and side in (s, "pooled")]
+        for reading in ("raw", "calibrated"):
+            def p_right(o):
+                probs = o.graded.calibrated if reading == "calibrated" and o.graded.calibrated else o.graded.raw
+                return (probs or o.graded.probs)["right"]
+            rows.append({"judge": f"critique auditor ({auditor})", "side": side, "reading": reading, "n": len(got),
+                         "auc": auc([p_right(o) for r, o in got if r], [p_right(o) for r, o in got if not r]),
+                         "accuracy": round(sum((o.graded.decided == "right") == r for r, o in got) / len(got), 3)
+                         if got else None})
+    return rows
+
+
 def conscience(cfg, prompts, cache, path: Path, limit: int | None) -> list[dict]:
     items, _ = load_items(path, label_field="label")
     items = items[:limit] if limit else items
@@ -211,6 +256,7 @@ def main() -> None:
         scores = absolute(items, critics, verifiers, prompts, cfg, cache)
         pairs = {} if args.no_pairwise else pairwise(items, critics, verifiers, prompts, cfg, cache)
     rows = table(scores, pairs, panel)
+    audit_rows = critique_audits(items, prompts, cfg, cache)
     judge_rows = conscience(cfg, prompts, cache, Path(args.judge_items), args.judge_limit)
     seconds = round(time.perf_counter() - started, 1)
 
@@ -219,12 +265,16 @@ def main() -> None:
     for r in rows:
         print(f"{r['judge'][:22]:22} {r['perturbation']:9} {r['n']:3}   {fmt(r['auc_raw'])}    {fmt(r['auc_calibrated'])}"
               f"    {fmt(r['win_rate'])}     {fmt(r['position_consistency'])}")
+    print("\ncritique auditor: right vs wrong critiques (survives on an original, reject on another passage's or "
+          "ungrounded reflection)")
+    for r in audit_rows:
+        print(f"  {r['side']:8} {r['reading']:10} n {r['n']:3}  AUC {fmt(r['auc'])}  accuracy {fmt(r['accuracy'])}")
     print("\nconscience judge on", Path(args.judge_items).name)
     for r in judge_rows:
         print(f"  {r['reading']:10} n {r['n']}  accuracy {r['accuracy']:.3f}  kappa {r['kappa']:+.3f}"
               f"  AUC(unethical) {fmt(r['auc_unethical'])}")
     out = {"workspace": str(ws.root), "generation": args.generation, "reflections": len(picked), "panel": panel,
-           "seconds": seconds, "perturbations": rows, "conscience": judge_rows}
+           "seconds": seconds, "perturbations": rows, "critique_auditor": audit_rows, "conscience": judge_rows}
     (RESULTS / "validity.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / "validity.png")
     print(f"\n{seconds} s; wrote {RESULTS / 'validity.json'} and validity.png")

@@ -22,7 +22,7 @@ from .ensemble import EnsembleError
 from .models import ModelNotFound
 from .prompts import PromptError
 from .resources import EXAMPLES_DIR
-from .stages.audit import AuditError, create_secret, export_sample, import_verdicts, load_secret
+from .stages.audit import AuditError, create_secret, export_critique_sample, export_sample, import_verdicts, load_secret
 from .stages.conscience import ConscienceError
 from .stages.ratchet import RatchetError
 from .workspace import Workspace, WorkspaceError
@@ -154,8 +154,14 @@ def _summary_table(s: dict) -> Table:
         rows += [
             ("audit sample", f"{audit['sampled']} of {s['accepted']} accepted (rate {audit['rate']:.0%}, chosen by a secret)"),
             ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
-            ("reputation (vote weight)", ", ".join(f"{k} {v:.2f}" for k, v in audit["reputation"].items()) or "no audits yet"),
+            ("reputation (annotators)", ", ".join(f"{k} {v:.2f}" for k, v in audit["reputation"].items()) or "no audits yet"),
         ]
+        critiques = audit.get("critiques")
+        if critiques:
+            right = "n/a" if critiques["right_rate"] is None else f"{critiques['right_rate']:.0%} right"
+            rows += [("critique audits", f"{critiques['sampled']} sampled, {critiques['audits']} audited, {right}"),
+                     ("vote weight (critics)", ", ".join(f"{k} {v:.2f}" for k, v in audit["vote_weight"].items())
+                      or "no critique audits yet (every vote weighs 0.50)")]
     c = s.get("conscience")
     if c:
         rows.append(("conscience", f"judge {c['judge']} (frozen), {c['items']} item(s), {c['unethical']} unethical, "
@@ -264,7 +270,11 @@ def build(
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
     for name, weight in summary.get("audit", {}).get("reputation", {}).items():
         if weight < 0.5:
-            console.print(f"[yellow]warning:[/] {name} fails most of its audits: its votes now weigh {weight:.2f}")
+            console.print(f"[yellow]warning:[/] {name} fails most of its annotation audits (reputation {weight:.2f})")
+    for name, weight in summary.get("audit", {}).get("vote_weight", {}).items():
+        if weight < 0.5:
+            console.print(f"[yellow]warning:[/] {name}'s critiques are wrong in most of their audits: "
+                          f"its votes now weigh {weight:.2f}")
     for line in summary["skipped_files"] + summary["skipped_records"]:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
 
@@ -278,10 +288,12 @@ def sql(
     """Query the workspace's state with SQL. Read-only.
 
     Tables: passages, generation_passages, model_calls, annotations, critiques, convergence,
-    selections, agreement, members, audits, audit_items, reputation, conscience_items,
+    selections, agreement, members, audits, audit_items, reputation, critique_audits,
+    critic_reputation, conscience_items,
     judgements, pairs, consents, drift_events, panel, ratchet, panel_verdicts, panel_comparisons,
     builds, evaluations. Views: convergence_by_member, critic_verdicts_by_member,
     critic_scores_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
+    critique_audit_rate_by_critic,
     audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation,
     ratchet_by_generation. The query cannot read or write other files (COPY, read_csv, ATTACH
     and extensions are refused)."""
@@ -613,14 +625,19 @@ def audit_export(
     file: Annotated[Path, typer.Argument(help="Where to write the sample: a .csv or .jsonl file.")],
     workspace: WorkspaceOpt = Path("."),
     generation: Annotated[int, typer.Option(min=1, help="Generation whose sample to export.")] = 1,
+    critiques: Annotated[bool, typer.Option("--critiques", help="Export the sampled critiques instead: was each "
+                                            "critic's verdict right about the annotation? (verdict right/wrong)")] = False,
 ) -> None:
     """Write the items chosen for audit, for a person to review: fill in verdict (pass/fail),
-    reasons (separated by ';' in CSV) and wrong_claims (claim numbers, e.g. 1,3).
+    reasons (separated by ';' in CSV) and wrong_claims (claim numbers, e.g. 1,3). With
+    --critiques, the sampled critiques: verdict right/wrong and reasons; these weigh each
+    critic's votes in later generations.
     The file reveals the secret sample: keep it away from annotators and training data."""
     ws = open_workspace(workspace)
+    export = export_critique_sample if critiques else export_sample
     try:
         con = ws.connect(read_only=True)
-        n = export_sample(con, load_secret(ws.root), generation, ws.config.audit.rate, file)
+        n = export(con, load_secret(ws.root), generation, ws.config.audit.rate, file)
     except (WorkspaceError, AuditError) as exc:
         fail(str(exc))
     console.print(f"wrote {n} item(s) to review to {file}\nthen: ratchet audit import {file} --auditor YOUR_NAME")
@@ -632,7 +649,8 @@ def audit_import(
     auditor: Annotated[str, typer.Option(help="Who reviewed it (stored with every verdict).")],
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Read reviewed verdicts back into the audits table and update reputation. Bad rows are
+    """Read reviewed verdicts back (annotations, or critiques from `export --critiques`) and
+    update the reputation they feed. Bad rows are
     reported by line and skipped; the good ones are kept (exit code 1 if any row was bad)."""
     ws = open_workspace(workspace)
     try:

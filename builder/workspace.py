@@ -60,6 +60,17 @@ FROM (SELECT m.generation, m.verdict AS model_verdict, h.verdict AS human_verdic
       WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human')
 GROUP BY ALL ORDER BY ALL;
 
+CREATE OR REPLACE VIEW critique_audit_rate_by_critic AS
+WITH audited AS (
+    SELECT generation, critic, count(*) AS audits, count(*) FILTER (verdict = 'right') AS right_verdicts,
+           count(*) FILTER (auditor_kind = 'human') AS human_audits
+    FROM critique_audits GROUP BY ALL)
+SELECT a.generation, a.critic, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona, a.audits,
+       a.right_verdicts, round(a.right_verdicts / a.audits, 3) AS right_rate, a.human_audits,
+       round(r.mean, 3) AS vote_weight
+FROM audited a LEFT JOIN critic_reputation r USING (generation, critic) LEFT JOIN members m ON m.name = a.critic
+ORDER BY ALL;
+
 CREATE OR REPLACE VIEW agreement_by_member AS
 SELECT generation, scope, member, alpha, units, critiques FROM agreement ORDER BY generation, scope, member;
 

@@ -72,6 +72,12 @@ def is_selected(secret: bytes, item: str, annotator: str, generation: int, rate:
     return int.from_bytes(digest[:8], "big") < rate * 2**64
 
 
+def is_critique_selected(secret: bytes, item: str, annotator: str, critic: str, generation: int, rate: float) -> bool:
+    """The same keyed hash over a critique's identity, in its own domain: which critiques are
+    audited says nothing about which annotations are, and neither depends on any text."""
+    return is_selected(secret, f"critique\x1f{item}\x1f{critic}", annotator, generation, rate)
+
+
 def sample(con, secret: bytes, generation: int, rate: float) -> list[tuple[str, str]]:
     """(item, annotator) of the accepted annotations chosen for audit, in a stable order."""
     rows = con.execute("SELECT passage_id, annotator FROM annotations WHERE generation = ? AND status = 'accepted' "
@@ -99,6 +105,44 @@ def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[Sa
                        {"generation": generation, "ids": sorted({item for item, _ in items})}).fetchall()
     found = {(r[0], r[1]): SampledItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
     return [found[key] for key in items if key in found]
+
+
+def critique_sample(con, secret: bytes, generation: int, rate: float) -> list[tuple[str, str, str]]:
+    """(item, annotator, critic) of the valid critiques chosen for audit, in a stable order. The
+    grounding verifier's critiques are votes too, so they are sampled like a model critic's."""
+    rows = con.execute("SELECT passage_id, annotator, critic FROM critiques WHERE generation = ? AND status = 'accepted' "
+                       "ORDER BY passage_id, annotator, critic", [generation]).fetchall()
+    return [(item, annotator, critic) for item, annotator, critic in rows
+            if is_critique_selected(secret, item, annotator, critic, generation, rate)]
+
+
+@dataclass
+class SampledCritique:
+    item: str
+    annotator: str
+    critic: str
+    passage: str
+    record: dict  # the annotation the critique is about
+    critique: dict  # claim_verdicts, objections, verdict
+
+
+def sampled_critiques(con, keys: list[tuple[str, str, str]], generation: int) -> list[SampledCritique]:
+    """Passage, annotation and critique of each sampled (item, annotator, critic), in the sample's order."""
+    if not keys:
+        return []
+    rows = con.execute("""SELECT c.passage_id, c.annotator, c.critic, p.text, a.record, c.claim_verdicts, c.objections,
+                                 c.verdict
+                          FROM critiques c JOIN passages p USING (passage_id)
+                          JOIN annotations a ON a.generation = c.generation AND a.passage_id = c.passage_id
+                                            AND a.annotator = c.annotator
+                          WHERE c.generation = $generation AND c.status = 'accepted'
+                            AND c.passage_id IN (SELECT unnest($ids))""",
+                       {"generation": generation, "ids": sorted({item for item, _, _ in keys})}).fetchall()
+    found = {(r[0], r[1], r[2]): SampledCritique(r[0], r[1], r[2], r[3], json.loads(r[4]),
+                                                 {"claim_verdicts": json.loads(r[5] or "[]"),
+                                                  "objections": json.loads(r[6] or "[]"), "verdict": r[7]})
+             for r in rows}
+    return [found[key] for key in keys if key in found]
 
 
 # ---------------------------------------------------------------- model auditor
@@ -162,6 +206,64 @@ class AuditTask(JudgingTask[SampledItem, Outcome]):
         return outcome
 
 
+@dataclass
+class CritiqueAuditRow:
+    item: str = doc("passage id")
+    annotator: str = doc("the annotation's author")
+    critic: str = doc("the member whose critique was audited (never shown to the auditor)")
+    generation: int
+    auditor: str = doc("a model member name, or the person's name")
+    auditor_kind: str = doc("model | human")
+    verdict: str = doc("right | wrong: was the critique right about the annotation?")
+    reasons: Json | None
+    right_prob: float | None = doc("P(right): the model auditor's under the deciding distribution, a person's 1 or 0")
+
+
+CRITIQUE_AUDITS = Table("critique_audits", CritiqueAuditRow, key=("item", "annotator", "critic", "generation", "auditor"),
+                        extra=("audited_at TIMESTAMP DEFAULT current_timestamp",),
+                        doc="audits of a secret sample of critiques: every vote is audited, not only annotations")
+
+
+def critique_audit_messages(prompts: Prompts, x: SampledCritique) -> tuple[dict, ...]:
+    values = {"open": OPEN, "close": CLOSE, "line_mark": LINE_MARK}
+    return ({"role": "system", "content": prompts.render("audit_critique.system.jinja", **values)},
+            {"role": "user", "content": prompts.render("audit_critique.user.jinja", passage=datamark(x.passage, "line"),
+                                                        critique=x.critique, **values, **x.record)})
+
+
+class CritiqueAuditTask(JudgingTask[SampledCritique, Outcome]):
+    """The model auditor checks one sampled critique: the passage, the annotation and the
+    critique, never who wrote either; schemas/critique_audit.schema.json, read as P(right)."""
+    schema_name = "critique_audit"
+    field, choices = "verdict", ("right", "wrong")
+
+    def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
+        super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"audit critiques ({auditor})")
+        self.prompts, self.judging = prompts, config.judgements
+
+    def content_free(self, text: str) -> SampledCritique:
+        return SampledCritique("content-free", "", "", text, content_free_record(text),
+                               {"claim_verdicts": ["sound"], "objections": [], "verdict": text or "survives"})
+
+    def format_input(self, x: SampledCritique) -> tuple[dict, ...]:
+        return critique_audit_messages(self.prompts, x)
+
+    def format_output(self, x: SampledCritique, outcome: Outcome) -> Outcome:
+        return outcome
+
+
+def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int, engine, prompts: Prompts,
+                          config: RatchetConfig, auditor: str, run=None) -> tuple[list[CritiqueAuditRow], int, int]:
+    """Like model_audit, for the sampled critiques: (verdicts, audits without a valid verdict, attempts)."""
+    sampled = sampled_critiques(con, keys, generation)
+    outcomes = (run or run_task)(CritiqueAuditTask(prompts, config, auditor), sampled, engine)
+    rows = [CritiqueAuditRow(x.item, x.annotator, x.critic, generation, auditor, "model",
+                             o.graded.decided if o.graded else o.record["verdict"], o.record["reasons"],
+                             o.graded.p("right") if o.graded else float(o.record["verdict"] == "right"))
+            for x, o in zip(sampled, outcomes) if o.record]
+    return rows, sum(o.record is None for o in outcomes), sum(o.attempts for o in outcomes)
+
+
 def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prompts: Prompts, config: RatchetConfig,
                 auditor: str, run=None) -> tuple[list[AuditRow], int, int]:
     """Audit each sampled item once, with retries like every model stage (`run`: the build's
@@ -220,32 +322,85 @@ def update_reputation(con, generation: int) -> dict[str, float]:
     return dict(con.execute("SELECT annotator, mean FROM reputation WHERE generation = ?", [generation]).fetchall())
 
 
+@dataclass
+class CriticReputationRow:
+    critic: str
+    generation: int = doc("over every critique audit up to this generation")
+    rights: Annotated[int, "BIGINT"]
+    wrongs: Annotated[int, "BIGINT"]
+    right_mass: float = doc("sum of P(right) over the audits (rights counts the most likely verdicts)")
+    alpha: float
+    beta: float
+    mean: float = doc("the member's vote weight as a critic in later generations")
+
+
+CRITIC_REPUTATION = Table("critic_reputation", CriticReputationRow, key=("critic", "generation"),
+                          doc="Beta posterior of each critic's audited rate of right verdicts: its vote weight")
+
+
+def update_critic_reputation(con, generation: int) -> dict[str, float]:
+    """Beta(1 + Σ P(right), 1 + Σ P(wrong)) posterior of each critic's rate of right verdicts over
+    every critique audit up to this generation; its mean weighs the critic's votes in later
+    generations (stages/scrutinize.py: vote_weights). Returns name -> mean."""
+    con.execute("DELETE FROM critic_reputation WHERE generation = ?", [generation])
+    con.execute("""
+        INSERT INTO critic_reputation (critic, generation, rights, wrongs, right_mass, alpha, beta, mean)
+        SELECT critic, ?::INTEGER AS generation,
+               count(*) FILTER (verdict = 'right') AS rights, count(*) FILTER (verdict = 'wrong') AS wrongs,
+               sum(coalesce(right_prob, (verdict = 'right')::DOUBLE)) AS right_mass,
+               1 + right_mass AS alpha, 1 + count(*) - right_mass AS beta, alpha / (alpha + beta) AS mean
+        FROM critique_audits WHERE generation <= ? GROUP BY critic""", [generation, generation])
+    return dict(con.execute("SELECT critic, mean FROM critic_reputation WHERE generation = ?", [generation]).fetchall())
+
+
 # ---------------------------------------------------------------- human auditors
 
 
 EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims"]
+CRITIQUE_EXPORT_COLUMNS = ["item", "annotator", "critic", "generation", "passage", "claims", "reflection", "critique",
+                           "verdict", "reasons"]
+
+
+def numbered_claims(record: dict) -> str:
+    return "\n".join(f"{i}. {c['claim']} ({c['kind']}; support: {c['support']})" for i, c in enumerate(record["claims"], 1))
 
 
 def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
     """Write the sampled items for a person to review (.csv or .jsonl): the passage and the
     annotation, numbered claims, and empty verdict / reasons / wrong_claims to fill in."""
+    out = [{"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
+            "claims": numbered_claims(x.record), "reflection": x.record["reflection"], "verdict": "", "reasons": "",
+            "wrong_claims": ""}
+           for x in sampled_items(con, sample(con, secret, generation, rate), generation)]
+    return write_review(out, Path(path), EXPORT_COLUMNS)
+
+
+def export_critique_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
+    """Write the sampled critiques for a person to review: the passage, the annotation and the
+    critique (one verdict per claim, objections, its verdict), with empty verdict (right/wrong)
+    and reasons to fill in."""
     out = []
-    for x in sampled_items(con, sample(con, secret, generation, rate), generation):
-        claims = "\n".join(f"{i}. {c['claim']} ({c['kind']}; support: {c['support']})"
-                           for i, c in enumerate(x.record["claims"], 1))
-        out.append({"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
-                    "claims": claims, "reflection": x.record["reflection"], "verdict": "", "reasons": "", "wrong_claims": ""})
-    path = Path(path)
+    for x in sampled_critiques(con, critique_sample(con, secret, generation, rate), generation):
+        c = x.critique
+        critique = "\n".join([*(f"claim {i}: {v}" for i, v in enumerate(c["claim_verdicts"], 1)),
+                              *(f"objection: {o}" for o in c["objections"]), f"verdict: {c['verdict']}"])
+        out.append({"item": x.item, "annotator": x.annotator, "critic": x.critic, "generation": generation,
+                    "passage": x.passage, "claims": numbered_claims(x.record), "reflection": x.record["reflection"],
+                    "critique": critique, "verdict": "", "reasons": ""})
+    return write_review(out, Path(path), CRITIQUE_EXPORT_COLUMNS)
+
+
+def write_review(rows: list[dict], path: Path, columns: list[str]) -> int:
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     elif path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, EXPORT_COLUMNS)
+            writer = csv.DictWriter(fh, columns)
             writer.writeheader()
-            writer.writerows(out)
+            writer.writerows(rows)
     else:
         raise AuditError(f"{path}: use a .csv or .jsonl file name")
-    return len(out)
+    return len(rows)
 
 
 def _read_rows(path: Path):
@@ -309,25 +464,56 @@ def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -
                     verdict_record["wrong_claims"], float(verdict == "pass"))
 
 
-def check_against_schema(verdict: dict) -> None:
-    """A human verdict meets schemas/audit.schema.json, as a model auditor's must."""
-    error = next(iter(validator_for(load_schema("audit")).iter_errors(verdict)), None)
+def parse_human_critique_row(row: dict, auditor: str, known: set[tuple[str, str, str, int]]) -> CritiqueAuditRow:
+    missing = [c for c in ("item", "annotator", "critic", "generation", "verdict") if not str(row.get(c) or "").strip()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    verdict = str(row["verdict"]).strip().lower()
+    if verdict not in ("right", "wrong"):
+        raise ValueError(f"verdict {row['verdict']!r} is not right or wrong (was the critique right?)")
+    try:
+        generation = int(row["generation"])
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+    key = (str(row["item"]).strip(), str(row["annotator"]).strip(), str(row["critic"]).strip(), generation)
+    if key not in known:
+        raise ValueError(f"no valid critique of {key[0]} by {key[1]} from {key[2]} in generation {generation}")
+    record = {"reasons": _as_list(row.get("reasons"), str), "verdict": verdict}
+    check_against_schema(record, "critique_audit")
+    return CritiqueAuditRow(*key[:3], generation, auditor, "human", verdict, record["reasons"], float(verdict == "right"))
+
+
+def check_against_schema(verdict: dict, schema: str = "audit") -> None:
+    """A human verdict meets schemas/SCHEMA.schema.json, as a model auditor's must."""
+    error = next(iter(validator_for(load_schema(schema)).iter_errors(verdict)), None)
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "the verdict"
-        raise ValueError(f"does not match schemas/audit.schema.json at {where}: {error.message}")
+        raise ValueError(f"does not match schemas/{schema}.schema.json at {where}: {error.message}")
+
+
+def store_critique_audits(con, rows: list[CritiqueAuditRow]) -> None:
+    CRITIQUE_AUDITS.insert(con, rows, on_conflict="replace")
 
 
 def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
-    """Read a reviewed export back. Good rows are stored; bad ones come back as 'line N: why'."""
+    """Read a reviewed export back: annotation verdicts (pass/fail) and, in a row with a critic,
+    critique verdicts (right/wrong). Good rows are stored; bad ones come back as 'line N: why'."""
     known = {(r[0], r[1], r[2]) for r in con.execute(
         "SELECT passage_id, annotator, generation FROM annotations WHERE status = 'accepted'").fetchall()}
+    known_critiques = {tuple(r) for r in con.execute(
+        "SELECT passage_id, annotator, critic, generation FROM critiques WHERE status = 'accepted'").fetchall()}
     good: dict[int, list[AuditRow]] = {}
+    critiques: dict[int, list[CritiqueAuditRow]] = {}
     problems = []
     for where, row, problem in _read_rows(Path(path)):
         if problem is None:
             try:
-                audit = parse_human_row(row, auditor, known)
-                good.setdefault(int(row["generation"]), []).append(audit)
+                if str(row.get("critic") or "").strip():
+                    audit = parse_human_critique_row(row, auditor, known_critiques)
+                    critiques.setdefault(audit.generation, []).append(audit)
+                else:
+                    audit = parse_human_row(row, auditor, known)
+                    good.setdefault(audit.generation, []).append(audit)
                 continue
             except ValueError as exc:
                 problem = str(exc)
@@ -335,31 +521,49 @@ def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
     for generation, rows in good.items():
         store_audits(con, generation, rows)
         update_reputation(con, generation)
-    return sum(len(r) for r in good.values()), problems
+    for generation, rows in critiques.items():
+        store_critique_audits(con, rows)
+        update_critic_reputation(con, generation)
+    return sum(len(r) for r in good.values()) + sum(len(r) for r in critiques.values()), problems
 
 
 # ---------------------------------------------------------------- the stage
 
 
 class Audit(Stage):
-    """Choose the secret sample, let the model auditor check it, update reputation. Only
-    aggregates leave this stage: they go to the summary, the manifest and the card."""
+    """Choose the secret samples (annotations, and the critiques that are votes on them), let the
+    model auditor check them, update both reputations. Only aggregates leave this stage: they go
+    to the summary, the manifest and the card."""
     name = "audit"
-    tables = (AUDITS, AUDIT_ITEMS, REPUTATION)
+    tables = (AUDITS, AUDIT_ITEMS, REPUTATION, CRITIQUE_AUDITS, CRITIC_REPUTATION)
 
     def run(self, ctx: BuildContext) -> dict:
         g, cfg = ctx.generation, ctx.cfg
-        items = sample(ctx.con, load_secret(ctx.ws.root), g, cfg.audit.rate)
-        failed = attempts = 0
-        if cfg.audit.auditor and items:
+        secret = load_secret(ctx.ws.root)
+        items = sample(ctx.con, secret, g, cfg.audit.rate)
+        critiques = critique_sample(ctx.con, secret, g, cfg.audit.rate)
+        failed = attempts = critique_failed = critique_attempts = 0
+        if cfg.audit.auditor and (items or critiques):
             auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
             engine = ctx.judge_engine(cfg.audit.auditor, "audit.auditor")  # often a member's model: reused
-            rows, failed, attempts = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor, ctx.run)
-            store_audits(ctx.con, g, rows)
+            if items:
+                rows, failed, attempts = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor, ctx.run)
+                store_audits(ctx.con, g, rows)
+            if critiques:
+                rows, critique_failed, critique_attempts = model_audit_critiques(ctx.con, critiques, g, engine,
+                                                                                 ctx.prompts, cfg, auditor, ctx.run)
+                store_critique_audits(ctx.con, rows)
         reputation = update_reputation(ctx.con, g)
+        vote_weight = update_critic_reputation(ctx.con, g)
         audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
                                          "WHERE generation = ?", [g]).fetchone()
+        judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits "
+                                        "WHERE generation = ?", [g]).fetchone()
         return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
                           "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
-                          "attempts": attempts,
-                          "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())}}}
+                          "attempts": attempts + critique_attempts,
+                          "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())},
+                          "critiques": {"sampled": len(critiques), "audits": judged,
+                                        "right_rate": round(right / judged, 3) if judged else None,
+                                        "invalid_verdicts": critique_failed, "attempts": critique_attempts},
+                          "vote_weight": {k: round(v, 3) for k, v in sorted(vote_weight.items())}}}

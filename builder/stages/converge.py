@@ -2,9 +2,10 @@
 (or none, with the reason), and how far the critics agree (Krippendorff's alpha).
 
 score = weighted mean over critics of P(survives) + 0.5 P(revise) (the critic's verdict as a
-distribution, stages/base.py: grade); a critic's weight is its
-reputation (audit pass rate, Beta posterior mean) earned in earlier generations, the prior
-0.5 for a member never audited, so in generation 1 every vote weighs the same. Earlier
+distribution, stages/base.py: grade); a critic's weight is its own audited record as a critic
+(the Beta posterior mean of its rate of right verdicts in the critique audits, stages/audit.py)
+earned in earlier generations, the prior 0.5 for a member never audited, so in generation 1
+every vote weighs the same. Earlier
 generations only: this generation's audit sample is secret, and nothing published may
 depend on which items it holds.
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..tables import Table, doc
 from .base import BuildContext, Stage
-from .scrutinize import PRIOR_WEIGHT, VERDICT_POINTS, CritiqueRow, reputation_weights
+from .scrutinize import PRIOR_WEIGHT, VERDICT_POINTS, CritiqueRow, vote_weights
 
 VERDICTS = ("survives", "revise", "reject")
 
@@ -195,7 +196,7 @@ class Converge(Stage):
 
     def run(self, ctx: BuildContext) -> dict:
         g, ensemble = ctx.generation, ctx.ensemble
-        weights = reputation_weights(ctx.con, g)
+        weights = vote_weights(ctx.con, g)
         ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights)
         ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
         ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0 or bool(ensemble.verifiers),

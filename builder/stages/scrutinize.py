@@ -34,7 +34,7 @@ class CritiqueRow:
     verdict: str | None = doc("survives | revise | reject")
     claim_verdicts: Json | None = doc("sound | doubtful | wrong, one per claim")
     objections: Json | None
-    weight: float = doc("the critic's vote weight (reputation from earlier generations)")
+    weight: float = doc("the critic's vote weight (its audited record as a critic, from earlier generations)")
     reason: str | None
     attempts: int
     call_key: str | None
@@ -116,7 +116,7 @@ class Scrutinize(Stage):
     def run(self, ctx: BuildContext) -> None:
         ctx.critiques = []
         ensemble = ctx.ensemble
-        weights = reputation_weights(ctx.con, ctx.generation)
+        weights = vote_weights(ctx.con, ctx.generation)
         if ensemble.k > 0:
             text = ctx.text()
             by_name = {m.name: m for m in ensemble.members}
@@ -146,8 +146,11 @@ def verifier_row(generation: int, name: str, t: Task, weight: float = PRIOR_WEIG
                        weight, None, 0, None, c.share, c.probs, None, verifier.KIND)
 
 
-def reputation_weights(con, generation: int) -> dict[str, float]:
-    """Each member's latest reputation from generations before this one: this generation's
-    audit sample is secret, and nothing published may depend on which items it holds."""
-    return dict(con.execute("""SELECT annotator, arg_max(mean, generation) FROM reputation
-                               WHERE generation < ? GROUP BY annotator""", [generation]).fetchall())
+def vote_weights(con, generation: int) -> dict[str, float]:
+    """Each member's vote weight: the mean of its latest critic reputation (the audited record of
+    its own critiques, stages/audit.py) from generations before this one. Its record as an
+    annotator does not weigh its votes: writing well and judging well are different skills,
+    and a member that only critiques has audits too. Earlier generations only: this
+    generation's audit sample is secret, and nothing published may depend on which items it holds."""
+    return dict(con.execute("""SELECT critic, arg_max(mean, generation) FROM critic_reputation
+                               WHERE generation < ? GROUP BY critic""", [generation]).fetchall())

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from typer.testing import CliRunner
 
-from builder.stages.audit import SECRET_ENV, is_selected
+from builder.stages.audit import SECRET_ENV, is_critique_selected, is_selected
 from builder.build import run_build
 from builder.cache import CachedBackend
 from builder.cli import app
@@ -100,9 +100,37 @@ def test_prompts_do_not_depend_on_the_sample(two_builds):
     con = two_builds["ws"].connect(read_only=True)
     calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
     con.close()
-    # the second build made no new annotation call: only audits of newly sampled items
+    # the second build made no new annotation call: only audits of newly sampled items and critiques
     newly = chosen(two_builds["secrets"][1]) - chosen(two_builds["secrets"][0])
-    assert calls == two_builds["summary_a"]["model_calls"] + len(newly & accepted_ids(two_builds["ws"]))
+    newly_critiques = critiques_chosen(two_builds, 1) - critiques_chosen(two_builds, 0)
+    assert calls == (two_builds["summary_a"]["model_calls"] + len(newly & accepted_ids(two_builds["ws"]))
+                     + len(newly_critiques))
+
+
+def critiques_chosen(two_builds, which: int) -> set[tuple]:
+    con = two_builds["ws"].connect(read_only=True)
+    keys = con.execute("SELECT passage_id, annotator, critic FROM critiques WHERE status = 'accepted'").fetchall()
+    con.close()
+    secret = two_builds["secrets"][which].encode()
+    return {k for k in keys if is_critique_selected(secret, *k, 1, RATE)}
+
+
+def test_critiques_are_audited_blind(two_builds):
+    """A secret sample of critiques is audited too (#15.12), and the auditor never learns who
+    wrote the critique or the annotation."""
+    ws = two_builds["ws"]
+    con = ws.connect(read_only=True)
+    audited = set(con.execute("SELECT item, annotator, critic FROM critique_audits WHERE auditor_kind = 'model'").fetchall())
+    weights = dict(con.execute("SELECT critic, mean FROM critic_reputation WHERE generation = 1").fetchall())
+    con.close()
+    assert audited and audited <= critiques_chosen(two_builds, 0) | critiques_chosen(two_builds, 1)
+    assert set(weights) == {c for _, _, c in audited}
+    auditing = [p for k in "ab" for p in two_builds["prompts"][k] if "A critic checked an annotation" in p]
+    assert len(auditing) >= len(audited)
+    for prompt in auditing:
+        assert "Critique's verdict:" in prompt
+        assert "critic" not in prompt.split("Critique:")[1].lower()  # the critic's name is "critic"
+        assert "smollm2" not in prompt
 
 
 def accepted_ids(ws):

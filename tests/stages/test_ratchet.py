@@ -294,7 +294,9 @@ def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
                 "members": [{"name": "smollm2", "persona": "empiricist", "roles": ["annotate"]},
                             {"name": "smollm2-critic", "persona": "skeptic", "roles": ["critique"]},
                             {"kind": "verifier", "name": "grounding"}]}
-    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:3], sampling={"max_tokens": 384}, audit={"rate": 0.0},
+    # audit rate 1: every annotation and every critique is audited by the real SmolLM2 auditor, so
+    # the critic-only member and the verifier earn a record as critics in generation 1 (#15.12)
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:3], sampling={"max_tokens": 384}, audit={"rate": 1.0},
                            ensemble=ensemble)
     ws = Workspace(root)
     first = run_build(ws)
@@ -326,6 +328,20 @@ def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
             assert source == 1 and (new_score is None or new_score < (parent_score or 0))
         if decision == "tie":  # the panel did not prefer the new one head to head: the parent stays
             assert source == 1 and score == parent_score
+    # Critics are audited too, blind, by the real model auditor; their record weighs their votes in
+    # generation 2 (before #15.12 the critic-only member and the verifier kept the prior 0.5 for ever).
+    audited = con.execute("""SELECT critic, verdict, right_prob FROM critique_audits
+                             WHERE generation = 1 AND auditor_kind = 'model'""").fetchall()
+    critiqued = con.execute("SELECT count(*) FROM critiques WHERE generation = 1 AND status = 'accepted'").fetchone()[0]
+    assert len(audited) + first["audit"]["critiques"]["invalid_verdicts"] == critiqued == first["audit"]["critiques"]["sampled"]
+    assert {c for c, _, _ in audited} == {"smollm2-critic", "grounding"}
+    assert all(v in ("right", "wrong") and 0.0 <= p <= 1.0 for _, v, p in audited)
+    record = dict(con.execute("SELECT critic, mean FROM critic_reputation WHERE generation = 1").fetchall())
+    assert record == pytest.approx(first["audit"]["vote_weight"], abs=1e-3)
+    weights = dict(con.execute("SELECT DISTINCT critic, weight FROM critiques WHERE generation = 2").fetchall())
+    assert weights == pytest.approx(record)
+    assert any(abs(w - 0.5) > 1e-6 for w in weights.values()), weights  # graded: not every record is the prior
+    assert all(w == 0.5 for w, in con.execute("SELECT weight FROM critiques WHERE generation = 1").fetchall())
     # generation 2 drew new reflections (reseeded), not the cached ones
     assert con.execute("""SELECT count(*) FROM annotations a JOIN annotations b USING (passage_id, annotator)
                           WHERE a.generation = 1 AND b.generation = 2 AND a.record <> b.record""").fetchone()[0] >= 1
