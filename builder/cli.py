@@ -643,6 +643,50 @@ def audit_export(
     console.print(f"wrote {n} item(s) to review to {file}\nthen: ratchet audit import {file} --auditor YOUR_NAME")
 
 
+@audit_app.command("serve")
+def audit_serve(
+    workspace: WorkspaceOpt = Path("."),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback lets other machines reach the "
+                                           "page: only with this flag, and a warning is printed.")] = "127.0.0.1",
+    auditor: Annotated[list[str], typer.Option(help="Who reviews (repeat for several: each gets their own link and "
+                                                    "queue; names are stored with every verdict).")] = ["auditor"],
+    generation: Annotated[int, typer.Option(min=1, help="Generation whose secret sample to audit.")] = 1,
+    overlap: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of items that go to two auditors, for "
+                                                                  "human-human agreement.")] = 0.2,
+    admin: Annotated[bool, typer.Option("--admin", help="Also print a link to the statistics page for someone "
+                                                        "who reviews nothing.")] = False,
+) -> None:
+    """A web page for human auditors: the secret sample one item at a time, blind (no author,
+    model, persona or score on the page), keyboard-driven (p pass, f fail, 1-9 claims, u undo,
+    s skip, j/k move, ? help). Prints one start link per auditor, each usable once; verdicts go
+    into the audits table as `ratchet audit import` puts them. Needs the .[web] extra.
+    Ctrl-C stops the server; every submitted verdict is already saved."""
+    try:
+        from .web.app import ServeConfig, serve
+    except ImportError as exc:
+        fail(f"ratchet audit serve needs the web extra ({exc.name} is missing): pip install -e '.[web]'")
+    ws = open_workspace(workspace)
+    if len(set(auditor)) != len(auditor):
+        fail("--auditor: each name once")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this address and holds a start link "
+                  "can audit; the page has no TLS")
+
+    def ready(server) -> None:
+        console.print(f"auditing generation {generation}: {server.total_sampled} sampled item(s), "
+                      f"{', '.join(f'{a} {len(q)}' for a, q in server.queues.items())} (overlap {overlap:.0%})")
+        for who, url in server.start_urls():
+            console.print(f"[bold]{who}:[/] {url}", soft_wrap=True, highlight=False)
+        console.print("each link works once, in one browser; Ctrl-C stops the server")
+
+    try:
+        serve(ws, ServeConfig(host=host, port=port, generation=generation, auditors=tuple(auditor), overlap=overlap,
+                              admin=admin), on_ready=ready)
+    except (WorkspaceError, AuditError) as exc:
+        fail(str(exc))
+
+
 @audit_app.command("import")
 def audit_import(
     file: Annotated[Path, typer.Argument(help="A reviewed export (.csv or .jsonl).")],

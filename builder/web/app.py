@@ -1,0 +1,327 @@
+"""The audit page: Starlette, server-rendered Jinja2 templates and one small script, no build
+step and nothing from a CDN. It reads and writes the workspace's DuckDB through the same
+validated path as `ratchet audit import` (stages/audit.py: parse_human_row, store_audits,
+update_reputation), one short connection per request under the workspace lock, so a build
+and the page never write at once and a closed tab loses nothing already submitted.
+
+Security (docs/audit-web.md): loopback by default; Host header checked (DNS rebinding); a
+one-time start token exchanged for an HttpOnly, SameSite=Strict cookie; a CSRF token and an
+Origin check on every POST; a strict Content-Security-Policy; no CORS; every model output
+escaped by the templates. The audit secret and item identities never reach a page.
+"""
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from ..prompts import Prompts
+from ..stages.audit import load_secret, parse_human_row, store_audits, update_reputation
+from ..workspace import Workspace, WorkspaceError
+from .queue import AuditorQueue, Key, assign, load_sample
+from .stats import ratchet_plot, stats
+
+HERE = Path(__file__).parent
+COOKIE = "ratchet_audit"
+REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
+                "not about this passage")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    generation: int = 1
+    auditors: tuple[str, ...] = ("auditor",)
+    overlap: float = 0.2
+    admin: bool = False
+
+
+class AuditServer:
+    """The state of one `ratchet audit serve`: the queue of each auditor, the one-time start
+    tokens and the sessions they became."""
+
+    def __init__(self, ws: Workspace, config: ServeConfig):
+        self.ws, self.config = ws, config
+        self.generation = config.generation
+        secret = load_secret(ws.root)
+        con = ws.connect(read_only=True)
+        try:
+            items = load_sample(con, secret, config.generation, ws.config.audit.rate)
+        finally:
+            con.close()
+        self.total_sampled = len(items)
+        by_key = {(x.item, x.annotator): x for x in items}
+        assigned = assign(sorted(by_key), list(config.auditors), secret, config.overlap)
+        self.queues = {a: [by_key[k] for k in keys] for a, keys in assigned.items()}
+        self.tokens: dict[str, tuple[str, bool]] = {secrets.token_urlsafe(24): (a, False) for a in config.auditors}
+        if config.admin:
+            self.tokens[secrets.token_urlsafe(24)] = ("admin", True)
+        self.sessions: dict[str, AuditorQueue] = {}
+        self._lock = threading.Lock()
+        cfg = ws.config
+        self.prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
+        self.origins = {f"http://{h}:{config.port}" for h in self.hosts()} | {
+            f"http://[{h}]:{config.port}" for h in self.hosts() if ":" in h}
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
+
+    # ------------------------------------------------------------ plumbing
+
+    def hosts(self) -> list[str]:
+        host = self.config.host
+        return ["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost") else [host]
+
+    def start_urls(self) -> list[tuple[str, str]]:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return [(who + (" (admin: stats only)" if admin else ""), f"http://{host}:{self.config.port}/start?token={t}")
+                for t, (who, admin) in self.tokens.items()]
+
+    @contextmanager
+    def db(self, write: bool):
+        """One short connection, under the workspace lock when writing (a build holds it while
+        it runs: the page then answers 503 and loses nothing)."""
+        with self._lock:
+            try:
+                if write:
+                    with self.ws.lock():
+                        con = self.ws.connect()
+                        try:
+                            yield con
+                        finally:
+                            con.close()
+                else:
+                    con = self.ws.connect(read_only=True)
+                    try:
+                        yield con
+                    finally:
+                        con.close()
+            except WorkspaceError as exc:
+                raise Refused(503, f"{exc}. Nothing was lost; try again in a moment.") from None
+
+    def session(self, request: Request) -> AuditorQueue:
+        session = self.sessions.get(request.cookies.get(COOKIE, ""))
+        if session is None:
+            raise Refused(403, "No session: open the start link that `ratchet audit serve` printed.")
+        return session
+
+    def check_post(self, request: Request, form, session: AuditorQueue) -> None:
+        """CSRF token and Origin on every POST: a page on another origin cannot submit for you."""
+        if request.headers.get("origin") not in self.origins:
+            raise Refused(403, "Refused: this form was not sent from the audit page (Origin).")
+        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+            raise Refused(403, "Refused: the form's CSRF token is missing or wrong; reload the page.")
+
+    def done(self, con, session: AuditorQueue) -> set[Key]:
+        rows = con.execute("SELECT item, annotator FROM audits WHERE generation = ? AND auditor = ? "
+                           "AND auditor_kind = 'human'", [self.generation, session.auditor]).fetchall()
+        mine = {(x.item, x.annotator) for x in session.items}
+        return {tuple(r) for r in rows} & mine
+
+    def page(self, request: Request, name: str, status: int = 200, **values) -> Response:
+        return self.templates.TemplateResponse(request, name, values, status_code=status)
+
+    # ------------------------------------------------------------ routes
+
+    def start(self, request: Request) -> Response:
+        token = request.query_params.get("token", "")
+        found = next((t for t in self.tokens if hmac.compare_digest(t, token)), None)
+        if found is None:
+            raise Refused(403, "This link is not valid: it was used already, or it is wrong. "
+                               "Each start link works once; restart `ratchet audit serve` for new ones.")
+        auditor, admin = self.tokens.pop(found)
+        session_id = secrets.token_urlsafe(32)
+        self.sessions[session_id] = AuditorQueue(auditor, [] if admin else list(self.queues[auditor]), admin=admin)
+        response = RedirectResponse("/stats" if admin else "/queue", status_code=303)
+        response.set_cookie(COOKIE, session_id, httponly=True, samesite="strict", path="/")
+        return response
+
+    def queue(self, request: Request) -> Response:
+        session = self.session(request)
+        with self.db(write=False) as con:
+            done = self.done(con, session)
+        nxt = session.next_open(done)
+        if nxt is None:
+            return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
+                             can_undo=bool(session.history))
+        return RedirectResponse(f"/item/{session.opaque(nxt)}", status_code=303)
+
+    def item(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+        session = self.session(request)
+        x = session.by_id.get(request.path_params["id"])
+        if x is None:
+            raise Refused(404, "No such item in your queue.")
+        with self.db(write=False) as con:
+            done = self.done(con, session)
+            previous = con.execute("SELECT verdict, wrong_claims FROM audits WHERE generation = ? AND item = ? AND "
+                                   "annotator = ? AND auditor = ? AND auditor_kind = 'human'",
+                                   [self.generation, x.item, x.annotator, session.auditor]).fetchone()
+        i = session.position(x)
+        neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
+        return self.page(request, "item.html", status, id=session.opaque(x), passage=x.passage,
+                         reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
+                         done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
+                         previous=previous[0] if previous else None, prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
+                         codes=REASON_CODES, error=error, can_undo=bool(session.history))
+
+    async def verdict(self, request: Request) -> Response:
+        session = self.session(request)
+        form = await request.form()
+        self.check_post(request, form, session)
+        x = session.by_id.get(request.path_params["id"])
+        if x is None:
+            raise Refused(404, "No such item in your queue.")
+        codes = [c for c in form.getlist("codes") if c in REASON_CODES]
+        text = str(form.get("reason", "")).strip()
+        reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
+        row = {"item": x.item, "annotator": x.annotator, "generation": self.generation,
+               "verdict": str(form.get("verdict", "")), "reasons": reasons,
+               "wrong_claims": [int(n) for n in form.getlist("claims") if str(n).isdigit()]}
+        try:
+            audit = parse_human_row(row, session.auditor, {(x.item, x.annotator, self.generation)})
+        except ValueError as exc:
+            return self.item(request, error=str(exc), status=400)
+        with self.db(write=True) as con:
+            store_audits(con, self.generation, [audit])
+            update_reputation(con, self.generation)
+        session.history.append((x.item, x.annotator))
+        session.skipped.discard((x.item, x.annotator))
+        return RedirectResponse("/queue", status_code=303)
+
+    async def skip(self, request: Request) -> Response:
+        session = self.session(request)
+        form = await request.form()
+        self.check_post(request, form, session)
+        x = session.by_id.get(request.path_params["id"])
+        if x is not None:
+            session.skipped.add((x.item, x.annotator))
+        return RedirectResponse("/queue", status_code=303)
+
+    async def undo(self, request: Request) -> Response:
+        """Take back this session's last verdict: the row leaves `audits`, coverage and
+        reputation are recomputed, and the item is shown again."""
+        session = self.session(request)
+        form = await request.form()
+        self.check_post(request, form, session)
+        if not session.history:
+            return RedirectResponse("/queue", status_code=303)
+        item, annotator = session.history.pop()
+        with self.db(write=True) as con:
+            key = [item, annotator, self.generation]
+            con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ? "
+                        "AND auditor_kind = 'human'", [*key, session.auditor])
+            con.execute("""UPDATE audit_items SET by_human = EXISTS (
+                               SELECT 1 FROM audits a WHERE a.item = audit_items.item AND a.annotator = audit_items.annotator
+                               AND a.generation = audit_items.generation AND a.auditor_kind = 'human')
+                           WHERE item = ? AND annotator = ? AND generation = ?""", key)
+            con.execute("DELETE FROM audit_items WHERE item = ? AND annotator = ? AND generation = ? "
+                        "AND NOT by_model AND NOT by_human", key)
+            update_reputation(con, self.generation)
+        x = next(x for x in session.items if (x.item, x.annotator) == (item, annotator))
+        return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
+
+    def _may_see_stats(self, session: AuditorQueue) -> None:
+        if session.admin:
+            return
+        with self.db(write=False) as con:
+            if len(self.done(con, session)) < len(session.items):
+                raise Refused(403, "The statistics open when your queue is done (they would unblind it).")
+
+    def stats_page(self, request: Request) -> Response:
+        session = self.session(request)
+        self._may_see_stats(session)
+        with self.db(write=False) as con:
+            figures = stats(con, self.generation)
+        return self.page(request, "stats.html", **figures)
+
+    def plot(self, request: Request) -> Response:
+        session = self.session(request)
+        self._may_see_stats(session)
+        with self.db(write=False) as con:
+            png = ratchet_plot(con)
+        return Response(png, media_type="image/png")
+
+    # ------------------------------------------------------------ the app
+
+    def app(self) -> Starlette:
+        def guarded(handler):
+            async def endpoint(request: Request):
+                try:
+                    result = handler(request)
+                    if hasattr(result, "__await__"):
+                        result = await result
+                    return result
+                except Refused as exc:
+                    return self.page(request, "message.html", exc.status, message=exc.message)
+            return endpoint
+
+        routes = [Route("/start", guarded(self.start)), Route("/queue", guarded(self.queue)),
+                  Route("/item/{id}", guarded(self.item)),
+                  Route("/item/{id}/verdict", guarded(self.verdict), methods=["POST"]),
+                  Route("/item/{id}/skip", guarded(self.skip), methods=["POST"]),
+                  Route("/undo", guarded(self.undo), methods=["POST"]),
+                  Route("/stats", guarded(self.stats_page)), Route("/stats/ratchet.png", guarded(self.plot)),
+                  Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
+        middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=self.hosts()),
+                      Middleware(SecurityHeaders)]
+        return Starlette(routes=routes, middleware=middleware)
+
+
+class SecurityHeaders:
+    """Headers on every response: what the page may load, that nobody frames it, and that the
+    start token in a URL never leaves for another site in a Referer (same-origin, not
+    no-referrer: under no-referrer Chromium sends `Origin: null` on the page's own form posts)."""
+
+    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+               (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"), (b"cache-control", b"no-store")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + self.HEADERS
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def serve(ws: Workspace, config: ServeConfig, on_ready=print) -> None:
+    import socket
+
+    import uvicorn
+
+    server = AuditServer(ws, config)
+    try:  # a clear error before the links are printed, not uvicorn's log line after
+        with socket.create_server((config.host, config.port)):
+            pass
+    except OSError as exc:
+        raise WorkspaceError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}): pass --port") from None
+    on_ready(server)
+    uvicorn.run(server.app(), host=config.host, port=config.port, log_level="warning")
+

@@ -1,0 +1,71 @@
+"""Who audits what, in which order, under which names: no web code here.
+
+Items are the generation's secret audit sample (what `ratchet audit export` writes). Each goes
+to one auditor, and a share `overlap` of them to a second one, so that human-human agreement
+can be measured. Assignment and order are keyed hashes under the workspace's audit secret:
+stable across restarts of the server (an auditor resumes the same queue), unpredictable
+without the secret, and shuffled per auditor. A page never sees an item's identity: each
+auditor session names items by opaque ids drawn from its own random key.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+
+from ..stages.audit import SampledItem, sample, sampled_items
+
+Key = tuple[str, str]  # (passage id, annotator): never sent to a browser
+
+
+def _unit(secret: bytes, *parts: str) -> float:
+    digest = hmac.new(secret, "\x1f".join(parts).encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(keys: list[Key], auditors: list[str], secret: bytes, overlap: float) -> dict[str, list[Key]]:
+    """auditor -> their items. Primary auditor by hash; a share `overlap` of items (by another
+    hash) also goes to a second, different auditor."""
+    out: dict[str, list[Key]] = {a: [] for a in auditors}
+    n = len(auditors)
+    for key in keys:
+        first = int(_unit(secret, "serve-assign", *key) * n)
+        out[auditors[first]].append(key)
+        if n > 1 and _unit(secret, "serve-overlap", *key) < overlap:
+            second = (first + 1 + int(_unit(secret, "serve-second", *key) * (n - 1))) % n
+            out[auditors[second]].append(key)
+    for auditor, items in out.items():  # shuffled per auditor, the same on every start
+        items.sort(key=lambda k: _unit(secret, "serve-order", auditor, *k))
+    return out
+
+
+@dataclass
+class AuditorQueue:
+    """One auditor's session: their items in their order, under opaque ids."""
+    auditor: str
+    items: list[SampledItem]
+    admin: bool = False
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    _salt: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    skipped: set[Key] = field(default_factory=set)
+    history: list[Key] = field(default_factory=list)  # verdicts submitted in this session, for undo
+
+    def __post_init__(self):
+        self.by_id = {self.opaque(x): x for x in self.items}
+
+    def opaque(self, x: SampledItem) -> str:
+        return hmac.new(self._salt, f"{x.item}\x1f{x.annotator}".encode(), hashlib.sha256).hexdigest()[:20]
+
+    def position(self, x: SampledItem) -> int:
+        return self.items.index(x)
+
+    def next_open(self, done: set[Key]) -> SampledItem | None:
+        """The first item without a verdict that was not skipped; then the skipped ones."""
+        open_ = [x for x in self.items if (x.item, x.annotator) not in done]
+        fresh = [x for x in open_ if (x.item, x.annotator) not in self.skipped]
+        return (fresh or open_ or [None])[0]
+
+
+def load_sample(con, secret: bytes, generation: int, rate: float) -> list[SampledItem]:
+    return sampled_items(con, sample(con, secret, generation, rate), generation)

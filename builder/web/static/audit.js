@@ -1,0 +1,48 @@
+// Keyboard for the audit page: p pass, f fail, 1-9 toggle claims, u undo, s skip, j/k next/previous, ? help.
+// Served from /static (the Content-Security-Policy allows no inline script).
+(function () {
+  "use strict";
+  function submit(id) {
+    var form = document.getElementById(id);
+    if (!form) return;
+    if (form.requestSubmit) form.requestSubmit(); else form.submit();
+  }
+  function verdict(value) {
+    var button = document.getElementById(value);
+    if (button) button.click();
+  }
+  function follow(id) {
+    var link = document.getElementById(id);
+    if (link) window.location.assign(link.getAttribute("href"));
+  }
+  function toggleHelp() {
+    var help = document.getElementById("help");
+    if (help) help.hidden = !help.hidden;
+  }
+  document.addEventListener("keydown", function (event) {
+    var target = event.target;
+    var typing = target && (target.tagName === "INPUT" && target.type === "text" || target.tagName === "TEXTAREA");
+    if (typing) {
+      if (event.key === "Escape") target.blur();
+      return;
+    }
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    var key = event.key;
+    if (key >= "1" && key <= "9") {
+      var box = document.getElementById("claim-" + key);
+      if (box) box.checked = !box.checked;
+    } else if (key === "p") verdict("pass");
+    else if (key === "f") verdict("fail");
+    else if (key === "u") submit("undo");
+    else if (key === "s") submit("skip");
+    else if (key === "j") follow("next");
+    else if (key === "k") follow("prev");
+    else if (key === "?") toggleHelp();
+    else return;
+    event.preventDefault();
+  });
+  document.addEventListener("DOMContentLoaded", function () {
+    var link = document.getElementById("help-toggle");
+    if (link) link.addEventListener("click", function (event) { event.preventDefault(); toggleHelp(); });
+  });
+})();

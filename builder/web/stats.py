@@ -1,0 +1,82 @@
+"""The statistics page's figures: the same DuckDB views as `ratchet sql`, plus Cohen's kappa
+(scikit-learn) of model auditor vs people and of person vs person on the overlap."""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+
+def _rows(con, sql: str, params) -> list[dict]:
+    cur = con.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def kappa(pairs: list[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of two raters' pass/fail verdicts; None where it is undefined (no pairs, or
+    both raters gave one value throughout)."""
+    if not pairs:
+        return None
+    from sklearn.metrics import cohen_kappa_score
+
+    a, b = zip(*pairs)
+    if len(set(a) | set(b)) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = cohen_kappa_score(a, b, labels=["pass", "fail"])
+    return None if math.isnan(value) else round(float(value), 3)
+
+
+def stats(con, generation: int) -> dict:
+    by_annotator = _rows(con, "SELECT annotator, audits, passes, pass_rate FROM audit_pass_rate_by_annotator "
+                              "WHERE generation = ?", [generation])
+    by_family = _rows(con, "SELECT family, audits, passes, pass_rate FROM audit_pass_rate_by_family WHERE generation = ?",
+                      [generation])
+    by_kind = _rows(con, "SELECT auditor_kind, audits, passes, pass_rate FROM audit_pass_rate_by_generation "
+                         "WHERE generation = ?", [generation])
+    model_human = con.execute("""SELECT m.verdict, h.verdict FROM audits m JOIN audits h USING (item, annotator, generation)
+                                 WHERE generation = ? AND m.auditor_kind = 'model' AND h.auditor_kind = 'human'""",
+                              [generation]).fetchall()
+    human_human = con.execute("""SELECT a.verdict, b.verdict FROM audits a JOIN audits b USING (item, annotator, generation)
+                                 WHERE generation = ? AND a.auditor_kind = 'human' AND b.auditor_kind = 'human'
+                                   AND a.auditor < b.auditor""", [generation]).fetchall()
+    # Reputation before people reviewed (model audits only) and after (every audit): the same
+    # Beta posterior as stages/audit.py: update_reputation.
+    reputation = _rows(con, """
+        WITH before AS (
+            SELECT annotator, (1 + sum(coalesce(pass_prob, (verdict = 'pass')::DOUBLE))) / (2 + count(*)) AS mean
+            FROM audits WHERE generation <= $g AND auditor_kind = 'model' GROUP BY annotator)
+        SELECT r.annotator, round(coalesce(b.mean, 0.5), 3) AS before, round(r.mean, 3) AS after
+        FROM reputation r LEFT JOIN before b USING (annotator) WHERE r.generation = $g ORDER BY r.annotator""",
+                       {"g": generation})
+    return {"by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind,
+            "model_human": {"n": len(model_human), "kappa": kappa(model_human),
+                            "agree": sum(a == b for a, b in model_human)},
+            "human_human": {"n": len(human_human), "kappa": kappa(human_human),
+                            "agree": sum(a == b for a, b in human_human)},
+            "reputation": reputation}
+
+
+def ratchet_plot(con) -> bytes:
+    """Mean panel score per generation (the ratchet's figure), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = con.execute("SELECT generation, mean_score FROM ratchet_by_generation ORDER BY generation").fetchall()
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    if rows:
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o")
+        ax.set_xticks([r[0] for r in rows])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("mean panel score")
+    ax.set_title("The ratchet: mean panel score never falls", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

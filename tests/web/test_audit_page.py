@@ -1,0 +1,362 @@
+"""`ratchet audit serve` in a real browser: Playwright driving Debian's chromium against the
+page served on loopback, over a workspace made by a real `ratchet build` on SmolLM2 (the
+suite's shared real build, rebuilt with every annotation sampled and a passage carrying
+markup). Screenshots of the queue and the statistics go to $RATCHET_SCREENSHOTS when set
+(docs/images holds the ones the docs show)."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from builder.cli import app
+from builder.workspace import Workspace
+
+from ..conftest import write_workspace
+
+pytestmark = pytest.mark.slow
+MARKUP = ('The mayor promised <script>window.__pwned = 1</script> lower taxes next year '
+          '<img src=x onerror="window.__pwned = 2"> but published no budget figures.')
+RATCHET = [sys.executable, "-c", "from builder.cli import app; app()"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    if os.environ.get("CI"):  # CI installs chromium (make install): a missing browser is a failure there
+        raise RuntimeError("chromium is not installed: run `make install` (it apt-get installs it)")
+    pytest.skip("chromium is not installed (make install puts it there)", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def golden(built, tmp_path_factory):
+    """The shared real build, plus a passage with markup, rebuilt with `ratchet build` so that
+    every accepted annotation is in the audit sample (audited by the real model auditor too)."""
+    source, _ = built
+    root = tmp_path_factory.mktemp("audit-web") / "ws"
+    shutil.copytree(source.root, root)
+    with open(root / "corpus" / "c.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": MARKUP}) + "\n")
+    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0})
+    result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def ws(golden, tmp_path):
+    """A fresh copy per test: each starts with no human verdicts."""
+    shutil.copytree(golden, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, ws, **options):
+        import uvicorn
+
+        from builder.web.app import AuditServer, ServeConfig
+
+        self.port = free_port()
+        self.server = AuditServer(ws, ServeConfig(port=self.port, **options))
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.server.app(), host="127.0.0.1", port=self.port,
+                                                     log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.uvicorn.started:
+                break
+            time.sleep(0.05)
+
+    def url(self, who: str) -> str:
+        return next(u for w, u in self.server.start_urls() if w.split(" ")[0] == who)
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def serve(ws):
+    running = []
+
+    def start(**options):
+        running.append(Running(ws, **options))
+        return running[-1]
+
+    yield start
+    for r in running:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def sample_keys(ws) -> dict[str, tuple[str, str]]:
+    """passage text -> (passage id, annotator) of the sampled items (every accepted annotation)."""
+    con = ws.connect(read_only=True)
+    rows = con.execute("""SELECT p.text, a.passage_id, a.annotator FROM annotations a JOIN passages p USING (passage_id)
+                          WHERE a.generation = 1 AND a.status = 'accepted'""").fetchall()
+    con.close()
+    return {text: (pid, annotator) for text, pid, annotator in rows}
+
+
+def human_audits(ws, auditor=None):
+    con = ws.connect(read_only=True)
+    rows = con.execute("SELECT item, annotator, auditor, verdict, wrong_claims, reasons FROM audits "
+                       "WHERE auditor_kind = 'human'" + (" AND auditor = ?" if auditor else ""),
+                       [auditor] if auditor else []).fetchall()
+    con.close()
+    return rows
+
+
+def screenshot(page, name: str, tmp_path: Path) -> None:
+    folder = Path(os.environ.get("RATCHET_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), full_page=True)
+
+
+def press(page, key: str) -> None:
+    """A key that submits a form or follows a link: wait for the page it leads to."""
+    with page.expect_navigation():
+        page.keyboard.press(key)
+
+
+def current_passage(page) -> str:
+    return page.locator("#passage").inner_text()
+
+
+def test_an_auditor_works_through_the_queue_with_the_keyboard_only(ws, serve, browser, tmp_path):
+    keys = sample_keys(ws)
+    assert MARKUP in keys, "the passage with markup has no accepted annotation to audit"
+    server = serve(auditors=("ana",), overlap=0.0)
+    page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+    page.goto(server.url("ana"))
+    expect(page.locator("#progress")).to_have_text(f"done 0 / {len(keys)}")
+    screenshot(page, "audit-queue.png", tmp_path)
+    expected = {}
+    for n in range(len(keys)):
+        expect(page.locator("#progress")).to_have_text(f"done {n} / {len(keys)}")
+        key = keys[current_passage(page)]
+        if n == 0:  # claim 1 wrong, then fail
+            page.keyboard.press("1")
+            expect(page.locator("#claim-1")).to_be_checked()
+            press(page, "f")
+            expected[key] = ("fail", [1])
+        else:
+            press(page, "p")
+            expected[key] = ("pass", [])
+        page.wait_for_load_state()
+    expect(page.locator("#finished")).to_contain_text(f"{len(keys)} of {len(keys)}")
+    stored = {(item, annotator): (verdict, json.loads(wrong)) for item, annotator, _, verdict, wrong, _ in human_audits(ws)}
+    assert stored == expected  # exactly those verdicts, nothing else
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM audit_items WHERE by_human").fetchone()[0] == len(keys)
+    con.close()
+
+
+def test_undo_reload_and_skip(ws, serve, browser):
+    keys = sample_keys(ws)
+    server = serve(auditors=("ana",), overlap=0.0)
+    page = browser.new_page()
+    page.goto(server.url("ana"))
+    first = current_passage(page)
+    press(page, "p")
+    expect(page.locator("#progress")).to_have_text(f"done 1 / {len(keys)}")
+    second = current_passage(page)
+    assert second != first
+    press(page, "f")
+    expect(page.locator("#progress")).to_have_text(f"done 2 / {len(keys)}")
+    press(page, "u")  # undo the fail: back on the second item, its verdict gone
+    expect(page.locator("#progress")).to_have_text(f"done 1 / {len(keys)}")
+    assert current_passage(page) == second
+    assert [(r[0], r[3]) for r in human_audits(ws)] == [(keys[first][0], "pass")]
+    page.reload()  # a reload shows the same item; the queue resumes at the first open one
+    assert current_passage(page) == second
+    page.goto(server.base + "/queue")
+    assert current_passage(page) == second
+    press(page, "s")  # skip: the next item now, the skipped one at the end
+    third = current_passage(page)
+    assert third not in (first, second)
+    press(page, "k")  # previous, then next again
+    press(page, "j")
+    assert current_passage(page) == third
+    page.keyboard.press("?")
+    expect(page.locator("#help")).to_be_visible()
+    expect(page.locator("#help")).to_contain_text("undo your last verdict")
+
+
+def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_path):
+    keys = sample_keys(ws)
+    server = serve(auditors=("ana", "ben"), overlap=1.0)  # every item to both: all of it is overlap
+    assert {a: len(q) for a, q in server.server.queues.items()} == {"ana": len(keys), "ben": len(keys)}
+    pages = {}
+    for who in ("ana", "ben"):
+        pages[who] = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+        pages[who].goto(server.url(who))
+    orders = {who: [] for who in pages}
+    for n in range(len(keys)):  # interleaved: both write at once, neither overwrites the other
+        for who, page in pages.items():
+            orders[who].append(current_passage(page))
+            press(page, "f" if (who == "ben" and n == 0) else "p")
+    assert sorted(orders["ana"]) == sorted(orders["ben"]) == sorted(keys)
+    rows = human_audits(ws)
+    assert len(rows) == 2 * len(keys) and {r[2] for r in rows} == {"ana", "ben"}
+    ben_failed = keys[orders["ben"][0]]
+    assert {(r[0], r[1]) for r in rows if r[2] == "ben" and r[3] == "fail"} == {ben_failed}
+    page = pages["ana"]
+    expect(page.locator("#finished")).to_be_visible()
+    page.click("#stats-link")
+    page.wait_for_load_state("load")  # images included
+    expect(page.locator("#agreement")).to_contain_text("person vs person")
+    agree = page.locator("#agreement tr").nth(2).locator("td")
+    assert agree.nth(1).inner_text() == str(len(keys)) and agree.nth(2).inner_text() == str(len(keys) - 1)
+    expect(page.locator("#by-annotator")).to_contain_text("smollm2")
+    expect(page.locator("#reputation")).to_contain_text("before")
+    assert page.locator("#ratchet-plot").evaluate("img => img.complete && img.naturalWidth > 0")
+    screenshot(page, "audit-stats.png", tmp_path)
+
+
+def test_nothing_served_names_an_author_model_persona_or_item(ws, serve, browser):
+    server = serve(auditors=("ana",), overlap=0.0)
+    con = ws.connect(read_only=True)
+    members = con.execute("SELECT name, family, persona, model FROM members").fetchall()
+    ids = [r[0] for r in con.execute("SELECT passage_id FROM passages").fetchall()]
+    con.close()
+    forbidden = {v for name, family, persona, model in members
+                 for v in (name, family, model, Path(model).name, Path(model).stem, persona)
+                 if v and v != "default"}  # "default" is the empty persona: a common word, no identity
+    forbidden |= set(ids) | {"gen-0001", "generation"}
+    bodies, urls = [], []
+    page = browser.new_page()
+    page.on("response", lambda r: (urls.append(r.url), bodies.append(r.text() if r.status != 303 else "")))
+    page.goto(server.url("ana"))
+    for _ in sample_keys(ws):
+        press(page, "p")
+    expect(page.locator("#finished")).to_be_visible()
+    served = "\n".join(bodies + urls)
+    assert len(bodies) > 5
+    for word in forbidden:
+        assert word.lower() not in served.lower(), f"{word!r} reached the page"
+    assert not re.search(r"\b0\.\d{2,}", "\n".join(bodies))  # no score
+
+
+def test_markup_in_a_passage_is_text_and_runs_nothing(ws, serve, browser):
+    server = serve(auditors=("ana",), overlap=0.0)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url("ana"))
+    for _ in sample_keys(ws):
+        if current_passage(page) == MARKUP:
+            break
+        press(page, "s")
+    assert current_passage(page) == MARKUP  # shown as the characters it is
+    assert page.locator("#passage script, #passage img").count() == 0
+    assert page.evaluate("window.__pwned") is None and not errors
+
+
+def session(server, who="ana") -> httpx.Client:
+    client = httpx.Client(base_url=server.base, follow_redirects=False)
+    r = client.get(server.url(who).removeprefix(server.base))
+    assert r.status_code == 303
+    return client
+
+
+def test_tokens_cookie_host_csrf_and_origin(ws, serve):
+    server = serve(auditors=("ana", "ben"), overlap=0.0)
+    base = server.base
+    assert httpx.get(base + "/start?token=wrong").status_code == 403
+    assert httpx.get(base + "/start").status_code == 403
+    assert httpx.get(base + "/queue").status_code == 403  # no session cookie
+    url = server.url("ana")
+    first = httpx.get(url, follow_redirects=False)
+    assert first.status_code == 303
+    cookie = first.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert httpx.get(url, follow_redirects=False).status_code == 403  # the token works once
+    # DNS rebinding: a foreign Host header is refused
+    assert httpx.get(base + "/queue", headers={"Host": "attacker.example"}).status_code == 400
+    client = httpx.Client(base_url=base, cookies=first.cookies, follow_redirects=False)
+    item = client.get("/queue").headers["location"]
+    page = client.get(item)
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "access-control-allow-origin" not in page.headers
+    preflight = client.options(item + "/verdict", headers={"Origin": "http://attacker.example",
+                                                          "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    good_origin = {"Origin": base}
+    refused = [client.post(item + "/verdict", data={"verdict": "pass"}, headers=good_origin),  # no CSRF token
+               client.post(item + "/verdict", data={"verdict": "pass", "csrf": "x" * 43}, headers=good_origin),
+               client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf},  # cross-origin
+                           headers={"Origin": "http://attacker.example"}),
+               client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf})]  # no Origin at all
+    assert [r.status_code for r in refused] == [403] * 4
+    assert human_audits(ws) == []
+    # Another auditor's session cannot use ana's CSRF token or item ids.
+    ben = session(server, "ben")
+    assert ben.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=good_origin).status_code == 403
+    ok = client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=good_origin)
+    assert ok.status_code == 303 and len(human_audits(ws, "ana")) == 1
+    # A verdict that breaks the audit schema is refused with the reason, and nothing is stored.
+    item2 = client.get("/queue").headers["location"]
+    bad = client.post(item2 + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "no"}, headers=good_origin)
+    assert bad.status_code == 400 and "is too short" in bad.text
+    assert len(human_audits(ws, "ana")) == 1
+    # The statistics would unblind the queue: closed until it is done.
+    assert client.get("/stats").status_code == 403
+
+
+def test_the_command_prints_links_and_serves(ws):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*RATCHET, "audit", "serve", "-w", str(ws.root), "--port",
+                             str(port), "--auditor", "ana", "--auditor", "ben", "--admin"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        while len([x for x in lines if "/start?token=" in x]) < 3:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        urls = dict(re.match(r"(\w+).*?: (http\S+)", x).groups() for x in lines if "/start?token=" in x)
+        assert set(urls) == {"ana", "ben", "admin"} and all(f"127.0.0.1:{port}" in u for u in urls.values())
+        for _ in range(100):
+            try:
+                r = httpx.get(urls["admin"], follow_redirects=True)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert r.status_code == 200 and "Audit statistics" in r.text  # an admin sees the statistics at once
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port in use: a clear error, no traceback
+        taken = subprocess.run([*RATCHET, "audit", "serve", "-w", str(ws.root), "--port", str(busy.getsockname()[1])],
+                               capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 1 and "cannot listen on 127.0.0.1" in taken.stderr + taken.stdout
