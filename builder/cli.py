@@ -669,7 +669,9 @@ def audit_serve(
     ws = open_workspace(workspace)
     if len(set(auditor)) != len(auditor):
         fail("--auditor: each name once")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if ":" in host:
+        fail(f"--host {host}: an IPv6 address is not supported; use 127.0.0.1, or an IPv4 address or host name")
+    if host not in ("127.0.0.1", "localhost"):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this address and holds a start link "
                   "can audit; the page has no TLS")
 

@@ -186,24 +186,30 @@ AUDIT_ITEMS = Table("audit_items", AuditItemRow, key=("item", "annotator", "gene
                     doc="one row per audited item: exact coverage without a per-item GROUP BY over all audits")
 
 
-class AuditTask(JudgingTask[SampledItem, Outcome]):
+class AuditorTask(JudgingTask):
+    """What the model auditor's tasks share: its sampling and judging config, and the outcome
+    itself as the row (the stage builds the audit rows)."""
+    what = "audit"
+
+    def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
+        super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"{self.what} ({auditor})")
+        self.prompts, self.judging = prompts, config.judgements
+
+    def format_output(self, x, outcome: Outcome) -> Outcome:
+        return outcome
+
+
+class AuditTask(AuditorTask):
     """The model auditor checks one sampled annotation against its passage (never learning who
     wrote it); schemas/audit.schema.json, read as P(pass)."""
     schema_name = "audit"
     field, choices = "verdict", ("pass", "fail")
-
-    def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
-        super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"audit ({auditor})")
-        self.prompts, self.judging = prompts, config.judgements
 
     def content_free(self, text: str) -> SampledItem:
         return SampledItem("content-free", "", text, content_free_record(text))
 
     def format_input(self, x: SampledItem) -> tuple[dict, ...]:
         return audit_messages(self.prompts, x.passage, x.record)
-
-    def format_output(self, x: SampledItem, outcome: Outcome) -> Outcome:
-        return outcome
 
 
 @dataclass
@@ -231,15 +237,12 @@ def critique_audit_messages(prompts: Prompts, x: SampledCritique) -> tuple[dict,
                                                         critique=x.critique, **values, **x.record)})
 
 
-class CritiqueAuditTask(JudgingTask[SampledCritique, Outcome]):
+class CritiqueAuditTask(AuditorTask):
     """The model auditor checks one sampled critique: the passage, the annotation and the
     critique, never who wrote either; schemas/critique_audit.schema.json, read as P(right)."""
     schema_name = "critique_audit"
     field, choices = "verdict", ("right", "wrong")
-
-    def __init__(self, prompts: Prompts, config: RatchetConfig, auditor: str):
-        super().__init__(Sampling.of(config, config.audit.max_tokens), label=f"audit critiques ({auditor})")
-        self.prompts, self.judging = prompts, config.judgements
+    what = "audit critiques"
 
     def content_free(self, text: str) -> SampledCritique:
         return SampledCritique("content-free", "", "", text, content_free_record(text),
@@ -247,9 +250,6 @@ class CritiqueAuditTask(JudgingTask[SampledCritique, Outcome]):
 
     def format_input(self, x: SampledCritique) -> tuple[dict, ...]:
         return critique_audit_messages(self.prompts, x)
-
-    def format_output(self, x: SampledCritique, outcome: Outcome) -> Outcome:
-        return outcome
 
 
 def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int, engine, prompts: Prompts,
@@ -287,6 +287,23 @@ def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
         [[r.item, r.annotator, r.generation, r.auditor_kind == "model", r.auditor_kind == "human"] for r in rows])
 
 
+def withdraw_audit(con, item: str, annotator: str, generation: int, auditor: str,
+                   previous: AuditRow | None = None) -> None:
+    """Take back a person's verdict (the audit page's undo): their earlier verdict on the item is
+    put back when there was one, else the row goes and the item's coverage is recounted."""
+    key = [item, annotator, generation]
+    con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ? "
+                "AND auditor_kind = 'human'", [*key, auditor])
+    if previous is not None:
+        AUDITS.insert(con, [previous], on_conflict="replace")
+    con.execute("""UPDATE audit_items SET by_human = EXISTS (
+                       SELECT 1 FROM audits a WHERE a.item = audit_items.item AND a.annotator = audit_items.annotator
+                       AND a.generation = audit_items.generation AND a.auditor_kind = 'human')
+                   WHERE item = ? AND annotator = ? AND generation = ?""", key)
+    con.execute("DELETE FROM audit_items WHERE item = ? AND annotator = ? AND generation = ? "
+                "AND NOT by_model AND NOT by_human", key)
+
+
 # ---------------------------------------------------------------- reputation
 
 
@@ -307,19 +324,42 @@ REPUTATION = Table("reputation", ReputationRow, key=("annotator", "generation"),
                    doc="Beta posterior of each annotator's audit pass rate")
 
 
+# A Beta(1 + Σ P(good), 1 + Σ P(bad)) record per member over every audit up to generation $g by
+# the auditor kinds in $kinds (an audit without a probability counts its verdict as 1 or 0).
+BETA_RECORD_SQL = """
+    SELECT {who}, $g::INTEGER AS generation,
+           count(*) FILTER (verdict = '{good}') AS {goods}, count(*) FILTER (verdict <> '{good}') AS {bads},
+           sum(coalesce({prob}, (verdict = '{good}')::DOUBLE)) AS {mass},
+           1 + {mass} AS alpha, 1 + count(*) - {mass} AS beta, alpha / (alpha + beta) AS mean
+    FROM {table} WHERE generation <= $g AND list_contains($kinds, auditor_kind) GROUP BY {who}"""
+REPUTATION_SQL = BETA_RECORD_SQL.format(who="annotator", good="pass", goods="passes", bads="fails", prob="pass_prob",
+                                        mass="pass_mass", table="audits")
+KINDS = ["model", "human"]
+
+
 def update_reputation(con, generation: int) -> dict[str, float]:
-    """Beta(1 + P(pass) summed, 1 + P(fail) summed) posterior of each annotator's pass rate over
-    every audit up to this generation (an audit without a probability counts its verdict as 1 or
-    0); its mean is the annotator's vote weight. Returns name -> mean."""
+    """Each annotator's Beta posterior of its pass rate over every audit up to this generation
+    (REPUTATION_SQL). Returns name -> mean."""
     con.execute("DELETE FROM reputation WHERE generation = ?", [generation])
-    con.execute("""
-        INSERT INTO reputation (annotator, generation, passes, fails, pass_mass, alpha, beta, mean)
-        SELECT annotator, ?::INTEGER AS generation,
-               count(*) FILTER (verdict = 'pass') AS passes, count(*) FILTER (verdict = 'fail') AS fails,
-               sum(coalesce(pass_prob, (verdict = 'pass')::DOUBLE)) AS pass_mass,
-               1 + pass_mass AS alpha, 1 + count(*) - pass_mass AS beta, alpha / (alpha + beta) AS mean
-        FROM audits WHERE generation <= ? GROUP BY annotator""", [generation, generation])
+    con.execute("INSERT INTO reputation (annotator, generation, passes, fails, pass_mass, alpha, beta, mean) "
+                + REPUTATION_SQL, {"g": generation, "kinds": KINDS})
     return dict(con.execute("SELECT annotator, mean FROM reputation WHERE generation = ?", [generation]).fetchall())
+
+
+def reputation_means(con, generation: int, kinds: list[str]) -> dict[str, float]:
+    """The same posterior from the audits of some auditor kinds only, without storing it."""
+    rows = con.execute(f"SELECT annotator, mean FROM ({REPUTATION_SQL})", {"g": generation, "kinds": kinds}).fetchall()
+    return dict(rows)
+
+
+def refresh_reputations(con, generation: int) -> None:
+    """After verdicts for `generation` arrive late (an import, the audit page): every record from
+    that generation on counts them, not only that generation's (a later generation's vote
+    weights read the latest record)."""
+    last = con.execute("SELECT max(generation) FROM annotations").fetchone()[0] or generation
+    for g in range(generation, max(last, generation) + 1):
+        update_reputation(con, g)
+        update_critic_reputation(con, g)
 
 
 @dataclass
@@ -338,19 +378,25 @@ CRITIC_REPUTATION = Table("critic_reputation", CriticReputationRow, key=("critic
                           doc="Beta posterior of each critic's audited rate of right verdicts: its vote weight")
 
 
+# The same for critics: Beta(1 + Σ P(right), 1 + Σ P(wrong)) over every critique audit up to $g.
+CRITIC_RECORD_SQL = BETA_RECORD_SQL.format(who="critic", good="right", goods="rights", bads="wrongs", prob="right_prob",
+                                           mass="right_mass", table="critique_audits")
+
+
 def update_critic_reputation(con, generation: int) -> dict[str, float]:
-    """Beta(1 + Σ P(right), 1 + Σ P(wrong)) posterior of each critic's rate of right verdicts over
-    every critique audit up to this generation; its mean weighs the critic's votes in later
-    generations (stages/scrutinize.py: vote_weights). Returns name -> mean."""
+    """Each critic's Beta posterior of its rate of right verdicts over every critique audit up to
+    this generation (CRITIC_RECORD_SQL); its mean weighs the critic's votes in later generations
+    (stages/scrutinize.py: vote_weights). Returns name -> mean."""
     con.execute("DELETE FROM critic_reputation WHERE generation = ?", [generation])
-    con.execute("""
-        INSERT INTO critic_reputation (critic, generation, rights, wrongs, right_mass, alpha, beta, mean)
-        SELECT critic, ?::INTEGER AS generation,
-               count(*) FILTER (verdict = 'right') AS rights, count(*) FILTER (verdict = 'wrong') AS wrongs,
-               sum(coalesce(right_prob, (verdict = 'right')::DOUBLE)) AS right_mass,
-               1 + right_mass AS alpha, 1 + count(*) - right_mass AS beta, alpha / (alpha + beta) AS mean
-        FROM critique_audits WHERE generation <= ? GROUP BY critic""", [generation, generation])
+    con.execute("INSERT INTO critic_reputation (critic, generation, rights, wrongs, right_mass, alpha, beta, mean) "
+                + CRITIC_RECORD_SQL, {"g": generation, "kinds": KINDS})
     return dict(con.execute("SELECT critic, mean FROM critic_reputation WHERE generation = ?", [generation]).fetchall())
+
+
+def critic_record_means(con, generation: int, kinds: list[str]) -> dict[str, float]:
+    """Each critic's record over the critique audits of some auditor kinds, up to `generation`."""
+    return dict(con.execute(f"SELECT critic, mean FROM ({CRITIC_RECORD_SQL})",
+                            {"g": generation, "kinds": kinds}).fetchall())
 
 
 # ---------------------------------------------------------------- human auditors
@@ -441,15 +487,23 @@ def _as_list(value, cast) -> list:
     return [cast(v.strip()) for v in str(value).split(separator) if v.strip()]
 
 
-def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -> AuditRow:
-    missing = [c for c in ("item", "annotator", "generation", "verdict") if not str(row.get(c) or "").strip()]
+def _verdict_and_generation(row: dict, columns: tuple[str, ...], allowed: tuple[str, str], hint: str = "") -> tuple:
+    """The verdict (one of `allowed`) and the generation of a person's row, or ValueError."""
+    missing = [c for c in (*columns, "generation", "verdict") if not str(row.get(c) or "").strip()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     verdict = str(row["verdict"]).strip().lower()
-    if verdict not in ("pass", "fail"):
-        raise ValueError(f"verdict {row['verdict']!r} is not pass or fail")
+    if verdict not in allowed:
+        raise ValueError(f"verdict {row['verdict']!r} is not {' or '.join(allowed)}{hint}")
     try:
-        generation = int(row["generation"])
+        return verdict, int(row["generation"])
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+
+
+def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -> AuditRow:
+    verdict, generation = _verdict_and_generation(row, ("item", "annotator"), ("pass", "fail"))
+    try:
         wrong = _as_list(row.get("wrong_claims"), int)
     except ValueError as exc:
         raise ValueError(f"not a number: {exc}") from None
@@ -465,16 +519,8 @@ def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -
 
 
 def parse_human_critique_row(row: dict, auditor: str, known: set[tuple[str, str, str, int]]) -> CritiqueAuditRow:
-    missing = [c for c in ("item", "annotator", "critic", "generation", "verdict") if not str(row.get(c) or "").strip()]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    verdict = str(row["verdict"]).strip().lower()
-    if verdict not in ("right", "wrong"):
-        raise ValueError(f"verdict {row['verdict']!r} is not right or wrong (was the critique right?)")
-    try:
-        generation = int(row["generation"])
-    except ValueError as exc:
-        raise ValueError(f"not a number: {exc}") from None
+    verdict, generation = _verdict_and_generation(row, ("item", "annotator", "critic"), ("right", "wrong"),
+                                                  " (was the critique right?)")
     key = (str(row["item"]).strip(), str(row["annotator"]).strip(), str(row["critic"]).strip(), generation)
     if key not in known:
         raise ValueError(f"no valid critique of {key[0]} by {key[1]} from {key[2]} in generation {generation}")
@@ -520,10 +566,10 @@ def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
         problems.append(f"{path}:{where}: {problem}")
     for generation, rows in good.items():
         store_audits(con, generation, rows)
-        update_reputation(con, generation)
-    for generation, rows in critiques.items():
+    for rows in critiques.values():
         store_critique_audits(con, rows)
-        update_critic_reputation(con, generation)
+    if good or critiques:
+        refresh_reputations(con, min([*good, *critiques]))
     return sum(len(r) for r in good.values()) + sum(len(r) for r in critiques.values()), problems
 
 

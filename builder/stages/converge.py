@@ -196,7 +196,7 @@ class Converge(Stage):
 
     def run(self, ctx: BuildContext) -> dict:
         g, ensemble = ctx.generation, ctx.ensemble
-        weights = vote_weights(ctx.con, g)
+        weights = vote_weights(ctx.con, g, ctx.cfg.audit.vote_weights)
         ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights)
         ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
         ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0 or bool(ensemble.verifiers),

@@ -116,7 +116,7 @@ class Scrutinize(Stage):
     def run(self, ctx: BuildContext) -> None:
         ctx.critiques = []
         ensemble = ctx.ensemble
-        weights = vote_weights(ctx.con, ctx.generation)
+        weights = vote_weights(ctx.con, ctx.generation, ctx.cfg.audit.vote_weights)
         if ensemble.k > 0:
             text = ctx.text()
             by_name = {m.name: m for m in ensemble.members}
@@ -146,11 +146,16 @@ def verifier_row(generation: int, name: str, t: Task, weight: float = PRIOR_WEIG
                        weight, None, 0, None, c.share, c.probs, None, verifier.KIND)
 
 
-def vote_weights(con, generation: int) -> dict[str, float]:
-    """Each member's vote weight: the mean of its latest critic reputation (the audited record of
-    its own critiques, stages/audit.py) from generations before this one. Its record as an
-    annotator does not weigh its votes: writing well and judging well are different skills,
-    and a member that only critiques has audits too. Earlier generations only: this
-    generation's audit sample is secret, and nothing published may depend on which items it holds."""
-    return dict(con.execute("""SELECT critic, arg_max(mean, generation) FROM critic_reputation
-                               WHERE generation < ? GROUP BY critic""", [generation]).fetchall())
+def vote_weights(con, generation: int, source: str = "audits") -> dict[str, float]:
+    """Each member's vote weight: the mean of its record as a critic (the Beta posterior of its
+    critiques judged right, stages/audit.py) over every critique audit of generations before
+    this one (`audit.vote_weights`: "audits" every auditor's, "human" people's only, "prior"
+    none: every vote weighs the same). Its record as an annotator does not weigh its votes:
+    writing well and judging well are different skills, and a member that only critiques has
+    audits too. Earlier generations only: this generation's audit sample is secret, and nothing
+    published may depend on which items it holds."""
+    from .audit import KINDS, critic_record_means
+
+    if source == "prior" or generation <= 1:
+        return {}
+    return critic_record_means(con, generation - 1, KINDS if source == "audits" else ["human"])

@@ -1,10 +1,10 @@
 """The audit page: Starlette, server-rendered Jinja2 templates and one small script, no build
 step and nothing from a CDN. It reads and writes the workspace's DuckDB through the same
 validated path as `ratchet audit import` (stages/audit.py: parse_human_row, store_audits,
-update_reputation), one short connection per request under the workspace lock, so a build
-and the page never write at once and a closed tab loses nothing already submitted.
+refresh_reputations), one short connection per request, writes under the workspace lock, so a
+build and the page never write at once and a closed tab loses nothing already submitted.
 
-Security (docs/audit-web.md): loopback by default; Host header checked (DNS rebinding); a
+Security (docs/audit-page.md): loopback by default; Host header checked (DNS rebinding); a
 one-time start token exchanged for an HttpOnly, SameSite=Strict cookie; a CSRF token and an
 Origin check on every POST; a strict Content-Security-Policy; no CORS; every model output
 escaped by the templates. The audit secret and item identities never reach a page.
@@ -12,12 +12,14 @@ escaped by the templates. The audit secret and item identities never reach a pag
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -28,18 +30,19 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..prompts import Prompts
-from ..stages.audit import load_secret, parse_human_row, store_audits, update_reputation
-from ..workspace import Workspace, WorkspaceError
+from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputations, store_audits,
+                            withdraw_audit)
+from ..workspace import Workspace, WorkspaceError, transaction
 from .queue import AuditorQueue, Key, assign, load_sample
 from .stats import ratchet_plot, stats
 
 HERE = Path(__file__).parent
-COOKIE = "ratchet_audit"
+BUSY = "The workspace is busy (a build is writing it). Nothing was lost; try again in a moment."
+log = logging.getLogger("ratchet.audit_page")
 REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
                 "not about this passage")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class Refused(Exception):
@@ -82,8 +85,7 @@ class AuditServer:
         self._lock = threading.Lock()
         cfg = ws.config
         self.prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
-        self.origins = {f"http://{h}:{config.port}" for h in self.hosts()} | {
-            f"http://[{h}]:{config.port}" for h in self.hosts() if ":" in h}
+        self.origins = {f"http://{h}:{config.port}" for h in self.hosts()}
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
 
     # ------------------------------------------------------------ plumbing
@@ -93,8 +95,8 @@ class AuditServer:
         return ["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost") else [host]
 
     def start_urls(self) -> list[tuple[str, str]]:
-        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return [(who + (" (admin: stats only)" if admin else ""), f"http://{host}:{self.config.port}/start?token={t}")
+        return [(who + (" (admin: stats only)" if admin else ""),
+                 f"http://{self.config.host}:{self.config.port}/start?token={t}")
                 for t, (who, admin) in self.tokens.items()]
 
     @contextmanager
@@ -116,20 +118,30 @@ class AuditServer:
                         yield con
                     finally:
                         con.close()
-            except WorkspaceError as exc:
-                raise Refused(503, f"{exc}. Nothing was lost; try again in a moment.") from None
+            except (WorkspaceError, duckdb.Error):  # never echo it: the message names paths and pids
+                raise Refused(503, BUSY) from None
+
+    @property
+    def cookie(self) -> str:
+        """Cookies are shared by every port of a host: the name carries the port, so two servers
+        (or another local service) never see or overwrite this one's session."""
+        return f"ratchet_audit_{self.config.port}"
 
     def session(self, request: Request) -> AuditorQueue:
-        session = self.sessions.get(request.cookies.get(COOKIE, ""))
+        session = self.sessions.get(request.cookies.get(self.cookie, ""))
         if session is None:
             raise Refused(403, "No session: open the start link that `ratchet audit serve` printed.")
         return session
 
     def check_post(self, request: Request, form, session: AuditorQueue) -> None:
-        """CSRF token and Origin on every POST: a page on another origin cannot submit for you."""
+        """CSRF token and Origin on every POST: a page on another origin cannot submit for you.
+        A session that has seen the statistics judges no more: changing a verdict and watching
+        the per-annotator figures move would tell who wrote the item."""
+        if session.saw_stats:
+            raise Refused(403, "You have seen the statistics, so this session is no longer blind: verdicts are closed.")
         if request.headers.get("origin") not in self.origins:
             raise Refused(403, "Refused: this form was not sent from the audit page (Origin).")
-        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             raise Refused(403, "Refused: the form's CSRF token is missing or wrong; reload the page.")
 
     def done(self, con, session: AuditorQueue) -> set[Key]:
@@ -145,7 +157,9 @@ class AuditServer:
 
     def start(self, request: Request) -> Response:
         token = request.query_params.get("token", "")
-        found = next((t for t in self.tokens if hmac.compare_digest(t, token)), None)
+        if request.method == "HEAD":  # a link preview must not use up the token
+            return Response(status_code=200)
+        found = next((t for t in self.tokens if hmac.compare_digest(t.encode(), token.encode())), None)
         if found is None:
             raise Refused(403, "This link is not valid: it was used already, or it is wrong. "
                                "Each start link works once; restart `ratchet audit serve` for new ones.")
@@ -153,7 +167,7 @@ class AuditServer:
         session_id = secrets.token_urlsafe(32)
         self.sessions[session_id] = AuditorQueue(auditor, [] if admin else list(self.queues[auditor]), admin=admin)
         response = RedirectResponse("/stats" if admin else "/queue", status_code=303)
-        response.set_cookie(COOKIE, session_id, httponly=True, samesite="strict", path="/")
+        response.set_cookie(self.cookie, session_id, httponly=True, samesite="strict", path="/")
         return response
 
     def queue(self, request: Request) -> Response:
@@ -195,16 +209,18 @@ class AuditServer:
         text = str(form.get("reason", "")).strip()
         reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
         row = {"item": x.item, "annotator": x.annotator, "generation": self.generation,
-               "verdict": str(form.get("verdict", "")), "reasons": reasons,
-               "wrong_claims": [int(n) for n in form.getlist("claims") if str(n).isdigit()]}
+               "verdict": str(form.get("verdict", "")), "reasons": reasons, "wrong_claims": form.getlist("claims")}
         try:
             audit = parse_human_row(row, session.auditor, {(x.item, x.annotator, self.generation)})
         except ValueError as exc:
             return self.item(request, error=str(exc), status=400)
         with self.db(write=True) as con:
-            store_audits(con, self.generation, [audit])
-            update_reputation(con, self.generation)
-        session.history.append((x.item, x.annotator))
+            previous = AUDITS.read(con, "item = ? AND annotator = ? AND generation = ? AND auditor = ? AND "
+                                        "auditor_kind = 'human'", [x.item, x.annotator, self.generation, session.auditor])
+            with transaction(con):
+                store_audits(con, self.generation, [audit])
+                refresh_reputations(con, self.generation)
+        session.history.append(((x.item, x.annotator), previous[0] if previous else None))
         session.skipped.discard((x.item, x.annotator))
         return RedirectResponse("/queue", status_code=303)
 
@@ -225,18 +241,12 @@ class AuditServer:
         self.check_post(request, form, session)
         if not session.history:
             return RedirectResponse("/queue", status_code=303)
-        item, annotator = session.history.pop()
+        (item, annotator), previous = session.history[-1]
         with self.db(write=True) as con:
-            key = [item, annotator, self.generation]
-            con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ? "
-                        "AND auditor_kind = 'human'", [*key, session.auditor])
-            con.execute("""UPDATE audit_items SET by_human = EXISTS (
-                               SELECT 1 FROM audits a WHERE a.item = audit_items.item AND a.annotator = audit_items.annotator
-                               AND a.generation = audit_items.generation AND a.auditor_kind = 'human')
-                           WHERE item = ? AND annotator = ? AND generation = ?""", key)
-            con.execute("DELETE FROM audit_items WHERE item = ? AND annotator = ? AND generation = ? "
-                        "AND NOT by_model AND NOT by_human", key)
-            update_reputation(con, self.generation)
+            with transaction(con):
+                withdraw_audit(con, item, annotator, self.generation, session.auditor, previous)
+                refresh_reputations(con, self.generation)
+        session.history.pop()  # only once it is undone: a busy workspace (503) keeps it for the next try
         x = next(x for x in session.items if (x.item, x.annotator) == (item, annotator))
         return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
 
@@ -250,6 +260,7 @@ class AuditServer:
     def stats_page(self, request: Request) -> Response:
         session = self.session(request)
         self._may_see_stats(session)
+        session.saw_stats = True
         with self.db(write=False) as con:
             figures = stats(con, self.generation)
         return self.page(request, "stats.html", **figures)
@@ -273,9 +284,13 @@ class AuditServer:
                     return result
                 except Refused as exc:
                     return self.page(request, "message.html", exc.status, message=exc.message)
+                except Exception:  # logged here; the page says nothing that could name an item or a path
+                    log.exception("audit page: %s %s", request.method, request.url.path)
+                    return self.page(request, "message.html", 500, message="Something went wrong on the server; "
+                                     "your earlier verdicts are saved.")
             return endpoint
 
-        routes = [Route("/start", guarded(self.start)), Route("/queue", guarded(self.queue)),
+        routes = [Route("/start", guarded(self.start), methods=["GET", "HEAD"]), Route("/queue", guarded(self.queue)),
                   Route("/item/{id}", guarded(self.item)),
                   Route("/item/{id}/verdict", guarded(self.verdict), methods=["POST"]),
                   Route("/item/{id}/skip", guarded(self.skip), methods=["POST"]),

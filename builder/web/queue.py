@@ -49,7 +49,9 @@ class AuditorQueue:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     _salt: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     skipped: set[Key] = field(default_factory=set)
-    history: list[Key] = field(default_factory=list)  # verdicts submitted in this session, for undo
+    # verdicts submitted in this session, for undo: the item and the verdict it replaced (or None)
+    history: list[tuple[Key, object]] = field(default_factory=list)
+    saw_stats: bool = False
 
     def __post_init__(self):
         self.by_id = {self.opaque(x): x for x in self.items}

@@ -6,6 +6,8 @@ import io
 import math
 import warnings
 
+from ..stages.audit import KINDS, reputation_means
+
 
 def _rows(con, sql: str, params) -> list[dict]:
     cur = con.execute(sql, params)
@@ -43,14 +45,11 @@ def stats(con, generation: int) -> dict:
                                  WHERE generation = ? AND a.auditor_kind = 'human' AND b.auditor_kind = 'human'
                                    AND a.auditor < b.auditor""", [generation]).fetchall()
     # Reputation before people reviewed (model audits only) and after (every audit): the same
-    # Beta posterior as stages/audit.py: update_reputation.
-    reputation = _rows(con, """
-        WITH before AS (
-            SELECT annotator, (1 + sum(coalesce(pass_prob, (verdict = 'pass')::DOUBLE))) / (2 + count(*)) AS mean
-            FROM audits WHERE generation <= $g AND auditor_kind = 'model' GROUP BY annotator)
-        SELECT r.annotator, round(coalesce(b.mean, 0.5), 3) AS before, round(r.mean, 3) AS after
-        FROM reputation r LEFT JOIN before b USING (annotator) WHERE r.generation = $g ORDER BY r.annotator""",
-                       {"g": generation})
+    # posterior as the reputation table (stages/audit.py: REPUTATION_SQL).
+    before = reputation_means(con, generation, ["model"])
+    after = reputation_means(con, generation, KINDS)
+    reputation = [{"annotator": a, "before": round(before.get(a, 0.5), 3), "after": round(m, 3)}
+                  for a, m in sorted(after.items())]
     return {"by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind,
             "model_human": {"n": len(model_human), "kappa": kappa(model_human),
                             "agree": sum(a == b for a, b in model_human)},

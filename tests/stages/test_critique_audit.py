@@ -153,3 +153,34 @@ def test_human_critique_verdicts_are_validated_against_their_schema(tmp_path):
     imported, problems = import_verdicts(con, f, "ana")
     assert imported == 1
     assert problems == [f"{f}:1: does not match schemas/critique_audit.schema.json at reasons/0: 'ok' is too short"]
+
+
+def test_vote_weights_can_come_from_people_only_or_from_nothing():
+    """audit.vote_weights: with an auditor model that cannot tell right from wrong critiques
+    (bench/validity.py), only people's critique verdicts, or none, weigh the votes."""
+    con = db_with_critiques(4)
+    store_critique_audits(con, [CritiqueAuditRow("p000", "author", "critic", 1, "m", "model", "wrong", [], 0.0),
+                                CritiqueAuditRow("p001", "author", "critic", 1, "m", "model", "wrong", [], 0.0),
+                                CritiqueAuditRow("p002", "author", "critic", 1, "ana", "human", "right", [], 1.0)])
+    assert vote_weights(con, 2, "audits") == {"critic": pytest.approx(2 / 5)}
+    assert vote_weights(con, 2, "human") == {"critic": pytest.approx(2 / 3)}
+    assert vote_weights(con, 2, "prior") == {}
+
+
+def test_a_late_verdict_reaches_every_later_generations_record(tmp_path):
+    """A person's verdict on generation 1 imported after generation 2 was built: generation 2's
+    records (which generation 3's vote weights read) count it too."""
+    con = db_with_critiques(3)
+    con.execute("INSERT INTO annotations (generation, passage_id, annotator, status, reason, attempts, truncated, record, "
+                "call_key) VALUES (2, 'p000', 'author', 'accepted', NULL, 1, 0, ?, NULL)", [json.dumps(RECORD)])
+    f = tmp_path / "late.jsonl"
+    f.write_text(json.dumps({"item": "p001", "annotator": "author", "critic": "critic", "generation": 1,
+                             "verdict": "wrong", "reasons": ["passed an invented claim"]}) + "\n"
+                 + json.dumps({"item": "p001", "annotator": "author", "generation": 1, "verdict": "fail",
+                               "reasons": [], "wrong_claims": [1]}) + "\n")
+    assert import_verdicts(con, f, "ana") == (2, [])
+    for g in (1, 2):
+        assert con.execute("SELECT wrongs FROM critic_reputation WHERE critic = 'critic' AND generation = ?",
+                           [g]).fetchone() == (1,)
+        assert con.execute("SELECT fails FROM reputation WHERE annotator = 'author' AND generation = ?",
+                           [g]).fetchone() == (1,)

@@ -206,6 +206,23 @@ def test_undo_reload_and_skip(ws, serve, browser):
     page.keyboard.press("?")
     expect(page.locator("#help")).to_be_visible()
     expect(page.locator("#help")).to_contain_text("undo your last verdict")
+    # Revise the first item's pass to a fail typed with a reason (Enter in the reason submits
+    # nothing), then undo: the pass comes back, not nothing.
+    page.goto(server.base + "/queue")
+    while current_passage(page) != first:
+        press(page, "k")
+    expect(page.locator(".note")).to_contain_text("pass")
+    page.fill("#reason", "claim 2 is not in the passage")
+    page.press("#reason", "Enter")
+    page.wait_for_timeout(300)
+    assert [(r[0], r[3]) for r in human_audits(ws)] == [(keys[first][0], "pass")]  # Enter stored nothing
+    page.keyboard.press("Escape")
+    press(page, "f")
+    assert [(r[0], r[3], json.loads(r[5])) for r in human_audits(ws)] == [
+        (keys[first][0], "fail", ["claim 2 is not in the passage"])]
+    press(page, "u")
+    assert [(r[0], r[3]) for r in human_audits(ws)] == [(keys[first][0], "pass")]
+    assert current_passage(page) == first
 
 
 def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_path):
@@ -216,10 +233,11 @@ def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_
     for who in ("ana", "ben"):
         pages[who] = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
         pages[who].goto(server.url(who))
-    orders = {who: [] for who in pages}
-    for n in range(len(keys)):  # interleaved: both write at once, neither overwrites the other
+    orders, last_url = {who: [] for who in pages}, {}
+    for n in range(len(keys)):  # interleaved, each verdict written as it comes: neither overwrites the other
         for who, page in pages.items():
             orders[who].append(current_passage(page))
+            last_url[who] = page.url
             press(page, "f" if (who == "ben" and n == 0) else "p")
     assert sorted(orders["ana"]) == sorted(orders["ben"]) == sorted(keys)
     rows = human_audits(ws)
@@ -236,6 +254,12 @@ def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_
     expect(page.locator("#by-annotator")).to_contain_text("smollm2")
     expect(page.locator("#reputation")).to_contain_text("before")
     assert page.locator("#ratchet-plot").evaluate("img => img.complete && img.naturalWidth > 0")
+    # Having seen per-annotator figures, the session judges no more (a changed verdict would
+    # move them and name the item's author).
+    page.goto(last_url["ana"])
+    press(page, "f")
+    expect(page.locator("#message")).to_contain_text("no longer blind")
+    assert len(human_audits(ws)) == 2 * len(keys) and {r[3] for r in human_audits(ws, "ana")} == {"pass"}
     screenshot(page, "audit-stats.png", tmp_path)
 
 
@@ -256,6 +280,8 @@ def test_nothing_served_names_an_author_model_persona_or_item(ws, serve, browser
     for _ in sample_keys(ws):
         press(page, "p")
     expect(page.locator("#finished")).to_be_visible()
+    page.goto(server.base + "/item/0123456789abcdef0123")  # an error page says no more than the others
+    expect(page.locator("#message")).to_contain_text("No such item")
     served = "\n".join(bodies + urls)
     assert len(bodies) > 5
     for word in forbidden:
@@ -279,14 +305,14 @@ def test_markup_in_a_passage_is_text_and_runs_nothing(ws, serve, browser):
 
 
 def session(server, who="ana") -> httpx.Client:
-    client = httpx.Client(base_url=server.base, follow_redirects=False)
-    r = client.get(server.url(who).removeprefix(server.base))
+    """An HTTP client holding `who`'s session cookie (the start token traded for it)."""
+    r = httpx.get(server.url(who), follow_redirects=False)
     assert r.status_code == 303
-    return client
+    return httpx.Client(base_url=server.base, cookies=r.cookies, follow_redirects=False)
 
 
 def test_tokens_cookie_host_csrf_and_origin(ws, serve):
-    server = serve(auditors=("ana", "ben"), overlap=0.0)
+    server = serve(auditors=("ana", "ben"), overlap=1.0)  # both have every item: ana's queue is never short
     base = server.base
     assert httpx.get(base + "/start?token=wrong").status_code == 403
     assert httpx.get(base + "/start").status_code == 403
@@ -318,9 +344,12 @@ def test_tokens_cookie_host_csrf_and_origin(ws, serve):
                client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf})]  # no Origin at all
     assert [r.status_code for r in refused] == [403] * 4
     assert human_audits(ws) == []
-    # Another auditor's session cannot use ana's CSRF token or item ids.
+    # Another auditor's session can use neither ana's CSRF token nor her item ids (ids are per session).
     ben = session(server, "ben")
     assert ben.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=good_origin).status_code == 403
+    ben_csrf = re.search(r'name="csrf" value="([^"]+)"', ben.get(ben.get("/queue").headers["location"]).text).group(1)
+    assert ben.post(item + "/verdict", data={"verdict": "pass", "csrf": ben_csrf}, headers=good_origin).status_code == 404
+    assert ben.get(item).status_code == 404
     ok = client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=good_origin)
     assert ok.status_code == 303 and len(human_audits(ws, "ana")) == 1
     # A verdict that breaks the audit schema is refused with the reason, and nothing is stored.
@@ -328,8 +357,17 @@ def test_tokens_cookie_host_csrf_and_origin(ws, serve):
     bad = client.post(item2 + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "no"}, headers=good_origin)
     assert bad.status_code == 400 and "is too short" in bad.text
     assert len(human_audits(ws, "ana")) == 1
-    # The statistics would unblind the queue: closed until it is done.
-    assert client.get("/stats").status_code == 403
+    # Input that is not what the form sends is refused, not a server error.
+    odd = [client.post(item2 + "/verdict", data={"verdict": "fail", "csrf": csrf, "claims": "\u00b2"}, headers=good_origin),
+           client.post(item2 + "/verdict", data={"verdict": "maybe", "csrf": csrf}, headers=good_origin),
+           client.post(item2 + "/verdict", data={"verdict": "pass", "csrf": "\u00e9"}, headers=good_origin),
+           client.get("/start?token=%C3%A9")]
+    assert [r.status_code for r in odd] == [400, 400, 403, 403]
+    # The statistics would unblind the queue: closed until it is done, the plot too.
+    assert client.get("/stats").status_code == 403 and client.get("/stats/ratchet.png").status_code == 403
+    # A link preview (HEAD) does not use up a start token.
+    cat = serve(auditors=("cat",)).url("cat")
+    assert httpx.head(cat).status_code == 200 and httpx.get(cat, follow_redirects=False).status_code == 303
 
 
 def test_the_command_prints_links_and_serves(ws):

@@ -24,6 +24,9 @@
     var typing = target && (target.tagName === "INPUT" && target.type === "text" || target.tagName === "TEXTAREA");
     if (typing) {
       if (event.key === "Escape") target.blur();
+      // Enter in the reason would submit the form with its first button, Pass: a fail typed
+      // with a reason would be stored as a pass. The verdict comes from p / f or a click only.
+      if (event.key === "Enter") event.preventDefault();
       return;
     }
     if (event.ctrlKey || event.metaKey || event.altKey) return;
