@@ -159,9 +159,14 @@ def _summary_table(s: dict) -> Table:
         critiques = audit.get("critiques")
         if critiques:
             right = "n/a" if critiques["right_rate"] is None else f"{critiques['right_rate']:.0%} right"
-            rows += [("critique audits", f"{critiques['sampled']} sampled, {critiques['audits']} audited, {right}"),
+            record = ", ".join(f"{k} {v:.2f}" for k, v in critiques.get("record", {}).items())
+            source = audit.get("vote_weights_from", "audits")
+            rows += [("critique audits", f"{critiques['sampled']} sampled, {critiques['audits']} audited, {right}"
+                                         + (f"; record {record}" if record else "")),
                      ("vote weight (critics)", ", ".join(f"{k} {v:.2f}" for k, v in audit["vote_weight"].items())
-                      or "no critique audits yet (every vote weighs 0.50)")]
+                      or f"0.50 each (audit.vote_weights = {source}: "
+                         + {"human": "no person has audited a critique yet)", "prior": "every vote weighs the same)"}
+                         .get(source, "no record yet)"))]
     c = s.get("conscience")
     if c:
         rows.append(("conscience", f"judge {c['judge']} (frozen), {c['items']} item(s), {c['unethical']} unethical, "

@@ -67,9 +67,10 @@ class AuditConfig(Section):
     persona: str = Field("auditor", description="The auditor's perspective; its prompt is prompts/audit.system.jinja.")
     max_tokens: int = Field(192, ge=16, description="Output budget of one audit verdict.")
     vote_weights: Literal["audits", "human", "prior"] = Field(
-        "audits", description="What weighs a critic's votes in later generations: its record over every critique audit "
-                              "(audits), over people's only (human: with an auditor model that cannot tell a right "
-                              "critique from a wrong one, bench/validity.py), or nothing (prior: every vote 0.5).")
+        "human", description="Whose critique audits weigh a critic's votes in later generations: people's only "
+                             "(human; every vote 0.5 until someone reviews critiques), every auditor's (audits: the "
+                             "model auditor's too; the bundled one cannot tell a right critique from a wrong one, "
+                             "bench/validity.py), or nobody's (prior).")
 
 
 ROLES = ("annotate", "critique")

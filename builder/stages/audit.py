@@ -600,7 +600,10 @@ class Audit(Stage):
                                                                                  ctx.prompts, cfg, auditor, ctx.run)
                 store_critique_audits(ctx.con, rows)
         reputation = update_reputation(ctx.con, g)
-        vote_weight = update_critic_reputation(ctx.con, g)
+        record = update_critic_reputation(ctx.con, g)
+        from .scrutinize import vote_weights  # the weights these audits give the next generation's votes
+
+        vote_weight = vote_weights(ctx.con, g + 1, cfg.audit.vote_weights)
         audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
                                          "WHERE generation = ?", [g]).fetchone()
         judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits "
@@ -611,5 +614,7 @@ class Audit(Stage):
                           "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())},
                           "critiques": {"sampled": len(critiques), "audits": judged,
                                         "right_rate": round(right / judged, 3) if judged else None,
-                                        "invalid_verdicts": critique_failed, "attempts": critique_attempts},
+                                        "invalid_verdicts": critique_failed, "attempts": critique_attempts,
+                                        "record": {k: round(v, 3) for k, v in sorted(record.items())}},
+                          "vote_weights_from": cfg.audit.vote_weights,
                           "vote_weight": {k: round(v, 3) for k, v in sorted(vote_weight.items())}}}
