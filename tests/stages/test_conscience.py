@@ -120,6 +120,6 @@ def test_eval_judge_scores_the_real_judge_on_the_shipped_file(tmp_path):
 
 def test_eval_judge_errors_are_clear(tmp_path):
     result = CliRunner().invoke(app, ["eval-judge", str(tmp_path / "nope.jsonl")])
-    assert result.exit_code == 1 and "no such file" in result.output
+    assert result.exit_code == 1 and "no such file" in " ".join(result.output.split())  # rich wraps long paths
     result = CliRunner().invoke(app, ["eval-judge", str(JUDGE_EVAL), "--judge", str(tmp_path / "gone.gguf")])
     assert result.exit_code == 1 and "model file not found" in " ".join(result.output.split())
