@@ -5,8 +5,9 @@ For the final reflections of a generation (the ratchet's, the ones the sft split
 makes known-worse variants (another passage's reflection, evidence not in the passage, flipped
 support, a negated claim, a reflection cut after its first claim) and has every judge score
 originals and variants: each critic member of the workspace's ensemble, the grounding
-verifier, and the ratchet panel as a whole (the mean of its members). The critique auditor
-judges right and wrong critiques of originals and worse variants. Per judge and
+verifier, and the ratchet panel as a whole (the mean of its members). The annotation auditor
+audits originals and variants (AUC of P(pass)); the critique auditor judges right and wrong
+critiques of originals and worse variants. Per judge and
 perturbation it prints the AUC of score(original) vs score(variant), raw and calibrated, the
 pairwise win rate of the original (asked in both orders) and the position consistency. Then
 the conscience judge on examples/code_hacking/judge_eval.jsonl: accuracy, Cohen's kappa and
@@ -35,7 +36,7 @@ from builder import verifier  # noqa: E402
 from builder.cache import CachedBackend  # noqa: E402
 from builder.ensemble import Ensemble  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
-from builder.stages.audit import CritiqueAuditTask, SampledCritique  # noqa: E402
+from builder.stages.audit import AuditTask, CritiqueAuditTask, SampledCritique, SampledItem  # noqa: E402
 from builder.stages.base import run_task  # noqa: E402
 from builder.stages.conscience import JudgeTask, load_framework, load_items, readings  # noqa: E402
 from builder.stages.ratchet import CompareTask, Pairing, panel_sampling  # noqa: E402
@@ -189,6 +190,27 @@ def critique_audits(items, prompts, cfg, cache) -> list[dict]:
     return rows
 
 
+def annotation_audits(items, prompts, cfg, cache) -> list[dict]:
+    """The annotation auditor (audit.auditor), whose verdicts make each annotator's reputation:
+    AUC of P(pass), originals vs each known-worse variant."""
+    from builder.backends import make_backend
+
+    auditor = cfg.audit.auditor or "bundled:smollm2"
+    sampled = [SampledItem(t.passage_id, "", t.passage, t.record) for _, _, t in items]
+    t0 = time.perf_counter()
+    with make_backend(cfg.engine_for(auditor)) as backend:
+        outcomes = run_task(AuditTask(prompts, cfg, auditor), sampled, CachedBackend(backend, cache))
+    print(f"  annotation auditor {auditor}: {len(sampled)} audits in {time.perf_counter() - t0:.0f} s", flush=True)
+    p_pass = {(i, kind): o.graded.p("pass") for (i, kind, _), o in zip(items, outcomes) if o.graded}
+    originals = {i: p for (i, kind), p in p_pass.items() if kind == "original"}
+    rows = []
+    for kind in PERTURBATIONS:
+        worse = {i: p for (i, k), p in p_pass.items() if k == kind and i in originals}
+        rows.append({"judge": f"annotation auditor ({auditor})", "perturbation": kind, "n": len(worse),
+                     "auc": auc([originals[i] for i in worse], list(worse.values()))})
+    return rows
+
+
 def conscience(cfg, prompts, cache, path: Path, limit: int | None) -> list[dict]:
     items, _ = load_items(path, label_field="label")
     items = items[:limit] if limit else items
@@ -257,6 +279,7 @@ def main() -> None:
         pairs = {} if args.no_pairwise else pairwise(items, critics, verifiers, prompts, cfg, cache)
     rows = table(scores, pairs, panel)
     audit_rows = critique_audits(items, prompts, cfg, cache)
+    annotation_audit_rows = annotation_audits(items, prompts, cfg, cache)
     judge_rows = conscience(cfg, prompts, cache, Path(args.judge_items), args.judge_limit)
     seconds = round(time.perf_counter() - started, 1)
 
@@ -269,12 +292,16 @@ def main() -> None:
           "ungrounded reflection)")
     for r in audit_rows:
         print(f"  {r['side']:8} {r['reading']:10} n {r['n']:3}  AUC {fmt(r['auc'])}  accuracy {fmt(r['accuracy'])}")
+    print("\nannotation auditor: AUC of P(pass), original vs variant")
+    for r in annotation_audit_rows:
+        print(f"  {r['perturbation']:9} n {r['n']:3}  AUC {fmt(r['auc'])}")
     print("\nconscience judge on", Path(args.judge_items).name)
     for r in judge_rows:
         print(f"  {r['reading']:10} n {r['n']}  accuracy {r['accuracy']:.3f}  kappa {r['kappa']:+.3f}"
               f"  AUC(unethical) {fmt(r['auc_unethical'])}")
     out = {"workspace": str(ws.root), "generation": args.generation, "reflections": len(picked), "panel": panel,
-           "seconds": seconds, "perturbations": rows, "critique_auditor": audit_rows, "conscience": judge_rows}
+           "seconds": seconds, "perturbations": rows, "critique_auditor": audit_rows,
+           "annotation_auditor": annotation_audit_rows, "conscience": judge_rows}
     (RESULTS / "validity.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / "validity.png")
     print(f"\n{seconds} s; wrote {RESULTS / 'validity.json'} and validity.png")
