@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,15 +148,13 @@ def table(scores: dict, pairs: dict, panel: list[str]) -> list[dict]:
     return rows
 
 
-def critique_audits(items, prompts, cfg, cache) -> list[dict]:
+def critique_audits(items, prompts, cfg, engine, auditor: str) -> list[dict]:
     """The critique auditor (#15.12): is a critique right about the reflection? Each original and
     each clearly worse variant (another passage's reflection, evidence not in the passage) gets
     two critiques: a "survives" one (every claim sound) and a "reject" one (every claim wrong).
     Right: survives on an original, reject on a worse variant; wrong: the other way round. The
     AUC of P(right) for right vs wrong critiques, on each side and pooled: an auditor that only
     looks at the critique's verdict scores 1 on one side, 0 on the other and 0.5 pooled."""
-    from builder.backends import make_backend
-
     def critique(verdict, n):
         sound = verdict == "survives"
         return {"claim_verdicts": ["sound" if sound else "wrong"] * n, "verdict": verdict,
@@ -170,11 +169,8 @@ def critique_audits(items, prompts, cfg, cache) -> list[dict]:
             right = (verdict == "survives") == (side == "original")
             x = SampledCritique(t.passage_id, "", "", t.passage, t.record, critique(verdict, len(t.record["claims"])))
             cases.append((side, right, x))
-    auditor = cfg.audit.auditor or "bundled:smollm2"
-    task = CritiqueAuditTask(prompts, cfg, auditor)
     t0 = time.perf_counter()
-    with make_backend(cfg.engine_for(auditor)) as backend:
-        outcomes = run_task(task, [x for _, _, x in cases], CachedBackend(backend, cache))
+    outcomes = run_task(CritiqueAuditTask(prompts, cfg, auditor), [x for _, _, x in cases], engine)
     print(f"  critique auditor {auditor}: {len(cases)} audits in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for side in ("original", "worse", "pooled"):
@@ -190,16 +186,12 @@ def critique_audits(items, prompts, cfg, cache) -> list[dict]:
     return rows
 
 
-def annotation_audits(items, prompts, cfg, cache) -> list[dict]:
+def annotation_audits(items, prompts, cfg, engine, auditor: str) -> list[dict]:
     """The annotation auditor (audit.auditor), whose verdicts make each annotator's reputation:
     AUC of P(pass), originals vs each known-worse variant."""
-    from builder.backends import make_backend
-
-    auditor = cfg.audit.auditor or "bundled:smollm2"
     sampled = [SampledItem(t.passage_id, "", t.passage, t.record) for _, _, t in items]
     t0 = time.perf_counter()
-    with make_backend(cfg.engine_for(auditor)) as backend:
-        outcomes = run_task(AuditTask(prompts, cfg, auditor), sampled, CachedBackend(backend, cache))
+    outcomes = run_task(AuditTask(prompts, cfg, auditor), sampled, engine)
     print(f"  annotation auditor {auditor}: {len(sampled)} audits in {time.perf_counter() - t0:.0f} s", flush=True)
     p_pass = {(i, kind): o.graded.p("pass") for (i, kind, _), o in zip(items, outcomes) if o.graded}
     originals = {i: p for (i, kind), p in p_pass.items() if kind == "original"}
@@ -211,14 +203,11 @@ def annotation_audits(items, prompts, cfg, cache) -> list[dict]:
     return rows
 
 
-def conscience(cfg, prompts, cache, path: Path, limit: int | None) -> list[dict]:
+def conscience(cfg, prompts, engine, path: Path, limit: int | None) -> list[dict]:
     items, _ = load_items(path, label_field="label")
     items = items[:limit] if limit else items
     fw = load_framework(cfg.conscience.frameworks[0], prompts)
-    from builder.backends import make_backend
-
-    with make_backend(cfg.engine_for(cfg.conscience.judge)) as backend:
-        outcomes = run_task(JudgeTask(fw, cfg), [(i.prompt, i.response) for i in items], CachedBackend(backend, cache))
+    outcomes = run_task(JudgeTask(fw, cfg), [(i.prompt, i.response) for i in items], engine)
     return [{"judge": f"conscience ({cfg.conscience.judge}, {fw.key})", "reading": name, "n": m["n"],
              "accuracy": m["accuracy"], "kappa": m["cohen_kappa"], "auc_unethical": m["auc_unethical"]}
             for name, m in readings(items, outcomes).items()]
@@ -272,15 +261,19 @@ def main() -> None:
     items = variants(picked)
     started = time.perf_counter()
     print(f"{len(picked)} reflections of {ws.root.name} generation {args.generation}, {len(items)} to judge", flush=True)
-    with Ensemble(cfg) as ensemble:
+    auditor = cfg.audit.auditor or "bundled:smollm2"
+    with Ensemble(cfg) as ensemble, ExitStack() as stack:
         critics, verifiers = ensemble.critics, ensemble.verifiers
         panel = frozen or [m.name for m in critics] + [v.name for v in verifiers]
         scores = absolute(items, critics, verifiers, prompts, cfg, cache)
         pairs = {} if args.no_pairwise else pairwise(items, critics, verifiers, prompts, cfg, cache)
+        # The auditor and the conscience judge are usually a member's model: loaded once, as in a build.
+        engine = CachedBackend(ensemble.load(cfg.engine_for(auditor), stack, "audit.auditor"), cache)
+        audit_rows = critique_audits(items, prompts, cfg, engine, auditor)
+        annotation_audit_rows = annotation_audits(items, prompts, cfg, engine, auditor)
+        judge = CachedBackend(ensemble.load(cfg.engine_for(cfg.conscience.judge), stack, "conscience.judge"), cache)
+        judge_rows = conscience(cfg, prompts, judge, Path(args.judge_items), args.judge_limit)
     rows = table(scores, pairs, panel)
-    audit_rows = critique_audits(items, prompts, cfg, cache)
-    annotation_audit_rows = annotation_audits(items, prompts, cfg, cache)
-    judge_rows = conscience(cfg, prompts, cache, Path(args.judge_items), args.judge_limit)
     seconds = round(time.perf_counter() - started, 1)
 
     fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731

@@ -109,6 +109,13 @@ def init(
                   f"Next: ratchet build --workspace {directory}")
 
 
+UNWEIGHTED_BECAUSE = {"human": "no person has audited a critique yet", "prior": "every vote weighs the same"}
+
+
+def _by_name(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+
+
 def _fmt_alpha(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -154,19 +161,17 @@ def _summary_table(s: dict) -> Table:
         rows += [
             ("audit sample", f"{audit['sampled']} of {s['accepted']} accepted (rate {audit['rate']:.0%}, chosen by a secret)"),
             ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
-            ("reputation (annotators)", ", ".join(f"{k} {v:.2f}" for k, v in audit["reputation"].items()) or "no audits yet"),
+            ("reputation (annotators)", _by_name(audit["reputation"]) or "no audits yet"),
         ]
         critiques = audit.get("critiques")
         if critiques:
             right = "n/a" if critiques["right_rate"] is None else f"{critiques['right_rate']:.0%} right"
-            record = ", ".join(f"{k} {v:.2f}" for k, v in critiques.get("record", {}).items())
+            record = _by_name(critiques.get("record", {}))
             source = audit.get("vote_weights_from", "audits")
             rows += [("critique audits", f"{critiques['sampled']} sampled, {critiques['audits']} audited, {right}"
                                          + (f"; record {record}" if record else "")),
-                     ("vote weight (critics)", ", ".join(f"{k} {v:.2f}" for k, v in audit["vote_weight"].items())
-                      or f"0.50 each (audit.vote_weights = {source}: "
-                         + {"human": "no person has audited a critique yet)", "prior": "every vote weighs the same)"}
-                         .get(source, "no record yet)"))]
+                     ("vote weight (critics)", _by_name(audit["vote_weight"])
+                      or f"0.50 each (audit.vote_weights = {source}: {UNWEIGHTED_BECAUSE.get(source, 'no record yet')})")]
     c = s.get("conscience")
     if c:
         rows.append(("conscience", f"judge {c['judge']} (frozen), {c['items']} item(s), {c['unethical']} unethical, "

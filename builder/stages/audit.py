@@ -26,7 +26,7 @@ from ..structured import Outcome, validator_for
 from ..tables import Json, Table, doc
 from ..workspace import insert_rows
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
-from .scrutinize import content_free_record
+from .scrutinize import content_free_record, vote_weights
 
 SECRET_ENV = "RATCHET_AUDIT_SECRET"
 SECRET_FILE = ".ratchet-secret"
@@ -252,30 +252,35 @@ class CritiqueAuditTask(AuditorTask):
         return critique_audit_messages(self.prompts, x)
 
 
-def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int, engine, prompts: Prompts,
-                          config: RatchetConfig, auditor: str, run=None) -> tuple[list[CritiqueAuditRow], int, int]:
-    """Like model_audit, for the sampled critiques: (verdicts, audits without a valid verdict, attempts)."""
-    sampled = sampled_critiques(con, keys, generation)
-    outcomes = (run or run_task)(CritiqueAuditTask(prompts, config, auditor), sampled, engine)
-    rows = [CritiqueAuditRow(x.item, x.annotator, x.critic, generation, auditor, "model",
-                             o.graded.decided if o.graded else o.record["verdict"], o.record["reasons"],
-                             o.graded.p("right") if o.graded else float(o.record["verdict"] == "right"))
-            for x, o in zip(sampled, outcomes) if o.record]
-    return rows, sum(o.record is None for o in outcomes), sum(o.attempts for o in outcomes)
+def _model_verdicts(task: AuditorTask, sampled: list, engine, run=None) -> tuple[list[tuple], int, int]:
+    """Each sampled item through the auditor, with retries like every model stage (`run`: the
+    build's runner, BuildContext.run). Returns (item, outcome, verdict, P(first choice)) of the
+    valid verdicts (one read without a distribution counts 1 or 0), the number of audits that
+    produced no valid verdict, and the attempts."""
+    outcomes = (run or run_task)(task, sampled, engine)
+    good = task.choices[0]
+    judged = [(x, o, *((o.graded.decided, o.graded.p(good)) if o.graded
+                       else (o.record["verdict"], float(o.record["verdict"] == good))))
+              for x, o in zip(sampled, outcomes) if o.record]
+    return judged, sum(o.record is None for o in outcomes), sum(o.attempts for o in outcomes)
 
 
 def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prompts: Prompts, config: RatchetConfig,
                 auditor: str, run=None) -> tuple[list[AuditRow], int, int]:
-    """Audit each sampled item once, with retries like every model stage (`run`: the build's
-    runner, BuildContext.run). Returns the verdicts, the number of audits that produced no valid
-    verdict, and the attempts."""
-    sampled = sampled_items(con, items, generation)
-    outcomes = (run or run_task)(AuditTask(prompts, config, auditor), sampled, engine)
-    rows = [AuditRow(x.item, x.annotator, generation, auditor, "model", o.graded.decided if o.graded else o.record["verdict"],
-                     o.record["reasons"], sorted(set(o.record["wrong_claims"])),
-                     o.graded.p("pass") if o.graded else float(o.record["verdict"] == "pass"))
-            for x, o in zip(sampled, outcomes) if o.record]
-    return rows, sum(o.record is None for o in outcomes), sum(o.attempts for o in outcomes)
+    """The sampled annotations audited: (verdicts, audits without a valid verdict, attempts)."""
+    judged, failed, attempts = _model_verdicts(AuditTask(prompts, config, auditor), sampled_items(con, items, generation),
+                                               engine, run)
+    return [AuditRow(x.item, x.annotator, generation, auditor, "model", verdict, o.record["reasons"],
+                     sorted(set(o.record["wrong_claims"])), p) for x, o, verdict, p in judged], failed, attempts
+
+
+def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int, engine, prompts: Prompts,
+                          config: RatchetConfig, auditor: str, run=None) -> tuple[list[CritiqueAuditRow], int, int]:
+    """The sampled critiques audited: (verdicts, audits without a valid verdict, attempts)."""
+    judged, failed, attempts = _model_verdicts(CritiqueAuditTask(prompts, config, auditor),
+                                               sampled_critiques(con, keys, generation), engine, run)
+    return [CritiqueAuditRow(x.item, x.annotator, x.critic, generation, auditor, "model", verdict, o.record["reasons"], p)
+            for x, o, verdict, p in judged], failed, attempts
 
 
 def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
@@ -337,19 +342,27 @@ REPUTATION_SQL = BETA_RECORD_SQL.format(who="annotator", good="pass", goods="pas
 KINDS = ["model", "human"]
 
 
-def update_reputation(con, generation: int) -> dict[str, float]:
-    """Each annotator's Beta posterior of its pass rate over every audit up to this generation
-    (REPUTATION_SQL). Returns name -> mean."""
-    con.execute("DELETE FROM reputation WHERE generation = ?", [generation])
-    con.execute("INSERT INTO reputation (annotator, generation, passes, fails, pass_mass, alpha, beta, mean) "
-                + REPUTATION_SQL, {"g": generation, "kinds": KINDS})
-    return dict(con.execute("SELECT annotator, mean FROM reputation WHERE generation = ?", [generation]).fetchall())
+@dataclass(frozen=True)
+class BetaRecord:
+    """A stored Beta record (annotators' reputation, critics' record): one SQL, kept per generation."""
+    table: str
+    who: str
+    sql: str
+
+    def update(self, con, generation: int) -> dict[str, float]:
+        """Every member's record over every audit up to this generation, stored. Returns name -> mean."""
+        con.execute(f"DELETE FROM {self.table} WHERE generation = ?", [generation])
+        con.execute(f"INSERT INTO {self.table} BY NAME " + self.sql, {"g": generation, "kinds": KINDS})
+        return dict(con.execute(f"SELECT {self.who}, mean FROM {self.table} WHERE generation = ?", [generation]).fetchall())
+
+    def means(self, con, generation: int, kinds: list[str]) -> dict[str, float]:
+        """The same posterior from the audits of some auditor kinds only, without storing it."""
+        return dict(con.execute(f"SELECT {self.who}, mean FROM ({self.sql})", {"g": generation, "kinds": kinds}).fetchall())
 
 
-def reputation_means(con, generation: int, kinds: list[str]) -> dict[str, float]:
-    """The same posterior from the audits of some auditor kinds only, without storing it."""
-    rows = con.execute(f"SELECT annotator, mean FROM ({REPUTATION_SQL})", {"g": generation, "kinds": kinds}).fetchall()
-    return dict(rows)
+ANNOTATOR_RECORD = BetaRecord("reputation", "annotator", REPUTATION_SQL)
+update_reputation = ANNOTATOR_RECORD.update
+reputation_means = ANNOTATOR_RECORD.means
 
 
 def refresh_reputations(con, generation: int) -> None:
@@ -383,20 +396,10 @@ CRITIC_RECORD_SQL = BETA_RECORD_SQL.format(who="critic", good="right", goods="ri
                                            mass="right_mass", table="critique_audits")
 
 
-def update_critic_reputation(con, generation: int) -> dict[str, float]:
-    """Each critic's Beta posterior of its rate of right verdicts over every critique audit up to
-    this generation (CRITIC_RECORD_SQL); its mean weighs the critic's votes in later generations
-    (stages/scrutinize.py: vote_weights). Returns name -> mean."""
-    con.execute("DELETE FROM critic_reputation WHERE generation = ?", [generation])
-    con.execute("INSERT INTO critic_reputation (critic, generation, rights, wrongs, right_mass, alpha, beta, mean) "
-                + CRITIC_RECORD_SQL, {"g": generation, "kinds": KINDS})
-    return dict(con.execute("SELECT critic, mean FROM critic_reputation WHERE generation = ?", [generation]).fetchall())
-
-
-def critic_record_means(con, generation: int, kinds: list[str]) -> dict[str, float]:
-    """Each critic's record over the critique audits of some auditor kinds, up to `generation`."""
-    return dict(con.execute(f"SELECT critic, mean FROM ({CRITIC_RECORD_SQL})",
-                            {"g": generation, "kinds": kinds}).fetchall())
+# A critic's record (the mean weighs its votes in later generations: stages/scrutinize.py: vote_weights).
+CRITIC_RECORD = BetaRecord("critic_reputation", "critic", CRITIC_RECORD_SQL)
+update_critic_reputation = CRITIC_RECORD.update
+critic_record_means = CRITIC_RECORD.means
 
 
 # ---------------------------------------------------------------- human auditors
@@ -601,9 +604,7 @@ class Audit(Stage):
                 store_critique_audits(ctx.con, rows)
         reputation = update_reputation(ctx.con, g)
         record = update_critic_reputation(ctx.con, g)
-        from .scrutinize import vote_weights  # the weights these audits give the next generation's votes
-
-        vote_weight = vote_weights(ctx.con, g + 1, cfg.audit.vote_weights)
+        vote_weight = vote_weights(ctx.con, g + 1, cfg.audit.vote_weights)  # what the next generation's votes weigh
         audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
                                          "WHERE generation = ?", [g]).fetchone()
         judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits "

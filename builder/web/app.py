@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,23 +103,14 @@ class AuditServer:
     def db(self, write: bool):
         """One short connection, under the workspace lock when writing (a build holds it while
         it runs: the page then answers 503 and loses nothing)."""
-        with self._lock:
+        with self._lock, ExitStack() as stack:
             try:
                 if write:
-                    with self.ws.lock():
-                        con = self.ws.connect()
-                        try:
-                            yield con
-                        finally:
-                            con.close()
-                else:
-                    con = self.ws.connect(read_only=True)
-                    try:
-                        yield con
-                    finally:
-                        con.close()
+                    stack.enter_context(self.ws.lock())
+                con = stack.enter_context(closing(self.ws.connect(read_only=not write)))
             except (WorkspaceError, duckdb.Error):  # never echo it: the message names paths and pids
                 raise Refused(503, BUSY) from None
+            yield con
 
     @property
     def cookie(self) -> str:
@@ -133,22 +124,32 @@ class AuditServer:
             raise Refused(403, "No session: open the start link that `ratchet audit serve` printed.")
         return session
 
-    def check_post(self, request: Request, form, session: AuditorQueue) -> None:
-        """CSRF token and Origin on every POST: a page on another origin cannot submit for you.
-        A session that has seen the statistics judges no more: changing a verdict and watching
-        the per-annotator figures move would tell who wrote the item."""
+    async def posted(self, request: Request) -> tuple[AuditorQueue, object]:
+        """The session and form of a POST, after its checks: CSRF token and Origin on every POST
+        (a page on another origin cannot submit for you). A session that has seen the statistics
+        judges no more: changing a verdict and watching the per-annotator figures move would
+        tell who wrote the item."""
+        session = self.session(request)
+        form = await request.form()
         if session.saw_stats:
             raise Refused(403, "You have seen the statistics, so this session is no longer blind: verdicts are closed.")
         if request.headers.get("origin") not in self.origins:
             raise Refused(403, "Refused: this form was not sent from the audit page (Origin).")
         if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             raise Refused(403, "Refused: the form's CSRF token is missing or wrong; reload the page.")
+        return session, form
 
-    def done(self, con, session: AuditorQueue) -> set[Key]:
-        rows = con.execute("SELECT item, annotator FROM audits WHERE generation = ? AND auditor = ? "
+    def item_of(self, request: Request, session: AuditorQueue):
+        x = session.by_id.get(request.path_params["id"])
+        if x is None:
+            raise Refused(404, "No such item in your queue.")
+        return x
+
+    def done(self, con, session: AuditorQueue) -> dict[Key, str]:
+        """This auditor's verdict on each item of their queue that has one."""
+        rows = con.execute("SELECT item, annotator, verdict FROM audits WHERE generation = ? AND auditor = ? "
                            "AND auditor_kind = 'human'", [self.generation, session.auditor]).fetchall()
-        mine = {(x.item, x.annotator) for x in session.items}
-        return {tuple(r) for r in rows} & mine
+        return {(item, annotator): v for item, annotator, v in rows if (item, annotator) in session.by_key}
 
     def page(self, request: Request, name: str, status: int = 200, **values) -> Response:
         return self.templates.TemplateResponse(request, name, values, status_code=status)
@@ -182,29 +183,20 @@ class AuditServer:
 
     def item(self, request: Request, error: str | None = None, status: int = 200) -> Response:
         session = self.session(request)
-        x = session.by_id.get(request.path_params["id"])
-        if x is None:
-            raise Refused(404, "No such item in your queue.")
+        x = self.item_of(request, session)
         with self.db(write=False) as con:
             done = self.done(con, session)
-            previous = con.execute("SELECT verdict, wrong_claims FROM audits WHERE generation = ? AND item = ? AND "
-                                   "annotator = ? AND auditor = ? AND auditor_kind = 'human'",
-                                   [self.generation, x.item, x.annotator, session.auditor]).fetchone()
         i = session.position(x)
         neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
         return self.page(request, "item.html", status, id=session.opaque(x), passage=x.passage,
                          reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
                          done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
-                         previous=previous[0] if previous else None, prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
+                         previous=done.get((x.item, x.annotator)), prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
                          codes=REASON_CODES, error=error, can_undo=bool(session.history))
 
     async def verdict(self, request: Request) -> Response:
-        session = self.session(request)
-        form = await request.form()
-        self.check_post(request, form, session)
-        x = session.by_id.get(request.path_params["id"])
-        if x is None:
-            raise Refused(404, "No such item in your queue.")
+        session, form = await self.posted(request)
+        x = self.item_of(request, session)
         codes = [c for c in form.getlist("codes") if c in REASON_CODES]
         text = str(form.get("reason", "")).strip()
         reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
@@ -225,20 +217,15 @@ class AuditServer:
         return RedirectResponse("/queue", status_code=303)
 
     async def skip(self, request: Request) -> Response:
-        session = self.session(request)
-        form = await request.form()
-        self.check_post(request, form, session)
-        x = session.by_id.get(request.path_params["id"])
-        if x is not None:
-            session.skipped.add((x.item, x.annotator))
+        session, _ = await self.posted(request)
+        x = self.item_of(request, session)
+        session.skipped.add((x.item, x.annotator))
         return RedirectResponse("/queue", status_code=303)
 
     async def undo(self, request: Request) -> Response:
         """Take back this session's last verdict: the row leaves `audits`, coverage and
         reputation are recomputed, and the item is shown again."""
-        session = self.session(request)
-        form = await request.form()
-        self.check_post(request, form, session)
+        session, _ = await self.posted(request)
         if not session.history:
             return RedirectResponse("/queue", status_code=303)
         (item, annotator), previous = session.history[-1]
@@ -247,28 +234,24 @@ class AuditServer:
                 withdraw_audit(con, item, annotator, self.generation, session.auditor, previous)
                 refresh_reputations(con, self.generation)
         session.history.pop()  # only once it is undone: a busy workspace (503) keeps it for the next try
-        x = next(x for x in session.items if (x.item, x.annotator) == (item, annotator))
-        return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
+        return RedirectResponse(f"/item/{session.opaque(session.by_key[(item, annotator)])}", status_code=303)
 
-    def _may_see_stats(self, session: AuditorQueue) -> None:
-        if session.admin:
-            return
-        with self.db(write=False) as con:
-            if len(self.done(con, session)) < len(session.items):
-                raise Refused(403, "The statistics open when your queue is done (they would unblind it).")
+    def _may_see_stats(self, con, session: AuditorQueue) -> None:
+        if not session.admin and len(self.done(con, session)) < len(session.items):
+            raise Refused(403, "The statistics open when your queue is done (they would unblind it).")
 
     def stats_page(self, request: Request) -> Response:
         session = self.session(request)
-        self._may_see_stats(session)
-        session.saw_stats = True
         with self.db(write=False) as con:
+            self._may_see_stats(con, session)
             figures = stats(con, self.generation)
+        session.saw_stats = True
         return self.page(request, "stats.html", **figures)
 
     def plot(self, request: Request) -> Response:
         session = self.session(request)
-        self._may_see_stats(session)
         with self.db(write=False) as con:
+            self._may_see_stats(con, session)
             png = ratchet_plot(con)
         return Response(png, media_type="image/png")
 

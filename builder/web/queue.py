@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ..stages.audit import SampledItem, sample, sampled_items
@@ -55,6 +56,7 @@ class AuditorQueue:
 
     def __post_init__(self):
         self.by_id = {self.opaque(x): x for x in self.items}
+        self.by_key = {(x.item, x.annotator): x for x in self.items}
 
     def opaque(self, x: SampledItem) -> str:
         return hmac.new(self._salt, f"{x.item}\x1f{x.annotator}".encode(), hashlib.sha256).hexdigest()[:20]
@@ -62,7 +64,7 @@ class AuditorQueue:
     def position(self, x: SampledItem) -> int:
         return self.items.index(x)
 
-    def next_open(self, done: set[Key]) -> SampledItem | None:
+    def next_open(self, done: "Collection[Key]") -> SampledItem | None:
         """The first item without a verdict that was not skipped; then the skipped ones."""
         open_ = [x for x in self.items if (x.item, x.annotator) not in done]
         fresh = [x for x in open_ if (x.item, x.annotator) not in self.skipped]
