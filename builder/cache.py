@@ -30,6 +30,8 @@ class ModelCall:
     completion_tokens: int | None
     seconds: float | None
     decision: Json | None = doc("a judgement's distribution over its values: {field, logprobs, method}", added=True)
+    cached_tokens: int | None = doc("prompt tokens the engine served from a prefix it had already evaluated "
+                                    "(NULL: the engine did not say)", added=True)
 
 
 MODEL_CALLS = Table("model_calls", ModelCall, key=("cache_key",), extra=("created_at TIMESTAMP DEFAULT current_timestamp",),
@@ -47,6 +49,22 @@ class CacheStats:
     calls: int = 0
     errors: int = 0
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from a cached prefix (where the engine says)
+    seconds: float = 0.0  # summed over calls: calls in flight together overlap
+
+    def count(self, response: Response) -> None:
+        self.calls += 1
+        self.completion_tokens += response.completion_tokens
+        self.prompt_tokens += response.prompt_tokens
+        self.cached_tokens += response.cached_tokens or 0
+        self.seconds += response.seconds
+
+    def tokens(self) -> dict:
+        """What the engine had to evaluate: prompt tokens not served from a cached prefix, and completions."""
+        return {"calls": self.calls, "prompt": self.prompt_tokens, "cached": self.cached_tokens,
+                "completion": self.completion_tokens, "evaluated": self.prompt_tokens - self.cached_tokens
+                + self.completion_tokens}
 
 
 class CachedBackend:
@@ -85,7 +103,7 @@ class CachedBackend:
         MODEL_CALLS.insert(self.con, [ModelCall(key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha,
                                                 request.sampling(), request.seed, response.text, response.finish_reason,
                                                 response.prompt_tokens, response.completion_tokens, response.seconds,
-                                                response.decision)],
+                                                response.decision, response.cached_tokens)],
                            on_conflict="ignore")
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
@@ -110,8 +128,7 @@ class CachedBackend:
                 self.stats.errors += 1  # not cached: a server that was down must be asked again
             else:
                 self._store(*keyed[i], requests[i], response)
-                self.stats.calls += 1
-                self.stats.completion_tokens += response.completion_tokens
+                self.stats.count(response)
             if self.log:
                 self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[i][0][:12], response.finish_reason,
                               response.completion_tokens, response.seconds)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .backends import registry
 from .backends.base import EngineError
-from .compile import GenerationImmutable
+from .compile import GenerationImmutable, compiled_manifest
 from .config import CONFIG_NAME, ConfigError, starter_config
 from .corpus import CorpusError
 from .ensemble import EnsembleError
@@ -120,6 +120,18 @@ def _fmt_alpha(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _prompt_tokens(s: dict) -> str:
+    prompt, cached = s.get("prompt_tokens", 0), s.get("cached_prompt_tokens", 0)
+    return f"{prompt} ({cached / prompt:.0%} served from a cached prefix)" if prompt else "0"
+
+
+def _per_kept(cost: dict | None) -> str:
+    """The cost of what a user keeps: this run's seconds and evaluated tokens per sft reflection."""
+    if not cost:
+        return "n/a (no reflection kept)"
+    return f"{cost['seconds']:.2f} s, {cost['tokens_evaluated']} tokens evaluated ({cost['kept']} kept)"
+
+
 def _summary_table(s: dict) -> Table:
     table = Table(title=f"generation {s['generation']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -137,7 +149,10 @@ def _summary_table(s: dict) -> Table:
         ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
         ("engine errors", s["engine_errors"]),
         ("completion tokens", s["completion_tokens"]),
+        ("prompt tokens", _prompt_tokens(s)),
         ("time", f"{s['seconds']:.1f} s"),
+        ("per kept reflection", _per_kept(s.get("per_kept_reflection"))
+         + ("; every call came from the cache" if s.get("per_kept_reflection") and not s["model_calls"] else "")),
     ]
     e = s.get("ensemble")
     if e:
@@ -904,6 +919,12 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
             table.add_row("database", str(exc))
     gens = sorted(p.name for p in ws.generations_dir.glob("gen-*")) if ws.generations_dir.exists() else []
     table.add_row("generations", ", ".join(gens) or "none yet")
+    for name in gens:  # what each generation's build cost per reflection it kept
+        manifest = compiled_manifest(ws.generations_dir / name) or {}
+        metrics = manifest.get("metrics") or {}
+        if "per_kept_reflection" in metrics:
+            table.add_row(f"  {name} per kept reflection", _per_kept(metrics["per_kept_reflection"])
+                          + f"; prompt tokens {_prompt_tokens(metrics)}")
     console.print(table)
 
 

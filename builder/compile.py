@@ -389,6 +389,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
                     WHERE generation = $g AND veto),
                    (SELECT count(DISTINCT example_id) FILTER (split = 'dpo') FROM consents WHERE generation = $g AND veto)
             """, {"g": generation}).fetchone()
+        metrics["per_kept_reflection"] = cost_per_kept_reflection(metrics, counts[1])
         manifest = {
             "generation": generation,
             "parent": generation - 1 if generation > 1 else None,
@@ -433,6 +434,32 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
     return final, True
 
 
+def tokens_by_model(engines) -> dict[str, dict]:
+    """Each model's calls and tokens this build (engines sharing a model file are summed)."""
+    out: dict[str, dict] = {}
+    for engine in engines:
+        if not engine.stats.calls:
+            continue
+        entry = out.setdefault(engine.backend.model_name, {"backend": engine.backend.kind, "seconds": 0.0})
+        for key, value in engine.stats.tokens().items():
+            entry[key] = entry.get(key, 0) + value
+        entry["seconds"] = round(entry["seconds"] + engine.stats.seconds, 2)
+    return out
+
+
+def cost_per_kept_reflection(metrics: dict, kept: int) -> dict | None:
+    """What this build paid per reflection that reached the sft split: wall seconds and the
+    tokens the engines had to evaluate (prompt tokens not served from a cached prefix, plus
+    completions). None when nothing was kept."""
+    if not kept:
+        return None
+    prompt, cached = metrics.get("prompt_tokens", 0), metrics.get("cached_prompt_tokens", 0)
+    evaluated = prompt - cached + metrics.get("completion_tokens", 0)
+    return {"kept": kept, "seconds": round(metrics.get("seconds", 0.0) / kept, 2),
+            "tokens_evaluated": round(evaluated / kept), "prompt_tokens": round(prompt / kept),
+            "cached_share": round(cached / prompt, 3) if prompt else None}
+
+
 class Compile(Stage):
     """The last stage: the generation's state in DuckDB to generations/gen-NNNN/. A compiled
     generation is immutable: a changed config is refused before any model runs (prepare) and
@@ -462,6 +489,9 @@ class Compile(Stage):
         calls = {"model_calls": sum(e.stats.calls for e in engines), "cached_calls": sum(e.stats.hits for e in engines),
                  "engine_errors": sum(e.stats.errors for e in engines),
                  "completion_tokens": sum(e.stats.completion_tokens for e in engines),
+                 "prompt_tokens": sum(e.stats.prompt_tokens for e in engines),
+                 "cached_prompt_tokens": sum(e.stats.cached_tokens for e in engines),
+                 "tokens_by_model": tokens_by_model(engines),
                  "seconds": round(time.perf_counter() - ctx.started, 2)}
         calls["calibration"] = {"attempts": sum(c["attempts"] for c in ctx.calibration),
                                 "baselines": [{k: c[k] for k in ("task", "judge", "baseline")} for c in ctx.calibration]}

@@ -46,6 +46,10 @@ class Response:
     # For a request with a decision: {"field", "logprobs": {value: log-probability, normalised
     # over the values}, "method": how they were read}; None where the engine could not read them.
     decision: dict | None = None
+    # Prompt tokens the engine served from a prefix it had already evaluated (llama-server's
+    # timings.cache_n, an OpenAI server's usage.prompt_tokens_details.cached_tokens, in-process
+    # llama.cpp's reused prefix); None where the engine does not say.
+    cached_tokens: int | None = None
 
 
 OnResponse = Callable[[int, Response], None]

@@ -190,6 +190,10 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
             overflow = context_overflow(len(tokens), request, self.n_ctx)
             if overflow:
                 return overflow
+            # llama-cpp-python keeps the last prompt evaluated and re-evaluates only past the common
+            # prefix (at least the last token, whose logits it needs).
+            reused = min(type(self.llm).longest_token_prefix(self.llm.input_ids[:self.llm.n_tokens].tolist(), tokens),
+                         len(tokens) - 1)
             out = self.llm.create_completion(
                 prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p, repeat_penalty=request.repeat_penalty, seed=request.seed,
@@ -204,7 +208,8 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
             except Exception:  # a distribution that cannot be read is not a failed answer
                 decision = None
         return Response(choice["text"], choice.get("finish_reason") or "stop", usage.get("prompt_tokens", len(tokens)),
-                        usage.get("completion_tokens", 0), time.perf_counter() - start, decision=decision)
+                        usage.get("completion_tokens", 0), time.perf_counter() - start, decision=decision,
+                        cached_tokens=max(reused, 0))
 
     def _text(self, token: int) -> str:
         return self.llm.detokenize([token]).decode("utf-8", errors="replace")

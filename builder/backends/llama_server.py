@@ -412,8 +412,9 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         finish = "length" if data.get("stop_type") == "limit" or data.get("truncated") else "stop"
         return Response(data["content"], finish, data.get("tokens_evaluated", len(tokens)), data["tokens_predicted"],
                         time.perf_counter() - start,
-                        extra={"engine": self.kind, "slot": data.get("id_slot"), "tokens_cached": data.get("tokens_cached")},
-                        decision=self._decision(request, tokens, data))
+                        extra={"engine": self.kind, "slot": data.get("id_slot")},
+                        decision=self._decision(request, tokens, data),
+                        cached_tokens=(data.get("timings") or {}).get("cache_n"))
 
     def _decision(self, request: Request, tokens: list[int], data: dict) -> dict | None:
         """The distribution over the request's decision values, from the tokens' top-K."""

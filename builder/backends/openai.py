@@ -201,7 +201,8 @@ class OpenAIBackend(Backend):
         text = choice["message"].get("content") or ""
         return Response(text, choice.get("finish_reason") or "stop", usage.get("prompt_tokens", 0),
                         usage.get("completion_tokens", 0), time.perf_counter() - start,
-                        decision=decision_from_logprobs(request, text, choice.get("logprobs")))
+                        decision=decision_from_logprobs(request, text, choice.get("logprobs")),
+                        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         responses: list[Response | None] = [None] * len(requests)

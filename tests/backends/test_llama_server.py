@@ -112,6 +112,27 @@ def test_schema_constrained_output_and_callbacks(shared):
             assert set(json.loads(r.text)) <= set(schema["properties"])
 
 
+def test_prompt_tokens_served_from_a_cached_prefix_are_recorded(shared, smollm2):
+    """The engines say how much of each prompt they did not evaluate again (llama-server's
+    timings.cache_n; llama-cpp-python's reused prefix), and the cache stores it per call."""
+    system = {"role": "system", "content": "You annotate passages. " * 40}
+    requests = [Request(messages=(system, {"role": "user", "content": f"Passage {i}: the sky is blue."}),
+                        max_tokens=4, temperature=0.0, seed=0) for i in range(3)]
+    first, second = (shared.prompt_tokens(r.messages) for r in requests[:2])
+    shared_prefix = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared_prefix > 150
+    for engine in (shared, smollm2):
+        con = cache_db()
+        cached = CachedBackend(engine, con)
+        for request in requests:  # one at a time: the second and third find the first's prefix in a slot
+            cached.generate([request])
+        stored = [r[0] for r in con.execute("SELECT cached_tokens FROM model_calls ORDER BY rowid").fetchall()]
+        assert len(stored) == 3 and all(n >= shared_prefix for n in stored[1:]), (engine.kind, stored)
+        tokens = cached.stats.tokens()
+        assert tokens["cached"] == sum(stored) and tokens["evaluated"] == (
+            tokens["prompt"] - tokens["cached"] + tokens["completion"]) < tokens["prompt"]
+
+
 def test_greedy_outputs_one_slot_vs_several_and_in_process(tmp_path, smollm2):
     """Greedy decoding on 1 slot, on 4 slots with 4 requests in flight, and in-process."""
     requests = short_requests(4, max_tokens=32)
@@ -145,8 +166,24 @@ def test_build_through_the_managed_server(tmp_path):
     assert set(_servers()) <= before  # stopped when the build ended
     manifest = (root / "generations" / "gen-0001" / "manifest.json").read_text()
     assert str(BINARY.parent) not in manifest and '"server": "llama-server"' in manifest  # named, not located (#15.9)
+    # what the build paid, per model and per kept reflection (issue 20)
+    [(name, paid)] = first["tokens_by_model"].items()
+    assert name == MODEL.name and paid["backend"] == "llama_server" and paid["calls"] == first["model_calls"]
+    assert paid["prompt"] == first["prompt_tokens"] > paid["cached"] == first["cached_prompt_tokens"]
+    kept = json.loads(manifest)["counts"]["reflections"]
+    cost = first["per_kept_reflection"]
+    assert kept >= 1 and cost["kept"] == kept
+    assert cost["tokens_evaluated"] == round((paid["evaluated"]) / kept) and cost["seconds"] > 0
+    from typer.testing import CliRunner
+
+    from builder.cli import app
+
+    status = CliRunner().invoke(app, ["status", "--workspace", str(root)], env={"COLUMNS": "250"})
+    line = next(line for line in status.output.splitlines() if "gen-0001 per kept reflection" in line)
+    assert f"{cost['seconds']:.2f} s, {cost['tokens_evaluated']} tokens evaluated ({kept} kept)" in line, line
     again = run_build(Workspace(root))
     assert again["model_calls"] == 0 and again["cached_calls"] == first["model_calls"]
+    assert again["prompt_tokens"] == 0 and again["per_kept_reflection"]["tokens_evaluated"] == 0
 
 
 def _servers(parent: int | None = None) -> list[int]:
