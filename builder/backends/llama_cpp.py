@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from ..models import file_sha256, resolve_model
-from .base import Engine, EngineConfig, Request, Response, SequentialBackend, context_overflow
+from .gguf_header import GGUFFacts, read_facts
+from .base import Engine, EngineConfig, EngineError, Request, Response, SequentialBackend, context_overflow
 from .choices import Step, read_decision, top_k
 
 if TYPE_CHECKING:  # llama_cpp loads its shared library on import: only engines that run load it
@@ -45,6 +46,20 @@ class LlamaCppConfig(GGUFKeys):
     backend: Literal["llama_cpp"] = "llama_cpp"
 
 
+INPROCESS_MISSING = ("llama.cpp in-process needs llama-cpp-python, the optional extra .[inprocess] (it compiles "
+                     "llama.cpp, ~5 minutes on 2 cores): pip install -e '.[inprocess]'; the default engine, the managed "
+                     "llama-server (.[server]), does not need it")
+
+
+def load_llama_cpp():
+    """llama-cpp-python, or an EngineError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EngineError(INPROCESS_MISSING) from None
+    return llama_cpp
+
+
 def where_gguf(cfg: EngineConfig) -> str:
     """Where a GGUF engine's model file is (`ratchet status`), or why it is not."""
     from ..models import ModelNotFound
@@ -62,33 +77,28 @@ def _sentinel(i: int) -> str:
 class LlamaPrompting:
     """Chat template rendering, tokenization, stop strings and grammars of one GGUF model:
     what the in-process engine and the managed llama-server share, so that both send the
-    very same prompt tokens and grammar (and share cache keys). `self.llm` may be a full
-    model or a vocab-only load (tokenizer and metadata, no weights)."""
+    very same prompt tokens (and share cache keys). An engine gives the header's facts
+    (`GGUFFacts`) and its tokenizer (`_tokenize`)."""
 
-    llm: Llama
     model_path: Path
 
-    def _setup_prompting(self, constrained: str) -> None:
-        self.family = self.llm.metadata.get("general.architecture", "unknown")
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        self.bos = self._token_text(self.llm.token_bos())
-        self.eos = self._token_text(self.llm.token_eos())
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _setup_prompting(self, constrained: str, facts: GGUFFacts) -> None:
+        self.family = facts.family
+        self.bos, self.eos = facts.bos, facts.eos
         # Base models (Gemma 3 270M here) ship no chat template: render a plain prompt instead,
         # starting with BOS where the model's metadata asks for one.
-        self.plain_bos = self.bos if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        self.formatter = Jinja2ChatFormatter(template, eos_token=self.eos, bos_token=self.bos) if template else None
+        self.plain_bos = self.bos if facts.add_bos else ""
+        self.chat_template = facts.chat_template
         self._grammars: dict[str, LlamaGrammar] = {}
         # llama-cpp-python checks the grammar against every candidate token at every step: over
         # Gemma 3's 262k-token vocabulary that took ~2.5 s/token on 2 cores. "auto" decodes such
         # models freely and leaves it to validation and retries (the few-shot turns show the format).
         if constrained == "auto":
-            constrained = "validate" if self.llm.n_vocab() > GRAMMAR_MAX_VOCAB else "grammar"
+            constrained = "validate" if facts.n_vocab > GRAMMAR_MAX_VOCAB else "grammar"
         self.use_grammar = constrained == "grammar"
-
-    def _token_text(self, token: int) -> str:
-        return self.llm._model.token_get_text(token) if token >= 0 else ""
 
     @property
     def model_id(self) -> str:
@@ -106,9 +116,15 @@ class LlamaPrompting:
     def _template(self, messages: Sequence[dict]) -> str:
         """The rendered prompt with each message's content replaced by a sentinel."""
         stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
-        if self.formatter is None:
+        if self.chat_template is None:
             return self.plain_bos + "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in stand_ins) + "Assistant:\n"
-        return self.formatter(messages=stand_ins).prompt
+        # transformers' renderer: the sandbox, extensions and variables llama-cpp-python's
+        # Jinja2ChatFormatter mirrors (rendering must not change: it is part of every cache key)
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        (rendered,), _ = render_jinja_template([stand_ins], chat_template=self.chat_template, add_generation_prompt=True,
+                                               bos_token=self.bos, eos_token=self.eos)
+        return rendered
 
     def render(self, messages: Sequence[dict]) -> str:
         return _SENTINEL.sub(lambda m: messages[int(m.group(1))]["content"], self._template(messages))
@@ -120,20 +136,20 @@ class LlamaPrompting:
         for j, piece in enumerate(pieces):
             if j % 2 == 0:
                 if piece:
-                    tokens += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+                    tokens += self._tokenize(piece, special=True)
             else:
                 content = messages[int(piece)]["content"]
                 if content:
-                    tokens += self.llm.tokenize(content.encode("utf-8"), add_bos=False, special=False)
+                    tokens += self._tokenize(content, special=False)
         return tokens
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokenize(text, special=False))
 
     def _stop(self, request: Request) -> list[str]:
         """A chat template ends the turn with EOS; a plain prompt needs stop strings. The few-shot
         answers there are one line of JSON, so a free-decoded JSON answer ends at the newline."""
-        if self.formatter is not None:
+        if self.chat_template is not None:
             return []
         if request.schema is not None and not self.use_grammar:
             return ["\n"]
@@ -164,12 +180,15 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         self.n_ctx = n_ctx
         # Why this engine runs when another was asked for (no llama-server binary, ...): see make_backend.
         self.engine_note: str | None = None
-        from llama_cpp import Llama
+        Llama = load_llama_cpp().Llama
 
         # llama-cpp-python's default is half the cores; 0 here means all of them.
         self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
                          n_batch=512, verbose=False)
-        self._setup_prompting(constrained)
+        self._setup_prompting(constrained, read_facts(self.model_path))
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     @classmethod
     def from_config(cls, cfg: GGUFKeys, note: str | None = None) -> "LlamaCppBackend":

