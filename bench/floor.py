@@ -2,8 +2,9 @@
 
 The floor is llama.cpp's own speed, not the project's code path: `llama-batched-bench` (the
 binary the `.[server]` extra builds) measures each model's prompt-processing and generation
-rates at the build's shapes (its mean uncached prompt and completion per call, 1 sequence and
-`annotator.slots` sequences in parallel; the faster is taken). From the build's token counts,
+rates at the build's shapes (its mean prompt and completion per call, so generation runs at the
+build's context depth; 1 sequence and `annotator.slots` sequences in parallel; the best of the
+two and of `--repeat` runs is taken: the floor is the fastest these cores went). From the build's token counts,
 the tokens the engines had to evaluate (prompt tokens not served from a cached prefix, plus
 completion tokens; recorded per call in model_calls.cached_tokens),
 
@@ -54,7 +55,7 @@ def build_demo(root: Path) -> float:
     return time.perf_counter() - start
 
 
-def llama_rates(model: Path, prompt: int, completion: int, parallel: list[int]) -> dict:
+def llama_rates(model: Path, prompt: int, completion: int, parallel: list[int], repeat: int) -> dict:
     """llama.cpp's prompt and generation tokens/s for this model at this shape (the best over
     the numbers of parallel sequences), with the server's batch sizes and threads."""
     binary = find_binary().path
@@ -63,11 +64,13 @@ def llama_rates(model: Path, prompt: int, completion: int, parallel: list[int]) 
     bench = binary.with_name("llama-batched-bench")
     threads = str(os.cpu_count() or 1)
     ctx = max(parallel) * (prompt + completion) + 64
-    out = subprocess.run([str(bench), "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-t", threads,
-                          "-fa", "off", "-npp", str(prompt), "-ntg", str(completion),
-                          "-npl", ",".join(map(str, parallel)), "--output-format", "jsonl"],
-                         check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = []
+    for _ in range(repeat):
+        out = subprocess.run([str(bench), "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-t", threads,
+                              "-fa", "off", "-npp", str(prompt), "-ntg", str(completion),
+                              "-npl", ",".join(map(str, parallel)), "--output-format", "jsonl"],
+                             check=True, capture_output=True, text=True).stdout
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"prompt_per_s": max(r["speed_pp"] for r in rows), "generation_per_s": max(r["speed_tg"] for r in rows),
             "rows": rows}
 
@@ -76,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, help="a workspace whose newest generation was built cold")
     parser.add_argument("--results", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--repeat", type=int, default=3, help="llama-batched-bench runs per model (best is taken)")
     args = parser.parse_args()
 
     if args.workspace:
@@ -102,8 +106,8 @@ def main() -> None:
         if not model.is_file():
             raise SystemExit(f"{name}: not a bundled model installed here, and not a path")
         uncached = t["prompt"] - t["cached"]
-        rates = llama_rates(model, max(32, round(uncached / t["calls"])), max(8, round(t["completion"] / t["calls"])),
-                            sorted({1, slots}))
+        rates = llama_rates(model, max(32, round(t["prompt"] / t["calls"])), max(8, round(t["completion"] / t["calls"])),
+                            sorted({1, slots}), args.repeat)
         seconds = uncached / rates["prompt_per_s"] + t["completion"] / rates["generation_per_s"]
         floor += seconds
         figures[name] = {**t, **rates, "floor_s": seconds}

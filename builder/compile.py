@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import jinja2
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -76,44 +77,58 @@ LEFT JOIN ratchet r ON r.generation = g.generation AND r.passage_id = g.passage_
 WHERE g.generation = $g ORDER BY g.source, g.ord"""
 
 
-def sft_batches(con, generation: int, batch_rows: int = 5_000):
+def sft_batches(con, generation: int):
     """The sft split as record batches, one row per document, in source order."""
-    out: list[dict] = []
-
-    def document(source: str, parts: list[tuple]) -> dict | None:
-        messages = []
-        for _pid, text, reflection in parts:
-            messages.append({"role": "text", "content": text})
-            if reflection is not None:
-                messages.append({"role": "internal", "content": reflection})
-        n = sum(r is not None for _, _, r in parts)
-        if n == 0:
-            return None  # nothing to learn from a document without a single kept reflection
-        doc_id = hashlib.sha256("".join(pid for pid, _, _ in parts).encode()).hexdigest()[:16]
-        return {"id": doc_id, "source": source, "generation": generation, "messages": messages,
-                "text": flat_text(messages), "n_reflections": n}
-
-    current, parts = None, []
-    for batch in query_batches(con, SFT_PARTS_SQL, generation):
-        cols = batch.to_pydict()
-        for source, pid, text, reflection in zip(cols["source"], cols["passage_id"], cols["text"], cols["reflection"]):
-            if source != current:
-                if parts and (row := document(current, parts)):
-                    out.append(row)
-                current, parts = source, []
-            parts.append((pid, text, reflection))
-        if len(out) >= batch_rows:
-            yield pa.RecordBatch.from_pylist(out, schema=SFT_SCHEMA)
-            out = []
-    if parts and (row := document(current, parts)):
-        out.append(row)
-    if out:
-        yield pa.RecordBatch.from_pylist(out, schema=SFT_SCHEMA)
+    for rows in grouped_batches(query_batches(con, SFT_PARTS_SQL, generation), ["source"]):
+        yield sft_documents(rows, generation)
 
 
-def flat_text(messages: list[dict]) -> str:
-    """The `text` column: every turn between explicit markers, for trainers without chat templates."""
-    return "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages)
+def sft_documents(rows: pl.DataFrame, generation: int) -> pa.RecordBatch:
+    """Whole documents' passage rows -> one sft row per document with a kept reflection:
+    its passages in order, each followed by its reflection (columnar: no Python per row)."""
+    rows = rows.with_row_index("i")
+    turns = pl.concat([
+        rows.select("i", "source", sub=pl.lit(0), role=pl.lit("text"), content="text"),
+        rows.filter(pl.col("reflection").is_not_null()).select("i", "source", sub=pl.lit(1), role=pl.lit("internal"),
+                                                               content="reflection"),
+    ]).sort("i", "sub")
+    role = pl.col("role")
+    documents = turns.group_by("source", maintain_order=True).agg(
+        messages=pl.struct("role", "content"),
+        # every turn between explicit markers, for trainers without chat templates
+        text=pl.concat_str([pl.lit("<"), role, pl.lit(">\n"), pl.col("content"), pl.lit("\n</"), role, pl.lit(">")])
+        .str.join("\n"),
+        n_reflections=(role == "internal").sum())
+    ids = rows.group_by("source", maintain_order=True).agg(pl.col("passage_id").str.join(""))
+    documents = documents.with_columns(
+        id=pl.Series([hashlib.sha256(joined.encode()).hexdigest()[:16] for joined in ids["passage_id"]]),
+        generation=pl.lit(generation))
+    # nothing to learn from a document without a single kept reflection
+    return to_batch(documents.filter(pl.col("n_reflections") > 0), SFT_SCHEMA)
+
+
+def grouped_batches(batches, key: list[str]):
+    """Record batches of rows sorted by `key` -> polars frames that each hold whole groups (the
+    last group of a batch may go on in the next one: it is held back until it is complete)."""
+    held = None
+    for batch in batches:
+        frame = pl.from_arrow(pa.Table.from_batches([batch]))
+        if held is not None:
+            frame = pl.concat([held, frame])
+        if frame.is_empty():
+            continue
+        last = frame.select(key).row(-1)
+        in_last = pl.all_horizontal([pl.col(k) == v for k, v in zip(key, last)])
+        held = frame.filter(in_last)
+        if len(held) < len(frame):
+            yield frame.filter(~in_last)
+    if held is not None and not held.is_empty():
+        yield held
+
+
+def to_batch(frame: pl.DataFrame, schema: pa.Schema) -> pa.RecordBatch:
+    table = frame.select(schema.names).to_arrow().cast(schema)
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
 
 
 RECORD_TYPE = ('{"claims": [{"evidence": "VARCHAR", "claim": "VARCHAR", "kind": "VARCHAR", "support": "VARCHAR", '
@@ -144,20 +159,16 @@ CRITIQUE_FIELDS = ("critic", "verdict", "claim_verdicts", "objections", "weight"
                    "method")
 
 
-def annotation_batches(con, generation: int, batch_rows: int = 5_000):
-    out: list[dict] = []
-    for batch in query_batches(con, ANNOTATIONS_SQL, generation):
-        for row in batch.to_pylist():
-            critique = {k: row.pop(k) for k in CRITIQUE_FIELDS}
-            if out and (out[-1]["passage_id"], out[-1]["annotator"]) == (row["passage_id"], row["annotator"]):
-                out[-1]["critiques"].append(critique)
-                continue
-            if len(out) > batch_rows:  # the last row may still get critiques from the next batch
-                yield pa.RecordBatch.from_pylist(out[:-1], schema=ANNOTATION_SCHEMA)
-                out = out[-1:]
-            out.append({**row, "generation": generation, "critiques": [critique] if critique["critic"] else []})
-    if out:
-        yield pa.RecordBatch.from_pylist(out, schema=ANNOTATION_SCHEMA)
+def annotation_batches(con, generation: int):
+    """One row per annotation with its accepted critiques as a list (the query's rows are one per
+    (annotation, critique), sorted; an annotation without a critique has one row with NULLs)."""
+    key = ["passage_id", "annotator"]
+    for rows in grouped_batches(query_batches(con, ANNOTATIONS_SQL, generation), key):
+        fields = [c for c in rows.columns if c not in CRITIQUE_FIELDS and c not in key]
+        annotations = rows.group_by(key, maintain_order=True).agg(
+            *[pl.col(c).first() for c in fields],
+            critiques=pl.struct(CRITIQUE_FIELDS).filter(pl.col("critic").is_not_null()))
+        yield to_batch(annotations.with_columns(generation=pl.lit(generation)), ANNOTATION_SCHEMA)
 
 
 # Aggregates of the blind audit per annotator: never which items were audited.
@@ -366,7 +377,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
     final.parent.mkdir(parents=True, exist_ok=True)
     config = (config or ws.config).model_dump()
     dpo = dpo_rows(con, generation)
-    con.execute("SET memory_limit = '1GB'")  # DuckDB spills past it: compiling a million passages stays small
+    con.execute("SET memory_limit = '512MB'")  # DuckDB spills past it: compiling a million passages stays small
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         (tmp / "data").mkdir()

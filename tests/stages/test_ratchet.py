@@ -8,6 +8,8 @@ import math
 import random
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 from typer.testing import CliRunner
 
@@ -242,6 +244,39 @@ def test_compiling_the_same_inputs_twice_gives_byte_identical_parquet(scripted):
     con.close()
     assert files[0] == files[1] and {n.split("-")[0] for n in files[0]} == {"sft", "annotations", "audit_summary"}
     assert summary["ratchet"]["panel_models"] == {"judge": "scripted-marker"}
+
+
+def test_splits_do_not_depend_on_where_query_batches_cut_a_document(tmp_path, monkeypatch):
+    """sft and annotations rows are grouped from sorted query rows batch by batch (columnar); a
+    document or an annotation's critiques cut across batches is held back until complete."""
+    import builder.compile as compile_module
+    from builder.prompts import Prompts
+
+    long_record = " ".join(f"Report {i}: {text}" for i, text in enumerate(SHORT_PASSAGES * 3))  # several passages
+    root = write_workspace(tmp_path / "ws", [long_record, *SHORT_PASSAGES[:2]], corpus={"chunk_tokens": 48},
+                           annotator={"backend": "scripted", "model": "bundled:smollm2"}, audit={"rate": 0.0},
+                           ensemble={"k": 1, "threshold": 0.0, "members": [
+                               {"name": "a", "persona": "empiricist"}, {"name": "b", "persona": "skeptic"}]})
+    ws = Workspace(root)
+    run_build(ws)
+    manifest = json.loads((ws.generation_dir(1) / "manifest.json").read_text())
+    query_batches = compile_module.query_batches
+    files = []
+    for rows in (10_000, 1, 2, 3):
+        monkeypatch.setattr(compile_module, "query_batches", lambda con, sql, g, rows=rows: query_batches(con, sql, g, rows))
+        con = ws.connect()
+        out, _ = compile_module.compile_generation(ws, con, 1, Prompts(), manifest["models"], manifest["metrics"],
+                                                   overwrite=True)
+        con.close()
+        files.append({p.name: p.read_bytes() for p in (out / "data").iterdir()})
+    assert files[0] == files[1] == files[2] == files[3]
+    sft = pa.parquet.read_table(next(out.glob("data/sft-*.parquet"))).to_pylist()
+    assert any(sum(m["role"] == "text" for m in r["messages"]) > 2 for r in sft)  # a document of several passages
+    assert sft and all(r["n_reflections"] == sum(m["role"] == "internal" for m in r["messages"]) >= 1 for r in sft)
+    assert all(r["text"] == "\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in r["messages"]) for r in sft)
+    annotations = pa.parquet.read_table(next(out.glob("data/annotations-*.parquet"))).to_pylist()
+    assert any(len(a["critiques"]) >= 1 for a in annotations)  # critiques grouped under their annotation
+    assert len({(a["passage_id"], a["annotator"]) for a in annotations}) == len(annotations)
 
 
 def test_parquet_bytes_do_not_depend_on_how_the_batches_arrive(tmp_path, monkeypatch):
