@@ -23,7 +23,8 @@ from builder.stages.audit import update_reputation  # noqa: E402
 from builder.workspace import create_schema  # noqa: E402
 
 VIEWS = ["audit_pass_rate_by_annotator", "audit_pass_rate_by_persona", "audit_pass_rate_by_family",
-         "audit_pass_rate_by_generation", "audit_model_vs_human", "audit_coverage"]
+         "audit_pass_rate_by_generation", "audit_model_vs_human", "audit_coverage", "critique_audit_rate_by_critic"]
+TARGET_S = 0.5
 
 
 def fill(con, rows: int) -> None:
@@ -40,6 +41,14 @@ def fill(con, rows: int) -> None:
                CASE WHEN i % 2 = 0 THEN 'smollm2-auditor' WHEN (i // 2) % 5 = 0 THEN 'ana' ELSE 'gemma3-auditor' END,
                CASE WHEN i % 2 = 1 AND (i // 2) % 5 = 0 THEN 'human' ELSE 'model' END,
                CASE WHEN hash(i) % 4 = 0 THEN 'fail' ELSE 'pass' END, '[]', '[]'
+        FROM range({rows}) t(i)""")
+    # as many critique audits: every annotation's two critics, audited by a model and sometimes a person
+    con.execute(f"""
+        INSERT INTO critique_audits (item, annotator, critic, generation, auditor, auditor_kind, verdict, reasons, right_prob)
+        SELECT 'p' || (i // 2), 'member' || (i // 2) % 8, 'member' || ((i // 2) + 1 + i % 2) % 8, 1 + (i // 2) % 5,
+               CASE WHEN hash(i) % 5 = 0 THEN 'ana' ELSE 'smollm2-auditor' END,
+               CASE WHEN hash(i) % 5 = 0 THEN 'human' ELSE 'model' END,
+               CASE WHEN hash(i) % 3 = 0 THEN 'wrong' ELSE 'right' END, '[]', 0.7
         FROM range({rows}) t(i)""")
     # what builder.audit.store_audits keeps up to date as audits arrive
     con.execute("""INSERT INTO audit_items (item, annotator, generation, by_model, by_human) SELECT item, annotator, generation, bool_or(auditor_kind = 'model'),
@@ -68,8 +77,8 @@ def main() -> None:
                 n = len(con.execute(f"SELECT * FROM {view}").fetchall())
             seconds = time.perf_counter() - start
             worst = max(worst, seconds)
-            print(f"{view:32s} {seconds * 1000:8.1f} ms  {n:5d} rows  {'ok' if seconds < 1 else 'SLOW (target < 1 s)'}")
-        print(f"slowest view: {worst:.3f} s (target < 1 s)")
+            print(f"{view:32s} {seconds * 1000:8.1f} ms  {n:5d} rows  {'ok' if seconds < TARGET_S else f'SLOW (target < {TARGET_S} s)'}")
+        print(f"slowest view: {worst:.3f} s (target < {TARGET_S} s)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ memory of the compile alone (a fresh process, so the fill does not count).
     .venv/bin/python bench/compile.py                 # 1,000,000 passages
     .venv/bin/python bench/compile.py --passages 100000
 
-Targets on a 2-core machine: < 60 s and < 2 GB peak RSS for 1 M passages.
+Targets on a 2-core machine: < 30 s and < 1.5 GB peak RSS for 1 M passages.
 """
 from __future__ import annotations
 
@@ -136,10 +136,10 @@ def main() -> None:
             sys.exit(proc.stderr)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         c = r["counts"]
-        print(f"compile: {r['seconds']} s wall, peak RSS {r['peak_rss_mb']} MB (targets: < 60 s, < 2048 MB)")
+        print(f"compile: {r['seconds']} s wall, peak RSS {r['peak_rss_mb']} MB (targets: < 30 s, < 1536 MB)")
         print(f"  wrote {r['splits_mb']} MB of parquet: sft {c['sft_examples']:,} documents / {c['reflections']:,} "
               f"reflections, annotations {c['annotations_accepted']:,}, audit_summary {c['audit_summary_rows']} row(s)")
-        ok = r["seconds"] < 60 and r["peak_rss_mb"] < 2048
+        ok = r["seconds"] < 30 and r["peak_rss_mb"] < 1536
         print("within targets" if ok else "OVER TARGET")
 
 
