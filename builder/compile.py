@@ -118,7 +118,7 @@ def grouped_batches(batches, key: list[str]):
         if frame.is_empty():
             continue
         last = frame.select(key).row(-1)
-        in_last = pl.all_horizontal([pl.col(k) == v for k, v in zip(key, last)])
+        in_last = pl.all_horizontal([pl.col(k).eq_missing(v) for k, v in zip(key, last)])  # NULL == NULL here
         held = frame.filter(in_last)
         if len(held) < len(frame):
             yield frame.filter(~in_last)

@@ -32,13 +32,20 @@ class GGUFFacts:
     n_vocab: int
 
 
+# llama.cpp's special-token ids for a tokenizer model whose header names none (llama-vocab.cpp).
+DEFAULT_BOS_EOS = {"llama": (1, 2), "gpt2": (11, 11), "bert": (101, -1), "t5": (-1, 1), "rwkv": (-1, -1),
+                   "plamo2": (1, 2)}
+
+
 def read_facts(path: Path) -> GGUFFacts:
     """The header facts of a GGUF file (little-endian, versions 2 and 3)."""
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _read(buf)
-        except (struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
-            raise GGUFHeaderError(f"{path}: cannot read its GGUF header ({type(exc).__name__}: {exc})") from None
+    except GGUFHeaderError as exc:
+        raise GGUFHeaderError(f"{path}: {exc}") from None
+    except (struct.error, IndexError, KeyError, ValueError) as exc:  # ValueError: mmap of an empty file
+        raise GGUFHeaderError(f"{path}: cannot read its GGUF header ({type(exc).__name__}: {exc})") from None
 
 
 def _read(buf) -> GGUFFacts:
@@ -46,7 +53,10 @@ def _read(buf) -> GGUFFacts:
         raise GGUFHeaderError("not a GGUF file (no GGUF magic)")
     version, _tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
-        raise GGUFHeaderError(f"GGUF version {version} (this reader knows 2 and 3)")
+        swapped = struct.unpack("<I", struct.pack(">I", version))[0]
+        raise GGUFHeaderError(f"a big-endian GGUF file (version {swapped}): llama.cpp on this machine reads "
+                              "little-endian ones" if swapped in (2, 3) else
+                              f"GGUF version {version} (this reader knows 2 and 3)")
     pos, values, tokens_at = 24, {}, None
     for _ in range(n_kv):
         key, pos = _string(buf, pos)
@@ -58,8 +68,12 @@ def _read(buf) -> GGUFFacts:
             pos = _skip_array(buf, pos, item, count)
         else:
             values[key], pos = _value(buf, pos, kind)
-    bos, eos = values.get("tokenizer.ggml.bos_token_id", -1), values.get("tokenizer.ggml.eos_token_id", -1)
-    texts = _token_texts(buf, tokens_at, {bos, eos}) if tokens_at is not None else {}
+    default_bos, default_eos = DEFAULT_BOS_EOS.get(values.get("tokenizer.ggml.model", ""), (-1, -1))
+    bos = values.get("tokenizer.ggml.bos_token_id", default_bos)
+    eos = values.get("tokenizer.ggml.eos_token_id", default_eos)
+    count = values.get("tokenizer.ggml.tokens", 0)
+    wanted = {i for i in (bos, eos) if 0 <= i < count}  # an id outside the vocabulary names no token
+    texts = _token_texts(buf, tokens_at, wanted) if tokens_at is not None and wanted else {}
     return GGUFFacts(family=values.get("general.architecture", "unknown"),
                      chat_template=values.get("tokenizer.chat_template"),
                      bos=texts.get(bos, ""), eos=texts.get(eos, ""),
@@ -69,7 +83,10 @@ def _read(buf) -> GGUFFacts:
 
 def _string(buf, pos: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, pos)
-    return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
+    if pos + 8 + n > len(buf):
+        raise GGUFHeaderError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
+    # llama.cpp takes the bytes as they are: a stray invalid byte in some licence text is no reason to fail
+    return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
 
 
 def _value(buf, pos: int, kind: int):
@@ -91,7 +108,7 @@ def _skip_array(buf, pos: int, item: int, count: int) -> int:
 
 
 def _token_texts(buf, pos: int, wanted: set[int]) -> dict[int, str]:
-    """The texts of the wanted token ids, walking the vocabulary array only as far as needed."""
+    """The texts of the wanted token ids (within the vocabulary), walking its array only as far as needed."""
     out, last = {}, max(wanted)
     for i in range(last + 1):
         text, pos = _string(buf, pos)

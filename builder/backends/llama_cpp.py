@@ -57,6 +57,9 @@ def load_llama_cpp():
         import llama_cpp
     except ImportError:
         raise EngineError(INPROCESS_MISSING) from None
+    except OSError as exc:  # installed, but its shared library does not load
+        raise EngineError(f"llama-cpp-python is installed but its library does not load ({exc}); reinstall "
+                          "it: pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36") from None
     return llama_cpp
 
 

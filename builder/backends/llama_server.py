@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -268,6 +269,8 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         # is valid JSON. In-process, llama-cpp-python's grammar sampling is what made huge vocabularies slow.
         self._setup_prompting("grammar" if constrained == "auto" else constrained, read_facts(self.model_path))
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        # The template's pieces and the few-shot turns repeat in every request: one round trip each.
+        self._tokenize = functools.lru_cache(maxsize=4096)(self._tokenize_on_server)
         self._spawner = _Spawner()
         _LIVE.add(self)
         try:
@@ -399,10 +402,17 @@ class LlamaServerBackend(LlamaPrompting, Backend):
                 last = f"llama-server answered something that is not a {endpoint[1:]} answer: {answer.text[:200]!r}"
         raise RuntimeError(f"{last} (after {self.max_retries + 1} attempts)")
 
-    def _tokenize(self, text: str, special: bool) -> list[int]:
+    def _tokenize_on_server(self, text: str, special: bool) -> list[int]:
         """The server's tokenizer: `special` parses special-token texts (the template's), otherwise
         they stay plain text (a passage's). Raises _Died when the server process is gone."""
         return self._post({"content": text, "add_special": False, "parse_special": special}, "/tokenize")["tokens"]
+
+    def count_tokens(self, text: str) -> int:
+        try:
+            return super().count_tokens(text)
+        except (_Died, RuntimeError) as exc:  # while ingesting: say which server, and show its log
+            raise EngineError(f"llama-server for {self.model_path.name} could not tokenize a passage "
+                              f"({exc or 'the server exited'}); see {self.log_path}:\n{self.log_tail()}") from None
 
     def _one(self, request: Request) -> Response:
         start = time.perf_counter()

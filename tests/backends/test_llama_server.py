@@ -343,6 +343,18 @@ def test_server_killed_mid_stage_is_restarted_once_and_nothing_is_lost(tmp_path)
         assert [r.text for r in again.generate(requests)] == [r.text for r in responses] and again.stats.hits == 4
 
 
+def test_a_server_gone_while_ingesting_is_an_error_naming_its_log(tmp_path):
+    backend = server(tmp_path, slots=1)
+    try:
+        assert backend.count_tokens("The council met on Tuesday.") > 0
+        backend.proc.kill()
+        backend.proc.wait()
+        with pytest.raises(EngineError, match=r"could not tokenize a passage .*see .*llama-server-.*\.log"):
+            backend.count_tokens("A passage it has not seen before.")
+    finally:
+        backend.close()
+
+
 def test_server_that_dies_twice_in_a_stage_gives_rejections(tmp_path):
     from builder.stages.annotate import annotate
     from builder.corpus import Passage, passage_id
