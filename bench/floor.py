@@ -75,12 +75,65 @@ def llama_rates(model: Path, prompt: int, completion: int, parallel: list[int], 
             "rows": rows}
 
 
+def in_flight(ws: Workspace) -> dict[int, float]:
+    """Share of the last build's model-call time with n requests in flight (each call's start is
+    its stored time minus its duration): how much of the build ran the engines below capacity."""
+    con = ws.connect(read_only=True)
+    try:
+        rows = con.execute("""
+            SELECT epoch(m.created_at), m.seconds FROM model_calls m,
+                   (SELECT started_at, finished_at FROM builds WHERE status = 'finished' ORDER BY started_at DESC
+                    LIMIT 1) b
+            WHERE m.created_at BETWEEN b.started_at AND b.finished_at""").fetchall()
+    finally:
+        con.close()
+    events = sorted([(end - seconds, 1) for end, seconds in rows] + [(end, -1) for end, _ in rows])
+    if not events:
+        return {}
+    spent: dict[int, float] = {}
+    level, last = 0, events[0][0]
+    for t, step in events:
+        spent[level] = spent.get(level, 0.0) + t - last
+        level, last = level + step, t
+    total = sum(spent.values()) or 1.0
+    return {n: spent[n] / total for n in sorted(spent)}
+
+
+def grammar_cost(passages: int = 12) -> dict:
+    """What decoding under the schema's grammar costs per generated token: the same annotation
+    prompts through the managed server (4 slots, greedy), with the schema and without it."""
+    from builder.backends.base import Request
+    from builder.backends.llama_server import LlamaServerBackend
+    from builder.prompts import Prompts
+    from builder.resources import load_schema
+
+    rows = [json.loads(line)["text"] for line in (ROOT / "examples/corpus/passages.jsonl").read_text().splitlines()]
+    prompts, schema = Prompts(), load_schema("annotation")
+    out = {}
+    with LlamaServerBackend(resolve_model("bundled:smollm2"), find_binary().path, slots=4) as server:
+        for name, with_schema in (("free", False), ("grammar", True), ("free again", False)):
+            requests = [Request(messages=prompts.annotation_messages(t), schema=schema if with_schema else None,
+                                max_tokens=384, temperature=0.0) for t in rows[:passages]]
+            start = time.perf_counter()
+            responses = server.generate(requests)
+            seconds = time.perf_counter() - start
+            tokens = sum(r.completion_tokens for r in responses)
+            out[name] = {"seconds": round(seconds, 1), "completion_tokens": tokens, "tokens_per_s": tokens / seconds}
+            print(f"{name:10s}: {tokens} completion tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, help="a workspace whose newest generation was built cold")
     parser.add_argument("--results", type=Path, help="write the figures as JSON here")
     parser.add_argument("--repeat", type=int, default=3, help="llama-batched-bench runs per model (best is taken)")
+    parser.add_argument("--grammar-cost", action="store_true",
+                        help="only measure what the schema's grammar costs per generated token on the server")
     args = parser.parse_args()
+    if args.grammar_cost:
+        grammar_cost()
+        return
 
     if args.workspace:
         root, wall = args.workspace, None
@@ -119,12 +172,17 @@ def main() -> None:
     if cost:
         print(f"per kept reflection ({cost['kept']} kept): {cost['seconds']:.2f} s, {cost['tokens_evaluated']} tokens "
               f"evaluated, floor {floor / cost['kept']:.2f} s")
+    shares = in_flight(ws)
+    if shares:
+        print("requests in flight, share of the model-call time: "
+              + ", ".join(f"{n}: {share:.0%}" for n, share in shares.items()))
     prompt, cached = metrics["prompt_tokens"], metrics["cached_prompt_tokens"]
     print(f"prompt tokens served from a cached prefix: {cached:,} of {prompt:,} ({cached / prompt:.0%}; target >= 60%)")
     if args.results:
         args.results.write_text(json.dumps({"workspace": str(root), "generation": generation.name,
                                             "build_s": metrics["seconds"], "wall_s": wall, "floor_s": floor,
-                                            "ratio": ratio, "models": figures, "per_kept_reflection": cost}, indent=2))
+                                            "ratio": ratio, "models": figures, "per_kept_reflection": cost,
+                                            "in_flight": shares}, indent=2))
 
 
 if __name__ == "__main__":
