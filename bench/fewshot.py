@@ -9,6 +9,7 @@ saves in time. Few passages make these figures noisy: read a difference of one o
 reflections as nothing.
 
 Usage: python bench/fewshot.py [--passages 10] [--results fewshot.json]
+       python bench/fewshot.py --passages 30 --only "annotate: without example 2"
 """
 from __future__ import annotations
 
@@ -75,10 +76,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=10)
     parser.add_argument("--results", type=Path)
+    parser.add_argument("--only", default="", help="comma-separated variant names to run (the built-in is always run)")
     args = parser.parse_args()
+    chosen = {"built-in (all examples)", *filter(None, args.only.split(","))}
     base = Path(tempfile.mkdtemp(prefix="fewshot-"))
     results = {}
     for i, (name, overrides) in enumerate(variants().items()):
+        if args.only and name not in chosen:
+            continue
         results[name] = build(workspace(base / f"v{i}", args.passages, overrides))
         print(f"{name}: {results[name]}", flush=True)
     ref = results["built-in (all examples)"]
