@@ -41,11 +41,14 @@ def variants() -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def workspace(root: Path, passages: int, overrides: dict[str, list[str]]) -> Path:
+def workspace(root: Path, passages: int | None = None, overrides: dict[str, list[str]] | None = None) -> Path:
+    """A fresh `make demo` workspace: its first `passages` sample passages (None: all), with
+    `overrides` as a prompt folder over the built-in prompts."""
     ratchet = Path(sys.executable).with_name("ratchet")
     subprocess.run([str(ratchet), "init", str(root), "--example"], check=True, stdout=subprocess.DEVNULL)
-    corpus = root / "corpus" / "passages.jsonl"
-    corpus.write_text("\n".join(corpus.read_text().splitlines()[:passages]) + "\n")
+    if passages is not None:
+        corpus = root / "corpus" / "passages.jsonl"
+        corpus.write_text("\n".join(corpus.read_text().splitlines()[:passages]) + "\n")
     if overrides:
         folder = root / "prompts-variant"
         folder.mkdir()

@@ -29,10 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from builder.backends.llama_server import find_binary  # noqa: E402
 from builder.models import BUNDLED, resolve_model  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
+from fewshot import build, workspace  # noqa: E402  (a fresh demo workspace, built by the CLI)
+from overhead import sample_texts  # noqa: E402
 
 
 def bundled_paths() -> dict[str, Path]:
@@ -45,14 +48,6 @@ def bundled_paths() -> dict[str, Path]:
             continue
         out[path.name] = path
     return out
-
-
-def build_demo(root: Path) -> float:
-    ratchet = Path(sys.executable).with_name("ratchet")
-    subprocess.run([str(ratchet), "init", str(root), "--example"], check=True, stdout=subprocess.DEVNULL)
-    start = time.perf_counter()
-    subprocess.run([str(ratchet), "build", "--workspace", str(root)], check=True)
-    return time.perf_counter() - start
 
 
 def llama_rates(model: Path, prompt: int, completion: int, parallel: list[int], repeat: int) -> dict:
@@ -107,13 +102,13 @@ def grammar_cost(passages: int = 12) -> dict:
     from builder.prompts import Prompts
     from builder.resources import load_schema
 
-    rows = [json.loads(line)["text"] for line in (ROOT / "examples/corpus/passages.jsonl").read_text().splitlines()]
+    rows = sample_texts(passages)
     prompts, schema = Prompts(), load_schema("annotation")
     out = {}
     with LlamaServerBackend(resolve_model("bundled:smollm2"), find_binary().path, slots=4) as server:
         for name, with_schema in (("free", False), ("grammar", True), ("free again", False)):
             requests = [Request(messages=prompts.annotation_messages(t), schema=schema if with_schema else None,
-                                max_tokens=384, temperature=0.0) for t in rows[:passages]]
+                                max_tokens=384, temperature=0.0) for t in rows]
             start = time.perf_counter()
             responses = server.generate(requests)
             seconds = time.perf_counter() - start
@@ -138,8 +133,8 @@ def main() -> None:
     if args.workspace:
         root, wall = args.workspace, None
     else:
-        root = Path(tempfile.mkdtemp(prefix="floor-")) / "ws"
-        wall = build_demo(root)
+        root = workspace(Path(tempfile.mkdtemp(prefix="floor-")) / "ws")
+        wall = build(root)["wall_s"]
     ws = Workspace(root)
     generation = sorted(ws.generations_dir.glob("gen-*"))[-1]
     manifest = json.loads((generation / "manifest.json").read_text())

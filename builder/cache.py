@@ -51,14 +51,12 @@ class CacheStats:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, served from a cached prefix (where the engine says)
-    seconds: float = 0.0  # summed over calls: calls in flight together overlap
 
     def count(self, response: Response) -> None:
         self.calls += 1
         self.completion_tokens += response.completion_tokens
         self.prompt_tokens += response.prompt_tokens
         self.cached_tokens += response.cached_tokens or 0
-        self.seconds += response.seconds
 
     def tokens(self) -> dict:
         """What the engine had to evaluate: prompt tokens not served from a cached prefix, and completions."""

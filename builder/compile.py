@@ -451,10 +451,9 @@ def tokens_by_model(engines) -> dict[str, dict]:
     for engine in engines:
         if not engine.stats.calls:
             continue
-        entry = out.setdefault(engine.backend.model_name, {"backend": engine.backend.kind, "seconds": 0.0})
+        entry = out.setdefault(engine.backend.model_name, {"backend": engine.backend.kind})
         for key, value in engine.stats.tokens().items():
             entry[key] = entry.get(key, 0) + value
-        entry["seconds"] = round(entry["seconds"] + engine.stats.seconds, 2)
     return out
 
 

@@ -78,7 +78,7 @@ def _read(buf) -> GGUFFacts:
                      chat_template=values.get("tokenizer.chat_template"),
                      bos=texts.get(bos, ""), eos=texts.get(eos, ""),
                      add_bos=bool(values.get("tokenizer.ggml.add_bos_token", False)),
-                     n_vocab=values.get("tokenizer.ggml.tokens", 0))
+                     n_vocab=count)
 
 
 def _string(buf, pos: int) -> tuple[str, int]:

@@ -78,7 +78,7 @@ def _sentinel(i: int) -> str:
 
 
 class LlamaPrompting:
-    """Chat template rendering, tokenization, stop strings and grammars of one GGUF model:
+    """Chat template rendering, tokenization and stop strings of one GGUF model:
     what the in-process engine and the managed llama-server share, so that both send the
     very same prompt tokens (and share cache keys). An engine gives the header's facts
     (`GGUFFacts`) and its tokenizer (`_tokenize`)."""
@@ -95,7 +95,7 @@ class LlamaPrompting:
         # starting with BOS where the model's metadata asks for one.
         self.plain_bos = self.bos if facts.add_bos else ""
         self.chat_template = facts.chat_template
-        self._grammars: dict[str, LlamaGrammar] = {}
+        self._templates: dict[tuple[str, ...], str] = {}  # by the messages' roles
         # llama-cpp-python checks the grammar against every candidate token at every step: over
         # Gemma 3's 262k-token vocabulary that took ~2.5 s/token on 2 cores. "auto" decodes such
         # models freely and leaves it to validation and retries (the few-shot turns show the format).
@@ -117,8 +117,16 @@ class LlamaPrompting:
                 "family": self.family, "decoding": "grammar" if self.use_grammar else "free, validated"}
 
     def _template(self, messages: Sequence[dict]) -> str:
-        """The rendered prompt with each message's content replaced by a sentinel."""
-        stand_ins = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
+        """The rendered prompt with each message's content replaced by a sentinel. It depends on
+        the roles alone, so it is rendered once per sequence of roles (every request renders it
+        twice: its cache key and its tokens)."""
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self._templates:
+            self._templates[roles] = self._render_template(roles)
+        return self._templates[roles]
+
+    def _render_template(self, roles: tuple[str, ...]) -> str:
+        stand_ins = [{"role": role, "content": _sentinel(i)} for i, role in enumerate(roles)]
         if self.chat_template is None:
             return self.plain_bos + "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in stand_ins) + "Assistant:\n"
         # transformers' renderer: the sandbox, extensions and variables llama-cpp-python's
@@ -158,22 +166,6 @@ class LlamaPrompting:
             return ["\n"]
         return ["\n\nUser:", "\n\nSystem:", "\n\nAssistant:"]
 
-    def _grammar(self, schema: dict | None) -> LlamaGrammar | None:
-        if schema is None or not self.use_grammar:
-            return None
-        from llama_cpp import LlamaGrammar
-
-        key = json.dumps(schema)  # not sorted: the grammar writes properties in the schema's order
-        if key not in self._grammars:
-            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
-        return self._grammars[key]
-
-    def grammar_text(self, schema: dict | None) -> str | None:
-        """The GBNF grammar the in-process engine decodes under (llama-cpp-python's JSON Schema
-        converter), as text for a server: both engines then constrain with the same grammar."""
-        grammar = self._grammar(schema)
-        return grammar._grammar if grammar is not None else None
-
 
 class LlamaCppBackend(LlamaPrompting, SequentialBackend):
     kind = "llama_cpp"
@@ -189,9 +181,20 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
                          n_batch=512, verbose=False)
         self._setup_prompting(constrained, read_facts(self.model_path))
+        self._grammars: dict[str, LlamaGrammar] = {}
 
     def _tokenize(self, text: str, special: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _grammar(self, schema: dict | None) -> LlamaGrammar | None:
+        if schema is None or not self.use_grammar:
+            return None
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema)  # not sorted: the grammar writes properties in the schema's order
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        return self._grammars[key]
 
     @classmethod
     def from_config(cls, cfg: GGUFKeys, note: str | None = None) -> "LlamaCppBackend":

@@ -2,9 +2,9 @@
 
 One server per model a build needs, on a free loopback port, with `slots` parallel sequences:
 each stage's requests go to it concurrently and llama.cpp decodes them as one batch. The
-prompt is rendered and tokenized here exactly as the in-process engine does it (a vocab-only
-load of the same GGUF: tokenizer and metadata, no weights), and sent as token ids to the
-server's native `/completion` endpoint with the same GBNF grammar, so
+prompt is rendered here exactly as the in-process engine renders it (the chat template from
+the GGUF header), tokenized piece by piece by the server's own `/tokenize`, and sent as token
+ids to the native `/completion` endpoint with the schema (llama.cpp makes the grammar), so
 
 - message content is tokenized with special tokens off: `<|im_end|>` in a passage stays text;
 - the cache key is the in-process one (model file hash + rendered prompt + schema + sampling
