@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,web,inprocess]'
+	$(BIN)/pip install -q -e '.[dev,web,inprocess,ray]'
 	# The audit page's browser tests drive Debian's chromium (Playwright cannot download browsers
 	# on these machines); installed here when missing, so a clean CI machine has it.
 	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \

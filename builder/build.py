@@ -16,9 +16,9 @@ from datetime import datetime
 from pathlib import Path
 
 from .compile import Compile
-from .config import RatchetConfig
+from .config import ConfigError, RatchetConfig
 from .ensemble import Ensemble
-from .executors import LOCAL, Executor
+from .executors import Executor, make_executor
 from .prompts import Prompts
 from .stages.annotate import Annotate
 from .stages.audit import Audit
@@ -113,15 +113,31 @@ def restore_snapshot(con) -> int | None:
 
 def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, progress=None,
               overwrite: bool = False, config: RatchetConfig | None = None, stages: Sequence[Stage] | None = None,
-              executor: Executor | None = None) -> dict:
+              executor: Executor | None = None, executor_kind: str | None = None) -> dict:
     """Build one generation. `progress` is a rich Progress (or None). Generation 1 ingests the
     corpus; generation N > 1 re-annotates generation N - 1's passages and keeps, per passage,
     the better of the two reflections by the fixed panel (the ratchet). `config` replaces the
     workspace's ratchet.toml for this build (e.g. `ratchet loop` adding the trained model as a
     member); the manifest records the config the build ran with. `stages` replaces STAGES and
-    `executor` the local one. Returns the summary."""
+    `executor` the one of the config's [executor] section (`executor_kind`, `--executor`, picks
+    another kind). Returns the summary."""
     cfg = config or ws.config
     stages = list(STAGES if stages is None else stages)
+    unknown = sorted(set(cfg.executor.stages) - {s.name for s in stages})
+    if unknown:
+        raise ConfigError(f"[executor.stages.{unknown[0]}]: no stage is called '{unknown[0]}' "
+                          f"(stages: {', '.join(s.name for s in stages)})")
+    owned = executor is None  # made here from the config: closed here (a local Ray cluster stops)
+    executor = executor or make_executor(cfg.executor, executor_kind)
+    try:
+        return _run_build(ws, generation, corpus, progress, overwrite, cfg, stages, executor)
+    finally:
+        if owned:
+            executor.close()
+
+
+def _run_build(ws: Workspace, generation: int, corpus: str | None, progress, overwrite: bool, cfg: RatchetConfig,
+               stages: list[Stage], executor: Executor) -> dict:
     log = build_logger(ws, generation)
     with ws.lock():
         con = ws.connect()
@@ -136,7 +152,7 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
         prompts, rebuilding = None, False
         try:
             prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
-            ctx = BuildContext(ws, con, generation, cfg, prompts, log, progress=progress, executor=executor or LOCAL,
+            ctx = BuildContext(ws, con, generation, cfg, prompts, log, progress=progress, executor=executor,
                                corpus=corpus, overwrite=overwrite)
             for stage in stages:
                 for table in stage.tables:
@@ -150,6 +166,7 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                 for line in ensemble.warnings():
                     log.warning(line)
                 for stage in stages:
+                    executor.stage = stage.name  # per-stage executor settings key on it
                     ctx.metrics.update(stage.run(ctx) or {})
             if rebuilding:
                 drop_snapshot(con)  # compiled (or identical): the new rows stand
@@ -161,7 +178,7 @@ def run_build(ws: Workspace, generation: int = 1, corpus: str | None = None, pro
                        "compiled": "written" if ctx.written else "unchanged (already compiled with identical splits)",
                        "workspace": str(ws.root), "output": str(ctx.output), "database": str(ws.db_path),
                        "card": str(ctx.output / "README.md") if ctx.output else None,
-                       "executor": ctx.executor.name, **ctx.metrics}
+                       "executor": ctx.executor.describe(), **ctx.metrics}
             return summary
         except KeyboardInterrupt:
             status = "interrupted"  # Ctrl-C: every finished call is already in the cache
@@ -200,7 +217,7 @@ def dry_run(ws: Workspace, corpus: str | None = None, progress=None) -> dict:
     try:
         shutil.copy2(ws.config_path, root / ws.config_path.name)
         create_secret(root)
-        summary = run_build(Workspace(root), config=dry, progress=progress)
+        summary = run_build(Workspace(root), config=dry, progress=progress, executor_kind="local")
         summary.update(dry_run=True, compiled="written to a throwaway copy of the workspace, then deleted")
         return summary
     finally:

@@ -5,7 +5,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -40,6 +40,10 @@ BUILD_ERRORS = (WorkspaceError, ConfigError, CorpusError, ModelNotFound, Ensembl
                 RatchetError, GenerationImmutable, EngineError)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (holds ratchet.toml).")]
+ExecutorOpt = Annotated[Optional[Literal["local", "ray"]], typer.Option(
+    "--executor",
+    help="Where the model calls run: local (this process) or ray (Ray Data actors on the cluster of \\[executor] "
+         "address; extra .\\[ray]). Default: ratchet.toml's \\[executor] kind, else local. See docs/ray.md.")]
 EXAMPLE_QUERY = "SELECT * FROM convergence_by_member"
 
 
@@ -151,6 +155,7 @@ def _summary_table(s: dict) -> Table:
         ("completion tokens", s["completion_tokens"]),
         ("prompt tokens", _prompt_tokens(s)),
         ("time", f"{s['seconds']:.1f} s"),
+        ("executor", _executor(s.get("executor"))),
         ("per kept reflection", _per_kept(s.get("per_kept_reflection"))
          + ("; every call came from the cache" if s.get("per_kept_reflection") and not s["model_calls"] else "")),
     ]
@@ -239,6 +244,16 @@ def _summary_table(s: dict) -> Table:
     return table
 
 
+def _executor(e: dict | str | None) -> str:
+    """Where the calls ran: local, or the Ray cluster with each stage's throughput."""
+    if not isinstance(e, dict) or e.get("kind", "local") == "local":
+        return "local (this process)"
+    cluster = f"ray at {e.get('address')}: {e.get('nodes', '?')} node(s), {e.get('cpus', 0):g} CPU(s), {e.get('gpus', 0):g} GPU(s)"
+    stages = "; ".join(f"{name} {x['calls']} calls in {x['seconds']:.1f} s ({x['calls_per_s'] or 0:.2f}/s)"
+                       for name, x in (e.get("stages") or {}).items())
+    return cluster + (f"; {stages}" if stages else "; no call missed the cache")
+
+
 def _counts(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
 
@@ -255,6 +270,7 @@ def build(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Build generation 1 with the scripted engine in place of "
                                           "every model, in a throwaway copy of the workspace: checks the config, the "
                                           "corpus, the prompts and every stage in seconds; writes nothing here.")] = False,
+    executor: ExecutorOpt = None,
 ) -> None:
     """Ingest the corpus, let every annotating ensemble member annotate every passage, have k
     critics of another family or persona critique each annotation, keep per passage the one
@@ -275,7 +291,8 @@ def build(
             if dry_run:
                 summary = dry_run_build(ws, corpus=corpus, progress=progress)
             else:
-                summary = run_build(ws, generation=generation, corpus=corpus, progress=progress, overwrite=overwrite)
+                summary = run_build(ws, generation=generation, corpus=corpus, progress=progress, overwrite=overwrite,
+                                    executor_kind=executor)
     except BUILD_ERRORS as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -596,6 +613,7 @@ def loop(
                       ] = registry.DEFAULT_CHECKPOINT_ENGINE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild generations and retrain models whose "
                                             "config changed.")] = False,
+    executor: ExecutorOpt = None,
 ) -> None:
     """The ratchet loop: build generation 1, train models/gen-0001 on it, build generation 2
     on the same passages with that model as one more annotator, ... for K generations.
@@ -616,7 +634,7 @@ def loop(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            result = run_loop(ws, generations, engine=engine, progress=progress, overwrite=overwrite,
+            result = run_loop(ws, generations, engine=engine, progress=progress, overwrite=overwrite, executor=executor,
                               say=lambda line: progress.console.print(line, highlight=False))
     except (*BUILD_ERRORS, TrainError, EvaluationError) as exc:
         fail(str(exc))

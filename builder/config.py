@@ -271,6 +271,29 @@ class PublishConfig(Section):
         return value
 
 
+class ExecutorStageConfig(Section):
+    """One stage's own executor settings ([executor.stages.STAGE]); a key left out is [executor]'s."""
+    concurrency: int | None = Field(None, ge=1, le=4096, description="Actors per engine for this stage.")
+    batch_size: int | None = Field(None, ge=0, description="Requests per actor batch for this stage.")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs per actor for this stage.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor for this stage.")
+
+
+class ExecutorConfig(Section):
+    """Where the model calls run. Not part of a generation's identity (the splits do not depend on
+    it): a build may move from this machine to a cluster and keep its cache and its config hash."""
+    kind: Literal["local", "ray"] = Field("local", description="local: this process's engines; ray: Ray Data actors "
+                                          "on a Ray cluster (extra .[ray]); `--executor` overrides it.")
+    address: str = Field("", description="ray: the cluster: auto (a running `ray start` cluster), local (a new one "
+                         "on this machine), ray://HOST:10001 (Ray Client); empty: $RAY_ADDRESS, else a new local one.")
+    concurrency: int = Field(2, ge=1, le=4096, description="ray: actors per engine (each starts its own model).")
+    batch_size: int = Field(0, ge=0, description="ray: requests per actor batch; 0: twice the engine's slots.")
+    num_cpus: float = Field(1.0, ge=0, description="ray: CPUs per actor (a llama-server actor uses that many threads).")
+    num_gpus: float = Field(0.0, ge=0, description="ray: GPUs per actor (vLLM on GPU nodes).")
+    stages: dict[str, ExecutorStageConfig] = Field(
+        default_factory=dict, description="Per-stage settings: [executor.stages.annotate] concurrency = 8, ...")
+
+
 class RatchetConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
     annotator: SerializeAsAny[EngineConfig] = Field(default_factory=lambda: engine_section({}))
@@ -286,6 +309,7 @@ class RatchetConfig(Section):
     # Not part of a dataset generation's identity: left out of model_dump, so the config hash (and the
     # manifest's config) of a compiled generation does not change when only training settings do.
     train: TrainConfig = Field(TrainConfig(), exclude=True)
+    executor: ExecutorConfig = Field(ExecutorConfig(), exclude=True)  # where calls run: not what they produce
 
     @field_validator("annotator", mode="before")
     @classmethod

@@ -4,27 +4,48 @@ The runner (stages/base.py) asks a cached engine for responses; the engine answe
 has from the DuckDB cache and hands the rest to an executor, storing each response the moment
 it comes back (the driver process stays the cache's only writer). `LocalExecutor` runs them
 on the backend already loaded in this process, with that engine's own batching and
-concurrency. Another executor (a Ray cluster, say) takes the same call and the backend's
-`config` to start the same engine elsewhere; stages never name one.
+concurrency. `RayExecutor` sends them, as a Ray Dataset, to actors on a Ray cluster that each
+start the same engine from the backend's `config` (the managed llama-server with the
+project's token ids and grammar, vLLM on a GPU node, an OpenAI-compatible client); stages
+never name one.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import math
+import time
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from .backends.base import Backend, OnResponse, Request
+from .backends.base import Backend, OnResponse, Request, Response
+
+if TYPE_CHECKING:
+    from .config import ExecutorConfig
+
+log = logging.getLogger("ratchet.executor")
 
 
 class Executor(Protocol):
     name: str
+    stage: str  # the stage whose calls run now (set by the build; per-stage settings key on it)
 
     def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
         """Run every request with `backend`'s engine; call on_response(i, response) for each as
         it finishes (in the calling thread). Never raises for one bad request."""
 
+    def describe(self) -> dict:
+        """What the summary and the manifest say about where the calls ran."""
+
+    def close(self) -> None:
+        """Give back what the executor started (a local Ray cluster)."""
+
 
 class LocalExecutor:
     name = "local"
+    stage = ""
 
     def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
         backend.generate(requests, on_response)
@@ -32,5 +53,202 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"kind": self.name}
 
+    def close(self) -> None:
+        pass
+
 
 LOCAL = LocalExecutor()
+
+
+def make_executor(cfg: "ExecutorConfig", kind: str | None = None) -> Executor:
+    """The executor of a workspace's `[executor]` section; `kind` (`--executor`) overrides its kind."""
+    kind = kind or cfg.kind
+    if kind == "local":
+        return LOCAL
+    if kind == "ray":
+        return RayExecutor(cfg)
+    raise ValueError(f"executor kind '{kind}' is not one of: local, ray")
+
+
+# --- requests and responses as rows of a Ray Dataset ---------------------------------------------
+
+def request_to_json(request: Request) -> str:
+    return json.dumps(dataclasses.asdict(request), ensure_ascii=False)
+
+
+def request_from_json(text: str) -> Request:
+    data = json.loads(text)
+    data["messages"] = tuple(data["messages"])
+    if data.get("decision"):
+        field, values = data["decision"]
+        data["decision"] = (field, tuple(values))
+    return Request(**data)
+
+
+def response_to_json(response: Response) -> str:
+    data = dataclasses.asdict(response)
+    data["extra"] = {k: v for k, v in data["extra"].items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return json.dumps(data, ensure_ascii=False)
+
+
+def response_from_json(text: str) -> Response:
+    return Response(**json.loads(text))
+
+
+# --- the actor: one engine per actor, started once, for every batch it is given -----------------
+
+class EngineActor:
+    """A Ray Data map_batches actor: loads the engine of an engine config (the same registry
+    call the driver makes, so the same token ids, grammar, retries and decisions) and answers
+    batches of rows {index, request} with rows {index, response, model_id}."""
+
+    def __init__(self, config: dict, log_dir: str | None = None, threads: int = 0):
+        from .backends import registry
+
+        cfg = registry.parse(config)
+        if threads and getattr(cfg, "threads", None) == 0:  # the cores Ray gave this actor, not the node's
+            cfg = cfg.model_copy(update={"threads": threads})
+        cfg._log_dir = Path(log_dir) if log_dir else None
+        self.backend = registry.make_backend(cfg)
+        self.model_id = self.backend.model_id
+
+    def __call__(self, batch: dict) -> dict:
+        requests = [request_from_json(text) for text in batch["request"]]
+        responses = self.backend.generate(requests)
+        return {"index": list(batch["index"]), "response": [response_to_json(r) for r in responses],
+                "model_id": [self.model_id] * len(responses)}
+
+    def __del__(self):
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+
+
+class RayExecutor:
+    """Model calls on a Ray cluster through Ray Data: the driver (this process) looks the cache
+    up and keeps writing it; the calls that missed go out as a Dataset of rows, map_batches runs
+    them on `concurrency` EngineActors (each starts its own engine, with `num_cpus`/`num_gpus`),
+    and the answers stream back batch by batch, each handed to on_response (which stores it) the
+    moment its batch arrives. An actor that dies is restarted by Ray and its batch run again
+    (Ray Data's default for actors); a row that never comes back is an error response, asked
+    again by the next build."""
+
+    name = "ray"
+
+    def __init__(self, cfg: "ExecutorConfig"):
+        try:
+            import ray  # noqa: F401
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise ImportError("executor kind 'ray' needs Ray Data: pip install '.[ray]' (ray[data])") from None
+        self.cfg = cfg
+        self.stage = ""
+        self.started_ray = False
+        self.throughput: dict[str, dict] = {}  # stage -> {calls, seconds, datasets}
+
+    # -- the cluster --
+
+    def _connect(self) -> None:
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            address = self.cfg.address or None
+            log.info("connecting to Ray (%s)", address or "RAY_ADDRESS, else a new local cluster")
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=True, configure_logging=True)
+            self.started_ray = True
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the build's own bars advance as answers arrive
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    def settings(self) -> dict:
+        """This stage's settings: [executor] with [executor.stages.STAGE] on top."""
+        own = self.cfg.stages.get(self.stage)
+        keys = ("concurrency", "batch_size", "num_cpus", "num_gpus")
+        base = {k: getattr(self.cfg, k) for k in keys}
+        if own is not None:
+            base.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return base
+
+    # -- the calls --
+
+    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
+        import ray.data
+
+        config = getattr(backend, "config", None)
+        if config is None:  # an engine made outside the registry has no config to start elsewhere
+            raise ValueError(f"{backend.kind}: this engine has no config, so it cannot be started on Ray actors")
+        self._connect()
+        s = self.settings()
+        batch_size = s["batch_size"] or max(1, 2 * int(getattr(config, "slots", 1) or 1))
+        actors = max(1, min(s["concurrency"], math.ceil(len(requests) / batch_size)))
+        start = time.perf_counter()
+        rows = [{"index": i, "request": request_to_json(r)} for i, r in enumerate(requests)]
+        # one block per batch: an answer comes back as soon as its batch is done, not its block
+        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
+            EngineActor,
+            fn_constructor_kwargs={"config": config.model_dump(), "threads": max(1, int(s["num_cpus"] or 1)),
+                                   "log_dir": str(config.log_dir) if config.log_dir else None},
+            batch_size=batch_size, batch_format="default",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=s["num_cpus"], num_gpus=s["num_gpus"] or None)
+        answered: set[int] = set()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for i, text, model_id in zip(batch["index"].to_pylist(), batch["response"].to_pylist(),
+                                             batch["model_id"].to_pylist()):
+                    if i in answered:  # a batch run twice (its actor died after answering): once is enough
+                        continue
+                    answered.add(i)
+                    on_response(i, self._checked(backend, response_from_json(text), model_id))
+        except Exception as exc:  # the dataset failed as a whole: every unanswered request gets the reason
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            reason = f"the Ray executor lost this request: {type(exc).__name__}: {str(exc)[:500]}"
+            log.warning("%s (%d of %d requests unanswered)", reason, len(requests) - len(answered), len(requests))
+            for i in range(len(requests)):
+                if i not in answered:
+                    on_response(i, Response("", "error", error=reason))
+        seconds = time.perf_counter() - start
+        stats = self.throughput.setdefault(self.stage or "?", {"calls": 0, "seconds": 0.0, "datasets": 0})
+        stats["calls"] += len(requests)
+        stats["seconds"] += seconds
+        stats["datasets"] += 1
+
+    @staticmethod
+    def _checked(backend: Backend, response: Response, model_id: str) -> Response:
+        """An answer from an actor whose model is not the driver's (another file at that path on
+        that node) would be cached under the wrong key: an error response instead."""
+        if model_id != backend.model_id:
+            return Response("", "error", error=f"a Ray actor loaded another model than the driver "
+                                                f"({model_id[:12]} vs {backend.model_id[:12]}): the model file "
+                                                "differs on that node")
+        return response
+
+    # -- what ran where --
+
+    def describe(self) -> dict:
+        out = {"kind": self.name, "address": self.cfg.address or "default"}
+        try:
+            import ray
+
+            if ray.is_initialized():
+                nodes = [n for n in ray.nodes() if n.get("Alive")]
+                resources = ray.cluster_resources()
+                out.update({"nodes": len(nodes), "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)})
+        except Exception:  # a cluster that went away: the summary says what it knows
+            pass
+        out["stages"] = {name: {**s, "seconds": round(s["seconds"], 2),
+                                "calls_per_s": round(s["calls"] / s["seconds"], 3) if s["seconds"] else None}
+                         for name, s in self.throughput.items()}
+        return out
+
+    def close(self) -> None:
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
+

@@ -446,16 +446,16 @@ def loop_config(base: RatchetConfig, ws: Workspace, generation: int,
 
 
 def run_loop(ws: Workspace, generations: int, engine: str = registry.DEFAULT_CHECKPOINT_ENGINE, progress=None, say=None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, executor: str | None = None) -> dict:
     """build → evaluate → train → build …: for g in 1..K, evaluate generation g's annotator
     model (the base for g = 1, models/gen-(g-1) after) on the held-out prompts, build
     generation g on the same passages, and train models/gen-g unless g = K. Finished builds,
     trained models and evaluations are reused (every model call is cached)."""
     with quiet():
-        return _loop(ws, generations, engine, progress, say or (lambda line: None), overwrite)
+        return _loop(ws, generations, engine, progress, say or (lambda line: None), overwrite, executor)
 
 
-def _loop(ws: Workspace, generations: int, engine: str, progress, say, overwrite: bool) -> dict:
+def _loop(ws: Workspace, generations: int, engine: str, progress, say, overwrite: bool, executor: str | None) -> dict:
     from .build import run_build
     from .evaluate import evaluate_model, record_generation
 
@@ -474,7 +474,7 @@ def _loop(ws: Workspace, generations: int, engine: str, progress, say, overwrite
             (path / "README.md").write_text(model_card(summary, evaluation), encoding="utf-8")
         record_generation(ws, g, annotator, evaluation, None)
         say(f"generation {g}: building")
-        built = run_build(ws, generation=g, config=cfg, progress=progress, overwrite=overwrite)
+        built = run_build(ws, generation=g, config=cfg, progress=progress, overwrite=overwrite, executor_kind=executor)
         trained = None
         if g < generations:
             say(f"generation {g}: training {model_dir(ws, g).name}")

@@ -1,0 +1,240 @@
+"""The Ray executor on a local Ray cluster (two nodes of Ray's own test cluster, on this
+machine): the same splits as a local build on the bundled model, and a build that finishes,
+with nothing lost or cached twice, when an actor is killed, a node is lost, the driver is
+killed with -9, or the endpoint answers 500, garbage or nothing."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.build import run_build
+from builder.config import ConfigError, RatchetConfig
+from builder.stages.audit import SECRET_FILE
+from builder.workspace import Workspace
+
+from .conftest import REPO, SHORT_PASSAGES, write_workspace
+
+ray = pytest.importorskip("ray", reason="the Ray executor's tests need the extra .[ray] (make test installs it)")
+
+sys.path.insert(0, str(REPO / "bench"))
+from stub_openai import Faults, StubServer  # noqa: E402
+
+SCRIPTED = {"backend": "scripted", "model": "bundled:smollm2"}
+ONE_CRITIC = {"k": 1, "members": [{"persona": "empiricist"}, {"persona": "skeptic", "roles": ["critique"]}]}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node (2 CPUs) and a worker node (2 CPUs) on this machine; the driver is this process."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 100 * 2**20,
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def digests(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted((root / "generations" / "gen-0001").rglob("*.parquet")):
+        out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def calls(root: Path) -> tuple[int, int]:
+    """(rows, distinct keys) of the workspace's cache."""
+    con = Workspace(root).connect(read_only=True)
+    try:
+        return con.execute("SELECT count(*), count(DISTINCT cache_key) FROM model_calls").fetchone()
+    finally:
+        con.close()
+
+
+def same_secret(*roots: Path) -> None:
+    """The audit sample depends on the workspace's secret: give every workspace the same one."""
+    for root in roots:
+        path = root / SECRET_FILE
+        path.write_text("0123456789abcdef0123456789abcdef\n")
+        path.chmod(0o600)
+
+
+def map_workers(parent: int | None = None) -> list[int]:
+    """Ray worker processes running an EngineActor (Ray names them after the actor class), of
+    one raylet if `parent` is given."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().split(")")[-1].split()[1])
+            except (OSError, ValueError):
+                continue
+            if cmdline.startswith(b"ray::MapWorker") and b"EngineActor" in cmdline and parent in (None, ppid):
+                pids.append(int(entry))
+    return pids
+
+
+def build_in_thread(root: Path, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target():
+        try:
+            out["summary"] = run_build(Workspace(root), **kwargs)
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def logged_calls(root: Path) -> int:
+    log = root / "logs" / "build-gen-0001.log"
+    return log.read_text().count(" call ") if log.exists() else 0
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+def test_the_executor_is_a_config_section_outside_the_generation_s_identity(tmp_path):
+    cfg = RatchetConfig.model_validate({"executor": {"kind": "ray", "address": "auto", "concurrency": 8,
+                                                     "stages": {"annotate": {"concurrency": 16, "num_gpus": 1}}}})
+    assert cfg.executor.stages["annotate"].concurrency == 16
+    assert "executor" not in cfg.model_dump()  # where calls run does not change the splits or the config hash
+    with pytest.raises(ValueError, match="concurency"):
+        RatchetConfig.model_validate({"executor": {"concurency": 2}})
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:1], annotator=SCRIPTED,
+                           executor={"kind": "local", "stages": {"annotat": {"concurrency": 2}}})
+    with pytest.raises(ConfigError, match=r"\[executor.stages.annotat\]: no stage is called 'annotat'"):
+        run_build(Workspace(root))
+
+
+# --- the same splits ----------------------------------------------------------------------------------
+
+def test_a_ray_build_writes_the_splits_of_a_local_build(cluster, tmp_path):
+    """The bundled SmolLM2 on llama-server actors, greedy, against the same config built here.
+    One slot and no prompt cache: an answer then does not depend on which requests shared its
+    batch or its slot before it (the local build and the actors see them in other orders)."""
+    sections = dict(sampling={"max_tokens": 256, "temperature": 0.0}, audit={"rate": 1.0}, ensemble=ONE_CRITIC,
+                    annotator={"backend": "llama_server", "slots": 1, "n_ctx": 2048, "prompt_cache": False})
+    local = write_workspace(tmp_path / "local", SHORT_PASSAGES[:2], **sections)
+    remote = write_workspace(tmp_path / "ray", SHORT_PASSAGES[:2], executor={"kind": "ray", "concurrency": 2,
+                                                                             "batch_size": 2}, **sections)
+    same_secret(local, remote)
+    here = run_build(Workspace(local))
+    there = run_build(Workspace(remote))
+    assert here["executor"] == {"kind": "local"}
+    assert there["executor"]["kind"] == "ray" and there["executor"]["nodes"] == 2
+    assert set(there["executor"]["stages"]) >= {"annotate", "scrutinize", "audit"}
+    assert there["model_calls"] == here["model_calls"] > 0 and here["accepted"] >= 1
+    assert digests(remote) == digests(local) and len(digests(local)) >= 3  # sft, annotations, audit summary
+    con = Workspace(remote).connect(read_only=True)
+    assert con.execute("SELECT DISTINCT backend FROM model_calls").fetchall() == [("llama_server",)]
+    con.close()
+
+
+# --- faults -----------------------------------------------------------------------------------------
+
+def test_an_actor_killed_mid_stage_is_restarted_and_its_batch_run_again(cluster, tmp_path):
+    root = write_workspace(tmp_path / "ws", [f"Claim {i}: the river rose {i} metres overnight." for i in range(8)],
+                           annotate={"retries": 0}, audit={"rate": 0.0},
+                           annotator={**SCRIPTED, "delay_s": 0.4},
+                           executor={"kind": "ray", "concurrency": 2, "batch_size": 2})
+    thread, out = build_in_thread(root)
+    wait_for(lambda: logged_calls(root) >= 2, what="the first answers")
+    victims = map_workers()
+    assert victims, "no actor process found"
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" not in out, out.get("error")
+    summary = out["summary"]
+    assert summary["engine_errors"] == 0 and summary["accepted"] == 8
+    rows, distinct = calls(root)
+    assert rows == distinct == summary["model_calls"]  # every call once, none twice
+
+
+def test_a_lost_node_s_actors_are_restarted_on_the_others(cluster, tmp_path):
+    node = cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    root = write_workspace(tmp_path / "ws", [f"Claim {i}: the bridge cost {i} million." for i in range(12)],
+                           annotate={"retries": 0}, audit={"rate": 0.0},
+                           annotator={**SCRIPTED, "delay_s": 0.3},
+                           executor={"kind": "ray", "concurrency": 6, "batch_size": 1, "num_cpus": 0.5})
+    thread, out = build_in_thread(root)
+    wait_for(lambda: logged_calls(root) >= 2, what="the first answers")
+    raylet = node.all_processes["raylet"][0].process.pid
+    assert map_workers(parent=raylet), "no actor ran on the node"
+    cluster.remove_node(node)  # its raylet and every worker on it die
+    thread.join(timeout=300)
+    assert "error" not in out, out.get("error")
+    summary = out["summary"]
+    assert summary["engine_errors"] == 0 and summary["accepted"] == 12
+    rows, distinct = calls(root)
+    assert rows == distinct == summary["model_calls"]
+
+
+def test_a_fleet_answering_500_garbage_or_nothing(cluster, tmp_path):
+    """An OpenAI-compatible endpoint behind the actors: a 500 and a garbage answer are retried
+    by the engine and succeed; a request that hangs past its timeout on every attempt is a
+    rejection that names the reason, and is not cached (the next build asks again)."""
+    faults = Faults(numbers={1: "500", 2: "garbage"}, words={"HANGS": "hang"}, hang_s=3.0)
+    passages = [f"Claim {i}: the dam holds {i} million litres." for i in range(5)] + ["This one HANGS the server."]
+    with StubServer(latency_s=0.05, slots=8, faults=faults) as stub:
+        root = write_workspace(tmp_path / "ws", passages, annotate={"retries": 0}, audit={"rate": 0.0},
+                               annotator={"backend": "openai", "model": "stub", "base_url": stub.url,
+                                          "timeout_s": 1.0, "max_retries": 1, "logprobs": False},
+                               executor={"kind": "ray", "concurrency": 2, "batch_size": 2})
+        summary = run_build(Workspace(root))
+    assert stub.by_kind["500"] == 1 and stub.by_kind["garbage"] == 1 and stub.by_kind["hang"] == 2
+    assert summary["accepted"] == 5 and summary["rejected"] == 1
+    assert summary["rejection_reasons"] == {"engine error": 1}
+    con = Workspace(root).connect(read_only=True)
+    [(reason,)] = con.execute("SELECT reason FROM annotations WHERE status = 'rejected'").fetchall()
+    con.close()
+    assert f"{stub.url} did not answer within 1.0s (after 2 attempts)" in reason
+    rows, distinct = calls(root)
+    assert rows == distinct == summary["model_calls"]  # the rejection is not cached: asked again next time
+    assert summary["engine_errors"] == 1
+
+
+def test_a_driver_killed_with_minus_9_resumes_sending_only_the_rest(cluster, tmp_path):
+    passages = [f"Report {i}: the mayor of Town {i} claims crime fell by {10 + i} percent." for i in range(8)]
+    root = write_workspace(tmp_path / "ws", passages, annotate={"retries": 0}, audit={"rate": 0.0},
+                           annotator={**SCRIPTED, "delay_s": 0.5},
+                           executor={"kind": "ray", "concurrency": 1, "batch_size": 1})
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}  # the CLI joins this cluster as a second driver
+    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "--workspace", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(lambda: logged_calls(root) >= 3 or proc.poll() is not None, what="three answers stored")
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    wait_for(lambda: not map_workers(), timeout=60, what="the killed driver's actors to go")  # Ray ends them
+    stored = calls(root)[0]
+    assert stored >= 3
+    summary = run_build(Workspace(root), executor_kind="ray")
+    assert summary["cached_calls"] >= stored
+    assert summary["model_calls"] + summary["cached_calls"] == len(passages) + summary["calibration"]["attempts"] \
+        + summary["ratchet"]["panel_attempts"]
+    rows, distinct = calls(root)
+    assert rows == distinct == summary["model_calls"] + summary["cached_calls"]
+    assert summary["accepted"] == len(passages)
