@@ -97,12 +97,10 @@ class CachedBackend:
                                decision=json.loads(r[6]) if r[6] else None)
                 for r in rows}
 
-    def _store(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> None:
-        MODEL_CALLS.insert(self.con, [ModelCall(key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha,
-                                                request.sampling(), request.seed, response.text, response.finish_reason,
-                                                response.prompt_tokens, response.completion_tokens, response.seconds,
-                                                response.decision, response.cached_tokens)],
-                           on_conflict="ignore")
+    def _row(self, key, prompt_sha, schema_sha, request: Request, response: Response) -> ModelCall:
+        return ModelCall(key, self.backend.model_id, self.backend.kind, prompt_sha, schema_sha, request.sampling(),
+                         request.seed, response.text, response.finish_reason, response.prompt_tokens,
+                         response.completion_tokens, response.seconds, response.decision, response.cached_tokens)
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         keyed = [self.key(r) for r in requests]
@@ -118,21 +116,29 @@ class CachedBackend:
             else:
                 misses.append(i)
 
+        def done_batch(answered: list[tuple[int, Response]]) -> None:
+            """Store a batch of answers in one write (a Ray batch), then hand each on."""
+            stored = []
+            for j, response in answered:
+                i = misses[j]
+                response.extra["cache_key"] = keyed[i][0]  # stages record which call produced a record
+                results[i] = response
+                if response.finish_reason == "error":
+                    self.stats.errors += 1  # not cached: a server that was down must be asked again
+                else:
+                    stored.append(self._row(*keyed[i], requests[i], response))
+                    self.stats.count(response)
+            MODEL_CALLS.insert_batch(self.con, stored, on_conflict="ignore")
+            for j, response in answered:
+                if self.log:
+                    self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[misses[j]][0][:12],
+                                  response.finish_reason, response.completion_tokens, response.seconds)
+                if on_response:
+                    on_response(misses[j], response)
+
         def done(j: int, response: Response) -> None:
-            i = misses[j]
-            response.extra["cache_key"] = keyed[i][0]  # stages record which call produced a record
-            results[i] = response
-            if response.finish_reason == "error":
-                self.stats.errors += 1  # not cached: a server that was down must be asked again
-            else:
-                self._store(*keyed[i], requests[i], response)
-                self.stats.count(response)
-            if self.log:
-                self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[i][0][:12], response.finish_reason,
-                              response.completion_tokens, response.seconds)
-            if on_response:
-                on_response(i, response)
+            done_batch([(j, response)])
 
         if misses:
-            self.executor.run(self.backend, [requests[i] for i in misses], done)
+            self.executor.run(self.backend, [requests[i] for i in misses], done, on_batch=done_batch)
         return results  # type: ignore[return-value]

@@ -919,6 +919,12 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
         where = registry.where(m.engine(cfg.annotator))
         table.add_row(f"member {m.display_name}", f"{where}; persona {m.persona}; {', '.join(m.roles)}")
     table.add_row("critique", f"k = {cfg.ensemble.k} critic(s) per annotation, threshold {cfg.ensemble.threshold}")
+    x = cfg.executor
+    table.add_row("executor", "local (this process)" if x.kind == "local" else
+                  f"ray at {x.address or '$RAY_ADDRESS, else a new local cluster'}: {x.concurrency} actor(s) per engine, "
+                  f"{x.num_cpus:g} CPU(s) and {x.num_gpus:g} GPU(s) each"
+                  + "".join(f"; {name}: " + ", ".join(f"{k} {v}" for k, v in own.model_dump().items() if v is not None)
+                            for name, own in x.stages.items()))
     table.add_row("audit", f"rate {cfg.audit.rate:.0%}, model auditor {cfg.audit.auditor or 'none (humans only)'}")
     c = cfg.conscience
     table.add_row("conscience", f"items {ws.resolve(c.items)}, frameworks {', '.join(c.frameworks)}, frozen judge {c.judge}"

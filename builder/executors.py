@@ -16,11 +16,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .backends.base import Backend, OnResponse, Request, Response
+
+# A batch of answers that arrived together, (index, response) each: stored in one write.
+OnBatch = Callable[[list[tuple[int, Response]]], None]
 
 if TYPE_CHECKING:
     from .config import ExecutorConfig
@@ -32,9 +35,11 @@ class Executor(Protocol):
     name: str
     stage: str  # the stage whose calls run now (set by the build; per-stage settings key on it)
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
+    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
+            on_batch: OnBatch | None = None) -> None:
         """Run every request with `backend`'s engine; call on_response(i, response) for each as
-        it finishes (in the calling thread). Never raises for one bad request."""
+        it finishes (in the calling thread), or on_batch(answers) for answers that arrive
+        together. Never raises for one bad request."""
 
     def describe(self) -> dict:
         """What the summary and the manifest say about where the calls ran."""
@@ -47,8 +52,9 @@ class LocalExecutor:
     name = "local"
     stage = ""
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
-        backend.generate(requests, on_response)
+    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
+            on_batch: OnBatch | None = None) -> None:
+        backend.generate(requests, on_response)  # one at a time: each is stored the moment it returns
 
     def describe(self) -> dict:
         return {"kind": self.name}
@@ -162,6 +168,7 @@ class RayExecutor:
         context.enable_progress_bars = False  # the build's own bars advance as answers arrive
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": on purpose
 
     def settings(self) -> dict:
         """This stage's settings: [executor] with [executor.stages.STAGE] on top."""
@@ -174,7 +181,8 @@ class RayExecutor:
 
     # -- the calls --
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse) -> None:
+    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
+            on_batch: OnBatch | None = None) -> None:
         import ray.data
 
         config = getattr(backend, "config", None)
@@ -197,12 +205,18 @@ class RayExecutor:
         answered: set[int] = set()
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                arrived = []
                 for i, text, model_id in zip(batch["index"].to_pylist(), batch["response"].to_pylist(),
                                              batch["model_id"].to_pylist()):
                     if i in answered:  # a batch run twice (its actor died after answering): once is enough
                         continue
                     answered.add(i)
-                    on_response(i, self._checked(backend, response_from_json(text), model_id))
+                    arrived.append((i, self._checked(backend, response_from_json(text), model_id)))
+                if on_batch is not None:
+                    on_batch(arrived)  # one write to the cache for the batch
+                else:
+                    for i, response in arrived:
+                        on_response(i, response)
         except Exception as exc:  # the dataset failed as a whole: every unanswered request gets the reason
             if isinstance(exc, KeyboardInterrupt):
                 raise

@@ -125,6 +125,15 @@ def test_the_executor_is_a_config_section_outside_the_generation_s_identity(tmp_
                            executor={"kind": "local", "stages": {"annotat": {"concurrency": 2}}})
     with pytest.raises(ConfigError, match=r"\[executor.stages.annotat\]: no stage is called 'annotat'"):
         run_build(Workspace(root))
+    from typer.testing import CliRunner
+
+    from builder.cli import app
+
+    write_workspace(root, executor={"kind": "ray", "address": "auto", "stages": {"annotate": {"concurrency": 8}}})
+    status = CliRunner().invoke(app, ["status", "--workspace", str(root)], env={"COLUMNS": "250"})
+    assert "ray at auto: 2 actor(s) per engine, 1 CPU(s) and 0 GPU(s) each; annotate: concurrency 8" in status.output
+    build = CliRunner().invoke(app, ["build", "--workspace", str(root), "--executor", "rya"], env={"COLUMNS": "250"})
+    assert build.exit_code == 2 and "'rya' is not one of 'local', 'ray'" in " ".join(build.output.split())
 
 
 # --- the same splits ----------------------------------------------------------------------------------
@@ -238,3 +247,39 @@ def test_a_driver_killed_with_minus_9_resumes_sending_only_the_rest(cluster, tmp
     rows, distinct = calls(root)
     assert rows == distinct == summary["model_calls"] + summary["cached_calls"]
     assert summary["accepted"] == len(passages)
+
+
+# --- the driver's writes ----------------------------------------------------------------------------
+
+class Batched:
+    """Hands every answer of the local engine over in one batch, as the Ray executor does."""
+    name, stage = "batched", ""
+
+    def run(self, backend, requests, on_response, on_batch=None):
+        answered = []
+        backend.generate(requests, lambda i, response: answered.append((i, response)))
+        on_batch(list(reversed(answered)))  # in any order
+
+
+def test_a_batch_of_answers_is_stored_as_answers_one_at_a_time_are(tmp_path):
+    import duckdb
+
+    from builder.backends import registry
+    from builder.backends.base import Request
+    from builder.cache import MODEL_CALLS, CachedBackend
+    from builder.executors import LOCAL
+    from builder.resources import load_schema
+
+    backend = registry.make_backend(registry.parse(SCRIPTED))
+    requests = [Request(messages=({"role": "user", "content": f"passage {i}"},), schema=load_schema("critique"),
+                        seed=i) for i in range(5)]
+    requests.append(Request(messages=({"role": "user", "content": "free text, no schema"},)))
+    tables = {}
+    for name, executor in (("one", LOCAL), ("batch", Batched())):
+        con = duckdb.connect(str(tmp_path / f"{name}.duckdb"))
+        MODEL_CALLS.create(con)
+        seen = []
+        CachedBackend(backend, con, executor=executor).generate(requests, lambda i, r: seen.append(i))
+        assert sorted(seen) == list(range(len(requests)))  # every answer handed on once
+        tables[name] = con.execute("SELECT * EXCLUDE (created_at, seconds) FROM model_calls ORDER BY cache_key").fetchall()
+    assert len(tables["one"]) == len(requests) and tables["batch"] == tables["one"]
