@@ -128,7 +128,9 @@ class CachedBackend:
                 else:
                     stored.append(self._row(*keyed[i], requests[i], response))
                     self.stats.count(response)
-            MODEL_CALLS.insert_batch(self.con, stored, on_conflict="ignore")
+            # one row per key: a batch may answer the same request twice, and one INSERT must not hold both
+            MODEL_CALLS.insert_batch(self.con, list({row.cache_key: row for row in reversed(stored)}.values()),
+                                     on_conflict="ignore")
             for j, response in answered:
                 if self.log:
                     self.log.info("call %s finish=%s tokens=%d seconds=%.2f", keyed[misses[j]][0][:12],

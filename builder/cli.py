@@ -285,6 +285,9 @@ def build(
     ws = open_workspace(workspace)
     if dry_run and generation != 1:
         fail("--dry-run builds generation 1 (a throwaway workspace has no parent generation)")
+    if dry_run and executor == "ray":
+        console.print("note: --dry-run runs here, on the scripted engine; --executor ray applies to real builds",
+                      highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
         with Progress(*columns, console=console, transient=False) as progress:
@@ -658,6 +661,71 @@ def loop(
         console.print(f"[bold]{label}:[/] {path}")
 
 
+experiment_app = typer.Typer(help="The papers' experiments: each trains and scores its arms, resumes what it "
+                                    "finished, prints a table with intervals and writes results.json and a plot under "
+                                    "WS/experiments/NAME/.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _ci(x: dict, signed: bool = False) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(x['mean'])} [{fmt.format(x['low'])}, {fmt.format(x['high'])}]"
+
+
+@experiment_app.command("capability")
+def experiment_capability(
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[int, typer.Option(min=1, help="The compiled generation whose sft split trains the arms.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=0, help="Score the first N items (0 = all); default "
+                                                 "experiments.capability.limit.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per trained arm; default "
+                                                 "experiments.capability.steps.")] = None,
+) -> None:
+    """Does training on the reflections help reasoning, beyond training on the same passages?
+    Three arms from train.base_model, scored on multiple-choice reasoning items by
+    log-likelihood over the options: base (untrained), annotated (SFT on the generation's sft
+    split, loss on the `internal` reflections, as `ratchet train`) and control (the same steps
+    on the same passages without reflections). Paired bootstrap 95% intervals; annotated -
+    control is the figure that matters. Items: experiments.capability.items (default: the
+    project's 320 items, examples/reasoning/reasoning-mc.jsonl). Trained arms and scores are
+    reused when nothing they depend on changed.
+
+    Example: ratchet experiment capability -w ws --steps 20"""
+    from .experiments.capability import ExperimentError, run_capability
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        cfg = ws.config
+        keys = {k: v for k, v in {"limit": limit, "steps": steps}.items() if v is not None}
+        if keys:
+            c = cfg.experiments.capability.model_copy(update=keys)
+            cfg = cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={"capability": c})})
+        r = run_capability(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; finished arms and scores are kept: run the same command to resume", code=130)
+    table = Table("arm", "trained", "accuracy [95% CI]", "accuracy, per character [95% CI]",
+                  *sorted(next(iter(r["arms"].values()))["by_category"]),
+                  title=f"capability: {r['items']} items (chance {r['chance']:.2f}), generation {generation}",
+                  title_justify="left")
+    for arm, x in r["arms"].items():
+        t = r["training"].get(arm)
+        done = "no" if t is None else f"{t['steps']} step(s), loss {t['train_loss']}"
+        table.add_row(arm, done, _ci(x["accuracy"]), _ci(x["accuracy_norm"]),
+                      *[f"{v['accuracy']:.3f}" for _, v in sorted(x["by_category"].items())])
+    for name, x in r["contrasts"].items():
+        table.add_row(f"[bold]{name}[/]", "", _ci(x["accuracy"], True), _ci(x["accuracy_norm"], True))
+    console.print(table)
+    d = r["contrasts"]["annotated - control"]["accuracy"]
+    verdict = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
+    console.print(f"annotated - control {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {verdict} "
+                  f"({r['documents']} training document(s); reused: {', '.join(r['reused']) or 'nothing'})",
+                  highlight=False)
+    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/capability.png")
+
+
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -921,7 +989,7 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_row("critique", f"k = {cfg.ensemble.k} critic(s) per annotation, threshold {cfg.ensemble.threshold}")
     x = cfg.executor
     table.add_row("executor", "local (this process)" if x.kind == "local" else
-                  f"ray at {x.address or '$RAY_ADDRESS, else a new local cluster'}: {x.concurrency} actor(s) per engine, "
+                  f"ray at {x.address or 'Ray default'}: {x.concurrency} actor(s) per engine, "
                   f"{x.num_cpus:g} CPU(s) and {x.num_gpus:g} GPU(s) each"
                   + "".join(f"; {name}: " + ", ".join(f"{k} {v}" for k, v in own.model_dump().items() if v is not None)
                             for name, own in x.stages.items()))

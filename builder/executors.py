@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,8 +94,16 @@ def request_from_json(text: str) -> Request:
 
 def response_to_json(response: Response) -> str:
     data = dataclasses.asdict(response)
-    data["extra"] = {k: v for k, v in data["extra"].items() if isinstance(v, (str, int, float, bool, type(None)))}
+    data["extra"] = {k: v for k, v in data["extra"].items() if _json_safe(v)}  # an engine's note that cannot travel stays
     return json.dumps(data, ensure_ascii=False)
+
+
+def _json_safe(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def response_from_json(text: str) -> Response:
@@ -109,13 +118,23 @@ class EngineActor:
     batches of rows {index, request} with rows {index, response, model_id}."""
 
     def __init__(self, config: dict, log_dir: str | None = None, threads: int = 0):
+        import socket
+
         from .backends import registry
+        from .backends.base import EngineError
 
         cfg = registry.parse(config)
         if threads and getattr(cfg, "threads", None) == 0:  # the cores Ray gave this actor, not the node's
             cfg = cfg.model_copy(update={"threads": threads})
-        cfg._log_dir = Path(log_dir) if log_dir else None
+        # The driver's workspace logs/ where this node has it (a local cluster, a shared disk); else
+        # the engine's temp folder: never a stray copy of the driver's path on another machine.
+        cfg._log_dir = Path(log_dir) if log_dir and os.access(log_dir, os.W_OK) else None
         self.backend = registry.make_backend(cfg)
+        if self.backend.kind != cfg.backend:  # e.g. no llama-server binary here: in-process llama.cpp instead
+            kind, note = self.backend.kind, getattr(self.backend, "engine_note", "") or ""
+            self.backend.close()
+            raise EngineError(f"node {socket.gethostname()}: engine {cfg.backend} could not start, {kind} would answer "
+                              f"instead ({note}); install the same extras on every node")
         self.model_id = self.backend.model_id
 
     def __call__(self, batch: dict) -> dict:
@@ -124,10 +143,37 @@ class EngineActor:
         return {"index": list(batch["index"]), "response": [response_to_json(r) for r in responses],
                 "model_id": [self.model_id] * len(responses)}
 
-    def __del__(self):
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.close()
+    # No __del__: Ray ends actors by killing their process; a managed llama-server dies with it
+    # (PR_SET_PDEATHSIG, llama_server.py), like any engine process the actor started.
+
+
+def ray_reason(exc: Exception) -> str:
+    """What went wrong on the cluster, in one line: Ray wraps an actor's or a task's exception in
+    its own with the remote traceback; the last line of that traceback is the actual error."""
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return f"{type(exc).__name__}: {last[:500]}" + (f" (the cluster's traceback has {len(lines)} lines)" if len(lines) > 1
+                                                     else "")
+
+
+def default_batch_size(config) -> int:
+    """Twice what one engine keeps in flight (a server's slots, a client's concurrency), so an
+    actor's engine stays busy while its batch's last answers finish; 64 for an engine that
+    batches by itself (vLLM offline)."""
+    parallel = getattr(config, "slots", None) or getattr(config, "concurrency", None)
+    return 2 * int(parallel) if parallel else 64
+
+
+def resolved(config, backend: Backend) -> dict:
+    """The engine config the actors load: `auto` made the engine the driver runs (llama_server
+    or llama_cpp), so a node cannot pick another one and cache its answers under the same key."""
+    from .backends import registry
+
+    if config.backend == "auto" and backend.kind in registry.ENGINES and backend.kind != "auto":
+        return registry.derive(config, backend=backend.kind).model_dump()
+    return config.model_dump()
 
 
 class RayExecutor:
@@ -137,20 +183,24 @@ class RayExecutor:
     and the answers stream back batch by batch, each handed to on_response (which stores it) the
     moment its batch arrives. An actor that dies is restarted by Ray and its batch run again
     (Ray Data's default for actors); a row that never comes back is an error response, asked
-    again by the next build."""
+    again by the next build. The driver connects when the executor is made, so a cluster that
+    cannot be reached is an error before the build ingests anything."""
 
     name = "ray"
 
     def __init__(self, cfg: "ExecutorConfig"):
+        from .backends.base import EngineError
+
         try:
             import ray  # noqa: F401
             import ray.data  # noqa: F401
         except ImportError:
-            raise ImportError("executor kind 'ray' needs Ray Data: pip install '.[ray]' (ray[data])") from None
+            raise EngineError("[executor] kind = \"ray\" needs Ray Data: pip install '.[ray]' (ray[data])") from None
         self.cfg = cfg
         self.stage = ""
         self.started_ray = False
         self.throughput: dict[str, dict] = {}  # stage -> {calls, seconds, datasets}
+        self._connect()
 
     # -- the cluster --
 
@@ -158,13 +208,21 @@ class RayExecutor:
         import ray
         import ray.data
 
+        from .backends.base import EngineError
+
         if not ray.is_initialized():
             address = self.cfg.address or None
-            log.info("connecting to Ray (%s)", address or "RAY_ADDRESS, else a new local cluster")
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=True, configure_logging=True)
+            log.info("connecting to Ray (%s)", address or "Ray's default")
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=True, configure_logging=True)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise EngineError(f"[executor] address = {self.cfg.address!r}: cannot connect to Ray: {exc}") from None
             self.started_ray = True
         context = ray.data.DataContext.get_current()
+        # An actor that dies while it starts its engine (its node lost) is replaced; one that cannot
+        # start it at all (a model or binary missing on the node) fails the stage after 3 tries.
+        context.max_consecutive_actor_init_deaths = 3
         context.enable_progress_bars = False  # the build's own bars advance as answers arrive
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -185,46 +243,57 @@ class RayExecutor:
             on_batch: OnBatch | None = None) -> None:
         import ray.data
 
+        from .backends.base import EngineError
+
         config = getattr(backend, "config", None)
         if config is None:  # an engine made outside the registry has no config to start elsewhere
-            raise ValueError(f"{backend.kind}: this engine has no config, so it cannot be started on Ray actors")
-        self._connect()
+            raise EngineError(f"{backend.kind}: this engine has no config, so it cannot be started on Ray actors")
         s = self.settings()
-        batch_size = s["batch_size"] or max(1, 2 * int(getattr(config, "slots", 1) or 1))
+        batch_size = s["batch_size"] or default_batch_size(config)
         actors = max(1, min(s["concurrency"], math.ceil(len(requests) / batch_size)))
         start = time.perf_counter()
         rows = [{"index": i, "request": request_to_json(r)} for i, r in enumerate(requests)]
         # one block per batch: an answer comes back as soon as its batch is done, not its block
         dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
             EngineActor,
-            fn_constructor_kwargs={"config": config.model_dump(), "threads": max(1, int(s["num_cpus"] or 1)),
+            fn_constructor_kwargs={"config": resolved(config, backend), "threads": max(1, int(s["num_cpus"] or 1)),
                                    "log_dir": str(config.log_dir) if config.log_dir else None},
             batch_size=batch_size, batch_format="default",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=s["num_cpus"], num_gpus=s["num_gpus"] or None)
         answered: set[int] = set()
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                arrived = []
-                for i, text, model_id in zip(batch["index"].to_pylist(), batch["response"].to_pylist(),
-                                             batch["model_id"].to_pylist()):
-                    if i in answered:  # a batch run twice (its actor died after answering): once is enough
-                        continue
-                    answered.add(i)
-                    arrived.append((i, self._checked(backend, response_from_json(text), model_id)))
-                if on_batch is not None:
-                    on_batch(arrived)  # one write to the cache for the batch
-                else:
-                    for i, response in arrived:
-                        on_response(i, response)
-        except Exception as exc:  # the dataset failed as a whole: every unanswered request gets the reason
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            reason = f"the Ray executor lost this request: {type(exc).__name__}: {str(exc)[:500]}"
-            log.warning("%s (%d of %d requests unanswered)", reason, len(requests) - len(answered), len(requests))
-            for i in range(len(requests)):
-                if i not in answered:
-                    on_response(i, Response("", "error", error=reason))
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        lost: Exception | None = None
+        while True:
+            try:  # only Ray's side: an error in the driver's own callbacks (the cache write) is not a lost request
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # the Dataset failed as a whole (actors that cannot start, the cluster gone)
+                lost = exc
+                break
+            arrived = []
+            for i, text, model_id in zip(batch["index"].to_pylist(), batch["response"].to_pylist(),
+                                         batch["model_id"].to_pylist()):
+                if i in answered:  # a batch run twice (its actor died after answering): once is enough
+                    continue
+                answered.add(i)
+                arrived.append((i, self._checked(backend, response_from_json(text), model_id)))
+            if on_batch is not None:
+                on_batch(arrived)  # one write to the cache for the batch
+            else:
+                for i, response in arrived:
+                    on_response(i, response)
+        if lost is not None and not answered:  # nothing came back: the engine cannot run there
+            raise EngineError(f"the Ray executor could not run {backend.model_name} ({self.stage or 'a stage'}): "
+                              f"{ray_reason(lost)}") from None
+        missing = [i for i in range(len(requests)) if i not in answered]
+        if missing:
+            reason = (f"the Ray executor lost this request: {ray_reason(lost)}" if lost else
+                      "the Ray executor lost this request: its row never came back")
+            log.warning("%s (%d of %d requests unanswered)", reason, len(missing), len(requests))
+            for i in missing:
+                on_response(i, Response("", "error", error=reason))
         seconds = time.perf_counter() - start
         stats = self.throughput.setdefault(self.stage or "?", {"calls": 0, "seconds": 0.0, "datasets": 0})
         stats["calls"] += len(requests)

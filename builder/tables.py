@@ -130,7 +130,8 @@ class Table:
         import pyarrow as pa
 
         verb = {None: "INSERT", "ignore": "INSERT OR IGNORE", "replace": "INSERT OR REPLACE"}[on_conflict]
-        batch = pa.table({name: [values[k] for values in map(self.values, rows)] for k, name in enumerate(self.names)})
+        columns = zip(*map(self.values, rows))
+        batch = pa.table(dict(zip(self.names, map(list, columns))))
         con.register("_insert_batch", batch)
         try:
             con.execute(f"{verb} INTO {self.name} ({', '.join(self.names)}) SELECT {', '.join(self.names)} FROM _insert_batch")

@@ -3,6 +3,7 @@ machine): the same splits as a local build on the bundled model, and a build tha
 with nothing lost or cached twice, when an actor is killed, a node is lost, the driver is
 killed with -9, or the endpoint answers 500, garbage or nothing."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -222,6 +223,26 @@ def test_a_fleet_answering_500_garbage_or_nothing(cluster, tmp_path):
     rows, distinct = calls(root)
     assert rows == distinct == summary["model_calls"]  # the rejection is not cached: asked again next time
     assert summary["engine_errors"] == 1
+
+
+def test_an_engine_that_cannot_start_on_the_actors_stops_the_build_with_its_reason(cluster, tmp_path):
+    """Nothing comes back when no actor can start its engine (here: the scripted engine's answers
+    file, there for the driver, gone by the time the actors start): an EngineError with the
+    actors' reason, not a stage of rejections."""
+    from builder.backends import registry
+    from builder.backends.base import EngineError, Request
+    from builder.config import ExecutorConfig
+    from builder.executors import RayExecutor
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"schema": "critique.schema.json", "text": "{}"}) + "\n")
+    backend = registry.make_backend(registry.parse({**SCRIPTED, "answers": str(answers)}))
+    answers.unlink()
+    executor = RayExecutor(ExecutorConfig(kind="ray", concurrency=1))
+    got = []
+    with pytest.raises(EngineError, match="could not run smollm2.*answers file not found"):
+        executor.run(backend, [Request(messages=({"role": "user", "content": "x"},))], lambda i, r: got.append(r))
+    assert got == []
 
 
 def test_a_driver_killed_with_minus_9_resumes_sending_only_the_rest(cluster, tmp_path):
