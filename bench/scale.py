@@ -36,7 +36,7 @@ from builder.backends.base import Request, Response  # noqa: E402
 from builder.backends.openai import OpenAIBackend, OpenAIConfig  # noqa: E402
 from builder.cache import MODEL_CALLS, CachedBackend  # noqa: E402
 from builder.config import ExecutorConfig  # noqa: E402
-from builder.executors import LOCAL, RayExecutor  # noqa: E402
+from builder.executors import LOCAL, RayExecutor, default_batch_size  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
 from builder.resources import load_schema  # noqa: E402
 from builder.structured import generate_valid  # noqa: E402
@@ -76,8 +76,8 @@ class Timed:
 
 
 class Instant:
-    """Answers every request at once with a ready answer, in batches of the Ray runs' size: the
-    driver alone."""
+    """Answers every request at once with a ready answer, in batches of the Ray runs' size (the
+    executor's default: twice the engine's concurrency): the driver alone."""
     name, stage = "instant", "bench"
 
     def __init__(self, answers: list[str], batch_size: int):
@@ -123,7 +123,7 @@ def main() -> None:
         backend = OpenAIBackend.from_config(cfg)
         backend.config = cfg  # as registry.make_backend sets it: what the actors start
         runs = [("local", 1, LOCAL)] + [
-            (f"ray x{n}", n, RayExecutor(ExecutorConfig(kind="ray", concurrency=n, batch_size=4 * args.concurrency,
+            (f"ray x{n}", n, RayExecutor(ExecutorConfig(kind="ray", concurrency=n,  # batch_size: the default
                                                         num_cpus=min(1.0, (os.cpu_count() or 1) / max(actor_counts)))))
             for n in actor_counts]
         for label, engines, executor in runs:
@@ -142,7 +142,7 @@ def main() -> None:
         answers = [stub.answer(backend.payload(r))["choices"][0]["message"]["content"] for r in requests_for(50)]
     requests = requests_for(args.ingest)
     ingest = {}
-    for label, batch in (("one at a time", 1), ("batches", 4 * args.concurrency)):
+    for label, batch in (("one at a time", 1), ("batches", default_batch_size(cfg))):
         seconds, valid = through(requests, backend, Instant(answers, batch), fresh_cache(folder, f"ingest{batch}"))
         ingest[label] = {"batch": batch, "answers": len(requests), "seconds": round(seconds, 2),
                          "per_s": round(len(requests) / seconds, 1)}

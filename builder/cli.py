@@ -718,11 +718,15 @@ def experiment_capability(
     for name, x in r["contrasts"].items():
         table.add_row(f"[bold]{name}[/]", "", _ci(x["accuracy"], True), _ci(x["accuracy_norm"], True))
     console.print(table)
-    d = r["contrasts"]["annotated - control"]["accuracy"]
-    verdict = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
-    console.print(f"annotated - control {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {verdict} "
-                  f"({r['documents']} training document(s); reused: {', '.join(r['reused']) or 'nothing'})",
-                  highlight=False)
+    for name in ("annotated - control", "annotated - base"):
+        d = r["contrasts"][name]["accuracy"]
+        verdict = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
+        console.print(f"{name} {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {verdict}", highlight=False)
+    if all(x["accuracy"]["mean"] <= r["chance"] for x in r["arms"].values()):
+        console.print(f"every arm scores at or below chance ({r['chance']:.2f}): the model cannot do these items, and "
+                      "the differences are differences in how it fails", highlight=False)
+    console.print(f"{r['documents']} training document(s), one training seed (the intervals cover the items, not "
+                  f"training's randomness); reused: {', '.join(r['reused']) or 'nothing'}", highlight=False)
     console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/capability.png")
 
 

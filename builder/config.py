@@ -271,6 +271,27 @@ class PublishConfig(Section):
         return value
 
 
+class CapabilityConfig(Section):
+    """`ratchet experiment capability`: does training on the reflections help reasoning more than
+    training on the same passages without them? Every size is a key: the defaults fit a CPU; for a
+    GPU run raise steps, limit (0 = all) and max_length (docs/experiments.md)."""
+    items: str = Field("", description="A multiple-choice set: a JSONL, JSON or parquet file, or a `datasets` folder, "
+                       "with question, choices (a list) and answer (the right choice's index); category optional. "
+                       "Empty: the project's examples/reasoning/reasoning-mc.jsonl (320 items).")
+    limit: int = Field(0, ge=0, description="Items scored (the first N); 0 = all.")
+    steps: int = Field(20, ge=1, description="Optimizer steps of each trained arm (annotated and control alike).")
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(2, ge=1)
+    max_length: int = Field(512, ge=64, description="Tokens per training sequence.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for each interval.")
+    seed: int = Field(42, ge=0, description="Training and bootstrap seed, the same for every arm.")
+
+
+class ExperimentsConfig(Section):
+    """The experiments (`ratchet experiment ...`): not part of a generation's identity."""
+    capability: CapabilityConfig = CapabilityConfig()
+
+
 class ExecutorStageConfig(Section):
     """One stage's own executor settings ([executor.stages.STAGE]); a key left out is [executor]'s."""
     concurrency: int | None = Field(None, ge=1, le=4096, description="Actors per engine for this stage.")
@@ -285,7 +306,8 @@ class ExecutorConfig(Section):
     kind: Literal["local", "ray"] = Field("local", description="local: this process's engines; ray: Ray Data actors "
                                           "on a Ray cluster (extra .[ray]); `--executor` overrides it.")
     address: str = Field("", description="ray: the cluster: auto (a running `ray start` cluster), local (a new one "
-                         "on this machine), ray://HOST:10001 (Ray Client); empty: $RAY_ADDRESS, else a new local one.")
+                         "on this machine), ray://HOST:10001 (Ray Client); empty: Ray's default ($RAY_ADDRESS, else "
+                         "the cluster last started on this machine, else a new local one).")
     concurrency: int = Field(2, ge=1, le=4096, description="ray: actors per engine (each starts its own model).")
     batch_size: int = Field(0, ge=0, description="ray: requests per actor batch; 0: twice the engine's slots.")
     num_cpus: float = Field(1.0, ge=0, description="ray: CPUs per actor (a llama-server actor uses that many threads).")
@@ -310,6 +332,7 @@ class RatchetConfig(Section):
     # manifest's config) of a compiled generation does not change when only training settings do.
     train: TrainConfig = Field(TrainConfig(), exclude=True)
     executor: ExecutorConfig = Field(ExecutorConfig(), exclude=True)  # where calls run: not what they produce
+    experiments: ExperimentsConfig = Field(ExperimentsConfig(), exclude=True)
 
     @field_validator("annotator", mode="before")
     @classmethod

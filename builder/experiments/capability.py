@@ -1,0 +1,345 @@
+"""The capability claim, with a control: `ratchet experiment capability`.
+
+The preprint claims that training on interleaved epistemic annotation improves reasoning. Three
+arms from the same base model, scored on held-out multiple-choice reasoning items by
+log-likelihood over the answer options (as evaluation harnesses do):
+
+  base       the base model (train.base_model), untrained
+  annotated  SFT on a generation's sft split, as `ratchet train` does it (the passages with
+             their `internal` reflections, the loss on the reflections)
+  control    the same steps, learning rate, batch size and seed on the same passages without
+             the reflections (plain language modelling on the passage text)
+
+The figure that matters is annotated - control: what the reflections add beyond more text from
+the same passages. Intervals are bootstrap 95 % over the items, paired (every arm is scored on
+the same resampled items). Everything lands in WS/experiments/capability/: the trained arms
+(reused while their identity holds), each arm's scores (reused while the model and the items
+hold), results.json and capability.png.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..cache import sha256
+from ..config import RatchetConfig, TrainConfig
+from ..resources import EXAMPLES_DIR
+from ..train import (_replace, base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for,
+                     read_split, run_sft, stage_summary, step_reporter, torch_threads, use_cpu)
+from ..workspace import Workspace
+
+BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
+ARMS = ("base", "annotated", "control")
+CONTRASTS = (("annotated", "control"), ("annotated", "base"), ("control", "base"))
+
+
+class ExperimentError(Exception):
+    """An experiment that cannot run as configured; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    category: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+# --- the items ---------------------------------------------------------------------------------------
+
+def load_items(spec: str, ws: Workspace, limit: int = 0) -> tuple[list[Item], str]:
+    """The multiple-choice items (the bundled set, or a file or `datasets` folder in the same
+    format) and where they came from. A row without a question, with fewer than two choices or
+    an answer that is not one of their indexes is an error naming the file and the row."""
+    import datasets
+
+    path = ws.resolve(spec) if spec else BUNDLED_ITEMS
+    where = "experiments.capability.items"
+    if not path.exists():
+        raise ExperimentError(f"{where}: {path}: no such file or folder")
+    try:
+        if path.is_dir():
+            rows = datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() or \
+                (path / "state.json").exists() else datasets.load_dataset(str(path), split="train")
+            if isinstance(rows, datasets.DatasetDict):
+                rows = rows[next(iter(rows))]
+        else:
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise ExperimentError(f"{where}: {path}: expected a .jsonl, .json or .parquet file or a datasets folder")
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except ExperimentError:
+        raise
+    except Exception as exc:  # datasets' own errors: say which file
+        raise ExperimentError(f"{where}: {path}: cannot be read as a dataset ({type(exc).__name__}: {exc})") from None
+    items = []
+    for n, row in enumerate(rows):
+        choices, answer = row.get("choices"), row.get("answer")
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ExperimentError(f"{path}: row {n + 1}: no question")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ExperimentError(f"{path}: row {n + 1}: choices must be a list of at least two strings")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ExperimentError(f"{path}: row {n + 1}: answer must be the index of the right choice "
+                                  f"(0..{len(choices) - 1}), not {answer!r}")
+        items.append(Item(str(row.get("id") or n), str(row.get("category") or "all"), row["question"], tuple(choices),
+                          answer))
+    if not items:
+        raise ExperimentError(f"{where}: {path}: no items")
+    return (items[:limit] if limit else items), str(path)
+
+
+def prompt(item: Item) -> str:
+    return f"Question: {item.question}\nAnswer:"
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, device: str = "cpu") -> list[list[float]]:
+    """Per item, the summed log-probability of each choice's tokens after the question."""
+    import torch
+
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(items), batch_items):
+        chunk = items[start:start + batch_items]
+        sequences = []  # (ids, number of choice tokens at the end)
+        for item in chunk:
+            context = tokenizer(prompt(item), add_special_tokens=False)["input_ids"]
+            for choice in item.choices:
+                tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                sequences.append((context + tail, len(tail)))
+        width = max(len(ids) for ids, _ in sequences)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in sequences], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0].cpu()
+        k = 0
+        for item in chunk:
+            scores = []
+            for _ in item.choices:
+                length, n = len(sequences[k][0]), sequences[k][1]
+                scores.append(float(logprobs[k, length - 1 - n:length - 1].sum()))
+                k += 1
+            out.append(scores)
+    return out
+
+
+def score_arm(folder: Path, model_path: Path, items: list[Item], items_sha: str, say, device: str = "cpu") -> list[list[float]]:
+    """An arm's choice log-probabilities, reused while the model's weights and the items are the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import weights_sha256
+
+    cache = folder / "scores" / f"{model_path.name}.json"
+    model_sha = weights_sha256(model_path)
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("model_sha256") == model_sha and stored.get("items_sha256") == items_sha:
+            return stored["logprobs"]
+    say(f"scoring {model_path.name} on {len(items)} item(s)")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(model_path)).eval().to(device)
+    logprobs = choice_logprobs(model, tokenizer, items, device=device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"model_sha256": model_sha, "items_sha256": items_sha, "logprobs": logprobs}) + "\n",
+                     encoding="utf-8")
+    return logprobs
+
+
+# --- training the two arms ----------------------------------------------------------------------------
+
+def train_settings(cfg: RatchetConfig) -> TrainConfig:
+    c = cfg.experiments.capability
+    return cfg.train.model_copy(update={"sft_steps": c.steps, "sft_learning_rate": c.learning_rate,
+                                        "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seed,
+                                        "grad_accumulation": 1, "use_lora": False})
+
+
+def control_dataset(sft, tokenizer):
+    """The sft split's passages without their reflections: one plain text per document."""
+    import datasets
+
+    plain = plain_text_for(tokenizer)
+    return datasets.Dataset.from_list([{"text": plain("\n\n".join(m["content"] for m in row["messages"]
+                                                                   if m["role"] == "text"))} for row in sft])
+
+
+def run_text_lm(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
+    """Plain language modelling on `text` (the control): TRL's SFTTrainer, loss on every token."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**common_args(cfg, scratch / "control"), max_steps=cfg.sft_steps,
+                     learning_rate=cfg.sft_learning_rate, dataset_text_field="text")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    step_reporter(trainer, "control", say)
+    started = time.perf_counter()
+    result = trainer.train()
+    return trainer.model, stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
+
+
+def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, template: str, identity: dict, say) -> dict:
+    """Train one arm into `out` unless a model with the same identity is there."""
+    stored = out / "training.json"
+    if stored.is_file():
+        summary = json.loads(stored.read_text(encoding="utf-8"))
+        if summary.get("identity") == identity:
+            return {**summary, "unchanged": True}
+        say(f"{arm}: its data or settings changed; training it again")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    partial, scratch = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.runs")
+    for folder in (partial, scratch):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with torch_threads(cfg.threads):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+            say(f"{arm}: {cfg.sft_steps} step(s) on {len(sft)} document(s)")
+            if arm == "annotated":
+                model, trained = run_sft(model, tokenizer, sft, cfg, scratch, say)
+            else:
+                model, trained = run_text_lm(model, tokenizer, control_dataset(sft, tokenizer), cfg, scratch, say)
+            model.save_pretrained(str(partial), safe_serialization=True)
+        tokenizer.save_pretrained(str(partial))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary = {"arm": arm, "training": trained, "identity": identity}
+    (partial / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _replace(partial, out)
+    return summary
+
+
+# --- the figures ---------------------------------------------------------------------------------------
+
+def correct(logprobs: list[list[float]], items: list[Item], normalised: bool = False) -> list[int]:
+    """1 where the most likely choice is the right one (normalised: per character of the choice)."""
+    out = []
+    for scores, item in zip(logprobs, items):
+        values = [s / max(1, len(c)) for s, c in zip(scores, item.choices)] if normalised else scores
+        out.append(int(max(range(len(values)), key=values.__getitem__) == item.answer))
+    return out
+
+
+def interval(values, resamples) -> dict:
+    """Mean and bootstrap 95 % interval over the resampled item indexes (`resamples`, shared
+    by every arm so that differences are paired)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    means = v[resamples].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": round(float(v.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+
+
+def figures(logprobs: dict[str, list], items: list[Item], n: int, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, len(items), size=(n, len(items)))
+    hits = {arm: correct(lp, items) for arm, lp in logprobs.items()}
+    norm = {arm: correct(lp, items, normalised=True) for arm, lp in logprobs.items()}
+    categories = sorted({i.category for i in items})
+    out = {"items": len(items), "chance": round(float(np.mean([1 / len(i.choices) for i in items])), 4), "arms": {},
+           "contrasts": {}}
+    for arm in logprobs:
+        by_category = {}
+        for c in categories:
+            idx = [k for k, i in enumerate(items) if i.category == c]
+            by_category[c] = {"items": len(idx), "accuracy": round(sum(hits[arm][k] for k in idx) / len(idx), 4)}
+        out["arms"][arm] = {"accuracy": interval(hits[arm], resamples), "accuracy_norm": interval(norm[arm], resamples),
+                            "by_category": by_category}
+    for a, b in CONTRASTS:
+        if a in hits and b in hits:
+            out["contrasts"][f"{a} - {b}"] = {
+                "accuracy": interval(np.subtract(hits[a], hits[b]), resamples),
+                "accuracy_norm": interval(np.subtract(norm[a], norm[b]), resamples)}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(result["arms"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    acc = [result["arms"][a]["accuracy"] for a in arms]
+    left.bar(arms, [x["mean"] for x in acc], yerr=[[x["mean"] - x["low"] for x in acc], [x["high"] - x["mean"] for x in acc]],
+             capsize=4, color=["#999999", "#3b6ea5", "#c98b2b"][:len(arms)])
+    left.axhline(result["chance"], ls="--", color="black", lw=0.8, label="chance")
+    left.set_ylabel("accuracy (log-likelihood)")
+    left.set_ylim(0, 1)
+    left.legend(loc="upper right", fontsize=8)
+    left.set_title(f"{result['items']} items, bootstrap 95% CI", fontsize=9)
+    names = list(result["contrasts"])
+    diff = [result["contrasts"][n]["accuracy"] for n in names]
+    right.errorbar([x["mean"] for x in diff], range(len(names)), xerr=[[x["mean"] - x["low"] for x in diff],
+                                                                       [x["high"] - x["mean"] for x in diff]],
+                   fmt="o", capsize=4, color="#3b6ea5")
+    right.axvline(0, color="black", lw=0.8)
+    right.set_yticks(range(len(names)), names)
+    right.set_xlabel("accuracy difference (paired)")
+    right.set_title("annotated - control is the figure that matters", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the experiment ------------------------------------------------------------------------------------
+
+def experiment_dir(ws: Workspace) -> Path:
+    return ws.root / "experiments" / "capability"
+
+
+def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | None = None, say=None) -> dict:
+    """Train the two arms (unless trained with the same identity), score the three, and write
+    results.json and capability.png. Returns the results."""
+    from ..train import quiet
+
+    say = say or (lambda line: None)
+    cfg = config or ws.config
+    c = cfg.experiments.capability
+    with ws.lock(), quiet():
+        items, source = load_items(c.items, ws, c.limit)
+        items_sha = sha256([asdict(i) for i in items])
+        folder = experiment_dir(ws)
+        manifest = compiled_manifest(ws, generation)
+        sft = read_split(ws, generation, manifest, "sft", ["messages"])
+        tcfg = train_settings(cfg)
+        template = chat_template(ws, tcfg)
+        base_path, base = base_checkpoint(ws, tcfg.base_model)
+        trained = {}
+        for arm in ("annotated", "control"):
+            identity = {"arm": arm, "base": base["sha256"], "dataset_generation": generation,
+                        "sft_split": manifest["splits"]["sft"], "dataset_config_hash": manifest.get("config_hash"),
+                        "train": tcfg.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size", "max_length",
+                                                          "seed", "bf16", "device"}),
+                        "chat_template_sha256": sha256(template)}
+            trained[arm] = train_arm(arm, folder / "models" / arm, base_path, sft, tcfg, template, identity, say)
+        paths = {"base": base_path, "annotated": folder / "models" / "annotated", "control": folder / "models" / "control"}
+        with torch_threads(tcfg.threads):
+            device = "cpu" if use_cpu(tcfg) else "cuda"
+            logprobs = {arm: score_arm(folder, paths[arm], items, items_sha, say, device) for arm in ARMS}
+        result = {"generation": generation, "items_source": source, "items_sha256": items_sha,
+                  "base_model": base["model"], "documents": len(sft),
+                  "settings": c.model_dump(), **figures(logprobs, items, c.bootstrap, c.seed),
+                  "training": {arm: t["training"] for arm, t in trained.items()},
+                  "reused": sorted(arm for arm, t in trained.items() if t.get("unchanged"))}
+        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plot(result, folder / "capability.png")
+        result["output"] = str(folder)
+        return result
+
