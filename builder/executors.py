@@ -166,16 +166,6 @@ def default_batch_size(config) -> int:
     return 2 * int(parallel) if parallel else 64
 
 
-def resolved(config, backend: Backend) -> dict:
-    """The engine config the actors load: `auto` made the engine the driver runs (llama_server
-    or llama_cpp), so a node cannot pick another one and cache its answers under the same key."""
-    from .backends import registry
-
-    if config.backend == "auto" and backend.kind in registry.ENGINES and backend.kind != "auto":
-        return registry.derive(config, backend=backend.kind).model_dump()
-    return config.model_dump()
-
-
 class RayExecutor:
     """Model calls on a Ray cluster through Ray Data: the driver (this process) looks the cache
     up and keeps writing it; the calls that missed go out as a Dataset of rows, map_batches runs
@@ -243,6 +233,7 @@ class RayExecutor:
             on_batch: OnBatch | None = None) -> None:
         import ray.data
 
+        from .backends import registry
         from .backends.base import EngineError
 
         config = getattr(backend, "config", None)
@@ -256,7 +247,8 @@ class RayExecutor:
         # one block per batch: an answer comes back as soon as its batch is done, not its block
         dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
             EngineActor,
-            fn_constructor_kwargs={"config": resolved(config, backend), "threads": max(1, int(s["num_cpus"] or 1)),
+            fn_constructor_kwargs={"config": registry.as_loaded(config, backend).model_dump(),
+                                   "threads": max(1, int(s["num_cpus"] or 1)),
                                    "log_dir": str(config.log_dir) if config.log_dir else None},
             batch_size=batch_size, batch_format="default",
             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -100,6 +100,15 @@ def make_backend(cfg: EngineConfig) -> Backend:
     return backend
 
 
+def as_loaded(cfg: EngineConfig, backend: Backend) -> EngineConfig:
+    """The config of the engine that actually runs `backend`: the default engine picks another
+    one (the managed server or llama.cpp in-process), so starting `cfg` elsewhere (a Ray actor)
+    could pick differently; this names the one it picked here."""
+    if cfg.backend == DEFAULT and backend.kind in ENGINES and backend.kind != DEFAULT:
+        return derive(cfg, backend=backend.kind)
+    return cfg
+
+
 def check_model(cfg: EngineConfig, who: str) -> None:
     """Raise ModelNotFound naming `who` (a config key) when the engine can tell, before any
     model runs, that its model is missing."""

@@ -144,3 +144,15 @@ def test_the_engines_doc_lists_every_engine_and_key():
         assert f"`{name}`" in doc, name
         for key in registry.keys_of(name):
             assert f"`{key}`" in doc, (name, key)
+
+
+def test_an_engine_started_elsewhere_is_the_one_the_default_picked_here():
+    """A Ray actor gets the engine the driver runs, not `auto` to resolve again on its node."""
+    class Loaded:
+        kind = "llama_server"
+
+    cfg = registry.parse({"backend": "auto", "model": "bundled:smollm2", "slots": 2, "n_ctx": 1024})
+    loaded = registry.as_loaded(cfg, Loaded())
+    assert loaded.backend == "llama_server" and loaded.slots == 2 and loaded.n_ctx == 1024
+    explicit = registry.parse({"backend": "scripted", "model": "m"})
+    assert registry.as_loaded(explicit, Loaded()) is explicit
