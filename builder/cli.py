@@ -706,17 +706,18 @@ def experiment_capability(
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped; finished arms and scores are kept: run the same command to resume", code=130)
-    table = Table("arm", "trained", "accuracy [95% CI]", "accuracy, per character [95% CI]",
+    table = Table("arm", "trained", "accuracy [95% CI]", "accuracy, per character [95% CI]", "per seed",
                   *sorted(next(iter(r["arms"].values()))["by_category"]),
                   title=f"capability: {r['items']} items (chance {r['chance']:.2f}), generation {generation}",
                   title_justify="left")
     for arm, x in r["arms"].items():
-        t = r["training"].get(arm)
-        done = "no" if t is None else f"{t['steps']} step(s), loss {t['train_loss']}"
-        table.add_row(arm, done, _ci(x["accuracy"]), _ci(x["accuracy_norm"]),
+        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
+        done = "no" if not runs else (f"{runs[0]['steps']} step(s) x {len(runs)} seed(s), loss "
+                                      + ", ".join(str(t["train_loss"]) for t in runs))
+        table.add_row(arm, done, _ci(x["accuracy"]), _ci(x["accuracy_norm"]), ", ".join(f"{a:.3f}" for a in x["per_seed"]),
                       *[f"{v['accuracy']:.3f}" for _, v in sorted(x["by_category"].items())])
     for name, x in r["contrasts"].items():
-        table.add_row(f"[bold]{name}[/]", "", _ci(x["accuracy"], True), _ci(x["accuracy_norm"], True))
+        table.add_row(f"[bold]{name}[/]", "", _ci(x["accuracy"], True), _ci(x["accuracy_norm"], True), "")
     console.print(table)
     for name in ("annotated - control", "annotated - base"):
         d = r["contrasts"][name]["accuracy"]
@@ -725,8 +726,8 @@ def experiment_capability(
     if all(x["accuracy"]["mean"] <= r["chance"] for x in r["arms"].values()):
         console.print(f"every arm scores at or below chance ({r['chance']:.2f}): the model cannot do these items, and "
                       "the differences are differences in how it fails", highlight=False)
-    console.print(f"{r['documents']} training document(s), one training seed (the intervals cover the items, not "
-                  f"training's randomness); reused: {', '.join(r['reused']) or 'nothing'}", highlight=False)
+    console.print(f"{r['documents']} training document(s); {r['seeds']} training seed(s) per trained arm (the intervals "
+                  f"cover the items and the seeds); reused: {', '.join(r['reused']) or 'nothing'}", highlight=False)
     console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/capability.png")
 
 

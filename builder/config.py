@@ -284,7 +284,9 @@ class CapabilityConfig(Section):
     batch_size: int = Field(2, ge=1)
     max_length: int = Field(512, ge=64, description="Tokens per training sequence.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for each interval.")
-    seed: int = Field(42, ge=0, description="Training and bootstrap seed, the same for every arm.")
+    seeds: list[int] = Field([42, 43, 44], min_length=1, description="Training seeds: each trained arm is trained "
+                             "once per seed, and the intervals cover the seeds as well as the items (the first one "
+                             "also seeds the bootstrap).")
 
 
 class ExperimentsConfig(Section):

@@ -7,12 +7,12 @@ log-likelihood over the answer options (as evaluation harnesses do):
   base       the base model (train.base_model), untrained
   annotated  SFT on a generation's sft split, as `ratchet train` does it (the passages with
              their `internal` reflections, the loss on the reflections)
-  control    the same steps, learning rate, batch size and seed on the same passages without
+  control    the same steps, learning rate, batch size and seeds on the same passages without
              the reflections (plain language modelling on the passage text)
 
 The figure that matters is annotated - control: what the reflections add beyond more text from
-the same passages. Intervals are bootstrap 95 % over the items, paired (every arm is scored on
-the same resampled items). Everything lands in WS/experiments/capability/: the trained arms
+the same passages. Each trained arm is trained once per seed (`seeds`); intervals are bootstrap
+95 % over the items and the seeds, paired (every arm on the same resampled items and seeds). Everything lands in WS/experiments/capability/: the trained arms
 (reused while their identity holds), each arm's scores (reused while the model and the items
 hold), results.json and capability.png.
 """
@@ -116,17 +116,22 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, d
         width = max(len(ids) for ids, _ in sequences)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in sequences], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences], device=device)
+        # Only the positions that predict a choice's tokens go through the output layer (a 49k-word
+        # vocabulary at every position of every sequence was most of the time and memory).
+        rows = [k for k, (s, n) in enumerate(sequences) for _ in range(n)]
+        cols = [len(s) - n - 1 + j for s, n in sequences for j in range(n)]
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0].cpu()
-        k = 0
-        for item in chunk:
-            scores = []
-            for _ in item.choices:
-                length, n = len(sequences[k][0]), sequences[k][1]
-                scores.append(float(logprobs[k, length - 1 - n:length - 1].sum()))
-                k += 1
-            out.append(scores)
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+        targets = ids[rows, [c + 1 for c in cols]]
+        picked = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].cpu().tolist()
+        sums, at = [], 0
+        for _, n in sequences:
+            sums.append(sum(picked[at:at + n]))
+            at += n
+        for k, item in enumerate(chunk):
+            start = sum(len(i.choices) for i in chunk[:k])
+            out.append(sums[start:start + len(item.choices)])
     return out
 
 
@@ -157,7 +162,7 @@ def score_arm(folder: Path, model_path: Path, items: list[Item], items_sha: str,
 def train_settings(cfg: RatchetConfig) -> TrainConfig:
     c = cfg.experiments.capability
     return cfg.train.model_copy(update={"sft_steps": c.steps, "sft_learning_rate": c.learning_rate,
-                                        "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seed,
+                                        "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seeds[0],
                                         "grad_accumulation": 1, "use_lora": False})
 
 
@@ -206,7 +211,7 @@ def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, templ
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
             say(f"{arm}: {cfg.sft_steps} step(s) on {len(sft)} document(s)")
-            if arm == "annotated":
+            if arm.startswith("annotated"):
                 model, trained = run_sft(model, tokenizer, sft, cfg, scratch, say)
             else:
                 model, trained = run_text_lm(model, tokenizer, control_dataset(sft, tokenizer), cfg, scratch, say)
@@ -232,39 +237,46 @@ def correct(logprobs: list[list[float]], items: list[Item], normalised: bool = F
     return out
 
 
-def interval(values, resamples) -> dict:
-    """Mean and bootstrap 95 % interval over the resampled item indexes (`resamples`, shared
-    by every arm so that differences are paired)."""
+def interval(matrix, items_drawn, seeds_drawn) -> dict:
+    """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
+    resample draws items, and training seeds, with replacement. The draws are shared by every
+    arm, so a difference's interval is paired by item and by seed."""
     import numpy as np
 
-    v = np.asarray(values, dtype=float)
-    means = v[resamples].mean(axis=1)
+    m = np.asarray(matrix, dtype=float)
+    rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
+    means = m[rows[:, :, None], items_drawn[:, None, :]].mean(axis=(1, 2))
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": round(float(v.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+    return {"mean": round(float(m.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
 def figures(logprobs: dict[str, list], items: list[Item], n: int, seed: int) -> dict:
+    """logprobs: arm -> one list of per-item choice log-probabilities per trained seed (one for base)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    resamples = rng.integers(0, len(items), size=(n, len(items)))
-    hits = {arm: correct(lp, items) for arm, lp in logprobs.items()}
-    norm = {arm: correct(lp, items, normalised=True) for arm, lp in logprobs.items()}
+    seeds = max(len(runs) for runs in logprobs.values())
+    items_drawn = rng.integers(0, len(items), size=(n, len(items)))
+    seeds_drawn = rng.integers(0, seeds, size=(n, seeds))
+    hits = {arm: np.array([correct(lp, items) for lp in runs]) for arm, runs in logprobs.items()}
+    norm = {arm: np.array([correct(lp, items, normalised=True) for lp in runs]) for arm, runs in logprobs.items()}
     categories = sorted({i.category for i in items})
-    out = {"items": len(items), "chance": round(float(np.mean([1 / len(i.choices) for i in items])), 4), "arms": {},
-           "contrasts": {}}
+    out = {"items": len(items), "seeds": seeds, "chance": round(float(np.mean([1 / len(i.choices) for i in items])), 4),
+           "arms": {}, "contrasts": {}}
     for arm in logprobs:
         by_category = {}
         for c in categories:
             idx = [k for k, i in enumerate(items) if i.category == c]
-            by_category[c] = {"items": len(idx), "accuracy": round(sum(hits[arm][k] for k in idx) / len(idx), 4)}
-        out["arms"][arm] = {"accuracy": interval(hits[arm], resamples), "accuracy_norm": interval(norm[arm], resamples),
+            by_category[c] = {"items": len(idx), "accuracy": round(float(hits[arm][:, idx].mean()), 4)}
+        out["arms"][arm] = {"accuracy": interval(hits[arm], items_drawn, seeds_drawn),
+                            "accuracy_norm": interval(norm[arm], items_drawn, seeds_drawn),
+                            "per_seed": [round(float(row.mean()), 4) for row in hits[arm]],
                             "by_category": by_category}
     for a, b in CONTRASTS:
-        if a in hits and b in hits:
+        if a in hits and b in hits:  # the base model's single row is each seed's reference
             out["contrasts"][f"{a} - {b}"] = {
-                "accuracy": interval(np.subtract(hits[a], hits[b]), resamples),
-                "accuracy_norm": interval(np.subtract(norm[a], norm[b]), resamples)}
+                "accuracy": interval(hits[a] - hits[b], items_drawn, seeds_drawn),
+                "accuracy_norm": interval(norm[a] - norm[b], items_drawn, seeds_drawn)}
     return out
 
 
@@ -283,7 +295,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("accuracy (log-likelihood)")
     left.set_ylim(0, 1)
     left.legend(loc="upper right", fontsize=8)
-    left.set_title(f"{result['items']} items, bootstrap 95% CI", fontsize=9)
+    left.set_title(f"{result['items']} items x {result['seeds']} training seed(s), bootstrap 95% CI", fontsize=9)
     names = list(result["contrasts"])
     diff = [result["contrasts"][n]["accuracy"] for n in names]
     right.errorbar([x["mean"] for x in diff], range(len(names)), xerr=[[x["mean"] - x["low"] for x in diff],
@@ -321,23 +333,27 @@ def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | N
         tcfg = train_settings(cfg)
         template = chat_template(ws, tcfg)
         base_path, base = base_checkpoint(ws, tcfg.base_model)
-        trained = {}
-        for arm in ("annotated", "control"):
-            identity = {"arm": arm, "base": base["sha256"], "dataset_generation": generation,
-                        "sft_split": manifest["splits"]["sft"], "dataset_config_hash": manifest.get("config_hash"),
-                        "train": tcfg.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size", "max_length",
-                                                          "seed", "bf16", "device"}),
-                        "chat_template_sha256": sha256(template)}
-            trained[arm] = train_arm(arm, folder / "models" / arm, base_path, sft, tcfg, template, identity, say)
-        paths = {"base": base_path, "annotated": folder / "models" / "annotated", "control": folder / "models" / "control"}
+        trained, paths = {}, {"base": [base_path], "annotated": [], "control": []}
+        for seed in c.seeds:  # each trained arm once per seed: the intervals then cover training's randomness
+            seeded = tcfg.model_copy(update={"seed": seed})
+            for arm in ("annotated", "control"):
+                identity = {"arm": arm, "base": base["sha256"], "dataset_generation": generation,
+                            "sft_split": manifest["splits"]["sft"], "dataset_config_hash": manifest.get("config_hash"),
+                            "train": seeded.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size",
+                                                                "max_length", "seed", "bf16", "device"}),
+                            "chat_template_sha256": sha256(template)}
+                out = folder / "models" / f"{arm}-s{seed}"
+                trained[out.name] = train_arm(f"{arm} (seed {seed})", out, base_path, sft, seeded, template, identity, say)
+                paths[arm].append(out)
         with torch_threads(tcfg.threads):
             device = "cpu" if use_cpu(tcfg) else "cuda"
-            logprobs = {arm: score_arm(folder, paths[arm], items, items_sha, say, device) for arm in ARMS}
+            logprobs = {arm: [score_arm(folder, path, items, items_sha, say, device) for path in paths[arm]]
+                        for arm in ARMS}
         result = {"generation": generation, "items_source": source, "items_sha256": items_sha,
                   "base_model": base["model"], "documents": len(sft),
-                  "settings": c.model_dump(), **figures(logprobs, items, c.bootstrap, c.seed),
-                  "training": {arm: t["training"] for arm, t in trained.items()},
-                  "reused": sorted(arm for arm, t in trained.items() if t.get("unchanged"))}
+                  "settings": c.model_dump(), **figures(logprobs, items, c.bootstrap, c.seeds[0]),
+                  "training": {name: t["training"] for name, t in trained.items()},
+                  "reused": sorted(name for name, t in trained.items() if t.get("unchanged"))}
         (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         plot(result, folder / "capability.png")
         result["output"] = str(folder)
