@@ -283,10 +283,17 @@ class CapabilityConfig(Section):
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(2, ge=1)
     max_length: int = Field(512, ge=64, description="Tokens per training sequence.")
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for each interval.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples (of the items and the seeds) for each interval.")
     seeds: list[int] = Field([42, 43, 44], min_length=1, description="Training seeds: each trained arm is trained "
                              "once per seed, and the intervals cover the seeds as well as the items (the first one "
                              "also seeds the bootstrap).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: a seed twice trains the same model twice and narrows the interval falsely")
+        return value
 
 
 class ExperimentsConfig(Section):

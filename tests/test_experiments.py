@@ -40,6 +40,26 @@ def test_a_bad_item_names_the_file_and_the_row(tmp_path, row, message):
         load_items("missing.jsonl", ws)
 
 
+def test_a_saved_dataset_is_scored_on_its_held_out_split_and_seeds_are_distinct(tmp_path):
+    import datasets
+
+    from builder.config import RatchetConfig
+
+    row = lambda q: {"question": q, "choices": ["a", "b"], "answer": 0}  # noqa: E731
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([row("train q")] * 3),
+                          "test": datasets.Dataset.from_list([row("test q")] * 2)}).save_to_disk(str(tmp_path / "mc"))
+    ws = Workspace.__new__(Workspace)
+    ws.root = tmp_path
+    items, source = load_items("mc", ws)
+    assert [i.question for i in items] == ["test q", "test q"] and source.endswith("[split test]")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([row("q")]),
+                          "extra": datasets.Dataset.from_list([row("q")])}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ExperimentError, match="splits train, extra, none of them test or validation"):
+        load_items("two", ws)
+    with pytest.raises(ValueError, match="a seed twice"):
+        RatchetConfig.model_validate({"experiments": {"capability": {"seeds": [1, 1]}}})
+
+
 def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
     ws, _ = built
     root = tmp_path / "ws"
@@ -66,8 +86,12 @@ def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
     assert identities["annotated-s1"]["train"] == identities["control-s1"]["train"]  # paired by seed
     assert identities["annotated-s1"]["train"]["seed"] == 1 and identities["annotated-s2"]["train"]["seed"] == 2
     # five different models were scored, and the scores are not all alike
-    names = [f"{hf_smollm2.name}.json"] + [f"{name}.json" for name in trained]
-    scores = {name: json.loads((folder / "scores" / name).read_text()) for name in names}
+    def scores_of(name):
+        [path] = (folder / "scores").glob(f"{name}-*.json")  # named by the model and its weights
+        return json.loads(path.read_text())
+
+    names = [hf_smollm2.name] + trained
+    scores = {name: scores_of(name) for name in names}
     assert len({s["model_sha256"] for s in scores.values()}) == 5
     assert len({json.dumps(s["logprobs"]) for s in scores.values()}) == 5
     assert any(len(set(lp)) > 1 for lp in scores[names[0]]["logprobs"])

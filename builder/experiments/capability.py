@@ -64,9 +64,15 @@ def load_items(spec: str, ws: Workspace, limit: int = 0) -> tuple[list[Item], st
     try:
         if path.is_dir():
             rows = datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() or \
-                (path / "state.json").exists() else datasets.load_dataset(str(path), split="train")
-            if isinstance(rows, datasets.DatasetDict):
-                rows = rows[next(iter(rows))]
+                (path / "state.json").exists() or (path / "dataset_dict.json").exists() else datasets.load_dataset(str(path))
+            if isinstance(rows, (datasets.DatasetDict, dict)):  # the held-out split: test, else validation
+                split = next((name for name in ("test", "validation") if name in rows), None)
+                if split is None and len(rows) == 1:
+                    split = next(iter(rows))
+                if split is None:
+                    raise ExperimentError(f"{where}: {path}: splits {', '.join(rows)}, none of them test or "
+                                          "validation: save the split to score on its own")
+                rows, path = rows[split], Path(f"{path} [split {split}]")
         else:
             kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
             if kind is None:
@@ -99,30 +105,50 @@ def prompt(item: Item) -> str:
 
 # --- scoring -------------------------------------------------------------------------------------------
 
-def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, device: str = "cpu") -> list[list[float]]:
-    """Per item, the summed log-probability of each choice's tokens after the question."""
+def encode(tokenizer, item: Item) -> list[tuple[list[int], int]]:
+    """Per choice, (token ids of question + choice, number of choice tokens), as lm-evaluation-
+    harness encodes them: the choice's tokens are those of the whole text after the question's
+    (so a tokenizer that merges across the space is not given an extra one), and the question
+    starts with BOS where the tokenizer adds one by default."""
+    context = tokenizer(prompt(item), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    out = []
+    for choice in item.choices:
+        whole = tokenizer(prompt(item) + " " + choice, add_special_tokens=False)["input_ids"]
+        if whole[:len(context)] == context and len(whole) > len(context):
+            ids, n = whole, len(whole) - len(context)
+        else:  # the boundary token merged with the choice: the question's tokens, then the choice's
+            tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids, n = context + tail, len(tail)
+        out.append(([bos] + ids if starts_with_bos else ids, n))
+    return out
+
+
+def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, device: str = "cpu",
+                    fast: bool = True) -> list[list[float]]:
+    """Per item, the summed log-probability of each choice's tokens after the question. `fast`
+    puts only the positions that predict a choice's tokens through the output layer (a 49k-word
+    vocabulary at every position was most of the time and memory); score_arm checks it against
+    the model's own forward pass first (some models scale or cap their logits there)."""
     import torch
 
     out = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(items), batch_items):
         chunk = items[start:start + batch_items]
-        sequences = []  # (ids, number of choice tokens at the end)
-        for item in chunk:
-            context = tokenizer(prompt(item), add_special_tokens=False)["input_ids"]
-            for choice in item.choices:
-                tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-                sequences.append((context + tail, len(tail)))
+        sequences = [pair for item in chunk for pair in encode(tokenizer, item)]  # (ids, choice tokens at the end)
         width = max(len(ids) for ids, _ in sequences)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in sequences], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences], device=device)
-        # Only the positions that predict a choice's tokens go through the output layer (a 49k-word
-        # vocabulary at every position of every sequence was most of the time and memory).
         rows = [k for k, (s, n) in enumerate(sequences) for _ in range(n)]
         cols = [len(s) - n - 1 + j for s, n in sequences for j in range(n)]
         with torch.no_grad():
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+            if fast:
+                hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()
         targets = ids[rows, [c + 1 for c in cols]]
         picked = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].cpu().tolist()
         sums, at = [], 0
@@ -130,30 +156,46 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, d
             sums.append(sum(picked[at:at + n]))
             at += n
         for k, item in enumerate(chunk):
-            start = sum(len(i.choices) for i in chunk[:k])
-            out.append(sums[start:start + len(item.choices)])
+            first = sum(len(i.choices) for i in chunk[:k])
+            out.append(sums[first:first + len(item.choices)])
     return out
 
 
+SCORING = 2  # bump when scoring changes: stored scores of another version are not reused
+
+
 def score_arm(folder: Path, model_path: Path, items: list[Item], items_sha: str, say, device: str = "cpu") -> list[list[float]]:
-    """An arm's choice log-probabilities, reused while the model's weights and the items are the same."""
+    """An arm's choice log-probabilities, reused while the model's weights, the items and the
+    scoring are the same. Every arm is scored in float32, whatever its checkpoint stores."""
+    import gc
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models import weights_sha256
 
-    cache = folder / "scores" / f"{model_path.name}.json"
     model_sha = weights_sha256(model_path)
+    cache = folder / "scores" / f"{model_path.name}-{model_sha[:12]}.json"
     if cache.is_file():
         stored = json.loads(cache.read_text(encoding="utf-8"))
-        if stored.get("model_sha256") == model_sha and stored.get("items_sha256") == items_sha:
+        if stored.get("items_sha256") == items_sha and stored.get("scoring") == SCORING:
             return stored["logprobs"]
     say(f"scoring {model_path.name} on {len(items)} item(s)")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path)).eval().to(device)
-    logprobs = choice_logprobs(model, tokenizer, items, device=device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval().to(device)
+    probe = items[:1]
+    fast = abs(choice_logprobs(model, tokenizer, probe, device=device)[0][0]
+               - choice_logprobs(model, tokenizer, probe, device=device, fast=False)[0][0]) < 1e-3
+    if not fast:
+        say(f"{model_path.name}: its forward pass changes the logits; scoring with full logits (slower)")
+    logprobs = choice_logprobs(model, tokenizer, items, device=device, fast=fast)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"model_sha256": model_sha, "items_sha256": items_sha, "logprobs": logprobs}) + "\n",
-                     encoding="utf-8")
+    cache.write_text(json.dumps({"model_sha256": model_sha, "items_sha256": items_sha, "scoring": SCORING,
+                                 "logprobs": logprobs}) + "\n", encoding="utf-8")
     return logprobs
 
 
@@ -216,9 +258,15 @@ def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, templ
             else:
                 model, trained = run_text_lm(model, tokenizer, control_dataset(sft, tokenizer), cfg, scratch, say)
             model.save_pretrained(str(partial), safe_serialization=True)
+            del model
         tokenizer.save_pretrained(str(partial))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     summary = {"arm": arm, "training": trained, "identity": identity}
     (partial / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
