@@ -58,21 +58,19 @@ def fresh_cache(folder: Path, name: str) -> duckdb.DuckDBPyConnection:
 
 
 class Timed:
-    """An executor wrapper that counts the driver's time inside on_response (key look-up done,
+    """An executor wrapper that counts the driver's time inside on_answers (key look-up done,
     validation, the cache write): busy / wall near 1 means the driver is the bottleneck."""
 
     def __init__(self, inner):
         self.inner, self.name, self.stage, self.busy = inner, inner.name, "bench", 0.0
 
-    def run(self, backend, requests, on_response, on_batch=None):
-        def timing(callback):
-            def timed(*args):
-                start = time.perf_counter()
-                callback(*args)
-                self.busy += time.perf_counter() - start
-            return timed
+    def run(self, backend, requests, on_answers):
+        def timed(answers):
+            start = time.perf_counter()
+            on_answers(answers)
+            self.busy += time.perf_counter() - start
 
-        self.inner.run(backend, requests, timing(on_response), on_batch=timing(on_batch) if on_batch else None)
+        self.inner.run(backend, requests, timed)
 
 
 class Instant:
@@ -83,10 +81,10 @@ class Instant:
     def __init__(self, answers: list[str], batch_size: int):
         self.answers, self.batch_size = answers, batch_size
 
-    def run(self, backend, requests, on_response, on_batch=None):
+    def run(self, backend, requests, on_answers):
         ready = [(i, Response(self.answers[i % len(self.answers)], "stop", 1, 100, 0.0)) for i in range(len(requests))]
         for start in range(0, len(ready), self.batch_size):
-            on_batch(ready[start:start + self.batch_size])
+            on_answers(ready[start:start + self.batch_size])
 
 
 def through(requests: list[Request], backend, executor, con) -> tuple[float, int]:

@@ -116,8 +116,8 @@ class CachedBackend:
             else:
                 misses.append(i)
 
-        def done_batch(answered: list[tuple[int, Response]]) -> None:
-            """Store a batch of answers in one write (a Ray batch), then hand each on."""
+        def done(answered: list[tuple[int, Response]]) -> None:
+            """Store answers that arrived together in one write (one, or a Ray batch), then hand each on."""
             stored = []
             for j, response in answered:
                 i = misses[j]
@@ -138,9 +138,6 @@ class CachedBackend:
                 if on_response:
                     on_response(misses[j], response)
 
-        def done(j: int, response: Response) -> None:
-            done_batch([(j, response)])
-
         if misses:
-            self.executor.run(self.backend, [requests[i] for i in misses], done, on_batch=done_batch)
+            self.executor.run(self.backend, [requests[i] for i in misses], done)
         return results  # type: ignore[return-value]

@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .backends.base import Backend, OnResponse, Request, Response
+from .backends.base import Backend, Request, Response
 
-# A batch of answers that arrived together, (index, response) each: stored in one write.
-OnBatch = Callable[[list[tuple[int, Response]]], None]
+# Answers that arrived together, (index, response) each: the cache stores them in one write.
+OnAnswers = Callable[[list[tuple[int, Response]]], None]
 
 if TYPE_CHECKING:
     from .config import ExecutorConfig
@@ -36,11 +36,10 @@ class Executor(Protocol):
     name: str
     stage: str  # the stage whose calls run now (set by the build; per-stage settings key on it)
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
-            on_batch: OnBatch | None = None) -> None:
-        """Run every request with `backend`'s engine; call on_response(i, response) for each as
-        it finishes (in the calling thread), or on_batch(answers) for answers that arrive
-        together. Never raises for one bad request."""
+    def run(self, backend: Backend, requests: Sequence[Request], on_answers: OnAnswers) -> None:
+        """Run every request with `backend`'s engine; call on_answers([(i, response), ...]) (in
+        the calling thread) as answers finish, each answer once: one at a time, or a batch that
+        arrived together. Never raises for one bad request."""
 
     def describe(self) -> dict:
         """What the summary and the manifest say about where the calls ran."""
@@ -53,9 +52,9 @@ class LocalExecutor:
     name = "local"
     stage = ""
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
-            on_batch: OnBatch | None = None) -> None:
-        backend.generate(requests, on_response)  # one at a time: each is stored the moment it returns
+    def run(self, backend: Backend, requests: Sequence[Request], on_answers: OnAnswers) -> None:
+        # one at a time: each is stored the moment it returns
+        backend.generate(requests, lambda i, response: on_answers([(i, response)]))
 
     def describe(self) -> dict:
         return {"kind": self.name}
@@ -170,8 +169,8 @@ class RayExecutor:
     """Model calls on a Ray cluster through Ray Data: the driver (this process) looks the cache
     up and keeps writing it; the calls that missed go out as a Dataset of rows, map_batches runs
     them on `concurrency` EngineActors (each starts its own engine, with `num_cpus`/`num_gpus`),
-    and the answers stream back batch by batch, each handed to on_response (which stores it) the
-    moment its batch arrives. An actor that dies is restarted by Ray and its batch run again
+    and the answers stream back batch by batch, each batch handed to on_answers (which stores it)
+    the moment it arrives. An actor that dies is restarted by Ray and its batch run again
     (Ray Data's default for actors); a row that never comes back is an error response, asked
     again by the next build. The driver connects when the executor is made, so a cluster that
     cannot be reached is an error before the build ingests anything."""
@@ -229,8 +228,7 @@ class RayExecutor:
 
     # -- the calls --
 
-    def run(self, backend: Backend, requests: Sequence[Request], on_response: OnResponse,
-            on_batch: OnBatch | None = None) -> None:
+    def run(self, backend: Backend, requests: Sequence[Request], on_answers: OnAnswers) -> None:
         import ray.data
 
         from .backends import registry
@@ -271,11 +269,7 @@ class RayExecutor:
                     continue
                 answered.add(i)
                 arrived.append((i, self._checked(backend, response_from_json(text), model_id)))
-            if on_batch is not None:
-                on_batch(arrived)  # one write to the cache for the batch
-            else:
-                for i, response in arrived:
-                    on_response(i, response)
+            on_answers(arrived)  # one write to the cache for the batch
         if lost is not None and not answered:  # nothing came back: the engine cannot run there
             raise EngineError(f"the Ray executor could not run {backend.model_name} ({self.stage or 'a stage'}): "
                               f"{ray_reason(lost)}") from None
@@ -284,8 +278,7 @@ class RayExecutor:
             reason = (f"the Ray executor lost this request: {ray_reason(lost)}" if lost else
                       "the Ray executor lost this request: its row never came back")
             log.warning("%s (%d of %d requests unanswered)", reason, len(missing), len(requests))
-            for i in missing:
-                on_response(i, Response("", "error", error=reason))
+            on_answers([(i, Response("", "error", error=reason)) for i in missing])
         seconds = time.perf_counter() - start
         stats = self.throughput.setdefault(self.stage or "?", {"calls": 0, "seconds": 0.0, "datasets": 0})
         stats["calls"] += len(requests)

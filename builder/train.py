@@ -246,6 +246,14 @@ def plain_messages(dataset, tokenizer, columns: tuple[str, ...]):
     return dataset.map(lambda row: {c: [{**m, "content": plain(m["content"])} for m in row[c]] for c in columns})
 
 
+def run_trainer(trainer, stage: str, examples: int, say):
+    """Train with a TRL trainer, a line per step: (the trained model, LoRA adapters merged; its summary)."""
+    step_reporter(trainer, stage, say)
+    started = time.perf_counter()
+    result = trainer.train()
+    return _merged(trainer.model), stage_summary(trainer, result, examples, time.perf_counter() - started)
+
+
 def run_sft(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
     from trl import SFTConfig, SFTTrainer
 
@@ -253,10 +261,7 @@ def run_sft(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lamb
                      assistant_only_loss=True, dataset_kwargs={"skip_prepare_dataset": False})
     trainer = SFTTrainer(model=model, args=args, train_dataset=plain_messages(dataset, tokenizer, ("messages",)),
                          processing_class=tokenizer, peft_config=lora_config(cfg))
-    step_reporter(trainer, "SFT", say)
-    started = time.perf_counter()
-    result = trainer.train()
-    return _merged(trainer.model), stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
+    return run_trainer(trainer, "SFT", len(dataset), say)
 
 
 def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
@@ -269,10 +274,7 @@ def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lamb
     dataset = plain_messages(dataset, tokenizer, ("prompt", "chosen", "rejected"))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg))
-    step_reporter(trainer, "DPO", say)
-    started = time.perf_counter()
-    result = trainer.train()
-    return _merged(trainer.model), stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
+    return run_trainer(trainer, "DPO", len(dataset), say)
 
 
 def identity(ws: Workspace, generation: int, manifest: dict, start: dict, cfg: TrainConfig, template: str) -> dict:

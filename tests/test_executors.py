@@ -241,7 +241,7 @@ def test_an_engine_that_cannot_start_on_the_actors_stops_the_build_with_its_reas
     executor = RayExecutor(ExecutorConfig(kind="ray", concurrency=1))
     got = []
     with pytest.raises(EngineError, match="could not run smollm2.*answers file not found"):
-        executor.run(backend, [Request(messages=({"role": "user", "content": "x"},))], lambda i, r: got.append(r))
+        executor.run(backend, [Request(messages=({"role": "user", "content": "x"},))], got.extend)
     assert got == []
 
 
@@ -276,10 +276,10 @@ class Batched:
     """Hands every answer of the local engine over in one batch, as the Ray executor does."""
     name, stage = "batched", ""
 
-    def run(self, backend, requests, on_response, on_batch=None):
+    def run(self, backend, requests, on_answers):
         answered = []
         backend.generate(requests, lambda i, response: answered.append((i, response)))
-        on_batch(list(reversed(answered)))  # in any order
+        on_answers(list(reversed(answered)))  # in any order
 
 
 def test_a_batch_of_answers_is_stored_as_answers_one_at_a_time_are(tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..cache import sha256
 from ..config import RatchetConfig, TrainConfig
 from ..resources import EXAMPLES_DIR
 from ..train import (_replace, base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for,
-                     read_split, run_sft, stage_summary, step_reporter, torch_threads, use_cpu)
+                     read_split, run_sft, run_trainer, torch_threads, use_cpu)
 from ..workspace import Workspace
 
 BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
@@ -105,14 +104,18 @@ def prompt(item: Item) -> str:
 
 # --- scoring -------------------------------------------------------------------------------------------
 
-def encode(tokenizer, item: Item) -> list[tuple[list[int], int]]:
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every text with it by default (Gemma, Llama), else None."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
+def encode(tokenizer, item: Item, bos: int | None = None) -> list[tuple[list[int], int]]:
     """Per choice, (token ids of question + choice, number of choice tokens), as lm-evaluation-
     harness encodes them: the choice's tokens are those of the whole text after the question's
-    (so a tokenizer that merges across the space is not given an extra one), and the question
-    starts with BOS where the tokenizer adds one by default."""
+    (so a tokenizer that merges across the space is not given an extra one), after `bos`
+    (leading_bos) when there is one."""
     context = tokenizer(prompt(item), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
     out = []
     for choice in item.choices:
         whole = tokenizer(prompt(item) + " " + choice, add_special_tokens=False)["input_ids"]
@@ -121,7 +124,7 @@ def encode(tokenizer, item: Item) -> list[tuple[list[int], int]]:
         else:  # the boundary token merged with the choice: the question's tokens, then the choice's
             tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
             ids, n = context + tail, len(tail)
-        out.append(([bos] + ids if starts_with_bos else ids, n))
+        out.append(([bos] + ids if bos is not None else ids, n))
     return out
 
 
@@ -133,11 +136,11 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_items: int = 8, d
     the model's own forward pass first (some models scale or cap their logits there)."""
     import torch
 
-    out = []
+    out, bos = [], leading_bos(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(items), batch_items):
         chunk = items[start:start + batch_items]
-        sequences = [pair for item in chunk for pair in encode(tokenizer, item)]  # (ids, choice tokens at the end)
+        sequences = [pair for item in chunk for pair in encode(tokenizer, item, bos)]  # (ids, choice tokens at the end)
         width = max(len(ids) for ids, _ in sequences)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in sequences], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences], device=device)
@@ -217,27 +220,29 @@ def control_dataset(sft, tokenizer):
                                                                    if m["role"] == "text"))} for row in sft])
 
 
-def run_text_lm(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lambda line: None):
-    """Plain language modelling on `text` (the control): TRL's SFTTrainer, loss on every token."""
+def run_text_lm(model, tokenizer, sft, cfg: TrainConfig, scratch: Path, say=lambda line: None):
+    """The control: the sft split's passages without their reflections, plain language modelling
+    (TRL's SFTTrainer, loss on every token)."""
     from trl import SFTConfig, SFTTrainer
 
+    dataset = control_dataset(sft, tokenizer)
     args = SFTConfig(**common_args(cfg, scratch / "control"), max_steps=cfg.sft_steps,
                      learning_rate=cfg.sft_learning_rate, dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    step_reporter(trainer, "control", say)
-    started = time.perf_counter()
-    result = trainer.train()
-    return trainer.model, stage_summary(trainer, result, len(dataset), time.perf_counter() - started)
+    return run_trainer(trainer, "control", len(dataset), say)
+
+
+TRAINERS = {"annotated": run_sft, "control": run_text_lm}  # each (model, tokenizer, sft, cfg, scratch, say)
 
 
 def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, template: str, identity: dict, say) -> dict:
-    """Train one arm into `out` unless a model with the same identity is there."""
+    """Train one arm (a TRAINERS key) into `out` unless a model with the same identity is there."""
     stored = out / "training.json"
     if stored.is_file():
         summary = json.loads(stored.read_text(encoding="utf-8"))
         if summary.get("identity") == identity:
             return {**summary, "unchanged": True}
-        say(f"{arm}: its data or settings changed; training it again")
+        say(f"{out.name}: its data or settings changed; training it again")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,11 +257,8 @@ def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, templ
         with torch_threads(cfg.threads):
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-            say(f"{arm}: {cfg.sft_steps} step(s) on {len(sft)} document(s)")
-            if arm.startswith("annotated"):
-                model, trained = run_sft(model, tokenizer, sft, cfg, scratch, say)
-            else:
-                model, trained = run_text_lm(model, tokenizer, control_dataset(sft, tokenizer), cfg, scratch, say)
+            say(f"{arm} (seed {cfg.seed}): {cfg.sft_steps} step(s) on {len(sft)} document(s)")
+            model, trained = TRAINERS[arm](model, tokenizer, sft, cfg, scratch, say)
             model.save_pretrained(str(partial), safe_serialization=True)
             del model
         tokenizer.save_pretrained(str(partial))
@@ -384,14 +386,14 @@ def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | N
         trained, paths = {}, {"base": [base_path], "annotated": [], "control": []}
         for seed in c.seeds:  # each trained arm once per seed: the intervals then cover training's randomness
             seeded = tcfg.model_copy(update={"seed": seed})
-            for arm in ("annotated", "control"):
+            for arm in TRAINERS:
                 identity = {"arm": arm, "base": base["sha256"], "dataset_generation": generation,
                             "sft_split": manifest["splits"]["sft"], "dataset_config_hash": manifest.get("config_hash"),
                             "train": seeded.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size",
                                                                 "max_length", "seed", "bf16", "device"}),
                             "chat_template_sha256": sha256(template)}
                 out = folder / "models" / f"{arm}-s{seed}"
-                trained[out.name] = train_arm(f"{arm} (seed {seed})", out, base_path, sft, seeded, template, identity, say)
+                trained[out.name] = train_arm(arm, out, base_path, sft, seeded, template, identity, say)
                 paths[arm].append(out)
         with torch_threads(tcfg.threads):
             device = "cpu" if use_cpu(tcfg) else "cuda"
