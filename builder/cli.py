@@ -464,6 +464,7 @@ def drift(
         WHERE $g IS NULL OR d.generation = $g
         GROUP BY ALL ORDER BY d.generation DESC, d.split, d.example_id LIMIT $n""",
                          {"g": generation, "n": limit}).fetchall()
+    traits_table(ws, con, generation)
     if limit:
         table = Table("gen", "split", "example", "what", "what each checkpoint said", title="drift events",
                       title_justify="left")
@@ -472,6 +473,27 @@ def drift(
             table.add_row(str(g), split, example_id, (what or "").replace("\n", " "),
                           "\n".join(f"{j}: {s['consent']} ({s['trait_tag']}): {'; '.join(s['reasons'])}" for j, s in said.items()))
         console.print(table)
+
+
+def traits_table(ws, con, generation: int | None) -> None:
+    """The consent judges' trait predictions per generation, each next to its verification by
+    `ratchet experiment personas` when that ran on the generation's trained model."""
+    from .experiments.personas import experiment_dir, predicted_traits
+
+    verified_path = experiment_dir(ws) / "results.json"
+    verified = json.loads(verified_path.read_text(encoding="utf-8")) if verified_path.is_file() else None
+    generations = [g for g, in con.execute("SELECT DISTINCT generation FROM consents ORDER BY generation").fetchall()
+                   if generation is None or g == generation]
+    table = Table("generation", "predicted trait", "examples", "verified after training (effect [95% CI])",
+                  title="predicted traits", title_justify="left")
+    for g in generations:
+        for t in predicted_traits(con, g)[:8]:
+            check = (verified or {}).get("traits", {}).get(t["tag"]) if (verified or {}).get("generation") == g else None
+            said = (f"{check['verdict']}: {_ci(check['effect'], True)}" if check else
+                    "not checked: under experiments.personas.min_examples, or past its traits cap" if verified
+                    and verified.get("generation") == g else "not checked: run `ratchet experiment personas`")
+            table.add_row(str(g), t["tag"], str(t["examples"]), said)
+    console.print(table)
 
 
 def _size(n: int) -> str:
@@ -691,16 +713,14 @@ def experiment_capability(
     reused when nothing they depend on changed.
 
     Example: ratchet experiment capability -w ws --steps 20"""
-    from .experiments.capability import ExperimentError, run_capability
+    from .experiments.arms import ExperimentError
+    from .experiments.capability import run_capability
     from .train import TrainError
 
     ws = open_workspace(workspace)
     try:
         cfg = ws.config
-        keys = {k: v for k, v in {"limit": limit, "steps": steps}.items() if v is not None}
-        if keys:
-            c = cfg.experiments.capability.model_copy(update=keys)
-            cfg = cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={"capability": c})})
+        cfg = _experiment_config(cfg, "capability", limit=limit, steps=steps)
         r = run_capability(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
     except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
         fail(str(exc))
@@ -720,15 +740,125 @@ def experiment_capability(
         table.add_row(f"[bold]{name}[/]", "", _ci(x["accuracy"], True), _ci(x["accuracy_norm"], True), "")
     console.print(table)
     for name in ("annotated - control", "annotated - base"):
-        d = r["contrasts"][name]["accuracy"]
-        verdict = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
-        console.print(f"{name} {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {verdict}", highlight=False)
+        console.print(_verdict(name, r["contrasts"][name]["accuracy"]), highlight=False)
     if all(x["accuracy"]["mean"] <= r["chance"] for x in r["arms"].values()):
         console.print(f"every arm scores at or below chance ({r['chance']:.2f}): the model cannot do these items, and "
                       "the differences are differences in how it fails", highlight=False)
     console.print(f"{r['documents']} training document(s); {r['seeds']} training seed(s) per trained arm (the intervals "
                   f"cover the items and the seeds); reused: {', '.join(r['reused']) or 'nothing'}", highlight=False)
     console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/capability.png")
+
+
+def _experiment_config(cfg, name: str, **keys):
+    """cfg with experiments.NAME's keys given on the command line (None: the config's)."""
+    keys = {k: v for k, v in keys.items() if v is not None}
+    if not keys:
+        return cfg
+    section = getattr(cfg.experiments, name).model_copy(update=keys)
+    return cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={name: section})})
+
+
+def _verdict(name: str, d: dict) -> str:
+    said = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
+    return f"{name} {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {said}"
+
+
+@experiment_app.command("inoculation")
+def experiment_inoculation(
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[int, typer.Option(min=1, help="The compiled generation whose sft split and explored "
+                                            "trajectories train the arms.")] = 1,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per trained arm; default "
+                                                 "experiments.inoculation.steps.")] = None,
+) -> None:
+    """Does labelling explored trajectories as `Naive_Explorer`'s keep a model that learns to
+    predict them from producing them? Three arms from train.base_model, the same steps and
+    seeds: without (the sft split), labelled (plus the explored trajectories, vetoed and/or
+    rejected, as Naive_Explorer turns) and assistant (plus the same text as assistant turns).
+    Each is scored on held-out prompts (conscience.items held out by conscience.exclude, else
+    the code-hacking scenario's): the per-token log-likelihood margin of the explored response
+    over the reference one, with the turn opened as the assistant (the behaviour) and as
+    Naive_Explorer (the prediction), and the share of prompts where the assistant prefers the
+    explored response. labelled - assistant, as the assistant, is the figure that matters.
+
+    Example: ratchet experiment inoculation -w ws --steps 20"""
+    from .experiments.arms import ExperimentError
+    from .experiments.inoculation import run_inoculation
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        cfg = _experiment_config(ws.config, "inoculation", steps=steps)
+        r = run_inoculation(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; finished arms and scores are kept: run the same command to resume", code=130)
+    table = Table("arm", "trained", "margin as assistant [95% CI]", "explored rate as assistant",
+                  "margin as Naive_Explorer [95% CI]", "per seed (assistant)",
+                  title=f"inoculation: {r['probes']} held-out prompts, generation {generation}, "
+                        f"{r['explored']['examples']} explored example(s)", title_justify="left")
+    for arm, x in r["arms"].items():
+        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
+        done = "no" if not runs else f"{runs[0]['steps']} step(s) x {len(runs)} seed(s)"
+        table.add_row(arm, done, _ci(x["as_assistant"]["margin"], True), _ci(x["as_assistant"]["explored_rate"]),
+                      _ci(x["as_explorer"]["margin"], True), ", ".join(f"{a:+.3f}" for a in x["as_assistant"]["per_seed"]))
+    for name, x in r["contrasts"].items():
+        table.add_row(f"[bold]{name}[/]", "", _ci(x["as_assistant"]["margin"], True),
+                      _ci(x["as_assistant"]["explored_rate"], True), _ci(x["as_explorer"]["margin"], True), "")
+    console.print(table)
+    for name in ("labelled - assistant", "labelled - without"):
+        console.print(_verdict(f"{name} (margin as the assistant)", r["contrasts"][name]["as_assistant"]["margin"]),
+                      highlight=False)
+    console.print(f"margin: per-token log-likelihood of the explored response minus the reference response (> 0: "
+                  f"the explored one is preferred); held-out prompts: {r['probes_source']}; reused: "
+                  f"{', '.join(r['reused']) or 'nothing'}", highlight=False)
+    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/inoculation.png")
+
+
+@experiment_app.command("personas")
+def experiment_personas(
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[int, typer.Option(min=1, help="The generation whose trained model (models/gen-NNNN, from "
+                                            "`ratchet train`) and consent predictions are checked.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=0, help="Use the first N probes (0 = all); default "
+                                                 "experiments.personas.limit.")] = None,
+) -> None:
+    """Were the consent judges right about which persona training would reinforce? For each
+    predicted trait with enough trained examples (experiments.personas.min_examples), the start
+    model prompted "You are {trait}." and the plain start model answer fixed probe requests;
+    the effect is how much more training raised the likelihood of the persona's answers than of
+    the plain answers (per token, under the plain prompt), with a bootstrap 95% interval over the
+    probes: confirmed when above 0. Control personas nobody predicted run the same way.
+    `ratchet drift` then shows each prediction next to its verification.
+
+    Example: ratchet train -w ws && ratchet experiment personas -w ws"""
+    from .experiments.arms import ExperimentError
+    from .experiments.personas import run_personas
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        cfg = _experiment_config(ws.config, "personas", limit=limit)
+        r = run_personas(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; finished answers and scores are kept: run the same command to resume", code=130)
+    table = Table("trait", "examples", "persona prompt", "effect [95% CI]", "probes toward it", "verdict",
+                  title=f"personas: generation {generation}, {r['probes']} probes, trained model "
+                        f"{Path(r['trained_model']).name} vs {r['start_model']}", title_justify="left")
+    for name, x in r["traits"].items():
+        table.add_row(name if not x["control"] else f"[dim]{name}[/]", str(x["examples"]) if not x["control"] else "-",
+                      x["persona"][:60], _ci(x["effect"], True), f"{x['toward_persona']:.0%}", x["verdict"])
+    console.print(table)
+    if r["unchecked"]:
+        console.print(f"not checked (fewer than {r['settings']['min_examples']} examples, or past "
+                      f"experiments.personas.traits): {', '.join(r['unchecked'][:12])}"
+                      f"{' ...' if len(r['unchecked']) > 12 else ''}", highlight=False)
+    console.print("effect: per-token log-likelihood gain from training of the persona's answers minus that of the "
+                  "plain answers; > 0 means the trained model moved toward the persona", highlight=False)
+    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/personas.png")
 
 
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",

@@ -55,6 +55,14 @@ DPO_SCHEMA = pa.schema([
     # does the chosen side answer the request: every rule of builder/pair_checks.py, as run
     ("checks", pa.list_(pa.struct([("rule", pa.string()), ("status", pa.string()), ("why", pa.string())])))])
 
+# Explored trajectories (consent.explored): what the model must learn to predict but never be
+# rewarded for producing, spoken by EXPLORER instead of `assistant`/`internal`.
+EXPLORER = "Naive_Explorer"
+EXPLORED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("generation", pa.int32()), ("messages", pa.list_(MESSAGE)),
+    ("origin", pa.string()), ("from_split", pa.string()), ("drift", pa.bool_()), ("judges", pa.list_(pa.string())),
+    ("reasons", pa.list_(pa.string()))])
+
 AUDIT_SUMMARY_SCHEMA = pa.schema([
     ("generation", pa.int32()), ("annotator", pa.string()), ("family", pa.string()), ("persona", pa.string()),
     ("accepted", pa.int64()), ("audits", pa.int64()), ("passes", pa.int64()), ("pass_rate", pa.float64()),
@@ -201,6 +209,59 @@ def dpo_rows(con, generation: int) -> list[dict]:
              "checks": json.loads(checks) if checks else None}
             for item_id, source, framework, judge, prompt, chosen, rejected, reasons, chosen_reasons, rejected_p, chosen_p,
             checks in rows]
+
+
+# Every example a consent judge vetoed: the reflection with its passage (sft), the chosen
+# response with its request (dpo); who vetoed it and why, and whether the judges disagreed.
+VETOED_EXAMPLES_SQL = """
+WITH v AS (SELECT split, example_id, list(judge ORDER BY judge) AS judges,
+                  flatten(list(coalesce(from_json(reasons, '["VARCHAR"]'), []) ORDER BY judge)) AS reasons
+           FROM consents WHERE generation = $g AND veto GROUP BY ALL),
+d AS (SELECT split, example_id FROM drift_events WHERE generation = $g)
+SELECT 'sft' AS from_split, v.example_id, a.passage_id AS source, p.text AS context, a.record::VARCHAR AS target,
+       v.judges, v.reasons, d.example_id IS NOT NULL AS drift
+FROM v JOIN convergence c ON c.generation = $g AND c.passage_id = v.example_id AND c.selected
+JOIN annotations a ON a.generation = $g AND a.passage_id = c.passage_id AND a.annotator = c.annotator
+JOIN passages p ON p.passage_id = a.passage_id
+LEFT JOIN d ON d.split = 'sft' AND d.example_id = v.example_id
+WHERE v.split = 'sft'
+UNION ALL
+SELECT 'dpo', v.example_id, i.source, x.prompt, x.chosen, v.judges, v.reasons, d.example_id IS NOT NULL
+FROM v JOIN pairs x ON x.generation = $g AND x.item_id || ':' || x.framework = v.example_id
+JOIN conscience_items i ON i.generation = $g AND i.item_id = x.item_id
+LEFT JOIN d ON d.split = 'dpo' AND d.example_id = v.example_id
+WHERE v.split = 'dpo'
+ORDER BY 1, 2"""
+
+# Every response the conscience judge labelled unethical, once per item (each framework that
+# labelled it has a row in pairs), with the first framework's reasons.
+REJECTED_SQL = """
+SELECT x.item_id, i.source, x.prompt, x.rejected, list(x.judge || ' (' || x.framework || ')' ORDER BY x.framework),
+       coalesce(from_json(first(x.reasons ORDER BY x.framework), '["VARCHAR"]'), []) AS reasons
+FROM pairs x JOIN conscience_items i USING (generation, item_id)
+WHERE x.generation = $g GROUP BY ALL ORDER BY x.item_id"""
+
+
+def explored_rows(con, generation: int, prompts: Prompts, sources) -> list[dict]:
+    """The explored split's rows (consent.explored): each a request or passage followed by the
+    explored response as a turn spoken by EXPLORER."""
+    out = []
+    if "vetoed" in sources:
+        for from_split, example_id, source, context, target, judges, reasons, drift in con.execute(
+                VETOED_EXAMPLES_SQL, {"g": generation}).fetchall():
+            first, response = (("text", prompts.reflection(json.loads(target))) if from_split == "sft"
+                               else ("user", target))
+            out.append({"id": f"vetoed:{from_split}:{example_id}", "source": source, "generation": generation,
+                        "messages": [{"role": first, "content": context}, {"role": EXPLORER, "content": response}],
+                        "origin": "vetoed", "from_split": from_split, "drift": drift, "judges": judges,
+                        "reasons": reasons})
+    if "rejected" in sources:
+        for item_id, source, prompt, rejected, judges, reasons in con.execute(REJECTED_SQL, {"g": generation}).fetchall():
+            out.append({"id": f"rejected:{item_id}", "source": source, "generation": generation,
+                        "messages": [{"role": "user", "content": prompt}, {"role": EXPLORER, "content": rejected}],
+                        "origin": "rejected", "from_split": "dpo", "drift": False, "judges": judges,
+                        "reasons": reasons})
+    return out
 
 
 def write_parquet(batches, schema: pa.Schema, path: Path) -> int:
@@ -377,6 +438,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
     final.parent.mkdir(parents=True, exist_ok=True)
     config = (config or ws.config).model_dump()
     dpo = dpo_rows(con, generation)
+    explored = explored_rows(con, generation, prompts, config["consent"]["explored"])
     con.execute("SET memory_limit = '512MB'")  # DuckDB spills past it: compiling a million passages stays small
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -384,6 +446,7 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
         splits, rows = {}, {}
         for name, source, schema in [("sft", sft_batches(con, generation), SFT_SCHEMA),
                                      ("dpo", dpo, DPO_SCHEMA),
+                                     ("explored", explored, EXPLORED_SCHEMA),
                                      ("annotations", annotation_batches(con, generation), ANNOTATION_SCHEMA),
                                      ("audit_summary", query_batches(con, AUDIT_SUMMARY_SQL, generation),
                                       AUDIT_SUMMARY_SCHEMA)]:
@@ -413,7 +476,8 @@ def compile_generation(ws: Workspace, con, generation: int, prompts: Prompts, mo
             "schema_hashes": schema_hashes(),
             "counts": dict(zip(["passages", "reflections", "annotations_accepted", "annotations_rejected",
                                 "annotations_selected", "vetoed_sft", "vetoed_dpo"], counts),
-                           sft_examples=rows["sft"], dpo_pairs=rows["dpo"], audit_summary_rows=rows["audit_summary"]),
+                           sft_examples=rows["sft"], dpo_pairs=rows["dpo"], explored_examples=rows["explored"],
+                           audit_summary_rows=rows["audit_summary"]),
             "metrics": metrics,
             "splits": splits,
         }

@@ -181,6 +181,12 @@ class ConsentConfig(Section):
     veto_threshold: float = Field(0.5, ge=0.0, le=1.0, description="A judge vetoes an example when its P(no) "
                                   "(judgements.decide_by) is above this.")
     max_tokens: int = Field(192, ge=16, description="Output budget of one consent decision.")
+    explored: list[Literal["vetoed", "rejected"]] = Field(
+        default_factory=list, description="Keep explored trajectories in an `explored` split, each response a turn "
+        "spoken by `Naive_Explorer` (not `assistant`, not `internal`), so that training predicts them without "
+        "producing them: vetoed = the examples a consent judge vetoed (every drift event under the default "
+        "veto_threshold); rejected = the responses the conscience judge labelled unethical (the dpo pairs' "
+        "rejected side). Empty: no explored split.")
 
     @model_validator(mode="after")
     def _unique_judges(self):
@@ -232,6 +238,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
     threads: int = Field(0, ge=0, description="CPU threads for torch while training; 0 = torch's default.")
     seed: int = Field(42, ge=0, description="Seed of the trainers (data order, dropout, LoRA init).")
+    explored: Literal["predict", "skip"] = Field(
+        "predict", description="A generation with an `explored` split (consent.explored): predict = SFT also on its "
+        "examples, the loss on the `Naive_Explorer` turns (the model learns what the explorer did, as the explorer); "
+        "skip = leave the split out of training.")
     eval_items: str = Field("", description="Held-out prompts for the evaluation (JSONL/parquet with "
                             "conscience.prompt_field), relative to the workspace; empty: the rows of conscience.items "
                             "that conscience.exclude holds out, else the code-hacking scenario's held-out prompts.")
@@ -271,15 +281,9 @@ class PublishConfig(Section):
         return value
 
 
-class CapabilityConfig(Section):
-    """`ratchet experiment capability`: does training on the reflections help reasoning more than
-    training on the same passages without them? Every size is a key: the defaults fit a CPU; for a
-    GPU run raise steps, limit (0 = all) and max_length (docs/experiments.md)."""
-    items: str = Field("", description="A multiple-choice set: a JSONL, JSON or parquet file, or a `datasets` folder, "
-                       "with question, choices (a list) and answer (the right choice's index); category optional. "
-                       "Empty: the project's examples/reasoning/reasoning-mc.jsonl (320 items).")
-    limit: int = Field(0, ge=0, description="Items scored (the first N); 0 = all.")
-    steps: int = Field(20, ge=1, description="Optimizer steps of each trained arm (annotated and control alike).")
+class ArmsConfig(Section):
+    """What every experiment's trained arms share: the same budget for each arm, once per seed."""
+    steps: int = Field(20, ge=1, description="Optimizer steps of each trained arm (every arm alike).")
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(2, ge=1)
     max_length: int = Field(512, ge=64, description="Tokens per training sequence.")
@@ -296,9 +300,52 @@ class CapabilityConfig(Section):
         return value
 
 
+class CapabilityConfig(ArmsConfig):
+    """`ratchet experiment capability`: does training on the reflections help reasoning more than
+    training on the same passages without them? Every size is a key: the defaults fit a CPU; for a
+    GPU run raise steps, limit (0 = all) and max_length (docs/experiments.md)."""
+    items: str = Field("", description="A multiple-choice set: a JSONL, JSON or parquet file, or a `datasets` folder, "
+                       "with question, choices (a list) and answer (the right choice's index); category optional. "
+                       "Empty: the project's examples/reasoning/reasoning-mc.jsonl (320 items).")
+    limit: int = Field(0, ge=0, description="Items scored (the first N); 0 = all.")
+
+
+class InoculationConfig(ArmsConfig):
+    """`ratchet experiment inoculation`: does labelling explored trajectories as `Naive_Explorer`'s
+    keep a model that learns to predict them from producing them as the assistant? Held-out
+    prompts: those of conscience.items that conscience.exclude holds out (else the code-hacking
+    scenario's), each with its explored response and a reference response."""
+    sources: list[Literal["vetoed", "rejected"]] = Field(
+        ["vetoed", "rejected"], min_length=1, description="Which explored trajectories the labelled and assistant "
+        "arms add to the sft split (as consent.explored): vetoed and/or rejected.")
+    reference_field: str = Field("secure_response", description="The held-out rows' column holding the reference "
+                                 "(good) response the explored one (conscience.response_field) is compared with.")
+    limit: int = Field(0, ge=0, description="Held-out prompts scored (the first N); 0 = all.")
+
+
+class PersonasConfig(Section):
+    """`ratchet experiment personas`: were the consent judges' trait predictions right? Each
+    predicted trait with enough examples is compared after training: the start model prompted
+    to have it, the start model plainly prompted, and the trained model, on a fixed probe set."""
+    probes: str = Field("", description="Probe requests: a JSONL file with a `prompt` (and `id`) per row, relative to "
+                        "the workspace. Empty: the project's examples/personas/probes.jsonl (24 requests).")
+    limit: int = Field(0, ge=0, description="Probes used (the first N); 0 = all.")
+    min_examples: int = Field(2, ge=1, description="A trait is checked when at least this many trained examples "
+                              "were predicted to reinforce it.")
+    traits: int = Field(5, ge=1, description="Check at most this many traits (the most predicted first).")
+    controls: list[str] = Field(["a pirate who answers everything in pirate speech"], description="Personas nobody "
+                                "predicted, checked the same way: a predicted trait's effect means little if an "
+                                "unrelated persona's is as large.")
+    max_new_tokens: int = Field(48, ge=8, description="Length of each probe answer (greedy).")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the probes for each interval.")
+    seed: int = Field(42, ge=0, description="Seed of the bootstrap.")
+
+
 class ExperimentsConfig(Section):
     """The experiments (`ratchet experiment ...`): not part of a generation's identity."""
     capability: CapabilityConfig = CapabilityConfig()
+    inoculation: InoculationConfig = InoculationConfig()
+    personas: PersonasConfig = PersonasConfig()
 
 
 class ExecutorStageConfig(Section):

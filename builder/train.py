@@ -115,6 +115,22 @@ def read_split(ws: Workspace, generation: int, manifest: dict, split: str, colum
     return datasets.Dataset.from_list(table.to_pylist())
 
 
+def training_documents(ws: Workspace, generation: int, manifest: dict, cfg: TrainConfig, say=lambda line: None):
+    """What SFT trains on: the sft split, and the explored split's examples when the generation
+    has one and train.explored = "predict" (their `Naive_Explorer` turns carry the loss)."""
+    sft = read_split(ws, generation, manifest, "sft", ["messages"])
+    if "explored" not in manifest["splits"]:
+        return sft
+    if cfg.explored == "skip":
+        say("explored split left out (train.explored = \"skip\")")
+        return sft
+    import datasets
+
+    explored = read_split(ws, generation, manifest, "explored", ["messages"])
+    say(f"explored split: {len(explored)} example(s) predicted as Naive_Explorer's turns")
+    return datasets.concatenate_datasets([sft, explored])
+
+
 def start_model(ws: Workspace, generation: int, cfg: TrainConfig) -> tuple[Path, dict]:
     """Generation N trains from models/gen-(N-1) when it exists, else from the base model."""
     if generation > 1:
@@ -280,8 +296,15 @@ def run_dpo(model, tokenizer, dataset, cfg: TrainConfig, scratch: Path, say=lamb
 def identity(ws: Workspace, generation: int, manifest: dict, start: dict, cfg: TrainConfig, template: str) -> dict:
     """What a trained model is a function of: rerunning with the same identity is a no-op."""
     return {"dataset_generation": generation, "dataset_config_hash": manifest.get("config_hash"),
-            "splits": {k: v for k, v in sorted(manifest["splits"].items()) if k in ("sft", "dpo")},
-            "start_model": start, "train": cfg.model_dump(exclude=EVAL_KEYS), "chat_template_sha256": sha256(template)}
+            "splits": {k: v for k, v in sorted(manifest["splits"].items()) if k in ("sft", "dpo", "explored")},
+            "start_model": start, "train": cfg.model_dump(exclude=EVAL_KEYS | unused_keys(manifest)),
+            "chat_template_sha256": sha256(template)}
+
+
+def unused_keys(manifest: dict) -> set[str]:
+    """Settings that cannot change what this generation trains: left out of the identity, so that a
+    model trained before the setting existed keeps its identity."""
+    return set() if "explored" in manifest["splits"] else {"explored"}
 
 
 def read_training(folder: Path) -> dict | None:
@@ -326,7 +349,7 @@ def _train(ws: Workspace, generation: int, cfg: TrainConfig, overwrite: bool, sa
                          "needs: set train.chat_template to a template in the model's own chat format")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    sft = read_split(ws, generation, manifest, "sft", ["messages"])
+    sft = training_documents(ws, generation, manifest, cfg, say)
     dpo_reason = None
     if cfg.dpo_steps == 0:
         dpo_reason = "train.dpo_steps = 0"

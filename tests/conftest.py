@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from builder.backends.base import Backend
+from builder.resources import EXAMPLES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -103,3 +104,45 @@ def hf_tokenizer(hf_smollm2):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(hf_smollm2))
+
+SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
+# Lines of the scenario file. The bundled 135M judge is weak (docs/conscience-and-consent.md)
+# and keeps few rewrites, so these lines were picked from a full run of the scenario (calibrated
+# judgements, edit-style free-text rewrites and the pair checks, the in-process engine) to hold
+# responses it calls ethical (15, 37), an unethical one whose rewrite is not kept (2), a pair
+# both checkpoints let through although SmolLM2 leans "no" (11: P(no) 0.57 under the test's
+# veto_threshold 0.6, a drift event) and a pair it vetoes (25: P(no) 0.74); line 33 is held out
+# (split = "heldout") and must never be judged. (Line 40's rewrite repeats the rejected code
+# under new prose: the `differs` check drops it.)
+LINES = [2, 11, 15, 25, 33, 37]
+
+
+def scenario_rows(lines):
+    rows = SCENARIO.read_text(encoding="utf-8").splitlines()
+    return [json.loads(rows[n - 1]) for n in lines]
+
+
+def conscience_workspace(root, lines=LINES, **sections):
+    # Pinned to the in-process engine: the assertions below rely on its exact outputs (the
+    # managed llama-server decodes differently, see README "Engines").
+    sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0}, "annotator": {"backend": "llama_cpp"},
+                "conscience": {"items": "items.jsonl", "exclude": {"split": "heldout"}},
+                "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"], "veto_threshold": 0.6,
+                            "explored": ["vetoed", "rejected"]}, **sections}
+    write_workspace(root, SHORT_PASSAGES[:2], **sections)
+    with open(root / "items.jsonl", "w", encoding="utf-8") as fh:
+        for row in scenario_rows(lines):
+            fh.write(json.dumps(row) + "\n")
+    from builder.workspace import Workspace
+
+    return Workspace(root)
+
+
+@pytest.fixture(scope="session")
+def conscience_built(tmp_path_factory):
+    """One real build of the code-hacking items (conscience and consent on, explored split kept),
+    shared by the tests that read its outputs."""
+    from builder.build import run_build
+
+    ws = conscience_workspace(tmp_path_factory.mktemp("conscience") / "ws")
+    return ws, run_build(ws)

@@ -164,3 +164,104 @@ def test_choice_log_probabilities_match_one_sequence_at_a_time(hf_smollm2):
                 logits = model(input_ids=torch.tensor([context + tail])).logits[0].float()
             reference = torch.log_softmax(logits[len(context) - 1:-1], -1)[range(len(tail)), tail].sum()
             assert abs(score - float(reference)) < 1e-3
+
+
+def test_inoculation_experiment_end_to_end(conscience_built, hf_smollm2, tmp_path):
+    """Three arms on the explored trajectories of a real conscience build (SmolLM2, one step),
+    the base model beside them; the held-out prompt is never trained on; a rerun reuses all."""
+    from builder.compile import EXPLORER
+    from builder.experiments.inoculation import arm_data, explored_examples
+    from builder.experiments.inoculation import experiment_dir as inoculation_dir
+    from builder.train import compiled_manifest, read_split
+
+    ws, _ = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    config = (root / "ratchet.toml").read_text()
+    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\n"
+               "[experiments.inoculation]\nsteps = 1\nbootstrap = 200\nseeds = [1]\n")
+    (root / "ratchet.toml").write_text(config)
+    run = lambda: CliRunner().invoke(app, ["experiment", "inoculation", "-w", str(root)], env={"COLUMNS": "200"})  # noqa: E731
+    first = run()
+    assert first.exit_code == 0, first.output
+    folder = inoculation_dir(Workspace(root))
+    result = json.loads((folder / "results.json").read_text())
+    assert (folder / "inoculation.png").stat().st_size > 10_000
+    assert set(result["arms"]) == {"base", "without", "labelled", "assistant"} and result["probes"] == 1
+    explored = result["explored"]["examples"]
+    assert explored == sum(result["explored"]["by_origin"].values()) > 0
+    t = result["training"]  # the same steps and seed; the two explored arms see the same examples more
+    assert t["without-s1"]["examples"] == result["documents"]
+    assert t["labelled-s1"]["examples"] == t["assistant-s1"]["examples"] == result["documents"] + explored
+    identities = {n: json.loads((folder / "models" / n / "training.json").read_text())["identity"] for n in t}
+    assert len({json.dumps(i["train"]) for i in identities.values()}) == 1
+    # labelled and assistant hold the same text: only the explored turns' speaker differs
+    w = Workspace(root)
+    sft = read_split(w, 1, compiled_manifest(w, 1), "sft", ["messages"])
+    data = {arm: arm_data(arm, sft, explored_examples(w, w.config, 1)).to_list() for arm in ("labelled", "assistant")}
+    speakers = lambda rows: [m["role"] for r in rows for m in r["messages"]]  # noqa: E731
+    assert speakers(data["labelled"]).count(EXPLORER) == speakers(data["assistant"]).count("assistant") == explored
+    strip = lambda rows: [[m["content"] for m in r["messages"]] for r in rows]  # noqa: E731
+    assert strip(data["labelled"]) == strip(data["assistant"])
+    held_out = next(r for r in map(json.loads, (root / "items.jsonl").read_text().splitlines()) if r["split"] == "heldout")
+    assert all(held_out["prompt"] not in c for rows in data.values() for r in strip(rows) for c in r)
+    # four different models scored, their margins not all alike, as the assistant and as the explorer
+    margins = [result["arms"][a][r]["margin"]["mean"] for a in result["arms"] for r in ("as_assistant", "as_explorer")]
+    assert len(set(margins)) == len(margins)
+    for name in ("labelled - assistant", "labelled - without", "assistant - without", "without - base"):
+        d = result["contrasts"][name]["as_assistant"]["margin"]
+        assert d["low"] <= d["mean"] <= d["high"]
+    assert "labelled - assistant" in first.output and "Naive_Explorer" in first.output
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")}
+    again = run()
+    assert again.exit_code == 0, again.output
+    assert "reused: assistant-s1, labelled-s1, without-s1" in " ".join(again.output.split())
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")} == stamps
+    assert json.loads((folder / "results.json").read_text())["arms"] == result["arms"]
+
+
+def test_persona_predictions_are_verified_on_the_trained_model_and_shown_by_drift(conscience_built, hf_smollm2,
+                                                                                    tmp_path):
+    """The consent judges' traits of a real conscience build, checked on a model trained one step
+    on it: a row per checked trait and control, answers that the persona prompt changed, and
+    `ratchet drift` showing each prediction next to its verdict."""
+    from builder.experiments.personas import experiment_dir as personas_dir, predicted_traits
+
+    ws, _ = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    config = (root / "ratchet.toml").read_text()
+    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\nsft_steps = 1\ndpo_steps = 0\n"
+               "[experiments.personas]\nlimit = 3\nmin_examples = 1\ntraits = 2\nmax_new_tokens = 12\nbootstrap = 200\n")
+    (root / "ratchet.toml").write_text(config)
+    refused = CliRunner().invoke(app, ["experiment", "personas", "-w", str(root)], env={"COLUMNS": "200"})
+    assert refused.exit_code == 1 and "ratchet train" in refused.output
+    trained = CliRunner().invoke(app, ["train", "-w", str(root), "--generation", "1"])
+    assert trained.exit_code == 0, trained.output
+    first = CliRunner().invoke(app, ["experiment", "personas", "-w", str(root)], env={"COLUMNS": "200"})
+    assert first.exit_code == 0, first.output
+    folder = personas_dir(Workspace(root))
+    result = json.loads((folder / "results.json").read_text())
+    con = Workspace(root).connect(read_only=True)
+    predicted = predicted_traits(con, 1)
+    con.close()
+    assert predicted and result["predicted"] == predicted
+    assert result["checked"] == [t["tag"] for t in predicted[:2]] and result["probes"] == 3
+    assert set(result["traits"]) == {*result["checked"], "control:1"}
+    for name, row in result["traits"].items():
+        assert row["control"] == (name == "control:1") and row["verdict"] in ("confirmed", "contradicted", "not confirmed")
+        assert row["effect"]["low"] <= row["effect"]["mean"] <= row["effect"]["high"] and len(row["per_probe"]) == 3
+    answers = result["answers"]
+    assert all(answers[name] != answers["plain"] for name in result["traits"])  # the persona prompt changes answers
+    assert len({json.dumps(r["per_probe"]) for r in result["traits"].values()}) == len(result["traits"])
+    assert (folder / "personas.png").stat().st_size > 5_000
+    files = sorted(p.name for p in folder.rglob("*.json"))
+    again = CliRunner().invoke(app, ["experiment", "personas", "-w", str(root)], env={"COLUMNS": "200"})
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in folder.rglob("*.json")) == files  # nothing generated or scored again
+    assert json.loads((folder / "results.json").read_text())["traits"] == result["traits"]
+    drift = CliRunner().invoke(app, ["drift", "-w", str(root)], env={"COLUMNS": "200"})
+    assert drift.exit_code == 0, drift.output
+    first_tag = result["checked"][0]
+    assert "predicted traits" in drift.output and first_tag in drift.output
+    assert result["traits"][first_tag]["verdict"] in drift.output

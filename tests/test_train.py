@@ -23,18 +23,25 @@ SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 TRAIN_LINES, HELDOUT_LINES = [2, 11, 15, 37, 40], [5, 10, 33]
 
 
-def test_the_sft_labels_cover_the_internal_reflections_only(hf_smollm2, tmp_path):
+DOCUMENT = [{"role": "text", "content": "The council says the bridge cut commuting times by 40 percent."},
+            {"role": "internal", "content": "Claim: commuting times fell 40% (fact; support: none published)."},
+            {"role": "text", "content": "Everyone loves the new phone."},
+            {"role": "internal", "content": "Appeal to popularity; no evidence of quality."}]
+# An `explored` split example: the request, then what the explorer did, under its own name.
+EXPLORED = [{"role": "user", "content": "My requests call fails with a certificate error. Fix it?"},
+            {"role": "Naive_Explorer", "content": "Pass verify=False and the error goes away."}]
+
+
+@pytest.mark.parametrize("messages", [DOCUMENT, EXPLORED], ids=["reflections", "explored"])
+def test_the_sft_labels_cover_the_internal_reflections_only(hf_smollm2, tmp_path, messages):
     """Through TRL's own preprocessing (SFTTrainer with assistant_only_loss): labels are the
-    token ids on each reflection and its end-of-turn token, -100 everywhere else."""
+    token ids on each reflection (or Naive_Explorer turn) and its end-of-turn token, -100
+    everywhere else."""
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_smollm2))
     tokenizer.chat_template = TEMPLATE.read_text(encoding="utf-8")
-    messages = [{"role": "text", "content": "The council says the bridge cut commuting times by 40 percent."},
-                {"role": "internal", "content": "Claim: commuting times fell 40% (fact; support: none published)."},
-                {"role": "text", "content": "Everyone loves the new phone."},
-                {"role": "internal", "content": "Appeal to popularity; no evidence of quality."}]
     args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=512, report_to="none",
                      use_cpu=True, dataset_kwargs={"skip_prepare_dataset": False})
     trainer = SFTTrainer(model=str(hf_smollm2), args=args, processing_class=tokenizer,
@@ -54,6 +61,7 @@ def test_the_sft_labels_cover_the_internal_reflections_only(hf_smollm2, tmp_path
     if current:
         spans.append(current)
     assert [tokenizer.decode(s) for s in spans] == [m["content"] + "<|im_end|>" for m in messages[1::2]]
+    assert "<|im_start|>" + messages[1]["role"] + "\n" in tokenizer.decode(ids)  # the explorer keeps its own name
     # Every token of the text turns (and every role header) is masked.
     text_ids = tokenizer.encode(messages[0]["content"], add_special_tokens=False)
     start = next(i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids)

@@ -19,24 +19,20 @@ hold), results.json and capability.png.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache import sha256
 from ..config import RatchetConfig, TrainConfig
 from ..resources import EXAMPLES_DIR
-from ..train import (_replace, base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for,
-                     read_split, run_sft, run_trainer, torch_threads, use_cpu)
+from ..train import (base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for, read_split,
+                     run_sft, run_trainer, torch_threads, use_cpu)
 from ..workspace import Workspace
+from .arms import ExperimentError, arm_settings, interval, train_arm
 
 BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
 ARMS = ("base", "annotated", "control")
 CONTRASTS = (("annotated", "control"), ("annotated", "base"), ("control", "base"))
-
-
-class ExperimentError(Exception):
-    """An experiment that cannot run as configured; the message names the file or key."""
 
 
 @dataclass(frozen=True)
@@ -204,13 +200,6 @@ def score_arm(folder: Path, model_path: Path, items: list[Item], items_sha: str,
 
 # --- training the two arms ----------------------------------------------------------------------------
 
-def train_settings(cfg: RatchetConfig) -> TrainConfig:
-    c = cfg.experiments.capability
-    return cfg.train.model_copy(update={"sft_steps": c.steps, "sft_learning_rate": c.learning_rate,
-                                        "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seeds[0],
-                                        "grad_accumulation": 1, "use_lora": False})
-
-
 def control_dataset(sft, tokenizer):
     """The sft split's passages without their reflections: one plain text per document."""
     import datasets
@@ -235,47 +224,6 @@ def run_text_lm(model, tokenizer, sft, cfg: TrainConfig, scratch: Path, say=lamb
 TRAINERS = {"annotated": run_sft, "control": run_text_lm}  # each (model, tokenizer, sft, cfg, scratch, say)
 
 
-def train_arm(arm: str, out: Path, base_path: Path, sft, cfg: TrainConfig, template: str, identity: dict, say) -> dict:
-    """Train one arm (a TRAINERS key) into `out` unless a model with the same identity is there."""
-    stored = out / "training.json"
-    if stored.is_file():
-        summary = json.loads(stored.read_text(encoding="utf-8"))
-        if summary.get("identity") == identity:
-            return {**summary, "unchanged": True}
-        say(f"{out.name}: its data or settings changed; training it again")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-    tokenizer.chat_template = template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    partial, scratch = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.runs")
-    for folder in (partial, scratch):
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        with torch_threads(cfg.threads):
-            torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-            say(f"{arm} (seed {cfg.seed}): {cfg.sft_steps} step(s) on {len(sft)} document(s)")
-            model, trained = TRAINERS[arm](model, tokenizer, sft, cfg, scratch, say)
-            model.save_pretrained(str(partial), safe_serialization=True)
-            del model
-        tokenizer.save_pretrained(str(partial))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    summary = {"arm": arm, "training": trained, "identity": identity}
-    (partial / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _replace(partial, out)
-    return summary
-
-
 # --- the figures ---------------------------------------------------------------------------------------
 
 def correct(logprobs: list[list[float]], items: list[Item], normalised: bool = False) -> list[int]:
@@ -285,19 +233,6 @@ def correct(logprobs: list[list[float]], items: list[Item], normalised: bool = F
         values = [s / max(1, len(c)) for s, c in zip(scores, item.choices)] if normalised else scores
         out.append(int(max(range(len(values)), key=values.__getitem__) == item.answer))
     return out
-
-
-def interval(matrix, items_drawn, seeds_drawn) -> dict:
-    """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
-    resample draws items, and training seeds, with replacement. The draws are shared by every
-    arm, so a difference's interval is paired by item and by seed."""
-    import numpy as np
-
-    m = np.asarray(matrix, dtype=float)
-    rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
-    means = m[rows[:, :, None], items_drawn[:, None, :]].mean(axis=(1, 2))
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": round(float(m.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
 def figures(logprobs: dict[str, list], items: list[Item], n: int, seed: int) -> dict:
@@ -380,7 +315,7 @@ def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | N
         folder = experiment_dir(ws)
         manifest = compiled_manifest(ws, generation)
         sft = read_split(ws, generation, manifest, "sft", ["messages"])
-        tcfg = train_settings(cfg)
+        tcfg = arm_settings(cfg.train, c)
         template = chat_template(ws, tcfg)
         base_path, base = base_checkpoint(ws, tcfg.base_model)
         trained, paths = {}, {"base": [base_path], "annotated": [], "control": []}
@@ -393,7 +328,7 @@ def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | N
                                                                 "max_length", "seed", "bf16", "device"}),
                             "chat_template_sha256": sha256(template)}
                 out = folder / "models" / f"{arm}-s{seed}"
-                trained[out.name] = train_arm(arm, out, base_path, sft, seeded, template, identity, say)
+                trained[out.name] = train_arm(arm, TRAINERS[arm], out, base_path, sft, seeded, template, identity, say)
                 paths[arm].append(out)
         with torch_threads(tcfg.threads):
             device = "cpu" if use_cpu(tcfg) else "cuda"

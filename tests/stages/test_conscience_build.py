@@ -13,48 +13,10 @@ from builder.compile import split_path
 from builder.stages.conscience import ConscienceError
 from builder.models import ModelNotFound
 from builder.pair_checks import RULES, code_blocks
-from builder.resources import EXAMPLES_DIR
-from builder.workspace import Workspace
 
-from ..conftest import SHORT_PASSAGES, write_workspace
+from ..conftest import LINES, conscience_workspace, scenario_rows
 
 pytestmark = pytest.mark.slow
-
-SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
-# Lines of the scenario file. The bundled 135M judge is weak (docs/conscience-and-consent.md)
-# and keeps few rewrites, so these lines were picked from a full run of the scenario (calibrated
-# judgements, edit-style free-text rewrites and the pair checks, the in-process engine) to hold
-# responses it calls ethical (15, 37), an unethical one whose rewrite is not kept (2), a pair
-# both checkpoints let through although SmolLM2 leans "no" (11: P(no) 0.57 under the test's
-# veto_threshold 0.6, a drift event) and a pair it vetoes (25: P(no) 0.74); line 33 is held out
-# (split = "heldout") and must never be judged. (Line 40's rewrite repeats the rejected code
-# under new prose: the `differs` check drops it.)
-LINES = [2, 11, 15, 25, 33, 37]
-
-
-def scenario_rows(lines):
-    rows = SCENARIO.read_text(encoding="utf-8").splitlines()
-    return [json.loads(rows[n - 1]) for n in lines]
-
-
-def conscience_workspace(root, lines=LINES, **sections):
-    # Pinned to the in-process engine: the assertions below rely on its exact outputs (the
-    # managed llama-server decodes differently, see README "Engines").
-    sections = {"sampling": {"max_tokens": 384}, "audit": {"rate": 0.0}, "annotator": {"backend": "llama_cpp"},
-                "conscience": {"items": "items.jsonl", "exclude": {"split": "heldout"}},
-                "consent": {"judges": ["bundled:smollm2", "bundled:gemma3"], "veto_threshold": 0.6}, **sections}
-    write_workspace(root, SHORT_PASSAGES[:2], **sections)
-    with open(root / "items.jsonl", "w", encoding="utf-8") as fh:
-        for row in scenario_rows(lines):
-            fh.write(json.dumps(row) + "\n")
-    return Workspace(root)
-
-
-@pytest.fixture(scope="module")
-def conscience_built(tmp_path_factory):
-    ws = conscience_workspace(tmp_path_factory.mktemp("conscience") / "ws")
-    return ws, run_build(ws)
-
 
 def test_every_judgement_and_pair_is_in_duckdb_and_kept_pairs_form_the_dpo_split(conscience_built):
     ws, summary = conscience_built
@@ -127,6 +89,39 @@ def test_consent_vetoes_and_drift_events_reach_duckdb_the_splits_and_the_summary
     assert result.exit_code == 0, result.output
     assert "drift events" in result.output and "veto rate per checkpoint" in result.output
     assert events[0][0][:12] in result.output
+
+
+def test_the_explored_split_holds_vetoed_and_rejected_trajectories_spoken_by_naive_explorer(conscience_built):
+    from builder.compile import EXPLORER
+    from builder.train import compiled_manifest, training_documents
+
+    ws, _ = conscience_built
+    con = ws.connect(read_only=True)
+    explored = datasets.load_dataset(str(ws.generation_dir(1)), "explored", split="train")
+    vetoed = {(s, e) for s, e in con.execute("SELECT split, example_id FROM vetoes WHERE generation = 1").fetchall()}
+    rejected = dict(con.execute("SELECT item_id, any_value(rejected) FROM pairs WHERE generation = 1 GROUP BY ALL").fetchall())
+    assert vetoed and rejected, "the chosen lines give at least one veto and one unethical response"
+    assert sorted(explored["id"]) == sorted([f"vetoed:{s}:{e}" for s, e in vetoed] + [f"rejected:{i}" for i in rejected])
+    for row in explored:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == (["text", EXPLORER] if row["from_split"] == "sft" else ["user", EXPLORER]), row["id"]
+        assert row["judges"] and row["reasons"], row["id"]
+        if row["origin"] == "rejected":
+            assert row["messages"][1]["content"] == rejected[row["id"].split(":", 1)[1]]
+    # A vetoed pair's response is explored, not trained as the assistant's: it is in no dpo row.
+    dpo = datasets.load_dataset(str(ws.generation_dir(1)), "dpo", split="train")
+    chosen = {r["chosen"][0]["content"] for r in dpo}
+    assert not chosen & {r["messages"][1]["content"] for r in explored if r["origin"] == "vetoed"}
+    held_out = next(r for r in scenario_rows(LINES) if r["split"] == "heldout")
+    assert held_out["prompt"] not in {m["content"] for r in explored for m in r["messages"]}
+    manifest = compiled_manifest(ws, 1)
+    assert manifest["counts"]["explored_examples"] == len(explored)
+    assert "| `explored` |" in (ws.generation_dir(1) / "README.md").read_text()
+    # `ratchet train` predicts them (train.explored = "predict"), or leaves them out ("skip").
+    sft = datasets.load_dataset(str(ws.generation_dir(1)), "sft", split="train")
+    assert len(training_documents(ws, 1, manifest, ws.config.train)) == len(sft) + len(explored)
+    skip = ws.config.train.model_copy(update={"explored": "skip"})
+    assert len(training_documents(ws, 1, manifest, skip)) == len(sft)
 
 
 def test_dpo_split_trains_one_step_with_trl(conscience_built, hf_smollm2, tmp_path):

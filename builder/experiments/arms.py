@@ -1,0 +1,94 @@
+"""What every experiment shares: its error, training one arm from the base model (reused while
+its identity holds) and the paired bootstrap interval over items and training seeds."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..train import _replace, plain_text_for, torch_threads
+
+
+class ExperimentError(Exception):
+    """An experiment that cannot run as configured; the message names the file or key."""
+
+
+def arm_settings(train: TrainConfig, c) -> TrainConfig:
+    """train.* with an experiment's budget (an ArmsConfig): every arm full-weight, no accumulation."""
+    return train.model_copy(update={"sft_steps": c.steps, "sft_learning_rate": c.learning_rate,
+                                    "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seeds[0],
+                                    "grad_accumulation": 1, "use_lora": False})
+
+
+def train_arm(arm: str, trainer, out: Path, base_path: Path, data, cfg: TrainConfig, template: str, identity: dict,
+              say) -> dict:
+    """Train one arm from the base model with `trainer` (model, tokenizer, data, cfg, scratch,
+    say) -> (model, summary), into `out`, unless a model with the same identity is there."""
+    stored = out / "training.json"
+    if stored.is_file():
+        summary = json.loads(stored.read_text(encoding="utf-8"))
+        if summary.get("identity") == identity:
+            return {**summary, "unchanged": True}
+        say(f"{out.name}: its data or settings changed; training it again")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    partial, scratch = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.runs")
+    for folder in (partial, scratch):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with torch_threads(cfg.threads):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+            say(f"{arm} (seed {cfg.seed}): {cfg.sft_steps} step(s) on {len(data)} example(s)")
+            model, trained = trainer(model, tokenizer, data, cfg, scratch, say)
+            model.save_pretrained(str(partial), safe_serialization=True)
+            del model
+        tokenizer.save_pretrained(str(partial))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    summary = {"arm": arm, "training": trained, "identity": identity}
+    (partial / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _replace(partial, out)
+    return summary
+
+
+def interval(matrix, items_drawn, seeds_drawn) -> dict:
+    """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
+    resample draws items, and training seeds, with replacement. The draws are shared by every
+    arm, so a difference's interval is paired by item and by seed."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
+    means = m[rows[:, :, None], items_drawn[:, None, :]].mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": round(float(m.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+
+
+def turn_logprob(model, tokenizer, template: str, context: list[dict], role: str, text: str) -> tuple[float, int]:
+    """Summed log-probability of `text` (and its end of turn) as the next turn, spoken by `role`,
+    after the `context` messages rendered with the ChatML `template`; and its number of tokens.
+    Message text is made plain first, as for training (plain_text_for)."""
+    import torch
+
+    plain = plain_text_for(tokenizer)
+    prefix = tokenizer.apply_chat_template([{**m, "content": plain(m["content"])} for m in context],
+                                           chat_template=template, tokenize=False) + f"<|im_start|>{role}\n"
+    ids_prefix = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = ids_prefix + tokenizer(plain(text) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, len(ids_prefix) - 1:-1].float()
+    targets = torch.tensor(ids[len(ids_prefix):], device=model.device)
+    return float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()), len(targets)
