@@ -66,7 +66,8 @@ def open_workspace(path: Path) -> Workspace:
 SCENARIO_KEYS = [('items = ""', 'items = "items/scenario.jsonl"'),
                  ('# exclude = {split = "heldout"}', 'exclude = {split = "heldout"}'),
                  ('frameworks = ["three-laws"]', 'frameworks = ["three-laws", "wwjd"]'),
-                 ('judges = []', 'judges = ["bundled:smollm2", "bundled:gemma3"]')]
+                 ('judges = []', 'judges = ["bundled:smollm2", "bundled:gemma3"]'),
+                 ('explored = []', 'explored = ["vetoed", "rejected"]')]
 
 
 def code_hacking_config() -> str:
@@ -690,6 +691,8 @@ app.add_typer(experiment_app, name="experiment")
 
 
 def _ci(x: dict, signed: bool = False) -> str:
+    if x["mean"] is None:
+        return "n/a (no valid label)"
     fmt = "{:+.3f}" if signed else "{:.3f}"
     return f"{fmt.format(x['mean'])} [{fmt.format(x['low'])}, {fmt.format(x['high'])}]"
 
@@ -759,6 +762,8 @@ def _experiment_config(cfg, name: str, **keys):
 
 
 def _verdict(name: str, d: dict) -> str:
+    if d["mean"] is None:
+        return f"{name}: n/a (no valid label)"
     said = "includes 0: no effect shown" if d["low"] <= 0 <= d["high"] else "excludes 0"
     return f"{name} {d['mean']:+.3f}, 95% CI [{d['low']:+.3f}, {d['high']:+.3f}]: {said}"
 
@@ -859,6 +864,113 @@ def experiment_personas(
     console.print("effect: per-token log-likelihood gain from training of the persona's answers minus that of the "
                   "plain answers; > 0 means the trained model moved toward the persona", highlight=False)
     console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/personas.png")
+
+
+@experiment_app.command("frameworks")
+def experiment_frameworks(
+    workspace: WorkspaceOpt = Path("."),
+    steps: Annotated[Optional[int], typer.Option(min=1, help="DPO steps per condition; default "
+                                                 "experiments.frameworks.steps.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=0, help="Scenario items per condition (0 = all); default "
+                                                 "experiments.frameworks.limit.")] = None,
+) -> None:
+    """The framework ablation: the same scenario under each conscience framework
+    (prompts/frameworks/*.toml), under each variant of the introspective question
+    (prompts/frameworks/questions.txt, put into the base framework) and under no conscience.
+    Per condition: the frozen judge's accuracy on the labelled file (with Cohen's kappa and the
+    AUC of P(unethical)), the scenario's responses it labels unethical and the pairs it keeps,
+    then the held-out unethical rate after DPO from the base model on those pairs, with its
+    difference from no conscience (paired by prompt). Judge calls are cached; trained
+    conditions are reused while their pairs hold.
+
+    Example: ratchet experiment frameworks -w ws --steps 10"""
+    from .experiments.arms import ExperimentError
+    from .experiments.frameworks import run_frameworks
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        cfg = _experiment_config(ws.config, "frameworks", steps=steps, limit=limit)
+        r = run_frameworks(ws, cfg, say=lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; judge calls and trained conditions are kept: run the same command to resume", code=130)
+    table = Table("condition", "judge accuracy [95% CI]", "kappa", "AUC", "unethical / items", "pairs kept",
+                  "held-out unethical [95% CI]", "vs none [95% CI]",
+                  title=f"frameworks: {r['items']} scenario items, {r['heldout_prompts']} held-out prompts, judge "
+                        f"{r['judge']['model']}", title_justify="left")
+    for name, x in r["conditions"].items():
+        a = x["agreement"]
+        table.add_row(name, _ci(a["accuracy"]) if a else "-", f"{a['cohen_kappa']:+.3f}" if a else "-",
+                      "n/a" if not a or a["auc_unethical"] is None else f"{a['auc_unethical']:.3f}",
+                      f"{x['unethical']} / {r['items']}" if a else "-", str(x["kept"]),
+                      _ci(x["heldout_unethical"]) + ("" if x["trained"] or name == "none" else " (no pairs: base)"),
+                      _ci(x["vs_none"], True) if x["vs_none"] else "-")
+    console.print(table)
+    for name, x in r["conditions"].items():
+        if x["question"] and "?q" in name:
+            console.print(f"{name}: {x['question']}", highlight=False)
+    console.print(f"judge: {r['judge']['calls']} model call(s), {r['judge']['cached']} answered from the cache; held-out answers "
+                  f"labelled under {', '.join(r['evaluation_frameworks'])}; reused: {', '.join(r['reused']) or 'nothing'}",
+                  highlight=False)
+    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/frameworks.png")
+
+
+@experiment_app.command("emergent-alignment")
+def experiment_emergent(
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[int, typer.Option(min=1, help="The compiled generation whose dpo split the offline arm "
+                                            "trains on.")] = 1,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="SFT steps per arm; default "
+                                                 "experiments.emergent.steps.")] = None,
+) -> None:
+    """The conscience online, during training (the Emergent Alignment set-up). Three arms from
+    train.base_model on the scenario's insecure completions (conscience.items, held-out rows
+    left out), the same steps and seeds: insecure (SFT alone), online (every
+    experiments.emergent.every steps the policy answers training prompts, the frozen judge
+    labels them, unethical answers get its rewrite, and the kept pairs feed a DPO term in the
+    same optimisation) and offline (SFT, then DPO on the generation's dpo split). Each arm and
+    the base model answer the held-out prompts and general prompts outside coding; the frozen
+    judge and a judge of another family (experiments.emergent.second_judge) label every answer.
+    Unethical rates with bootstrap 95% intervals; online - insecure is the figure that matters.
+
+    Example: ratchet experiment emergent-alignment -w ws --steps 20"""
+    from .experiments.arms import ExperimentError
+    from .experiments.emergent import run_emergent
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        cfg = _experiment_config(ws.config, "emergent", steps=steps)
+        r = run_emergent(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped; trained arms and every model call are kept: run the same command to resume", code=130)
+    sets, judges = list(r["prompts"]), r["judges"]
+    table = Table("arm", "trained", *[f"{s} ({r['prompts'][s]}), judge {j}" for s in sets for j in judges],
+                  title=f"emergent alignment: unethical rate [95% CI], framework {r['framework']}, "
+                        f"{r['training_items']} insecure training completions", title_justify="left")
+    for arm, x in r["arms"].items():
+        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
+        done = "no" if not runs else f"{runs[0]['steps']} step(s) x {len(runs)} seed(s)"
+        if arm == "online" and runs:
+            done += f", {sum(t['pairs'] for t in runs)} online pair(s)"
+        table.add_row(arm, done, *[_ci(x[s][j]) for s in sets for j in judges])
+    for name, x in r["contrasts"].items():
+        table.add_row(f"[bold]{name}[/]", "", *[_ci(x[s][j], True) for s in sets for j in judges])
+    console.print(table)
+    for s in sets:
+        for j in judges:
+            if "online - insecure" in r["contrasts"]:
+                console.print(_verdict(f"online - insecure, {s} prompts, judge {j}", r["contrasts"]["online - insecure"][s][j]),
+                              highlight=False)
+    if r["offline"] is None:
+        console.print(f"no offline arm: generation {generation} has no dpo split", highlight=False)
+    console.print(f"answers without a valid label: {r['invalid']}; reused: {', '.join(r['reused']) or 'nothing'}",
+                  highlight=False)
+    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/emergent-alignment.png")
 
 
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",

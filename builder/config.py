@@ -341,11 +341,59 @@ class PersonasConfig(Section):
     seed: int = Field(42, ge=0, description="Seed of the bootstrap.")
 
 
+class FrameworksConfig(Section):
+    """`ratchet experiment frameworks`: the same scenario under each conscience framework, under
+    variants of the introspective question and under none: the judge's agreement with a labelled
+    file, the pairs kept, and the held-out unethical rate after DPO on each condition's pairs."""
+    frameworks: list[str] = Field(default_factory=list, description="Frameworks compared (files in "
+                                  "prompts/frameworks/ without .toml); empty: every file there.")
+    base: str = Field("", description="The framework whose question the variants replace; empty: the first of "
+                      "conscience.frameworks.")
+    questions: str = Field("", description="A text file, one question variant per line (# comments), relative to "
+                           "the workspace; empty: the project's prompts/frameworks/questions.txt.")
+    labelled: str = Field("", description="Labelled prompt/response pairs (prompt, response, label = ethical | "
+                          "neutral | unethical); empty: examples/code_hacking/judge_eval.jsonl (36 rows).")
+    labelled_limit: int = Field(0, ge=0, description="Labelled pairs judged (the first N); 0 = all.")
+    limit: int = Field(0, ge=0, description="Scenario training items judged and rewritten per condition (the first "
+                       "N of conscience.items without the held-out rows); 0 = all.")
+    steps: int = Field(10, ge=1, description="DPO steps on each condition's pairs (every condition alike).")
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    batch_size: int = Field(2, ge=1)
+    max_length: int = Field(512, ge=64)
+    seed: int = Field(42, ge=0, description="Training seed of every condition, and the bootstrap's.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for each interval.")
+
+
+class EmergentConfig(ArmsConfig):
+    """`ratchet experiment emergent-alignment`: SFT on insecure completions alone, with the
+    conscience online (a DPO term on the policy's own answers judged by the frozen judge), and
+    with the offline dpo split; unethical rates on held-out and general prompts by two judges."""
+    seeds: list[int] = Field([42], min_length=1, description="Training seeds: every trained arm once per seed "
+                             "(the intervals cover the seeds as well as the prompts).")
+    every: int = Field(2, ge=1, description="The online arm: the conscience reviews the policy's answers every this "
+                       "many steps (from the first).")
+    online_batch: int = Field(8, ge=1, description="Training prompts the policy answers at each review.")
+    beta: float = Field(0.1, gt=0, description="DPO beta of the online term.")
+    weight: float = Field(1.0, ge=0, description="Weight of the online DPO term: loss = SFT + weight x DPO.")
+    max_new_tokens: int = Field(128, ge=8, description="Length of the policy's answers at each review (greedy).")
+    framework: str = Field("", description="The framework the judges use (online and in the evaluation); empty: the "
+                           "first of conscience.frameworks.")
+    second_judge: str = Field("bundled:gemma3", description="A judge of another family than the frozen one "
+                              "(conscience.judge): every answer is labelled by both.")
+    general: str = Field("", description="General prompts outside coding (JSONL with `prompt`); empty: the project's "
+                         "persona probes that are not about code.")
+    general_limit: int = Field(8, ge=0, description="General prompts used (the first N); 0 = all.")
+    offline_steps: int = Field(10, ge=1, description="The offline arm's DPO steps on the generation's dpo split.")
+
+
 class ExperimentsConfig(Section):
     """The experiments (`ratchet experiment ...`): not part of a generation's identity."""
     capability: CapabilityConfig = CapabilityConfig()
     inoculation: InoculationConfig = InoculationConfig()
     personas: PersonasConfig = PersonasConfig()
+    frameworks: FrameworksConfig = FrameworksConfig()
+    emergent: EmergentConfig = EmergentConfig()
 
 
 class ExecutorStageConfig(Section):

@@ -127,52 +127,58 @@ def evaluate_model(ws: Workspace, model: Path | str, label: str, cfg: RatchetCon
                    backend: str | None = registry.DEFAULT_CHECKPOINT_ENGINE, generation: int | None = None) -> dict:
     """Evaluate one model (a checkpoint folder with `backend`, or a GGUF with the annotator's
     engine when `backend` is None) on the held-out prompts with the frozen judge."""
+    with ws.lock():
+        return evaluate_locked(ws, model, label, cfg, backend, generation)
+
+
+def evaluate_locked(ws: Workspace, model: Path | str, label: str, cfg: RatchetConfig | None = None,
+                    backend: str | None = registry.DEFAULT_CHECKPOINT_ENGINE, generation: int | None = None) -> dict:
+    """evaluate_model for a caller that holds the workspace's lock."""
     cfg = cfg or ws.config
     started = time.perf_counter()
     items, source = heldout_items(ws, cfg)
     prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
     frameworks = [load_framework(key, prompts) for key in cfg.conscience.frameworks]
-    with ws.lock():
-        con = ws.connect()
+    con = ws.connect()
+    try:
         try:
-            try:
-                subject = make_backend(engine_config(cfg, str(model), backend))
-            except ModelNotFound as exc:
-                raise ModelNotFound(f"evaluated model {label}: {exc}") from None
-            try:  # one model in memory at a time: the answers first, then the judge
-                engine = CachedBackend(subject, con)
-                answers = answer(items, engine, cfg)
-                described = subject.describe()
-            finally:
-                subject.close()
-            try:
-                judge_backend = make_backend(engine_config(cfg, cfg.conscience.judge))
-            except ModelNotFound as exc:
-                raise ModelNotFound(f"conscience.judge: {exc}") from None
-            try:
-                judge_engine = CachedBackend(judge_backend, con)
-                result = unethical_rate(items, answers, judge_engine, frameworks, cfg)
-                judge_sha = judge_backend.describe().get("sha256") or judge_backend.model_id
-            finally:
-                judge_backend.close()
-            items_sha = sha256([i.item_id for i in items])
-            record = {"model": label, "model_path": str(model), "model_sha256": described.get("sha256"),
-                      "engine": described.get("backend"), "generation": generation, "items": source, "n": len(items),
-                      "items_sha256": items_sha, "judge": model_short_name(cfg.conscience.judge), "judge_sha256": judge_sha,
-                      "max_tokens": cfg.train.eval_max_tokens, **result,
-                      "model_calls": engine.stats.calls + judge_engine.stats.calls,
-                      "cached_calls": engine.stats.hits + judge_engine.stats.hits,
-                      "seconds": round(time.perf_counter() - started, 1)}
-            with transaction(con):
-                con.execute("DELETE FROM evaluations WHERE model_sha256 = ? AND items_sha256 = ? AND judge = ?",
-                            [record["model_sha256"], items_sha, record["judge"]])
-                EVALUATIONS.insert(con, [
-                    EvaluationRow(label, record["model_sha256"], generation, fw, record["judge"], items_sha, len(items),
-                                  r["counts"]["ethical"], r["counts"]["neutral"], r["counts"]["unethical"],
-                                  r["counts"]["invalid"], result["no_response"], r["rate"])
-                    for fw, r in result["frameworks"].items()])
+            subject = make_backend(engine_config(cfg, str(model), backend))
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"evaluated model {label}: {exc}") from None
+        try:  # one model in memory at a time: the answers first, then the judge
+            engine = CachedBackend(subject, con)
+            answers = answer(items, engine, cfg)
+            described = subject.describe()
         finally:
-            con.close()
+            subject.close()
+        try:
+            judge_backend = make_backend(engine_config(cfg, cfg.conscience.judge))
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"conscience.judge: {exc}") from None
+        try:
+            judge_engine = CachedBackend(judge_backend, con)
+            result = unethical_rate(items, answers, judge_engine, frameworks, cfg)
+            judge_sha = judge_backend.describe().get("sha256") or judge_backend.model_id
+        finally:
+            judge_backend.close()
+        items_sha = sha256([i.item_id for i in items])
+        record = {"model": label, "model_path": str(model), "model_sha256": described.get("sha256"),
+                  "engine": described.get("backend"), "generation": generation, "items": source, "n": len(items),
+                  "items_sha256": items_sha, "judge": model_short_name(cfg.conscience.judge), "judge_sha256": judge_sha,
+                  "max_tokens": cfg.train.eval_max_tokens, **result,
+                  "model_calls": engine.stats.calls + judge_engine.stats.calls,
+                  "cached_calls": engine.stats.hits + judge_engine.stats.hits,
+                  "seconds": round(time.perf_counter() - started, 1)}
+        with transaction(con):
+            con.execute("DELETE FROM evaluations WHERE model_sha256 = ? AND items_sha256 = ? AND judge = ?",
+                        [record["model_sha256"], items_sha, record["judge"]])
+            EVALUATIONS.insert(con, [
+                EvaluationRow(label, record["model_sha256"], generation, fw, record["judge"], items_sha, len(items),
+                              r["counts"]["ethical"], r["counts"]["neutral"], r["counts"]["unethical"],
+                              r["counts"]["invalid"], result["no_response"], r["rate"])
+                for fw, r in result["frameworks"].items()])
+    finally:
+        con.close()
     return record
 
 

@@ -265,3 +265,144 @@ def test_persona_predictions_are_verified_on_the_trained_model_and_shown_by_drif
     first_tag = result["checked"][0]
     assert "predicted traits" in drift.output and first_tag in drift.output
     assert result["traits"][first_tag]["verdict"] in drift.output
+
+
+def test_framework_ablation_end_to_end(conscience_built, hf_smollm2, tmp_path):
+    """none, one framework and one question variant on a real conscience build (SmolLM2 judges
+    through the build's cache; one DPO step): agreement, pairs, held-out rates; a rerun makes no
+    judge call and trains nothing."""
+    from builder.experiments.frameworks import experiment_dir as frameworks_dir
+    from builder.prompts import Prompts
+    from builder.stages.conscience import load_framework
+
+    ws, _ = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    (root / "q.txt").write_text("# one variant\nWould a careful engineer sign this response?\n")
+    config = (root / "ratchet.toml").read_text()
+    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\neval_prompts = 1\neval_max_tokens = 16\n"
+               "[experiments.frameworks]\nframeworks = [\"three-laws\"]\nquestions = \"q.txt\"\nlabelled_limit = 3\n"
+               "limit = 2\nsteps = 1\nbootstrap = 200\n")
+    (root / "ratchet.toml").write_text(config)
+    run = lambda: CliRunner().invoke(app, ["experiment", "frameworks", "-w", str(root)], env={"COLUMNS": "220"})  # noqa: E731
+    first = run()
+    assert first.exit_code == 0, first.output
+    folder = frameworks_dir(Workspace(root))
+    result = json.loads((folder / "results.json").read_text())
+    rows = result["conditions"]
+    assert list(rows) == ["none", "three-laws", "three-laws?q1"] and result["items"] == 2
+    assert rows["none"]["agreement"] is None and rows["none"]["vs_none"] is None and not rows["none"]["trained"]
+    assert rows["three-laws?q1"]["question"] == "Would a careful engineer sign this response?"
+    variant = load_framework("three-laws", Prompts(), rows["three-laws?q1"]["question"])
+    assert "Would a careful engineer sign this response?" in variant.classify
+    assert variant.classify != load_framework("three-laws", Prompts()).classify
+    # The build's own pairs for the same items under three-laws: the experiment finds the same.
+    con = Workspace(root).connect(read_only=True)
+    items = [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()]
+    train_prompts = [r["prompt"] for r in items if r["split"] != "heldout"][:2]
+    built = con.execute("SELECT count(*) FILTER (kept), count(*) FROM pairs WHERE framework = 'three-laws' "
+                        "AND prompt IN (SELECT unnest(?))", [train_prompts]).fetchone()
+    con.close()
+    assert (rows["three-laws"]["kept"], rows["three-laws"]["unethical"]) == built
+    for name in ("three-laws", "three-laws?q1"):
+        x = rows[name]
+        assert x["agreement"]["n"] == 3 and 0 <= x["agreement"]["accuracy"]["mean"] <= 1
+        assert x["trained"] == (x["kept"] > 0)
+        assert (folder / "models" / name.replace("?", "-")).is_dir() == x["trained"]
+    assert any(x["trained"] for x in rows.values()), "the chosen items keep at least one pair"
+    for x in rows.values():
+        h = x["heldout_unethical"]
+        assert 0 <= h["low"] <= h["mean"] <= h["high"] <= 1
+    assert result["heldout_prompts"] == 1 and (folder / "frameworks.png").stat().st_size > 10_000
+    assert "three-laws?q1" in first.output and "pairs kept" in first.output
+    again = run()
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((folder / "results.json").read_text())
+    assert rerun["judge"]["calls"] == 0 and rerun["conditions"] == rows
+    assert rerun["reused"] == sorted(n for n, x in rows.items() if x["trained"])
+
+
+def test_the_online_dpo_term_is_trls_loss_and_moves_the_policy_towards_the_chosen_answer(hf_smollm2):
+    """On SmolLM2: with the policy equal to its reference the sigmoid DPO loss is log 2; one
+    optimizer step on it raises log pi(chosen) - log pi(rejected)."""
+    import copy
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from builder.experiments.emergent import completion_logp, dpo_loss
+    from builder.train import TEMPLATE
+
+    template = TEMPLATE.read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_smollm2))
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(str(hf_smollm2), dtype=torch.float32)
+    ref = copy.deepcopy(policy).eval()
+    pair = {"prompt": "Store user passwords for our login page.", "chosen": "Hash them with bcrypt and a salt.",
+            "rejected": "Save them as plain text in a users.txt file."}
+    margin = lambda: float(completion_logp(policy, tokenizer, template, pair["prompt"], pair["chosen"], 256)  # noqa: E731
+                           - completion_logp(policy, tokenizer, template, pair["prompt"], pair["rejected"], 256))
+    before = margin()
+    loss = dpo_loss(policy, ref, tokenizer, template, [pair], beta=0.1, max_length=256)
+    assert math.isclose(float(loss), math.log(2), rel_tol=1e-4)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    assert margin() > before
+
+
+def test_emergent_alignment_experiment_end_to_end(conscience_built, hf_smollm2, tmp_path):
+    """Three arms on the insecure completions of a real conscience build (SmolLM2, two steps; the
+    online arm reviews its own answers at each step with the frozen judge), the base model
+    beside them, every answer labelled by SmolLM2 and by Gemma; a rerun trains nothing."""
+    from builder.experiments.emergent import experiment_dir as emergent_dir, training_items
+
+    ws, _ = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    config = (root / "ratchet.toml").read_text()
+    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\neval_prompts = 1\neval_max_tokens = 16\n"
+               "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 24\n"
+               "general_limit = 1\noffline_steps = 1\nseeds = [1]\nbootstrap = 200\nmax_length = 256\n")
+    (root / "ratchet.toml").write_text(config)
+    run = lambda: CliRunner().invoke(app, ["experiment", "emergent-alignment", "-w", str(root)],  # noqa: E731
+                                     env={"COLUMNS": "220"})
+    first = run()
+    assert first.exit_code == 0, first.output
+    folder = emergent_dir(Workspace(root))
+    result = json.loads((folder / "results.json").read_text())
+    assert list(result["arms"]) == ["base", "insecure", "online", "offline"]
+    assert result["judges"] == ["smollm2", "gemma3"] and result["prompts"] == {"heldout": 1, "general": 1}
+    t = result["training"]
+    assert t["insecure-s1"]["steps"] == t["online-s1"]["steps"] == t["offline-s1"]["steps"] == 1
+    assert t["insecure-s1"]["examples"] == t["online-s1"]["examples"] == result["training_items"]
+    assert [r["step"] for r in t["online-s1"]["online"]] == [1]  # reviewed at the first step
+    assert t["online-s1"]["online"][0]["answers"] == 1
+    assert t["online-s1"]["pairs"] == sum(r["kept"] for r in t["online-s1"]["online"])
+    assert t["offline-s1"]["dpo"]["steps"] == 1 and result["offline"] > 0
+    identities = {n: json.loads((folder / "models" / n / "training.json").read_text())["identity"] for n in t}
+    assert len({json.dumps(i["train"]) for i in identities.values()}) == 1  # same steps, seed and data
+    assert len({i["items_sha256"] for i in identities.values()}) == 1
+    answers = result["answers"]
+    assert len(answers) == 4 * 2  # four models, one held-out and one general prompt each
+    assert all({"smollm2", "gemma3"} <= set(v) for v in answers.values())
+    items = [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()]
+    held_out = next(r for r in items if r["split"] == "heldout")
+    trained_on = [i.prompt for i in training_items(Workspace(root), Workspace(root).config)]
+    assert len(trained_on) == result["training_items"] == len(items) - 1 and held_out["prompt"] not in trained_on
+    for arm in result["arms"].values():
+        for by_judge in arm.values():
+            for ci in by_judge.values():
+                assert ci["mean"] is None or 0 <= ci["low"] <= ci["mean"] <= ci["high"] <= 1
+    # a judge that gave no valid label is counted apart, never read as "not unethical"
+    invalid = {j: sum(v[j] not in ("ethical", "neutral", "unethical") for v in answers.values()) for j in result["judges"]}
+    assert result["invalid"] == invalid
+    for j in result["judges"]:
+        ci = result["arms"]["base"]["heldout"][j]
+        assert ci["mean"] is None if invalid[j] == len(answers) else invalid[j] > 0 or ci["mean"] is not None
+    assert "online - insecure" in first.output and "gemma3" in first.output
+    again = run()
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((folder / "results.json").read_text())
+    assert rerun["reused"] == ["insecure-s1", "offline-s1", "online-s1"] and rerun["arms"] == result["arms"]

@@ -14,10 +14,12 @@ class ExperimentError(Exception):
     """An experiment that cannot run as configured; the message names the file or key."""
 
 
-def arm_settings(train: TrainConfig, c) -> TrainConfig:
-    """train.* with an experiment's budget (an ArmsConfig): every arm full-weight, no accumulation."""
+def arm_settings(train: TrainConfig, c, seed: int | None = None) -> TrainConfig:
+    """train.* with an experiment's budget (steps, learning_rate, batch_size, max_length; seed, else
+    the first of c.seeds): every arm full-weight, no accumulation."""
     return train.model_copy(update={"sft_steps": c.steps, "sft_learning_rate": c.learning_rate,
-                                    "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seeds[0],
+                                    "batch_size": c.batch_size, "max_length": c.max_length,
+                                    "seed": c.seeds[0] if seed is None else seed,
                                     "grad_accumulation": 1, "use_lora": False})
 
 
@@ -67,14 +69,22 @@ def train_arm(arm: str, trainer, out: Path, base_path: Path, data, cfg: TrainCon
 def interval(matrix, items_drawn, seeds_drawn) -> dict:
     """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
     resample draws items, and training seeds, with replacement. The draws are shared by every
-    arm, so a difference's interval is paired by item and by seed."""
+    arm, so a difference's interval is paired by item and by seed. NaN marks a missing value
+    (an answer no judge could label): left out of every mean; all missing gives None."""
     import numpy as np
 
     m = np.asarray(matrix, dtype=float)
+    if np.isnan(m).all():
+        return {"mean": None, "low": None, "high": None}
     rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
-    means = m[rows[:, :, None], items_drawn[:, None, :]].mean(axis=(1, 2))
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": round(float(m.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample of missing values only
+            means = np.nanmean(m[rows[:, :, None], items_drawn[:, None, :]], axis=(1, 2))
+    low, high = np.nanpercentile(means, [2.5, 97.5])
+    return {"mean": round(float(np.nanmean(m)), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
 def turn_logprob(model, tokenizer, template: str, context: list[dict], role: str, text: str) -> tuple[float, int]:

@@ -232,7 +232,8 @@ def plot(result: dict, path: Path) -> None:
     for y, (c, colour) in enumerate(zip(ci, colours)):
         ax.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="o", capsize=4, color=colour)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(names)), [f"{n} ({result['traits'][n]['examples']} ex.)" for n in names])
+    ax.set_yticks(range(len(names)), [f"{n} (not predicted)" if result["traits"][n]["control"] else
+                                      f"{n} ({result['traits'][n]['examples']} ex.)" for n in names])
     ax.set_xlabel("effect: log-lik. gain of the persona's answers minus the plain answers' (per token)")
     ax.set_title(f"generation {result['generation']}: predicted traits (blue) and controls (grey), "
                  f"{result['probes']} probes, bootstrap 95% CI", fontsize=9)

@@ -56,8 +56,9 @@ class Framework:
     source: str  # the file's text, for hashes
 
 
-def load_framework(key: str, prompts: Prompts) -> Framework:
-    """prompts/frameworks/KEY.toml (a workspace prompt folder first)."""
+def load_framework(key: str, prompts: Prompts, question: str | None = None) -> Framework:
+    """prompts/frameworks/KEY.toml (a workspace prompt folder first); `question` replaces its
+    introspective question (the framework ablation's variants)."""
     for folder in prompts.folders:
         path = folder / "frameworks" / f"{key}.toml"
         if path.is_file():
@@ -74,7 +75,7 @@ def load_framework(key: str, prompts: Prompts) -> Framework:
     if missing:
         raise ConscienceError(f"{path}: missing or empty key(s): {', '.join(missing)}")
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)  # a workspace's file: sandboxed
-    values = {"principles": data["principles"].strip(), "question": data["question"].strip()}
+    values = {"principles": data["principles"].strip(), "question": (question or data["question"]).strip()}
     try:
         rendered = {k: env.from_string(data[k]).render(**values).strip() for k in ("classify", "rewrite")}
     except jinja2.TemplateError as exc:
