@@ -145,9 +145,9 @@ def test_a_ray_build_writes_the_splits_of_a_local_build(cluster, tmp_path):
     batch or its slot before it (the local build and the actors see them in other orders)."""
     sections = dict(sampling={"max_tokens": 256, "temperature": 0.0}, audit={"rate": 1.0}, ensemble=ONE_CRITIC,
                     annotator={"backend": "llama_server", "slots": 1, "n_ctx": 2048, "prompt_cache": False})
-    local = write_workspace(tmp_path / "local", SHORT_PASSAGES[:1], **sections)  # one passage: every stage's calls,
-    remote = write_workspace(tmp_path / "ray", SHORT_PASSAGES[:1], executor={"kind": "ray", "concurrency": 2,
-                                                                             "batch_size": 2}, **sections)  # half the time
+    local = write_workspace(tmp_path / "local", SHORT_PASSAGES[1:2], **sections)  # one passage whose reflection is
+    remote = write_workspace(tmp_path / "ray", SHORT_PASSAGES[1:2], executor={"kind": "ray", "concurrency": 2,  # kept
+                                                                              "batch_size": 2}, **sections)
     same_secret(local, remote)
     here = run_build(Workspace(local))
     there = run_build(Workspace(remote))

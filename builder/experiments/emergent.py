@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..backends import make_backend
+from ..backends import make_backend, registry
 from ..cache import CachedBackend, sha256
 from ..config import RatchetConfig, TrainConfig, model_short_name
 from ..evaluate import HELD_OUT, SCENARIO, SYSTEM, answer, heldout_items
@@ -221,7 +221,7 @@ def offline_trainer(sft_loop, dpo, dpo_cfg: TrainConfig):
 
 def answers_of(ws: Workspace, con, cfg: RatchetConfig, path: Path, items: list[Item]) -> list:
     """The model's greedy answers (train.eval_max_tokens) through the transformers engine and the call cache."""
-    backend = make_backend(cfg.engine_for(str(path), "transformers"))
+    backend = make_backend(cfg.engine_for(str(path), registry.DEFAULT_CHECKPOINT_ENGINE))
     try:
         return answer(items, CachedBackend(backend, con), cfg)
     finally:
