@@ -66,14 +66,14 @@ def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
     shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
     config = (root / "ratchet.toml").read_text()
     config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\n"
-               "[experiments.capability]\nlimit = 12\nsteps = 1\nbootstrap = 200\nseeds = [1, 2]\nmax_length = 256\n")
+               "[experiments.capability]\nlimit = 8\nsteps = 1\nbootstrap = 200\nseeds = [1, 2]\nmax_length = 256\n")
     (root / "ratchet.toml").write_text(config)
     first = CliRunner().invoke(app, ["experiment", "capability", "-w", str(root)], env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
     folder = experiment_dir(Workspace(root))
     result = json.loads((folder / "results.json").read_text())
     assert (folder / "capability.png").stat().st_size > 10_000
-    assert result["items"] == 12 and result["seeds"] == 2 and set(result["arms"]) == {"base", "annotated", "control"}
+    assert result["items"] == 8 and result["seeds"] == 2 and set(result["arms"]) == {"base", "annotated", "control"}
     assert set(result["contrasts"]) == {"annotated - control", "annotated - base", "control - base"}
     trained = ["annotated-s1", "control-s1", "annotated-s2", "control-s2"]
     assert sorted(result["training"]) == sorted(trained)
@@ -362,9 +362,9 @@ def test_emergent_alignment_experiment_end_to_end(conscience_built, hf_smollm2, 
     root = tmp_path / "ws"
     shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
     config = (root / "ratchet.toml").read_text()
-    config = config.replace("[conscience]\n", "[conscience]\nrewrite_max_tokens = 96\n", 1)
+    config = config.replace("[conscience]\n", "[conscience]\nrewrite_max_tokens = 64\n", 1)
     config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\neval_prompts = 1\neval_max_tokens = 8\n"
-               "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 24\n"
+               "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 16\n"
                "general_limit = 1\noffline_steps = 1\nseeds = [1]\nbootstrap = 200\nmax_length = 256\n")
     (root / "ratchet.toml").write_text(config)
     run = lambda: CliRunner().invoke(app, ["experiment", "emergent-alignment", "-w", str(root)],  # noqa: E731
