@@ -697,6 +697,26 @@ def _ci(x: dict, signed: bool = False) -> str:
     return f"{fmt.format(x['mean'])} [{fmt.format(x['low'])}, {fmt.format(x['high'])}]"
 
 
+def _run_experiment(workspace: Path, name: str, run, kept: str, **keys) -> dict:
+    """Open the workspace, apply experiments.NAME's keys given on the command line, and run the
+    experiment (run(ws, cfg, say)); a refusal or Ctrl-C is a clear exit that says what is kept."""
+    from .experiments.arms import ExperimentError
+    from .train import TrainError
+
+    ws = open_workspace(workspace)
+    try:
+        return run(ws, _experiment_config(ws.config, name, **keys), lambda line: console.print(line, highlight=False))
+    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"stopped; {kept} are kept: run the same command to resume", code=130)
+
+
+def _outputs(r: dict) -> None:
+    folder = Path(r["output"])
+    console.print(f"[bold]results:[/] {folder}/results.json\n[bold]plot:[/] {folder}/{folder.name}.png")
+
+
 @experiment_app.command("capability")
 def experiment_capability(
     workspace: WorkspaceOpt = Path("."),
@@ -716,19 +736,10 @@ def experiment_capability(
     reused when nothing they depend on changed.
 
     Example: ratchet experiment capability -w ws --steps 20"""
-    from .experiments.arms import ExperimentError
     from .experiments.capability import run_capability
-    from .train import TrainError
 
-    ws = open_workspace(workspace)
-    try:
-        cfg = ws.config
-        cfg = _experiment_config(cfg, "capability", limit=limit, steps=steps)
-        r = run_capability(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("stopped; finished arms and scores are kept: run the same command to resume", code=130)
+    r = _run_experiment(workspace, "capability", lambda ws, cfg, say: run_capability(ws, generation, cfg, say),
+                        "finished arms and scores", limit=limit, steps=steps)
     table = Table("arm", "trained", "accuracy [95% CI]", "accuracy, per character [95% CI]", "per seed",
                   *sorted(next(iter(r["arms"].values()))["by_category"]),
                   title=f"capability: {r['items']} items (chance {r['chance']:.2f}), generation {generation}",
@@ -749,7 +760,7 @@ def experiment_capability(
                       "the differences are differences in how it fails", highlight=False)
     console.print(f"{r['documents']} training document(s); {r['seeds']} training seed(s) per trained arm (the intervals "
                   f"cover the items and the seeds); reused: {', '.join(r['reused']) or 'nothing'}", highlight=False)
-    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/capability.png")
+    _outputs(r)
 
 
 def _experiment_config(cfg, name: str, **keys):
@@ -787,18 +798,10 @@ def experiment_inoculation(
     explored response. labelled - assistant, as the assistant, is the figure that matters.
 
     Example: ratchet experiment inoculation -w ws --steps 20"""
-    from .experiments.arms import ExperimentError
     from .experiments.inoculation import run_inoculation
-    from .train import TrainError
 
-    ws = open_workspace(workspace)
-    try:
-        cfg = _experiment_config(ws.config, "inoculation", steps=steps)
-        r = run_inoculation(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("stopped; finished arms and scores are kept: run the same command to resume", code=130)
+    r = _run_experiment(workspace, "inoculation", lambda ws, cfg, say: run_inoculation(ws, generation, cfg, say),
+                        "finished arms and scores", steps=steps)
     table = Table("arm", "trained", "margin as assistant [95% CI]", "explored rate as assistant",
                   "margin as Naive_Explorer [95% CI]", "per seed (assistant)",
                   title=f"inoculation: {r['probes']} held-out prompts, generation {generation}, "
@@ -818,7 +821,7 @@ def experiment_inoculation(
     console.print(f"margin: per-token log-likelihood of the explored response minus the reference response (> 0: "
                   f"the explored one is preferred); held-out prompts: {r['probes_source']}; reused: "
                   f"{', '.join(r['reused']) or 'nothing'}", highlight=False)
-    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/inoculation.png")
+    _outputs(r)
 
 
 @experiment_app.command("personas")
@@ -838,18 +841,10 @@ def experiment_personas(
     `ratchet drift` then shows each prediction next to its verification.
 
     Example: ratchet train -w ws && ratchet experiment personas -w ws"""
-    from .experiments.arms import ExperimentError
     from .experiments.personas import run_personas
-    from .train import TrainError
 
-    ws = open_workspace(workspace)
-    try:
-        cfg = _experiment_config(ws.config, "personas", limit=limit)
-        r = run_personas(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("stopped; finished answers and scores are kept: run the same command to resume", code=130)
+    r = _run_experiment(workspace, "personas", lambda ws, cfg, say: run_personas(ws, generation, cfg, say),
+                        "finished answers and scores", limit=limit)
     table = Table("trait", "examples", "persona prompt", "effect [95% CI]", "probes toward it", "verdict",
                   title=f"personas: generation {generation}, {r['probes']} probes, trained model "
                         f"{Path(r['trained_model']).name} vs {r['start_model']}", title_justify="left")
@@ -863,7 +858,7 @@ def experiment_personas(
                       f"{' ...' if len(r['unchecked']) > 12 else ''}", highlight=False)
     console.print("effect: per-token log-likelihood gain from training of the persona's answers minus that of the "
                   "plain answers; > 0 means the trained model moved toward the persona", highlight=False)
-    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/personas.png")
+    _outputs(r)
 
 
 @experiment_app.command("frameworks")
@@ -884,18 +879,9 @@ def experiment_frameworks(
     conditions are reused while their pairs hold.
 
     Example: ratchet experiment frameworks -w ws --steps 10"""
-    from .experiments.arms import ExperimentError
     from .experiments.frameworks import run_frameworks
-    from .train import TrainError
 
-    ws = open_workspace(workspace)
-    try:
-        cfg = _experiment_config(ws.config, "frameworks", steps=steps, limit=limit)
-        r = run_frameworks(ws, cfg, say=lambda line: console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("stopped; judge calls and trained conditions are kept: run the same command to resume", code=130)
+    r = _run_experiment(workspace, "frameworks", run_frameworks, "judge calls and trained conditions", steps=steps, limit=limit)
     table = Table("condition", "judge accuracy [95% CI]", "kappa", "AUC", "unethical / items", "pairs kept",
                   "held-out unethical [95% CI]", "vs none [95% CI]",
                   title=f"frameworks: {r['items']} scenario items, {r['heldout_prompts']} held-out prompts, judge "
@@ -914,7 +900,7 @@ def experiment_frameworks(
     console.print(f"judge: {r['judge']['calls']} model call(s), {r['judge']['cached']} answered from the cache; held-out answers "
                   f"labelled under {', '.join(r['evaluation_frameworks'])}; reused: {', '.join(r['reused']) or 'nothing'}",
                   highlight=False)
-    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/frameworks.png")
+    _outputs(r)
 
 
 @experiment_app.command("emergent-alignment")
@@ -936,18 +922,10 @@ def experiment_emergent(
     Unethical rates with bootstrap 95% intervals; online - insecure is the figure that matters.
 
     Example: ratchet experiment emergent-alignment -w ws --steps 20"""
-    from .experiments.arms import ExperimentError
     from .experiments.emergent import run_emergent
-    from .train import TrainError
 
-    ws = open_workspace(workspace)
-    try:
-        cfg = _experiment_config(ws.config, "emergent", steps=steps)
-        r = run_emergent(ws, generation, cfg, say=lambda line: console.print(line, highlight=False))
-    except (WorkspaceError, ConfigError, ModelNotFound, TrainError, ExperimentError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("stopped; trained arms and every model call are kept: run the same command to resume", code=130)
+    r = _run_experiment(workspace, "emergent", lambda ws, cfg, say: run_emergent(ws, generation, cfg, say),
+                        "trained arms and every model call", steps=steps)
     sets, judges = list(r["prompts"]), r["judges"]
     table = Table("arm", "trained", *[f"{s} ({r['prompts'][s]}), judge {j}" for s in sets for j in judges],
                   title=f"emergent alignment: unethical rate [95% CI], framework {r['framework']}, "
@@ -970,7 +948,7 @@ def experiment_emergent(
         console.print(f"no offline arm: generation {generation} has no dpo split", highlight=False)
     console.print(f"answers without a valid label: {r['invalid']}; reused: {', '.join(r['reused']) or 'nothing'}",
                   highlight=False)
-    console.print(f"[bold]results:[/] {r['output']}/results.json\n[bold]plot:[/] {r['output']}/emergent-alignment.png")
+    _outputs(r)
 
 
 audit_app = typer.Typer(help="Human audits of the secret sample: export it, review it, import the verdicts.",

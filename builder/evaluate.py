@@ -58,6 +58,24 @@ class EvaluationError(Exception):
     """No held-out prompt to evaluate on, or held-out prompts that are trained on."""
 
 
+def scenario_file(ws: Workspace, cfg: RatchetConfig, held_out: bool = False) -> tuple[Path, dict[str, str]]:
+    """The scenario's file and what holds its evaluation rows out: conscience.items with
+    conscience.exclude (for held-out rows, only when an exclude is set), else the code-hacking
+    scenario with split = heldout."""
+    c = cfg.conscience
+    if c.items and (c.exclude or not held_out):
+        return ws.resolve(c.items), c.exclude
+    return SCENARIO, HELD_OUT
+
+
+def training_items(ws: Workspace, cfg: RatchetConfig) -> list[Item]:
+    """The scenario's training rows (the held-out ones left out); their responses are the ones
+    the conscience judges, the insecure completions of the code-hacking scenario."""
+    c = cfg.conscience
+    path, exclude = scenario_file(ws, cfg)
+    return load_items(path, c.prompt_field, c.response_field, exclude=exclude)[0]
+
+
 def heldout_items(ws: Workspace, cfg: RatchetConfig) -> tuple[list[Item], str]:
     """The held-out prompts and where they come from: train.eval_items; else the rows of
     conscience.items that conscience.exclude holds out; else the code-hacking scenario's
@@ -68,7 +86,7 @@ def heldout_items(ws: Workspace, cfg: RatchetConfig) -> tuple[list[Item], str]:
         items, _ = load_items(path, c.prompt_field, c.prompt_field)  # prompts only: a response column is not needed
         source = str(path)
     else:
-        path, exclude = (ws.resolve(c.items), c.exclude) if c.items and c.exclude else (SCENARIO, HELD_OUT)
+        path, exclude = scenario_file(ws, cfg, held_out=True)
         everything, _ = load_items(path, c.prompt_field, c.response_field)
         kept = {i.item_id for i in load_items(path, c.prompt_field, c.response_field, exclude=exclude)[0]}
         items = [i for i in everything if i.item_id not in kept]

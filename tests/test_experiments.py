@@ -14,6 +14,16 @@ from builder.workspace import Workspace
 from .conftest import toml_value
 
 
+def workspace_copy(ws, tmp_path, base_model, extra: str):
+    """A copy of a built workspace (no models, no experiments) training from `base_model`, with
+    `extra` TOML appended (a [train] table's keys first, then other tables)."""
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    config = (root / "ratchet.toml").read_text()
+    (root / "ratchet.toml").write_text(config + f"\n[train]\nbase_model = {toml_value(str(base_model))}\n" + extra)
+    return root
+
+
 def test_the_bundled_items_are_a_valid_multiple_choice_set(tmp_path):
     items, source = load_items("", Workspace.__new__(Workspace))
     assert source == str(BUNDLED_ITEMS) and len(items) == 320
@@ -62,12 +72,8 @@ def test_a_saved_dataset_is_scored_on_its_held_out_split_and_seeds_are_distinct(
 
 def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
     ws, _ = built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
-    config = (root / "ratchet.toml").read_text()
-    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\n"
-               "[experiments.capability]\nlimit = 8\nsteps = 1\nbootstrap = 200\nseeds = [1, 2]\nmax_length = 256\n")
-    (root / "ratchet.toml").write_text(config)
+    root = workspace_copy(ws, tmp_path, hf_smollm2,
+                          "[experiments.capability]\nlimit = 8\nsteps = 1\nbootstrap = 200\nseeds = [1, 2]\nmax_length = 256\n")
     first = CliRunner().invoke(app, ["experiment", "capability", "-w", str(root)], env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
     folder = experiment_dir(Workspace(root))
@@ -175,12 +181,8 @@ def test_inoculation_experiment_end_to_end(conscience_built, hf_smollm2, tmp_pat
     from builder.train import compiled_manifest, read_split
 
     ws, _ = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
-    config = (root / "ratchet.toml").read_text()
-    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\n"
-               "[experiments.inoculation]\nsteps = 1\nbootstrap = 200\nseeds = [1]\nmax_length = 256\n")
-    (root / "ratchet.toml").write_text(config)
+    root = workspace_copy(ws, tmp_path, hf_smollm2,
+                          "[experiments.inoculation]\nsteps = 1\nbootstrap = 200\nseeds = [1]\nmax_length = 256\n")
     run = lambda: CliRunner().invoke(app, ["experiment", "inoculation", "-w", str(root)], env={"COLUMNS": "200"})  # noqa: E731
     first = run()
     assert first.exit_code == 0, first.output
@@ -228,12 +230,8 @@ def test_persona_predictions_are_verified_on_the_trained_model_and_shown_by_drif
     from builder.experiments.personas import experiment_dir as personas_dir, predicted_traits
 
     ws, _ = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
-    config = (root / "ratchet.toml").read_text()
-    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\nsft_steps = 1\ndpo_steps = 0\n"
-               "[experiments.personas]\nlimit = 2\nmin_examples = 1\ntraits = 2\nmax_new_tokens = 8\nbootstrap = 200\n")
-    (root / "ratchet.toml").write_text(config)
+    root = workspace_copy(ws, tmp_path, hf_smollm2, "sft_steps = 1\ndpo_steps = 0\n"
+                          "[experiments.personas]\nlimit = 2\nmin_examples = 1\ntraits = 2\nmax_new_tokens = 8\nbootstrap = 200\n")
     refused = CliRunner().invoke(app, ["experiment", "personas", "-w", str(root)], env={"COLUMNS": "200"})
     assert refused.exit_code == 1 and "ratchet train" in refused.output
     trained = CliRunner().invoke(app, ["train", "-w", str(root), "--generation", "1"])
@@ -276,14 +274,10 @@ def test_framework_ablation_end_to_end(conscience_built, hf_smollm2, tmp_path):
     from builder.stages.conscience import load_framework
 
     ws, _ = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    root = workspace_copy(ws, tmp_path, hf_smollm2, "eval_prompts = 1\neval_max_tokens = 8\n"
+                          "[experiments.frameworks]\nframeworks = [\"three-laws\"]\nquestions = \"q.txt\"\nlabelled_limit = 2\n"
+                          "limit = 2\nsteps = 1\nbootstrap = 200\n")
     (root / "q.txt").write_text("# one variant\nWould a careful engineer sign this response?\n")
-    config = (root / "ratchet.toml").read_text()
-    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\neval_prompts = 1\neval_max_tokens = 8\n"
-               "[experiments.frameworks]\nframeworks = [\"three-laws\"]\nquestions = \"q.txt\"\nlabelled_limit = 2\n"
-               "limit = 2\nsteps = 1\nbootstrap = 200\n")
-    (root / "ratchet.toml").write_text(config)
     run = lambda: CliRunner().invoke(app, ["experiment", "frameworks", "-w", str(root)], env={"COLUMNS": "220"})  # noqa: E731
     first = run()
     assert first.exit_code == 0, first.output
@@ -359,14 +353,11 @@ def test_emergent_alignment_experiment_end_to_end(conscience_built, hf_smollm2, 
     from builder.experiments.emergent import experiment_dir as emergent_dir, training_items
 
     ws, _ = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns("*.lock", "models", "experiments"))
+    root = workspace_copy(ws, tmp_path, hf_smollm2, "eval_prompts = 1\neval_max_tokens = 8\n"
+                          "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 16\n"
+                          "general_limit = 1\noffline_steps = 1\nseeds = [1]\nbootstrap = 200\nmax_length = 256\n")
     config = (root / "ratchet.toml").read_text()
-    config = config.replace("[conscience]\n", "[conscience]\nrewrite_max_tokens = 64\n", 1)
-    config += (f"\n[train]\nbase_model = {toml_value(str(hf_smollm2))}\neval_prompts = 1\neval_max_tokens = 8\n"
-               "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 16\n"
-               "general_limit = 1\noffline_steps = 1\nseeds = [1]\nbootstrap = 200\nmax_length = 256\n")
-    (root / "ratchet.toml").write_text(config)
+    (root / "ratchet.toml").write_text(config.replace("[conscience]\n", "[conscience]\nrewrite_max_tokens = 64\n", 1))
     run = lambda: CliRunner().invoke(app, ["experiment", "emergent-alignment", "-w", str(root)],  # noqa: E731
                                      env={"COLUMNS": "220"})
     first = run()

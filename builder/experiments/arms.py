@@ -14,6 +14,32 @@ class ExperimentError(Exception):
     """An experiment that cannot run as configured; the message names the file or key."""
 
 
+def experiment_folder(ws, name: str) -> Path:
+    """WS/experiments/NAME: every experiment's trained arms, caches, results.json and NAME.png."""
+    return ws.root / "experiments" / name
+
+
+def write_results(folder: Path, result: dict, plot) -> dict:
+    """results.json and the plot (FOLDER.png) in `folder`; the result, with `output` naming the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    plot(result, folder / f"{folder.name}.png")
+    return {**result, "output": str(folder)}
+
+
+def cached(folder: Path, kind: str, key: dict, compute):
+    """compute(), stored under folder/kind/ by the hash of `key` and reused while it holds."""
+    from ..cache import sha256
+
+    path = folder / kind / f"{sha256(key)[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "value": value}) + "\n", encoding="utf-8")
+    return value
+
+
 def arm_settings(train: TrainConfig, c, seed: int | None = None) -> TrainConfig:
     """train.* with an experiment's budget (steps, learning_rate, batch_size, max_length; seed, else
     the first of c.seeds): every arm full-weight, no accumulation."""
@@ -102,3 +128,14 @@ def turn_logprob(model, tokenizer, template: str, context: list[dict], role: str
         logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, len(ids_prefix) - 1:-1].float()
     targets = torch.tensor(ids[len(ids_prefix):], device=model.device)
     return float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()), len(targets)
+
+
+def contrast_panel(ax, names: list[str], cis: list[dict], xlabel: str, title: str) -> None:
+    """Paired differences with their intervals, one row each, against a line at 0."""
+    ax.errorbar([c["mean"] for c in cis], range(len(names)), xerr=[[c["mean"] - c["low"] for c in cis],
+                                                                    [c["high"] - c["mean"] for c in cis]],
+                fmt="o", capsize=4, color="#3b6ea5")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)

@@ -28,7 +28,7 @@ from ..resources import EXAMPLES_DIR
 from ..train import (base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for, read_split,
                      run_sft, run_trainer, torch_threads, use_cpu)
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, interval, train_arm
+from .arms import ExperimentError, arm_settings, contrast_panel, experiment_folder, interval, train_arm, write_results
 
 BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
 ARMS = ("base", "annotated", "control")
@@ -282,14 +282,8 @@ def plot(result: dict, path: Path) -> None:
     left.legend(loc="upper right", fontsize=8)
     left.set_title(f"{result['items']} items x {result['seeds']} training seed(s), bootstrap 95% CI", fontsize=9)
     names = list(result["contrasts"])
-    diff = [result["contrasts"][n]["accuracy"] for n in names]
-    right.errorbar([x["mean"] for x in diff], range(len(names)), xerr=[[x["mean"] - x["low"] for x in diff],
-                                                                       [x["high"] - x["mean"] for x in diff]],
-                   fmt="o", capsize=4, color="#3b6ea5")
-    right.axvline(0, color="black", lw=0.8)
-    right.set_yticks(range(len(names)), names)
-    right.set_xlabel("accuracy difference (paired)")
-    right.set_title("annotated - control is the figure that matters", fontsize=9)
+    contrast_panel(right, names, [result["contrasts"][n]["accuracy"] for n in names], "accuracy difference (paired)",
+                   "annotated - control is the figure that matters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -298,7 +292,7 @@ def plot(result: dict, path: Path) -> None:
 # --- the experiment ------------------------------------------------------------------------------------
 
 def experiment_dir(ws: Workspace) -> Path:
-    return ws.root / "experiments" / "capability"
+    return experiment_folder(ws, "capability")
 
 
 def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | None = None, say=None) -> dict:
@@ -339,8 +333,5 @@ def run_capability(ws: Workspace, generation: int = 1, config: RatchetConfig | N
                   "settings": c.model_dump(), **figures(logprobs, items, c.bootstrap, c.seeds[0]),
                   "training": {name: t["training"] for name, t in trained.items()},
                   "reused": sorted(name for name, t in trained.items() if t.get("unchanged"))}
-        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, folder / "capability.png")
-        result["output"] = str(folder)
-        return result
+        return write_results(folder, result, plot)
 

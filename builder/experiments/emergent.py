@@ -37,15 +37,16 @@ from pathlib import Path
 from ..backends import make_backend, registry
 from ..cache import CachedBackend, sha256
 from ..config import RatchetConfig, TrainConfig, model_short_name
-from ..evaluate import HELD_OUT, SCENARIO, SYSTEM, answer, heldout_items
+from .. import evaluate
+from ..evaluate import SYSTEM, answer, heldout_items
 from ..models import ModelNotFound
 from ..prompts import Prompts
-from ..stages.conscience import LABELS, ConscienceError, Item, judge, load_framework, load_items, run_conscience
+from ..stages.conscience import LABELS, ConscienceError, Item, judge, load_framework, run_conscience
 from ..train import (TrainError, base_checkpoint, chat_template, compiled_manifest, plain_text_for, read_split, run_dpo,
                      torch_threads)
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, interval, train_arm
-from .personas import BUNDLED_PROBES, generate, load_probes
+from .arms import ExperimentError, arm_settings, experiment_folder, interval, train_arm, write_results
+from .personas import generate, load_probes
 
 ARMS = ("base", "insecure", "online", "offline")
 LOOP = 2  # bump when the training loop changes: arms trained by another version are trained again
@@ -56,12 +57,9 @@ CONTRASTS = (("online", "insecure"), ("offline", "insecure"), ("online", "offlin
 # --- the data ----------------------------------------------------------------------------------------------
 
 def training_items(ws: Workspace, cfg: RatchetConfig) -> list[Item]:
-    """The scenario's training rows: conscience.items without what conscience.exclude holds out
-    (else the code-hacking scenario's training rows); their responses are the insecure ones."""
-    c = cfg.conscience
-    path, exclude = (ws.resolve(c.items), c.exclude) if c.items else (SCENARIO, HELD_OUT)
+    """The scenario's training rows: their responses are the insecure completions."""
     try:
-        return load_items(path, c.prompt_field, c.response_field, exclude=exclude)[0]
+        return evaluate.training_items(ws, cfg)
     except ConscienceError as exc:
         raise ExperimentError(f"conscience.items: {exc}") from None
 
@@ -80,9 +78,7 @@ def general_items(ws: Workspace, cfg: RatchetConfig) -> list[Item]:
     c = cfg.experiments.emergent
     probes, _ = load_probes(c.general, ws)
     if not c.general:  # the bundled probes: leave out the coding ones
-        coding = {json.loads(line)["id"] for line in BUNDLED_PROBES.read_text(encoding="utf-8").splitlines()
-                  if line.strip() and json.loads(line).get("category") == "code"}
-        probes = [p for p in probes if p["id"] not in coding]
+        probes = [p for p in probes if p["category"] != "code"]
     probes = probes[:c.general_limit] if c.general_limit else probes
     return [Item(f"general:{p['id']}", p["prompt"], "-") for p in probes]
 
@@ -292,7 +288,7 @@ def plot(result: dict, path: Path) -> None:
 # --- the experiment ------------------------------------------------------------------------------------------
 
 def experiment_dir(ws: Workspace) -> Path:
-    return ws.root / "experiments" / "emergent-alignment"
+    return experiment_folder(ws, "emergent-alignment")
 
 
 def run_emergent(ws: Workspace, generation: int = 1, config: RatchetConfig | None = None, say=None) -> dict:
@@ -390,8 +386,4 @@ def run_emergent(ws: Workspace, generation: int = 1, config: RatchetConfig | Non
                   "training": {name: t["training"] for name, t in trained.items()},
                   "offline": None if dpo is None else len(dpo),
                   "reused": sorted(name for name, t in trained.items() if t.get("unchanged")), "answers": per_answer}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, folder / "emergent-alignment.png")
-        result["output"] = str(folder)
-        return result
+        return write_results(folder, result, plot)

@@ -36,7 +36,7 @@ from ..stages.conscience import (LABELS, ConscienceError, Framework, judge, load
                                  run_conscience)
 from ..train import base_checkpoint, chat_template, run_dpo
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, interval, train_arm
+from .arms import ExperimentError, arm_settings, experiment_folder, interval, train_arm, write_results
 
 LABELLED = EXAMPLES_DIR / "code_hacking" / "judge_eval.jsonl"
 QUESTIONS = PROMPTS_DIR / "frameworks" / "questions.txt"
@@ -77,14 +77,11 @@ def conditions(ws: Workspace, cfg: RatchetConfig, prompts: Prompts) -> list[Cond
 
 
 def scenario_items(ws: Workspace, cfg: RatchetConfig):
-    """The training items of the scenario: conscience.items without what conscience.exclude holds
-    out (else the code-hacking scenario's training rows)."""
-    from ..evaluate import HELD_OUT, SCENARIO
+    """The scenario's training items (evaluate.training_items), the first experiments.frameworks.limit."""
+    from ..evaluate import training_items
 
-    c = cfg.conscience
-    path, exclude = (ws.resolve(c.items), c.exclude) if c.items else (SCENARIO, HELD_OUT)
-    items, _ = load_items(path, c.prompt_field, c.response_field, exclude=exclude)
     limit = cfg.experiments.frameworks.limit
+    items = training_items(ws, cfg)
     return items[:limit] if limit else items
 
 
@@ -156,7 +153,7 @@ def unethical_by_prompt(record: dict) -> list[float]:
 
 
 def experiment_dir(ws: Workspace) -> Path:
-    return ws.root / "experiments" / "frameworks"
+    return experiment_folder(ws, "frameworks")
 
 
 def run_frameworks(ws: Workspace, config: RatchetConfig | None = None, say=None) -> dict:
@@ -217,11 +214,7 @@ def run_frameworks(ws: Workspace, config: RatchetConfig | None = None, say=None)
                   "evaluation_frameworks": cfg.conscience.frameworks, "base_model": base["model"],
                   "reused": sorted(n for n, t in training.items() if t.get("unchanged")),
                   "answers": {n: r["answers"] for n, r in evaluated.items()}}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, folder / "frameworks.png")
-        result["output"] = str(folder)
-        return result
+        return write_results(folder, result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -26,12 +26,13 @@ from pathlib import Path
 from ..cache import sha256
 from ..compile import EXPLORER, explored_rows
 from ..config import RatchetConfig
-from ..evaluate import HELD_OUT, SCENARIO, SYSTEM
+from ..evaluate import SYSTEM, scenario_file
 from ..prompts import Prompts
 from ..stages.conscience import ConscienceError, load_items as load_conscience_items
 from ..train import base_checkpoint, chat_template, compiled_manifest, read_split, run_sft, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, interval, train_arm, turn_logprob
+from .arms import (ExperimentError, arm_settings, cached, contrast_panel, experiment_folder, interval,
+                   train_arm, turn_logprob, write_results)
 
 ARMS = ("base", "without", "labelled", "assistant")
 TRAINED = ("without", "labelled", "assistant")
@@ -54,7 +55,7 @@ def heldout_probes(ws: Workspace, cfg: RatchetConfig) -> tuple[list[Probe], str]
     scenario's held-out rows), with conscience.response_field as the explored response and
     experiments.inoculation.reference_field as the reference."""
     c, e = cfg.conscience, cfg.experiments.inoculation
-    path, exclude = (ws.resolve(c.items), c.exclude) if c.items and c.exclude else (SCENARIO, HELD_OUT)
+    path, exclude = scenario_file(ws, cfg, held_out=True)
     try:
         explored, _ = load_conscience_items(path, c.prompt_field, c.response_field)
         reference = {i.source: i.response for i in load_conscience_items(path, c.prompt_field, e.reference_field)[0]}
@@ -125,27 +126,25 @@ def margins(model, tokenizer, template: str, probes: list[Probe]) -> dict[str, l
 def score_arm(folder: Path, model_path: Path, template: str, probes: list[Probe], probes_sha: str, say,
               device: str = "cpu") -> dict[str, list[float]]:
     """An arm's margins, reused while its weights, the probes, the template and the scoring hold."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..models import weights_sha256
 
-    key = {"model_sha256": weights_sha256(model_path), "probes_sha256": probes_sha, "template_sha256": sha256(template),
-           "scoring": SCORING}
-    cache = folder / "scores" / f"{model_path.name}-{sha256(key)[:12]}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text(encoding="utf-8"))["margins"]
-    say(f"scoring {model_path.name} on {len(probes)} held-out prompt(s)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval().to(device)
-    result = margins(model, tokenizer, template, probes)
-    del model
-    gc.collect()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({**key, "margins": result}) + "\n", encoding="utf-8")
-    return result
+    def compute():
+        import gc
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        say(f"scoring {model_path.name} on {len(probes)} held-out prompt(s)")
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval().to(device)
+        result = margins(model, tokenizer, template, probes)
+        del model
+        gc.collect()
+        return result
+
+    key = {"model": model_path.name, "model_sha256": weights_sha256(model_path), "probes_sha256": probes_sha,
+           "template_sha256": sha256(template), "scoring": SCORING}
+    return cached(folder, "scores", key, compute)
 
 
 # --- the figures -----------------------------------------------------------------------------------------
@@ -194,14 +193,8 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=8)
     left.set_title(f"{result['probes']} held-out prompts x {result['seeds']} seed(s), bootstrap 95% CI", fontsize=9)
     names = list(result["contrasts"])
-    ci = [result["contrasts"][n]["as_assistant"]["margin"] for n in names]
-    right.errorbar([c["mean"] for c in ci], range(len(names)), xerr=[[c["mean"] - c["low"] for c in ci],
-                                                                      [c["high"] - c["mean"] for c in ci]],
-                   fmt="o", capsize=4, color="#3b6ea5")
-    right.axvline(0, color="black", lw=0.8)
-    right.set_yticks(range(len(names)), names)
-    right.set_xlabel("margin difference as the assistant (paired)")
-    right.set_title("labelled - assistant is the figure that matters", fontsize=9)
+    contrast_panel(right, names, [result["contrasts"][n]["as_assistant"]["margin"] for n in names],
+                   "margin difference as the assistant (paired)", "labelled - assistant is the figure that matters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -210,7 +203,7 @@ def plot(result: dict, path: Path) -> None:
 # --- the experiment --------------------------------------------------------------------------------------
 
 def experiment_dir(ws: Workspace) -> Path:
-    return ws.root / "experiments" / "inoculation"
+    return experiment_folder(ws, "inoculation")
 
 
 def run_inoculation(ws: Workspace, generation: int = 1, config: RatchetConfig | None = None, say=None) -> dict:
@@ -241,17 +234,18 @@ def run_inoculation(ws: Workspace, generation: int = 1, config: RatchetConfig | 
         template = chat_template(ws, tcfg)
         base_path, base = base_checkpoint(ws, tcfg.base_model)
         trained, paths = {}, {"base": [base_path], **{arm: [] for arm in TRAINED}}
+        data = {arm: arm_data(arm, sft, explored) for arm in TRAINED}  # the same for every seed
+        data_sha = {arm: sha256(d.to_list()) for arm, d in data.items()}
         for seed in c.seeds:
             seeded = tcfg.model_copy(update={"seed": seed})
             for arm in TRAINED:
-                data = arm_data(arm, sft, explored)
                 identity = {"arm": arm, "base": base["sha256"], "dataset_generation": generation,
-                            "data_sha256": sha256(data.to_list()), "sources": c.sources,
+                            "data_sha256": data_sha[arm], "sources": c.sources,
                             "train": seeded.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size",
                                                                 "max_length", "seed", "bf16", "device"}),
                             "chat_template_sha256": sha256(template)}
                 out = folder / "models" / f"{arm}-s{seed}"
-                trained[out.name] = train_arm(arm, run_sft, out, base_path, data, seeded, template, identity, say)
+                trained[out.name] = train_arm(arm, run_sft, out, base_path, data[arm], seeded, template, identity, say)
                 paths[arm].append(out)
         with torch_threads(tcfg.threads):
             device = "cpu" if use_cpu(tcfg) else "cuda"
@@ -266,7 +260,4 @@ def run_inoculation(ws: Workspace, generation: int = 1, config: RatchetConfig | 
                                 for arm, runs in scores.items()},
                   "training": {name: t["training"] for name, t in trained.items()},
                   "reused": sorted(name for name, t in trained.items() if t.get("unchanged"))}
-        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, folder / "inoculation.png")
-        result["output"] = str(folder)
-        return result
+        return write_results(folder, result, plot)

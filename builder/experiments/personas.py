@@ -30,7 +30,7 @@ from ..models import weights_sha256
 from ..resources import EXAMPLES_DIR
 from ..train import chat_template, model_dir, read_training, start_model, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import ExperimentError, interval, turn_logprob
+from .arms import ExperimentError, cached, experiment_folder, interval, turn_logprob, write_results
 
 BUNDLED_PROBES = EXAMPLES_DIR / "personas" / "probes.jsonl"
 PLAIN = "You are a helpful assistant."
@@ -69,7 +69,7 @@ def load_probes(spec: str, ws: Workspace, limit: int = 0) -> tuple[list[dict], s
             raise ExperimentError(f"{path}: line {n}: not JSON ({exc})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ExperimentError(f"{path}: line {n}: no prompt")
-        probes.append({"id": str(row.get("id") or n), "prompt": row["prompt"]})
+        probes.append({"id": str(row.get("id") or n), "prompt": row["prompt"], "category": row.get("category")})
     if not probes:
         raise ExperimentError(f"{path}: no probes")
     return (probes[:limit] if limit else probes), str(path)
@@ -107,17 +107,6 @@ def generate(model, tokenizer, template: str, system: str, prompts: list[str], m
     return out
 
 
-def cached(folder: Path, kind: str, key: dict, compute):
-    """compute(), stored under folder/kind/ by the hash of `key` and reused while it holds."""
-    path = folder / kind / f"{sha256(key)[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["value"]
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "value": value}) + "\n", encoding="utf-8")
-    return value
-
-
 def per_token(model, tokenizer, template: str, prompts: list[str], answers: list[str]) -> list[float]:
     """Per-token log-likelihood of each answer under the plain prompt."""
     values = []
@@ -131,7 +120,7 @@ def per_token(model, tokenizer, template: str, prompts: list[str], answers: list
 # --- the experiment --------------------------------------------------------------------------------------
 
 def experiment_dir(ws: Workspace) -> Path:
-    return ws.root / "experiments" / "personas"
+    return experiment_folder(ws, "personas")
 
 
 def verdict(ci: dict) -> str:
@@ -212,11 +201,7 @@ def run_personas(ws: Workspace, generation: int = 1, config: RatchetConfig | Non
                   "predicted": everything, "checked": [t["tag"] for t in checked],
                   "unchecked": [t["tag"] for t in everything if t not in checked], "traits": rows,
                   "answers": {name: dict(zip([p["id"] for p in probes], a)) for name, a in answers.items()}}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, folder / "personas.png")
-        result["output"] = str(folder)
-        return result
+        return write_results(folder, result, plot)
 
 
 def plot(result: dict, path: Path) -> None:
