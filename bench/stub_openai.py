@@ -4,8 +4,9 @@ misbehaving endpoint (tests/test_executors.py).
 Every chat completion waits `latency_s` in one of `slots` slots (a request that finds them all
 busy queues, as on a real server) and answers a schema-valid instance of the request's
 `response_format` schema, made by the scripted engine from the messages and the seed: the
-same request always gets the same answer. `faults` makes chosen requests misbehave: by the
-number of the request (1-based, in arrival order) or by a word in its last message, answer
+same request always gets the same answer. `faults` makes chosen requests misbehave: by a word
+in its last message, or by the number of the request among those no word singles out (1-based,
+in arrival order, so a worded request arriving first never takes a numbered fault), answer
 HTTP 500, garbage, or nothing for `hang_s` seconds (a timeout).
 
     python bench/stub_openai.py --latency 0.5 --slots 8    # serves until Ctrl-C
@@ -25,15 +26,14 @@ from builder.backends.scripted import ScriptedBackend
 
 @dataclass
 class Faults:
-    """Which requests misbehave and how: {"500" | "garbage" | "hang": ...}, by arrival number
-    (`numbers`) or by a word in the request's last message (`words`)."""
+    """Which requests misbehave and how: {"500" | "garbage" | "hang": ...}, by a word in the
+    request's last message (`words`) or else by its arrival number among the requests that no
+    word singles out (`numbers`)."""
     numbers: dict[int, str] = field(default_factory=dict)
     words: dict[str, str] = field(default_factory=dict)
     hang_s: float = 30.0
 
-    def of(self, number: int, body: dict) -> str | None:
-        if number in self.numbers:
-            return self.numbers[number]
+    def by_word(self, body: dict) -> str | None:
         last = (body.get("messages") or [{}])[-1].get("content", "")
         return next((kind for word, kind in self.words.items() if word in last), None)
 
@@ -45,6 +45,7 @@ class StubServer:
         self.engine = ScriptedBackend("stub")
         self.lock = threading.Lock()
         self.received = 0  # requests that arrived
+        self.unworded = 0  # of those, the ones no fault word singles out (what `numbers` counts)
         self.answered = 0  # chat completions answered well
         self.by_kind: dict[str, int] = {}  # misbehaviours sent
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -82,12 +83,13 @@ class StubServer:
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                fault = stub.faults.by_word(body)
                 with stub.lock:
                     stub.received += 1
-                    number = stub.received
-                fault = stub.faults.of(number, body)
-                if fault:
-                    with stub.lock:
+                    if fault is None:
+                        stub.unworded += 1
+                        fault = stub.faults.numbers.get(stub.unworded)
+                    if fault:
                         stub.by_kind[fault] = stub.by_kind.get(fault, 0) + 1
                 if fault == "500":
                     return self._send(500, b"internal error (stub)")
