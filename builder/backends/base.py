@@ -7,7 +7,9 @@ ready, so the caller can store it at once: a build stopped halfway keeps what it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +153,33 @@ class Backend(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def request_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool for one batch of requests to a server. Leaving it normally waits for every
+    request; leaving it by an exception (Ctrl-C) cancels the requests not yet sent instead of
+    sending them all first (a `with ThreadPoolExecutor` runs its whole queue on the way out: a
+    build on one slot went on for 25 s after Ctrl-C, answers it then threw away). The ones in
+    flight end with the engine's close (a managed server is stopped; a client's connections are
+    closed)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def as_answered(futures, poll_s: float = 0.25) -> Iterator[Future]:
+    """`as_completed`, waking every `poll_s`: Python runs a signal's handler in the main thread,
+    and the kernel may deliver SIGINT to a worker thread instead, which does not wake a main
+    thread blocked on a lock without a timeout (Ctrl-C then waited for the next answer)."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=poll_s, return_when=FIRST_COMPLETED)
+        yield from done
 
 
 class SequentialBackend(Backend):

@@ -37,7 +37,6 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,7 +45,8 @@ import httpx
 from pydantic import Field
 
 from ..models import resolve_model
-from .base import Backend, Engine, EngineError, OnResponse, Request, Response, context_overflow
+from .base import (Backend, Engine, EngineError, OnResponse, Request, Response, as_answered, context_overflow,
+                   request_pool)
 from .choices import TOP_K, Step, read_decision
 from .gguf_header import read_facts
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
@@ -207,7 +207,10 @@ class _Spawner:
         self._jobs.put(None)
 
 
-def _stop_process(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+def _stop_process(proc: subprocess.Popen | None, grace_s: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: an idle server exits at once, but one stopped while
+    it answers (Ctrl-C) finishes that answer first, which nobody will read; it holds nothing worth
+    waiting for (every answer that matters is in the builder's cache already)."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
@@ -466,9 +469,9 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         while pending:
             died: list[int] = []
             if self._alive():
-                with ThreadPoolExecutor(max_workers=max(1, min(self.slots, len(pending)))) as pool:
+                with request_pool(min(self.slots, len(pending))) as pool:
                     futures = {pool.submit(self._one, requests[i]): i for i in pending}
-                    for future in as_completed(futures):  # callbacks run here, in the caller's thread
+                    for future in as_answered(futures):  # callbacks run here, in the caller's thread
                         i = futures[future]
                         try:
                             responses[i] = future.result()

@@ -19,14 +19,13 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Literal
 
 import httpx
 from pydantic import Field, model_validator
 
 from ..corpus import approx_tokens
-from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response
+from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, as_answered, request_pool
 from .choices import TOP_K, Step, read_decision
 
 ZWSP = "\u200b"
@@ -206,9 +205,9 @@ class OpenAIBackend(Backend):
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         responses: list[Response | None] = [None] * len(requests)
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+        with request_pool(self.concurrency) as pool:
             futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
-            for future in as_completed(futures):  # callbacks run here, in the caller's thread
+            for future in as_answered(futures):  # callbacks run here, in the caller's thread
                 i = futures[future]
                 responses[i] = future.result()
                 if on_response:

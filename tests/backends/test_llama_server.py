@@ -513,7 +513,9 @@ def test_kill_9_of_the_builder_leaves_no_orphan_server(tmp_path):
 
 
 def test_ctrl_c_during_a_build_stops_the_server(tmp_path):
-    """`ratchet build` interrupted by SIGINT while the server annotates: exit 130, no server left."""
+    """`ratchet build` interrupted by SIGINT while the server annotates: exit 130, no server left,
+    and the requests still queued are not sent (they were: a one-slot build answered all six
+    passages, 25 s, before it stopped and threw the answers away)."""
     texts = [json.loads(line)["text"] for line in (REPO / "examples/corpus/passages.jsonl").read_text().splitlines()][:6]
     root = write_workspace(tmp_path / "ws", texts, audit={"rate": 0.0}, annotator={"backend": "llama_server", "slots": 1})
     env = {**os.environ, "RATCHET_LLAMA_SERVER": str(BINARY)}
@@ -533,3 +535,5 @@ def test_ctrl_c_during_a_build_stops_the_server(tmp_path):
     out, _ = build.communicate(timeout=60)
     assert build.returncode == 130, out
     assert wait_gone(pid, 15), "llama-server outlived the interrupted build"
+    started = sum(log.read_text(errors="replace").count("processing task") for log in logs)
+    assert 1 <= started < len(texts), f"the server started {started} of {len(texts)} requests after Ctrl-C"

@@ -17,7 +17,7 @@ from builder.models import resolve_model
 from builder.prompts import Prompts
 from builder.resources import load_schema
 
-from ..conftest import DATA, SHORT_PASSAGES, write_workspace
+from ..conftest import DATA, REPO, SHORT_PASSAGES, write_workspace
 
 INJECTIONS = [json.loads(line) for line in (DATA / "injections.jsonl").read_text().splitlines()]
 
@@ -251,3 +251,39 @@ def test_a_served_panel_member_is_fingerprinted_and_a_changed_one_refused(llama_
     with pytest.raises(RatchetError, match=r"reference panel member judge: the served model answers otherwise since "
                                            r"the panel was frozen \(changed: answers"):
         check_frozen(frozen, backend, None, prompts, cfg)
+
+
+def test_ctrl_c_stops_a_build_without_sending_the_queued_requests(tmp_path):
+    """SIGINT during a build against a slow OpenAI-compatible server (one request at a time):
+    exit 130 after the request in flight, the rest of the batch never sent, and the answers that
+    came back before it are in the cache."""
+    import os
+    import signal
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from stub_openai import StubServer
+
+    passages = [f"Claim {i}: the reservoir holds {i} million litres." for i in range(6)]
+    with StubServer(latency_s=1.5, slots=1) as stub:
+        root = write_workspace(tmp_path / "ws", passages, audit={"rate": 0.0}, annotate={"retries": 0},
+                               annotator={"backend": "openai", "model": "stub", "base_url": stub.url,
+                                          "concurrency": 1, "logprobs": False})
+        # SIGINT at its default in the child: a suite started from a background job inherits it ignored
+        build = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "-w", str(root)], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 120
+        while time.time() < deadline and stub.answered < 1 and build.poll() is None:  # one answer, then stop
+            time.sleep(0.05)
+        assert stub.answered >= 1, "the build never reached the server"
+        os.kill(build.pid, signal.SIGINT)
+        out, _ = build.communicate(timeout=60)
+        received = stub.received
+    assert build.returncode == 130, out
+    assert received < len(passages), f"{received} of {len(passages)} requests were sent after Ctrl-C"
+    import duckdb
+
+    con = duckdb.connect(str(root / "ratchet.duckdb"), read_only=True)
+    saved = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    con.close()
+    assert 1 <= saved <= received
