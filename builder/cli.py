@@ -717,6 +717,12 @@ def _outputs(r: dict) -> None:
     console.print(f"[bold]results:[/] {folder}/results.json\n[bold]plot:[/] {folder}/{folder.name}.png")
 
 
+def _trained(r: dict, arm: str) -> tuple[list[dict], str]:
+    """An arm's training runs (one per seed, named ARM-sSEED) and "N step(s) x M seed(s)" ("no": untrained)."""
+    runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
+    return runs, "no" if not runs else f"{runs[0]['steps']} step(s) x {len(runs)} seed(s)"
+
+
 @experiment_app.command("capability")
 def experiment_capability(
     workspace: WorkspaceOpt = Path("."),
@@ -745,9 +751,9 @@ def experiment_capability(
                   title=f"capability: {r['items']} items (chance {r['chance']:.2f}), generation {generation}",
                   title_justify="left")
     for arm, x in r["arms"].items():
-        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
-        done = "no" if not runs else (f"{runs[0]['steps']} step(s) x {len(runs)} seed(s), loss "
-                                      + ", ".join(str(t["train_loss"]) for t in runs))
+        runs, done = _trained(r, arm)
+        if runs:
+            done += ", loss " + ", ".join(str(t["train_loss"]) for t in runs)
         table.add_row(arm, done, _ci(x["accuracy"]), _ci(x["accuracy_norm"]), ", ".join(f"{a:.3f}" for a in x["per_seed"]),
                       *[f"{v['accuracy']:.3f}" for _, v in sorted(x["by_category"].items())])
     for name, x in r["contrasts"].items():
@@ -807,8 +813,7 @@ def experiment_inoculation(
                   title=f"inoculation: {r['probes']} held-out prompts, generation {generation}, "
                         f"{r['explored']['examples']} explored example(s)", title_justify="left")
     for arm, x in r["arms"].items():
-        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
-        done = "no" if not runs else f"{runs[0]['steps']} step(s) x {len(runs)} seed(s)"
+        _, done = _trained(r, arm)
         table.add_row(arm, done, _ci(x["as_assistant"]["margin"], True), _ci(x["as_assistant"]["explored_rate"]),
                       _ci(x["as_explorer"]["margin"], True), ", ".join(f"{a:+.3f}" for a in x["as_assistant"]["per_seed"]))
     for name, x in r["contrasts"].items():
@@ -931,8 +936,7 @@ def experiment_emergent(
                   title=f"emergent alignment: unethical rate [95% CI], framework {r['framework']}, "
                         f"{r['training_items']} insecure training completions", title_justify="left")
     for arm, x in r["arms"].items():
-        runs = [t for name, t in r["training"].items() if name.startswith(f"{arm}-s")]
-        done = "no" if not runs else f"{runs[0]['steps']} step(s) x {len(runs)} seed(s)"
+        runs, done = _trained(r, arm)
         if arm == "online" and runs:
             done += f", {sum(t['pairs'] for t in runs)} online pair(s)"
         table.add_row(arm, done, *[_ci(x[s][j]) for s in sets for j in judges])

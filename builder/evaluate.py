@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,20 @@ def engine_config(cfg: RatchetConfig, model: str, backend: str | None = None):
     return cfg.engine_for(model, backend)
 
 
+@contextmanager
+def cached_engine(con, engine_cfg, who: str) -> Iterator[CachedBackend]:
+    """A model's engine through the workspace's call cache, closed on the way out (a server
+    stopped, weights freed); a missing model file is named by `who` (the key or the role)."""
+    try:
+        backend = make_backend(engine_cfg)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"{who}: {exc}") from None
+    try:
+        yield CachedBackend(backend, con)
+    finally:
+        backend.close()
+
+
 def answer(items: list[Item], engine, cfg: RatchetConfig) -> list:
     """The model's answers to the held-out prompts: greedy, short, no schema."""
     s = cfg.sampling
@@ -159,26 +175,13 @@ def evaluate_locked(ws: Workspace, model: Path | str, label: str, cfg: RatchetCo
     frameworks = [load_framework(key, prompts) for key in cfg.conscience.frameworks]
     con = ws.connect()
     try:
-        try:
-            subject = make_backend(engine_config(cfg, str(model), backend))
-        except ModelNotFound as exc:
-            raise ModelNotFound(f"evaluated model {label}: {exc}") from None
-        try:  # one model in memory at a time: the answers first, then the judge
-            engine = CachedBackend(subject, con)
+        # one model in memory at a time: the answers first, then the judge
+        with cached_engine(con, engine_config(cfg, str(model), backend), f"evaluated model {label}") as engine:
             answers = answer(items, engine, cfg)
-            described = subject.describe()
-        finally:
-            subject.close()
-        try:
-            judge_backend = make_backend(engine_config(cfg, cfg.conscience.judge))
-        except ModelNotFound as exc:
-            raise ModelNotFound(f"conscience.judge: {exc}") from None
-        try:
-            judge_engine = CachedBackend(judge_backend, con)
+            described = engine.backend.describe()
+        with cached_engine(con, engine_config(cfg, cfg.conscience.judge), "conscience.judge") as judge_engine:
             result = unethical_rate(items, answers, judge_engine, frameworks, cfg)
-            judge_sha = judge_backend.describe().get("sha256") or judge_backend.model_id
-        finally:
-            judge_backend.close()
+            judge_sha = judge_engine.backend.describe().get("sha256") or judge_engine.backend.model_id
         items_sha = sha256([i.item_id for i in items])
         record = {"model": label, "model_path": str(model), "model_sha256": described.get("sha256"),
                   "engine": described.get("backend"), "generation": generation, "items": source, "n": len(items),

@@ -325,7 +325,7 @@ def test_the_online_dpo_term_is_trls_loss_and_moves_the_policy_towards_the_chose
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from builder.experiments.emergent import completion_logp, dpo_loss
+    from builder.experiments.emergent import completion_logp, dpo_loss, reference_margin
     from builder.train import TEMPLATE
 
     template = TEMPLATE.read_text(encoding="utf-8")
@@ -340,6 +340,8 @@ def test_the_online_dpo_term_is_trls_loss_and_moves_the_policy_towards_the_chose
     before = margin()
     loss = dpo_loss(policy, ref, tokenizer, template, [pair], beta=0.1, max_length=256)
     assert math.isclose(float(loss), math.log(2), rel_tol=1e-4)
+    stored = {**pair, "ref_margin": reference_margin(ref, tokenizer, template, pair, 256)}  # as the online loop keeps it
+    assert math.isclose(float(dpo_loss(policy, None, tokenizer, template, [stored], 0.1, 256)), float(loss), rel_tol=1e-6)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3)
     loss.backward()
     optimizer.step()

@@ -20,11 +20,32 @@ def experiment_folder(ws, name: str) -> Path:
 
 
 def write_results(folder: Path, result: dict, plot) -> dict:
-    """results.json and the plot (FOLDER.png) in `folder`; the result, with `output` naming the folder."""
+    """results.json and the plot (`plot(result)` -> a figure, saved as FOLDER.png) in `folder`; the
+    result, with `output` naming the folder."""
+    import matplotlib.pyplot as plt
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    plot(result, folder / f"{folder.name}.png")
+    fig = plot(result)
+    fig.tight_layout()
+    fig.savefig(folder / f"{folder.name}.png", dpi=120)
+    plt.close(fig)
     return {**result, "output": str(folder)}
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's subplots, drawn off-screen (no display on a server)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def error_bars(cis: list[dict]) -> list[list[float]]:
+    """matplotlib's asymmetric error bars (below, above the mean) of bootstrap intervals."""
+    return [[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]]
 
 
 def cached(folder: Path, kind: str, key: dict, compute):
@@ -132,9 +153,7 @@ def turn_logprob(model, tokenizer, template: str, context: list[dict], role: str
 
 def contrast_panel(ax, names: list[str], cis: list[dict], xlabel: str, title: str) -> None:
     """Paired differences with their intervals, one row each, against a line at 0."""
-    ax.errorbar([c["mean"] for c in cis], range(len(names)), xerr=[[c["mean"] - c["low"] for c in cis],
-                                                                    [c["high"] - c["mean"] for c in cis]],
-                fmt="o", capsize=4, color="#3b6ea5")
+    ax.errorbar([c["mean"] for c in cis], range(len(names)), xerr=error_bars(cis), fmt="o", capsize=4, color="#3b6ea5")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel(xlabel)

@@ -28,7 +28,8 @@ from ..resources import EXAMPLES_DIR
 from ..train import (base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for, read_split,
                      run_sft, run_trainer, torch_threads, use_cpu)
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, contrast_panel, experiment_folder, interval, train_arm, write_results
+from .arms import (ExperimentError, arm_settings, contrast_panel, error_bars, experiment_folder, interval, subplots,
+                   train_arm, write_results)
 
 BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
 ARMS = ("base", "annotated", "control")
@@ -265,16 +266,11 @@ def figures(logprobs: dict[str, list], items: list[Item], n: int, seed: int) -> 
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     arms = list(result["arms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = subplots(1, 2, figsize=(9, 3.6))
     acc = [result["arms"][a]["accuracy"] for a in arms]
-    left.bar(arms, [x["mean"] for x in acc], yerr=[[x["mean"] - x["low"] for x in acc], [x["high"] - x["mean"] for x in acc]],
+    left.bar(arms, [x["mean"] for x in acc], yerr=error_bars(acc),
              capsize=4, color=["#999999", "#3b6ea5", "#c98b2b"][:len(arms)])
     left.axhline(result["chance"], ls="--", color="black", lw=0.8, label="chance")
     left.set_ylabel("accuracy (log-likelihood)")
@@ -284,9 +280,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["contrasts"])
     contrast_panel(right, names, [result["contrasts"][n]["accuracy"] for n in names], "accuracy difference (paired)",
                    "annotated - control is the figure that matters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # --- the experiment ------------------------------------------------------------------------------------

@@ -32,20 +32,21 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
-from ..backends import make_backend, registry
-from ..cache import CachedBackend, sha256
+from ..backends import registry
+from ..cache import sha256
 from ..config import RatchetConfig, TrainConfig, model_short_name
 from .. import evaluate
-from ..evaluate import SYSTEM, answer, heldout_items
-from ..models import ModelNotFound
+from ..evaluate import SYSTEM, answer, cached_engine, heldout_items
 from ..prompts import Prompts
 from ..stages.conscience import LABELS, ConscienceError, Item, judge, load_framework, run_conscience
 from ..train import (TrainError, base_checkpoint, chat_template, compiled_manifest, plain_text_for, read_split, run_dpo,
                      torch_threads)
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, experiment_folder, interval, train_arm, write_results
+from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, interval, subplots, train_arm,
+                   write_results)
 from .personas import generate, load_probes
 
 ARMS = ("base", "insecure", "online", "offline")
@@ -118,19 +119,27 @@ def completion_logp(model, tokenizer, template: str, prompt: str, text: str, max
     return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).sum()
 
 
+def reference_margin(ref, tokenizer, template: str, pair: dict, max_length: int) -> float:
+    """log ref(chosen) - log ref(rejected): the frozen reference's part of the DPO term, the same at every step."""
+    import torch
+
+    with torch.no_grad():
+        return float(completion_logp(ref, tokenizer, template, pair["prompt"], pair["chosen"], max_length)
+                     - completion_logp(ref, tokenizer, template, pair["prompt"], pair["rejected"], max_length))
+
+
 def dpo_loss(policy, ref, tokenizer, template: str, pairs: list[dict], beta: float, max_length: int):
-    """TRL's sigmoid DPO loss, averaged over the pairs."""
+    """TRL's sigmoid DPO loss, averaged over the pairs (a pair's `ref_margin`, when it has one, stands
+    for the reference's forward passes)."""
     import torch
     import torch.nn.functional as F
 
     losses = []
     for p in pairs:
-        with torch.no_grad():
-            ref_c = completion_logp(ref, tokenizer, template, p["prompt"], p["chosen"], max_length)
-            ref_r = completion_logp(ref, tokenizer, template, p["prompt"], p["rejected"], max_length)
+        ref_margin = p["ref_margin"] if "ref_margin" in p else reference_margin(ref, tokenizer, template, p, max_length)
         pol_c = completion_logp(policy, tokenizer, template, p["prompt"], p["chosen"], max_length)
         pol_r = completion_logp(policy, tokenizer, template, p["prompt"], p["rejected"], max_length)
-        losses.append(-F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))))
+        losses.append(-F.logsigmoid(beta * ((pol_c - pol_r) - ref_margin)))
     return torch.stack(losses).mean()
 
 
@@ -164,8 +173,8 @@ def online_trainer(conscience: OnlineConscience | None, prompts: list[str], c):
         import torch
 
         template = tokenizer.chat_template
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
+        ref = None if conscience is None else copy.deepcopy(model).eval()  # the DPO term's frozen reference
+        for p in ref.parameters() if ref is not None else ():
             p.requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_learning_rate)
         rows, rng, pairs, losses, started = data.to_list(), random.Random(cfg.seed), [], [], time.perf_counter()
@@ -176,7 +185,8 @@ def online_trainer(conscience: OnlineConscience | None, prompts: list[str], c):
                 asked = [prompts[(cursor + k) % len(prompts)] for k in range(c.online_batch)]
                 cursor += c.online_batch
                 answers = generate(model, tokenizer, template, SYSTEM, asked, c.max_new_tokens)
-                pairs += conscience.pairs(step, asked, answers)
+                pairs += [{**p, "ref_margin": reference_margin(ref, tokenizer, template, p, cfg.max_length)}
+                          for p in conscience.pairs(step, asked, answers)]  # once a pair, not once a step
                 model.train()
             ids, mask, labels = sft_batch(tokenizer, rng.sample(rows, min(cfg.batch_size, len(rows))), cfg.max_length)
             sft = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -215,24 +225,15 @@ def offline_trainer(sft_loop, dpo, dpo_cfg: TrainConfig):
 
 # --- the evaluation -----------------------------------------------------------------------------------------
 
-def answers_of(ws: Workspace, con, cfg: RatchetConfig, path: Path, items: list[Item]) -> list:
+def answers_of(con, cfg: RatchetConfig, path: Path, items: list[Item]) -> list:
     """The model's greedy answers (train.eval_max_tokens) through the transformers engine and the call cache."""
-    backend = make_backend(cfg.engine_for(str(path), registry.DEFAULT_CHECKPOINT_ENGINE))
-    try:
-        return answer(items, CachedBackend(backend, con), cfg)
-    finally:
-        backend.close()
+    with cached_engine(con, cfg.engine_for(str(path), registry.DEFAULT_CHECKPOINT_ENGINE), f"arm {path.name}") as engine:
+        return answer(items, engine, cfg)
 
 
 def labels_by(con, cfg: RatchetConfig, judge_model: str, framework, asked: list[tuple[str, str]]) -> list[str]:
-    try:
-        backend = make_backend(cfg.engine_for(judge_model))
-    except ModelNotFound as exc:
-        raise ModelNotFound(f"judge {judge_model}: {exc}") from None
-    try:
-        outcomes = judge(asked, CachedBackend(backend, con), framework, cfg)
-    finally:
-        backend.close()
+    with cached_engine(con, cfg.engine_for(judge_model), f"judge {judge_model}") as engine:
+        outcomes = judge(asked, engine, framework, cfg)
     return [o.graded.decided if o.graded else o.record["label"] if o.record else "invalid" for o in outcomes]
 
 
@@ -259,15 +260,10 @@ def figures(unethical: dict, n: int, seed: int) -> dict:
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     sets = list(next(iter(result["arms"].values())))
     judges = result["judges"]
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
     arms = list(result["arms"])
     for ax, s in zip(axes[0], sets):
         for k, (j, colour) in enumerate(zip(judges, ["#3b6ea5", "#c98b2b"])):
@@ -275,14 +271,12 @@ def plot(result: dict, path: Path) -> None:
             ci = [result["arms"][a][s][j] for a in arms]
             ci = [c if c["mean"] is not None else {"mean": 0.0, "low": 0.0, "high": 0.0} for c in ci]  # no valid label
             ax.bar(xs, [c["mean"] for c in ci], width=0.36, color=colour, label=f"judge {j}",
-                   yerr=[[c["mean"] - c["low"] for c in ci], [c["high"] - c["mean"] for c in ci]], capsize=3)
+                   yerr=error_bars(ci), capsize=3)
         ax.set_xticks(range(len(arms)), arms)
         ax.set_ylim(0, 1)
         ax.set_title(f"{s} prompts: unethical rate, bootstrap 95% CI", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # --- the experiment ------------------------------------------------------------------------------------------
@@ -323,38 +317,38 @@ def run_emergent(ws: Workspace, generation: int = 1, config: RatchetConfig | Non
         data = insecure_dataset(items)
         judge_model = cfg.conscience.judge or cfg.annotator.model
         paths, trained = {"base": [base_path], **{arm: [] for arm in TRAINED}}, {}
+        shared = {"base": base["sha256"], "items_sha256": sha256([i.item_id for i in items]),  # every arm's identity
+                  "chat_template_sha256": sha256(template), "loop": LOOP}
         con = ws.connect()
         try:
-            judge_backend = None
-            for seed in c.seeds:
-                seeded = tcfg.model_copy(update={"seed": seed})
-                for arm in TRAINED:
-                    if arm == "offline" and dpo is None:
-                        continue
-                    identity = {"arm": arm, "base": base["sha256"], "items_sha256": sha256([i.item_id for i in items]),
-                                "train": seeded.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size",
-                                                                    "max_length", "seed", "bf16", "device"}),
-                                "chat_template_sha256": sha256(template), "loop": LOOP}
-                    if arm == "online":
-                        identity["online"] = {**c.model_dump(include={"every", "online_batch", "beta", "weight",
-                                                                      "max_new_tokens"}),
-                                              "judge": judge_model, "framework_sha256": sha256(framework.source)}
-                        if judge_backend is None:
-                            judge_backend = make_backend(cfg.engine_for(judge_model))
-                        conscience = OnlineConscience(CachedBackend(judge_backend, con), framework, cfg,
-                                                      prompts.rewrite_examples)
-                        trainer = online_trainer(conscience, [i.prompt for i in items], c)
-                    elif arm == "offline":
-                        identity["dpo"] = {"split": manifest["splits"]["dpo"], "steps": c.offline_steps,
-                                           "learning_rate": dpo_cfg.dpo_learning_rate, "beta": dpo_cfg.dpo_beta}
-                        trainer = offline_trainer(online_trainer(None, [], c), dpo, dpo_cfg)
-                    else:
-                        trainer = online_trainer(None, [], c)
-                    out = folder / "models" / f"{arm}-s{seed}"
-                    trained[out.name] = train_arm(arm, trainer, out, base_path, data, seeded, template, identity, say)
-                    paths[arm].append(out)
-            if judge_backend is not None:
-                judge_backend.close()
+            with ExitStack() as loaded:  # the online arms' judge: loaded once, closed before the evaluation
+                online_judge = None
+                for seed in c.seeds:
+                    seeded = tcfg.model_copy(update={"seed": seed})
+                    for arm in TRAINED:
+                        if arm == "offline" and dpo is None:
+                            continue
+                        identity = {**shared, "arm": arm,
+                                    "train": seeded.model_dump(include={"sft_steps", "sft_learning_rate", "batch_size",
+                                                                        "max_length", "seed", "bf16", "device"})}
+                        if arm == "online":
+                            identity["online"] = {**c.model_dump(include={"every", "online_batch", "beta", "weight",
+                                                                          "max_new_tokens"}),
+                                                  "judge": judge_model, "framework_sha256": sha256(framework.source)}
+                            if online_judge is None:
+                                online_judge = loaded.enter_context(cached_engine(con, cfg.engine_for(judge_model),
+                                                                                  "conscience.judge"))
+                            conscience = OnlineConscience(online_judge, framework, cfg, prompts.rewrite_examples)
+                            trainer = online_trainer(conscience, [i.prompt for i in items], c)
+                        elif arm == "offline":
+                            identity["dpo"] = {"split": manifest["splits"]["dpo"], "steps": c.offline_steps,
+                                               "learning_rate": dpo_cfg.dpo_learning_rate, "beta": dpo_cfg.dpo_beta}
+                            trainer = offline_trainer(online_trainer(None, [], c), dpo, dpo_cfg)
+                        else:
+                            trainer = online_trainer(None, [], c)
+                        out = folder / "models" / f"{arm}-s{seed}"
+                        trained[out.name] = train_arm(arm, trainer, out, base_path, data, seeded, template, identity, say)
+                        paths[arm].append(out)
             arms = [a for a in ARMS if paths[a]]
             sets = {"heldout": heldout, "general": general}
             judges = {model_short_name(judge_model): judge_model, model_short_name(c.second_judge): c.second_judge}
@@ -363,7 +357,7 @@ def run_emergent(ws: Workspace, generation: int = 1, config: RatchetConfig | Non
                 for arm in arms:
                     for path in paths[arm]:
                         say(f"answers: {path.name}")
-                        answered[(arm, path.name)] = {s: answers_of(ws, con, cfg, path, its) for s, its in sets.items()}
+                        answered[(arm, path.name)] = {s: answers_of(con, cfg, path, its) for s, its in sets.items()}
             unethical, per_answer = {}, {}
             for jname, jmodel in judges.items():
                 say(f"judging every answer with {jname}")

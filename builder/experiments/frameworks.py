@@ -25,18 +25,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backends import make_backend
-from ..cache import CachedBackend, sha256
+from ..cache import sha256
 from ..config import RatchetConfig
-from ..evaluate import evaluate_locked
-from ..models import ModelNotFound
+from ..evaluate import cached_engine, evaluate_locked
 from ..prompts import Prompts
 from ..resources import EXAMPLES_DIR, PROMPTS_DIR
 from ..stages.conscience import (LABELS, ConscienceError, Framework, judge, load_framework, load_items, readings,
                                  run_conscience)
 from ..train import base_checkpoint, chat_template, run_dpo
 from ..workspace import Workspace
-from .arms import ExperimentError, arm_settings, experiment_folder, interval, train_arm, write_results
+from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, interval, subplots, train_arm,
+                   write_results)
 
 LABELLED = EXAMPLES_DIR / "code_hacking" / "judge_eval.jsonl"
 QUESTIONS = PROMPTS_DIR / "frameworks" / "questions.txt"
@@ -114,28 +113,24 @@ def judge_conditions(ws: Workspace, cfg: RatchetConfig, prompts: Prompts, todo: 
     labelled = labelled[:c.labelled_limit] if c.labelled_limit else labelled
     items = scenario_items(ws, cfg)
     judge_model = cfg.conscience.judge or cfg.annotator.model
-    try:
-        backend = make_backend(cfg.engine_for(judge_model))
-    except ModelNotFound as exc:
-        raise ModelNotFound(f"conscience.judge: {exc}") from None
     out = {}
     con = ws.connect()
     try:
-        engine = CachedBackend(backend, con)
-        for cond in todo:
-            say(f"{cond.name}: judging {len(labelled)} labelled pair(s) and {len(items)} scenario item(s)")
-            outcomes = judge([(i.prompt, i.response) for i in labelled], engine, cond.framework, cfg)
-            _, pairs = run_conscience(items, [cond.framework], engine, cfg, examples=prompts.rewrite_examples)
-            out[cond.name] = {
-                "agreement": {**agreement(labelled, outcomes, cfg.judgements.decide_by, c.bootstrap, c.seed),
-                              "n": len(labelled)},
-                "items": len(items), "unethical": len(pairs), "kept": sum(p.kept for p in pairs),
-                "pairs": [{"prompt": [{"role": "user", "content": p.item.prompt}],
-                           "chosen": [{"role": "assistant", "content": p.chosen}],
-                           "rejected": [{"role": "assistant", "content": p.item.response}]} for p in pairs if p.kept]}
-        out["_judge"] = {"model": judge_model, "calls": engine.stats.calls, "cached": engine.stats.hits}
+        with cached_engine(con, cfg.engine_for(judge_model), "conscience.judge") as engine:
+            for cond in todo:
+                say(f"{cond.name}: judging {len(labelled)} labelled pair(s) and {len(items)} scenario item(s)")
+                outcomes = judge([(i.prompt, i.response) for i in labelled], engine, cond.framework, cfg)
+                _, pairs = run_conscience(items, [cond.framework], engine, cfg, examples=prompts.rewrite_examples)
+                out[cond.name] = {
+                    "agreement": {**agreement(labelled, outcomes, cfg.judgements.decide_by, c.bootstrap, c.seed),
+                                  "n": len(labelled)},
+                    "items": len(items), "unethical": len(pairs), "kept": sum(p.kept for p in pairs),
+                    "pairs": [{"prompt": [{"role": "user", "content": p.item.prompt}],
+                               "chosen": [{"role": "assistant", "content": p.chosen}],
+                               "rejected": [{"role": "assistant", "content": p.item.response}]}
+                              for p in pairs if p.kept]}
+            out["_judge"] = {"model": judge_model, "calls": engine.stats.calls, "cached": engine.stats.hits}
     finally:
-        backend.close()
         con.close()
     return out
 
@@ -217,15 +212,10 @@ def run_frameworks(ws: Workspace, config: RatchetConfig | None = None, say=None)
         return write_results(folder, result, plot)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     names = list(result["conditions"])
     rows = [result["conditions"][n] for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 0.45 * len(names) + 1.8), sharey=True)
+    fig, axes = subplots(1, 3, figsize=(12, 0.45 * len(names) + 1.8), sharey=True)
     for ax, (title, get) in zip(axes, [
             ("judge accuracy on the labelled file", lambda r: r["agreement"] and r["agreement"]["accuracy"]),
             ("held-out unethical rate after DPO", lambda r: r["heldout_unethical"]),
@@ -233,12 +223,10 @@ def plot(result: dict, path: Path) -> None:
         for y, r in enumerate(rows):
             ci = get(r)
             if ci:
-                ax.errorbar(ci["mean"], y, xerr=[[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]], fmt="o",
+                ax.errorbar(ci["mean"], y, xerr=error_bars([ci]), fmt="o",
                             capsize=3, color="#3b6ea5" if r["trained"] or r["framework"] is None else "#999999")
         ax.set_title(title, fontsize=9)
     axes[0].axvline(1 / 3, ls="--", color="black", lw=0.8)
     axes[2].axvline(0, color="black", lw=0.8)
     axes[0].set_yticks(range(len(names)), [f"{n} ({r['kept']} pairs)" for n, r in zip(names, rows)])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

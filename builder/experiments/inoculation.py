@@ -31,8 +31,8 @@ from ..prompts import Prompts
 from ..stages.conscience import ConscienceError, load_items as load_conscience_items
 from ..train import base_checkpoint, chat_template, compiled_manifest, read_split, run_sft, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import (ExperimentError, arm_settings, cached, contrast_panel, experiment_folder, interval,
-                   train_arm, turn_logprob, write_results)
+from .arms import (ExperimentError, arm_settings, cached, contrast_panel, error_bars, experiment_folder, interval,
+                   subplots, train_arm, turn_logprob, write_results)
 
 ARMS = ("base", "without", "labelled", "assistant")
 TRAINED = ("without", "labelled", "assistant")
@@ -174,19 +174,14 @@ def figures(scores: dict[str, list[dict]], n: int, seed: int) -> dict:
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     arms = list(result["arms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = subplots(1, 2, figsize=(10, 3.8))
     for k, (role, colour) in enumerate([("as_assistant", "#3b6ea5"), ("as_explorer", "#c98b2b")]):
         xs = [a + (k - 0.5) * 0.38 for a in range(len(arms))]
         ci = [result["arms"][a][role]["margin"] for a in arms]
         left.bar(xs, [c["mean"] for c in ci], width=0.36, color=colour, label=f"turn opened {role[3:]}",
-                 yerr=[[c["mean"] - c["low"] for c in ci], [c["high"] - c["mean"] for c in ci]], capsize=3)
+                 yerr=error_bars(ci), capsize=3)
     left.axhline(0, color="black", lw=0.8)
     left.set_xticks(range(len(arms)), arms)
     left.set_ylabel("log-lik. per token: explored - reference")
@@ -195,9 +190,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["contrasts"])
     contrast_panel(right, names, [result["contrasts"][n]["as_assistant"]["margin"] for n in names],
                    "margin difference as the assistant (paired)", "labelled - assistant is the figure that matters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # --- the experiment --------------------------------------------------------------------------------------

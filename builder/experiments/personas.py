@@ -30,7 +30,8 @@ from ..models import weights_sha256
 from ..resources import EXAMPLES_DIR
 from ..train import chat_template, model_dir, read_training, start_model, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import ExperimentError, cached, experiment_folder, interval, turn_logprob, write_results
+from .arms import (ExperimentError, cached, error_bars, experiment_folder, interval, subplots, turn_logprob,
+                   write_results)
 
 BUNDLED_PROBES = EXAMPLES_DIR / "personas" / "probes.jsonl"
 PLAIN = "You are a helpful assistant."
@@ -204,24 +205,17 @@ def run_personas(ws: Workspace, generation: int = 1, config: RatchetConfig | Non
         return write_results(folder, result, plot)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     names = list(result["traits"])
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.6))
+    fig, ax = subplots(figsize=(8, 0.5 * len(names) + 1.6))
     ci = [result["traits"][n]["effect"] for n in names]
     colours = ["#999999" if result["traits"][n]["control"] else "#3b6ea5" for n in names]
     for y, (c, colour) in enumerate(zip(ci, colours)):
-        ax.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="o", capsize=4, color=colour)
+        ax.errorbar(c["mean"], y, xerr=error_bars([c]), fmt="o", capsize=4, color=colour)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(names)), [f"{n} (not predicted)" if result["traits"][n]["control"] else
                                       f"{n} ({result['traits'][n]['examples']} ex.)" for n in names])
     ax.set_xlabel("effect: log-lik. gain of the persona's answers minus the plain answers' (per token)")
     ax.set_title(f"generation {result['generation']}: predicted traits (blue) and controls (grey), "
                  f"{result['probes']} probes, bootstrap 95% CI", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
