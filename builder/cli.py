@@ -137,6 +137,15 @@ def _per_kept(cost: dict | None) -> str:
     return f"{cost['seconds']:.2f} s, {cost['tokens_evaluated']} tokens evaluated ({cost['kept']} kept)"
 
 
+def _faithfulness(f: dict | None) -> str:
+    """Claims kept and dropped by the gates (builder/faithfulness.py), and the annotations they vetoed."""
+    if not f or not f.get("claims_written"):
+        return "no claim checked"
+    share = f"{100 * f['verified_share']:.0f}%"
+    return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified), dropped "
+            f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) dropped; vetoed {f['vetoed'] or 'none'}")
+
+
 def _summary_table(s: dict) -> Table:
     table = Table(title=f"generation {s['generation']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -151,6 +160,7 @@ def _summary_table(s: dict) -> Table:
         ("annotations accepted", f"{s['accepted']} of {s['annotations']}"),
         ("annotations rejected", f"{s['rejected']} {s['rejection_reasons'] or ''}"),
         ("truncated outputs", f"{100 * s['truncation_rate']:.1f}% of {s['attempts']} attempts"),
+        ("faithfulness gates", _faithfulness(s.get("faithfulness"))),
         ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
         ("engine errors", s["engine_errors"]),
         ("completion tokens", s["completion_tokens"]),

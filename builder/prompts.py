@@ -57,8 +57,7 @@ def annotation_limits() -> dict[str, int]:
 
     props = load_schema("annotation")["properties"]
     claim = props["claims"]["items"]["properties"]
-    return {"claim": claim["claim"]["maxLength"], "evidence": claim["evidence"]["maxLength"],
-            "note": props["weak_reasoning"]["items"]["maxLength"], "reflection": props["reflection"]["maxLength"]}
+    return {"claim": claim["claim"]["maxLength"], "note": props["weak_reasoning"]["items"]["maxLength"], "reflection": props["reflection"]["maxLength"]}
 
 
 class PromptError(Exception):

@@ -32,6 +32,7 @@ class Outcome:
     decision: dict | None = None  # a judgement's distribution over its values (Response.decision)
     trimmed: int = 0  # strings cut back to a whole sentence or word after reaching their maxLength
     graded: object = None  # stages.base.Graded, for a judging task's accepted outcome
+    checked: object = None  # what the task's own check (ModelTask.check) found in the last valid answer
 
 
 _VALIDATORS: dict[str, jsonschema.Draft202012Validator] = {}
@@ -62,7 +63,7 @@ def check_output(response: Response, validator: jsonschema.Draft202012Validator,
     if unfinished(response):
         return None, unfinished(response)
     try:
-        record = json.loads(response.text)
+        record = unmark(json.loads(response.text))  # a copied data mark is no part of the answer
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON: {exc.msg} at char {exc.pos}"
     error = jsonschema.exceptions.best_match(validator.iter_errors(record))
@@ -74,8 +75,8 @@ def check_output(response: Response, validator: jsonschema.Draft202012Validator,
         return None, f"truncated: {cut} reached its maxLength and was cut off"
     if cut:
         record, trimmed = trim_at_bound(record, validator.schema)
-        return {**unmark(record), "_trimmed": trimmed}, None
-    return unmark(record), None
+        return {**record, "_trimmed": trimmed}, None
+    return record, None
 
 
 def check_text(response: Response, validator: jsonschema.Draft202012Validator,
@@ -151,13 +152,16 @@ def retry_sampling(temperature: float, attempt: int) -> float:
 
 def generate_valid(n: int, make_request: Callable[[int, int], Request], engine, retries: int,
                    on_done: Callable[[int, Outcome], None] | None = None, at_bound: str = "retry",
-                   text_field: str = "", schema_of: Callable[[int], dict] | None = None) -> list[Outcome]:
+                   text_field: str = "", schema_of: Callable[[int], dict] | None = None,
+                   check: Callable[[int, dict], tuple[dict, object, str | None]] | None = None) -> list[Outcome]:
     """Run items 0..n-1 through `engine` (a cached backend) in rounds: round 0 for all, then only
     the failures again, up to `retries` extra rounds. make_request(i, attempt) builds item i's
     request; each output is validated against that request's schema (with `text_field`: the
     request has none, and the free text becomes {text_field: text}, validated against
-    schema_of(i)). on_done(i, outcome) is called once per item, when it is accepted or out of
-    attempts."""
+    schema_of(i)). `check(i, record)` -> (record, findings, veto) runs on every valid output: a
+    veto fails the attempt like an invalid output (retried with the next seed, then the item is
+    rejected with it), the findings are kept on the outcome. on_done(i, outcome) is called once
+    per item, when it is accepted or out of attempts."""
     outcomes = [Outcome("rejected") for _ in range(n)]
     pending = list(range(n))
     for attempt in range(retries + 1):
@@ -174,6 +178,9 @@ def generate_valid(n: int, make_request: Callable[[int, int], Request], engine, 
             out.truncated += response.finish_reason == "length" or (reason or "").startswith("truncated")
             if record is not None:
                 out.trimmed = record.pop("_trimmed", 0)
+            if record is not None and check is not None:
+                record, out.checked, reason = check(i, record)
+                record = None if reason else record
             if record is not None:
                 out.status, out.record, out.reason = "accepted", record, None
                 out.call_key = response.extra.get("cache_key")

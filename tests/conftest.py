@@ -46,6 +46,10 @@ def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections
     """A workspace with a JSONL corpus and a config whose sections are overridden by kwargs
     (one-member ensemble unless `ensemble` is given)."""
     sections.setdefault("ensemble", ONE_MEMBER)
+    # Tests of other features than faithfulness run SmolLM2-135M without the faithfulness gates:
+    # it passes them on about 1 passage in 8 (bench/annotators.py), which would leave those tests
+    # nothing to compile. The gates on real models: tests/stages/test_faithful_build.py.
+    sections["annotate"] = {"gates": False, **sections.get("annotate", {})}
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus").mkdir(exist_ok=True)
     if corpus_rows is not None:

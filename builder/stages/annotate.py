@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from .. import faithfulness
 from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
@@ -27,6 +28,10 @@ class AnnotationRow:
     call_key: str | None = doc("the model call that produced it")
     trimmed: int | None = doc("strings cut back to a whole sentence or word after reaching their maxLength",
                               default=None, added=True)
+    claim_checks: Json | None = doc("each claim the model wrote, with its verdict (supported | dropped) and why "
+                                    "(builder/faithfulness.py); the record keeps the supported ones", default=None,
+                                    added=True)
+    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage", default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -50,15 +55,29 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
     def __init__(self, prompts: Prompts, cfg: RatchetConfig, generation: int, annotator: str, persona: str = "default",
                  temperature: float | None = None):
         super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
-        self.prompts, self.mark, self.persona = prompts, cfg.annotate.datamark, persona
+        self.prompts, self.mark, self.persona, self.gates = prompts, cfg.annotate.datamark, persona, cfg.annotate.gates
         self.generation, self.annotator = generation, annotator
+        self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
+
+    def schema(self, passage: Passage) -> dict:
+        if not self.gates:
+            return super().schema(passage)
+        return faithfulness.annotation_schema(passage.text)  # evidence: one of the passage's own spans
 
     def format_input(self, passage: Passage) -> tuple[dict, ...]:
         return self.prompts.annotation_messages(passage.text, mark=self.mark, persona=self.persona)
 
+    def check(self, passage: Passage, record: dict) -> tuple[dict, object, str | None]:
+        if not self.gates:
+            return record, None, None
+        gated = faithfulness.gate(record, passage.text, self.example_runs)
+        return gated.record, gated, gated.veto
+
     def format_output(self, passage: Passage, o: Outcome) -> AnnotationRow:
+        gated = o.checked
         return AnnotationRow(self.generation, passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
-                             o.truncated, o.record, o.call_key, o.trimmed)
+                             o.truncated, o.record, o.call_key, o.trimmed,
+                             gated.claim_checks if gated else None, gated.dropped_notes if gated else None)
 
 
 class Annotate(Stage):
@@ -120,4 +139,19 @@ def annotation_metrics(rows: list[AnnotationRow]) -> dict:
             "rejected": sum(r.status == "rejected" for r in rows), "rejection_reasons": dict(sorted(reasons.items())),
             "attempts": attempts,
             "truncation_rate": round(sum(r.truncated for r in rows) / attempts, 4) if attempts else 0.0,
-            "trimmed_strings": sum(r.trimmed or 0 for r in rows if r.status == "accepted")}
+            "trimmed_strings": sum(r.trimmed or 0 for r in rows if r.status == "accepted"),
+            "faithfulness": faithfulness_metrics(rows)}
+
+
+def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
+    """What the gates did to the accepted annotations (the last attempt of each): claims kept,
+    claims dropped by reason, notes dropped; and the vetoes that rejected annotations."""
+    checks = [c for r in rows if r.status == "accepted" for c in r.claim_checks or []]
+    kept = sum(c["verdict"] == "supported" for c in checks)
+    dropped = Counter(c["reason"].split(":")[0] for c in checks if c["verdict"] != "supported")
+    vetoes = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected"
+                     and (r.reason or "").split(":")[0] in faithfulness.VETOES)
+    return {"claims_written": len(checks), "claims_kept": kept, "claims_dropped": dict(sorted(dropped.items())),
+            "verified_share": round(kept / len(checks), 4) if checks else None,
+            "notes_dropped": sum(r.dropped_notes or 0 for r in rows if r.status == "accepted"),
+            "vetoed": dict(sorted(vetoes.items()))}

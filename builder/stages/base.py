@@ -92,6 +92,11 @@ class ModelTask(ABC, Generic[Item, Row]):
     def format_output(self, item: Item, outcome: Outcome) -> Row:
         """The row stored for one item: its record on success, the reason otherwise."""
 
+    def check(self, item: Item, record: dict) -> tuple[dict, object, str | None]:
+        """A valid answer's own check beyond its schema: (the record to keep, what was found,
+        a veto or None). A veto is retried with the next seed like an invalid answer."""
+        return record, None, None
+
     def request(self, item: Item, attempt: int) -> Request:
         s = self.sampling
         return Request(self.format_input(item), None if self.text_field else self.schema(item), max_tokens=s.max_tokens,
@@ -108,7 +113,8 @@ def run_task(task: ModelTask[Item, Row], items: Sequence[Item], engine: CachedBa
     outcomes = generate_valid(len(items), lambda i, attempt: task.request(items[i], attempt), engine,
                               task.sampling.retries, on_done=(lambda i, out: advance(1)) if advance else None,
                               at_bound=task.sampling.at_bound, text_field=task.text_field,
-                              schema_of=lambda i: task.schema(items[i]))
+                              schema_of=lambda i: task.schema(items[i]),
+                              check=lambda i, record: task.check(items[i], record))
     if isinstance(task, JudgingTask):
         grade(task, items, outcomes, engine)
     return [task.format_output(item, outcome) for item, outcome in zip(items, outcomes)]

@@ -33,6 +33,8 @@ class Scored:
     annotator: str
     score: float | None  # None: not scrutinized, or no valid critique
     critiques: int  # valid critiques behind the score
+    dropped: int = 0  # claims the faithfulness gates dropped from it (faithfulness.gate)
+    verified: int = 0  # claims that passed them
 
 
 @dataclass
@@ -53,15 +55,25 @@ def convergence_score(votes: list[tuple[str, float]], weights: dict[str, float])
 
 
 def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueRow],
-                      weights: dict[str, float]) -> list[Scored]:
-    """accepted: (passage_id, annotator) of every valid annotation."""
+                      weights: dict[str, float], gated: dict[tuple[str, str], tuple[int, int]] | None = None) -> list[Scored]:
+    """accepted: (passage_id, annotator) of every valid annotation; gated: its (verified,
+    dropped) claims by the faithfulness gates."""
+    gated = gated or {}
     votes: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
     for c in critiques:
         if c.status == "accepted":
             score = c.score if c.score is not None else VERDICT_POINTS.get(c.verdict, 0.0)
             votes[(c.passage_id, c.annotator)].append((c.critic, score))
-    return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]))
+    return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]),
+                   gated.get((pid, author), (0, 0))[1], gated.get((pid, author), (0, 0))[0])
             for pid, author in accepted]
+
+
+def claim_counts(per_member: dict) -> dict[tuple[str, str], tuple[int, int]]:
+    """(passage_id, annotator) -> (verified, dropped) claims of every accepted annotation."""
+    return {(r.passage_id, name): (sum(c["verdict"] == "supported" for c in r.claim_checks or []),
+                                   sum(c["verdict"] != "supported" for c in r.claim_checks or []))
+            for name, rows in per_member.items() for r in rows if r.status == "accepted"}
 
 
 def tie_break(passage_id: str, annotator: str) -> str:
@@ -72,8 +84,10 @@ def tie_break(passage_id: str, annotator: str) -> str:
 
 def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrutinized: bool,
            member_order: list[str] | None = None) -> list[Selection]:
-    """Per passage, the annotation with the highest score at or above the threshold (ties: more
-    critiques, then tie_break), or none with the reason. Unscrutinized (no critic), every
+    """Per passage, the best annotation whose score is at or above the threshold, or none with the
+    reason. Best: the fewest claims dropped by the faithfulness gates, then the most claims
+    verified (facts about the text, where the critics' votes measured at chance), then the
+    highest score, then more critiques, then tie_break. Unscrutinized (no critic), every
     annotation ties and tie_break picks one."""
     by_passage: dict[str, list[Scored]] = defaultdict(list)
     for s in scored:
@@ -92,10 +106,12 @@ def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrut
         if not rated:
             out.append(Selection(pid, None, None, "no valid critique"))
             continue
-        best = min(rated, key=lambda s: (-s.score, -s.critiques, tie_break(pid, s.annotator)))
-        if best.score >= threshold:
+        passing = [s for s in rated if s.score >= threshold]
+        if passing:
+            best = min(passing, key=lambda s: (s.dropped, -s.verified, -s.score, -s.critiques, tie_break(pid, s.annotator)))
             out.append(Selection(pid, best.annotator, best.score, "converged"))
         else:
+            best = max(rated, key=lambda s: s.score)
             out.append(Selection(pid, None, best.score,
                                  f"below threshold: best score {best.score:.2f} ({best.annotator}) < {threshold:.2f}"))
     return out
@@ -197,7 +213,8 @@ class Converge(Stage):
     def run(self, ctx: BuildContext) -> dict:
         g, ensemble = ctx.generation, ctx.ensemble
         weights = vote_weights(ctx.con, g, ctx.cfg.audit.vote_weights)
-        ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights)
+        ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights,
+                                       claim_counts(ctx.per_member))
         ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
         ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0 or bool(ensemble.verifiers),
                                 [m.name for m in ensemble.annotators])

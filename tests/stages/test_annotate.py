@@ -14,7 +14,8 @@ from builder.workspace import create_schema
 
 from ..conftest import TextBackend
 
-GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "evidence": "| taxes rose", "kind": "fact", "support": "weak", "confidence": "low"}],
+# Every passage below says "the taxes rose": a span of its own, quoted with a copied data mark.
+GOOD = {"claims": [{"claim": "Taxes\u02c6rose", "evidence": "| the taxes rose", "kind": "fact", "support": "weak", "confidence": "low"}],
         "weak_reasoning": [], "uncertainties": ["no source"], "ethical_stakes": [], "reflection": "Unsourced claim about taxes."}
 
 
@@ -41,8 +42,11 @@ class Scripted(TextBackend):
         return out
 
 
+TAXES = ": the taxes rose"
+
+
 def passages(*texts):
-    return [Passage(passage_id(t), "test", 0, t, 3) for t in texts]
+    return [Passage(passage_id(t + TAXES), "test", 0, t + TAXES, 3) for t in texts]
 
 
 def run(script, texts, retries=2):
@@ -77,7 +81,7 @@ def test_bounded_retries_then_rejection_with_reason():
     script = {"gamma": [('{"claims": [', "length")], "delta": [('{"claims": []}', "stop")]}
     results, backend, _, _ = run(script, ["gamma text", "delta text"], retries=2)
     by = {r.passage_id: r for r in results}
-    gamma, delta = by[passage_id("gamma text")], by[passage_id("delta text")]
+    gamma, delta = by[passage_id("gamma text" + TAXES)], by[passage_id("delta text" + TAXES)]
     assert gamma.status == "rejected" and gamma.attempts == 3 and gamma.truncated == 3
     assert gamma.reason.startswith("truncated")
     assert delta.status == "rejected" and "schema violation" in delta.reason

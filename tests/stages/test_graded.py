@@ -15,7 +15,7 @@ from builder.resources import load_schema
 from builder.stages.base import calibrate, run_task
 from builder.stages.conscience import JudgeTask, load_framework
 from builder.stages.scrutinize import CritiqueTask, Task, critic_sampling, critique_schema
-from builder.verifier import check, grounded
+from builder.verifier import check, grounding
 from builder.workspace import create_schema
 
 from ..conftest import SHORT_PASSAGES, engine_config
@@ -81,33 +81,29 @@ def test_calibration_divides_by_the_content_free_baseline():
 
 def test_grounding_normalises_marks_case_whitespace_and_punctuation():
     passage = "The city council says the new bridge cut commuting times by 40 percent, but it has published no data."
-    assert grounded("cut commuting times by 40 percent but", passage)
-    assert grounded("| The City Council  says", passage)  # a copied data mark, case and spacing
-    assert grounded("the new bridge ... published no data", passage)  # parts in order
-    assert not grounded("published no data ... the new bridge", passage)  # out of order
-    assert not grounded("cut commuting times by 14 percent", passage)  # a changed number is not the passage's
-    assert not grounded("", passage) and not grounded("...", passage)
+    assert grounding("cut commuting times by 40 percent but", passage) == 1.0
+    assert grounding("| The City Council  says", passage) == 1.0  # a copied data mark, case and spacing
+    assert grounding("cut commuting times by 14 percent", passage) == 0.0  # a changed number is not the passage's
+    assert grounding("", passage) == 0.0 and grounding("...", passage) == 0.0
 
 
-def test_grounding_is_graded_by_word_pairs_and_a_number_the_passage_lacks_is_zero():
-    from builder.verifier import grounding
-
+def test_grounding_takes_one_contiguous_span_only():
     passage = SHORT_PASSAGES[0]
     assert grounding("the new bridge cut commuting times", passage) == 1.0
-    assert grounding("the bridge cut commuting times", passage) == pytest.approx(3 / 4)  # one word dropped
-    assert grounding("the new bridge cut commuting times by 14 percent", passage) == 0.0  # a changed number
-    assert grounding("everyone loves the new phone", passage) < 0.3  # another passage's words
+    assert grounding("the bridge cut commuting times", passage) == 0.0  # one word dropped: not the passage's words
+    assert grounding("the new bridge ... published no data", passage) == 0.0  # pieces joined by an ellipsis
+    assert grounding("council says the new bridge published no data", passage) == 0.0  # word pairs stitched
 
 
-def test_the_verifier_votes_the_mean_grounding_of_the_claims():
+def test_the_verifier_votes_the_share_of_claims_whose_quote_is_a_span():
     passage = SHORT_PASSAGES[0]
     good = check(passage, RECORD)
     assert (good.verdict, good.share, good.claim_verdicts) == ("survives", 1.0, ["sound"])
     made_up = {**RECORD["claims"][0], "evidence": "reopened after four months"}
     close = {**RECORD["claims"][0], "evidence": "the council says the new bridge cut commuting times"}
     mixed = check(passage, {**RECORD, "claims": [RECORD["claims"][0], close, made_up]})
-    assert mixed.claim_verdicts == ["sound", "doubtful", "wrong"] and "not in the passage" in mixed.objections[1]
-    assert mixed.share == pytest.approx((1 + 7 / 8 + 0) / 3, abs=1e-4) and mixed.verdict == "revise"
+    assert mixed.claim_verdicts == ["sound", "wrong", "wrong"] and "not in the passage" in mixed.objections[1]
+    assert mixed.share == pytest.approx(1 / 3, abs=1e-4) and mixed.verdict == "reject"
     assert mixed.probs == {"survives": mixed.share, "revise": 0.0, "reject": 1 - mixed.share}
     none = check(SHORT_PASSAGES[1], RECORD)  # another passage's reflection
     assert (none.verdict, none.share) == ("reject", 0.0)

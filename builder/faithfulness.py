@@ -1,0 +1,294 @@
+"""Faithfulness gates: a kept reflection says only what its passage says.
+
+Three things are made true by construction or checked by rules, before any critic sees a
+reflection (the gates run as part of annotation, so a vetoed answer is retried with the next
+seed like an invalid one, and the critics' calls are spent on survivors only):
+
+1. **Evidence is a span of the passage.** Each annotation request's schema restricts every
+   claim's `evidence` to an enum of the passage's own sentences and clauses
+   (`passage_spans`), so an engine that constrains decoding (llama-server, llama-cpp-python,
+   vLLM, xgrammar, OpenAI `json_schema`) cannot write anything else, and validation refuses it
+   from an engine that cannot constrain.
+2. **Each claim is what its quote says.** `check_claim` compares a claim with its evidence by
+   rules: every number and name in the claim must be in the quote, the two must agree on
+   negation, and most of the claim's content words must come from the quote. A claim that
+   fails is dropped from the reflection and kept in `claim_checks` with its reason; the notes
+   (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
+   numbers and names. A reflection left without a claim is vetoed.
+3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
+   few-shot example of the prompt, a run its passage does not contain, copied the example: it
+   is vetoed. So is one with a word that is in neither the passage nor an English word list
+   ("neighb.", "claiim", "kindserved": cut or garbled text).
+
+Vetoes are never votes: no critic score can bring a vetoed reflection back.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .prompts import unmark
+from .resources import load_schema
+
+VERSION = "gates-1"  # the gates' identity: part of every annotation request's schema description
+
+# ---------------------------------------------------------------- evidence spans
+
+_SENTENCE = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+|\n+")
+_CLAUSE = re.compile(r"(?<=[,;:])\s+|\s+[–—-]{1,2}\s+")
+_SPACE = re.compile(r"\s+")
+MIN_SPAN_WORDS = 3
+MAX_SPAN_CHARS = 240
+
+
+def passage_spans(passage: str) -> list[str]:
+    """The passage's sentences and their clauses, whitespace collapsed, in passage order and
+    without repeats: what a claim may quote as its evidence. A clause of fewer than three words
+    is no evidence on its own; a sentence longer than MAX_SPAN_CHARS is offered by its clauses."""
+    spans: list[str] = []
+    for sentence in _SENTENCE.split(unmark(passage)):
+        sentence = _SPACE.sub(" ", sentence).strip()
+        if not sentence:
+            continue
+        if len(sentence) <= MAX_SPAN_CHARS and len(sentence.split()) >= MIN_SPAN_WORDS:
+            spans.append(sentence)
+        clauses = [c.strip(" ,;:") for c in _CLAUSE.split(sentence)]
+        if len(clauses) > 1:
+            spans += [c for c in clauses if len(c.split()) >= MIN_SPAN_WORDS and len(c) <= MAX_SPAN_CHARS]
+    if not spans:  # a passage of one short line: the whole of it
+        whole = _SPACE.sub(" ", unmark(passage)).strip()[:MAX_SPAN_CHARS]
+        spans = [whole] if whole else []
+    return list(dict.fromkeys(spans))
+
+
+def annotation_schema(passage: str) -> dict:
+    """schemas/annotation.schema.json with each claim's evidence restricted to the passage's spans."""
+    schema = load_schema("annotation")
+    claims = schema["properties"]["claims"]
+    item = claims["items"]
+    spans = passage_spans(passage)
+    evidence = {"type": "string", "enum": spans,
+                "description": "A sentence or clause of the passage, exactly as it stands there."}
+    if not spans:  # nothing to quote: leave the bound schema (the claim check drops every claim)
+        return schema
+    item = {**item, "properties": {**item["properties"], "evidence": evidence}}
+    return {**schema, "properties": {**schema["properties"], "claims": {**claims, "items": item}}}
+
+
+# ---------------------------------------------------------------- words
+
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?")
+NUMBER_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty",
+                "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "million", "billion",
+                "percent", "dozen", "twice", "double", "triple", "quarter"}
+NEGATIONS = {"not", "no", "never", "none", "nobody", "nothing", "neither", "nor", "cannot", "without", "nowhere"}
+STOPWORDS = set("""a an the and or but if then than that this these those there their them they it its is are was
+were be been being has have had do does did of in on at to for from by with as into about over under after before
+between through during without within upon off out up down so such not no nor only own same too very can will
+would should could may might must shall i you he she we his her our your my me us him who whom which what when where
+why how all any both each few more most other some also just than because while though although whether per via
+one new says said say according""".split())
+
+
+def words(text: str) -> list[str]:
+    return [w.lower().replace("’", "'") for w in _WORD.findall(unmark(text))]
+
+
+def _numbers(ws: list[str]) -> set[str]:
+    return {w for w in ws if any(ch.isdigit() for ch in w) or w in NUMBER_WORDS}
+
+
+def _negated(text: str) -> bool:
+    ws = words(text)
+    return any(w in NEGATIONS or w.endswith("n't") for w in ws)
+
+
+def _names(text: str) -> set[str]:
+    """Capitalised words after the first word (a sentence's first word is capitalised anyway)."""
+    found = _WORD.findall(unmark(text))
+    return {w.lower() for w in found[1:] if w[:1].isupper() and len(w) > 1 and w.lower() not in STOPWORDS}
+
+
+def _stem(word: str) -> str:
+    return word[:5]
+
+
+def _content(ws: list[str]) -> list[str]:
+    return [w for w in ws if w not in STOPWORDS and len(w) > 2 and not w.isdigit()]
+
+
+COVERAGE = 0.5  # share of a claim's content words that must come from its evidence
+
+
+def sentence_of(evidence: str, passage: str) -> str:
+    """The passage's sentence that holds the evidence (a clause's referents live there)."""
+    quote = _normal(evidence)
+    for sentence in _SENTENCE.split(unmark(passage)):
+        if quote and f" {quote} " in f" {_normal(sentence)} ":
+            return sentence
+    return evidence
+
+
+def check_claim(claim: str, evidence: str, passage: str) -> str | None:
+    """None when the claim is what its evidence says (by the rules), else the reason it is not.
+    Numbers must be in the quote itself; names and content words may come from the sentence that
+    holds it ("none of them would give figures": them are the shop owners named before)."""
+    if not evidence or not span_of(evidence, passage):
+        return "evidence not a span of the passage"
+    said = words(claim)
+    missing = _numbers(said) - set(words(evidence))
+    if missing:
+        return f"number not in its evidence: {sorted(missing)[0]}"
+    quote = set(words(sentence_of(evidence, passage)))
+    names = _names(claim) - quote
+    if names:
+        return f"name not in its evidence: {sorted(names)[0]}"
+    if _negated(claim) != _negated(evidence):
+        return "negation differs from its evidence"
+    content = _content(said)
+    stems = {_stem(w) for w in quote}
+    if content and sum(_stem(w) in stems for w in content) / len(content) < COVERAGE:
+        return "not what its evidence says: most of its words are not in the quote"
+    return None
+
+
+def check_note(note: str, passage: str) -> str | None:
+    """A note (weak reasoning, uncertainty, ethical stake, the reflection) may reason freely,
+    but every number and name in it must be the passage's."""
+    have = set(words(passage))
+    missing = _numbers(words(note)) - have
+    if missing:
+        return f"number not in the passage: {sorted(missing)[0]}"
+    names = _names(note) - have
+    if names:
+        return f"name not in the passage: {sorted(names)[0]}"
+    return None
+
+
+def _normal(text: str) -> str:
+    return " ".join(words(text))
+
+
+def span_of(evidence: str, passage: str) -> bool:
+    """The quote is one contiguous run of the passage's words (case, whitespace, punctuation
+    and quote marks normalised): no stitching of pieces, no ellipsis."""
+    quote = _normal(evidence)
+    return bool(quote) and f" {quote} " in f" {_normal(passage)} "
+
+
+# ---------------------------------------------------------------- echo and garble
+
+ECHO_WORDS = 4  # a run of this many words, two of them content words, is distinctive
+
+
+def _runs(ws: list[str], n: int = ECHO_WORDS) -> set[tuple[str, ...]]:
+    return {run for run in zip(*(ws[i:] for i in range(n)))
+            if sum(w not in STOPWORDS for w in run) >= 2}
+
+
+def example_runs(examples: list[dict]) -> set[tuple[str, ...]]:
+    """The distinctive word runs of the few-shot examples' answers."""
+    runs: set[tuple[str, ...]] = set()
+    for example in examples:
+        for text in record_texts(example.get("annotation", {})):
+            runs |= _runs(words(text))
+    return runs
+
+
+def echo(record: dict, passage: str, runs: set[tuple[str, ...]]) -> str | None:
+    """The first run of words the record shares with a prompt example and not with its passage."""
+    own = _runs(words(passage))
+    for text in record_texts(record):
+        copied = (_runs(words(text)) & runs) - own
+        if copied:
+            return " ".join(sorted(copied)[0])
+    return None
+
+
+@lru_cache(maxsize=1)
+def _lexicon() -> set[str]:
+    from wordfreq import top_n_list
+
+    return set(top_n_list("en", 400_000, wordlist="large"))
+
+
+def unknown_word(text: str, passage: str) -> str | None:
+    """The first word of text in neither the passage nor the English word list: garbled, run
+    together or cut mid-word. Numbers and one-letter words pass; so does any word of the passage."""
+    have, lexicon = set(words(passage)), _lexicon()
+    for token in re.findall(r"[A-Za-z][A-Za-z'’-]*[A-Za-z]|[A-Za-z]", unmark(text)):
+        for part in token.lower().replace("’", "'").split("-"):
+            part = part.removesuffix("'s")
+            if len(part) < 2 or part in have or part in lexicon or part.replace("'", "") in lexicon:
+                continue
+            return part
+    # a string that ends in a cut word: "interest-b", "neighb."
+    cut = re.search(r"[A-Za-z]+-[A-Za-z]$|\b[a-z]{2,}\.$", text.strip())
+    if cut and cut.group(0).rstrip(".").lower() not in lexicon and cut.group(0).rstrip(".").lower() not in have:
+        return cut.group(0)
+    return None
+
+
+def record_texts(record: dict) -> list[str]:
+    """Every string a model wrote in an annotation, but the evidence (the passage's own words)."""
+    texts = [c.get("claim", "") for c in record.get("claims", [])]
+    for key in ("weak_reasoning", "uncertainties", "ethical_stakes"):
+        texts += list(record.get(key) or [])
+    texts.append(record.get("reflection") or "")
+    return [t for t in texts if t]
+
+
+# ---------------------------------------------------------------- the gate
+
+
+@dataclass
+class Gated:
+    """One annotation after the gates: its record without the claims and notes that failed,
+    every claim's verdict, and the veto (None: it may go on to the critics)."""
+    record: dict
+    claim_checks: list[dict] = field(default_factory=list)  # {evidence, claim, verdict, reason}
+    dropped_notes: int = 0
+    veto: str | None = None
+
+    @property
+    def kept(self) -> int:
+        return sum(c["verdict"] == "supported" for c in self.claim_checks)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.claim_checks) - self.kept
+
+
+NOTE_FIELDS = ("weak_reasoning", "uncertainties", "ethical_stakes")
+
+
+def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
+    """Run every gate on one annotation (see the module docstring)."""
+    checks, claims = [], []
+    for c in record.get("claims", []):
+        reason = check_claim(c.get("claim", ""), c.get("evidence", ""), passage)
+        checks.append({"evidence": c.get("evidence", ""), "claim": c.get("claim", ""),
+                       "verdict": "supported" if reason is None else "dropped", "reason": reason})
+        if reason is None:
+            claims.append(c)
+    notes, dropped = {}, 0
+    for key in NOTE_FIELDS:
+        kept = [n for n in record.get(key) or [] if check_note(n, passage) is None]
+        dropped += len(record.get(key) or []) - len(kept)
+        notes[key] = kept
+    cleaned = {**record, "claims": claims, **notes}
+    out = Gated(cleaned, checks, dropped)
+    if (why := echo(record, passage, runs)) is not None:
+        out.veto = f"echo: shares '{why}' with a prompt example"
+    elif (word := next((w for t in record_texts(cleaned) if (w := unknown_word(t, passage))), None)) is not None:
+        out.veto = f"garbled: '{word}' is not a word of the passage or of English"
+    elif (why := check_note(record.get("reflection", ""), passage)) is not None:
+        out.veto = f"reflection: {why}"
+    elif not claims:
+        out.veto = f"no supported claim: {checks[0]['reason'] if checks else 'none written'}"
+    return out
+
+
+VETOES = ("echo", "garbled", "reflection", "no supported claim")

@@ -1,0 +1,136 @@
+"""The faithfulness gates (builder/faithfulness.py) by rule, on hand-made cases named after the
+failures an independent audit of the demo found (issue 29). Their effect on a real model's
+annotations is tested in tests/stages/test_faithful_build.py."""
+import jsonschema
+import pytest
+
+from builder import faithfulness as f
+from builder.corpus import jsonl_lines
+from builder.resources import EXAMPLES_DIR
+
+# The few-shot examples a prompt folder can switch on (docs/faithfulness.md): the built-in prompt
+# ships none, since every bundled model copied their notes into reflections of other passages.
+FORM_EXAMPLES = [__import__("json").loads(line) for line in
+                 jsonl_lines((EXAMPLES_DIR / "prompts" / "annotate.examples.jsonl").read_text()) if line.strip()]
+
+BRIDGE = ("The Marlow Bay harbour bridge reopened to traffic on Tuesday after fourteen months of repairs costing "
+          "38 million dollars, according to the regional transport office. Engineers replaced 212 corroded steel "
+          "cables and resurfaced the full deck. Several shop owners near the bridge said the closure had hurt their "
+          "sales, but none of them would give figures.")
+BANK = ("Economists at Greyford Bank expect average house prices in the northern region to fall by between 3 and 5 "
+        "percent next year, as higher interest rates bite.")
+
+
+def claim(evidence, text, **rest):
+    return {"evidence": evidence, "claim": text, "kind": "fact", "support": "strong", "confidence": "high", **rest}
+
+
+def record(*claims, reflection="The passage reports a reopening and gives no source for its cost.", **notes):
+    return {"claims": list(claims), "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [],
+            "reflection": reflection, **notes}
+
+
+def test_spans_are_the_passages_sentences_and_clauses_and_nothing_else():
+    spans = f.passage_spans(BRIDGE)
+    assert "Engineers replaced 212 corroded steel cables and resurfaced the full deck." in spans
+    assert "according to the regional transport office." in spans  # a clause of the first sentence
+    assert "but none of them would give figures." in spans
+    assert all(f.span_of(s, BRIDGE) for s in spans)
+    assert len(spans) == len(set(spans))
+    assert f.passage_spans("| A line\n| that was marked") == ["A line", "that was marked"] or \
+        all("|" not in s for s in f.passage_spans("| A line\n| that was marked"))
+
+
+def test_the_request_schema_admits_only_the_passages_spans_as_evidence():
+    schema = f.annotation_schema(BRIDGE)
+    validator = jsonschema.Draft202012Validator(schema)
+    good = record(claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                        "Engineers replaced 212 cables"))
+    assert validator.is_valid(good)
+    stitched = record(claim("reopened to traffic on Tuesday after fourteen months", "The bridge reopened"))
+    assert not validator.is_valid(stitched)  # a piece of a clause, not a whole span: not in the enum
+    foreign = record(claim("workers who refuse them lose their bonus", "Workers lose their bonus"))
+    assert not validator.is_valid(foreign)
+
+
+def test_a_stitched_quote_is_not_a_span_but_spacing_case_and_quote_marks_do_not_matter():
+    assert f.span_of("the  Marlow BAY harbour bridge", BRIDGE)
+    assert f.span_of("| Engineers replaced 212 corroded steel cables", BRIDGE)  # a copied data mark
+    assert not f.span_of("bridge reopened to traffic on Tuesday after fourteen months of repairs corroded steel cables",
+                         BRIDGE)  # word pairs of two sentences, stitched
+    assert not f.span_of("the bridge reopened ... the full deck", BRIDGE)  # no ellipsis
+    assert not f.span_of("", BRIDGE)
+
+
+@pytest.mark.parametrize("text, evidence, reason", [
+    ("The bridge reopened after four months", "The Marlow Bay harbour bridge reopened to traffic on Tuesday after "
+     "fourteen months of repairs costing 38 million dollars", "number not in its evidence: four"),
+    ("The Bank of England expects prices to fall", BANK, "name not in its evidence: england"),
+    ("The shop owners gave no figures", "Several shop owners near the bridge said the closure had hurt their sales",
+     "negation differs"),
+    ("The plant will reduce the workforce by cutting wages", "Engineers replaced 212 corroded steel cables and "
+     "resurfaced the full deck.", "not what its evidence says"),
+])
+def test_a_claim_that_is_not_what_its_quote_says_is_dropped_with_the_reason(text, evidence, reason):
+    passage = BRIDGE + " " + BANK
+    assert reason in f.check_claim(text, evidence, passage)
+
+
+def test_a_claim_that_restates_or_shortens_its_quote_passes():
+    assert f.check_claim("Greyford Bank economists expect house prices to fall by 3 to 5 percent",
+                         "Economists at Greyford Bank expect average house prices in the northern region to fall by "
+                         "between 3 and 5 percent next year", BANK) is None
+    assert f.check_claim("None of the shop owners gave figures", "but none of them would give figures.",
+                         BRIDGE) is None
+
+
+def test_the_gate_drops_failing_claims_and_vetoes_a_reflection_left_without_one():
+    good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                 "Engineers replaced 212 steel cables")
+    bad = claim("according to the regional transport office.", "The office spent 40 million dollars")
+    gated = f.gate(record(good, bad), BRIDGE, set())
+    assert gated.veto is None and gated.record["claims"] == [good]
+    assert [c["verdict"] for c in gated.claim_checks] == ["supported", "dropped"]
+    assert gated.claim_checks[1]["reason"].startswith("number not in its evidence")
+    assert f.gate(record(bad), BRIDGE, set()).veto.startswith("no supported claim")
+
+
+def test_notes_with_a_name_or_number_the_passage_lacks_are_dropped_and_such_a_reflection_is_vetoed():
+    good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
+    gated = f.gate(record(good, uncertainties=["Who paid the 38 million dollars", "Whether the Bank of England paid"]),
+                   BRIDGE, set())
+    assert gated.record["uncertainties"] == ["Who paid the 38 million dollars"] and gated.dropped_notes == 1
+    veto = f.gate(record(good, reflection="A repair of four months is quick for a bridge."), BRIDGE, set()).veto
+    assert veto == "reflection: number not in the passage: four"
+
+
+def test_a_reflection_that_copies_a_prompt_example_is_an_echo_unless_its_passage_says_the_same():
+    runs = f.example_runs(FORM_EXAMPLES)
+    copied = record(claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                          "Engineers replaced 212 cables"),
+                    ethical_stakes=["Readers may plan a trip when the bridge is closed"])
+    assert f.gate(copied, BRIDGE, runs).veto.startswith("echo: shares 'may plan a trip'")
+    own = BRIDGE + " Readers may plan a trip when the bridge is closed."
+    assert f.gate(copied, own, runs).veto is None  # the passage's own words are no echo
+
+
+@pytest.mark.parametrize("word", ["neighb.", "claiim", "kindserved", "interest-b"])
+def test_garbled_or_cut_words_veto_the_reflection(word):
+    good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
+    gated = f.gate(record(good, reflection=f"The shop owners near the bridge gave no {word}"), BRIDGE, set())
+    assert gated.veto and gated.veto.startswith("garbled")
+
+
+def test_ordinary_words_and_the_passages_own_rare_words_are_not_garbled():
+    assert f.unknown_word("Shopkeepers' sales figures weren't published; it's unclear.", BRIDGE) is None
+    assert f.unknown_word("Marlow Bay's resurfaced deck", BRIDGE) is None
+
+
+def test_the_shipped_examples_pass_their_own_gates():
+    """The few-shot examples teach the form the gates enforce: each quotes a span of its passage,
+    each claim is what its quote says, and nothing in them is garbled."""
+    assert FORM_EXAMPLES
+    for example in FORM_EXAMPLES:
+        gated = f.gate(example["annotation"], example["passage"], set())
+        assert gated.veto is None and gated.dropped == 0 and gated.dropped_notes == 0, gated
+        assert jsonschema.Draft202012Validator(f.annotation_schema(example["passage"])).is_valid(example["annotation"])
