@@ -39,22 +39,13 @@ def passages(n: int) -> list[Passage]:
     return [Passage(f"p{i}", "bench", i, text, len(text.split())) for i, text in enumerate(rows[:n])]
 
 
-def prompt_folder(root: Path, examples: bool) -> Prompts:
-    if examples:
-        return Prompts()
-    folder = root / "no-examples"
-    folder.mkdir(exist_ok=True)
-    (folder / "annotate.examples.jsonl").write_text("")
-    return Prompts(folder)
-
-
-def run(model: str, prompts: Prompts, items: list[Passage], ws: Workspace) -> dict:
+def run(model: str, few_shot: bool, items: list[Passage], ws: Workspace) -> dict:
     cfg = RatchetConfig.model_validate({"annotator": {"model": f"bundled:{model}"}, "annotate": {"retries": 0}})
     con = ws.connect()
     try:
         with cached_engine(con, registry.parse({"model": f"bundled:{model}"}), model) as engine:
             start = time.perf_counter()
-            rows = annotate(items, engine, prompts, cfg, annotator=model)
+            rows = annotate(items, engine, Prompts(), cfg, annotator=model, few_shot=few_shot)
             seconds = time.perf_counter() - start
     finally:
         con.close()
@@ -81,7 +72,7 @@ def main() -> None:
     results = {}
     for model in args.models.split(","):
         for variant in args.variants.split(","):
-            results[f"{model} / {variant}"] = r = run(model, prompt_folder(root, variant == "examples"), items, ws)
+            results[f"{model} / {variant}"] = r = run(model, variant == "examples", items, ws)
             print(f"{model} / {variant}: " + json.dumps({k: v for k, v in r.items() if k != "kept"}), flush=True)
     print(f"\n{args.passages} passages, one answer each (no retry), default engine:\n")
     print("| writer / examples | s | passed gates | echo | claims kept / written | passed per min |")

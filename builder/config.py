@@ -95,6 +95,9 @@ class MemberConfig(Section):
     roles: list[Literal["annotate", "critique"]] = Field(
         list(ROLES), min_length=1, description="What the member does: annotate, critique, or both.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; default sampling.temperature.")
+    few_shot: bool = Field(True, description="Show this member the prompt's few-shot annotation examples "
+                           "(annotate.examples.jsonl). false: the instructions and the grammar alone (a model that "
+                           "copies the examples' content into its reflections: docs/faithfulness.md).")
 
     @field_validator("backend")
     @classmethod
@@ -130,7 +133,7 @@ def default_members() -> list[MemberConfig]:
     """The writer that gave the most reflections passing the faithfulness gates per minute on 2
     cores (Qwen2.5-Coder-0.5B, bench/annotators.py: docs/faithfulness.md), critiqued by two
     other families, and the grounding verifier."""
-    return [MemberConfig(model="bundled:qwen2.5-coder-0.5b", persona="empiricist", roles=["annotate"]),
+    return [MemberConfig(model="bundled:qwen2.5-coder-0.5b", persona="empiricist", roles=["annotate"], few_shot=False),
             MemberConfig(model="bundled:gemma3", persona="skeptic", roles=["critique"]),
             MemberConfig(persona="care-ethicist", roles=["critique"]),  # annotator.model: bundled:smollm2
             MemberConfig(kind="verifier", name="grounding")]

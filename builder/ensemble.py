@@ -28,6 +28,7 @@ class Member:
     roles: list[str]
     temperature: float | None
     backend: Backend
+    few_shot: bool = True  # shown the prompt's few-shot annotation examples
 
     @property
     def family(self) -> str:
@@ -68,7 +69,7 @@ class Ensemble:
                 self._backends[key] = make_backend(engine)
             except ModelNotFound as exc:
                 raise ModelNotFound(f"ensemble member {m.display_name}: {exc}") from None
-        return Member(m.display_name, m.persona, list(m.roles), m.temperature, self._backends[key])
+        return Member(m.display_name, m.persona, list(m.roles), m.temperature, self._backends[key], m.few_shot)
 
     def backend_for(self, engine) -> Backend | None:
         """The loaded backend of this engine config, if a member already uses it."""

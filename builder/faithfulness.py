@@ -12,7 +12,9 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
 2. **Each claim is what its quote says.** `check_claim` compares a claim with its evidence by
    rules: every number and name in the claim must be in the quote, the two must agree on
    negation, and most of the claim's content words must come from the quote. A claim that
-   fails is dropped from the reflection and kept in `claim_checks` with its reason; the notes
+   fails is dropped from the reflection and kept in `claim_checks` with its reason (a claim may
+   use no content word its passage never uses, but for words about the quote itself: "the
+   passage states that ..."); the notes
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
    numbers and names. A reflection left without a claim is vetoed.
 3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
@@ -111,11 +113,19 @@ def _names(text: str) -> set[str]:
     return {w.lower() for w in found[1:] if w[:1].isupper() and len(w) > 1 and w.lower() not in STOPWORDS}
 
 
+# Words a claim may use about its quote without the passage using them ("the passage states that ...").
+META = set("""passage text claim claims evidence quote support supports supported supporting state states stated
+stating say saying show shows showed shown fact facts opinion opinions value values prediction predictions mention
+mentions mentioned report reports reported suggest suggests suggested argue argues argued directly clearly because
+true false author writer speaker provide provides provided""".split())
+
+
 def _stem(word: str) -> str:
     return word[:5]
 
 
 def _content(ws: list[str]) -> list[str]:
+    ws = [w.removesuffix("'s") for w in ws]
     return [w for w in ws if w not in STOPWORDS and len(w) > 2 and not w.isdigit()]
 
 
@@ -151,6 +161,9 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     stems = {_stem(w) for w in quote}
     if content and sum(_stem(w) in stems for w in content) / len(content) < COVERAGE:
         return "not what its evidence says: most of its words are not in the quote"
+    foreign = [w for w in content if w not in META and _stem(w) not in {_stem(v) for v in words(passage)}]
+    if foreign:
+        return f"a word its passage never uses: {foreign[0]}"
     return None
 
 

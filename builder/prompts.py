@@ -106,14 +106,16 @@ class Prompts:
             raise PromptError(f"persona '{name}': no file personas/{name}.txt in {', '.join(map(str, self.folders))} "
                               f"(known: {', '.join(dict.fromkeys(known))})") from None
 
-    def annotation_messages(self, passage: str, mark: str = "line", persona: str = "default") -> tuple[dict, ...]:
-        """System, the examples as earlier turns, then the passage: everything before the
-        passage is identical across calls, so the engine reuses its evaluated prefix."""
+    def annotation_messages(self, passage: str, mark: str = "line", persona: str = "default",
+                            examples: bool = True) -> tuple[dict, ...]:
+        """System, the examples as earlier turns (unless `examples` is false), then the passage:
+        everything before the passage is identical across calls, so the engine reuses its
+        evaluated prefix."""
         values = {"open": OPEN, "close": CLOSE, "mark": mark, "line_mark": LINE_MARK, "word_mark": WORD_MARK,
                   "audit_notice": self.audit_notice, "limits": annotation_limits()}
         system = self.render("annotate.system.jinja", persona=self.persona(persona), **values)
         messages = [{"role": "system", "content": system}]
-        for example in self.examples:
+        for example in self.examples if examples else []:
             messages.append({"role": "user", "content": self.render(
                 "annotate.user.jinja", passage=datamark(example["passage"], mark), **values)})
             messages.append({"role": "assistant", "content": json.dumps(example["annotation"], ensure_ascii=False)})

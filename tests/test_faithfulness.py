@@ -5,13 +5,11 @@ import jsonschema
 import pytest
 
 from builder import faithfulness as f
-from builder.corpus import jsonl_lines
-from builder.resources import EXAMPLES_DIR
+from builder.prompts import Prompts
 
-# The few-shot examples a prompt folder can switch on (docs/faithfulness.md): the built-in prompt
-# ships none, since every bundled model copied their notes into reflections of other passages.
-FORM_EXAMPLES = [__import__("json").loads(line) for line in
-                 jsonl_lines((EXAMPLES_DIR / "prompts" / "annotate.examples.jsonl").read_text()) if line.strip()]
+# The built-in few-shot examples (shown to members with few_shot = true): every bundled model
+# copied their notes into reflections of other passages (docs/faithfulness.md).
+FORM_EXAMPLES = Prompts().examples
 
 BRIDGE = ("The Marlow Bay harbour bridge reopened to traffic on Tuesday after fourteen months of repairs costing "
           "38 million dollars, according to the regional transport office. Engineers replaced 212 corroded steel "
@@ -80,7 +78,7 @@ def test_a_claim_that_restates_or_shortens_its_quote_passes():
     assert f.check_claim("Greyford Bank economists expect house prices to fall by 3 to 5 percent",
                          "Economists at Greyford Bank expect average house prices in the northern region to fall by "
                          "between 3 and 5 percent next year", BANK) is None
-    assert f.check_claim("None of the shop owners gave figures", "but none of them would give figures.",
+    assert f.check_claim("None of the shop owners would give figures", "but none of them would give figures.",
                          BRIDGE) is None
 
 
@@ -134,3 +132,13 @@ def test_the_shipped_examples_pass_their_own_gates():
         gated = f.gate(example["annotation"], example["passage"], set())
         assert gated.veto is None and gated.dropped == 0 and gated.dropped_notes == 0, gated
         assert jsonschema.Draft202012Validator(f.annotation_schema(example["passage"])).is_valid(example["annotation"])
+
+
+def test_a_claim_may_use_no_content_word_its_passage_never_uses_but_words_about_the_quote():
+    passage = BRIDGE
+    quote = "The Marlow Bay harbour bridge reopened to traffic on Tuesday after fourteen months of repairs costing 38 " \
+            "million dollars, according to the regional transport office."
+    assert f.check_claim("The passage states that the bridge reopened on Tuesday", quote, passage) is None
+    assert f.check_claim("The bridge reopened as a temporary measure on Tuesday", quote, passage) == \
+        "a word its passage never uses: temporary"
+    assert f.check_claim("The transport office's figures show the bridge reopened", quote, passage) is None  # office's

@@ -53,10 +53,10 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
     schema_name = "annotation"
 
     def __init__(self, prompts: Prompts, cfg: RatchetConfig, generation: int, annotator: str, persona: str = "default",
-                 temperature: float | None = None):
+                 temperature: float | None = None, few_shot: bool = True):
         super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
         self.prompts, self.mark, self.persona, self.gates = prompts, cfg.annotate.datamark, persona, cfg.annotate.gates
-        self.generation, self.annotator = generation, annotator
+        self.generation, self.annotator, self.few_shot = generation, annotator, few_shot
         self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
 
     def schema(self, passage: Passage) -> dict:
@@ -65,7 +65,8 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
         return faithfulness.annotation_schema(passage.text)  # evidence: one of the passage's own spans
 
     def format_input(self, passage: Passage) -> tuple[dict, ...]:
-        return self.prompts.annotation_messages(passage.text, mark=self.mark, persona=self.persona)
+        return self.prompts.annotation_messages(passage.text, mark=self.mark, persona=self.persona,
+                                                examples=self.few_shot)
 
     def check(self, passage: Passage, record: dict) -> tuple[dict, object, str | None]:
         if not self.gates:
@@ -88,7 +89,8 @@ class Annotate(Stage):
         store_members(ctx.con, ctx.generation, ctx.ensemble)
         cfg = annotation_config(ctx.cfg, ctx.generation)
         for member in ctx.ensemble.annotators:
-            task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature)
+            task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature,
+                                member.few_shot)
             rows = ctx.run(task, ctx.passages, ctx.engine(member.backend))
             ctx.per_member[member.name] = rows
             with transaction(ctx.con):
@@ -101,10 +103,10 @@ class Annotate(Stage):
 
 def annotate(passages: list[Passage], engine, prompts: Prompts, config: RatchetConfig, on_progress=None,
              persona: str = "default", temperature: float | None = None, generation: int = 1,
-             annotator: str = "annotator") -> list[AnnotationRow]:
+             annotator: str = "annotator", few_shot: bool = True) -> list[AnnotationRow]:
     """Annotate passages with one cached engine outside a build (benches, notebooks, tests)."""
-    return run_task(AnnotateTask(prompts, config, generation, annotator, persona, temperature), passages, engine,
-                    on_progress)
+    return run_task(AnnotateTask(prompts, config, generation, annotator, persona, temperature, few_shot), passages,
+                    engine, on_progress)
 
 
 def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:

@@ -210,11 +210,11 @@ def test_build_through_the_managed_server(tmp_path):
     from builder.build import run_build
     from builder.workspace import Workspace
 
-    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:2], sampling={"max_tokens": 256}, audit={"rate": 0.0},
+    root = write_workspace(tmp_path / "ws", SHORT_PASSAGES, sampling={"max_tokens": 256}, audit={"rate": 0.0},
                            annotator={"backend": "llama_server", "slots": 2, "n_ctx": 2048})
     before = set(_servers())
     first = run_build(Workspace(root))
-    assert first["accepted"] + first["rejected"] == 2 and first["model_calls"] >= 2
+    assert first["accepted"] + first["rejected"] == 4 and first["model_calls"] >= 4
     logs = list((root / "logs").glob("llama-server-*.log"))
     assert logs and "starting" in logs[0].read_text()  # the server's own log, in the workspace
     con = duckdb.connect(str(root / "ratchet.duckdb"), read_only=True)

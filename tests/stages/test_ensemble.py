@@ -17,7 +17,10 @@ from builder.workspace import Workspace
 from ..conftest import SHORT_PASSAGES, write_workspace
 
 pytestmark = pytest.mark.slow
-DEFAULT_ENSEMBLE = {"k": 2}  # the default members: smollm2-empiricist, gemma3-skeptic, smollm2-care-ethicist
+# Two families that both annotate and critique (the default ensemble before Qwen became its writer), and the verifier.
+DEFAULT_ENSEMBLE = {"k": 2, "members": [{"persona": "empiricist"}, {"model": "bundled:gemma3", "persona": "skeptic"},
+                                        {"persona": "care-ethicist", "roles": ["critique"]},
+                                        {"kind": "verifier", "name": "grounding"}]}
 
 
 @pytest.fixture(scope="module")

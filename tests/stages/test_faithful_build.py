@@ -12,6 +12,7 @@ from builder import faithfulness as f
 from builder.build import run_build
 from builder.compile import split_path
 from builder.corpus import jsonl_lines
+from builder.prompts import Prompts
 from builder.resources import EXAMPLES_DIR
 from builder.workspace import Workspace
 
@@ -19,7 +20,6 @@ from ..conftest import write_workspace
 
 CORPUS = [json.loads(line)["text"] for line in
           jsonl_lines((EXAMPLES_DIR / "corpus" / "passages.jsonl").read_text()) if line.strip()]
-FORM_EXAMPLES = EXAMPLES_DIR / "prompts" / "annotate.examples.jsonl"
 
 
 def collapse(text: str) -> str:
@@ -30,7 +30,8 @@ def collapse(text: str) -> str:
 def qwen_build(tmp_path_factory):
     """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples) on four passages, gates on."""
     root = write_workspace(tmp_path_factory.mktemp("faithful") / "ws", CORPUS[:4],
-                           ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b"}]},
+                           ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
+                                                          "few_shot": False}]},
                            annotate={"gates": True, "retries": 1}, audit={"rate": 0.0, "auditor": ""})
     ws = Workspace(root)
     return ws, run_build(ws)
@@ -81,19 +82,16 @@ def test_every_claim_the_model_wrote_is_recorded_with_its_verdict(qwen_build):
 
 @pytest.fixture(scope="module")
 def echo_build(tmp_path_factory):
-    """SmolLM2 with the form examples switched on (a prompt folder): small models copy them."""
-    root = tmp_path_factory.mktemp("echo") / "ws"
-    write_workspace(root, CORPUS[:6], annotate={"gates": True, "retries": 0, "prompts": "prompts"},
-                    audit={"rate": 0.0, "auditor": ""})
-    (root / "prompts").mkdir()
-    (root / "prompts" / "annotate.examples.jsonl").write_text(FORM_EXAMPLES.read_text())
+    """SmolLM2 shown the built-in few-shot examples: small models copy them."""
+    root = write_workspace(tmp_path_factory.mktemp("echo") / "ws", CORPUS[:6], annotate={"gates": True, "retries": 0},
+                           audit={"rate": 0.0, "auditor": ""})
     ws = Workspace(root)
     return ws, run_build(ws)
 
 
 def test_a_reflection_that_echoes_a_prompt_example_is_vetoed_and_never_kept(echo_build):
     ws, summary = echo_build
-    runs = f.example_runs([json.loads(line) for line in jsonl_lines(FORM_EXAMPLES.read_text()) if line.strip()])
+    runs = f.example_runs(Prompts().examples)
     con = ws.connect(read_only=True)
     vetoed = con.execute("SELECT reason FROM annotations WHERE reason LIKE 'echo:%'").fetchall()
     accepted = con.execute("SELECT p.text, a.record FROM annotations a JOIN passages p USING (passage_id) "

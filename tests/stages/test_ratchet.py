@@ -450,7 +450,7 @@ def test_the_panel_is_frozen_with_what_it_is_asked(scripted):
     mine = ws.root / "myprompts"
     mine.mkdir()
     (mine / "critique.system.jinja").write_text((PROMPTS_DIR / "critique.system.jinja").read_text())
-    ws.config_path.write_text(ws.config_path.read_text() + "\n[annotate]\nprompts = 'myprompts'\n")
+    ws.config_path.write_text(ws.config_path.read_text().replace("[annotate]\n", "[annotate]\nprompts = 'myprompts'\n", 1))
     run_build(Workspace(ws.root))
     con = ws.connect(read_only=True)
     (questions,) = con.execute("SELECT questions FROM panel WHERE name = 'judge'").fetchone()

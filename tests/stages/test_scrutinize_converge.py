@@ -86,7 +86,7 @@ def test_one_family_is_allowed_with_a_warning_and_k0_warns_too(monkeypatch):
 
 def test_k_larger_than_the_ensemble_is_a_config_error_naming_the_key(tmp_path):
     (tmp_path / "ratchet.toml").write_text('[ensemble]\nk = 5\n')
-    with pytest.raises(ConfigError, match=r"ratchet.toml.*\n.*ensemble.k = 5 but smollm2-empiricist has only 2 other critic"):
+    with pytest.raises(ConfigError, match=r"ratchet.toml.*\n.*ensemble.k = 5 but qwen2.5-coder-0.5b-empiricist has only 2 other critic"):
         load_config(tmp_path / "ratchet.toml")
 
 
@@ -111,9 +111,13 @@ def test_members_inherit_the_annotator_engine():
     assert (engine.backend, engine.base_url, engine.model) == ("openai", "http://127.0.0.1:9", "served")
 
 
-def test_default_ensemble_has_two_families_two_critics_per_annotation_and_the_verifier():
+def test_default_ensemble_is_a_qwen_writer_two_critics_of_other_families_and_the_verifier():
     cfg = RatchetConfig()
-    assert {m.model for m in cfg.ensemble.members if m.kind == "model"} == {"bundled:smollm2", "bundled:gemma3"}
+    models = {m.model: m for m in cfg.ensemble.members if m.kind == "model"}
+    assert set(models) == {"bundled:qwen2.5-coder-0.5b", "bundled:gemma3", "bundled:smollm2"}  # smollm2: annotator.model
+    writer = models["bundled:qwen2.5-coder-0.5b"]
+    assert writer.roles == ["annotate"] and writer.few_shot is False
+    assert all(m.roles == ["critique"] for m in cfg.ensemble.members if m is not writer)
     assert [m.display_name for m in cfg.ensemble.members if m.kind == "verifier"] == ["grounding"]
     assert cfg.ensemble.k == 2
 
