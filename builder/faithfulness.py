@@ -161,7 +161,8 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     stems = {_stem(w) for w in quote}
     if content and sum(_stem(w) in stems for w in content) / len(content) < COVERAGE:
         return "not what its evidence says: most of its words are not in the quote"
-    foreign = [w for w in content if w not in META and _stem(w) not in {_stem(v) for v in words(passage)}]
+    passage_stems = {_stem(v) for v in words(passage)}
+    foreign = [w for w in content if w not in META and _stem(w) not in passage_stems]
     if foreign:
         return f"a word its passage never uses: {foreign[0]}"
     return None
