@@ -94,11 +94,13 @@ why how all any both each few more most other some also just than because while 
 one new says said say according""".split())
 
 
-def words(text: str) -> list[str]:
-    return [w.lower().replace("’", "'") for w in _WORD.findall(unmark(text))]
+@lru_cache(maxsize=1024)
+def words(text: str) -> tuple[str, ...]:
+    """The lower-cased words of a text, marks undone; memoised: every gate reads the passage's."""
+    return tuple(w.lower().replace("’", "'") for w in _WORD.findall(unmark(text)))
 
 
-def _numbers(ws: list[str]) -> set[str]:
+def _numbers(ws) -> set[str]:
     return {w for w in ws if any(ch.isdigit() for ch in w) or w in NUMBER_WORDS}
 
 
@@ -124,7 +126,7 @@ def _stem(word: str) -> str:
     return word[:5]
 
 
-def _content(ws: list[str]) -> list[str]:
+def _content(ws) -> list[str]:
     ws = [w.removesuffix("'s") for w in ws]
     return [w for w in ws if w not in STOPWORDS and len(w) > 2 and not w.isdigit()]
 
@@ -197,7 +199,7 @@ def span_of(evidence: str, passage: str) -> bool:
 ECHO_WORDS = 4  # a run of this many words, two of them content words, is distinctive
 
 
-def _runs(ws: list[str], n: int = ECHO_WORDS) -> set[tuple[str, ...]]:
+def _runs(ws, n: int = ECHO_WORDS) -> set[tuple[str, ...]]:
     return {run for run in zip(*(ws[i:] for i in range(n)))
             if sum(w not in STOPWORDS for w in run) >= 2}
 

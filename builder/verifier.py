@@ -34,7 +34,7 @@ def grounding(evidence: str, passage: str) -> float:
 @dataclass
 class Check:
     """The verifier's critique of one annotation."""
-    claim_verdicts: list[str]  # sound | doubtful | wrong, one per claim
+    claim_verdicts: list[str]  # sound | wrong, one per claim
     objections: list[str]
     verdict: str  # survives | revise | reject
     share: float  # the claims' mean grounding

@@ -56,8 +56,8 @@ def convergence_score(votes: list[tuple[str, float]], weights: dict[str, float])
 
 def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueRow],
                       weights: dict[str, float], gated: dict[tuple[str, str], tuple[int, int]] | None = None) -> list[Scored]:
-    """accepted: (passage_id, annotator) of every valid annotation; gated: its (verified,
-    dropped) claims by the faithfulness gates."""
+    """accepted: (passage_id, annotator) of every valid annotation; gated: its (dropped,
+    verified) claims by the faithfulness gates (claim_counts)."""
     gated = gated or {}
     votes: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
     for c in critiques:
@@ -65,14 +65,14 @@ def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueR
             score = c.score if c.score is not None else VERDICT_POINTS.get(c.verdict, 0.0)
             votes[(c.passage_id, c.annotator)].append((c.critic, score))
     return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]),
-                   gated.get((pid, author), (0, 0))[1], gated.get((pid, author), (0, 0))[0])
+                   *gated.get((pid, author), (0, 0)))
             for pid, author in accepted]
 
 
 def claim_counts(per_member: dict) -> dict[tuple[str, str], tuple[int, int]]:
-    """(passage_id, annotator) -> (verified, dropped) claims of every accepted annotation."""
-    return {(r.passage_id, name): (sum(c["verdict"] == "supported" for c in r.claim_checks or []),
-                                   sum(c["verdict"] != "supported" for c in r.claim_checks or []))
+    """(passage_id, annotator) -> (dropped, verified) claims of every accepted annotation."""
+    return {(r.passage_id, name): (sum(c["verdict"] != "supported" for c in r.claim_checks or []),
+                                   sum(c["verdict"] == "supported" for c in r.claim_checks or []))
             for name, rows in per_member.items() for r in rows if r.status == "accepted"}
 
 
