@@ -1063,20 +1063,198 @@ def audit_import(
         raise typer.Exit(1)
 
 
+def _judge_setup(workspace: Optional[Path]):
+    """(config, prompts) of a workspace, or the defaults outside one."""
+    from .config import RatchetConfig
+    from .prompts import Prompts
+
+    if workspace is None:
+        return RatchetConfig(), Prompts()
+    ws = open_workspace(workspace)
+    cfg = ws.config
+    return cfg, Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
+
+
+def _run_judge(kind: str, rows, cfg, prompts, model: str, cache: Optional[Path]) -> None:
+    """Every row judged, with a progress bar over the model's questions; calls cached in `cache`."""
+    import duckdb
+
+    from .backends import make_backend
+    from .cache import CachedBackend
+    from .judges import judge, model_calls
+    from .workspace import create_schema
+
+    con = duckdb.connect(str(cache) if cache else ":memory:")
+    create_schema(con)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with make_backend(cfg.engine_for(model)) as backend, Progress(*columns, console=err) as progress:
+            task = progress.add_task(f"{kind} judge ({model})", total=model_calls(rows, kind))
+            judge(kind, rows, CachedBackend(backend, con), prompts, cfg, lambda n: progress.advance(task, n))
+    except (ModelNotFound, EngineError) as exc:
+        fail(str(exc))
+    finally:
+        con.close()
+
+
+JudgeKind = Annotated[str, typer.Argument(help="grounding (rows with passage and text, claims or claim) or harm "
+                                                "(rows with prompt and response).")]
+JudgeModelOpt = Annotated[Optional[str], typer.Option("--model", help="The judge's model (a GGUF path or bundled:NAME). "
+                                                      "Default: \\[judges] of the workspace's config.")]
+JudgeWorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Use this workspace's \\[judges], "
+                                                           "engine and prompts; default: the built-in ones.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="Keep the model's answers in this DuckDB file: a rerun asks nothing again.")]
+PassageOpt = Annotated[str, typer.Option(help="grounding: the column holding the passage.")]
+TextOpt = Annotated[str, typer.Option(help="grounding: the column holding the text (split into sentences) when a row "
+                                           "has no claims or claim column.")]
+
+
+@app.command("judge")
+def judge_file(
+    kind: JudgeKind,
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL, parquet or a datasets folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL: every input row with its judgement added.")],
+    model: JudgeModelOpt = None,
+    workspace: JudgeWorkspaceOpt = None,
+    passage_field: PassageOpt = "passage",
+    text_field: TextOpt = "text",
+    prompt_field: Annotated[str, typer.Option(help="harm: the column holding the request.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="harm: the column holding the response.")] = "response",
+    cache: CacheOpt = None,
+) -> None:
+    """Judge every row of a file with the configured judges and write it back with its probability.
+
+    grounding: rows with `passage` and `text` (each sentence is a claim), `claims` (strings, or
+    objects with `claim` and an optional `evidence` quote) or one `claim`. Each row gets
+    `p_unsupported` (of its least supported claim), `judged_by` (rules or model) and
+    `claims_judged`. Rules decide first (a number or name the passage lacks, a quote that is
+    not in it); the model is asked only about the rest.
+
+    harm: rows with `prompt` and `response`; each gets `p_harmful`.
+
+    Both add `abstain` (true where the model's confidence is below \\[judges] abstain_below).
+    Check a judge on your own labelled rows with `ratchet eval-judge` before trusting it.
+
+    Example: ratchet judge grounding --input claims.jsonl --output judged.jsonl"""
+    from .judges import KINDS, JudgeError, P_FIELD, load, output_row, write_jsonl
+
+    if kind not in KINDS:
+        fail(f"unknown judge '{kind}' (one of: {', '.join(KINDS)})")
+    if output.resolve() == input.resolve():
+        fail(f"{output}: the output would overwrite the input; name another file")
+    cfg, prompts = _judge_setup(workspace)
+    model = model or getattr(cfg.judges, kind)
+    try:
+        rows = load(input, kind, passage_field=passage_field, text_field=text_field, prompt_field=prompt_field,
+                    response_field=response_field)
+    except JudgeError as exc:
+        fail(str(exc))
+    _run_judge(kind, rows, cfg, prompts, model, cache)
+    write_jsonl(output, [output_row(r, kind) for r in rows])
+    by = Counter(r.by for r in rows)
+    p = [r.p for r in rows if r.p is not None]
+    console.print(f"judged {len(rows)} rows of {input} with {model}: " + ", ".join(f"{n} by {k}" for k, n in by.items())
+                  + f"; {sum(r.abstain for r in rows)} abstained; mean {P_FIELD[kind]} "
+                  + (f"{sum(p) / len(p):.3f}" if p else "n/a") + f"; wrote {output}", highlight=False)
+
+
+def _eval_binary(kind: str, file: Path, label_field: str, label_means: str, model: Optional[str],
+                 workspace: Optional[Path], limit: Optional[int], output: Optional[Path], cache: Optional[Path],
+                 fields: dict) -> None:
+    from .judges import JudgeError, load, output_row
+    from .stats import binary_scores, coverage_scores
+
+    cfg, prompts = _judge_setup(workspace)
+    model = model or getattr(cfg.judges, kind)
+    try:
+        rows = load(file, kind, label_field=label_field, label_means=label_means, **fields)
+    except JudgeError as exc:
+        fail(str(exc))
+    rows = rows[:limit] if limit else rows
+    _run_judge(kind, rows, cfg, prompts, model, cache)
+    scored = [r for r in rows if r.p is not None]
+    m = binary_scores([r.label for r in scored], [r.p for r in scored])
+    positive = {"grounding": "unsupported", "harm": "harmful"}[kind]
+    ci = lambda x: "" if x is None else f" [{x[0]:.2f}, {x[1]:.2f}]"  # noqa: E731
+    table = Table("judge", "n", positive, "AUC", "accuracy (p >= 0.5)", "Cohen's kappa", title=escape(
+        f"{kind} judge {model} on {file} (95% bootstrap intervals)"), title_justify="left")
+    fmt = lambda k: "n/a" if m[k] is None else f"{m[k]:.3f}{ci(m[k + '_ci'])}"  # noqa: E731
+    table.add_row(model, str(m["n"]), str(m["positives"]), fmt("auc"), fmt("accuracy"), fmt("kappa"))
+    console.print(table)
+    by = Counter(r.by for r in rows)
+    console.print("decided by: " + ", ".join(f"{k} {n}" for k, n in by.items()), highlight=False)
+    if cfg.judges.abstain_below > 0.5 and scored:
+        c = coverage_scores([r.label for r in scored], [r.p for r in scored], cfg.judges.abstain_below)
+        console.print(f"abstaining below confidence {c['abstain_below']}: answers {c['answered']} of {m['n']} "
+                      f"(coverage {c['coverage']:.2f}), accuracy where it answers "
+                      + ("n/a" if c["accuracy_answered"] is None else f"{c['accuracy_answered']:.3f}"), highlight=False)
+    if len(scored) < len(rows):
+        console.print(f"[yellow]{len(rows) - len(scored)} rows without a judgement[/] (no valid answer)", highlight=False)
+    if output:
+        output.write_text(json.dumps({"kind": kind, "judge": model, "file": str(file), "metrics": m,
+                                      "rows": [{**output_row(r, kind), "gold": r.label} for r in rows]},
+                                     indent=2, default=str) + "\n", encoding="utf-8")
+        console.print(f"wrote {output}")
+
+
+def _detect_kind(file: Path, label_field: str) -> str:
+    """grounding for rows with a passage, conscience for three-way ethical labels, else harm."""
+    from .stages.conscience import LABELS, read_rows
+
+    try:
+        rows = read_rows(file)
+    except ConscienceError as exc:
+        fail(str(exc))
+    if not rows:
+        fail(f"{file}: no rows")
+    if any("passage" in row for _, row in rows):
+        return "grounding"
+    labels = {str(row.get(label_field, "")).strip().lower() for _, row in rows}
+    return "conscience" if labels <= set(LABELS) else "harm"
+
+
 @app.command("eval-judge")
 def eval_judge(
-    file: Annotated[Path, typer.Argument(help="Labelled pairs: JSONL, parquet or a datasets folder with prompt, response, label.")],
+    file: Annotated[Path, typer.Argument(help="A labelled file: JSONL, parquet or a datasets folder.")],
+    kind: Annotated[str, typer.Option(help="auto, conscience (prompt, response, label ethical|neutral|unethical under a "
+                                           "framework), grounding or harm (the judges of `ratchet judge`). auto: "
+                                           "grounding where rows have a passage, conscience for three-way ethical "
+                                           "labels, else harm.")] = "auto",
+    label_means: Annotated[str, typer.Option(help="grounding and harm: a numeric or boolean label of 1 means the row is "
+                                                  "positive (unsupported / harmful); 'negative' reads 1 as supported / "
+                                                  "harmless. Named labels are read by name.")] = "positive",
+    model: JudgeModelOpt = None,
+    workspace: JudgeWorkspaceOpt = None,
+    passage_field: PassageOpt = "passage",
+    text_field: TextOpt = "text",
+    cache: CacheOpt = None,
     framework: Annotated[str, typer.Option(help="Framework file in prompts/frameworks/ (without .toml).")] = "three-laws",
-    judge_model: Annotated[str, typer.Option("--judge", help="The judge: a GGUF path or bundled:NAME.")] = "bundled:smollm2",
+    judge_model: Annotated[Optional[str], typer.Option("--judge", help="conscience: the judge, a GGUF path or "
+                                                       "bundled:NAME (default bundled:smollm2); for grounding and "
+                                                       "harm, the same as --model.")] = None,
     prompt_field: Annotated[str, typer.Option(help="Column holding the request.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="Column holding the response.")] = "response",
-    label_field: Annotated[str, typer.Option(help="Column holding the gold label: ethical, neutral or unethical.")] = "label",
+    label_field: Annotated[str, typer.Option(help="Column holding the gold label (conscience: ethical, neutral or unethical; grounding, harm: see --label-means).")] = "label",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Also write the metrics and every prediction as JSON here.")] = None,
 ) -> None:
     """Score a conscience judge against a labelled file: accuracy, per-class precision and
     recall, Cohen's kappa and the confusion matrix. A judge's labels must be checked, not
-    trusted. The bundled examples/code_hacking/judge_eval.jsonl is a small file to start with."""
+    trusted. The bundled examples/code_hacking/judge_eval.jsonl is a small file to start with.
+
+    For the grounding and harm judges (`ratchet judge`): AUC of their probability against the
+    label, and accuracy and Cohen's kappa at p >= 0.5, each with a 95% bootstrap interval.
+
+    Example: ratchet eval-judge labelled.jsonl --kind harm --model bundled:qwen2.5-coder-1.5b"""
+    if kind not in ("auto", "conscience", "grounding", "harm"):
+        fail(f"--kind {kind}: one of auto, conscience, grounding, harm")
+    if label_means not in ("positive", "negative"):
+        fail(f"--label-means {label_means}: positive or negative")
+    kind = _detect_kind(file, label_field) if kind == "auto" else kind
+    if kind != "conscience":
+        return _eval_binary(kind, file, label_field, label_means, model or judge_model, workspace, limit, output, cache,
+                            dict(passage_field=passage_field, text_field=text_field, prompt_field=prompt_field,
+                                 response_field=response_field))
     import duckdb
 
     from .backends import make_backend
@@ -1087,6 +1265,7 @@ def eval_judge(
     from .workspace import create_schema
 
     cfg = RatchetConfig()
+    judge_model = model or judge_model or "bundled:smollm2"
     try:
         fw = load_framework(framework, Prompts())
         items, skipped = load_items(file, prompt_field, response_field, label_field)

@@ -39,7 +39,7 @@ CRITIQUE = pa.struct([("critic", pa.string()), ("verdict", pa.string()), ("claim
                       ("method", pa.string())])
 # Each claim the model wrote, with the faithfulness gates' verdict (supported | dropped) and why.
 CLAIM_CHECK = pa.struct([("evidence", pa.string()), ("claim", pa.string()), ("verdict", pa.string()),
-                         ("reason", pa.string())])
+                         ("reason", pa.string()), ("p_unsupported", pa.float64())])
 ANNOTATION_SCHEMA = pa.schema([
     ("passage_id", pa.string()), ("generation", pa.int32()), ("annotator", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("attempts", pa.int32()), ("passage", pa.string()), ("claims", pa.list_(CLAIM)),
@@ -153,7 +153,7 @@ RECORD_TYPE = ('{"claims": [{"evidence": "VARCHAR", "claim": "VARCHAR", "kind": 
 ANNOTATIONS_SQL = """
 SELECT a.passage_id, a.annotator, a.status, a.reason, a.attempts, p.text AS passage,
        a.rec.claims, a.rec.weak_reasoning, a.rec.uncertainties, a.rec.ethical_stakes, a.rec.reflection,
-       from_json(a.claim_checks, '[{"evidence": "VARCHAR", "claim": "VARCHAR", "verdict": "VARCHAR", "reason": "VARCHAR"}]')
+       from_json(a.claim_checks, '[{"evidence": "VARCHAR", "claim": "VARCHAR", "verdict": "VARCHAR", "reason": "VARCHAR", "p_unsupported": "DOUBLE"}]')
            AS claim_checks,
        v.score AS convergence, coalesce(v.selected, false) AS selected,
        coalesce(v.selected, false) AND VETOED AS vetoed,

@@ -63,6 +63,14 @@ class AnnotateConfig(Section):
                         "evidence restricted to the passage's own spans, claims checked against their evidence, "
                         "echoes of a prompt example and garbled words vetoed (a veto is retried like an invalid "
                         "answer). false: the free schema and no check, as before the gates (for comparison).")
+    claim_judge: str = Field("", description="With the gates: a model asked, claim by claim, whether the passage "
+                             "supports each claim the rules kept (the grounding judge of builder/judges.py); a claim "
+                             "it finds unsupported is dropped, and an annotation left without a claim is rejected. A "
+                             "GGUF path or bundled:NAME (the best measured: bundled:qwen2.5-coder-1.5b); empty, the "
+                             "default: the rules alone, because on the claims the rules keep no bundled model has "
+                             "yet been shown to tell supported from not (docs/judges.md).")
+    claim_threshold: float = Field(0.5, gt=0, le=1, description="The claim judge drops a claim whose calibrated "
+                                   "P(unsupported) is at least this.")
 
 
 class AuditConfig(Section):
@@ -269,6 +277,18 @@ class JudgementsConfig(Section):
                          "written value alone.")
 
 
+class JudgesConfig(Section):
+    """`ratchet judge` and `ratchet eval-judge`: the model behind each judge of any file, and when a
+    judgement abstains (builder/judges.py). Chosen by bench/judges.py (docs/judges.md)."""
+    grounding: str = Field("bundled:qwen2.5-coder-1.5b", description="The model asked, claim by claim, whether "
+                           "a passage supports a claim (after the rules): a GGUF path or bundled:NAME.")
+    harm: str = Field("bundled:qwen2.5-coder-1.5b", description="The model asked whether a response is harmful "
+                      "or unethical: a GGUF path or bundled:NAME.")
+    abstain_below: float = Field(0.5, ge=0.5, le=1.0, description="A model judgement whose confidence "
+                                 "max(p, 1 - p) is below this abstains (written with `abstain: true`, for a person "
+                                 "to decide); 0.5: never abstain.")
+
+
 # Tokens a passage's prompt takes besides the passage: the built-in annotation prompts (system,
 # persona, two few-shot turns, delimiters, line marks) take about 800 with the bundled tokenizers.
 PROMPT_ALLOWANCE = 1024
@@ -445,6 +465,7 @@ class RatchetConfig(Section):
     train: TrainConfig = Field(TrainConfig(), exclude=True)
     executor: ExecutorConfig = Field(ExecutorConfig(), exclude=True)  # where calls run: not what they produce
     experiments: ExperimentsConfig = Field(ExperimentsConfig(), exclude=True)
+    judges: JudgesConfig = Field(JudgesConfig(), exclude=True)  # judges of other files, not of the build
 
     @field_validator("annotator", mode="before")
     @classmethod

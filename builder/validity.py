@@ -18,7 +18,10 @@ agree (position consistency).
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
+
+from .faithfulness import NUMBER_WORDS, STOPWORDS
 
 PERTURBATIONS = ("other", "evidence", "support", "negated", "cut")
 FLIP = {"strong": "none", "none": "strong", "moderate": "weak", "weak": "moderate"}
@@ -69,3 +72,69 @@ def auc(positives: list[float], negatives: list[float]) -> float | None:
     if len(set(scores)) == 1:
         return 0.5  # every score equal: no information at all
     return round(float(roc_auc_score(labels, scores)), 4)
+
+
+# ---------------------------------------------------------------- claim-level variants
+# For a claim judge (builder/judges.py): each turns a claim its passage supports into one it does
+# not, the way a small writer gets things wrong. None where the claim has nothing to change.
+
+_AUXILIARY = re.compile(r"\b(is|are|was|were|has|have|had|will|would|can|could|should|must|does|did|do|may|might)\b",
+                        re.IGNORECASE)
+_NUMBER = re.compile(r"\b\d[\d,.]*\b|\b(?:" + "|".join(sorted(NUMBER_WORDS, key=len, reverse=True)) + r")\b",
+                     re.IGNORECASE)
+_CAPITALISED = re.compile(r"(?<!^)(?<![.!?]\s)\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)*")
+
+
+def negate_claim(claim: str) -> str:
+    """The claim with its first auxiliary verb negated ("was" -> "was not"), or, without one,
+    prefixed by "It is not true that"."""
+    negative = re.search(r"\b(" + _AUXILIARY.pattern[3:-3] + r")\s+not\b", claim, re.IGNORECASE)
+    if negative:  # already negative: affirm it ("did not say" -> "did say")
+        return claim[:negative.start()] + negative.group(1) + claim[negative.end():]
+    if _AUXILIARY.search(claim):
+        return _AUXILIARY.sub(lambda m: f"{m.group(0)} not", claim, count=1)
+    return f"It is not true that {claim[:1].lower()}{claim[1:]}"
+
+
+def change_number(claim: str) -> str | None:
+    """The claim with its first number changed: digits scaled by 1.5 (at least +1), a spelled
+    number to another one."""
+    found = _NUMBER.search(claim)
+    if not found:
+        return None
+    text = found.group(0)
+    digits = text.replace(",", "")
+    try:
+        value = float(digits)
+        new = value * 1.5 if value >= 2 else value + 1
+        changed = f"{new:g}" if "." in digits else f"{round(new):,}" if "," in text else str(round(new))
+    except ValueError:
+        word = text.lower()
+        if word not in NUMBER_WORDS:
+            return None
+        words = sorted(NUMBER_WORDS - {"percent", "dozen", "twice", "double", "triple", "quarter", "hundred", "thousand",
+                                       "million", "billion", word})
+        changed = words[(sorted(NUMBER_WORDS).index(word) + 3) % len(words)]
+    return claim[:found.start()] + changed + claim[found.end():]
+
+
+def swap_entity(claim: str, names: list[str]) -> str | None:
+    """The claim with its first capitalised name (not the first word) replaced by another name
+    from `names` (names of other passages); None without a name in the claim."""
+    found = next((m for m in _CAPITALISED.finditer(claim) if m.group(0).lower() not in STOPWORDS | CALENDAR), None)
+    if not found:
+        return None
+    others = [n for n in names if n.lower() != found.group(0).lower()]
+    if not others:
+        return None
+    other = others[sum(map(ord, found.group(0))) % len(others)]  # deterministic, spread over the pool
+    return claim[:found.start()] + other + claim[found.end():]
+
+
+def names_of(text: str) -> list[str]:
+    """Capitalised names in a text (not a sentence's first word)."""
+    return [m.group(0) for m in _CAPITALISED.finditer(text) if m.group(0).lower() not in STOPWORDS | CALENDAR]
+
+
+CALENDAR = set("""january february march april may june july august september october november december monday
+tuesday wednesday thursday friday saturday sunday""".split())

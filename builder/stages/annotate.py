@@ -88,10 +88,14 @@ class Annotate(Stage):
     def run(self, ctx: BuildContext) -> dict:
         store_members(ctx.con, ctx.generation, ctx.ensemble)
         cfg = annotation_config(ctx.cfg, ctx.generation)
+        judge = (ctx.judge_engine(cfg.annotate.claim_judge, "annotate.claim_judge")
+                 if cfg.annotate.gates and cfg.annotate.claim_judge else None)
         for member in ctx.ensemble.annotators:
             task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature,
                                 member.few_shot)
             rows = ctx.run(task, ctx.passages, ctx.engine(member.backend))
+            if judge is not None:
+                judge_claims(rows, ctx.text(), judge, ctx.prompts, cfg, ctx.run)
             ctx.per_member[member.name] = rows
             with transaction(ctx.con):
                 ctx.con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?",
@@ -107,6 +111,35 @@ def annotate(passages: list[Passage], engine, prompts: Prompts, config: RatchetC
     """Annotate passages with one cached engine outside a build (benches, notebooks, tests)."""
     return run_task(AnnotateTask(prompts, config, generation, annotator, persona, temperature, few_shot), passages,
                     engine, on_progress)
+
+
+def judge_claims(rows: list[AnnotationRow], texts: dict[str, str], engine, prompts: Prompts, cfg: RatchetConfig,
+                 run=None) -> None:
+    """The claim judge, after the rules: every claim an accepted annotation still holds is asked
+    of the grounding judge (builder/judges.py: EntailmentTask) in one batch; its calibrated
+    P(unsupported) is kept in the claim's check, and a claim at or above annotate.claim_threshold
+    is dropped. An annotation left without a claim is rejected ("no supported claim"): the model
+    is asked only where the rules could not decide, and never overrules a rule's drop."""
+    from ..judges import EntailmentTask
+
+    asked = [(r, c) for r in rows if r.status == "accepted" for c in r.record["claims"]]
+    if not asked:
+        return
+    task = EntailmentTask(prompts, cfg)
+    items = [(texts[r.passage_id], c["claim"]) for r, c in asked]
+    outcomes = run(task, items, engine) if run else run_task(task, items, engine)
+    threshold = cfg.annotate.claim_threshold
+    for (row, claim), outcome in zip(asked, outcomes):
+        p = round(outcome.graded.p("no"), 4) if outcome.graded else None
+        check = next(x for x in row.claim_checks if x["verdict"] == "supported" and x["claim"] == claim["claim"]
+                     and "p_unsupported" not in x)
+        check["p_unsupported"] = p
+        if p is not None and p >= threshold:
+            check["verdict"], check["reason"] = "dropped", f"claim judge: P(unsupported) {p:.2f}"
+            row.record["claims"] = [c for c in row.record["claims"] if c is not claim]
+    for row in rows:
+        if row.status == "accepted" and not row.record["claims"]:
+            row.status, row.record, row.reason = "rejected", None, "no supported claim: claim judge"
 
 
 def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:

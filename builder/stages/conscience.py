@@ -99,7 +99,7 @@ class Item:
         return hashlib.sha256(f"{self.prompt}\x1f{self.response}".encode()).hexdigest()[:16]
 
 
-def _rows(path: Path) -> list[tuple[str, dict]]:
+def read_rows(path: Path) -> list[tuple[str, dict]]:
     """(source, row) of a JSONL file, a parquet file or a `datasets` folder or file."""
     if not path.exists():
         raise ConscienceError(f"{path}: no such file or folder")
@@ -125,7 +125,7 @@ def load_items(path: Path, prompt_field: str = "prompt", response_field: str = "
     `shown_from`, each item's source is its file relative to the first of those folders that
     holds it (else its name), as published splits must not carry local paths."""
     path = Path(path)
-    rows = _rows(path)
+    rows = read_rows(path)
     shown = shown_path(path, *shown_from) if shown_from else str(path)
     if not rows:
         raise ConscienceError(f"{path}: no rows")

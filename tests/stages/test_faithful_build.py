@@ -28,11 +28,13 @@ def collapse(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def qwen_build(tmp_path_factory):
-    """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples) on four passages, gates on."""
+    """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples) on four passages, gates on,
+    and the claim judge (off by default) on the best measured model."""
     root = write_workspace(tmp_path_factory.mktemp("faithful") / "ws", CORPUS[:4],
                            ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
                                                           "few_shot": False}]},
-                           annotate={"gates": True, "retries": 1}, audit={"rate": 0.0, "auditor": ""})
+                           annotate={"gates": True, "retries": 1, "claim_judge": "bundled:qwen2.5-coder-1.5b"},
+                           audit={"rate": 0.0, "auditor": ""})
     ws = Workspace(root)
     return ws, run_build(ws)
 
@@ -78,6 +80,28 @@ def test_every_claim_the_model_wrote_is_recorded_with_its_verdict(qwen_build):
 
     table = pq.read_table(split).to_pylist()
     assert all(r["claim_checks"] for r in table if r["status"] == "accepted")
+
+
+def test_the_claim_judge_asks_about_every_claim_the_rules_kept_and_drops_what_it_finds_unsupported(qwen_build):
+    ws, summary = qwen_build
+    con = ws.connect(read_only=True)
+    # the annotations that reached the judge: accepted, or rejected because it dropped every claim
+    checks = [c for (cc,) in con.execute("SELECT claim_checks FROM annotations WHERE status = 'accepted' "
+                                         "OR reason = 'no supported claim: claim judge'").fetchall()
+              for c in json.loads(cc)]
+    asked = con.execute("SELECT count(*) FROM model_calls WHERE response LIKE '{\"supported\"%'").fetchone()[0]
+    con.close()
+    threshold = ws.config.annotate.claim_threshold
+    judged = [c for c in checks if "p_unsupported" in c]
+    assert judged and asked >= len(judged)  # the judge was asked
+    for c in checks:
+        by_rules = c["verdict"] == "dropped" and not c["reason"].startswith("claim judge")
+        assert by_rules != ("p_unsupported" in c)  # the rules first; the model only about what they kept
+        if c["verdict"] == "supported":
+            assert c["p_unsupported"] < threshold
+        elif c["reason"].startswith("claim judge"):
+            assert c["p_unsupported"] >= threshold
+    assert all(0 < c["p_unsupported"] < 1 for c in judged)  # a calibrated probability, not a written yes/no
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""Scores of a binary judge against labels, with percentile-bootstrap intervals.
+
+scikit-learn computes the metrics; this module only resamples them. One helper for every
+interval a judge table reports (fixed seed: a rerun prints the same interval).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+BOOTSTRAP = 1000  # resamples per interval
+
+
+def bootstrap(metric: Callable[..., float | None], *columns: Sequence, n: int = BOOTSTRAP,
+              seed: int = 0) -> tuple[float, float] | None:
+    """The 95% percentile-bootstrap interval of metric(*columns) over rows drawn with
+    replacement; resamples where the metric is undefined (one class only) are skipped."""
+    arrays = [np.asarray(c) for c in columns]
+    size = len(arrays[0])
+    if size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        rows = rng.integers(0, size, size)
+        value = metric(*(a[rows] for a in arrays))
+        if value is not None and not np.isnan(value):
+            values.append(value)
+    if not values:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def _auc(labels, scores) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else None
+
+
+def _accuracy(labels, predicted) -> float:
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, predicted))
+
+
+def _kappa(labels, predicted) -> float | None:
+    from sklearn.metrics import cohen_kappa_score
+
+    if len(set(labels.tolist()) | set(predicted.tolist())) < 2:
+        return None  # one value throughout: agreement beyond chance is undefined
+    return float(cohen_kappa_score(labels, predicted))
+
+
+def binary_scores(labels: Sequence[int], p: Sequence[float], threshold: float = 0.5) -> dict:
+    """AUC of p for the positive class, and accuracy and Cohen's kappa of p >= threshold, each
+    with its bootstrap interval. Labels are 1 (positive: unsupported, harmful) or 0."""
+    y, s = np.asarray(labels, dtype=int), np.asarray(p, dtype=float)
+    decided = (s >= threshold).astype(int)
+    out = {"n": int(len(y)), "positives": int(y.sum()), "threshold": threshold}
+    for name, metric, column in (("auc", _auc, s), ("accuracy", _accuracy, decided), ("kappa", _kappa, decided)):
+        value = metric(y, column) if len(y) else None
+        out[name] = None if value is None else round(value, 4)
+        out[f"{name}_ci"] = bootstrap(metric, y, column) if value is not None else None
+    return out
+
+
+def coverage_scores(labels: Sequence[int], p: Sequence[float], abstain_below: float) -> dict:
+    """Selective judging (Trust or Escalate, Jung et al. 2024): the judge answers only where its
+    confidence max(p, 1 - p) reaches `abstain_below` and abstains elsewhere. The share it
+    answers (coverage) and its accuracy there."""
+    y, s = np.asarray(labels, dtype=int), np.asarray(p, dtype=float)
+    answered = np.maximum(s, 1 - s) >= abstain_below
+    kept = int(answered.sum())
+    return {"abstain_below": abstain_below, "coverage": round(kept / len(y), 4) if len(y) else None,
+            "answered": kept, "accuracy_answered": round(_accuracy(y[answered], (s[answered] >= 0.5).astype(int)), 4)
+            if kept else None}
