@@ -142,7 +142,8 @@ def _faithfulness(f: dict | None) -> str:
     if not f or not f.get("claims_written"):
         return "no claim checked"
     share = f"{100 * f['verified_share']:.0f}%"
-    return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified), dropped "
+    return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
+            f"{f.get('quotes_rechosen', 0)} with their quote re-chosen), dropped "
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) dropped; vetoed {f['vetoed'] or 'none'}")
 
 

@@ -14,7 +14,9 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    negation, and most of the claim's content words must come from the quote. A claim that
    fails is dropped from the reflection and kept in `claim_checks` with its reason (a claim may
    use no content word its passage never uses, but for words about the quote itself: "the
-   passage states that ..."); the notes
+   passage states that ..."); a claim that fails against its own quote but passes against another
+   span of the passage keeps that span as its evidence instead (`requote`: a small writer often
+   quotes the wrong sentence for what its passage does say); the notes
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
    numbers and names. A reflection left without a claim is vetoed.
 3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
@@ -33,7 +35,6 @@ from functools import lru_cache
 from .prompts import unmark
 from .resources import load_schema
 
-VERSION = "gates-1"  # the gates' identity: part of every annotation request's schema description
 
 # ---------------------------------------------------------------- evidence spans
 
@@ -170,6 +171,25 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     return None
 
 
+def requote(claim: str, passage: str) -> str | None:
+    """The passage span that holds the claim, for a claim whose own quote does not: among the
+    spans against which the claim passes every rule of check_claim, the one with the most of the
+    claim's content words, then the shortest. None when no span does. A small writer often says
+    something its passage says and quotes the wrong sentence for it (on 112 labelled claims of the
+    demo's writer, re-choosing the quote kept 62 claims, 84% supported, where the quotes as written
+    kept 21, 76%: docs/faithfulness.md)."""
+    content = _content(words(claim))
+    best: tuple[tuple[int, int], str] | None = None
+    for span in passage_spans(passage):
+        if check_claim(claim, span, passage) is not None:
+            continue
+        stems = {_stem(w) for w in words(span)}
+        score = (sum(_stem(w) in stems for w in content), -len(span))
+        if best is None or score > best[0]:
+            best = (score, span)
+    return best[1] if best else None
+
+
 def check_note(note: str, passage: str) -> str | None:
     """A note (weak reasoning, uncertainty, ethical stake, the reflection) may reason freely,
     but every number and name in it must be the passage's."""
@@ -285,8 +305,12 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
     checks, claims = [], []
     for c in record.get("claims", []):
         reason = check_claim(c.get("claim", ""), c.get("evidence", ""), passage)
+        note = None
+        if reason is not None and (quote := requote(c.get("claim", ""), passage)) is not None:
+            note = f"{REQUOTED}: the answer quoted '{c.get('evidence', '')}' ({reason})"
+            c, reason = {**c, "evidence": quote}, None
         checks.append({"evidence": c.get("evidence", ""), "claim": c.get("claim", ""),
-                       "verdict": "supported" if reason is None else "dropped", "reason": reason})
+                       "verdict": "supported" if reason is None else "dropped", "reason": reason or note})
         if reason is None:
             claims.append(c)
     notes, dropped = {}, 0
@@ -308,3 +332,4 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
 
 
 VETOES = ("echo", "garbled", "reflection", "no supported claim")
+REQUOTED = "quote re-chosen"  # a kept claim's check reason: its evidence is the passage span that holds it

@@ -93,6 +93,26 @@ def test_the_gate_drops_failing_claims_and_vetoes_a_reflection_left_without_one(
     assert f.gate(record(bad), BRIDGE, set()).veto.startswith("no supported claim")
 
 
+def test_a_claim_its_passage_says_with_the_wrong_quote_keeps_the_span_that_says_it():
+    # what the demo's writer does most: the right claim, the neighbouring sentence as its quote
+    wrong = claim("Several shop owners near the bridge said the closure had hurt their sales",
+                  "Engineers replaced 212 corroded steel cables")
+    gated = f.gate(record(wrong), BRIDGE, set())
+    assert gated.veto is None
+    kept = gated.record["claims"][0]
+    assert kept["evidence"] == "Engineers replaced 212 corroded steel cables and resurfaced the full deck."
+    assert f.check_claim(kept["claim"], kept["evidence"], BRIDGE) is None and f.span_of(kept["evidence"], BRIDGE)
+    check = gated.claim_checks[0]
+    assert check["verdict"] == "supported" and check["evidence"] == kept["evidence"]
+    assert check["reason"].startswith(f.REQUOTED) and "Several shop owners" in check["reason"]
+    # of two spans that hold it, the one with more of its words; a claim no span holds is still dropped
+    assert f.requote("The bridge reopened after fourteen months of repairs", BRIDGE) == (
+        "The Marlow Bay harbour bridge reopened to traffic on Tuesday after fourteen months of repairs costing 38 "
+        "million dollars")  # the clause, shorter than its sentence with the same words
+    assert f.requote("The office spent 40 million dollars", BRIDGE) is None
+    assert f.requote("The bridge reopened after four months", BRIDGE) is None
+
+
 def test_notes_with_a_name_or_number_the_passage_lacks_are_dropped_and_such_a_reflection_is_vetoed():
     good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
     gated = f.gate(record(good, uncertainties=["Who paid the 38 million dollars", "Whether the Bank of England paid"]),

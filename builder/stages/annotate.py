@@ -186,7 +186,9 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
     dropped = Counter(c["reason"].split(":")[0] for c in checks if c["verdict"] != "supported")
     vetoes = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected"
                      and (r.reason or "").split(":")[0] in faithfulness.VETOES)
+    requoted = sum(c["verdict"] == "supported" and (c["reason"] or "").startswith(faithfulness.REQUOTED) for c in checks)
     return {"claims_written": len(checks), "claims_kept": kept, "claims_dropped": dict(sorted(dropped.items())),
+            "quotes_rechosen": requoted,
             "verified_share": round(kept / len(checks), 4) if checks else None,
             "notes_dropped": sum(r.dropped_notes or 0 for r in rows if r.status == "accepted"),
             "vetoed": dict(sorted(vetoes.items()))}
