@@ -113,6 +113,23 @@ def test_a_claim_its_passage_says_with_the_wrong_quote_keeps_the_span_that_says_
     assert f.requote("The bridge reopened after four months", BRIDGE) is None
 
 
+COFFEE = ("A press release from the Oranmore Institute announced that coffee boosts memory, after a study found that "
+          "volunteers who drank two cups recalled slightly more words. The study involved 24 students.")
+
+
+def test_a_claim_that_states_as_fact_what_its_quote_only_reports_is_dropped():
+    quote = "A press release from the Oranmore Institute announced that coffee boosts memory"
+    assert f.check_claim("Coffee boosts memory", quote, COFFEE).startswith("attribution dropped")
+    # keeping the reporting, or speaking about the passage, is what the quote says
+    assert f.check_claim("A press release announced that coffee boosts memory", quote, COFFEE) is None
+    assert f.check_claim("The passage states that coffee boosts memory", quote, COFFEE) is None
+    # no way round it through a weaker span of the same sentence
+    assert f.requote("Coffee boosts memory", COFFEE) is None
+    # a clause the reporting verb does not govern is the writer's own statement
+    assert f.check_claim("None of the shop owners would give figures", "but none of them would give figures.",
+                         BRIDGE) is None
+
+
 def test_notes_with_a_name_or_number_the_passage_lacks_are_dropped_and_such_a_reflection_is_vetoed():
     good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
     gated = f.gate(record(good, uncertainties=["Who paid the 38 million dollars", "Whether the Bank of England paid"]),
