@@ -137,7 +137,7 @@ COVERAGE = 0.5  # share of a claim's content words that must come from its evide
 # "the report concludes that ..."). A claim of such a sentence must keep the reporting, in one of
 # these words or in words about the passage ("the passage states that ..."): "Coffee boosts
 # memory" is not what "a press release announced that coffee boosts memory" says.
-ATTRIBUTION = set("""say says said announced announces concludes concluded told declared claims claimed argues argued
+ATTRIBUTION = set("""say says said think thinks announced announces concludes concluded told declared claims claimed argues argued
 estimate estimates estimated show shows showed according expect expects expected believe believes warned warns
 predicts predicted blamed credited""".split())
 REPORTED = ATTRIBUTION | {"confirmed", "admitted", "reported"}
@@ -259,10 +259,22 @@ def _lexicon() -> set[str]:
     return set(top_n_list("en", 400_000, wordlist="large"))
 
 
+def _latin(ch: str) -> bool:
+    import unicodedata
+
+    return "LATIN" in unicodedata.name(ch, "")
+
+
 def unknown_word(text: str, passage: str) -> str | None:
     """The first word of text in neither the passage nor the English word list: garbled, run
     together or cut mid-word. Numbers and one-letter words pass; so does any word of the passage."""
     have, lexicon = set(words(passage)), _lexicon()
+    # A letter of another script that the passage does not use: a small model's token from its
+    # other languages ("may have diluted the读", "she has been离婚").
+    foreign = next((ch for ch in unmark(text) if ch.isalpha() and not ch.isascii() and not _latin(ch)
+                    and ch not in passage), None)
+    if foreign is not None:
+        return foreign
     for token in re.findall(r"[A-Za-z][A-Za-z'’-]*[A-Za-z]|[A-Za-z]", unmark(text)):
         for part in token.lower().replace("’", "'").split("-"):
             part = part.removesuffix("'s")

@@ -149,11 +149,17 @@ def test_a_reflection_that_copies_a_prompt_example_is_an_echo_unless_its_passage
     assert f.gate(copied, own, runs).veto is None  # the passage's own words are no echo
 
 
-@pytest.mark.parametrize("word", ["neighb.", "claiim", "kindserved", "interest-b"])
+@pytest.mark.parametrize("word", ["neighb.", "claiim", "kindserved", "interest-b", "sales读", "离婚"])
 def test_garbled_or_cut_words_veto_the_reflection(word):
     good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
     gated = f.gate(record(good, reflection=f"The shop owners near the bridge gave no {word}"), BRIDGE, set())
     assert gated.veto and gated.veto.startswith("garbled")
+
+
+def test_letters_of_other_scripts_are_garbled_unless_the_passage_uses_them():
+    assert f.unknown_word("the café and the naïve résumé", BRIDGE) is None  # Latin letters with accents
+    assert f.unknown_word("It may have diluted the读.", BRIDGE) == "读"
+    assert f.unknown_word("the 東京 office", BRIDGE + " The 東京 office agreed.") is None
 
 
 def test_ordinary_words_and_the_passages_own_rare_words_are_not_garbled():
