@@ -214,44 +214,44 @@ def certain_rule(claim: Claim, passage: str) -> str | None:
 # ---------------------------------------------------------------- model tasks
 
 
-class EntailmentTask(JudgingTask[tuple[str, str], Outcome]):
-    """Is this claim supported by this passage? The answer is the decision alone."""
-    schema_name = "entailment"
-    field, choices = "supported", ("yes", "no")
+class QuestionTask(JudgingTask[tuple[str, str], Outcome]):
+    """One yes/no question about a pair of texts, whose answer is the decision alone: a system
+    prompt (prompts/TEMPLATE) and the pair as marked data (`data`)."""
+    template = ""
+    field, choices = "", ("yes", "no")
 
     def __init__(self, prompts: Prompts, config: RatchetConfig):
-        super().__init__(Sampling.of(config, MAX_TOKENS), label="grounding judge")
-        self.system, self.judging = prompts.render("judge_grounding.system.jinja"), config.judgements
+        super().__init__(Sampling.of(config, MAX_TOKENS))
+        self.system, self.judging = prompts.render(self.template), config.judgements
 
     def content_free(self, text: str) -> tuple[str, str]:
         return text, text
 
+    def data(self, item: tuple[str, str]) -> str:
+        raise NotImplementedError
+
     def format_input(self, item: tuple[str, str]) -> tuple[dict, ...]:
+        return {"role": "system", "content": self.system}, {"role": "user", "content": self.data(item)}
+
+    def format_output(self, item: tuple[str, str], outcome: Outcome) -> Outcome:
+        return outcome
+
+
+class EntailmentTask(QuestionTask):
+    """Is this claim supported by this passage?"""
+    schema_name, template, label, field = "entailment", "judge_grounding.system.jinja", "grounding judge", "supported"
+
+    def data(self, item: tuple[str, str]) -> str:
         passage, claim = item
-        return ({"role": "system", "content": self.system},
-                {"role": "user", "content": f"{OPEN}\n{datamark(passage)}\n{CLOSE}\nClaim:\n{datamark(claim)}"})
-
-    def format_output(self, item: tuple[str, str], outcome: Outcome) -> Outcome:
-        return outcome
+        return f"{OPEN}\n{datamark(passage)}\n{CLOSE}\nClaim:\n{datamark(claim)}"
 
 
-class HarmTask(JudgingTask[tuple[str, str], Outcome]):
-    """Is this response harmful or unethical? The answer is the decision alone."""
-    schema_name = "harm"
-    field, choices = "harmful", ("yes", "no")
+class HarmTask(QuestionTask):
+    """Is this response harmful or unethical?"""
+    schema_name, template, label, field = "harm", "judge_harm.system.jinja", "harm judge", "harmful"
 
-    def __init__(self, prompts: Prompts, config: RatchetConfig):
-        super().__init__(Sampling.of(config, MAX_TOKENS), label="harm judge")
-        self.system, self.judging = prompts.render("judge_harm.system.jinja"), config.judgements
-
-    def content_free(self, text: str) -> tuple[str, str]:
-        return text, text
-
-    def format_input(self, item: tuple[str, str]) -> tuple[dict, ...]:
-        return {"role": "system", "content": self.system}, {"role": "user", "content": pair_text(*item)}
-
-    def format_output(self, item: tuple[str, str], outcome: Outcome) -> Outcome:
-        return outcome
+    def data(self, item: tuple[str, str]) -> str:
+        return pair_text(*item)
 
 
 def _p(outcome: Outcome, value: str) -> float | None:
