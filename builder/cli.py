@@ -1217,10 +1217,10 @@ def _detect_kind(file: Path, label_field: str) -> str:
 @app.command("eval-judge")
 def eval_judge(
     file: Annotated[Path, typer.Argument(help="A labelled file: JSONL, parquet or a datasets folder.")],
-    kind: Annotated[str, typer.Option(help="auto, conscience (prompt, response, label ethical|neutral|unethical under a "
-                                           "framework), grounding or harm (the judges of `ratchet judge`). auto: "
+    kind: Annotated[str, typer.Option(help="detect, conscience (prompt, response, label ethical|neutral|unethical under a "
+                                           "framework), grounding or harm (the judges of `ratchet judge`). detect: "
                                            "grounding where rows have a passage, conscience for three-way ethical "
-                                           "labels, else harm.")] = "auto",
+                                           "labels, else harm.")] = "detect",
     label_means: Annotated[str, typer.Option(help="grounding and harm: a numeric or boolean label of 1 means the row is "
                                                   "positive (unsupported / harmful); 'negative' reads 1 as supported / "
                                                   "harmless. Named labels are read by name.")] = "positive",
@@ -1247,11 +1247,11 @@ def eval_judge(
     label, and accuracy and Cohen's kappa at p >= 0.5, each with a 95% bootstrap interval.
 
     Example: ratchet eval-judge labelled.jsonl --kind harm --model bundled:qwen2.5-coder-1.5b"""
-    if kind not in ("auto", "conscience", "grounding", "harm"):
-        fail(f"--kind {kind}: one of auto, conscience, grounding, harm")
+    if kind not in ("detect", "conscience", "grounding", "harm"):
+        fail(f"--kind {kind}: one of detect, conscience, grounding, harm")
     if label_means not in ("positive", "negative"):
         fail(f"--label-means {label_means}: positive or negative")
-    kind = _detect_kind(file, label_field) if kind == "auto" else kind
+    kind = _detect_kind(file, label_field) if kind == "detect" else kind
     if kind != "conscience":
         return _eval_binary(kind, file, label_field, label_means, model or judge_model, workspace, limit, output, cache,
                             dict(passage_field=passage_field, text_field=text_field, prompt_field=prompt_field,
