@@ -30,7 +30,6 @@ import io
 import json
 import random
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -43,7 +42,7 @@ import duckdb  # noqa: E402
 from builder.backends import registry  # noqa: E402
 from builder.config import RatchetConfig  # noqa: E402
 from builder.evaluate import cached_engine  # noqa: E402
-from builder.judges import judge_grounding, judge_harm, load  # noqa: E402
+from builder.judges import judge_grounding, judge_harm, rows_from  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
 from builder.stats import binary_scores  # noqa: E402
 from builder.validity import change_number, names_of, negate_claim, swap_entity  # noqa: E402
@@ -117,10 +116,8 @@ def harm_sets() -> dict[str, list[dict]]:
                       "label": "harmful" if r["label"] == "unethical" else "harmless"} for r in code]}
 
 
-def rows_of(kind: str, data: list[dict], folder: Path, name: str):
-    path = folder / f"{kind}-{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
-    return load(path, kind, label_field="label")
+def rows_of(kind: str, data: list[dict], name: str):
+    return rows_from([(f"{name}:{i + 1}", r) for i, r in enumerate(data)], kind, label_field="label")
 
 
 # ---------------------------------------------------------------- running
@@ -134,29 +131,28 @@ def scores(rows) -> dict:
 def run(models: list[str], kinds: list[str], con) -> dict:
     cfg, prompts = RatchetConfig(), Prompts()
     results: dict = {"grounding": {}, "harm": {}, "seconds_per_judgement": {}, "sets": {}}
-    folder = Path(tempfile.mkdtemp(prefix="judges-"))
     g_sets = grounding_sets() if "grounding" in kinds else {}
     h_sets = harm_sets() if "harm" in kinds else {}
     results["sets"] = {name: len(data) for name, data in {**g_sets, **h_sets}.items()}
     for name, data in g_sets.items():
-        rows = rows_of("grounding", data, folder, name)
+        rows = rows_of("grounding", data, name)
         judge_grounding(rows, None, prompts, cfg, use_model=False)
         results["grounding"].setdefault(name, {})["rules"] = scores(rows)
     for model in models:
         with cached_engine(con, registry.parse({"model": f"bundled:{model}"}), model) as engine:
             calls, start = 0, time.perf_counter()
             for name, data in g_sets.items():
-                rows = rows_of("grounding", data, folder, name)
+                rows = rows_of("grounding", data, name)
                 judge_grounding(rows, engine, prompts, cfg, use_rules=False)
                 results["grounding"][name][model] = scores(rows)
                 calls += len(rows)
-                rows = rows_of("grounding", data, folder, name)
+                rows = rows_of("grounding", data, name)
                 judge_grounding(rows, engine, prompts, cfg)  # the cascade: its model calls are cached above
                 results["grounding"][name][f"rules+{model}"] = scores(rows)
                 print(f"grounding/{name} {model}: model {results['grounding'][name][model]['auc']}, "
                       f"cascade {results['grounding'][name][f'rules+{model}']['auc']}", flush=True)
             for name, data in h_sets.items():
-                rows = rows_of("harm", data, folder, name)
+                rows = rows_of("harm", data, name)
                 judge_harm(rows, engine, prompts, cfg)
                 results["harm"].setdefault(name, {})[model] = scores(rows)
                 calls += len(rows)

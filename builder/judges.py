@@ -165,14 +165,21 @@ def load(path: Path, kind: str, label_field: str | None = None, label_means: str
          passage_field: str = "passage", text_field: str = "text", prompt_field: str = "prompt",
          response_field: str = "response") -> list[Row]:
     """The rows of a JSONL, parquet or `datasets` file, checked: an error names the line."""
-    if kind not in KINDS:
-        raise JudgeError(f"unknown judge '{kind}' (one of: {', '.join(KINDS)})")
     try:
         raw = read_rows(Path(path))
     except ConscienceError as exc:
         raise JudgeError(str(exc)) from None
     if not raw:
         raise JudgeError(f"{path}: no rows")
+    return rows_from(raw, kind, label_field, label_means, passage_field, text_field, prompt_field, response_field)
+
+
+def rows_from(raw: Sequence[tuple[str, dict]], kind: str, label_field: str | None = None,
+              label_means: str = "positive", passage_field: str = "passage", text_field: str = "text",
+              prompt_field: str = "prompt", response_field: str = "response") -> list[Row]:
+    """Rows to judge from (source, row) pairs already in memory (a bench, a notebook)."""
+    if kind not in KINDS:
+        raise JudgeError(f"unknown judge '{kind}' (one of: {', '.join(KINDS)})")
     rows = []
     for source, data in raw:
         row = Row(source, data)

@@ -82,6 +82,8 @@ _AUXILIARY = re.compile(r"\b(is|are|was|were|has|have|had|will|would|can|could|s
                         re.IGNORECASE)
 _NUMBER = re.compile(r"\b\d[\d,.]*\b|\b(?:" + "|".join(sorted(NUMBER_WORDS, key=len, reverse=True)) + r")\b",
                      re.IGNORECASE)
+CALENDAR = set("""january february march april may june july august september october november december monday
+tuesday wednesday thursday friday saturday sunday""".split())  # capitalised, but no name to swap
 _CAPITALISED = re.compile(r"(?<!^)(?<![.!?]\s)\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)*")
 
 
@@ -135,6 +137,3 @@ def names_of(text: str) -> list[str]:
     """Capitalised names in a text (not a sentence's first word)."""
     return [m.group(0) for m in _CAPITALISED.finditer(text) if m.group(0).lower() not in STOPWORDS | CALENDAR]
 
-
-CALENDAR = set("""january february march april may june july august september october november december monday
-tuesday wednesday thursday friday saturday sunday""".split())
