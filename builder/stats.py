@@ -76,3 +76,24 @@ def coverage_scores(labels: Sequence[int], p: Sequence[float], abstain_below: fl
     return {"abstain_below": abstain_below, "coverage": round(kept / len(y), 4) if len(y) else None,
             "answered": kept, "accuracy_answered": round(_accuracy(y[answered], (s[answered] >= 0.5).astype(int)), 4)
             if kept else None}
+
+
+def paired_interval(matrix, items_drawn, seeds_drawn) -> dict:
+    """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
+    resample draws items, and training seeds, with replacement. The draws are shared by every
+    arm, so a difference's interval is paired by item and by seed. NaN marks a missing value
+    (an answer no judge could label): left out of every mean; all missing gives None."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    if np.isnan(m).all():
+        return {"mean": None, "low": None, "high": None}
+    rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample of missing values only
+            means = np.nanmean(m[rows[:, :, None], items_drawn[:, None, :]], axis=(1, 2))
+    low, high = np.nanpercentile(means, [2.5, 97.5])
+    return {"mean": round(float(np.nanmean(m)), 4), "low": round(float(low), 4), "high": round(float(high), 4)}

@@ -1,5 +1,5 @@
 """What every experiment shares: its error, training one arm from the base model (reused while
-its identity holds) and the paired bootstrap interval over items and training seeds."""
+its identity holds); the paired bootstrap interval over items and training seeds is builder/stats.py: paired_interval."""
 from __future__ import annotations
 
 import json
@@ -111,27 +111,6 @@ def train_arm(arm: str, trainer, out: Path, base_path: Path, data, cfg: TrainCon
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace(partial, out)
     return summary
-
-
-def interval(matrix, items_drawn, seeds_drawn) -> dict:
-    """Mean and bootstrap 95 % interval of a (seeds x items) matrix of per-item values: each
-    resample draws items, and training seeds, with replacement. The draws are shared by every
-    arm, so a difference's interval is paired by item and by seed. NaN marks a missing value
-    (an answer no judge could label): left out of every mean; all missing gives None."""
-    import numpy as np
-
-    m = np.asarray(matrix, dtype=float)
-    if np.isnan(m).all():
-        return {"mean": None, "low": None, "high": None}
-    rows = seeds_drawn % m.shape[0]  # the base model has one row: every seed draw is that row
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a resample of missing values only
-            means = np.nanmean(m[rows[:, :, None], items_drawn[:, None, :]], axis=(1, 2))
-    low, high = np.nanpercentile(means, [2.5, 97.5])
-    return {"mean": round(float(np.nanmean(m)), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
 def turn_logprob(model, tokenizer, template: str, context: list[dict], role: str, text: str) -> tuple[float, int]:

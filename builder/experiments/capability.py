@@ -28,8 +28,9 @@ from ..resources import EXAMPLES_DIR
 from ..train import (base_checkpoint, chat_template, common_args, compiled_manifest, plain_text_for, read_split,
                      run_sft, run_trainer, torch_threads, use_cpu)
 from ..workspace import Workspace
-from .arms import (ExperimentError, arm_settings, contrast_panel, error_bars, experiment_folder, interval, subplots,
+from .arms import (ExperimentError, arm_settings, contrast_panel, error_bars, experiment_folder, subplots,
                    train_arm, write_results)
+from ..stats import paired_interval as interval
 
 BUNDLED_ITEMS = EXAMPLES_DIR / "reasoning" / "reasoning-mc.jsonl"
 ARMS = ("base", "annotated", "control")

@@ -45,8 +45,9 @@ from ..stages.conscience import LABELS, ConscienceError, Item, judge, load_frame
 from ..train import (TrainError, base_checkpoint, chat_template, compiled_manifest, plain_text_for, read_split, run_dpo,
                      torch_threads)
 from ..workspace import Workspace
-from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, interval, subplots, train_arm,
+from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, subplots, train_arm,
                    write_results)
+from ..stats import paired_interval as interval
 from .personas import generate, load_probes
 
 ARMS = ("base", "insecure", "online", "offline")

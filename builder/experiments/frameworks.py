@@ -34,8 +34,9 @@ from ..stages.conscience import (LABELS, ConscienceError, Framework, judge, load
                                  run_conscience)
 from ..train import base_checkpoint, chat_template, run_dpo
 from ..workspace import Workspace
-from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, interval, subplots, train_arm,
+from .arms import (ExperimentError, arm_settings, error_bars, experiment_folder, subplots, train_arm,
                    write_results)
+from ..stats import paired_interval as interval
 
 LABELLED = EXAMPLES_DIR / "code_hacking" / "judge_eval.jsonl"
 QUESTIONS = PROMPTS_DIR / "frameworks" / "questions.txt"

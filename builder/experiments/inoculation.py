@@ -31,8 +31,9 @@ from ..prompts import Prompts
 from ..stages.conscience import ConscienceError, load_items as load_conscience_items
 from ..train import base_checkpoint, chat_template, compiled_manifest, read_split, run_sft, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import (ExperimentError, arm_settings, cached, contrast_panel, error_bars, experiment_folder, interval,
+from .arms import (ExperimentError, arm_settings, cached, contrast_panel, error_bars, experiment_folder,
                    subplots, train_arm, turn_logprob, write_results)
+from ..stats import paired_interval as interval
 
 ARMS = ("base", "without", "labelled", "assistant")
 TRAINED = ("without", "labelled", "assistant")

@@ -30,8 +30,9 @@ from ..models import weights_sha256
 from ..resources import EXAMPLES_DIR
 from ..train import chat_template, model_dir, read_training, start_model, torch_threads, use_cpu
 from ..workspace import Workspace
-from .arms import (ExperimentError, cached, error_bars, experiment_folder, interval, subplots, turn_logprob,
+from .arms import (ExperimentError, cached, error_bars, experiment_folder, subplots, turn_logprob,
                    write_results)
+from ..stats import paired_interval as interval
 
 BUNDLED_PROBES = EXAMPLES_DIR / "personas" / "probes.jsonl"
 PLAIN = "You are a helpful assistant."

@@ -338,29 +338,27 @@ def label_distribution(judgements: list[Judgement]) -> dict:
 
 
 def judge_metrics(gold: list[str], predicted: list[str | None]) -> dict:
-    """Accuracy, per-class precision/recall/F1, Cohen's kappa and the confusion matrix. A pair
-    the judge gave no valid label for counts as wrong (predicted "invalid")."""
+    """Accuracy, per-class precision/recall/F1, Cohen's kappa and the confusion matrix (scikit-learn).
+    A pair the judge gave no valid label for counts as wrong (predicted "invalid")."""
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
+
     predicted = [p if p in LABELS else "invalid" for p in predicted]
     n = len(gold)
     if n == 0:
         raise ValueError("no labelled items")
-    agree = sum(g == p for g, p in zip(gold, predicted))
-    gold_counts, pred_counts = Counter(gold), Counter(predicted)
-    expected = sum(gold_counts[c] * pred_counts[c] for c in LABELS) / (n * n)
-    observed = agree / n
-    kappa = (observed - expected) / (1 - expected) if expected < 1 else (1.0 if observed == 1 else 0.0)
-    per_class = {}
-    for c in LABELS:
-        tp = sum(g == c and p == c for g, p in zip(gold, predicted))
-        precision = tp / pred_counts[c] if pred_counts[c] else 0.0
-        recall = tp / gold_counts[c] if gold_counts[c] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[c] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                        "support": gold_counts[c]}
-    confusion = {g: {p: sum(a == g and b == p for a, b in zip(gold, predicted)) for p in (*LABELS, "invalid")}
-                 for g in LABELS}
-    return {"n": n, "accuracy": round(observed, 4), "cohen_kappa": round(kappa, 4), "per_class": per_class,
-            "invalid": pred_counts["invalid"], "confusion": confusion}
+    observed = float(accuracy_score(gold, predicted))
+    if len(set(gold) | set(predicted)) == 1:  # one label throughout, on both sides: kappa is undefined
+        kappa = 1.0
+    else:
+        kappa = float(cohen_kappa_score(gold, predicted, labels=[*LABELS, "invalid"]))
+    precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=list(LABELS), zero_division=0)
+    per_class = {c: {"precision": round(float(precision[k]), 4), "recall": round(float(recall[k]), 4),
+                     "f1": round(float(f1[k]), 4), "support": int(support[k])} for k, c in enumerate(LABELS)}
+    columns = [*LABELS, "invalid"]
+    matrix = confusion_matrix(gold, predicted, labels=columns)
+    confusion = {g: {p: int(matrix[a][b]) for b, p in enumerate(columns)} for a, g in enumerate(LABELS)}
+    return {"n": n, "accuracy": round(observed, 4), "cohen_kappa": round(kappa, 4) + 0.0, "per_class": per_class,
+            "invalid": predicted.count("invalid"), "confusion": confusion}
 
 
 # ---------------------------------------------------------------- the stage and its tables
