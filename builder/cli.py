@@ -1,6 +1,7 @@
 """`ratchet`: a thin typer CLI over the stages."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -188,6 +189,10 @@ def _summary_table(s: dict) -> Table:
                                       f"mean score {score}, critiques given {m['critiques']}, "
                                       f"alpha as author {_fmt_alpha(e['agreement'].get('author:' + name))}, "
                                       f"as critic {_fmt_alpha(e['agreement'].get('critic:' + name))}"))
+    votes = s.get("votes")
+    if votes and votes["weight"]:
+        rows.append((f"vote weights ({votes['weights_from']})", ", ".join(
+            f"{n} {w:.2f}" + (" (at chance: not asked)" if n in votes["not_asked"] else "") for n, w in votes["weight"].items())))
     audit = s.get("audit")
     if audit:
         rows += [
@@ -202,7 +207,7 @@ def _summary_table(s: dict) -> Table:
             source = audit.get("vote_weights_from", "audits")
             rows += [("critique audits", f"{critiques['sampled']} sampled, {critiques['audits']} audited, {right}"
                                          + (f"; record {record}" if record else "")),
-                     ("vote weight (critics)", _by_name(audit["vote_weight"])
+                     ("vote weight (next generation)", _by_name(audit["vote_weight"])
                       or f"0.50 each (audit.vote_weights = {source}: {UNWEIGHTED_BECAUSE.get(source, 'no record yet')})")]
     c = s.get("conscience")
     if c:
@@ -328,7 +333,8 @@ def build(
     for name, weight in summary.get("audit", {}).get("reputation", {}).items():
         if weight < 0.5:
             console.print(f"[yellow]warning:[/] {name} fails most of its annotation audits (reputation {weight:.2f})")
-    for name, weight in summary.get("audit", {}).get("vote_weight", {}).items():
+    audit = summary.get("audit", {})
+    for name, weight in audit.get("vote_weight", {}).items() if audit.get("vote_weights_from") != "validity" else ():
         if weight < 0.5:
             console.print(f"[yellow]warning:[/] {name}'s critiques are wrong in most of their audits: "
                           f"its votes now weigh {weight:.2f}")
@@ -346,7 +352,7 @@ def sql(
 
     Tables: passages, generation_passages, model_calls, annotations, critiques, convergence,
     selections, agreement, members, audits, audit_items, reputation, critique_audits,
-    critic_reputation, conscience_items,
+    critic_reputation, critic_validity, conscience_items,
     judgements, pairs, consents, drift_events, panel, ratchet, panel_verdicts, panel_comparisons,
     builds, evaluations. Views: convergence_by_member, critic_verdicts_by_member,
     critic_scores_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
@@ -1342,8 +1348,102 @@ def engines(
 
 
 @app.command()
+def validity(
+    workspace: WorkspaceOpt = Path("."),
+    labelled: Annotated[Optional[Path], typer.Option(help="Labelled claims (JSONL, parquet or a datasets folder): "
+                                                     "passage, claim, evidence (a quote of the passage) and label "
+                                                     "(supported / unsupported, or 0/1 with 1 unsupported). Default: "
+                                                     "the 112 claims of bench/data/demo-claims.labelled.jsonl.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=2, help="Only the first N labelled claims (a quick look; the "
+                                                 "interval widens and the weights shrink).")] = None,
+    write: Annotated[Optional[Path], typer.Option(help="Also write the measurements as JSONL here (the bundled "
+                                                  "critics' ship as prompts/critic_validity.jsonl).")] = None,
+) -> None:
+    """Measure each critic of the workspace's ensemble on claims a person labelled, and store what
+    its votes weigh. Every labelled claim becomes a reflection of that one claim; each critic
+    scores it as in a build, and its AUC (a supported claim scored above an unsupported one) with
+    a 95% bootstrap interval gives its vote weight: 2 x the interval's lower end - 1, floored at 0.
+    A critic at or below chance weighs 0 and a build no longer asks it (audit.vote_weights =
+    "validity", the default). A measurement holds for the model's weights and the prompts it was
+    asked with: change either and the critic is unmeasured again (weight 0.5) until this runs.
+    Answers are cached in the workspace: a rerun is free.
+
+    \b
+    Example:
+      ratchet validity -w my-ws                       # about 10 s a claim per model critic on 2 cores
+      ratchet validity -w my-ws --labelled my-claims.jsonl
+    """
+    from .ensemble import Ensemble
+    from .judges import JudgeError, write_jsonl
+    from .measure import measure_critics
+    from .resources import LABELLED_CLAIMS
+
+    ws = open_workspace(workspace)
+    cfg, prompts = _judge_setup(workspace)
+    path = labelled or LABELLED_CLAIMS
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with ws.lock(), Ensemble(cfg) as ensemble, Progress(*columns, console=console) as progress:
+            con = ws.connect()
+            def on_critic(name: str, total: int):
+                task = progress.add_task(f"critic {name}", total=total)
+                return lambda n: progress.advance(task, n)
+            rows = measure_critics(ensemble, prompts, cfg, con, path, limit, on_critic)
+            con.close()
+    except (JudgeError, EnsembleError, ModelNotFound, WorkspaceError) as exc:
+        fail(str(exc))
+    table = Table("critic", "claims (unsupported)", "AUC [95% CI]", "vote weight", "seconds",
+                  title=f"critics on {path.name}", title_justify="left")
+    for m in rows:
+        auc = "n/a" if m.auc is None else f"{m.auc:.2f} [{m.auc_low:.2f}, {m.auc_high:.2f}]"
+        table.add_row(m.critic, f"{m.n} ({m.positives})" + (f", {m.unjudged} unjudged" if m.unjudged else ""), auc,
+                      f"{m.weight:.2f}" + ("  not informative: not asked" if m.weight == 0 else ""), f"{m.seconds:.0f}")
+    console.print(table)
+    if write:
+        write_jsonl(write, [dataclasses.asdict(m) for m in rows])
+        console.print(f"wrote {write}")
+    if cfg.audit.vote_weights != "validity":
+        console.print(f"[yellow]note:[/] audit.vote_weights = {cfg.audit.vote_weights}: builds do not use these weights")
+
+
+def _vote_weights_table(ws: Workspace) -> None:
+    """What each critic's vote weighs in the next build, and the measurement behind it."""
+    import duckdb
+
+    from .stages.scrutinize import PRIOR_WEIGHT, config_critics, measured_validity, vote_weights
+    from .workspace import create_schema
+
+    cfg, prompts = _judge_setup(ws.root)
+    critics = config_critics(cfg)
+    verifiers = [m.display_name for m in cfg.ensemble.members if m.kind == "verifier"]
+    names = [name for name, _, _ in critics] + verifiers
+    try:
+        con = ws.connect(read_only=True) if ws.db_path.exists() else duckdb.connect()
+        if not ws.db_path.exists():
+            create_schema(con)
+        measured = measured_validity(con, critics, verifiers, prompts, cfg)
+        last = con.execute("SELECT max(generation) FROM annotations").fetchone()[0] or 0
+        weights = vote_weights(con, last + 1, cfg.audit.vote_weights, measured)
+        con.close()
+    except WorkspaceError as exc:
+        fail(str(exc))
+    table = Table("critic", "measured on", "AUC [95% CI]", f"vote weight (generation {last + 1})",
+                  title=f"vote weights (audit.vote_weights = {cfg.audit.vote_weights})", title_justify="left")
+    for name in names:
+        m = measured.get(name)
+        unknown = name in [n for n, _, digest in critics if digest is None]
+        on = f"{m.labelled}: {m.n} claims, {m.measured_at[:10]}" if m else \
+            "no local model file: its weight shows in the build summary" if unknown else "not measured (`ratchet validity`)"
+        auc = "—" if not m or m.auc is None else f"{m.auc:.2f} [{m.auc_low:.2f}, {m.auc_high:.2f}]"
+        w = weights.get(name, PRIOR_WEIGHT)
+        table.add_row(name, escape(on), auc, f"{w:.2f}" + ("  not informative: not asked" if w <= 0 else ""))
+    console.print(table)
+
+
+@app.command()
 def panel(workspace: WorkspaceOpt = Path(".")) -> None:
-    """The ratchet's reference panel as the workspace's first generation froze it: each member's
+    """What each critic's vote weighs (its measured validity, `ratchet validity`), then the
+    ratchet's reference panel as the workspace's first generation froze it: each member's
     engine and model hash, its sampling, what it is asked with (prompt files, persona, schemas,
     the engine `auto` resolved to, how judgements are read) and, for a served model, the model id
     its server reported and its answers to the fixed probes. A build refuses to score when any of
@@ -1357,6 +1457,7 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
     from .stages.ratchet import PANEL
 
     ws = open_workspace(workspace)
+    _vote_weights_table(ws)
     if not ws.db_path.exists():
         fail(f"{ws.root}: no database yet; the panel is frozen by the first `ratchet build`")
     try:

@@ -78,11 +78,13 @@ class AuditConfig(Section):
     auditor: str = Field("bundled:smollm2", description="Model auditor (GGUF path or bundled:NAME); empty: humans only.")
     persona: str = Field("auditor", description="The auditor's perspective; its prompt is prompts/audit.system.jinja.")
     max_tokens: int = Field(192, ge=16, description="Output budget of one audit verdict.")
-    vote_weights: Literal["audits", "human", "prior"] = Field(
-        "human", description="Whose critique audits weigh a critic's votes in later generations: people's only "
-                             "(human; every vote 0.5 until someone reviews critiques), every auditor's (audits: the "
-                             "model auditor's too; the bundled one cannot tell a right critique from a wrong one, "
-                             "bench/validity.py), or nobody's (prior).")
+    vote_weights: Literal["validity", "audits", "human", "prior"] = Field(
+        "validity", description="What weighs a critic's votes. validity: what it has shown on claims a person "
+        "labelled (`ratchet validity`; the bundled critics' measurements ship in prompts/critic_validity.jsonl), "
+        "2 x the lower end of its AUC's 95% interval - 1, so a critic at chance weighs 0 and is not asked; people's "
+        "critique audits join the measurement as they come; never measured: 0.5. human: people's critique audits "
+        "only (every vote 0.5 until someone reviews critiques); audits: every auditor's (the model auditor's too: "
+        "the bundled one cannot tell a right critique from a wrong one, bench/validity.py); prior: every vote 0.5.")
 
 
 ROLES = ("annotate", "critique")

@@ -111,14 +111,15 @@ class Ensemble:
                     f"(family {author.family}, persona {author.persona}) in family or persona: "
                     "lower k or add critics of another family or persona")
 
-    def critics_for(self, author: Member, passage_id: str) -> list[Member]:
+    def critics_for(self, author: Member, passage_id: str, silent: frozenset[str] = frozenset()) -> list[Member]:
         """k critics for one annotation: other families first, then the author's family under
-        another persona; within each tier a hash of (passage, critic) spreads the work."""
+        another persona; within each tier a hash of (passage, critic) spreads the work. `silent`
+        critics (vote weight 0: measured at chance) are not asked; fewer than k may remain."""
         def order(c: Member) -> tuple:
             spread = hashlib.sha256(f"{passage_id}\x1f{c.name}".encode()).hexdigest()
             return (c.family == author.family, spread)
 
-        return sorted(self.eligible_critics(author), key=order)[: self.k]
+        return sorted((c for c in self.eligible_critics(author) if c.name not in silent), key=order)[: self.k]
 
     def warnings(self) -> list[str]:
         out = []

@@ -92,6 +92,13 @@ class Prompts:
     def _jsonl(self, name: str) -> list[dict]:
         return [json.loads(line) for line in jsonl_lines(self._source(name)) if line.strip()]
 
+    def jsonl_rows(self, name: str) -> list[dict]:
+        """The rows of a JSONL file beside the prompts; none when no folder has it."""
+        try:
+            return self._jsonl(name)
+        except jinja2.TemplateNotFound:
+            return []
+
     @cached_property
     def examples(self) -> list[dict]:
         """Few-shot examples (annotate.examples.jsonl): a tiny model copies their format."""

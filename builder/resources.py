@@ -10,6 +10,9 @@ SCHEMAS_DIR = ROOT / "schemas"
 PROMPTS_DIR = ROOT / "prompts"
 CARDS_DIR = ROOT / "dataset_cards"
 EXAMPLES_DIR = ROOT / "examples"
+# Claims the default writer wrote, each labelled by a person against its passage (bench/data/README.md):
+# what `ratchet validity` measures critics on unless told otherwise.
+LABELLED_CLAIMS = ROOT / "bench" / "data" / "demo-claims.labelled.jsonl"
 
 
 @lru_cache

@@ -18,6 +18,8 @@ agree (position consistency).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -137,3 +139,29 @@ def names_of(text: str) -> list[str]:
     """Capitalised names in a text (not a sentence's first word)."""
     return [m.group(0) for m in _CAPITALISED.finditer(text) if m.group(0).lower() not in STOPWORDS | CALENDAR]
 
+
+
+# ---------------------------------------------------------------- a critic's measured validity
+# A critic's vote weighs what it has shown on labelled data (`ratchet validity`): each labelled
+# claim (a person's `supported` / `unsupported` against its passage) becomes a reflection of that
+# one claim, the critic scores it, and its AUC (unsupported scored lower) becomes its weight.
+
+
+def one_claim_record(claim: str, evidence: str) -> dict:
+    """A reflection of a single claim: what a critic scores for one labelled claim."""
+    return {"claims": [{"evidence": evidence, "claim": claim, "kind": "fact", "support": "moderate", "confidence": "medium"}],
+            "weak_reasoning": [], "uncertainties": [], "ethical_stakes": [], "reflection": claim}
+
+
+def vote_weight(auc_low: float | None) -> float:
+    """2 x (the lower end of the AUC's 95% interval) - 1, floored at 0: a judge weighs only the
+    discrimination it has shown beyond chance (Somers' D of its worst plausible AUC). At or below
+    chance: 0, and it is not asked."""
+    return 0.0 if auc_low is None else round(max(0.0, 2 * auc_low - 1), 4)
+
+
+def critic_key(model_hash: str, questions: dict) -> str:
+    """What a measurement holds for: the model's weights and what it is asked with (the critique
+    prompts, its persona, the schema). Another file or an edited prompt is unmeasured."""
+    blob = json.dumps({"model": model_hash, "questions": questions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

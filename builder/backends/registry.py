@@ -52,6 +52,14 @@ def engine(name: str) -> Engine:
         raise UnknownEngine(f"unknown backend '{name}' ({hint}known: {', '.join(ENGINES)})") from None
 
 
+def file_model_hash(cfg: EngineConfig) -> str | None:
+    """The sha256 a loaded engine would report for its model (describe()["sha256"]) without
+    loading it: the file's, for an engine whose model is a GGUF file; None for the others."""
+    from ..models import file_sha256, resolve_model
+
+    return file_sha256(resolve_model(cfg.model)) if engine(cfg.backend).model_file == "gguf" else None
+
+
 def keys_of(name: str) -> list[str]:
     return list(engine(name).config.model_fields)
 

@@ -26,7 +26,7 @@ from ..structured import Outcome, validator_for
 from ..tables import Json, Table, doc
 from ..workspace import insert_rows
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
-from .scrutinize import content_free_record, vote_weights
+from .scrutinize import content_free_record, stage_weights
 
 SECRET_ENV = "RATCHET_AUDIT_SECRET"
 SECRET_FILE = ".ratchet-secret"
@@ -359,6 +359,12 @@ class BetaRecord:
         """The same posterior from the audits of some auditor kinds only, without storing it."""
         return dict(con.execute(f"SELECT {self.who}, mean FROM ({self.sql})", {"g": generation, "kinds": kinds}).fetchall())
 
+    def counts(self, con, generation: int, kinds: list[str]) -> dict[str, tuple[int, float]]:
+        """name -> (audits, posterior mean) from the audits of some auditor kinds only."""
+        rows = con.execute(f"SELECT {self.who}, alpha + beta - 2, mean FROM ({self.sql})",
+                           {"g": generation, "kinds": kinds}).fetchall()
+        return {who: (round(n), mean) for who, n, mean in rows}
+
 
 ANNOTATOR_RECORD = BetaRecord("reputation", "annotator", REPUTATION_SQL)
 update_reputation = ANNOTATOR_RECORD.update
@@ -400,6 +406,7 @@ CRITIC_RECORD_SQL = BETA_RECORD_SQL.format(who="critic", good="right", goods="ri
 CRITIC_RECORD = BetaRecord("critic_reputation", "critic", CRITIC_RECORD_SQL)
 update_critic_reputation = CRITIC_RECORD.update
 critic_record_means = CRITIC_RECORD.means
+critic_record_counts = CRITIC_RECORD.counts
 
 
 # ---------------------------------------------------------------- human auditors
@@ -604,7 +611,7 @@ class Audit(Stage):
                 store_critique_audits(ctx.con, rows)
         reputation = update_reputation(ctx.con, g)
         record = update_critic_reputation(ctx.con, g)
-        vote_weight = vote_weights(ctx.con, g + 1, cfg.audit.vote_weights)  # what the next generation's votes weigh
+        vote_weight = stage_weights(ctx, g + 1)  # what the next generation's votes weigh
         audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
                                          "WHERE generation = ?", [g]).fetchone()
         judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits "

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..tables import Table, doc
 from .base import BuildContext, Stage
-from .scrutinize import PRIOR_WEIGHT, VERDICT_POINTS, CritiqueRow, vote_weights
+from .scrutinize import PRIOR_WEIGHT, VERDICT_POINTS, CritiqueRow, stage_weights
 
 VERDICTS = ("survives", "revise", "reject")
 
@@ -83,12 +83,13 @@ def tie_break(passage_id: str, annotator: str) -> str:
 
 
 def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrutinized: bool,
-           member_order: list[str] | None = None) -> list[Selection]:
+           member_order: list[str] | None = None, unscrutinized: str = "not scrutinized (ensemble.k = 0)") -> list[Selection]:
     """Per passage, the best annotation whose score is at or above the threshold, or none with the
     reason. Best: the fewest claims dropped by the faithfulness gates, then the most claims
     verified (facts about the text, where the critics' votes measured at chance), then the
-    highest score, then more critiques, then tie_break. Unscrutinized (no critic), every
-    annotation ties and tie_break picks one."""
+    highest score, then more critiques, then tie_break. Unscrutinized (no critic, or none whose
+    vote weighs anything), the gates' counts and then tie_break pick one, and `unscrutinized`
+    is the reason."""
     by_passage: dict[str, list[Scored]] = defaultdict(list)
     for s in scored:
         by_passage[s.passage_id].append(s)
@@ -99,8 +100,8 @@ def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrut
             out.append(Selection(pid, None, None, "no valid annotation"))
             continue
         if not scrutinized:
-            first = min(candidates, key=lambda s: tie_break(pid, s.annotator))
-            out.append(Selection(pid, first.annotator, None, "not scrutinized (ensemble.k = 0)"))
+            first = min(candidates, key=lambda s: (s.dropped, -s.verified, tie_break(pid, s.annotator)))
+            out.append(Selection(pid, first.annotator, None, unscrutinized))
             continue
         rated = [s for s in candidates if s.score is not None]
         if not rated:
@@ -212,12 +213,17 @@ class Converge(Stage):
 
     def run(self, ctx: BuildContext) -> dict:
         g, ensemble = ctx.generation, ctx.ensemble
-        weights = vote_weights(ctx.con, g, ctx.cfg.audit.vote_weights)
+        weights = stage_weights(ctx, g)
         ctx.scored = score_annotations([(pid, author) for pid, author, _ in ctx.accepted], ctx.critiques, weights,
                                        claim_counts(ctx.per_member))
         ids = list(dict.fromkeys(p.passage_id for p in ctx.passages))
-        ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, ensemble.k > 0 or bool(ensemble.verifiers),
-                                [m.name for m in ensemble.annotators])
+        judges = [c.name for c in ensemble.critics] + [v.name for v in ensemble.verifiers]
+        informative = [n for n in judges if weights.get(n, PRIOR_WEIGHT) > 0]
+        asked = ensemble.k > 0 or bool(ensemble.verifiers)
+        ctx.selections = select(ids, ctx.scored, ctx.cfg.ensemble.threshold, asked and bool(informative),
+                                [m.name for m in ensemble.annotators],
+                                "no informative critic (every vote weight 0): chosen by the faithfulness gates"
+                                if asked else "not scrutinized (ensemble.k = 0)")
         ctx.agreements = agreement(ctx.critiques) if ctx.critiques else []
         chosen = {(s.passage_id, s.annotator) for s in ctx.selections if s.annotator}
         CONVERGENCE.replace_generation(ctx.con, g, [

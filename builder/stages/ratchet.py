@@ -29,7 +29,7 @@ from ..tables import Json, Table, doc
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
 from .. import verifier
 from ..verifier import GroundingVerifier
-from .scrutinize import VERDICT_POINTS, CritiqueTask, Task, content_free_record, verifier_row
+from .scrutinize import VERDICT_POINTS, CritiqueTask, Task, content_free_record, model_hash, verifier_row
 
 
 
@@ -111,10 +111,6 @@ class Decision:
     new_score: float | None
     reason: str
     preference: float | None = None  # the panel's pairwise P(new is better)
-
-
-def model_hash(backend) -> str:
-    return backend.describe().get("sha256") or backend.model_id
 
 
 # ---------------------------------------------------------------- the panel
@@ -424,6 +420,8 @@ def score_change(con, generation: int, resamples: int = 2000, seed: int = 0) -> 
         return None
     import numpy as np
 
+    from ..stats import bootstrap
+
     rows = con.execute("""SELECT coalesce(b.score, 0) - coalesce(a.score, 0)
                           FROM (SELECT * FROM ratchet WHERE generation = $b) b
                           LEFT JOIN (SELECT * FROM ratchet WHERE generation = $a) a USING (passage_id)""",
@@ -431,11 +429,8 @@ def score_change(con, generation: int, resamples: int = 2000, seed: int = 0) -> 
     diffs = np.array([r[0] for r in rows], dtype=float)
     if diffs.size == 0:
         return None
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, diffs.size, size=(resamples, diffs.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": round(float(diffs.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
-            "passages": int(diffs.size)}
+    low, high = bootstrap(np.mean, diffs, n=resamples, seed=seed) or (float(diffs[0]),) * 2
+    return {"mean": round(float(diffs.mean()), 4), "low": low, "high": high, "passages": int(diffs.size)}
 
 
 def diff(con, a: int, b: int) -> list[dict]:

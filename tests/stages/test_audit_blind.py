@@ -125,9 +125,9 @@ def test_critiques_are_audited_blind(two_builds):
     con.close()
     assert audited and audited <= critiques_chosen(two_builds, 0) | critiques_chosen(two_builds, 1)
     assert set(weights) == {c for _, _, c in audited}
-    # By default only people's critique verdicts weigh votes: the model auditor's are a record, not a weight.
+    # By default measured validity and people's critique verdicts weigh votes: the model auditor's are a record, not a weight.
     summary = two_builds["summary_a"]["audit"]
-    assert summary["vote_weights_from"] == "human" and summary["vote_weight"] == {}
+    assert summary["vote_weights_from"] == "validity" and summary["vote_weight"] == {}
     assert summary["critiques"]["record"]
     auditing = [p for k in "ab" for p in two_builds["prompts"][k] if "A critic checked an annotation" in p]
     assert len(auditing) >= len(audited)

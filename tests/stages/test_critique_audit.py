@@ -83,9 +83,9 @@ def test_a_critic_only_member_is_weighed_by_its_own_audited_record():
                     ("grounding", 6, 0, 4.8, pytest.approx(5.8), pytest.approx(2.2))]
     assert means["critic"] == pytest.approx(0.3) and means["grounding"] == pytest.approx(0.725)
     # Generation 1's own audits do not weigh generation 1's votes (its sample is secret) ...
-    assert vote_weights(con, 1) == {}
+    assert vote_weights(con, 1, "audits") == {}
     # ... they weigh generation 2's; the annotator's pass record is not a vote weight.
-    weights = vote_weights(con, 2)
+    weights = vote_weights(con, 2, "audits")
     assert weights == {"critic": pytest.approx(0.3), "grounding": pytest.approx(0.725)}
     assert "author" not in weights
     # The verifier's survives now counts more than the critic's reject.
