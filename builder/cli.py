@@ -408,7 +408,8 @@ def diff(
     changed_only: Annotated[bool, typer.Option("--changed-only", help="Leave out passages whose reflection was kept.")] = False,
 ) -> None:
     """What changed per passage between two generations, and why: `replaced` (the panel scored
-    the new reflection at least as well as the old one), `kept` (the old one was carried
+    the new reflection at least as well as the old one and preferred it head to head by more than
+    0.5 + ratchet.margin; with ratchet.pairwise = false, scored it strictly higher), `kept` (the old one was carried
     forward: the new one scored lower, did not converge or was vetoed), `newly converged`,
     `none`. Scores are the fixed reference panel's (0..1).
 

@@ -210,7 +210,8 @@ class RayExecutor:
             self.started_ray = True
         context = ray.data.DataContext.get_current()
         # An actor that dies while it starts its engine (its node lost) is replaced; one that cannot
-        # start it at all (a model or binary missing on the node) fails the stage after 3 tries.
+        # start it at all (a model or binary missing on the node) fails the stage at its 4th death in a
+        # row (Ray Data fails once the count exceeds the budget of 3).
         context.max_consecutive_actor_init_deaths = 3
         context.enable_progress_bars = False  # the build's own bars advance as answers arrive
         context.print_on_execution_start = False

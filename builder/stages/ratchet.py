@@ -1,5 +1,6 @@
 """The ratchet: generation N+1 annotates the same passages as generation N, and a new reflection
-replaces the parent's only if a fixed reference panel scores it at least as well.
+replaces the parent's only if a fixed reference panel scores it at least as well and prefers it
+head to head by more than 0.5 + margin (without pairwise comparison: only if it scores higher).
 
 The panel is frozen when a workspace builds its first generation (by default: every critic
 of the ensemble then, the generation-0 models) and recorded in DuckDB with each member's
@@ -569,7 +570,7 @@ def panel_preference(comparisons: list[Comparison]) -> dict[str, float]:
 
 class Ratchet(Stage):
     """The reference panel scores this generation's candidates (converged, not vetoed) and the
-    parent's reflections; a candidate replaces the parent's only if it scores at least as well."""
+    parent's reflections; a candidate replaces the parent's only by the rule of `decide`."""
     name = "ratchet"
     tables = (PANEL, RATCHET, PANEL_VERDICTS, PANEL_COMPARISONS)
 

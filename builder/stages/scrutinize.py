@@ -258,11 +258,11 @@ def measured_validity(con, critics: list[tuple[str, str, str | None]], verifiers
     prompts are not found here (unmeasured)."""
     keys = critic_keys(critics, verifiers, prompts, cfg)
     found = {}
-    rows = con.execute("SELECT * FROM critic_validity WHERE list_contains(?, critic_key) ORDER BY measured_at",
-                       [list(keys.values())]).fetchall()
+    present = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'critic_validity'").fetchone()[0]
     columns = [c.name for c in CRITIC_VALIDITY.columns]
-    for row in rows:
-        found[row[columns.index("critic_key")]] = Measured(**dict(zip(columns, row)))
+    for row in CRITIC_VALIDITY.read(con, "list_contains(?, critic_key) ORDER BY measured_at", [list(keys.values())]) \
+            if present else []:  # a workspace an older builder made, opened read-only, has no such table
+        found[row.critic_key] = row
     for row in prompts.jsonl_rows(SHIPPED_VALIDITY):
         found.setdefault(row["critic_key"], Measured(**{c: row.get(c) for c in columns}))
     return {name: replace(found[key], critic=name) for name, key in keys.items() if key in found}
