@@ -234,6 +234,9 @@ def _summary_table(s: dict) -> Table:
         rows.append(("ratchet", f"gen {s['generation']}" + (f" vs parent gen {s['parent']}" if s.get("parent") else
                                                              " (no parent: the first generation)") +
                      f"; panel {', '.join(r['panel'])}"))
+        if r.get("panel_not_asked"):
+            rows.append(("  panel not asked", f"{', '.join(r['panel_not_asked'])}: frozen weight 0 (not informative)"
+                         + (f"; {r['panel_fallback']}" if r.get("panel_fallback") else "")))
         rows.append(("  mean panel score", " → ".join(f"{h['mean_score']:.3f}" for h in r["history"]) + " (by generation)"))
         rows.append(("  replaced / carried forward", f"{r['replaced']} / {r['carried']} of {r['with_parent']} passages with a "
                      f"parent ({rate(r['replacement_rate'])} / {rate(r['carried_rate'])}); ties (parent kept) "
@@ -1445,7 +1448,7 @@ def _vote_weights_table(ws: Workspace) -> None:
 def panel(workspace: WorkspaceOpt = Path(".")) -> None:
     """What each critic's vote weighs (its measured validity, `ratchet validity`), then the
     ratchet's reference panel as the workspace's first generation froze it: each member's
-    engine and model hash, its sampling, what it is asked with (prompt files, persona, schemas,
+    frozen weight (its vote weight then; 0: not informative, never asked), engine and model hash, its sampling, what it is asked with (prompt files, persona, schemas,
     the engine `auto` resolved to, how judgements are read) and, for a served model, the model id
     its server reported and its answers to the fixed probes. A build refuses to score when any of
     it changed, naming what.
@@ -1469,8 +1472,8 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
         fail(str(exc))
     if not rows:
         fail(f"{ws.root}: no panel frozen yet; the first `ratchet build` freezes it")
-    table = Table("member", "since gen", "engine / model", "model hash", "sampling", "asked with", title="reference panel "
-                  "(frozen)", title_justify="left")
+    table = Table("member", "since gen", "weight", "engine / model", "model hash", "sampling", "asked with",
+                  title="reference panel (frozen)", title_justify="left")
     for p in rows:
         engine = p.engine.get("kind") or f"{(p.questions or {}).get('engine') or p.engine.get('backend')} / " \
                                           f"{p.engine.get('model', '')}"
@@ -1485,8 +1488,10 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
                      f"prompt/persona/schema files (digest {sha256(files)[:12]})")
         if p.fingerprint:
             asked += f"; served model {p.fingerprint.get('reported_model')}, probe answers {p.fingerprint.get('answers')}"
-        table.add_row(f"{p.name} ({p.persona}, {p.family})", str(p.since_generation), escape(engine), p.model_hash[:16],
-                      sampling, escape(asked))
+        weight = "same for all (frozen before weights)" if p.weight is None else \
+            f"{p.weight:.2f}" + ("  not informative: not asked" if p.weight <= 0 else "")
+        table.add_row(f"{p.name} ({p.persona}, {p.family})", str(p.since_generation), weight, escape(engine),
+                      p.model_hash[:16], sampling, escape(asked))
     console.print(table)
     console.print('each file\'s sha256: ratchet sql -w WS "SELECT name, questions FROM panel"', highlight=False,
                   markup=False)

@@ -148,10 +148,18 @@ def test_a_build_does_not_ask_a_critic_measured_at_chance(tmp_path):
     con = ws.connect(read_only=True)
     critics = con.execute("SELECT DISTINCT critic FROM critiques WHERE generation = 1").fetchall()
     kept = con.execute("SELECT count(*) FROM selections WHERE generation = 1 AND annotator IS NOT NULL").fetchone()[0]
+    # The reference panel froze the same weights, and its member at weight 0 scores nothing either.
+    frozen = dict(con.execute("SELECT name, weight FROM panel").fetchall())
+    panel_critics = con.execute("SELECT DISTINCT critic FROM panel_verdicts").fetchall()
     con.close()
     assert critics == [("grounding",)] and kept > 0
+    assert frozen == {"critic": 0.0, "grounding": PRIOR_WEIGHT} and panel_critics == [("grounding",)]
+    assert summary["ratchet"]["panel_not_asked"] == ["critic"] and summary["ratchet"]["panel_fallback"] is None
     # `ratchet panel` starts no engine: a scripted critic has no model file to hash (the real
     # models' weights are shown in tests/cli/test_validity_cli.py).
     result = CliRunner().invoke(app, ["panel", "-w", str(root)], env={"COLUMNS": "200"})
     assert "no local model file: its weight shows in the build summary" in result.output
     assert "grounding" in result.output and "not measured" in result.output
+    # The frozen panel shows the weight the build measured (the vote-weights table above cannot: no model file).
+    frozen_table = result.output.split("reference panel (frozen)")[1]
+    assert "0.00  not informative: not asked" in frozen_table

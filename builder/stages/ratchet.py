@@ -9,8 +9,11 @@ says by then, and refuse to run if a panel model file changed. Each generation r
 the parent's reflection and the new one with that panel (fixed seed and sampling, so the
 parent's score is a cache hit), so a drifting judge cannot fake progress.
 
-Score of a reflection = mean over panel critics of survives 1, revise 0.5, reject 0 (critiques
-without a valid answer do not count; no valid critique at all scores 0 in the means). Per
+Score of a reflection = the weighted mean over panel members of P(survives) + 0.5 P(revise)
+(critiques without a valid answer do not count; no valid critique at all scores 0 in the
+means). Each member's weight is frozen with the panel: its measured validity then
+(`ratchet validity`, the critics' vote weight); a member at chance weighs 0 and is never asked.
+A panel with no informative member scores by the grounding check alone (say so). Per
 passage the final score never falls, so the generation's mean over its passages never falls:
 monotone by construction.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..backends.base import Backend
 from ..config import RatchetConfig
@@ -30,7 +33,8 @@ from ..tables import Json, Table, doc
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
 from .. import verifier
 from ..verifier import GroundingVerifier
-from .scrutinize import VERDICT_POINTS, CritiqueTask, Task, content_free_record, model_hash, verifier_row
+from .scrutinize import (PRIOR_WEIGHT, VERDICT_POINTS, CritiqueTask, Task, content_free_record, model_hash,
+                         stage_weights, verifier_row)
 
 
 
@@ -53,6 +57,9 @@ class PanelMember:
     fingerprint: Json | None = doc("a served model (no file to hash): the model id its server reports and its "
                                    "greedy answers to fixed probes, checked again before every scoring",
                                    default=None, added=True)
+    weight: float | None = doc("its vote on the panel, frozen with it: its measured validity then (the critics' vote "
+                               "weight, `ratchet validity`); 0: not informative, never asked; NULL: a panel frozen "
+                               "before weights (every member weighs the same)", default=None, added=True)
 
 
 PANEL = Table("panel", PanelMember, key=("name",),
@@ -160,8 +167,10 @@ def frozen_differences(then: dict | None, now: dict | None) -> list[str]:
     return sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
 
 
-def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) -> list[PanelMember]:
-    """The panel a workspace's first generation freezes: ratchet.panel, or every critic."""
+def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1,
+                 weights: dict[str, float] | None = None) -> list[PanelMember]:
+    """The panel a workspace's first generation freezes: ratchet.panel, or every critic, each
+    with its vote weight (`weights`, the critics' measured validity; unmeasured: PRIOR_WEIGHT)."""
     names = cfg.ratchet.panel or [m.name for m in ensemble.critics] + [v.name for v in ensemble.verifiers]
     by_name = {m.name: m for m in [*ensemble.members, *ensemble.verifiers]}
     configs = {m.display_name: m for m in cfg.ensemble.members}
@@ -172,29 +181,52 @@ def choose_panel(cfg: RatchetConfig, ensemble: Ensemble, generation: int = 1) ->
     if not names:
         raise RatchetError("ratchet.panel is empty and the ensemble has no critic: name at least one member")
     s = cfg.sampling
+    weigh = lambda name: round((weights or {}).get(name, PRIOR_WEIGHT), 4)
     panel = []
     for name in names:
         member = by_name[name]
         if member.family == verifier.KIND:  # no model: its identity is the version of its check
             panel.append(PanelMember(name, member.persona, member.family, {"kind": verifier.KIND}, {},
-                                     verifier.VERSION, generation))
+                                     verifier.VERSION, generation, weight=weigh(name)))
             continue
         temperature = s.temperature if member.temperature is None else member.temperature
         panel.append(PanelMember(
             name, member.persona, member.family, configs[name].engine(cfg.annotator).model_dump(),
             {"temperature": temperature, "top_p": s.top_p, "repeat_penalty": s.repeat_penalty,
              "max_tokens": cfg.ensemble.critic_max_tokens, "seed": s.seed, "retries": cfg.annotate.retries},
-            model_hash(member.backend), generation))  # what it is asked with: recorded by check_frozen
+            model_hash(member.backend), generation, weight=weigh(name)))  # questions: recorded by check_frozen
     return panel
 
 
-def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int) -> list[PanelMember]:
+def load_or_freeze_panel(con, cfg: RatchetConfig, ensemble: Ensemble, generation: int,
+                         weights=lambda: {}) -> list[PanelMember]:
+    """The frozen panel, or the one this (first) generation freezes, weighed by `weights()`."""
     rows = PANEL.read(con, "true ORDER BY name")
     if rows:
         return rows
-    panel = choose_panel(cfg, ensemble, generation)
+    panel = choose_panel(cfg, ensemble, generation, weights())
     PANEL.insert(con, panel)
     return panel
+
+
+def member_weight(p: PanelMember) -> float:
+    """A member's frozen weight; a panel frozen before weights: every member the same."""
+    return PRIOR_WEIGHT if p.weight is None else p.weight
+
+
+def voting_members(panel: list[PanelMember]) -> tuple[list[PanelMember], str | None]:
+    """The members asked (weight above 0), and why the panel falls back when none is informative:
+    then the grounding check scores alone (with gates on, ties keep the parent), or, with no
+    grounding check on the panel, every member weighs the same as before weights existed."""
+    informative = [p for p in panel if member_weight(p) > 0]
+    if informative:
+        return informative, None
+    checks = [p for p in panel if p.engine.get("kind") == verifier.KIND]
+    if checks:
+        return [replace(p, weight=1.0) for p in checks], ("no informative panel member (every frozen weight 0): "
+                                                          "scored by the grounding check")
+    return [replace(p, weight=PRIOR_WEIGHT) for p in panel], ("no informative panel member and no grounding check on "
+                                                              "the panel: every member weighs the same")
 
 
 def open_panel(panel: list[PanelMember], ensemble: Ensemble, stack, con, prompts: Prompts,
@@ -301,11 +333,19 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
         verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key, c.score, c.probs,
                                   c.calibrated) for c in results]
         attempts += sum(c.attempts for c in results)
-    points: dict[tuple[str, str], list[float]] = {(r.passage_id, r.key): [] for r in unique}
+    weight = {p.name: member_weight(p) for p, _, _ in panel}
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {(r.passage_id, r.key): [] for r in unique}
     for v in verdicts:
         if v.verdict in VERDICT_POINTS:
-            points[(v.passage_id, v.reflection)].append(v.score if v.score is not None else VERDICT_POINTS[v.verdict])
-    return {k: round(sum(x) / len(x), 4) if x else None for k, x in points.items()}, verdicts, attempts, skipped
+            points[(v.passage_id, v.reflection)].append(
+                (weight[v.critic], v.score if v.score is not None else VERDICT_POINTS[v.verdict]))
+    return {k: weighted_mean(x) for k, x in points.items()}, verdicts, attempts, skipped
+
+
+def weighted_mean(points: list[tuple[float, float]]) -> float | None:
+    """Of (weight, value) pairs; None without any (a panel of equal weights: the plain mean)."""
+    total = sum(w for w, _ in points)
+    return round(sum(w * x for w, x in points) / total, 4) if total > 0 else None
 
 
 # ---------------------------------------------------------------- the rule
@@ -556,13 +596,15 @@ def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], pa
     return out
 
 
-def panel_preference(comparisons: list[Comparison]) -> dict[str, float]:
-    """Per passage: the mean over panel members of P(candidate better)."""
-    by: dict[str, list[float]] = {}
+def panel_preference(comparisons: list[Comparison], weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Per passage: the mean over panel members of P(candidate better), weighted by their
+    frozen weights (`weights`: member name -> weight; absent: every member the same)."""
+    by: dict[str, list[tuple[float, float]]] = {}
     for c in comparisons:
         if c.preference is not None:
-            by.setdefault(c.passage_id, []).append(c.preference)
-    return {pid: round(sum(v) / len(v), 4) for pid, v in by.items()}
+            by.setdefault(c.passage_id, []).append(((weights or {}).get(c.critic, PRIOR_WEIGHT), c.preference))
+    means = {pid: weighted_mean(v) for pid, v in by.items()}
+    return {pid: m for pid, m in means.items() if m is not None}
 
 
 # ---------------------------------------------------------------- the stage
@@ -583,9 +625,12 @@ class Ratchet(Stage):
 
     def run(self, ctx: BuildContext) -> dict:
         g = ctx.generation
+        frozen = load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g, lambda: stage_weights(ctx, g))
+        voting, fallback = voting_members(frozen)
+        if fallback:
+            ctx.log.warning("ratchet: %s", fallback)
         panel = [(p, member, ctx.engine(backend) if backend else None) for p, member, backend in
-                 open_panel(load_or_freeze_panel(ctx.con, ctx.cfg, ctx.ensemble, g), ctx.ensemble, ctx.stack,
-                            ctx.con, ctx.prompts, ctx.cfg)]
+                 open_panel(voting, ctx.ensemble, ctx.stack, ctx.con, ctx.prompts, ctx.cfg)]
         vetoed = {e for e, in ctx.con.execute("SELECT DISTINCT example_id FROM consents WHERE generation = ? AND "
                                               "split = 'sft' AND veto", [g]).fetchall()}
         records = {(pid, author): record for pid, author, record in ctx.accepted}
@@ -607,7 +652,8 @@ class Ratchet(Stage):
             comparisons = compare(pairs, ctx.text(), panel, ctx.prompts, g,
                                   ctx.step("ratchet panel (pairwise)", 2 * len(pairs) * len(panel)), ctx.cfg.judgements,
                                   ctx.run)
-        preference = panel_preference(comparisons) if rule.pairwise else None
+        preference = panel_preference(comparisons, {p.name: member_weight(p) for p in voting}) \
+            if rule.pairwise else None
         decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not,
                            preference, rule.margin)
         vetoed_parents = consent_to_parents(ctx, decisions)
@@ -618,6 +664,10 @@ class Ratchet(Stage):
         asked = len([v for v in verdicts if v.verdict is not None]) + self_skipped
         finals = [d for d in decisions if d.final is not None]
         return {"ratchet": {**metrics(ctx.con, g), "panel": [p.name for p, _, _ in panel],
+                            # frozen weights; members at weight 0 are not asked (not informative)
+                            "panel_weights": {p.name: member_weight(p) for p in frozen},
+                            "panel_not_asked": sorted({p.name for p in frozen} - {p.name for p in voting}),
+                            "panel_fallback": fallback,
                             "panel_models": {p.name: p.model_hash for p, _, _ in panel},
                             "panel_attempts": attempts, "pairwise": len(pairs) if rule.pairwise else None,
                             # a member never scores what it wrote: how often that came up, and what it left unscored

@@ -18,7 +18,9 @@ from builder.backends.base import Response
 from builder.build import run_build
 from builder.cli import app
 from builder.compile import split_path
-from builder.stages.ratchet import Decision, RatchetError, Reflection, decide
+from builder.stages.ratchet import (Comparison, Decision, PanelMember, RatchetError, Reflection, decide,
+                                    panel_preference, voting_members, weighted_mean)
+from builder.stages.scrutinize import PRIOR_WEIGHT
 from builder.workspace import Workspace
 
 from ..conftest import SHORT_PASSAGES, TextBackend, write_workspace
@@ -62,6 +64,34 @@ def test_with_pairwise_preferences_the_panel_must_prefer_the_new_one_head_to_hea
     assert {p: d.decision for p, d in got.items()} == {"a": "replaced", "b": "tie", "c": "tie", "d": "carried"}
     assert got["a"].preference == 0.8 and "head to head (0.80 > 0.55)" in got["a"].reason
     assert "does not prefer the new one head to head (0.54 <= 0.55)" in got["b"].reason
+
+
+def member(name, weight, kind=None):
+    engine = {"kind": kind} if kind else {"backend": "llama-cpp", "model": "m.gguf"}
+    return PanelMember(name, "skeptic", kind or "llama", engine, {}, "hash", 1, weight=weight)
+
+
+def test_panel_members_vote_by_their_frozen_weight_and_one_at_weight_0_is_not_asked():
+    panel = [member("a", 0.0), member("b", 0.3), member("c", 0.6), member("grounding", 0.0, "verifier")]
+    voting, fallback = voting_members(panel)
+    assert [p.name for p in voting] == ["b", "c"] and fallback is None
+    # A member's weight moves the score: 0.3 x 1.0 and 0.6 x 0.25 give 0.5, not the plain mean 0.625.
+    assert weighted_mean([(0.3, 1.0), (0.6, 0.25)]) == 0.5 and weighted_mean([]) is None
+    comparisons = [Comparison(2, "p", name, "new", "old", pref, pref, pref, True, None)
+                   for name, pref in (("b", 1.0), ("c", 0.25), ("a", 0.0))]
+    assert panel_preference(comparisons, {"a": 0.0, "b": 0.3, "c": 0.6}) == {"p": 0.5}
+    # Without weights (a panel frozen before them) every member weighs the same: the plain mean.
+    assert panel_preference(comparisons) == {"p": round((1.0 + 0.25 + 0.0) / 3, 4)}
+    old = [member("a", None), member("b", None)]
+    assert voting_members(old) == (old, None)
+
+
+def test_a_panel_without_an_informative_member_falls_back_and_says_so():
+    voting, fallback = voting_members([member("a", 0.0), member("grounding", 0.0, "verifier")])
+    assert [(p.name, p.weight) for p in voting] == [("grounding", 1.0)] and "scored by the grounding check" in fallback
+    voting, fallback = voting_members([member("a", 0.0), member("b", 0.0)])
+    assert [(p.name, p.weight) for p in voting] == [("a", PRIOR_WEIGHT), ("b", PRIOR_WEIGHT)]
+    assert "every member weighs the same" in fallback
 
 
 def test_the_mean_never_falls_whatever_the_scores():
