@@ -50,6 +50,7 @@ from .base import (Backend, Engine, EngineError, OnResponse, Request, Response, 
 from .choices import TOP_K, Step, read_decision
 from .gguf_header import read_facts
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
+from .retry import Retryable, with_retries
 
 log = logging.getLogger("ratchet.engine")
 
@@ -370,40 +371,35 @@ class LlamaServerBackend(LlamaPrompting, Backend):
     def _post(self, body: dict, endpoint: str = "/completion") -> dict:
         """One request with retries and backoff; raises _Died when the server process is gone,
         RuntimeError with a reason after the last retry."""
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            proc, url = self.proc, self.base_url
-            if proc is None or proc.poll() is not None:
-                raise _Died()
-            try:
-                answer = self.client.post(f"{url}{endpoint}", json=body)
-            except httpx.TimeoutException:
-                last = f"llama-server did not answer within {self.client.timeout.read:g} s"
-                continue
-            except httpx.HTTPError as exc:
-                try:  # a connection that breaks is usually a server that died: give it a moment to be reaped
-                    proc.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    pass
-                if proc.poll() is not None:
-                    raise _Died() from None
-                last = f"llama-server: {type(exc).__name__}: {exc}"
-                continue
-            if answer.status_code >= 500 or answer.status_code == 429:
-                last = f"llama-server answered HTTP {answer.status_code}: {answer.text[:200]}"
-                continue
-            if answer.status_code >= 400:
-                raise RuntimeError(f"llama-server refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
-            try:
-                data = answer.json()
-                if not ANSWER_CHECKS[endpoint](data):
-                    raise ValueError
+        return with_retries(lambda: self._post_once(body, endpoint), self.max_retries, self.backoff_s, RuntimeError)
+
+    def _post_once(self, body: dict, endpoint: str) -> dict:
+        proc, url = self.proc, self.base_url
+        if proc is None or proc.poll() is not None:
+            raise _Died()
+        try:
+            answer = self.client.post(f"{url}{endpoint}", json=body)
+        except httpx.TimeoutException:
+            raise Retryable(f"llama-server did not answer within {self.client.timeout.read:g} s") from None
+        except httpx.HTTPError as exc:
+            try:  # a connection that breaks is usually a server that died: give it a moment to be reaped
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is not None:
+                raise _Died() from None
+            raise Retryable(f"llama-server: {type(exc).__name__}: {exc}") from None
+        if answer.status_code >= 500 or answer.status_code == 429:
+            raise Retryable(f"llama-server answered HTTP {answer.status_code}: {answer.text[:200]}")
+        if answer.status_code >= 400:
+            raise RuntimeError(f"llama-server refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+        try:
+            data = answer.json()
+            if ANSWER_CHECKS[endpoint](data):
                 return data
-            except (ValueError, AttributeError):
-                last = f"llama-server answered something that is not a {endpoint[1:]} answer: {answer.text[:200]!r}"
-        raise RuntimeError(f"{last} (after {self.max_retries + 1} attempts)")
+        except (ValueError, AttributeError):
+            pass
+        raise Retryable(f"llama-server answered something that is not a {endpoint[1:]} answer: {answer.text[:200]!r}")
 
     def _tokenize_on_server(self, text: str, special: bool) -> list[int]:
         """The server's tokenizer: `special` parses special-token texts (the template's), otherwise

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from ..corpus import approx_tokens
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, as_answered, request_pool
 from .choices import TOP_K, Step, read_decision
+from .retry import Retryable, with_retries
 
 ZWSP = "\u200b"
 # ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
@@ -155,33 +156,28 @@ class OpenAIBackend(Backend):
 
     def _post(self, body: dict) -> dict:
         """One request with retries; raises ServerError with a reason that names the server."""
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                answer = self.client.post("/v1/chat/completions", json=body)
-            except httpx.ConnectError:
-                last = f"cannot connect to {self.base_url} (is the server running?)"
-                continue
-            except httpx.TimeoutException:
-                last = f"{self.base_url} did not answer within {self.client.timeout.read}s"
-                continue
-            except httpx.HTTPError as exc:
-                last = f"{self.base_url}: {type(exc).__name__}: {exc}"
-                continue
-            if answer.status_code >= 500 or answer.status_code == 429:
-                last = f"{self.base_url} answered HTTP {answer.status_code}: {answer.text[:200]}"
-                continue
-            if answer.status_code >= 400:
-                raise ServerError(f"{self.base_url} refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
-            try:
-                data = answer.json()
-                data["choices"][0]["message"]
-                return data
-            except (ValueError, KeyError, IndexError, TypeError):
-                last = f"{self.base_url} answered something that is not a chat completion: {answer.text[:200]!r}"
-        raise ServerError(f"{last} (after {self.max_retries + 1} attempts)")
+        return with_retries(lambda: self._post_once(body), self.max_retries, self.backoff_s, ServerError)
+
+    def _post_once(self, body: dict) -> dict:
+        try:
+            answer = self.client.post("/v1/chat/completions", json=body)
+        except httpx.ConnectError:
+            raise Retryable(f"cannot connect to {self.base_url} (is the server running?)") from None
+        except httpx.TimeoutException:
+            raise Retryable(f"{self.base_url} did not answer within {self.client.timeout.read}s") from None
+        except httpx.HTTPError as exc:
+            raise Retryable(f"{self.base_url}: {type(exc).__name__}: {exc}") from None
+        if answer.status_code >= 500 or answer.status_code == 429:
+            raise Retryable(f"{self.base_url} answered HTTP {answer.status_code}: {answer.text[:200]}")
+        if answer.status_code >= 400:
+            raise ServerError(f"{self.base_url} refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+        try:
+            data = answer.json()
+            data["choices"][0]["message"]
+            return data
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise Retryable(f"{self.base_url} answered something that is not a chat completion: "
+                            f"{answer.text[:200]!r}") from None
 
     def _one(self, request: Request) -> Response:
         start = time.perf_counter()
