@@ -18,7 +18,9 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    span of the passage keeps that span as its evidence instead (`requote`: a small writer often
    quotes the wrong sentence for what its passage does say); the notes
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
-   numbers and names. A reflection left without a claim is vetoed.
+   numbers and names. A claim that repeats a kept one word for word (after case and
+   punctuation) is dropped as `repeated`: a small writer pads its list so. A reflection left
+   without a claim is vetoed.
 3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
    few-shot example of the prompt, a run its passage does not contain, copied the example: it
    is vetoed. So is one with a word that is in neither the passage nor an English word list
@@ -323,17 +325,20 @@ NOTE_FIELDS = ("weak_reasoning", "uncertainties", "ethical_stakes")
 
 def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
     """Run every gate on one annotation (see the module docstring)."""
-    checks, claims = [], []
+    checks, claims, said = [], [], set()
     for c in record.get("claims", []):
         reason = check_claim(c.get("claim", ""), c.get("evidence", ""), passage)
         note = None
         if reason is not None and (quote := requote(c.get("claim", ""), passage)) is not None:
             note = f"{REQUOTED}: the answer quoted '{c.get('evidence', '')}' ({reason})"
             c, reason = {**c, "evidence": quote}, None
+        if reason is None and _normal(c.get("claim", "")) in said:
+            reason, note = f"{REPEATED}: a kept claim says the same words", None
         checks.append({"evidence": c.get("evidence", ""), "claim": c.get("claim", ""),
                        "verdict": "supported" if reason is None else "dropped", "reason": reason or note})
         if reason is None:
             claims.append(c)
+            said.add(_normal(c.get("claim", "")))
     notes, dropped = {}, 0
     for key in NOTE_FIELDS:
         kept = [n for n in record.get(key) or [] if check_note(n, passage) is None]
@@ -354,3 +359,4 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
 
 VETOES = ("echo", "garbled", "reflection", "no supported claim")
 REQUOTED = "quote re-chosen"  # a kept claim's check reason: its evidence is the passage span that holds it
+REPEATED = "repeated"  # a dropped claim's reason: the same words as a kept claim of the same reflection

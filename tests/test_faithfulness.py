@@ -93,6 +93,19 @@ def test_the_gate_drops_failing_claims_and_vetoes_a_reflection_left_without_one(
     assert f.gate(record(bad), BRIDGE, set()).veto.startswith("no supported claim")
 
 
+def test_a_claim_that_repeats_a_kept_one_is_dropped_as_repeated():
+    good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                 "Engineers replaced 212 steel cables")
+    again = {**good, "claim": "engineers replaced 212 steel cables."}  # case and punctuation aside: the same words
+    gated = f.gate(record(good, again), BRIDGE, set())
+    assert gated.record["claims"] == [good] and [c["verdict"] for c in gated.claim_checks] == ["supported", "dropped"]
+    assert gated.claim_checks[1]["reason"].startswith(f.REPEATED)
+    # A repeat of a claim that was itself dropped is judged on its own: nothing kept says it yet.
+    bad = claim("according to the regional transport office.", "The office spent 40 million dollars")
+    assert [c["verdict"] for c in f.gate(record(bad, bad, good), BRIDGE, set()).claim_checks] == \
+        ["dropped", "dropped", "supported"]
+
+
 def test_a_claim_its_passage_says_with_the_wrong_quote_keeps_the_span_that_says_it():
     # what the demo's writer does most: the right claim, the neighbouring sentence as its quote
     wrong = claim("Several shop owners near the bridge said the closure had hurt their sales",
