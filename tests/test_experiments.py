@@ -397,3 +397,22 @@ def test_emergent_alignment_experiment_end_to_end(conscience_built, hf_smollm2, 
         assert ci["mean"] is None if invalid[j] == len(answers) else invalid[j] > 0 or ci["mean"] is not None
     assert "online - insecure" in first.output and "gemma3" in first.output
     # (a rerun reuses the arms through train_arm, as the other experiments' tests check)
+
+
+def test_probe_and_question_files_split_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 unescaped (json.dumps(ensure_ascii=False)); str.splitlines()
+    would cut such a row in two (issue 32)."""
+    from builder.experiments.frameworks import read_questions
+    from builder.experiments.personas import load_probes
+
+    ws_root = tmp_path / "ws"
+    ws_root.mkdir()
+    (ws_root / "ratchet.toml").write_text("")
+    probes = ws_root / "probes.jsonl"
+    rows = [{"id": "a", "prompt": "First line\u2028second line of one prompt"}, {"id": "b", "prompt": "Another\u0085one"}]
+    probes.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    loaded, _ = load_probes("probes.jsonl", Workspace(ws_root))
+    assert [(p["id"], p["prompt"]) for p in loaded] == [("a", rows[0]["prompt"]), ("b", rows[1]["prompt"])]
+    questions = tmp_path / "questions.txt"
+    questions.write_text("# a comment\nIs it fair\u2029to all?\n\nWho pays?\n", encoding="utf-8")
+    assert read_questions(questions) == ["Is it fair\u2029to all?", "Who pays?"]

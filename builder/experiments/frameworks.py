@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..cache import sha256
 from ..config import RatchetConfig
+from ..corpus import jsonl_lines
 from ..evaluate import cached_engine, evaluate_locked
 from ..prompts import Prompts
 from ..resources import EXAMPLES_DIR, PROMPTS_DIR
@@ -57,7 +58,7 @@ def framework_keys(prompts: Prompts) -> list[str]:
 def read_questions(path: Path) -> list[str]:
     if not path.is_file():
         raise ExperimentError(f"experiments.frameworks.questions: {path}: no such file")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in jsonl_lines(path.read_text(encoding="utf-8"))  # a line is "\n"-ended only
             if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..cache import sha256
 from ..config import RatchetConfig
+from ..corpus import jsonl_lines
 from ..models import weights_sha256
 from ..resources import EXAMPLES_DIR
 from ..train import chat_template, model_dir, read_training, start_model, torch_threads, use_cpu
@@ -62,7 +63,7 @@ def load_probes(spec: str, ws: Workspace, limit: int = 0) -> tuple[list[dict], s
     if not path.is_file():
         raise ExperimentError(f"experiments.personas.probes: {path}: no such file")
     probes = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), 1):  # not splitlines(): see jsonl_lines
         if not line.strip():
             continue
         try:
