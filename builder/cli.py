@@ -1017,6 +1017,10 @@ def audit_serve(
                                                                   "human-human agreement.")] = 0.2,
     admin: Annotated[bool, typer.Option("--admin", help="Also print a link to the statistics page for someone "
                                                         "who reviews nothing.")] = False,
+    allowed_origin: Annotated[list[str], typer.Option(
+        help="Another origin the page answers, besides the one it prints (repeat for several): a reverse proxy's "
+             "(https://audit.example.org) or a LAN name's (http://lab-pc:8765). With --host 0.0.0.0 the page "
+             "already answers at any of this machine's IP addresses.")] = [],
 ) -> None:
     """A web page for human auditors: the secret sample one item at a time, blind (no author,
     model, persona or score on the page), keyboard-driven (p pass, f fail, 1-9 claims, u undo,
@@ -1032,6 +1036,12 @@ def audit_serve(
         fail("--auditor: each name once")
     if ":" in host:
         fail(f"--host {host}: an IPv6 address is not supported; use 127.0.0.1, or an IPv4 address or host name")
+    try:
+        from .web.origin import OriginError, parse_origin
+
+        allowed = tuple(parse_origin(o) for o in allowed_origin)
+    except OriginError as exc:
+        fail(str(exc))
     if host not in ("127.0.0.1", "localhost"):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this address and holds a start link "
                   "can audit; the page has no TLS")
@@ -1042,10 +1052,15 @@ def audit_serve(
         for who, url in server.start_urls():
             console.print(f"[bold]{who}:[/] {url}", soft_wrap=True, highlight=False)
         console.print("each link works once, in one browser; Ctrl-C stops the server")
+        if host == "0.0.0.0":
+            console.print("from another machine, put this machine's IP address in place of 127.0.0.1 (any address "
+                          "it listens on is answered; a host name needs --allowed-origin)", highlight=False)
+        for origin in allowed:
+            console.print(f"also answered at {origin}", highlight=False)
 
     try:
         serve(ws, ServeConfig(host=host, port=port, generation=generation, auditors=tuple(auditor), overlap=overlap,
-                              admin=admin), on_ready=ready)
+                              admin=admin, allowed_origins=allowed), on_ready=ready)
     except (WorkspaceError, AuditError) as exc:
         fail(str(exc))
 

@@ -4,7 +4,8 @@ validated path as `ratchet audit import` (stages/audit.py: parse_human_row, stor
 refresh_reputations), one short connection per request, writes under the workspace lock, so a
 build and the page never write at once and a closed tab loses nothing already submitted.
 
-Security (docs/audit-page.md): loopback by default; Host header checked (DNS rebinding); a
+Security (docs/audit-page.md): loopback by default; Host header checked against exactly the
+origin the server prints (web/origin.py: DNS rebinding); a
 one-time start token exchanged for an HttpOnly, SameSite=Strict cookie; a CSRF token and an
 Origin check on every POST; a strict Content-Security-Policy; no CORS; every model output
 escaped by the templates. The audit secret and item identities never reach a page.
@@ -22,7 +23,6 @@ from pathlib import Path
 import duckdb
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -33,6 +33,7 @@ from ..prompts import Prompts
 from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputations, store_audits,
                             withdraw_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
+from .origin import CheckHost, OriginPolicy
 from .queue import AuditorQueue, Key, assign, load_sample
 from .stats import ratchet_plot, stats
 
@@ -59,6 +60,7 @@ class ServeConfig:
     auditors: tuple[str, ...] = ("auditor",)
     overlap: float = 0.2
     admin: bool = False
+    allowed_origins: tuple[str, ...] = ()  # a reverse proxy's or LAN name's origin, besides the printed one
 
 
 class AuditServer:
@@ -85,18 +87,13 @@ class AuditServer:
         self._lock = threading.Lock()
         cfg = ws.config
         self.prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)
-        self.origins = {f"http://{h}:{config.port}" for h in self.hosts()}
+        self.policy = OriginPolicy(config.host, config.port, config.allowed_origins)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
 
     # ------------------------------------------------------------ plumbing
 
-    def hosts(self) -> list[str]:
-        host = self.config.host
-        return ["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost") else [host]
-
     def start_urls(self) -> list[tuple[str, str]]:
-        return [(who + (" (admin: stats only)" if admin else ""),
-                 f"http://{self.config.host}:{self.config.port}/start?token={t}")
+        return [(who + (" (admin: stats only)" if admin else ""), f"{self.policy.printed}/start?token={t}")
                 for t, (who, admin) in self.tokens.items()]
 
     @contextmanager
@@ -133,7 +130,7 @@ class AuditServer:
         form = await request.form()
         if session.saw_stats:
             raise Refused(403, "You have seen the statistics, so this session is no longer blind: verdicts are closed.")
-        if request.headers.get("origin") not in self.origins:
+        if not self.policy.origin_ok(request.scope, request.headers.get("origin")):
             raise Refused(403, "Refused: this form was not sent from the audit page (Origin).")
         if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             raise Refused(403, "Refused: the form's CSRF token is missing or wrong; reload the page.")
@@ -280,7 +277,7 @@ class AuditServer:
                   Route("/undo", guarded(self.undo), methods=["POST"]),
                   Route("/stats", guarded(self.stats_page)), Route("/stats/ratchet.png", guarded(self.plot)),
                   Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
-        middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=self.hosts()),
+        middleware = [Middleware(CheckHost, policy=self.policy),
                       Middleware(SecurityHeaders)]
         return Starlette(routes=routes, middleware=middleware)
 
