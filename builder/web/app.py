@@ -13,6 +13,7 @@ escaped by the templates. The audit secret and item identities never reach a pag
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import secrets
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import duckdb
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -35,7 +37,7 @@ from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputa
 from ..workspace import Workspace, WorkspaceError, transaction
 from .origin import CheckHost, OriginPolicy
 from .queue import AuditorQueue, Key, assign, load_sample
-from .stats import ratchet_plot, stats
+from .stats import ratchet_plot, ratchet_rows, stats
 
 HERE = Path(__file__).parent
 BUSY = "The workspace is busy (a build is writing it). Nothing was lost; try again in a moment."
@@ -193,6 +195,9 @@ class AuditServer:
 
     async def verdict(self, request: Request) -> Response:
         session, form = await self.posted(request)
+        return await run_in_threadpool(self._verdict, request, session, form)
+
+    def _verdict(self, request: Request, session: AuditorQueue, form) -> Response:
         x = self.item_of(request, session)
         codes = [c for c in form.getlist("codes") if c in REASON_CODES]
         text = str(form.get("reason", "")).strip()
@@ -223,6 +228,9 @@ class AuditServer:
         """Take back this session's last verdict: the row leaves `audits`, coverage and
         reputation are recomputed, and the item is shown again."""
         session, _ = await self.posted(request)
+        return await run_in_threadpool(self._undo, session)
+
+    def _undo(self, session: AuditorQueue) -> Response:
         if not session.history:
             return RedirectResponse("/queue", status_code=303)
         (item, annotator), previous = session.history[-1]
@@ -249,19 +257,18 @@ class AuditServer:
         session = self.session(request)
         with self.db(write=False) as con:
             self._may_see_stats(con, session)
-            png = ratchet_plot(con)
-        return Response(png, media_type="image/png")
+            rows = ratchet_rows(con)
+        return Response(ratchet_plot(rows), media_type="image/png")  # drawn outside the database lock
 
     # ------------------------------------------------------------ the app
 
     def app(self) -> Starlette:
         def guarded(handler):
             async def endpoint(request: Request):
-                try:
-                    result = handler(request)
-                    if hasattr(result, "__await__"):
-                        result = await result
-                    return result
+                try:  # DuckDB and matplotlib block: off the event loop, so one slow request stalls no other
+                    if inspect.iscoroutinefunction(handler):
+                        return await handler(request)
+                    return await run_in_threadpool(handler, request)
                 except Refused as exc:
                     return self.page(request, "message.html", exc.status, message=exc.message)
                 except Exception:  # logged here; the page says nothing that could name an item or a path

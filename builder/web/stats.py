@@ -58,15 +58,18 @@ def stats(con, generation: int) -> dict:
             "reputation": reputation}
 
 
-def ratchet_plot(con) -> bytes:
-    """Mean panel score per generation (the ratchet's figure), as a PNG."""
-    import matplotlib
+def ratchet_rows(con) -> list[tuple[int, float]]:
+    """(generation, mean panel score): what the ratchet's figure draws."""
+    return con.execute("SELECT generation, mean_score FROM ratchet_by_generation ORDER BY generation").fetchall()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = con.execute("SELECT generation, mean_score FROM ratchet_by_generation ORDER BY generation").fetchall()
-    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+def ratchet_plot(rows: list[tuple[int, float]]) -> bytes:
+    """Mean panel score per generation (the ratchet's figure), as a PNG. A Figure of its own,
+    not pyplot's global state: two requests may draw at once."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.6), dpi=100)
+    ax = fig.subplots()
     if rows:
         ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o")
         ax.set_xticks([r[0] for r in rows])
@@ -77,5 +80,4 @@ def ratchet_plot(con) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()

@@ -370,6 +370,30 @@ def test_tokens_cookie_host_csrf_and_origin(ws, serve):
     assert httpx.head(cat).status_code == 200 and httpx.get(cat, follow_redirects=False).status_code == 303
 
 
+def test_a_slow_request_does_not_stall_another_auditor(ws, serve, monkeypatch):
+    """Handlers run off the event loop: while the admin's plot takes two seconds to draw, an
+    auditor's next item still comes (before, every handler ran on the loop, one at a time)."""
+    import builder.web.app as page
+
+    drawing = threading.Event()
+
+    def slow_plot(rows):
+        drawing.set()
+        time.sleep(2.0)
+        return b"png"
+
+    monkeypatch.setattr(page, "ratchet_plot", slow_plot)
+    server = serve(auditors=("ana",), admin=True)
+    admin = httpx.get(server.url("admin"), follow_redirects=False)
+    plot = threading.Thread(target=lambda: httpx.get(server.base + "/stats/ratchet.png", cookies=admin.cookies))
+    plot.start()
+    assert drawing.wait(10)
+    ana = session(server)
+    assert ana.get("/queue").status_code == 303  # answered while the plot is still drawing
+    assert plot.is_alive()
+    plot.join(10)
+
+
 def test_the_command_prints_links_and_serves(ws):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
