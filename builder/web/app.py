@@ -246,12 +246,30 @@ class AuditServer:
             raise Refused(403, "The statistics open when your queue is done (they would unblind it).")
 
     def stats_page(self, request: Request) -> Response:
+        """The statistics, once this session has asked for them by the done page's button (a POST):
+        a GET, a HEAD or a browser's prefetch only shows that page again and closes nothing."""
         session = self.session(request)
         with self.db(write=False) as con:
             self._may_see_stats(con, session)
+            if not (session.saw_stats or session.admin):
+                done = self.done(con, session)
+                return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
+                                 can_undo=bool(session.history))
             figures = stats(con, self.generation)
-        session.saw_stats = True
         return self.page(request, "stats.html", **figures)
+
+    async def open_stats(self, request: Request) -> Response:
+        """The explicit click that opens the statistics and so ends this session's verdicts."""
+        session = self.session(request)
+        if not session.saw_stats:
+            session, _ = await self.posted(request)
+            await run_in_threadpool(self._check_may_see_stats, session)
+            session.saw_stats = True
+        return RedirectResponse("/stats", status_code=303)
+
+    def _check_may_see_stats(self, session: AuditorQueue) -> None:
+        with self.db(write=False) as con:
+            self._may_see_stats(con, session)
 
     def plot(self, request: Request) -> Response:
         session = self.session(request)
@@ -282,7 +300,8 @@ class AuditServer:
                   Route("/item/{id}/verdict", guarded(self.verdict), methods=["POST"]),
                   Route("/item/{id}/skip", guarded(self.skip), methods=["POST"]),
                   Route("/undo", guarded(self.undo), methods=["POST"]),
-                  Route("/stats", guarded(self.stats_page)), Route("/stats/ratchet.png", guarded(self.plot)),
+                  Route("/stats", guarded(self.stats_page)), Route("/stats", guarded(self.open_stats), methods=["POST"]),
+                  Route("/stats/ratchet.png", guarded(self.plot)),
                   Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
         middleware = [Middleware(CheckHost, policy=self.policy),
                       Middleware(SecurityHeaders)]

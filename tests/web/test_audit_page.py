@@ -370,6 +370,30 @@ def test_tokens_cookie_host_csrf_and_origin(ws, serve):
     assert httpx.head(cat).status_code == 200 and httpx.get(cat, follow_redirects=False).status_code == 303
 
 
+def test_only_the_statistics_button_ends_a_sessions_verdicts(ws, serve):
+    """A GET or HEAD of /stats (a link preview, a prefetch, a typed URL) shows the done page again
+    and closes nothing; the done page's button (a POST with the CSRF token) opens the statistics."""
+    server = serve(auditors=("ana",))
+    client = session(server)
+    origin = {"Origin": server.base}
+    while (where := client.get("/queue")).status_code == 303:
+        item = where.headers["location"]
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get(item).text).group(1)
+        assert client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin).status_code == 303
+    assert client.head("/stats").status_code == 200
+    shown = client.get("/stats", headers={"Sec-Purpose": "prefetch"})
+    assert shown.status_code == 200 and 'id="open-stats"' in shown.text and "Audit statistics" not in shown.text
+    # Still blind: a verdict can be changed.
+    csrf = re.search(r'name="csrf" value="([^"]+)"', shown.text).group(1)
+    assert client.post(item + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "changed my mind"},
+                       headers=origin).status_code == 303
+    assert client.post("/stats", data={"csrf": "x" * 43}, headers=origin).status_code == 403  # no forged click
+    opened = client.post("/stats", data={"csrf": csrf}, headers=origin)
+    assert opened.status_code == 303 and "Audit statistics" in client.get("/stats").text
+    closed = client.post(item + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin)
+    assert closed.status_code == 403 and "no longer blind" in closed.text
+
+
 def test_a_slow_request_does_not_stall_another_auditor(ws, serve, monkeypatch):
     """Handlers run off the event loop: while the admin's plot takes two seconds to draw, an
     auditor's next item still comes (before, every handler ran on the loop, one at a time)."""
