@@ -16,14 +16,15 @@ def _rows(con, sql: str, params) -> list[dict]:
 
 
 def kappa(pairs: list[tuple[str, str]]) -> float | None:
-    """Cohen's kappa of two raters' pass/fail verdicts; None where it is undefined (no pairs, or
-    both raters gave one value throughout)."""
+    """Cohen's kappa of two raters' pass/fail verdicts; None where it is undefined or says
+    nothing: no pairs, or either rater gave one value throughout (scikit-learn then gives 0 or
+    NaN, which would read as "agreement at chance")."""
     if not pairs:
         return None
     from sklearn.metrics import cohen_kappa_score
 
     a, b = zip(*pairs)
-    if len(set(a) | set(b)) < 2:
+    if len(set(a)) < 2 or len(set(b)) < 2:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -31,11 +32,17 @@ def kappa(pairs: list[tuple[str, str]]) -> float | None:
     return None if math.isnan(value) else round(float(value), 3)
 
 
+PASS_RATE_BY = """SELECT {key}, auditor_kind AS "audited by", count(*) AS audits,
+       count(*) FILTER (verdict = 'pass') AS passes, round(passes / audits, 3) AS pass_rate
+FROM audits_with_members WHERE generation = ? GROUP BY ALL ORDER BY ALL"""
+
+
 def stats(con, generation: int) -> dict:
-    by_annotator = _rows(con, "SELECT annotator, audits, passes, pass_rate FROM audit_pass_rate_by_annotator "
-                              "WHERE generation = ?", [generation])
-    by_family = _rows(con, "SELECT family, audits, passes, pass_rate FROM audit_pass_rate_by_family WHERE generation = ?",
-                      [generation])
+    # People's and the model auditor's verdicts apart: one pass rate over both would hide which spoke.
+    by_annotator = _rows(con, PASS_RATE_BY.format(key="annotator"), [generation])
+    by_family = _rows(con, PASS_RATE_BY.format(key="family"), [generation])
+    model_vs_human = _rows(con, "SELECT both_audited, disagreements, disagreement_rate, model_too_lenient, "
+                                "model_too_strict FROM audit_model_vs_human WHERE generation = ?", [generation])
     by_kind = _rows(con, "SELECT auditor_kind, audits, passes, pass_rate FROM audit_pass_rate_by_generation "
                          "WHERE generation = ?", [generation])
     model_human = con.execute("""SELECT m.verdict, h.verdict FROM audits m JOIN audits h USING (item, annotator, generation)
@@ -50,7 +57,7 @@ def stats(con, generation: int) -> dict:
     after = reputation_means(con, generation, KINDS)
     reputation = [{"annotator": a, "before": round(before.get(a, 0.5), 3), "after": round(m, 3)}
                   for a, m in sorted(after.items())]
-    return {"by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind,
+    return {"by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind, "model_vs_human": model_vs_human,
             "model_human": {"n": len(model_human), "kappa": kappa(model_human),
                             "agree": sum(a == b for a, b in model_human)},
             "human_human": {"n": len(human_human), "kappa": kappa(human_human),
@@ -76,6 +83,8 @@ def ratchet_plot(rows: list[tuple[int, float]]) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_xlabel("generation")
     ax.set_ylabel("mean panel score")
+    ax.text(0.99, 0.03, "over all passages; one without a reflection counts 0", transform=ax.transAxes,
+            ha="right", fontsize=7, color="0.4")
     ax.set_title("The ratchet: mean panel score never falls", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
