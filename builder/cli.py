@@ -1078,7 +1078,7 @@ def audit_import(
     try:
         with ws.lock():
             con = ws.connect()
-            imported, problems = import_verdicts(con, file, auditor)
+            imported, problems = import_verdicts(con, file, auditor, ws.config)
             con.close()
     except (WorkspaceError, AuditError) as exc:
         fail(str(exc))

@@ -551,9 +551,35 @@ def store_critique_audits(con, rows: list[CritiqueAuditRow]) -> None:
     CRITIQUE_AUDITS.insert(con, rows, on_conflict="replace")
 
 
-def import_verdicts(con, path: Path, auditor: str) -> tuple[int, list[str]]:
+def model_names(con, cfg: RatchetConfig | None = None) -> set[str]:
+    """Names that belong to models: the ensemble's members, every model auditor that has audited,
+    and the configured one. A person's name must be none of them."""
+    names = {n for (n,) in con.execute("SELECT name FROM members").fetchall()}
+    for table in ("audits", "critique_audits"):
+        names |= {n for (n,) in con.execute(f"SELECT DISTINCT auditor FROM {table} WHERE auditor_kind = 'model'").fetchall()}
+    if cfg is not None:
+        names |= {m.display_name for m in cfg.ensemble.members}
+        if cfg.audit.auditor:
+            names.add(f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}")
+    return names
+
+
+def refuse_model_names(con, people: list[str], cfg: RatchetConfig | None = None) -> None:
+    """A person's verdicts are stored under their name: one equal to a model's (case aside) would
+    mix with, or replace, that model's rows. Refused, naming the clash."""
+    taken = {n.casefold(): n for n in model_names(con, cfg)}
+    clash = [p for p in people if p.strip().casefold() in taken]
+    if clash:
+        raise AuditError(f"--auditor {clash[0]}: that is the name of a model ({taken[clash[0].strip().casefold()]}, an "
+                         "ensemble member or model auditor); a person's verdicts would mix with its own: choose "
+                         "another name")
+
+
+def import_verdicts(con, path: Path, auditor: str, cfg: RatchetConfig | None = None) -> tuple[int, list[str]]:
     """Read a reviewed export back: annotation verdicts (pass/fail) and, in a row with a critic,
-    critique verdicts (right/wrong). Good rows are stored; bad ones come back as 'line N: why'."""
+    critique verdicts (right/wrong). Good rows are stored; bad ones come back as 'line N: why'.
+    An auditor named like a model is refused (refuse_model_names)."""
+    refuse_model_names(con, [auditor], cfg)
     known = {(r[0], r[1], r[2]) for r in con.execute(
         "SELECT passage_id, annotator, generation FROM annotations WHERE status = 'accepted'").fetchall()}
     known_critiques = {tuple(r) for r in con.execute(

@@ -32,8 +32,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..prompts import Prompts
-from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputations, store_audits,
-                            withdraw_audit)
+from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputations, refuse_model_names,
+                            store_audits, withdraw_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
 from .origin import CheckHost, OriginPolicy
 from .queue import AuditorQueue, Key, assign, load_sample
@@ -75,6 +75,7 @@ class AuditServer:
         secret = load_secret(ws.root)
         con = ws.connect(read_only=True)
         try:
+            refuse_model_names(con, list(config.auditors), ws.config)
             items = load_sample(con, secret, config.generation, ws.config.audit.rate)
         finally:
             con.close()

@@ -8,6 +8,7 @@ import pytest
 
 from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, import_verdicts, is_selected, load_secret,
                            sample, store_audits, update_reputation)
+from builder.config import RatchetConfig
 from builder.workspace import create_schema
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -167,3 +168,20 @@ def test_human_verdicts_are_validated_against_the_audit_schema(tmp_path):
     assert problems[0].startswith(f"{f}:1: does not match schemas/audit.schema.json at reasons/0: 'ok' is too short")
     assert problems[1].startswith(f"{f}:2: does not match schemas/audit.schema.json at reasons:")
     assert con.execute("SELECT item FROM audits").fetchall() == [("p002",)]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "SmolLM2", "gemma3-auditor", "qwen-auditor"])
+def test_a_person_named_like_a_model_is_refused_and_nothing_is_stored(tmp_path, name):
+    """A person's verdicts are stored under their name; one equal to a member's or a model
+    auditor's would replace or mix with that model's rows (issue 31)."""
+    con = db_with_annotations(2)
+    con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
+                "VALUES ('p000', 'smollm2', 1, 'gemma3-auditor', 'model', 'pass')")
+    cfg = RatchetConfig.model_validate({"audit": {"auditor": "bundled:qwen", "persona": "auditor"}})
+    f = tmp_path / "v.jsonl"
+    f.write_text(json.dumps({"item": "p000", "annotator": "smollm2", "generation": 1, "verdict": "fail",
+                             "reasons": ["invented claim"]}) + "\n")
+    with pytest.raises(AuditError, match=f"--auditor {name}: that is the name of a model"):
+        import_verdicts(con, f, name, cfg)
+    assert con.execute("SELECT auditor, verdict FROM audits").fetchall() == [("gemma3-auditor", "pass")]
+    assert import_verdicts(con, f, "ana", cfg) == (1, [])
