@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from .cache import sha256
 from .prompts import Prompts
 from .resources import CARDS_DIR, SCHEMAS_DIR
+from .stages.audit import REPUTATION_SQL
 from .stages.base import BuildContext, Stage
 from .workspace import Workspace
 
@@ -186,12 +187,16 @@ def annotation_batches(con, generation: int):
 
 
 # Aggregates of the blind audit per annotator: never which items were audited.
+# The build's own audits only (the model auditor's): a person's verdict comes after the build
+# that compiles the generation, and must not change its published splits (a rebuild after an
+# audit stays a zero-call no-op). People's verdicts: `ratchet audit stats`, the audit page.
 AUDIT_SUMMARY_SQL = """
 WITH acc AS (SELECT annotator, count(*) AS accepted FROM annotations
              WHERE generation = $g AND status = 'accepted' GROUP BY ALL),
 aud AS (SELECT annotator, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes
-        FROM audits WHERE generation = $g GROUP BY ALL),
-rep AS (SELECT annotator, mean FROM reputation WHERE generation = $g)
+        FROM audits WHERE generation = $g AND auditor_kind = 'model' GROUP BY ALL),
+rep AS (SELECT annotator, mean FROM (""" + REPUTATION_SQL.replace("list_contains($kinds, auditor_kind)",
+                                                                  "auditor_kind = 'model'") + """))
 SELECT $g AS generation, acc.annotator, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,
        acc.accepted, coalesce(aud.audits, 0) AS audits, coalesce(aud.passes, 0) AS passes,
        round(aud.passes / nullif(aud.audits, 0), 4) AS pass_rate, round(rep.mean, 4) AS reputation

@@ -73,3 +73,29 @@ def test_a_killed_rebuild_is_put_back_by_the_next_build(built):
     with pytest.raises(RatchetError, match="ratchet.toml changed"):  # refused before any model ...
         run_build(Workspace(ws.root))  # a fresh Workspace reads the edited config
     assert state(ws) == before  # ... after putting generation 1 back
+
+
+def test_a_persons_verdict_after_the_build_leaves_the_compiled_generation_as_it_was(tmp_path):
+    """The published audit_summary carries the build's own audits only: a person auditing the
+    sample afterwards must not make the next `ratchet build` (make demo again) fail as immutable."""
+    import json
+
+    from builder.stages.audit import import_verdicts
+
+    ws = Workspace(write_workspace(tmp_path / "ws", SHORT_PASSAGES, annotator=SCRIPTED, audit={"rate": 1.0}))
+    run_build(ws)
+    gen = ws.generation_dir(1)
+    before = {p.name: p.read_bytes() for p in (gen / "data").iterdir()}
+    con = ws.connect()
+    item, annotator = con.execute("SELECT item, annotator FROM audits WHERE auditor_kind = 'model' LIMIT 1").fetchone()
+    verdict = tmp_path / "review.jsonl"
+    verdict.write_text(json.dumps({"item": item, "annotator": annotator, "generation": 1, "verdict": "fail",
+                                   "reasons": ["invented claim"]}) + "\n")
+    assert import_verdicts(con, verdict, "ana", ws.config) == (1, [])
+    con.close()
+    again = run_build(ws)
+    assert again["model_calls"] == 0
+    assert {p.name: p.read_bytes() for p in (gen / "data").iterdir()} == before
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT verdict FROM audits WHERE auditor = 'ana'").fetchall() == [("fail",)]
+    con.close()
