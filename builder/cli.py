@@ -358,7 +358,8 @@ def sql(
     critic_reputation, critic_validity, conscience_items,
     judgements, pairs, consents, drift_events, panel, ratchet, panel_verdicts, panel_comparisons,
     builds, evaluations. Views: convergence_by_member, critic_verdicts_by_member,
-    critic_scores_by_member, agreement_by_member, audit_pass_rate_by_*, audit_model_vs_human,
+    critic_scores_by_member, agreement_by_member, audits_current, audits_stale (verdicts on text a
+    rebuild changed), critique_audits_current, critique_audits_stale, audit_pass_rate_by_*, audit_model_vs_human,
     critique_audit_rate_by_critic,
     audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation,
     ratchet_by_generation. The query cannot read or write other files (COPY, read_csv, ATTACH
@@ -1079,10 +1080,15 @@ def audit_import(
         with ws.lock():
             con = ws.connect()
             imported, problems = import_verdicts(con, file, auditor, ws.config)
+            stale = con.execute("SELECT (SELECT count(*) FROM audits_stale WHERE auditor = $a) + "
+                                "(SELECT count(*) FROM critique_audits_stale WHERE auditor = $a)", {"a": auditor}).fetchone()[0]
             con.close()
     except (WorkspaceError, AuditError) as exc:
         fail(str(exc))
     console.print(f"imported {imported} verdict(s) by {auditor} from {file}")
+    if stale:
+        err.print(f"[yellow]note:[/] {stale} earlier verdict(s) by {auditor} judged text that a rebuild has changed "
+                  "since: they no longer count (view audits_stale); export again to judge the new text", highlight=False)
     for line in problems:
         err.print(f"[yellow]skipped[/] {line}", highlight=False)
     if problems:

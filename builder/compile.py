@@ -194,7 +194,7 @@ AUDIT_SUMMARY_SQL = """
 WITH acc AS (SELECT annotator, count(*) AS accepted FROM annotations
              WHERE generation = $g AND status = 'accepted' GROUP BY ALL),
 aud AS (SELECT annotator, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes
-        FROM audits WHERE generation = $g AND auditor_kind = 'model' GROUP BY ALL),
+        FROM audits_current WHERE generation = $g AND auditor_kind = 'model' GROUP BY ALL),
 rep AS (SELECT annotator, mean FROM (""" + REPUTATION_SQL.replace("list_contains($kinds, auditor_kind)",
                                                                   "auditor_kind = 'model'") + """))
 SELECT $g AS generation, acc.annotator, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona,

@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 
 from .config import CONFIG_NAME, RatchetConfig, load_config
+from .hashes import ANNOTATION_HASH_SQL, CRITIQUE_HASH_SQL
 
 DB_NAME = "ratchet.duckdb"
 LOCK_NAME = ".ratchet.lock"
@@ -42,10 +43,29 @@ SELECT {keys}, count(*) AS audits, count(*) FILTER (verdict = 'pass') AS passes,
 FROM audits_with_members GROUP BY ALL ORDER BY ALL;
 """
 
-VIEWS_SQL = """
+# A verdict is current while the text it judged is still there: its content_hash equals the hash
+# of the accepted annotation (and critique) now (stages/audit.py: ANNOTATION_HASH_SQL). A row
+# recorded before hashes (NULL) is taken as current. Reputation, vote weights and the views below
+# read current verdicts only; the stale ones stay in `audits` for the record.
+_STALE_VIEWS = """
+CREATE OR REPLACE VIEW {table}_current AS
+SELECT x.* FROM {table} x WHERE x.content_hash IS NULL OR x.content_hash IN (
+    SELECT {hash} FROM {source} WHERE {match});
+CREATE OR REPLACE VIEW {table}_stale AS
+SELECT x.* FROM {table} x WHERE x.content_hash IS NOT NULL AND x.content_hash NOT IN (
+    SELECT {hash} FROM {source} WHERE {match});
+"""
+_ANNOTATION = "annotations a JOIN passages p USING (passage_id)"
+_MATCH = "a.status = 'accepted' AND a.generation = x.generation AND a.passage_id = x.item AND a.annotator = x.annotator"
+
+VIEWS_SQL = _STALE_VIEWS.format(table="audits", hash=ANNOTATION_HASH_SQL, source=_ANNOTATION, match=_MATCH) + \
+    _STALE_VIEWS.format(table="critique_audits", hash=CRITIQUE_HASH_SQL,
+                        source=_ANNOTATION + " JOIN critiques c ON c.generation = a.generation AND c.passage_id = "
+                                             "a.passage_id AND c.annotator = a.annotator",
+                        match=_MATCH + " AND c.critic = x.critic AND c.status = 'accepted'") + """
 CREATE OR REPLACE VIEW audits_with_members AS
 SELECT a.*, coalesce(m.persona, '?') AS persona, coalesce(m.family, '?') AS family
-FROM audits a LEFT JOIN members m ON m.name = a.annotator;
+FROM audits_current a LEFT JOIN members m ON m.name = a.annotator;
 """ + "".join(_PASS_RATE_VIEW.format(name=name, keys=keys) for name, keys in [
     ("annotator", "annotator, generation"), ("persona", "persona, generation"),
     ("family", "family, generation"), ("generation", "generation, auditor_kind")]) + """
@@ -56,7 +76,7 @@ SELECT generation, count(*) AS both_audited,
        count(*) FILTER (model_verdict = 'pass' AND human_verdict = 'fail') AS model_too_lenient,
        count(*) FILTER (model_verdict = 'fail' AND human_verdict = 'pass') AS model_too_strict
 FROM (SELECT m.generation, m.verdict AS model_verdict, h.verdict AS human_verdict
-      FROM audits m JOIN audits h ON h.item = m.item AND h.annotator = m.annotator AND h.generation = m.generation
+      FROM audits_current m JOIN audits_current h ON h.item = m.item AND h.annotator = m.annotator AND h.generation = m.generation
       WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human')
 GROUP BY ALL ORDER BY ALL;
 
@@ -64,7 +84,7 @@ CREATE OR REPLACE VIEW critique_audit_rate_by_critic AS
 WITH audited AS (
     SELECT generation, critic, count(*) AS audits, count(*) FILTER (verdict = 'right') AS right_verdicts,
            count(*) FILTER (auditor_kind = 'human') AS human_audits
-    FROM critique_audits GROUP BY ALL)
+    FROM critique_audits_current GROUP BY ALL)
 SELECT a.generation, a.critic, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona, a.audits,
        a.right_verdicts, round(a.right_verdicts / a.audits, 3) AS right_rate, a.human_audits,
        round(r.mean, 3) AS vote_weight

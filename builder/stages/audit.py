@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RatchetConfig, model_short_name
+from ..hashes import ANNOTATION_HASH_SQL, CRITIQUE_HASH_SQL
 from ..corpus import jsonl_lines
 from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
 from ..resources import load_schema
@@ -85,12 +86,18 @@ def sample(con, secret: bytes, generation: int, rate: float) -> list[tuple[str, 
     return [(item, annotator) for item, annotator in rows if is_selected(secret, item, annotator, generation, rate)]
 
 
+class StaleContent(ValueError):
+    """A verdict on text that has changed since the auditor read it."""
+
+
 @dataclass
 class SampledItem:
     item: str
     annotator: str
     passage: str
     record: dict
+    content_hash: str | None = None  # of the passage and annotation as read (ANNOTATION_HASH_SQL)
+    call_key: str | None = None
 
 
 def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[SampledItem]:
@@ -98,12 +105,12 @@ def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[Sa
     the sample is read and decoded, not every accepted annotation."""
     if not items:
         return []
-    rows = con.execute("""SELECT a.passage_id, a.annotator, p.text, a.record FROM annotations a
-                          JOIN passages p USING (passage_id)
+    rows = con.execute(f"""SELECT a.passage_id, a.annotator, p.text, a.record, {ANNOTATION_HASH_SQL}, a.call_key
+                          FROM annotations a JOIN passages p USING (passage_id)
                           WHERE a.generation = $generation AND a.status = 'accepted'
                             AND a.passage_id IN (SELECT unnest($ids))""",
                        {"generation": generation, "ids": sorted({item for item, _ in items})}).fetchall()
-    found = {(r[0], r[1]): SampledItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
+    found = {(r[0], r[1]): SampledItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows}
     return [found[key] for key in items if key in found]
 
 
@@ -124,14 +131,15 @@ class SampledCritique:
     passage: str
     record: dict  # the annotation the critique is about
     critique: dict  # claim_verdicts, objections, verdict
+    content_hash: str | None = None  # of passage, annotation and critique as read (CRITIQUE_HASH_SQL)
 
 
 def sampled_critiques(con, keys: list[tuple[str, str, str]], generation: int) -> list[SampledCritique]:
     """Passage, annotation and critique of each sampled (item, annotator, critic), in the sample's order."""
     if not keys:
         return []
-    rows = con.execute("""SELECT c.passage_id, c.annotator, c.critic, p.text, a.record, c.claim_verdicts, c.objections,
-                                 c.verdict
+    rows = con.execute(f"""SELECT c.passage_id, c.annotator, c.critic, p.text, a.record, c.claim_verdicts, c.objections,
+                                 c.verdict, {CRITIQUE_HASH_SQL}
                           FROM critiques c JOIN passages p USING (passage_id)
                           JOIN annotations a ON a.generation = c.generation AND a.passage_id = c.passage_id
                                             AND a.annotator = c.annotator
@@ -140,7 +148,7 @@ def sampled_critiques(con, keys: list[tuple[str, str, str]], generation: int) ->
                        {"generation": generation, "ids": sorted({item for item, _, _ in keys})}).fetchall()
     found = {(r[0], r[1], r[2]): SampledCritique(r[0], r[1], r[2], r[3], json.loads(r[4]),
                                                  {"claim_verdicts": json.loads(r[5] or "[]"),
-                                                  "objections": json.loads(r[6] or "[]"), "verdict": r[7]})
+                                                  "objections": json.loads(r[6] or "[]"), "verdict": r[7]}, r[8])
              for r in rows}
     return [found[key] for key in keys if key in found]
 
@@ -167,6 +175,10 @@ class AuditRow:
     wrong_claims: Json | None = doc("1-based numbers of the claims that misstate the passage")
     pass_prob: float | None = doc("P(pass): the model auditor's under the deciding distribution, a person's 1 or 0",
                                   default=None, added=True)
+    content_hash: str | None = doc("hash of the passage and annotation the verdict judged (NULL: recorded before "
+                                   "hashes, taken as current); once they change the verdict is stale",
+                                   default=None, added=True)
+    call_key: str | None = doc("the model call that wrote the judged annotation", default=None, added=True)
 
 
 AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor"),
@@ -223,6 +235,8 @@ class CritiqueAuditRow:
     verdict: str = doc("right | wrong: was the critique right about the annotation?")
     reasons: Json | None
     right_prob: float | None = doc("P(right): the model auditor's under the deciding distribution, a person's 1 or 0")
+    content_hash: str | None = doc("hash of the passage, annotation and critique the verdict judged (NULL: recorded "
+                                   "before hashes, taken as current)", default=None, added=True)
 
 
 CRITIQUE_AUDITS = Table("critique_audits", CritiqueAuditRow, key=("item", "annotator", "critic", "generation", "auditor"),
@@ -271,7 +285,8 @@ def model_audit(con, items: list[tuple[str, str]], generation: int, engine, prom
     judged, failed, attempts = _model_verdicts(AuditTask(prompts, config, auditor), sampled_items(con, items, generation),
                                                engine, run)
     return [AuditRow(x.item, x.annotator, generation, auditor, "model", verdict, o.record["reasons"],
-                     sorted(set(o.record["wrong_claims"])), p) for x, o, verdict, p in judged], failed, attempts
+                     sorted(set(o.record["wrong_claims"])), p, x.content_hash, x.call_key)
+            for x, o, verdict, p in judged], failed, attempts
 
 
 def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int, engine, prompts: Prompts,
@@ -279,7 +294,8 @@ def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int
     """The sampled critiques audited: (verdicts, audits without a valid verdict, attempts)."""
     judged, failed, attempts = _model_verdicts(CritiqueAuditTask(prompts, config, auditor),
                                                sampled_critiques(con, keys, generation), engine, run)
-    return [CritiqueAuditRow(x.item, x.annotator, x.critic, generation, auditor, "model", verdict, o.record["reasons"], p)
+    return [CritiqueAuditRow(x.item, x.annotator, x.critic, generation, auditor, "model", verdict, o.record["reasons"], p,
+                             x.content_hash)
             for x, o, verdict, p in judged], failed, attempts
 
 
@@ -329,7 +345,8 @@ REPUTATION = Table("reputation", ReputationRow, key=("annotator", "generation"),
                    doc="Beta posterior of each annotator's audit pass rate")
 
 
-# A Beta(1 + Σ P(good), 1 + Σ P(bad)) record per member over every audit up to generation $g by
+# A Beta(1 + Σ P(good), 1 + Σ P(bad)) record per member over every current audit (its text
+# unchanged since: a stale verdict judged text that is no longer there) up to generation $g by
 # the auditor kinds in $kinds (an audit without a probability counts its verdict as 1 or 0).
 BETA_RECORD_SQL = """
     SELECT {who}, $g::INTEGER AS generation,
@@ -338,7 +355,7 @@ BETA_RECORD_SQL = """
            1 + {mass} AS alpha, 1 + count(*) - {mass} AS beta, alpha / (alpha + beta) AS mean
     FROM {table} WHERE generation <= $g AND list_contains($kinds, auditor_kind) GROUP BY {who}"""
 REPUTATION_SQL = BETA_RECORD_SQL.format(who="annotator", good="pass", goods="passes", bads="fails", prob="pass_prob",
-                                        mass="pass_mass", table="audits")
+                                        mass="pass_mass", table="audits_current")
 KINDS = ["model", "human"]
 
 
@@ -399,7 +416,7 @@ CRITIC_REPUTATION = Table("critic_reputation", CriticReputationRow, key=("critic
 
 # The same for critics: Beta(1 + Σ P(right), 1 + Σ P(wrong)) over every critique audit up to $g.
 CRITIC_RECORD_SQL = BETA_RECORD_SQL.format(who="critic", good="right", goods="rights", bads="wrongs", prob="right_prob",
-                                           mass="right_mass", table="critique_audits")
+                                           mass="right_mass", table="critique_audits_current")
 
 
 # A critic's record (the mean weighs its votes in later generations: stages/scrutinize.py: vote_weights).
@@ -412,9 +429,12 @@ critic_record_counts = CRITIC_RECORD.counts
 # ---------------------------------------------------------------- human auditors
 
 
-EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims"]
+EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims",
+                  "content_hash"]
 CRITIQUE_EXPORT_COLUMNS = ["item", "annotator", "critic", "generation", "passage", "claims", "reflection", "critique",
-                           "verdict", "reasons"]
+                           "verdict", "reasons", "content_hash"]
+CHANGED = ("the text changed since it was exported (a rebuild): this verdict judged text that is gone; export again "
+           "and judge the new text")
 
 
 def numbered_claims(record: dict) -> str:
@@ -426,7 +446,7 @@ def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) 
     annotation, numbered claims, and empty verdict / reasons / wrong_claims to fill in."""
     out = [{"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
             "claims": numbered_claims(x.record), "reflection": x.record["reflection"], "verdict": "", "reasons": "",
-            "wrong_claims": ""}
+            "wrong_claims": "", "content_hash": x.content_hash}
            for x in sampled_items(con, sample(con, secret, generation, rate), generation)]
     return write_review(out, Path(path), EXPORT_COLUMNS)
 
@@ -442,7 +462,7 @@ def export_critique_sample(con, secret: bytes, generation: int, rate: float, pat
                               *(f"objection: {o}" for o in c["objections"]), f"verdict: {c['verdict']}"])
         out.append({"item": x.item, "annotator": x.annotator, "critic": x.critic, "generation": generation,
                     "passage": x.passage, "claims": numbered_claims(x.record), "reflection": x.record["reflection"],
-                    "critique": critique, "verdict": "", "reasons": ""})
+                    "critique": critique, "verdict": "", "reasons": "", "content_hash": x.content_hash})
     return write_review(out, Path(path), CRITIQUE_EXPORT_COLUMNS)
 
 
@@ -511,7 +531,34 @@ def _verdict_and_generation(row: dict, columns: tuple[str, ...], allowed: tuple[
         raise ValueError(f"not a number: {exc}") from None
 
 
-def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -> AuditRow:
+def current_annotations(con, where: str = "", params=None) -> dict[tuple[str, str, int], tuple[str, str | None]]:
+    """(item, annotator, generation) -> (content hash, call key) of each accepted annotation now."""
+    rows = con.execute(f"""SELECT a.passage_id, a.annotator, a.generation, {ANNOTATION_HASH_SQL}, a.call_key
+                           FROM annotations a JOIN passages p USING (passage_id)
+                           WHERE a.status = 'accepted' {where}""", params or []).fetchall()
+    return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
+
+
+def current_critiques(con) -> dict[tuple[str, str, str, int], str]:
+    """(item, annotator, critic, generation) -> content hash of each valid critique now."""
+    rows = con.execute(f"""SELECT c.passage_id, c.annotator, c.critic, c.generation, {CRITIQUE_HASH_SQL}
+                           FROM critiques c JOIN passages p USING (passage_id)
+                           JOIN annotations a ON a.generation = c.generation AND a.passage_id = c.passage_id
+                                             AND a.annotator = c.annotator
+                           WHERE c.status = 'accepted'""").fetchall()
+    return {tuple(r[:4]): r[4] for r in rows}
+
+
+def _current_hash(row: dict, now: str | None) -> str | None:
+    """The hash a person's verdict is stored with: the text's hash now, if the row's own (what
+    they read) matches it; a row without one (a hand-made file) is taken to judge the text now."""
+    seen = str(row.get("content_hash") or "").strip()
+    if seen and now and seen != now:
+        raise StaleContent(CHANGED)
+    return now
+
+
+def parse_human_row(row: dict, auditor: str, known: dict[tuple[str, str, int], tuple[str, str | None]]) -> AuditRow:
     verdict, generation = _verdict_and_generation(row, ("item", "annotator"), ("pass", "fail"))
     try:
         wrong = _as_list(row.get("wrong_claims"), int)
@@ -522,21 +569,25 @@ def parse_human_row(row: dict, auditor: str, known: set[tuple[str, str, int]]) -
     key = (str(row["item"]).strip(), str(row["annotator"]).strip(), generation)
     if key not in known:
         raise ValueError(f"no accepted annotation {key[0]} by {key[1]} in generation {generation}")
+    now, call_key = known[key]
+    content_hash = _current_hash(row, now)
     verdict_record = {"verdict": verdict, "reasons": _as_list(row.get("reasons"), str), "wrong_claims": sorted(set(wrong))}
     check_against_schema(verdict_record)
     return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, verdict_record["reasons"],
-                    verdict_record["wrong_claims"], float(verdict == "pass"))
+                    verdict_record["wrong_claims"], float(verdict == "pass"), content_hash, call_key)
 
 
-def parse_human_critique_row(row: dict, auditor: str, known: set[tuple[str, str, str, int]]) -> CritiqueAuditRow:
+def parse_human_critique_row(row: dict, auditor: str, known: dict[tuple[str, str, str, int], str]) -> CritiqueAuditRow:
     verdict, generation = _verdict_and_generation(row, ("item", "annotator", "critic"), ("right", "wrong"),
                                                   " (was the critique right?)")
     key = (str(row["item"]).strip(), str(row["annotator"]).strip(), str(row["critic"]).strip(), generation)
     if key not in known:
         raise ValueError(f"no valid critique of {key[0]} by {key[1]} from {key[2]} in generation {generation}")
+    content_hash = _current_hash(row, known[key])
     record = {"reasons": _as_list(row.get("reasons"), str), "verdict": verdict}
     check_against_schema(record, "critique_audit")
-    return CritiqueAuditRow(*key[:3], generation, auditor, "human", verdict, record["reasons"], float(verdict == "right"))
+    return CritiqueAuditRow(*key[:3], generation, auditor, "human", verdict, record["reasons"], float(verdict == "right"),
+                            content_hash)
 
 
 def check_against_schema(verdict: dict, schema: str = "audit") -> None:
@@ -577,13 +628,11 @@ def refuse_model_names(con, people: list[str], cfg: RatchetConfig | None = None)
 
 def import_verdicts(con, path: Path, auditor: str, cfg: RatchetConfig | None = None) -> tuple[int, list[str]]:
     """Read a reviewed export back: annotation verdicts (pass/fail) and, in a row with a critic,
-    critique verdicts (right/wrong). Good rows are stored; bad ones come back as 'line N: why'.
+    critique verdicts (right/wrong). Good rows are stored; bad ones come back as 'line N: why',
+    among them a row whose content_hash (what the export showed) no longer matches the text.
     An auditor named like a model is refused (refuse_model_names)."""
     refuse_model_names(con, [auditor], cfg)
-    known = {(r[0], r[1], r[2]) for r in con.execute(
-        "SELECT passage_id, annotator, generation FROM annotations WHERE status = 'accepted'").fetchall()}
-    known_critiques = {tuple(r) for r in con.execute(
-        "SELECT passage_id, annotator, critic, generation FROM critiques WHERE status = 'accepted'").fetchall()}
+    known, known_critiques = current_annotations(con), current_critiques(con)
     good: dict[int, list[AuditRow]] = {}
     critiques: dict[int, list[CritiqueAuditRow]] = {}
     problems = []
@@ -638,9 +687,9 @@ class Audit(Stage):
         reputation = update_reputation(ctx.con, g)
         record = update_critic_reputation(ctx.con, g)
         vote_weight = stage_weights(ctx, g + 1)  # what the next generation's votes weigh
-        audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits "
+        audits, passes = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits_current "
                                          "WHERE generation = ?", [g]).fetchone()
-        judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits "
+        judged, right = ctx.con.execute("SELECT count(*), count(*) FILTER (verdict = 'right') FROM critique_audits_current "
                                         "WHERE generation = ?", [g]).fetchone()
         return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
                           "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,

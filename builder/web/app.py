@@ -32,8 +32,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..prompts import Prompts
-from ..stages.audit import (AUDITS, load_secret, parse_human_row, refresh_reputations, refuse_model_names,
-                            store_audits, withdraw_audit)
+from ..stages.audit import (AUDITS, StaleContent, current_annotations, load_secret, parse_human_row,
+                            refresh_reputations, refuse_model_names, sampled_items, store_audits, withdraw_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
 from .origin import CheckHost, OriginPolicy
 from .queue import AuditorQueue, Key, assign, load_sample
@@ -41,6 +41,10 @@ from .stats import ratchet_plot, ratchet_rows, stats
 
 HERE = Path(__file__).parent
 BUSY = "The workspace is busy (a build is writing it). Nothing was lost; try again in a moment."
+CHANGED = ("This reflection changed since the page loaded it (the workspace was rebuilt): your verdict was not saved. "
+           "Here is the text as it is now; please judge it again.")
+GONE = ("This reflection is no longer in the audit sample (a rebuild rejected or removed it): your verdict was not "
+        "saved. Go on with the next item.")
 log = logging.getLogger("ratchet.audit_page")
 REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
                 "not about this passage")
@@ -73,6 +77,11 @@ class AuditServer:
         self.ws, self.config = ws, config
         self.generation = config.generation
         secret = load_secret(ws.root)
+        try:  # a workspace an older builder made gets today's tables and views (stale verdicts) now
+            with ws.lock():
+                ws.connect().close()
+        except (WorkspaceError, duckdb.Error):
+            pass  # a build is writing: it brings them itself
         con = ws.connect(read_only=True)
         try:
             refuse_model_names(con, list(config.auditors), ws.config)
@@ -146,8 +155,9 @@ class AuditServer:
         return x
 
     def done(self, con, session: AuditorQueue) -> dict[Key, str]:
-        """This auditor's verdict on each item of their queue that has one."""
-        rows = con.execute("SELECT item, annotator, verdict FROM audits WHERE generation = ? AND auditor = ? "
+        """This auditor's verdict on each item of their queue that has a current one (a verdict on
+        text a rebuild has changed since is stale: the item is offered again)."""
+        rows = con.execute("SELECT item, annotator, verdict FROM audits_current WHERE generation = ? AND auditor = ? "
                            "AND auditor_kind = 'human'", [self.generation, session.auditor]).fetchall()
         return {(item, annotator): v for item, annotator, v in rows if (item, annotator) in session.by_key}
 
@@ -186,6 +196,12 @@ class AuditServer:
         x = self.item_of(request, session)
         with self.db(write=False) as con:
             done = self.done(con, session)
+            now = sampled_items(con, [(x.item, x.annotator)], self.generation)
+        if not now:
+            session.drop((x.item, x.annotator))
+            raise Refused(409, GONE)
+        if now[0].content_hash != x.content_hash:  # a rebuild since the page loaded: show the text as it is now
+            session.replace(x := now[0])
         i = session.position(x)
         neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
         return self.page(request, "item.html", status, id=session.opaque(x), passage=x.passage,
@@ -203,18 +219,31 @@ class AuditServer:
         codes = [c for c in form.getlist("codes") if c in REASON_CODES]
         text = str(form.get("reason", "")).strip()
         reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
-        row = {"item": x.item, "annotator": x.annotator, "generation": self.generation,
+        row = {"item": x.item, "annotator": x.annotator, "generation": self.generation, "content_hash": x.content_hash,
                "verdict": str(form.get("verdict", "")), "reasons": reasons, "wrong_claims": form.getlist("claims")}
-        try:
-            audit = parse_human_row(row, session.auditor, {(x.item, x.annotator, self.generation)})
-        except ValueError as exc:
-            return self.item(request, error=str(exc), status=400)
+        key = (x.item, x.annotator, self.generation)
         with self.db(write=True) as con:
-            previous = AUDITS.read(con, "item = ? AND annotator = ? AND generation = ? AND auditor = ? AND "
-                                        "auditor_kind = 'human'", [x.item, x.annotator, self.generation, session.auditor])
-            with transaction(con):
-                store_audits(con, self.generation, [audit])
-                refresh_reputations(con, self.generation)
+            # checked against the text now, under the lock: a rebuild since the page loaded may have changed it
+            now = current_annotations(con, "AND a.passage_id = ? AND a.annotator = ? AND a.generation = ?", list(key))
+            if key not in now:
+                session.drop(key[:2])
+                raise Refused(409, GONE)
+            try:
+                audit = parse_human_row(row, session.auditor, now)
+            except StaleContent:  # show the text as it is now, under the same opaque id
+                session.replace(sampled_items(con, [key[:2]], self.generation)[0])
+                error, status = CHANGED, 409
+            except ValueError as exc:
+                error, status = str(exc), 400
+            else:
+                previous = AUDITS.read(con, "item = ? AND annotator = ? AND generation = ? AND auditor = ? AND "
+                                            "auditor_kind = 'human'", list(key) + [session.auditor])
+                with transaction(con):
+                    store_audits(con, self.generation, [audit])
+                    refresh_reputations(con, self.generation)
+                error = None
+        if error is not None:  # rendered once the connection is closed: item() opens its own
+            return self.item(request, error=error, status=status)
         session.history.append(((x.item, x.annotator), previous[0] if previous else None))
         session.skipped.discard((x.item, x.annotator))
         return RedirectResponse("/queue", status_code=303)

@@ -58,6 +58,18 @@ class AuditorQueue:
         self.by_id = {self.opaque(x): x for x in self.items}
         self.by_key = {(x.item, x.annotator): x for x in self.items}
 
+    def replace(self, x: SampledItem) -> None:
+        """The item as it reads now (a rebuild changed it): same place, same opaque id."""
+        old = self.by_key[(x.item, x.annotator)]
+        self.items[self.items.index(old)] = x
+        self.__post_init__()
+
+    def drop(self, key: Key) -> None:
+        """An item a rebuild took out of the sample."""
+        self.items = [x for x in self.items if (x.item, x.annotator) != key]
+        self.skipped.discard(key)
+        self.__post_init__()
+
     def opaque(self, x: SampledItem) -> str:
         return hmac.new(self._salt, f"{x.item}\x1f{x.annotator}".encode(), hashlib.sha256).hexdigest()[:20]
 

@@ -45,10 +45,10 @@ def stats(con, generation: int) -> dict:
                                 "model_too_strict FROM audit_model_vs_human WHERE generation = ?", [generation])
     by_kind = _rows(con, "SELECT auditor_kind, audits, passes, pass_rate FROM audit_pass_rate_by_generation "
                          "WHERE generation = ?", [generation])
-    model_human = con.execute("""SELECT m.verdict, h.verdict FROM audits m JOIN audits h USING (item, annotator, generation)
+    model_human = con.execute("""SELECT m.verdict, h.verdict FROM audits_current m JOIN audits_current h USING (item, annotator, generation)
                                  WHERE generation = ? AND m.auditor_kind = 'model' AND h.auditor_kind = 'human'""",
                               [generation]).fetchall()
-    human_human = con.execute("""SELECT a.verdict, b.verdict FROM audits a JOIN audits b USING (item, annotator, generation)
+    human_human = con.execute("""SELECT a.verdict, b.verdict FROM audits_current a JOIN audits_current b USING (item, annotator, generation)
                                  WHERE generation = ? AND a.auditor_kind = 'human' AND b.auditor_kind = 'human'
                                    AND a.auditor < b.auditor""", [generation]).fetchall()
     # Reputation before people reviewed (model audits only) and after (every audit): the same
@@ -57,7 +57,10 @@ def stats(con, generation: int) -> dict:
     after = reputation_means(con, generation, KINDS)
     reputation = [{"annotator": a, "before": round(before.get(a, 0.5), 3), "after": round(m, 3)}
                   for a, m in sorted(after.items())]
-    return {"by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind, "model_vs_human": model_vs_human,
+    # verdicts on text a rebuild has changed since: left out of every figure above, counted here
+    stale = con.execute("SELECT count(*) FILTER (auditor_kind = 'human'), count(*) FROM audits_stale "
+                        "WHERE generation = ?", [generation]).fetchone()
+    return {"stale": {"human": stale[0], "all": stale[1]}, "by_annotator": by_annotator, "by_family": by_family, "by_kind": by_kind, "model_vs_human": model_vs_human,
             "model_human": {"n": len(model_human), "kappa": kappa(model_human),
                             "agree": sum(a == b for a, b in model_human)},
             "human_human": {"n": len(human_human), "kappa": kappa(human_human),

@@ -1,4 +1,5 @@
 """The secret sample, human audit import, reputation and the documented views (no model)."""
+import csv
 import json
 import os
 import stat
@@ -6,8 +7,8 @@ import stat
 import duckdb
 import pytest
 
-from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, import_verdicts, is_selected, load_secret,
-                           sample, store_audits, update_reputation)
+from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, current_annotations, export_sample,
+                                  import_verdicts, is_selected, load_secret, sample, store_audits, update_reputation)
 from builder.config import RatchetConfig
 from builder.workspace import create_schema
 
@@ -185,3 +186,48 @@ def test_a_person_named_like_a_model_is_refused_and_nothing_is_stored(tmp_path, 
         import_verdicts(con, f, name, cfg)
     assert con.execute("SELECT auditor, verdict FROM audits").fetchall() == [("gemma3-auditor", "pass")]
     assert import_verdicts(con, f, "ana", cfg) == (1, [])
+
+
+def test_a_verdict_on_text_a_rebuild_changed_is_refused_on_import_and_no_longer_counts(tmp_path):
+    """#31.1: every verdict keeps the hash of the text it judged. The export carries it; after
+    a rebuild changes an annotation, importing that export refuses the changed row (naming its
+    line) and keeps the others, and a verdict stored before the change is stale: out of the
+    reputation and the pass-rate views, counted in audits_stale."""
+    con = db_with_annotations(4)
+    export = tmp_path / "review.csv"
+    assert export_sample(con, SECRET, 1, 1.0, export) == 4
+    store_audits(con, 1, [AuditRow("p001", "smollm2", 1, "ana", "human", "fail", [], [], 0.0,
+                                   current_annotations(con)[("p001", "smollm2", 1)][0])])
+    update_reputation(con, 1)
+    before = con.execute("SELECT passes, fails FROM reputation WHERE annotator = 'smollm2'").fetchone()
+    assert before == (0, 1)
+    # a rebuild rewrites two reflections: p000 and p001 (which ana has judged already)
+    con.execute("UPDATE annotations SET record = '{\"claims\": [], \"reflection\": \"rewritten\"}' "
+                "WHERE passage_id IN ('p000', 'p001')")
+    rows = list(csv.DictReader(export.open(encoding="utf-8")))
+    assert all(len(r["content_hash"]) == 64 for r in rows)
+    for r in rows:
+        r["verdict"] = "pass"
+    with export.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    imported, problems = import_verdicts(con, export, "bea")
+    assert imported == 2 and len(problems) == 2
+    assert all("text changed since it was exported" in p and p.startswith(f"{export}:") for p in problems)
+    lines = sorted(int(p.split(":")[1].split()[0]) for p in problems)  # each named by its line
+    assert lines == sorted([r["item"] for r in rows].index(i) + 2 for i in ("p000", "p001"))
+    assert con.execute("SELECT item FROM audits WHERE auditor = 'bea' ORDER BY item").fetchall() == [("p002",), ("p003",)]
+    # ana's verdict on the old p001 is stale: kept for the record, counted nowhere
+    assert con.execute("SELECT auditor, item FROM audits_stale").fetchall() == [("ana", "p001")]
+    assert con.execute("SELECT count(*) FROM audits_current WHERE auditor = 'ana'").fetchone() == (0,)
+    assert con.execute("SELECT passes, fails FROM reputation WHERE annotator = 'smollm2' AND generation = 1"
+                       ).fetchone() == (2, 0)
+    assert con.execute("SELECT audits FROM audit_pass_rate_by_annotator").fetchall() == [(2,)]
+    # a verdict stored before hashes (NULL) still counts, and a file without the column judges the text now
+    store_audits(con, 1, [AuditRow("p002", "smollm2", 1, "old", "human", "fail", [], [], 0.0)])
+    plain = tmp_path / "plain.csv"
+    plain.write_text("item,annotator,generation,verdict\np001,smollm2,1,fail\n", encoding="utf-8")
+    assert import_verdicts(con, plain, "cid") == (1, [])
+    assert con.execute("SELECT auditor FROM audits_current WHERE verdict = 'fail' ORDER BY auditor").fetchall() == [
+        ("cid",), ("old",)]

@@ -394,6 +394,61 @@ def test_only_the_statistics_button_ends_a_sessions_verdicts(ws, serve):
     assert closed.status_code == 403 and "no longer blind" in closed.text
 
 
+def test_a_verdict_on_a_reflection_rebuilt_since_the_page_loaded_is_refused_and_shown_anew(ws, serve):
+    """#31.1: the page loads its sample once; a rebuild then changes a reflection. A verdict on
+    the old text stores nothing (409) and the page shows the text as it is now, under the same id;
+    a verdict given before the change is stale (not done, not counted) and the item comes back;
+    an item the rebuild rejected leaves the queue. Changes are made in SQL, as `build --overwrite`
+    would rewrite the rows, so that the test knows which text changed."""
+    server = serve(auditors=("ana",))
+    client = session(server)
+    origin = {"Origin": server.base}
+    first = client.get("/queue").headers["location"]
+    page = client.get(first)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    assert client.post(first + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin).status_code == 303
+    second = client.get("/queue").headers["location"]
+    shown = client.get(second).text
+    keys = sample_keys(ws)
+    text = next(t for t in keys if html_text(t) in shown)
+    first_key = next(k for t, k in keys.items() if html_text(t) in page.text)
+    con = ws.connect()
+    con.execute("UPDATE annotations SET record = json_merge_patch(record, '{\"reflection\": \"Rewritten by a rebuild.\"}') "
+                "WHERE generation = 1 AND passage_id = ? AND annotator = ?", list(keys[text]))
+    con.execute("UPDATE annotations SET record = json_merge_patch(record, '{\"reflection\": \"Also rewritten.\"}') "
+                "WHERE generation = 1 AND passage_id = ? AND annotator = ?", list(first_key))
+    con.close()
+    refused = client.post(second + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "judged the old text"},
+                          headers=origin)
+    assert refused.status_code == 409 and "changed since the page loaded it" in refused.text
+    assert "Rewritten by a rebuild." in refused.text and "Rewritten by a rebuild." in client.get(second).text
+    assert [a[:4] for a in human_audits(ws, "ana")] == [(*first_key, "ana", "pass")]  # nothing stored for it
+    # the verdict on the first item judged text that is gone: stale, so the item is open again
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT item, annotator FROM audits_stale WHERE auditor = 'ana'").fetchall() == [first_key]
+    con.close()
+    assert client.post(second + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin).status_code == 303
+    assert client.get("/queue").headers["location"] == first  # offered again, as it reads now
+    assert "Also rewritten." in client.get(first).text
+    # a reflection the rebuild rejected leaves the queue
+    con = ws.connect()
+    con.execute("UPDATE annotations SET status = 'rejected' WHERE generation = 1 AND passage_id = ? AND annotator = ?",
+                list(first_key))
+    con.close()
+    total = len(server.server.queues["ana"])
+    gone = client.post(first + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin)
+    assert gone.status_code == 409 and "no longer in the audit sample" in gone.text
+    assert client.get(first).status_code == 404
+    assert f"/ {total - 1}" in client.get(client.get("/queue").headers["location"]).text
+
+
+def html_text(text: str) -> str:
+    """Text as the page's templates escape it (Jinja2 autoescape: markupsafe)."""
+    from markupsafe import escape
+
+    return str(escape(text))
+
+
 def test_a_slow_request_does_not_stall_another_auditor(ws, serve, monkeypatch):
     """Handlers run off the event loop: while the admin's plot takes two seconds to draw, an
     auditor's next item still comes (before, every handler ran on the loop, one at a time)."""
