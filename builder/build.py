@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .compile import Compile
 from .config import ConfigError, RatchetConfig
@@ -29,8 +30,10 @@ from .stages.converge import Converge
 from .stages.ingest import Ingest
 from .stages.ratchet import Ratchet
 from .stages.scrutinize import Scrutinize
-from .tables import Json, Table
-from .workspace import Workspace, transaction
+from .tables import Json, Table, transaction
+
+if TYPE_CHECKING:  # the workspace is above the pipeline: it creates the tables the stages declare
+    from .workspace import Workspace
 
 # The build, in order. Consent sees the converged reflections and the conscience's DPO pairs;
 # the ratchet sees what consent let through; the audit comes after everything published is
@@ -217,7 +220,7 @@ def dry_run(ws: Workspace, corpus: str | None = None, progress=None) -> dict:
     try:
         shutil.copy2(ws.config_path, root / ws.config_path.name)
         create_secret(root)
-        summary = run_build(Workspace(root), config=dry, progress=progress, executor_kind="local")
+        summary = run_build(type(ws)(root), config=dry, progress=progress, executor_kind="local")
         summary.update(dry_run=True, compiled="written to a throwaway copy of the workspace, then deleted")
         return summary
     finally:

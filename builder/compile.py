@@ -13,6 +13,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import polars as pl
@@ -24,7 +25,9 @@ from .prompts import Prompts
 from .resources import CARDS_DIR, SCHEMAS_DIR
 from .stages.audit import REPUTATION_SQL
 from .stages.base import BuildContext, Stage
-from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema([

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .backends import make_backend, registry
 from .backends.base import Request
@@ -26,8 +27,10 @@ from .models import ModelNotFound
 from .prompts import Prompts
 from .resources import EXAMPLES_DIR
 from .stages.conscience import LABELS, Item, judge, load_framework, load_items
-from .tables import Table
-from .workspace import Workspace, transaction
+from .tables import Table, transaction
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 HELD_OUT = {"split": "heldout"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 from datetime import datetime
 import types
 import typing
@@ -140,8 +141,6 @@ class Table:
 
     def replace_generation(self, con, generation: int, rows: list, on_conflict: str | None = None) -> None:
         """Replace one generation's rows in one transaction."""
-        from .workspace import transaction
-
         with transaction(con):
             con.execute(f"DELETE FROM {self.name} WHERE generation = ?", [generation])
             self.insert(con, rows, on_conflict)
@@ -162,3 +161,21 @@ class Table:
 
 def schema_sql(tables=None) -> str:
     return "\n".join(t.create_sql() for t in (tables or REGISTRY.values()))
+
+
+@contextmanager
+def transaction(con):
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
+    con.execute("BEGIN")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def insert_rows(con, sql: str, rows: list) -> None:
+    """executemany that accepts no rows (DuckDB's refuses an empty list)."""
+    if rows:
+        con.executemany(sql, rows)

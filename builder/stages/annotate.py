@@ -10,8 +10,7 @@ from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
 from ..structured import Outcome
-from ..tables import Json, Table, doc
-from ..workspace import transaction
+from ..tables import Json, Table, doc, transaction
 from .base import BuildContext, ModelTask, Sampling, Stage, run_task
 
 

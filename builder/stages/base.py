@@ -43,6 +43,11 @@ Item = TypeVar("Item")
 Row = TypeVar("Row")
 
 
+class RatchetError(Exception):
+    """A generation that cannot be built as asked (no parent, a panel that changed). Here, below
+    every stage, because more than one raises it (ingest and the ratchet)."""
+
+
 # ---------------------------------------------------------------- model tasks
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..corpus import IngestReport, Passage, ingest
-from ..tables import Table, doc
-from ..workspace import transaction
-from .base import BuildContext, Stage
-from .ratchet import RatchetError
+from ..tables import Table, doc, transaction
+from .base import BuildContext, RatchetError, Stage
 
 PASSAGES = Table("passages", Passage, key=("passage_id",), extra=("added_at TIMESTAMP DEFAULT current_timestamp",),
                  doc="every passage ever ingested; passage_id = sha256 of the normalised text, 16 hex digits")

@@ -30,16 +30,12 @@ from ..ensemble import Ensemble, Member
 from ..prompts import Prompts
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, RatchetError, Sampling, Stage, run_task
 from .. import verifier
 from ..verifier import GroundingVerifier
 from .scrutinize import (PRIOR_WEIGHT, VERDICT_POINTS, CritiqueTask, Task, content_free_record, model_hash,
                          stage_weights, verifier_row)
 
-
-
-class RatchetError(Exception):
-    """A generation that cannot be built as asked (no parent, a panel that changed)."""
 
 
 @dataclass

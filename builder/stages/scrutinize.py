@@ -12,6 +12,7 @@ from ..resources import load_schema
 from ..structured import Outcome
 from ..tables import Json, Table, doc
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
+from .reputation import KINDS, critic_record_counts, critic_record_means
 
 PRIOR_WEIGHT = 0.5  # mean of Beta(1, 1): a member never audited, no evidence either way
 
@@ -163,8 +164,6 @@ def vote_weights(con, generation: int, source: str = "validity",
     Audits of earlier generations only: this generation's audit sample is secret, and nothing
     published may depend on which items it holds. A member's record as an annotator does not
     weigh its votes: writing well and judging well are different skills."""
-    from .audit import KINDS, critic_record_counts, critic_record_means
-
     audited = generation > 1 and source != "prior"
     if source != "validity":
         return critic_record_means(con, generation - 1, KINDS if source == "audits" else ["human"]) if audited else {}
