@@ -46,6 +46,7 @@ CHANGED = ("This reflection changed since the page loaded it (the workspace was 
 GONE = ("This reflection is no longer in the audit sample (a rebuild rejected or removed it): your verdict was not "
         "saved. Go on with the next item.")
 log = logging.getLogger("ratchet.audit_page")
+REASON_LENGTH = (3, 120)  # schemas/audit.schema.json: reasons[].minLength / maxLength
 REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
                 "not about this passage")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -191,7 +192,7 @@ class AuditServer:
                              can_undo=bool(session.history))
         return RedirectResponse(f"/item/{session.opaque(nxt)}", status_code=303)
 
-    def item(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+    def item(self, request: Request) -> Response:
         session = self.session(request)
         x = self.item_of(request, session)
         with self.db(write=False) as con:
@@ -204,7 +205,10 @@ class AuditServer:
             session.replace(x := now[0])
         i = session.position(x)
         neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
-        return self.page(request, "item.html", status, id=session.opaque(x), passage=x.passage,
+        draft = session.drafts.get((x.item, x.annotator), {})
+        error = draft.pop("error", None)  # a refusal is said once; the ticks and text stay until a verdict
+        return self.page(request, "item.html", id=session.opaque(x), passage=x.passage, draft=draft,
+                         reason_length=REASON_LENGTH,
                          reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
                          done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
                          previous=done.get((x.item, x.annotator)), prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
@@ -218,9 +222,23 @@ class AuditServer:
         x = self.item_of(request, session)
         codes = [c for c in form.getlist("codes") if c in REASON_CODES]
         text = str(form.get("reason", "")).strip()
+        claims = form.getlist("claims")
+        verdict = str(form.get("verdict", ""))
+
+        def refused(why: str) -> Response:
+            """Post/Redirect/Get: the form is kept as a draft (the reason cut to its longest: a huge
+            one is not echoed back) and the item's page says why; a reload resubmits nothing."""
+            ticks = [] if why == CHANGED else claims  # the claims may be others now
+            session.drafts[(x.item, x.annotator)] = {"claims": ticks, "codes": codes, "error": why,
+                                                     "reason": text[:REASON_LENGTH[1]]}
+            return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
+
+        problem = form_problem(verdict, claims, text, len(x.record["claims"]))
+        if problem:
+            return refused(problem)
         reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
         row = {"item": x.item, "annotator": x.annotator, "generation": self.generation, "content_hash": x.content_hash,
-               "verdict": str(form.get("verdict", "")), "reasons": reasons, "wrong_claims": form.getlist("claims")}
+               "verdict": verdict, "reasons": reasons, "wrong_claims": claims}
         key = (x.item, x.annotator, self.generation)
         with self.db(write=True) as con:
             # checked against the text now, under the lock: a rebuild since the page loaded may have changed it
@@ -232,9 +250,9 @@ class AuditServer:
                 audit = parse_human_row(row, session.auditor, now)
             except StaleContent:  # show the text as it is now, under the same opaque id
                 session.replace(sampled_items(con, [key[:2]], self.generation)[0])
-                error, status = CHANGED, 409
-            except ValueError as exc:
-                error, status = str(exc), 400
+                error = CHANGED
+            except ValueError as exc:  # what form_problem does not foresee: the audit schema's words
+                error = str(exc)
             else:
                 previous = AUDITS.read(con, "item = ? AND annotator = ? AND generation = ? AND auditor = ? AND "
                                             "auditor_kind = 'human'", list(key) + [session.auditor])
@@ -242,10 +260,11 @@ class AuditServer:
                     store_audits(con, self.generation, [audit])
                     refresh_reputations(con, self.generation)
                 error = None
-        if error is not None:  # rendered once the connection is closed: item() opens its own
-            return self.item(request, error=error, status=status)
+        if error is not None:
+            return refused(error)
         session.history.append(((x.item, x.annotator), previous[0] if previous else None))
         session.skipped.discard((x.item, x.annotator))
+        session.drafts.pop((x.item, x.annotator), None)
         return RedirectResponse("/queue", status_code=303)
 
     async def skip(self, request: Request) -> Response:
@@ -336,6 +355,22 @@ class AuditServer:
         middleware = [Middleware(CheckHost, policy=self.policy),
                       Middleware(SecurityHeaders)]
         return Starlette(routes=routes, middleware=middleware)
+
+
+def form_problem(verdict: str, claims: list[str], reason: str, n_claims: int) -> str | None:
+    """What is wrong with a submitted verdict, in the auditor's words (the audit schema still
+    checks what passes here, as it checks `ratchet audit import`)."""
+    low, high = REASON_LENGTH
+    if verdict not in ("pass", "fail"):
+        return "Choose Pass or Fail."
+    if reason and not low <= len(reason) <= high:
+        cut = f" (shown here cut to the first {high})" if len(reason) > high else ""
+        return f"A reason is {low} to {high} characters; yours has {len(reason)}{cut}."
+    if not all(c.isascii() and c.isdigit() and 1 <= int(c) <= n_claims for c in claims):
+        return f"Wrong claims are numbered 1 to {n_claims}."
+    if verdict == "pass" and claims:
+        return "A pass names no wrong claim: untick the claims or choose Fail."
+    return None
 
 
 class SecurityHeaders:

@@ -53,6 +53,9 @@ class AuditorQueue:
     # verdicts submitted in this session, for undo: the item and the verdict it replaced (or None)
     history: list[tuple[Key, object]] = field(default_factory=list)
     saw_stats: bool = False
+    # a refused verdict's form as the auditor left it (ticks, codes, reason) and why, shown once
+    # on the item's page (Post/Redirect/Get: a reload resubmits nothing)
+    drafts: dict[Key, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         self.by_id = {self.opaque(x): x for x in self.items}

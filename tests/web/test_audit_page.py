@@ -355,14 +355,15 @@ def test_tokens_cookie_host_csrf_and_origin(ws, serve):
     # A verdict that breaks the audit schema is refused with the reason, and nothing is stored.
     item2 = client.get("/queue").headers["location"]
     bad = client.post(item2 + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "no"}, headers=good_origin)
-    assert bad.status_code == 400 and "is too short" in bad.text
+    assert bad.status_code == 303 and bad.headers["location"] == item2  # Post/Redirect/Get: a reload posts nothing
+    assert "A reason is 3 to 120 characters; yours has 2." in client.get(item2).text
     assert len(human_audits(ws, "ana")) == 1
     # Input that is not what the form sends is refused, not a server error.
     odd = [client.post(item2 + "/verdict", data={"verdict": "fail", "csrf": csrf, "claims": "\u00b2"}, headers=good_origin),
            client.post(item2 + "/verdict", data={"verdict": "maybe", "csrf": csrf}, headers=good_origin),
            client.post(item2 + "/verdict", data={"verdict": "pass", "csrf": "\u00e9"}, headers=good_origin),
            client.get("/start?token=%C3%A9")]
-    assert [r.status_code for r in odd] == [400, 400, 403, 403]
+    assert [r.status_code for r in odd] == [303, 303, 403, 403] and len(human_audits(ws, "ana")) == 1
     # The statistics would unblind the queue: closed until it is done, the plot too.
     assert client.get("/stats").status_code == 403 and client.get("/stats/ratchet.png").status_code == 403
     # A link preview (HEAD) does not use up a start token.
@@ -420,8 +421,9 @@ def test_a_verdict_on_a_reflection_rebuilt_since_the_page_loaded_is_refused_and_
     con.close()
     refused = client.post(second + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "judged the old text"},
                           headers=origin)
-    assert refused.status_code == 409 and "changed since the page loaded it" in refused.text
-    assert "Rewritten by a rebuild." in refused.text and "Rewritten by a rebuild." in client.get(second).text
+    assert refused.status_code == 303 and refused.headers["location"] == second
+    again = client.get(second).text
+    assert "changed since the page loaded it" in again and "Rewritten by a rebuild." in again
     assert [a[:4] for a in human_audits(ws, "ana")] == [(*first_key, "ana", "pass")]  # nothing stored for it
     # the verdict on the first item judged text that is gone: stale, so the item is open again
     con = ws.connect(read_only=True)
@@ -440,6 +442,41 @@ def test_a_verdict_on_a_reflection_rebuilt_since_the_page_loaded_is_refused_and_
     assert gone.status_code == 409 and "no longer in the audit sample" in gone.text
     assert client.get(first).status_code == 404
     assert f"/ {total - 1}" in client.get(client.get("/queue").headers["location"]).text
+
+
+def test_a_refused_verdict_keeps_the_form_and_says_why_in_the_auditors_words(ws, serve):
+    """#31.5: a refused verdict redirects to the item (a reload resubmits nothing), which says why
+    in plain words, once, with the ticks, codes and reason as the auditor left them; a 1 MB reason
+    is not echoed back; claim numbers are checked against the item's own claims, and a pass
+    with ticked wrong claims is refused. Nothing is stored until the verdict is right."""
+    server = serve(auditors=("ana",))
+    client = session(server)
+    origin = {"Origin": server.base}
+    item = client.get("/queue").headers["location"]
+    page = client.get(item).text
+    assert "3–120 characters" in page and 'maxlength="120"' in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    n_claims = len(re.findall(r'name="claims" value="', page))
+    huge = "x" * 1_000_000
+
+    def post(**form):
+        r = client.post(item + "/verdict", data={"csrf": csrf, **form}, headers=origin)
+        assert r.status_code == 303 and r.headers["location"] == item
+        return client.get(item).text
+
+    shown = post(verdict="fail", claims=["1"], codes=["invented claim"], reason=huge)
+    assert "yours has 1000000" in shown and len(shown) < 30_000
+    assert 'value="' + "x" * 120 + '"' in shown and "x" * 121 not in shown
+    assert re.search(r'id="claim-1"\s+checked', shown) and 'value="invented claim" checked' in shown
+    reloaded = client.get(item).text
+    assert "yours has" not in reloaded and re.search(r'id="claim-1"\s+checked', reloaded)  # said once, kept
+    assert f"numbered 1 to {n_claims}" in post(verdict="fail", claims=[str(n_claims + 1)])
+    assert "A pass names no wrong claim" in post(verdict="pass", claims=["1"])
+    assert human_audits(ws, "ana") == []
+    done = client.post(item + "/verdict", data={"csrf": csrf, "verdict": "fail", "claims": ["1"],
+                                                "reason": "misquotes the passage"}, headers=origin)
+    assert done.status_code == 303 and done.headers["location"] == "/queue"
+    assert [a[3:] for a in human_audits(ws, "ana")] == [("fail", "[1]", '["misquotes the passage"]')]
 
 
 def html_text(text: str) -> str:
