@@ -145,7 +145,7 @@ def _faithfulness(f: dict | None) -> str:
     share = f"{100 * f['verified_share']:.0f}%"
     return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
             f"{f.get('quotes_rechosen', 0)} with their quote re-chosen), dropped "
-            f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) dropped; vetoed {f['vetoed'] or 'none'}")
+            f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped; vetoed {f['vetoed'] or 'none'}")
 
 
 def _summary_table(s: dict) -> Table:

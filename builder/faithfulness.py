@@ -20,7 +20,9 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
    numbers and names. A claim that repeats a kept one word for word (after case and
    punctuation) is dropped as `repeated`: a small writer pads its list so. A reflection left
-   without a claim is vetoed.
+   without a claim is vetoed. The reflection's own prose is held to its passage too: a
+   sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
+   reflection with no sentence left is vetoed.
 3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
    few-shot example of the prompt, a run its passage does not contain, copied the example: it
    is vetoed. So is one with a word that is in neither the passage nor an English word list
@@ -112,10 +114,17 @@ def _negated(text: str) -> bool:
     return any(w in NEGATIONS or w.endswith("n't") for w in ws)
 
 
+def _bare(ws) -> set[str]:
+    """Words without a possessive: "Alliance's" names what "Alliance" does."""
+    return {w.removesuffix("'s") for w in ws}
+
+
 def _names(text: str) -> set[str]:
-    """Capitalised words after the first word (a sentence's first word is capitalised anyway)."""
+    """Capitalised words after the first word (a sentence's first word is capitalised anyway),
+    without a possessive."""
     found = _WORD.findall(unmark(text))
-    return {w.lower() for w in found[1:] if w[:1].isupper() and len(w) > 1 and w.lower() not in STOPWORDS}
+    return _bare(w.lower().replace("’", "'") for w in found[1:]
+                 if w[:1].isupper() and len(w) > 1 and w.lower() not in STOPWORDS)
 
 
 # Words a claim may use about its quote without the passage using them ("the passage states that ...").
@@ -164,7 +173,7 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     missing = _numbers(said) - set(words(evidence))
     if missing:
         return f"number not in its evidence: {sorted(missing)[0]}"
-    quote = set(words(sentence_of(evidence, passage)))
+    quote = _bare(words(sentence_of(evidence, passage)))
     names = _names(claim) - quote
     if names:
         return f"name not in its evidence: {sorted(names)[0]}"
@@ -204,7 +213,7 @@ def requote(claim: str, passage: str) -> str | None:
 def check_note(note: str, passage: str) -> str | None:
     """A note (weak reasoning, uncertainty, ethical stake, the reflection) may reason freely,
     but every number and name in it must be the passage's."""
-    have = set(words(passage))
+    have = _bare(words(passage))
     missing = _numbers(words(note)) - have
     if missing:
         return f"number not in the passage: {sorted(missing)[0]}"
@@ -323,6 +332,31 @@ class Gated:
 NOTE_FIELDS = ("weak_reasoning", "uncertainties", "ethical_stakes")
 
 
+# A reflection sentence with this many content words its passage never uses (stems, words about
+# the passage aside) says something the passage does not: "It also highlights the importance of
+# understanding and respecting human rights, especially those related to dams" of a passage on a
+# reservoir's safety. Set by reading the 26 kept reflections of a `make demo` (in-sample: 10 of
+# the 17 whose prose misreads their passage had such a sentence, none of the 9 faithful ones;
+# three words would have cut two faithful ones, and the shipped example "The club is grading its
+# own course on a handful of beginners; ... cannot show it": three): docs/faithfulness.md.
+FOREIGN_LIMIT = 4
+
+
+def foreign_words(text: str, passage: str) -> list[str]:
+    """The content words of a text that its passage never uses (by stem), words about the
+    passage and negations ("cannot": function words) aside."""
+    have = {_stem(w) for w in words(passage)}
+    return [w for w in _content(words(text)) if w not in META and w not in NEGATIONS and _stem(w) not in have]
+
+
+def borne_out(reflection: str, passage: str) -> tuple[str, int]:
+    """The reflection without its sentences that say what the passage does not (FOREIGN_LIMIT
+    words it never uses), and how many were cut."""
+    sentences = [s for s in _SENTENCE.split(reflection.strip()) if s.strip()]
+    kept = [s for s in sentences if len(foreign_words(s, passage)) < FOREIGN_LIMIT]
+    return " ".join(kept), len(sentences) - len(kept)
+
+
 def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
     """Run every gate on one annotation (see the module docstring)."""
     checks, claims, said = [], [], set()
@@ -344,13 +378,16 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
         kept = [n for n in record.get(key) or [] if check_note(n, passage) is None]
         dropped += len(record.get(key) or []) - len(kept)
         notes[key] = kept
-    cleaned = {**record, "claims": claims, **notes}
-    out = Gated(cleaned, checks, dropped)
+    reflection, cut = borne_out(record.get("reflection") or "", passage)
+    cleaned = {**record, "claims": claims, **notes, "reflection": reflection}
+    out = Gated(cleaned, checks, dropped + cut)
     if (why := echo(record, passage, runs)) is not None:
         out.veto = f"echo: shares '{why}' with a prompt example"
     elif (word := next((w for t in record_texts(cleaned) if (w := unknown_word(t, passage))), None)) is not None:
         out.veto = f"garbled: '{word}' is not a word of the passage or of English"
-    elif (why := check_note(record.get("reflection", ""), passage)) is not None:
+    elif not reflection:
+        out.veto = f"reflection: no sentence its passage bears out ({FOREIGN_LIMIT}+ words it never uses)"
+    elif (why := check_note(reflection, passage)) is not None:
         out.veto = f"reflection: {why}"
     elif not claims:
         out.veto = f"no supported claim: {checks[0]['reason'] if checks else 'none written'}"

@@ -198,3 +198,30 @@ def test_a_claim_may_use_no_content_word_its_passage_never_uses_but_words_about_
     assert f.check_claim("The bridge reopened as a temporary measure on Tuesday", quote, passage) == \
         "a word its passage never uses: temporary"
     assert f.check_claim("The transport office's figures show the bridge reopened", quote, passage) is None  # office's
+
+
+def test_a_reflection_sentence_with_words_its_passage_never_uses_is_cut_and_nothing_left_is_a_veto():
+    """The prose is held to the passage as the claims are. The invented sentence is one the
+    demo's writer wrote of a passage on a reservoir (docs/faithfulness.md); the kept one speaks of
+    the passage in its words and in words about the passage (META)."""
+    good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                 "Engineers replaced 212 steel cables")
+    faithful = "The passage says engineers replaced corroded cables, but the shop owners would give no figures."
+    invented = "It also highlights the importance of understanding and respecting human rights, especially for dams."
+    assert len(f.foreign_words(invented, BRIDGE)) >= f.FOREIGN_LIMIT > len(f.foreign_words(faithful, BRIDGE)) == 0
+    gated = f.gate(record(good, reflection=f"{faithful} {invented}"), BRIDGE, set())
+    assert gated.veto is None and gated.record["reflection"] == faithful and gated.dropped_notes == 1
+    assert f.gate(record(good, reflection=faithful), BRIDGE, set()).record["reflection"] == faithful  # untouched
+    vetoed = f.gate(record(good, reflection=invented), BRIDGE, set())
+    assert vetoed.veto.startswith("reflection: no sentence its passage bears out")
+
+
+def test_a_name_in_the_possessive_is_the_passages_name():
+    """A reflection of a demo build was vetoed for "the Alliance's" of a passage naming "the Clean
+    Motion Alliance": a possessive names what the bare word does, on either side."""
+    alliance = "Every car will be electric by 2030, the Clean Motion Alliance declared at its annual conference."
+    assert f.check_note("The Alliance's forecast rests on battery prices alone.", alliance) is None
+    assert f.check_note("The Alliance's forecast rests on Tesla's prices.", alliance).startswith("name not in")
+    assert f.check_note("The Alliance forecast it.", alliance.replace("Alliance", "Alliance's")) is None
+    assert f.check_claim("The Alliance's annual conference declared it", "the Clean Motion Alliance declared at its annual "
+                         "conference.", alliance) is None

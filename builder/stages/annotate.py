@@ -30,7 +30,8 @@ class AnnotationRow:
     claim_checks: Json | None = doc("each claim the model wrote, with its verdict (supported | dropped) and why "
                                     "(builder/faithfulness.py); the record keeps the supported ones", default=None,
                                     added=True)
-    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage", default=None, added=True)
+    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage, and reflection sentences "
+                                    "cut for words it never uses (faithfulness.borne_out)", default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))

@@ -60,6 +60,8 @@ def test_every_kept_claim_quotes_its_passage_verbatim_and_says_what_the_quote_sa
         for note in [*record["weak_reasoning"], *record["uncertainties"], *record["ethical_stakes"],
                      record["reflection"]]:
             assert f.check_note(note, passage) is None
+        for sentence in f._SENTENCE.split(record["reflection"]):  # the prose too: nothing the passage never says
+            assert len(f.foreign_words(sentence, passage)) < f.FOREIGN_LIMIT, sentence
 
 
 def test_every_claim_the_model_wrote_is_recorded_with_its_verdict(qwen_build):
