@@ -303,6 +303,9 @@ def model_audit_critiques(con, keys: list[tuple[str, str, str]], generation: int
 
 def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
     AUDITS.insert(con, rows, on_conflict="replace")
+    # a replaced verdict's time is the new one's (INSERT OR REPLACE leaves a column it does not name)
+    insert_rows(con, "UPDATE audits SET audited_at = current_timestamp WHERE item = ? AND annotator = ? "
+                     "AND generation = ? AND auditor = ?", [[r.item, r.annotator, r.generation, r.auditor] for r in rows])
     insert_rows(
         con,
         "INSERT INTO audit_items VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "

@@ -188,9 +188,16 @@ class AuditServer:
             done = self.done(con, session)
         nxt = session.next_open(done)
         if nxt is None:
-            return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
-                             can_undo=bool(session.history))
+            return self.done_page(request, session, done)
         return RedirectResponse(f"/item/{session.opaque(nxt)}", status_code=303)
+
+    def done_page(self, request: Request, session: AuditorQueue, done: dict[Key, str]) -> Response:
+        """Every item with this auditor's verdict, each a link to open and change it (until the
+        statistics are opened)."""
+        items = [{"id": session.opaque(x), "number": i, "verdict": done.get((x.item, x.annotator))}
+                 for i, x in enumerate(session.items, 1)]
+        return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
+                         items=items, can_undo=bool(session.history or done))
 
     def item(self, request: Request) -> Response:
         session = self.session(request)
@@ -212,7 +219,7 @@ class AuditServer:
                          reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
                          done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
                          previous=done.get((x.item, x.annotator)), prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
-                         codes=REASON_CODES, error=error, can_undo=bool(session.history))
+                         codes=REASON_CODES, error=error, can_undo=bool(session.history or done))
 
     async def verdict(self, request: Request) -> Response:
         session, form = await self.posted(request)
@@ -280,14 +287,26 @@ class AuditServer:
         return await run_in_threadpool(self._undo, session)
 
     def _undo(self, session: AuditorQueue) -> Response:
-        if not session.history:
-            return RedirectResponse("/queue", status_code=303)
-        (item, annotator), previous = session.history[-1]
+        """This session's last verdict, the one it replaced put back; with none (a restarted
+        server, a new start link), the auditor's latest verdict in `audits` (by audited_at)."""
         with self.db(write=True) as con:
+            if session.history:
+                (item, annotator), previous = session.history[-1]
+            elif not session.by_key:
+                return RedirectResponse("/queue", status_code=303)
+            else:
+                latest = con.execute("SELECT item, annotator FROM audits_current WHERE generation = ? AND auditor = ? "
+                                     "AND auditor_kind = 'human' AND list_contains(?, [item, annotator]) "
+                                     "ORDER BY audited_at DESC LIMIT 1",
+                                     [self.generation, session.auditor, [list(k) for k in session.by_key]]).fetchone()
+                if latest is None:
+                    return RedirectResponse("/queue", status_code=303)
+                (item, annotator), previous = latest, None
             with transaction(con):
                 withdraw_audit(con, item, annotator, self.generation, session.auditor, previous)
                 refresh_reputations(con, self.generation)
-        session.history.pop()  # only once it is undone: a busy workspace (503) keeps it for the next try
+        if session.history:
+            session.history.pop()  # only once it is undone: a busy workspace (503) keeps it for the next try
         return RedirectResponse(f"/item/{session.opaque(session.by_key[(item, annotator)])}", status_code=303)
 
     def _may_see_stats(self, con, session: AuditorQueue) -> None:
@@ -301,9 +320,7 @@ class AuditServer:
         with self.db(write=False) as con:
             self._may_see_stats(con, session)
             if not (session.saw_stats or session.admin):
-                done = self.done(con, session)
-                return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
-                                 can_undo=bool(session.history))
+                return self.done_page(request, session, self.done(con, session))
             figures = stats(con, self.generation)
         return self.page(request, "stats.html", **figures)
 

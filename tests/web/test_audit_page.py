@@ -479,6 +479,39 @@ def test_a_refused_verdict_keeps_the_form_and_says_why_in_the_auditors_words(ws,
     assert [a[3:] for a in human_audits(ws, "ana")] == [("fail", "[1]", '["misquotes the passage"]')]
 
 
+def test_a_finished_queue_can_be_revisited_and_undo_outlives_a_restart(ws, serve):
+    """#31.5: the done page lists every item with its verdict; one can be opened and changed. After
+    the server restarts (a new session, no history in memory), undo takes back the auditor's latest
+    verdict from the audits table: the one changed last, not the last of the queue (a replaced
+    verdict's audited_at is the time it was replaced)."""
+    server = serve(auditors=("ana",))
+    client = session(server)
+    origin = {"Origin": server.base}
+    order = []
+    while (where := client.get("/queue")).status_code == 303:
+        order.append(where.headers["location"])
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get(order[-1]).text).group(1)
+        assert client.post(order[-1] + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin).status_code == 303
+    done = where.text
+    assert re.findall(r'<a href="(/item/[0-9a-f]+)">item \d+</a>: pass', done) == order
+    first = order[0]
+    assert "You gave this item <b>pass</b>" in client.get(first).text
+    changed = client.post(first + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "misreads it"},
+                          headers=origin)
+    assert changed.status_code == 303 and f'<a href="{first}">item 1</a>: fail' in client.get("/queue").text
+    server.stop()
+    restarted = serve(auditors=("ana",))
+    again = session(restarted)
+    page = again.get("/queue")
+    assert page.status_code == 200 and 'id="done-items"' in page.text  # the same queue, done
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    undone = again.post("/undo", data={"csrf": csrf}, headers={"Origin": restarted.base})
+    assert undone.status_code == 303
+    rows = human_audits(ws, "ana")
+    assert len(rows) == len(order) - 1 and all(verdict == "pass" for _, _, _, verdict, _, _ in rows)
+    assert again.get("/queue").headers["location"] == undone.headers["location"]  # the undone item is open again
+
+
 def html_text(text: str) -> str:
     """Text as the page's templates escape it (Jinja2 autoescape: markupsafe)."""
     from markupsafe import escape
