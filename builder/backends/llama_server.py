@@ -50,7 +50,7 @@ from .base import (Backend, Engine, EngineError, OnResponse, Request, Response, 
 from .choices import TOP_K, Step, read_decision
 from .gguf_header import read_facts
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
-from .retry import Retryable, with_retries
+from .retry import Retryable, check_status, with_retries
 
 log = logging.getLogger("ratchet.engine")
 
@@ -389,10 +389,7 @@ class LlamaServerBackend(LlamaPrompting, Backend):
             if proc.poll() is not None:
                 raise _Died() from None
             raise Retryable(f"llama-server: {type(exc).__name__}: {exc}") from None
-        if answer.status_code >= 500 or answer.status_code == 429:
-            raise Retryable(f"llama-server answered HTTP {answer.status_code}: {answer.text[:200]}")
-        if answer.status_code >= 400:
-            raise RuntimeError(f"llama-server refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+        check_status(answer, "llama-server", RuntimeError)
         try:
             data = answer.json()
             if ANSWER_CHECKS[endpoint](data):

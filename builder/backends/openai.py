@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from ..corpus import approx_tokens
 from .base import Backend, Engine, EngineConfig, OnResponse, Request, Response, as_answered, request_pool
 from .choices import TOP_K, Step, read_decision
-from .retry import Retryable, with_retries
+from .retry import Retryable, check_status, with_retries
 
 ZWSP = "\u200b"
 # ChatML / Llama 3 style <|...|>, Gemma's turn markers, SentencePiece <s> </s>, [INST].
@@ -167,10 +167,7 @@ class OpenAIBackend(Backend):
             raise Retryable(f"{self.base_url} did not answer within {self.client.timeout.read}s") from None
         except httpx.HTTPError as exc:
             raise Retryable(f"{self.base_url}: {type(exc).__name__}: {exc}") from None
-        if answer.status_code >= 500 or answer.status_code == 429:
-            raise Retryable(f"{self.base_url} answered HTTP {answer.status_code}: {answer.text[:200]}")
-        if answer.status_code >= 400:
-            raise ServerError(f"{self.base_url} refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
+        check_status(answer, self.base_url, ServerError)
         try:
             data = answer.json()
             data["choices"][0]["message"]

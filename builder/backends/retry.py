@@ -26,3 +26,12 @@ def with_retries(call: Callable[[], T], retries: int, backoff_s: float, error: t
         return retrying(call)
     except tenacity.RetryError as exc:
         raise error(f"{exc.last_attempt.exception()} (after {attempts} attempt{'s' * (attempts != 1)})") from None
+
+
+def check_status(answer, who: str, refused: type[Exception]) -> None:
+    """A server's HTTP status, read the same by every engine: 5xx and 429 are worth another try
+    (Retryable), any other 4xx is a refusal (`refused`, at once), each naming `who` answered."""
+    if answer.status_code >= 500 or answer.status_code == 429:
+        raise Retryable(f"{who} answered HTTP {answer.status_code}: {answer.text[:200]}")
+    if answer.status_code >= 400:
+        raise refused(f"{who} refused the request (HTTP {answer.status_code}): {answer.text[:300]}")
