@@ -35,6 +35,7 @@ from ..prompts import Prompts
 from ..stages.audit import (AUDITS, StaleContent, current_annotations, load_secret, parse_human_row,
                             refresh_reputations, refuse_model_names, sampled_items, store_audits, withdraw_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
+from .evidence import segments
 from .origin import CheckHost, OriginPolicy
 from .queue import AuditorQueue, Key, assign, load_sample
 from .stats import ratchet_plot, ratchet_rows, stats
@@ -214,7 +215,9 @@ class AuditServer:
         neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
         draft = session.drafts.get((x.item, x.annotator), {})
         error = draft.pop("error", None)  # a refusal is said once; the ticks and text stay until a verdict
+        marked, found = segments(x.passage, x.record["claims"])
         return self.page(request, "item.html", id=session.opaque(x), passage=x.passage, draft=draft,
+                         marked=marked, found=found,
                          reason_length=REASON_LENGTH,
                          reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
                          done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,

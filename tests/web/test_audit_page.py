@@ -3,6 +3,7 @@ page served on loopback, over a workspace made by a real `ratchet build` on Smol
 suite's shared real build, rebuilt with every annotation sampled and a passage carrying
 markup). Screenshots of the queue and the statistics go to $RATCHET_SCREENSHOTS when set
 (docs/images holds the ones the docs show)."""
+import html
 import json
 import os
 import re
@@ -411,8 +412,8 @@ def test_a_verdict_on_a_reflection_rebuilt_since_the_page_loaded_is_refused_and_
     second = client.get("/queue").headers["location"]
     shown = client.get(second).text
     keys = sample_keys(ws)
-    text = next(t for t in keys if html_text(t) in shown)
-    first_key = next(k for t, k in keys.items() if html_text(t) in page.text)
+    text = shown_passage(shown)
+    first_key = keys[shown_passage(page.text)]
     con = ws.connect()
     con.execute("UPDATE annotations SET record = json_merge_patch(record, '{\"reflection\": \"Rewritten by a rebuild.\"}') "
                 "WHERE generation = 1 AND passage_id = ? AND annotator = ?", list(keys[text]))
@@ -512,11 +513,38 @@ def test_a_finished_queue_can_be_revisited_and_undo_outlives_a_restart(ws, serve
     assert again.get("/queue").headers["location"] == undone.headers["location"]  # the undone item is open again
 
 
-def html_text(text: str) -> str:
-    """Text as the page's templates escape it (Jinja2 autoescape: markupsafe)."""
-    from markupsafe import escape
+def shown_passage(page: str) -> str:
+    """The passage an item page shows, as text (its evidence marks and escaping undone)."""
+    inner = re.search(r'<pre id="passage"[^>]*>(.*?)</pre>', page, re.S).group(1)
+    return html.unescape(re.sub(r"<[^>]+>", "", inner))
 
-    return str(escape(text))
+
+def test_each_claims_evidence_is_marked_in_the_passage_and_a_quote_it_lacks_is_said(ws, serve):
+    """#31.6: the page marks where each claim's quote stands in the passage (the text is the same,
+    only marked), and says so of a quote the passage does not hold (an older build's, or one an
+    engine could not constrain; here one claim's evidence is rewritten in SQL to make one)."""
+    keys = sample_keys(ws)
+    con = ws.connect()
+    rows = con.execute("SELECT passage_id, annotator, record FROM annotations WHERE generation = 1 "
+                       "AND status = 'accepted'").fetchall()
+    for pid, annotator, record in rows:  # every item: its first quote is its passage's first sentence
+        record = json.loads(record)
+        text = next(t for t, k in keys.items() if k == (pid, annotator))
+        record["claims"][0]["evidence"] = text.split(". ")[0]
+        if len(record["claims"]) > 1:
+            record["claims"][1]["evidence"] = "a sentence no passage of the corpus holds"
+        con.execute("UPDATE annotations SET record = ? WHERE generation = 1 AND passage_id = ? AND annotator = ?",
+                    [json.dumps(record), pid, annotator])
+    con.close()
+    server = serve(auditors=("ana",))
+    client = session(server)
+    page = client.get(client.get("/queue").headers["location"]).text
+    passage = shown_passage(page)
+    assert passage in keys  # marking changed no character
+    marked = re.findall(r'<mark class="evidence-span" title="evidence of claim ([\d, ]+)">(.*?)</mark>', page, re.S)
+    assert marked and marked[0][0].startswith("1") and passage.startswith(html.unescape(marked[0][1]))
+    claims = page.count('name="claims" value="')
+    assert page.count("not in the passage</strong>") == (1 if claims > 1 else 0)
 
 
 def test_a_slow_request_does_not_stall_another_auditor(ws, serve, monkeypatch):
