@@ -32,6 +32,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..prompts import Prompts
+from ..resources import load_schema
 from ..stages.audit import (AUDITS, StaleContent, current_annotations, load_secret, parse_human_row,
                             refresh_reputations, refuse_model_names, sampled_items, store_audits, withdraw_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
@@ -47,7 +48,8 @@ CHANGED = ("This reflection changed since the page loaded it (the workspace was 
 GONE = ("This reflection is no longer in the audit sample (a rebuild rejected or removed it): your verdict was not "
         "saved. Go on with the next item.")
 log = logging.getLogger("ratchet.audit_page")
-REASON_LENGTH = (3, 120)  # schemas/audit.schema.json: reasons[].minLength / maxLength
+_REASON = load_schema("audit")["properties"]["reasons"]["items"]
+REASON_LENGTH = (_REASON["minLength"], _REASON["maxLength"])  # the schema's, said in the form
 REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
                 "not about this passage")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -258,8 +260,7 @@ class AuditServer:
                 raise Refused(409, GONE)
             try:
                 audit = parse_human_row(row, session.auditor, now)
-            except StaleContent:  # show the text as it is now, under the same opaque id
-                session.replace(sampled_items(con, [key[:2]], self.generation)[0])
+            except StaleContent:  # the item's page shows the text as it is now (item() reloads it)
                 error = CHANGED
             except ValueError as exc:  # what form_problem does not foresee: the audit schema's words
                 error = str(exc)
