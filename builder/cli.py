@@ -148,6 +148,14 @@ def _faithfulness(f: dict | None) -> str:
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped; vetoed {f['vetoed'] or 'none'}")
 
 
+def _injection(i: dict | None) -> str:
+    """What the injection gate (builder/injection.py) found and did."""
+    if not i:
+        return "not checked"
+    return (f"{i['passages_with_orders']} passage(s) give orders; {i['vetoed']} annotation(s) vetoed for carrying one "
+            f"out, {i['kept']} kept on those passages")
+
+
 def _summary_table(s: dict) -> Table:
     table = Table(title=f"generation {s['generation']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -163,6 +171,7 @@ def _summary_table(s: dict) -> Table:
         ("annotations rejected", f"{s['rejected']} {s['rejection_reasons'] or ''}"),
         ("truncated outputs", f"{100 * s['truncation_rate']:.1f}% of {s['attempts']} attempts"),
         ("faithfulness gates", _faithfulness(s.get("faithfulness"))),
+        ("orders in passages", _injection(s.get("injection"))),
         ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
         ("engine errors", s["engine_errors"]),
         ("completion tokens", s["completion_tokens"]),

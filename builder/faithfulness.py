@@ -131,7 +131,9 @@ def _names(text: str) -> set[str]:
 META = set("""passage text claim claims evidence quote support supports supported supporting state states stated
 stating say saying show shows showed shown fact facts opinion opinions value values prediction predictions mention
 mentions mentioned report reports reported suggest suggests suggested argue argues argued directly clearly because
-true false author writer speaker provide provides provided""".split())
+true false author writer speaker provide provides provided
+asks asked instructs instructed instruction instructions tells told requests requested command commands injected
+injection demands urges""".split())  # the last two lines: words that report an order (builder/injection.py)
 
 
 def _stem(word: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .. import faithfulness
+from .. import faithfulness, injection
 from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
@@ -72,6 +72,8 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
         if not self.gates:
             return record, None, None
         gated = faithfulness.gate(record, passage.text, self.example_runs)
+        if (why := injection.carried_out(record, passage.text)) is not None:  # before any other reason
+            gated.veto = f"{injection.VETO}: {why}"
         return gated.record, gated, gated.veto
 
     def format_output(self, passage: Passage, o: Outcome) -> AnnotationRow:
@@ -102,7 +104,8 @@ class Annotate(Stage):
                                 [ctx.generation, member.name])
                 ANNOTATIONS.insert(ctx.con, rows)
         ctx.accepted = accepted_annotations(ctx.per_member)
-        return annotation_metrics([r for rows in ctx.per_member.values() for r in rows])
+        rows = [r for rows in ctx.per_member.values() for r in rows]
+        return {**annotation_metrics(rows), "injection": injection_metrics(rows, ctx.passages)}
 
 
 def annotate(passages: list[Passage], engine, prompts: Prompts, config: RatchetConfig, on_progress=None,
@@ -185,10 +188,19 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
     kept = sum(c["verdict"] == "supported" for c in checks)
     dropped = Counter(c["reason"].split(":")[0] for c in checks if c["verdict"] != "supported")
     vetoes = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected"
-                     and (r.reason or "").split(":")[0] in faithfulness.VETOES)
+                     and (r.reason or "").split(":")[0] in (*faithfulness.VETOES, injection.VETO))
     requoted = sum(c["verdict"] == "supported" and (c["reason"] or "").startswith(faithfulness.REQUOTED) for c in checks)
     return {"claims_written": len(checks), "claims_kept": kept, "claims_dropped": dict(sorted(dropped.items())),
             "quotes_rechosen": requoted,
             "verified_share": round(kept / len(checks), 4) if checks else None,
             "notes_dropped": sum(r.dropped_notes or 0 for r in rows if r.status == "accepted"),
             "vetoed": dict(sorted(vetoes.items()))}
+
+
+def injection_metrics(rows: list[AnnotationRow], passages: list[Passage]) -> dict:
+    """Passages that give orders (builder/injection.py), the annotations of them kept, and those
+    the injection gate vetoed (their last attempt carried an order out)."""
+    giving = {p.passage_id for p in passages if injection.orders(p.text)}
+    return {"passages_with_orders": len(giving),
+            "kept": sum(r.status == "accepted" and r.passage_id in giving for r in rows),
+            "vetoed": sum(r.status == "rejected" and (r.reason or "").startswith(injection.VETO) for r in rows)}
