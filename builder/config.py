@@ -61,8 +61,10 @@ class AnnotateConfig(Section):
     prompts: str = Field("", description="A folder of prompt templates that overrides the built-in prompts/.")
     gates: bool = Field(True, description="The faithfulness gates (builder/faithfulness.py, docs/faithfulness.md): "
                         "evidence restricted to the passage's own spans, claims checked against their evidence, "
-                        "echoes of a prompt example and garbled words vetoed (a veto is retried like an invalid "
-                        "answer). false: the free schema and no check, as before the gates (for comparison).")
+                        "echoes of a prompt example and garbled words vetoed, and an answer that carries out an "
+                        "order its passage gives vetoed (builder/injection.py, docs/security.md); a veto is retried "
+                        "like an invalid answer. false: the free schema and no check, as before the gates (for "
+                        "comparison).")
     claim_judge: str = Field("", description="With the gates: a model asked, claim by claim, whether the passage "
                              "supports each claim the rules kept (the grounding judge of builder/judges.py); a claim "
                              "it finds unsupported is dropped, and an annotation left without a claim is rejected. A "
