@@ -55,14 +55,23 @@ FROM audits_current a LEFT JOIN members m ON m.name = a.annotator;
     ("annotator", "annotator, generation"), ("persona", "persona, generation"),
     ("family", "family, generation"), ("generation", "generation, auditor_kind")]) + """
 CREATE OR REPLACE VIEW audit_model_vs_human AS
-SELECT generation, count(*) AS both_audited,
-       count(*) FILTER (model_verdict <> human_verdict) AS disagreements,
+-- Every (model audit, human audit) pair of one item, counted per item: the model's and the person's
+-- pass and fail counts multiply out to the pairs. Only items audit_items marks as audited by both
+-- kinds are read (a join of audits_current with itself took 1.03 s on bench/audit_sql.py's 10 M
+-- rows, grouping them all 1.05 s; this 0.53 s).
+WITH both_kinds AS (SELECT item, annotator, generation FROM audit_items WHERE by_model AND by_human),
+per_item AS (
+    SELECT generation,
+           count(*) FILTER (auditor_kind = 'model' AND verdict = 'pass') AS mp,
+           count(*) FILTER (auditor_kind = 'model' AND verdict = 'fail') AS mf,
+           count(*) FILTER (auditor_kind = 'human' AND verdict = 'pass') AS hp,
+           count(*) FILTER (auditor_kind = 'human' AND verdict = 'fail') AS hf
+    FROM audits_current JOIN both_kinds USING (item, annotator, generation) GROUP BY generation, item, annotator)
+SELECT generation, sum((mp + mf) * (hp + hf))::BIGINT AS both_audited,
+       sum(mp * hf + mf * hp)::BIGINT AS disagreements,
        round(disagreements / both_audited, 3) AS disagreement_rate,
-       count(*) FILTER (model_verdict = 'pass' AND human_verdict = 'fail') AS model_too_lenient,
-       count(*) FILTER (model_verdict = 'fail' AND human_verdict = 'pass') AS model_too_strict
-FROM (SELECT m.generation, m.verdict AS model_verdict, h.verdict AS human_verdict
-      FROM audits_current m JOIN audits_current h ON h.item = m.item AND h.annotator = m.annotator AND h.generation = m.generation
-      WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human')
+       sum(mp * hf)::BIGINT AS model_too_lenient, sum(mf * hp)::BIGINT AS model_too_strict
+FROM per_item WHERE mp + mf > 0 AND hp + hf > 0
 GROUP BY ALL ORDER BY ALL;
 
 CREATE OR REPLACE VIEW critique_audit_rate_by_critic AS

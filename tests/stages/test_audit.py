@@ -134,6 +134,29 @@ def test_import_refuses_other_file_types(tmp_path):
         import_verdicts(db_with_annotations(1), tmp_path / "x.xlsx", "a")
 
 
+def test_model_vs_human_counts_every_pair_of_a_model_and_a_human_audit():
+    """The view counts each (model audit, human audit) pair of an item, as a join of the audits with
+    themselves does; it is computed per item instead (one pass). Several auditors of each kind, random
+    verdicts: the two must agree."""
+    import random
+
+    rng = random.Random(7)
+    con = db_with_annotations(6)
+    rows = [AuditRow(f"p{i:03d}", "smollm2", 1, auditor, kind, rng.choice(["pass", "fail"]), [], [])
+            for i in range(6) for auditor, kind in [("m1", "model"), ("m2", "model"), ("h1", "human"), ("h2", "human")]
+            if rng.random() < 0.7]
+    store_audits(con, 1, rows)
+    by_join = con.execute("""
+        SELECT m.generation, count(*), count(*) FILTER (m.verdict <> h.verdict),
+               count(*) FILTER (m.verdict = 'pass' AND h.verdict = 'fail'),
+               count(*) FILTER (m.verdict = 'fail' AND h.verdict = 'pass')
+        FROM audits_current m JOIN audits_current h USING (generation, item, annotator)
+        WHERE m.auditor_kind = 'model' AND h.auditor_kind = 'human' GROUP BY ALL""").fetchall()
+    view = con.execute("SELECT generation, both_audited, disagreements, model_too_lenient, model_too_strict "
+                       "FROM audit_model_vs_human").fetchall()
+    assert view == by_join and by_join[0][1] > 6  # more pairs than items: several auditors per item
+
+
 def test_documented_views_answer_from_the_tables():
     con = db_with_annotations(4)
     store_audits(con, 1, [AuditRow(item, "smollm2", 1, auditor, kind, verdict, [], []) for item, auditor, kind, verdict in [
