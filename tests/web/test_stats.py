@@ -26,6 +26,9 @@ def test_pass_rates_keep_people_and_the_model_auditor_apart_and_the_model_is_com
         if human:
             con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
                         "VALUES (?, 'writer', 1, 'ana', 'human', ?)", [item, human])
+    # what builder.stages.audit.store_audits keeps up to date as audits arrive (these rows skip it)
+    con.execute("INSERT INTO audit_items SELECT item, annotator, generation, bool_or(auditor_kind = 'model'), "
+                "bool_or(auditor_kind = 'human') FROM audits GROUP BY ALL")
     figures = stats(con, 1)
     by = {r["audited by"]: r for r in figures["by_annotator"]}
     assert (by["human"]["audits"], by["human"]["passes"]) == (3, 1)
