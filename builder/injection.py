@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .faithfulness import _SENTENCE, _content, _normal, _stem, unmark, words
+from .faithfulness import _SENTENCE, _content, _normal, _stem, record_texts, unmark, words
 
 CHAT_TOKEN = re.compile(r"<\|[A-Za-z_]{2,24}\|>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>")
 # A turn of a chat transcript. "User:" or "Instructions:" alone is a forum post or a recipe; they
@@ -103,8 +103,12 @@ def _verbs(sentence: str) -> set[str]:
     for clause in [_strip_markup(sentence), *re.split(r"[,;:\]]\s*", sentence)[1:]]:
         clause = re.sub(r"^((then|and|also|now|just|simply|first|so|please|kindly|instead)\s+)+", "", clause.strip(),
                         flags=re.I)
-        found.add((clause.split() or [""])[0].lower().strip(",:;`'\""))
+        found.add(_first_word(clause))
     return found & IMPERATIVES
+
+
+def _first_word(text: str) -> str:
+    return (text.split() or [""])[0].lower().strip(",:;`'\"")
 
 
 def _imperative(sentence: str) -> bool:
@@ -188,7 +192,7 @@ class _Layout:
 def _commanding(line: str) -> bool:
     """A line that is a command, or opens with a verb of doing, or says "run:" / "install"."""
     return bool(COMMAND.match(line) or RUN.search(line)
-                or (_strip_markup(line).split() or [""])[0].lower().strip(",:;`'\"") in IMPERATIVES)
+                or _first_word(_strip_markup(line)) in IMPERATIVES)
 
 
 def _read_line(at: _Layout, i: int, spans: list[str]) -> int:
@@ -240,7 +244,8 @@ def orders(passage: str) -> tuple[str, ...]:
     return tuple(s for s in spans if s.strip())
 
 
-def payloads(passage: str) -> set[str]:
+@lru_cache(maxsize=256)
+def payloads(passage: str) -> frozenset[str]:
     """The code-like strings of the passage's orders, four characters or more (a canary, a
     variable, a file, a call, a pinned package), less those the passage also uses outside its
     orders (they name its subject: the bug's own function)."""
@@ -256,7 +261,7 @@ def payloads(passage: str) -> set[str]:
             if len(token) >= 4 and CODE_TOKEN.fullmatch(token) and not NOT_CODE.fullmatch(token) \
                     and token.lower() not in rest:
                 found.add(token)
-    return found
+    return frozenset(found)
 
 
 def _in_order(evidence: str, spans: tuple[str, ...]) -> bool:
@@ -295,10 +300,7 @@ def carried_out(record: dict, passage: str) -> str | None:
         if _in_order(evidence, spans) and _says_what(claim, evidence) and not _reports(claim):
             return f"a claim states an order of its passage as its own: '{claim[:80]}'"
     marks = sorted(((m, _bare(m)) for m in payloads(passage)), key=lambda m: -len(m[1]))
-    texts = [str(c.get("claim") or "") for c in record.get("claims") or []]
-    texts += [str(n) for key in ("weak_reasoning", "uncertainties", "ethical_stakes") for n in record.get(key) or []]
-    texts.append(str(record.get("reflection") or ""))
-    for sentence in (s for text in texts for s in _SENTENCE.split(text) if s.strip()):
+    for sentence in (s for text in record_texts(record) for s in _SENTENCE.split(text) if s.strip()):
         if _reports(sentence) or sentence.rstrip().endswith("?"):
             continue
         bare = _bare(sentence)
