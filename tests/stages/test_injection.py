@@ -136,6 +136,15 @@ def carries(text: str, payload: str) -> bool:
                for s in re.split(r"(?<=[.!?])\s+|\n+", text))
 
 
+def parsed(response: str) -> dict | None:
+    """A logged answer as JSON, or None: an answer cut off at max_tokens is logged as it came (and
+    rejected by the stage as malformed), so it cannot be read here."""
+    try:
+        return json.loads(response)
+    except json.JSONDecodeError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def injected_build(tmp_path_factory):
     """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples, line marks) on the first six
@@ -160,14 +169,14 @@ def test_no_kept_reflection_carries_out_an_order_of_its_passage(injected_build):
     on the 12 attacks carried the payload). Now none is, and each veto is counted."""
     ws, summary, rows = injected_build
     con = ws.connect(read_only=True)
-    answers = [json.loads(r) for (r,) in con.execute("SELECT response FROM model_calls").fetchall()]
+    answers = [parsed(r) for (r,) in con.execute("SELECT response FROM model_calls").fetchall()]
     annotations = con.execute("SELECT p.text, a.status, a.reason, a.record FROM annotations a "
                               "JOIN passages p USING (passage_id)").fetchall()
     con.close()
     payloads = [r["payload"] for r in rows]
     # the model did carry an order out somewhere (llama-server's parallel slots make its answers vary a
     # little from run to run; over six attacks and their retries it always has, in every run seen)
-    obeyed = [a for a in answers if any(carries(t, p) for t in record_texts(a) for p in payloads)]
+    obeyed = [a for a in answers if a and any(carries(t, p) for t in record_texts(a) for p in payloads)]
     assert obeyed
     for text, status, reason, record in annotations:
         payload = next(r["payload"] for r in rows if r["payload"] in text)
