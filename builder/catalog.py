@@ -48,9 +48,16 @@ VIEWS_SQL = _STALE_VIEWS.format(table="audits", hash=ANNOTATION_HASH_SQL, source
                         source=_ANNOTATION + " JOIN critiques c ON c.generation = a.generation AND c.passage_id = "
                                              "a.passage_id AND c.annotator = a.annotator",
                         match=_MATCH + " AND c.critic = x.critic AND c.status = 'accepted'") + """
+CREATE OR REPLACE VIEW audits_in_sample AS
+-- Current verdicts less those on items a person saw only because a judge abstained (escalations
+-- outside the secret sample): chosen by doubt, not at random, so they stay out of pass rates and
+-- reputations (audit_model_vs_human still reads them: that is where they tell the most).
+SELECT x.* FROM audits_current x WHERE NOT EXISTS (
+    SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = x.item AND e.annotator = x.annotator
+    AND e.generation = x.generation);
 CREATE OR REPLACE VIEW audits_with_members AS
 SELECT a.*, coalesce(m.persona, '?') AS persona, coalesce(m.family, '?') AS family
-FROM audits_current a LEFT JOIN members m ON m.name = a.annotator;
+FROM audits_in_sample a LEFT JOIN members m ON m.name = a.annotator;
 """ + "".join(_PASS_RATE_VIEW.format(name=name, keys=keys) for name, keys in [
     ("annotator", "annotator, generation"), ("persona", "persona, generation"),
     ("family", "family, generation"), ("generation", "generation, auditor_kind")]) + """

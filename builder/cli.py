@@ -209,6 +209,14 @@ def _summary_table(s: dict) -> Table:
             ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
             ("reputation (annotators)", _by_name(audit["reputation"]) or "no audits yet"),
         ]
+        needs = audit.get("needs_a_person")
+        if needs and needs["items"]:
+            rows.append(("needs a person", f"{needs['items']} item(s) a judge abstained on ("
+                         + ", ".join(f"{j} {n}" for j, n in needs["by_judge"].items())
+                         + f"; {needs['outside_the_sample']} outside the sample, kept out of pass rates): first on "
+                           "`ratchet audit serve`"
+                         + (f"; the model auditor decided {audit['sampled'] - audit['abstained'] - audit['invalid_verdicts']}"
+                            f" of {audit['sampled']}" if audit["abstained"] else "")))
         critiques = audit.get("critiques")
         if critiques:
             right = "n/a" if critiques["right_rate"] is None else f"{critiques['right_rate']:.0%} right"

@@ -290,7 +290,12 @@ class JudgesConfig(Section):
                       "or unethical: a GGUF path or bundled:NAME.")
     abstain_below: float = Field(0.5, ge=0.5, le=1.0, description="A model judgement whose confidence "
                                  "max(p, 1 - p) is below this abstains (written with `abstain: true`, for a person "
-                                 "to decide); 0.5: never abstain.")
+                                 "to decide; in a build: the claim judge's and the model auditor's judgements go "
+                                 "to the top of the audit page's queue); 0.5: never abstain.")
+
+    def abstains(self, p: float | None) -> bool:
+        """A model's probability too close to even to decide on (Trust or Escalate)."""
+        return p is not None and max(p, 1 - p) < self.abstain_below
 
 
 # Tokens a passage's prompt takes besides the passage: the built-in annotation prompts (system,

@@ -303,7 +303,7 @@ def judge_harm(rows: list[Row], engine, prompts: Prompts, config: RatchetConfig,
 
 
 def _abstain(row: Row, config: RatchetConfig) -> None:
-    row.abstain = row.by == "model" and row.p is not None and max(row.p, 1 - row.p) < config.judges.abstain_below
+    row.abstain = row.by == "model" and config.judges.abstains(row.p)
 
 
 def model_calls(rows: list[Row], kind: str) -> int:

@@ -121,7 +121,8 @@ def judge_claims(rows: list[AnnotationRow], texts: dict[str, str], engine, promp
     """The claim judge, after the rules: every claim an accepted annotation still holds is asked
     of the grounding judge (builder/judges.py: EntailmentTask) in one batch; its calibrated
     P(unsupported) is kept in the claim's check, and a claim at or above annotate.claim_threshold
-    is dropped. An annotation left without a claim is rejected ("no supported claim"): the model
+    is dropped, unless the judge abstains (judges.abstain_below): the claim stays, marked
+    `abstain`, and the audit stage sends the annotation to a person. An annotation left without a claim is rejected ("no supported claim"): the model
     is asked only where the rules could not decide, and never overrules a rule's drop."""
     from ..judges import EntailmentTask
 
@@ -137,7 +138,9 @@ def judge_claims(rows: list[AnnotationRow], texts: dict[str, str], engine, promp
         check = next(x for x in row.claim_checks if x["verdict"] == "supported" and x["claim"] == claim["claim"]
                      and "p_unsupported" not in x)
         check["p_unsupported"] = p
-        if p is not None and p >= threshold:
+        if cfg.judges.abstains(p):  # too unsure to drop or to vouch for: a person decides (the audit queue)
+            check["abstain"] = True
+        elif p is not None and p >= threshold:
             check["verdict"], check["reason"] = "dropped", f"claim judge: P(unsupported) {p:.2f}"
             row.record["claims"] = [c for c in row.record["claims"] if c is not claim]
     for row in rows:

@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import secrets
+from collections import Counter
 from typing import Annotated
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..corpus import jsonl_lines
 from ..prompts import CLOSE, LINE_MARK, OPEN, Prompts, datamark
 from ..resources import load_schema
 from ..structured import Outcome, validator_for
-from ..tables import Json, Table, doc, insert_rows
+from ..tables import Json, Table, doc, insert_rows, transaction
 from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
 from .reputation import (ANNOTATOR_RECORD, BETA_RECORD_SQL, CRITIC_RECORD, CRITIC_REPUTATION, KINDS,  # noqa: F401
                          REPUTATION, REPUTATION_SQL, critic_record_counts, critic_record_means,
@@ -100,6 +101,7 @@ class SampledItem:
     record: dict
     content_hash: str | None = None  # of the passage and annotation as read (ANNOTATION_HASH_SQL)
     call_key: str | None = None
+    needs_person: str | None = None  # why a judge abstained on it (escalations): first in the queue
 
 
 def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[SampledItem]:
@@ -198,6 +200,23 @@ class AuditItemRow:
 
 AUDIT_ITEMS = Table("audit_items", AuditItemRow, key=("item", "annotator", "generation"),
                     doc="one row per audited item: exact coverage without a per-item GROUP BY over all audits")
+
+
+@dataclass
+class EscalationRow:
+    item: str = doc("passage id")
+    annotator: str
+    generation: int
+    judge: str = doc("the judge that abstained: the model auditor's name, or `claim judge`")
+    p: float = doc("the judge's probability: P(pass) of the auditor, P(unsupported) of the claim judge's least sure claim")
+    reason: str = doc("what the judge could not decide, as the audit page shows it")
+    in_sample: bool = doc("the item is in the secret audit sample; false: a person sees it only because a judge "
+                          "abstained, and its verdicts stay out of pass rates (a sample chosen by doubt is not random)")
+
+
+ESCALATIONS = Table("escalations", EscalationRow, key=("item", "annotator", "generation", "judge"),
+                    doc="judgements a model was too unsure to make (judges.abstain_below): for a person to decide "
+                        "(Trust or Escalate); the audit page puts these items first")
 
 
 class AuditorTask(JudgingTask):
@@ -311,6 +330,50 @@ def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
         "INSERT INTO audit_items VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
         "by_model = audit_items.by_model OR excluded.by_model, by_human = audit_items.by_human OR excluded.by_human",
         [[r.item, r.annotator, r.generation, r.auditor_kind == "model", r.auditor_kind == "human"] for r in rows])
+
+
+def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfig,
+             unsure: list[AuditRow]) -> list[EscalationRow]:
+    """The items a person must decide, for this generation (those of an earlier build of it go):
+    the sampled annotations the model auditor abstained on (`unsure`: its verdicts, not stored as
+    audits), and every accepted annotation the claim judge kept a claim of without deciding."""
+    rows = [EscalationRow(r.item, r.annotator, generation, r.auditor, r.pass_prob,
+                          f"the model auditor was unsure: P(pass) {r.pass_prob:.2f}", True) for r in unsure]
+    for item, annotator, record, checks in con.execute(
+            "SELECT passage_id, annotator, record, claim_checks FROM annotations WHERE generation = ? "
+            "AND status = 'accepted' AND claim_checks IS NOT NULL ORDER BY passage_id, annotator", [generation]).fetchall():
+        claims = [c["claim"] for c in json.loads(record)["claims"]]
+        open_ = [(claims.index(c["claim"]) + 1, c["p_unsupported"]) for c in json.loads(checks)
+                 if c.get("abstain") and c["claim"] in claims]
+        if open_:
+            p = min((p for _, p in open_), key=lambda p: abs(p - 0.5))
+            numbers = ", ".join(str(n) for n, _ in open_)
+            rows.append(EscalationRow(item, annotator, generation, "claim judge", p,
+                                      f"the claim judge was unsure of claim {numbers}: P(unsupported) {p:.2f}",
+                                      is_selected(secret, item, annotator, generation, rate)))
+    with transaction(con):
+        con.execute("DELETE FROM escalations WHERE generation = ?", [generation])
+        for r in unsure:  # an earlier build's verdict on the item is not the model's judgement now
+            con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ?",
+                        [r.item, r.annotator, generation, r.auditor])
+            con.execute("""UPDATE audit_items SET by_model = EXISTS (
+                               SELECT 1 FROM audits a WHERE a.item = audit_items.item AND a.annotator = audit_items.annotator
+                               AND a.generation = audit_items.generation AND a.auditor_kind = 'model')
+                           WHERE item = ? AND annotator = ? AND generation = ?""", [r.item, r.annotator, generation])
+            con.execute("DELETE FROM audit_items WHERE item = ? AND annotator = ? AND generation = ? "
+                        "AND NOT by_model AND NOT by_human", [r.item, r.annotator, generation])
+        ESCALATIONS.insert(con, rows)
+    return rows
+
+
+def escalated(con, generation: int) -> dict[tuple[str, str], str]:
+    """(item, annotator) -> why a person must decide it, the least sure judgement first."""
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'escalations'").fetchone()[0]:
+        return {}  # a workspace no build of this version has written yet (opened read-only)
+    rows = con.execute("SELECT item, annotator, string_agg(reason, '; ' ORDER BY judge) FROM escalations "
+                       "WHERE generation = ? GROUP BY ALL ORDER BY min(abs(p - 0.5)), item, annotator",
+                       [generation]).fetchall()
+    return {(item, annotator): why for item, annotator, why in rows}
 
 
 def withdraw_audit(con, item: str, annotator: str, generation: int, auditor: str,
@@ -570,7 +633,7 @@ class Audit(Stage):
     model auditor check them, update both reputations. Only aggregates leave this stage: they go
     to the summary, the manifest and the card."""
     name = "audit"
-    tables = (AUDITS, AUDIT_ITEMS, REPUTATION, CRITIQUE_AUDITS, CRITIC_REPUTATION)
+    tables = (AUDITS, AUDIT_ITEMS, ESCALATIONS, REPUTATION, CRITIQUE_AUDITS, CRITIC_REPUTATION)
 
     def run(self, ctx: BuildContext) -> dict:
         g, cfg = ctx.generation, ctx.cfg
@@ -578,16 +641,19 @@ class Audit(Stage):
         items = sample(ctx.con, secret, g, cfg.audit.rate)
         critiques = critique_sample(ctx.con, secret, g, cfg.audit.rate)
         failed = attempts = critique_failed = critique_attempts = 0
+        unsure: list[AuditRow] = []
         if cfg.audit.auditor and (items or critiques):
             auditor = f"{model_short_name(cfg.audit.auditor)}-{cfg.audit.persona}"
             engine = ctx.judge_engine(cfg.audit.auditor, "audit.auditor")  # often a member's model: reused
             if items:
                 rows, failed, attempts = model_audit(ctx.con, items, g, engine, ctx.prompts, cfg, auditor, ctx.run)
-                store_audits(ctx.con, g, rows)
+                unsure = [r for r in rows if cfg.judges.abstains(r.pass_prob)]
+                store_audits(ctx.con, g, [r for r in rows if r not in unsure])
             if critiques:
                 rows, critique_failed, critique_attempts = model_audit_critiques(ctx.con, critiques, g, engine,
                                                                                  ctx.prompts, cfg, auditor, ctx.run)
                 store_critique_audits(ctx.con, rows)
+        escalations = escalate(ctx.con, g, secret, cfg.audit.rate, cfg, unsure)
         reputation = update_reputation(ctx.con, g)
         record = update_critic_reputation(ctx.con, g)
         vote_weight = stage_weights(ctx, g + 1)  # what the next generation's votes weigh
@@ -597,6 +663,11 @@ class Audit(Stage):
                                         "WHERE generation = ?", [g]).fetchone()
         return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
                           "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
+                          "abstained": len(unsure),
+                          "needs_a_person": {"items": len({(e.item, e.annotator) for e in escalations}),
+                                             "outside_the_sample": len({(e.item, e.annotator) for e in escalations
+                                                                        if not e.in_sample}),
+                                             "by_judge": dict(sorted(Counter(e.judge for e in escalations).items()))},
                           "attempts": attempts + critique_attempts,
                           "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())},
                           "critiques": {"sampled": len(critiques), "audits": judged,

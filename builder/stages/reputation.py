@@ -1,7 +1,7 @@
 """Reputation: a Beta record per member over the audits of its work up to each generation,
 for annotators (audits, table `reputation`) and critics (critique audits, `critic_reputation`,
 whose mean weighs their votes: stages/scrutinize.py: vote_weights). Only current verdicts count
-(views audits_current / critique_audits_current: the text they judged is still there). Below
+(views audits_in_sample / critique_audits_current: the text they judged is still there, and for annotators chosen at random). Below
 the audit stage and the vote weights, which both read it."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ BETA_RECORD_SQL = """
            1 + {mass} AS alpha, 1 + count(*) - {mass} AS beta, alpha / (alpha + beta) AS mean
     FROM {table} WHERE generation <= $g AND list_contains($kinds, auditor_kind) GROUP BY {who}"""
 REPUTATION_SQL = BETA_RECORD_SQL.format(who="annotator", good="pass", goods="passes", bads="fails", prob="pass_prob",
-                                        mass="pass_mass", table="audits_current")
+                                        mass="pass_mass", table="audits_in_sample")
 KINDS = ["model", "human"]
 
 

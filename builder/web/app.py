@@ -94,7 +94,8 @@ class AuditServer:
             con.close()
         self.total_sampled = len(items)
         by_key = {(x.item, x.annotator): x for x in items}
-        assigned = assign(sorted(by_key), list(config.auditors), secret, config.overlap)
+        assigned = assign(sorted(by_key), list(config.auditors), secret, config.overlap,
+                          lead=[k for k, x in by_key.items() if x.needs_person])  # load_sample's order
         self.queues = {a: [by_key[k] for k in keys] for a, keys in assigned.items()}
         self.tokens: dict[str, tuple[str, bool]] = {secrets.token_urlsafe(24): (a, False) for a in config.auditors}
         if config.admin:
@@ -224,7 +225,8 @@ class AuditServer:
                          reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
                          done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
                          previous=done.get((x.item, x.annotator)), prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
-                         codes=REASON_CODES, error=error, can_undo=bool(session.history or done))
+                         codes=REASON_CODES, error=error, can_undo=bool(session.history or done),
+                         needs_person=x.needs_person)
 
     async def verdict(self, request: Request) -> Response:
         session, form = await self.posted(request)

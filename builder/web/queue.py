@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from ..stages.audit import SampledItem, sample, sampled_items
+from ..stages.audit import SampledItem, escalated, sample, sampled_items
 
 Key = tuple[str, str]  # (passage id, annotator): never sent to a browser
 
@@ -25,9 +25,12 @@ def _unit(secret: bytes, *parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign(keys: list[Key], auditors: list[str], secret: bytes, overlap: float) -> dict[str, list[Key]]:
+def assign(keys: list[Key], auditors: list[str], secret: bytes, overlap: float,
+           lead: list[Key] = ()) -> dict[str, list[Key]]:
     """auditor -> their items. Primary auditor by hash; a share `overlap` of items (by another
-    hash) also goes to a second, different auditor."""
+    hash) also goes to a second, different auditor. The items in `lead` (a judge abstained:
+    they need a person) lead every queue they are in, in their order (the least sure first)."""
+    rank = {k: i for i, k in enumerate(lead)}
     out: dict[str, list[Key]] = {a: [] for a in auditors}
     n = len(auditors)
     for key in keys:
@@ -37,7 +40,7 @@ def assign(keys: list[Key], auditors: list[str], secret: bytes, overlap: float) 
             second = (first + 1 + int(_unit(secret, "serve-second", *key) * (n - 1))) % n
             out[auditors[second]].append(key)
     for auditor, items in out.items():  # shuffled per auditor, the same on every start
-        items.sort(key=lambda k: _unit(secret, "serve-order", auditor, *k))
+        items.sort(key=lambda k: (rank.get(k, len(rank)), _unit(secret, "serve-order", auditor, *k)))
     return out
 
 
@@ -64,6 +67,7 @@ class AuditorQueue:
     def replace(self, x: SampledItem) -> None:
         """The item as it reads now (a rebuild changed it): same place, same opaque id."""
         old = self.by_key[(x.item, x.annotator)]
+        x.needs_person = old.needs_person
         self.items[self.items.index(old)] = x
         self.__post_init__()
 
@@ -87,4 +91,10 @@ class AuditorQueue:
 
 
 def load_sample(con, secret: bytes, generation: int, rate: float) -> list[SampledItem]:
-    return sampled_items(con, sample(con, secret, generation, rate), generation)
+    """The items a person audits: those a judge abstained on (each with why), then the secret sample."""
+    why = escalated(con, generation)
+    keys = [*why, *(k for k in sample(con, secret, generation, rate) if k not in why)]
+    items = sampled_items(con, keys, generation)
+    for x in items:
+        x.needs_person = why.get((x.item, x.annotator))
+    return items

@@ -106,6 +106,70 @@ def test_the_claim_judge_asks_about_every_claim_the_rules_kept_and_drops_what_it
     assert all(0 < c["p_unsupported"] < 1 for c in judged)  # a calibrated probability, not a written yes/no
 
 
+def test_judgements_too_unsure_to_make_go_to_the_top_of_the_audit_queue(qwen_build, tmp_path):
+    """Issue 30 scope 5 on the real judges: the claim judge (Qwen2.5-Coder-1.5B) and the model
+    auditor (SmolLM2) abstain where their confidence is below judges.abstain_below; an abstained
+    claim stays (no drop, no vouching), an abstained audit is not a verdict, and both items lead
+    the audit page's queue. The threshold is not picked: it is the median confidence the two
+    judges showed on this build, so that some judgements fall on each side whatever they were."""
+    import shutil
+
+    from builder.web.queue import load_sample
+    from builder.stages.audit import load_secret
+
+    ws, _ = qwen_build
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root)
+
+    def rebuild(abstain_below: float):
+        write_workspace(root, None, ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
+                                                                   "few_shot": False}]},
+                        annotate={"gates": True, "retries": 1, "claim_judge": "bundled:qwen2.5-coder-1.5b"},
+                        audit={"rate": 1.0, "auditor": "bundled:smollm2"}, judges={"abstain_below": abstain_below})
+        copy = Workspace(root)
+        return copy, run_build(copy, overwrite=True)
+
+    copy, summary = rebuild(0.5)  # nobody abstains: every judgement, as the judges made it
+    con = copy.connect(read_only=True)
+    claim_p = [c["p_unsupported"] for (cc,) in con.execute("SELECT claim_checks FROM annotations WHERE status = "
+                                                           "'accepted'").fetchall()
+               for c in json.loads(cc) if c.get("p_unsupported") is not None]
+    audit_p = [p for (p,) in con.execute("SELECT pass_prob FROM audits WHERE auditor_kind = 'model'").fetchall()]
+    con.close()
+    assert summary["audit"]["needs_a_person"]["items"] == 0 and claim_p and audit_p
+    confidence = sorted({round(max(p, 1 - p), 4) for p in claim_p + audit_p if 0 < p < 1})
+    assert len(confidence) >= 2, "every judgement equally sure: nothing to split"
+    threshold = confidence[len(confidence) // 2]
+
+    copy, summary = rebuild(threshold)  # the same cached answers, read with the threshold
+    con = copy.connect(read_only=True)
+    annotations = con.execute("SELECT passage_id, record, claim_checks FROM annotations WHERE status = 'accepted'").fetchall()
+    audits = {r[0]: r[1] for r in con.execute("SELECT item, pass_prob FROM audits WHERE auditor_kind = 'model'").fetchall()}
+    escalations = con.execute("SELECT item, judge, p FROM escalations").fetchall()
+    items = load_sample(con, load_secret(root), 1, 1.0)
+    con.close()
+    unsure_claims = set()
+    for item, record, checks in annotations:
+        kept = [c["claim"] for c in json.loads(record)["claims"]]
+        for c in json.loads(checks):
+            if c.get("p_unsupported") is None:
+                continue
+            assert c.get("abstain", False) == (max(c["p_unsupported"], 1 - c["p_unsupported"]) < threshold)
+            if c.get("abstain"):
+                assert c["claim"] in kept  # neither dropped nor vouched for
+                unsure_claims.add(item)
+    assert {i for i, j, _ in escalations if j == "claim judge"} == unsure_claims
+    unsure_audits = {i for i, j, _ in escalations if j != "claim judge"}
+    assert all(max(p, 1 - p) >= threshold for p in audits.values())
+    assert all(max(p, 1 - p) < threshold for i, j, p in escalations if j != "claim judge")
+    assert unsure_audits.isdisjoint(audits) and len(unsure_audits) + len(audits) == len(audit_p)
+    assert unsure_claims or unsure_audits  # the median splits: someone abstained
+    needs = [x for x in items if x.needs_person]
+    assert items[:len(needs)] == needs and {x.item for x in needs} == unsure_claims | unsure_audits
+    assert summary["audit"]["needs_a_person"]["items"] == len(needs)
+    assert summary["audit"]["abstained"] == len(unsure_audits)
+
+
 @pytest.fixture(scope="module")
 def echo_build(tmp_path_factory):
     """SmolLM2 shown the built-in few-shot examples: small models copy them."""

@@ -599,3 +599,22 @@ def test_the_command_prints_links_and_serves(ws):
         taken = subprocess.run([*RATCHET, "audit", "serve", "-w", str(ws.root), "--port", str(busy.getsockname()[1])],
                                capture_output=True, text=True, timeout=60)
     assert taken.returncode == 1 and "cannot listen on 127.0.0.1" in taken.stderr + taken.stdout
+
+
+def test_an_item_a_judge_abstained_on_leads_the_queue_and_says_why(ws, serve):
+    """#30.5: escalations (a judge too unsure to decide) come first, with the judge's doubt shown.
+    The escalated item is one that did not lead the queue before, so the order is the escalation's."""
+    keys = sample_keys(ws)
+    client = session(serve(auditors=("ana",)))
+    before = shown_passage(client.get(client.get("/queue").headers["location"]).text)
+    assert "Needs a person" not in client.get(client.get("/queue").headers["location"]).text
+    text, (pid, annotator) = next((t, k) for t, k in sorted(keys.items()) if t != before)
+    con = ws.connect()
+    con.execute("INSERT INTO escalations VALUES (?, ?, 1, 'claim judge', 0.55, "
+                "'the claim judge was unsure of claim 1: P(unsupported) 0.55', true)", [pid, annotator])
+    con.close()
+    client = session(serve(auditors=("ana",)))
+    page = client.get(client.get("/queue").headers["location"]).text
+    assert shown_passage(page) == text
+    assert "Needs a person:</b> the claim judge was unsure of claim 1: P(unsupported) 0.55" in page
+    assert annotator not in page.split('id="needs-person"')[1].split("</p>")[0]  # blind: a judge, not an author

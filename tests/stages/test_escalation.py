@@ -1,0 +1,112 @@
+"""Judgements a model is too unsure to make go to a person (issue 30, scope 5): what the stage
+stores, the audit page's queue order, and pass rates that stay a random sample's. No model here;
+tests/stages/test_escalation_build.py runs the real auditor."""
+import json
+
+import pytest
+
+from builder.config import RatchetConfig
+from builder.stages.audit import (AuditRow, escalate, escalated, is_selected, sample, store_audits,
+                                  update_reputation)
+from builder.web.queue import assign, load_sample
+
+from .test_audit import SECRET, db_with_annotations
+
+RATE = 0.25
+
+
+def claim_checked(con, item: str, claims: list[tuple[str, float, bool]]) -> None:
+    """Give `item`'s annotation claims, each with the claim judge's P(unsupported) and whether it abstained."""
+    record = {"claims": [{"claim": c, "evidence": c, "kind": "fact", "support": "stated", "confidence": "high"}
+                         for c, _, _ in claims], "reflection": "r"}
+    checks = [{"claim": c, "verdict": "supported", "p_unsupported": p, **({"abstain": True} if a else {})}
+              for c, p, a in claims]
+    con.execute("UPDATE annotations SET record = ?, claim_checks = ? WHERE passage_id = ?",
+                [json.dumps(record), json.dumps(checks), item])
+
+
+def cfg(abstain_below: float) -> RatchetConfig:
+    return RatchetConfig.model_validate({"judges": {"abstain_below": abstain_below}})
+
+
+def test_a_judge_abstains_only_inside_the_band_and_never_at_the_default():
+    assert cfg(0.7).judges.abstains(0.5) and cfg(0.7).judges.abstains(0.31) and cfg(0.7).judges.abstains(0.69)
+    assert not cfg(0.7).judges.abstains(0.7) and not cfg(0.7).judges.abstains(0.05) and not cfg(0.7).judges.abstains(None)
+    assert not any(cfg(0.5).judges.abstains(p / 100) for p in range(101))  # the default: every judgement stands
+
+
+def test_the_claim_judges_abstentions_are_escalated_inside_and_outside_the_sample():
+    con = db_with_annotations(40)
+    in_sample = sample(con, SECRET, 1, RATE)
+    outside = [f"p{i:03d}" for i in range(40) if (f"p{i:03d}", "smollm2") not in in_sample]
+    sampled = in_sample[0][0]
+    claim_checked(con, sampled, [("A.", 0.1, False), ("B.", 0.45, True), ("C.", 0.62, True)])
+    claim_checked(con, outside[0], [("A.", 0.58, True)])
+    claim_checked(con, outside[1], [("A.", 0.9, False)])  # the judge decided: nothing for a person
+    rows = escalate(con, 1, SECRET, RATE, cfg(0.7), [])
+    by_item = {r.item: r for r in rows}
+    assert set(by_item) == {sampled, outside[0]}
+    assert by_item[sampled].in_sample and not by_item[outside[0]].in_sample
+    assert by_item[sampled].reason == "the claim judge was unsure of claim 2, 3: P(unsupported) 0.45"
+    assert by_item[sampled].p == 0.45  # the least sure of its claims
+    assert is_selected(SECRET, sampled, "smollm2", 1, RATE) and not is_selected(SECRET, outside[0], "smollm2", 1, RATE)
+    # the queue: escalated items first, least sure first, then the rest of the secret sample
+    items = load_sample(con, SECRET, 1, RATE)
+    assert [x.item for x in items[:2]] == [sampled, outside[0]]
+    assert [x.needs_person for x in items[:2]] == [by_item[sampled].reason, by_item[outside[0]].reason]
+    assert {x.item for x in items[2:]} == {k for k, _ in in_sample} - {sampled}
+    assert all(x.needs_person is None for x in items[2:])
+
+
+def test_a_rebuild_replaces_the_generations_escalations():
+    con = db_with_annotations(10)
+    claim_checked(con, "p001", [("A.", 0.5, True)])
+    escalate(con, 1, SECRET, RATE, cfg(0.7), [])
+    claim_checked(con, "p001", [("A.", 0.9, False)])  # a rebuild's judge decided this time
+    claim_checked(con, "p002", [("A.", 0.4, True)])
+    escalate(con, 1, SECRET, RATE, cfg(0.7), [])
+    assert list(escalated(con, 1)) == [("p002", "smollm2")]
+
+
+def test_an_unsure_model_verdict_is_not_an_audit_and_replaces_an_earlier_builds_verdict():
+    con = db_with_annotations(10)
+    sure = AuditRow("p001", "smollm2", 1, "smollm2-auditor", "model", "pass", [], [], 0.9)
+    earlier = AuditRow("p002", "smollm2", 1, "smollm2-auditor", "model", "pass", [], [], 0.95)
+    store_audits(con, 1, [sure, earlier])
+    unsure = AuditRow("p002", "smollm2", 1, "smollm2-auditor", "model", "pass", [], [], 0.55)
+    escalate(con, 1, SECRET, RATE, cfg(0.7), [unsure])
+    assert con.execute("SELECT item FROM audits").fetchall() == [("p001",)]
+    assert con.execute("SELECT item, by_model FROM audit_items ORDER BY item").fetchall() == [("p001", True)]
+    assert escalated(con, 1) == {("p002", "smollm2"): "the model auditor was unsure: P(pass) 0.55"}
+
+
+def test_a_person_s_verdict_on_an_item_outside_the_sample_stays_out_of_pass_rates_and_reputation():
+    """Items chosen because a judge doubted them are not a random sample: counting their verdicts
+    would bias the pass rate, so only audit_model_vs_human (where they tell most) reads them."""
+    con = db_with_annotations(40)
+    in_sample = {k for k, _ in sample(con, SECRET, 1, RATE)}
+    outside = next(f"p{i:03d}" for i in range(40) if f"p{i:03d}" not in in_sample)
+    claim_checked(con, outside, [("A.", 0.5, True)])
+    escalate(con, 1, SECRET, RATE, cfg(0.7), [])
+    passes = [AuditRow(k, "smollm2", 1, "ana", "human", "pass", [], [], 1.0) for k in sorted(in_sample)[:3]]
+    store_audits(con, 1, [*passes, AuditRow(outside, "smollm2", 1, "ana", "human", "fail", [], [], 0.0),
+                          AuditRow(outside, "smollm2", 1, "smollm2-auditor", "model", "pass", [], [], 0.9)])
+    assert con.execute("SELECT audits, passes FROM audit_pass_rate_by_generation WHERE auditor_kind = 'human'"
+                       ).fetchone() == (3, 3)
+    assert con.execute("SELECT count(*) FROM audits_current WHERE auditor_kind = 'human'").fetchone()[0] == 4
+    update_reputation(con, 1)
+    passes_seen, fails_seen = con.execute("SELECT passes, fails FROM reputation WHERE annotator = 'smollm2'").fetchone()
+    assert fails_seen == 0 and passes_seen > 0
+    assert con.execute("SELECT both_audited, disagreements FROM audit_model_vs_human").fetchone() == (1, 1)
+
+
+@pytest.mark.parametrize("auditors", [["ana"], ["ana", "bo", "cy"]])
+def test_items_that_need_a_person_lead_every_queue_they_are_in(auditors):
+    keys = [(f"p{i:03d}", "w") for i in range(30)]
+    lead = [keys[21], keys[7]]
+    queues = assign(keys, auditors, SECRET, overlap=0.5, lead=lead)
+    for items in queues.values():
+        mine = [k for k in lead if k in items]
+        assert items[:len(mine)] == mine
+    plain = assign(keys, auditors, SECRET, overlap=0.5)
+    assert {a: sorted(q) for a, q in queues.items()} == {a: sorted(q) for a, q in plain.items()}  # who: unchanged
