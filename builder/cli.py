@@ -1504,8 +1504,7 @@ def panel(workspace: WorkspaceOpt = Path(".")) -> None:
         fail(f"{ws.root}: no database yet; the panel is frozen by the first `ratchet build`")
     try:
         con = ws.connect(read_only=True)
-        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'panel'").fetchone()[0]
-        rows = PANEL.read(con, "true ORDER BY name") if found else []
+        rows = PANEL.read(con, "true ORDER BY name") if PANEL.exists(con) else []
     except WorkspaceError as exc:
         fail(str(exc))
     if not rows:

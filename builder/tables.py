@@ -85,6 +85,11 @@ class Table:
         if register:  # every workspace has it (a stage's own tables are also created when a build starts)
             REGISTRY[name] = self
 
+    def exists(self, con) -> bool:
+        """False in a workspace an older builder made, opened read-only (nothing could create it)."""
+        return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                           [self.name]).fetchone()[0] > 0
+
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]

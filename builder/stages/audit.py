@@ -368,8 +368,8 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
 
 def escalated(con, generation: int) -> dict[tuple[str, str], str]:
     """(item, annotator) -> why a person must decide it, the least sure judgement first."""
-    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'escalations'").fetchone()[0]:
-        return {}  # a workspace no build of this version has written yet (opened read-only)
+    if not ESCALATIONS.exists(con):
+        return {}
     rows = con.execute("SELECT item, annotator, string_agg(reason, '; ' ORDER BY judge) FROM escalations "
                        "WHERE generation = ? GROUP BY ALL ORDER BY min(abs(p - 0.5)), item, annotator",
                        [generation]).fetchall()

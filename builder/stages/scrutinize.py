@@ -257,7 +257,7 @@ def measured_validity(con, critics: list[tuple[str, str, str | None]], verifiers
     prompts are not found here (unmeasured)."""
     keys = critic_keys(critics, verifiers, prompts, cfg)
     found = {}
-    present = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'critic_validity'").fetchone()[0]
+    present = CRITIC_VALIDITY.exists(con)
     columns = [c.name for c in CRITIC_VALIDITY.columns]
     for row in CRITIC_VALIDITY.read(con, "list_contains(?, critic_key) ORDER BY measured_at", [list(keys.values())]) \
             if present else []:  # a workspace an older builder made, opened read-only, has no such table

@@ -6,7 +6,7 @@ import io
 import math
 import warnings
 
-from ..stages.audit import KINDS, reputation_means
+from ..stages.audit import ESCALATIONS, KINDS, reputation_means
 
 
 def _rows(con, sql: str, params) -> list[dict]:
@@ -57,6 +57,19 @@ def stats(con, generation: int) -> dict:
     after = reputation_means(con, generation, KINDS)
     reputation = [{"annotator": a, "before": round(before.get(a, 0.5), 3), "after": round(m, 3)}
                   for a, m in sorted(after.items())]
+    # judgements a model abstained on (escalations): what people made of them, and the model
+    # auditor's coverage (its agreement with people above is measured where it answered)
+    escalated = [] if not ESCALATIONS.exists(con) else _rows(con, """SELECT e.judge, count(DISTINCT (e.item, e.annotator)) AS items,
+                                     count(DISTINCT (e.item, e.annotator)) FILTER (e.in_sample) AS in_sample,
+                                     count(h.verdict) AS "people's verdicts",
+                                     count(h.verdict) FILTER (h.verdict = 'pass') AS "people passed"
+                              FROM escalations e LEFT JOIN audits_current h ON h.auditor_kind = 'human'
+                                   AND h.item = e.item AND h.annotator = e.annotator AND h.generation = e.generation
+                              WHERE e.generation = ? GROUP BY ALL ORDER BY ALL""", [generation])
+    decided = con.execute("SELECT count(*) FROM audits_current WHERE generation = ? AND auditor_kind = 'model'",
+                          [generation]).fetchone()[0]
+    abstained = sum(r["items"] for r in escalated if r["judge"] != "claim judge")
+    coverage = round(decided / (decided + abstained), 3) if decided + abstained else None
     # verdicts on text a rebuild has changed since: left out of every figure above, counted here
     stale = con.execute("SELECT count(*) FILTER (auditor_kind = 'human'), count(*) FROM audits_stale "
                         "WHERE generation = ?", [generation]).fetchone()
@@ -65,7 +78,8 @@ def stats(con, generation: int) -> dict:
                             "agree": sum(a == b for a, b in model_human)},
             "human_human": {"n": len(human_human), "kappa": kappa(human_human),
                             "agree": sum(a == b for a, b in human_human)},
-            "reputation": reputation}
+            "reputation": reputation, "escalated": escalated,
+            "auditor_coverage": {"decided": decided, "abstained": abstained, "coverage": coverage}}
 
 
 def ratchet_rows(con) -> list[tuple[int, float]]:

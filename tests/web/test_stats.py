@@ -39,3 +39,26 @@ def test_pass_rates_keep_people_and_the_model_auditor_apart_and_the_model_is_com
         == (3, 1, 1, 0)
     assert figures["model_human"] == {"n": 3, "kappa": kappa([("pass", "pass"), ("pass", "fail"), ("fail", "fail")]),
                                       "agree": 2}
+
+
+def test_the_page_says_what_people_made_of_escalated_items_and_the_model_auditors_coverage():
+    con = duckdb.connect()
+    create_schema(con)
+    con.execute("INSERT INTO members VALUES ('writer', 'qwen', 'default', 'q.gguf', 'llama-server')")
+    for item in ("i1", "i2", "i3"):  # the model auditor decided three items
+        con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
+                    "VALUES (?, 'writer', 1, 'auditor-model', 'model', 'pass')", [item])
+    # it abstained on one sampled item; the claim judge on another, outside the sample
+    con.execute("INSERT INTO escalations VALUES ('i4', 'writer', 1, 'auditor-model', 0.55, 'unsure', true), "
+                "('i5', 'writer', 1, 'claim judge', 0.48, 'unsure of claim 1', false)")
+    for item, verdict in (("i4", "fail"), ("i5", "pass")):
+        con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
+                    "VALUES (?, 'writer', 1, 'ana', 'human', ?)", [item, verdict])
+    figures = stats(con, 1)
+    assert figures["escalated"] == [
+        {"judge": "auditor-model", "items": 1, "in_sample": 1, "people's verdicts": 1, "people passed": 0},
+        {"judge": "claim judge", "items": 1, "in_sample": 0, "people's verdicts": 1, "people passed": 0 + 1}]
+    assert figures["auditor_coverage"] == {"decided": 3, "abstained": 1, "coverage": 0.75}
+    # ana's verdict on i5 (outside the sample) is not in a pass rate; the one on i4 is
+    by = {r["audited by"]: r for r in figures["by_annotator"]}
+    assert (by["human"]["audits"], by["human"]["passes"]) == (1, 0)
