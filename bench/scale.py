@@ -6,7 +6,7 @@ prompts and schema, distinct passages) go through the build's own path: the cach
 executor, validation, the driver's writes to DuckDB. Measured side by side in one run:
 
   local      the openai engine in this process (its `concurrency` requests in flight)
-  ray xN     N Ray Data actors, each an openai engine with the same `concurrency`
+  ray xN     N Ray actors, each an openai engine with the same `concurrency`
   ingest     the driver alone: answers handed over at once (no engine, no Ray); what it can
              key, validate and write per second is the most any fleet can be fed by one driver
 
@@ -129,6 +129,7 @@ def main() -> None:
             requests = requests_for(min(6000, max(200, args.per_slot * capacity)))
             timed = Timed(executor)
             seconds, valid = through(requests, backend, timed, fresh_cache(folder, label.replace(" ", "")))
+            executor.close()  # as a build ends: its actors give their CPUs back for the next run
             row = {"run": label, "engines": engines, "in_flight": capacity, "requests": len(requests),
                    "valid": valid, "seconds": round(seconds, 2), "per_s": round(len(requests) / seconds, 1),
                    "ideal_per_s": round(capacity / args.latency, 1),

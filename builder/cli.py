@@ -43,7 +43,7 @@ BUILD_ERRORS = (WorkspaceError, ConfigError, CorpusError, ModelNotFound, Ensembl
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (holds ratchet.toml).")]
 ExecutorOpt = Annotated[Optional[Literal["local", "ray"]], typer.Option(
     "--executor",
-    help="Where the model calls run: local (this process) or ray (Ray Data actors on the cluster of \\[executor] "
+    help="Where the model calls run: local (this process) or ray (Ray actors on the cluster of \\[executor] "
          "address; extra .\\[ray]). Default: ratchet.toml's \\[executor] kind, else local. See docs/ray.md.")]
 EXAMPLE_QUERY = "SELECT * FROM convergence_by_member"
 
@@ -286,6 +286,8 @@ def _executor(e: dict | str | None) -> str:
     if not isinstance(e, dict) or e.get("kind", "local") == "local":
         return "local (this process)"
     cluster = f"ray at {e.get('address')}: {e.get('nodes', '?')} node(s), {e.get('cpus', 0):g} CPU(s), {e.get('gpus', 0):g} GPU(s)"
+    if "engine_starts" in e:  # each actor starts its engine once per build (again only if Ray restarts it)
+        cluster += f", {e['engine_starts']} engine start(s)"
     stages = "; ".join(f"{name} {x['calls']} calls in {x['seconds']:.1f} s ({x['calls_per_s'] or 0:.2f}/s)"
                        for name, x in (e.get("stages") or {}).items())
     return cluster + (f"; {stages}" if stages else "; no call missed the cache")

@@ -444,7 +444,7 @@ class ExecutorStageConfig(Section):
 class ExecutorConfig(Section):
     """Where the model calls run. Not part of a generation's identity (the splits do not depend on
     it): a build may move from this machine to a cluster and keep its cache and its config hash."""
-    kind: Literal["local", "ray"] = Field("local", description="local: this process's engines; ray: Ray Data actors "
+    kind: Literal["local", "ray"] = Field("local", description="local: this process's engines; ray: Ray actors "
                                           "on a Ray cluster (extra .[ray]); `--executor` overrides it.")
     address: str = Field("", description="ray: the cluster: auto (a running `ray start` cluster), local (a new one "
                          "on this machine), ray://HOST:10001 (Ray Client); empty: Ray's default ($RAY_ADDRESS, else "

@@ -4,18 +4,20 @@ The runner (stages/base.py) asks a cached engine for responses; the engine answe
 has from the DuckDB cache and hands the rest to an executor, storing each response the moment
 it comes back (the driver process stays the cache's only writer). `LocalExecutor` runs them
 on the backend already loaded in this process, with that engine's own batching and
-concurrency. `RayExecutor` sends them, as a Ray Dataset, to actors on a Ray cluster that each
-start the same engine from the backend's `config` (the managed llama-server with the
+concurrency. `RayExecutor` sends them, in batches, to a pool of Ray actors per engine that each
+start the same engine once per build from the backend's `config` (the managed llama-server with the
 project's token ids and grammar, vLLM on a GPU node, an OpenAI-compatible client); stages
 never name one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,7 +78,7 @@ def make_executor(cfg: "ExecutorConfig", kind: str | None = None) -> Executor:
     raise ValueError(f"executor kind '{kind}' is not one of: local, ray")
 
 
-# --- requests and responses as rows of a Ray Dataset ---------------------------------------------
+# --- requests and responses as JSON, to and from the actors ---------------------------------------------
 
 def request_to_json(request: Request) -> str:
     return json.dumps(dataclasses.asdict(request), ensure_ascii=False)
@@ -109,12 +111,13 @@ def response_from_json(text: str) -> Response:
     return Response(**json.loads(text))
 
 
-# --- the actor: one engine per actor, started once, for every batch it is given -----------------
+# --- the actor: one engine per actor, started once per build --------------------------------------
 
 class EngineActor:
-    """A Ray Data map_batches actor: loads the engine of an engine config (the same registry
-    call the driver makes, so the same token ids, grammar, retries and decisions) and answers
-    batches of rows {index, request} with rows {index, response, model_id}."""
+    """A Ray actor that loads the engine of an engine config (the same registry call the driver
+    makes, so the same token ids, grammar, retries and decisions) when it starts, and keeps it
+    (its llama-server, its prompt cache) for every batch of the build: `generate` answers a
+    batch of requests with their responses and the actor's model id."""
 
     def __init__(self, config: dict, log_dir: str | None = None, threads: int = 0):
         import socket
@@ -135,15 +138,82 @@ class EngineActor:
             raise EngineError(f"node {socket.gethostname()}: engine {cfg.backend} could not start, {kind} would answer "
                               f"instead ({note}); install the same extras on every node")
         self.model_id = self.backend.model_id
+        if cfg._log_dir is not None:  # one line per engine start: what `engine starts` in the summary counts
+            with open(cfg._log_dir / ACTOR_LOG, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} started "
+                        f"{self.backend.kind} {self.backend.model_name}\n")
 
-    def __call__(self, batch: dict) -> dict:
-        requests = [request_from_json(text) for text in batch["request"]]
-        responses = self.backend.generate(requests)
-        return {"index": list(batch["index"]), "response": [response_to_json(r) for r in responses],
-                "model_id": [self.model_id] * len(responses)}
+    def generate(self, requests: list[str]) -> tuple[list[str], str]:
+        responses = self.backend.generate([request_from_json(text) for text in requests])
+        return [response_to_json(r) for r in responses], self.model_id
+
+    def environment(self) -> list[str]:
+        """The names of the environment variables this actor's process sees (what leaks, if anything)."""
+        return sorted(os.environ)
 
     # No __del__: Ray ends actors by killing their process; a managed llama-server dies with it
     # (PR_SET_PDEATHSIG, llama_server.py), like any engine process the actor started.
+
+
+ACTOR_LOG = "ray-actors.log"  # in the workspace's logs/, where the actor's node can write it
+
+# What a local Ray cluster must not inherit from the driver: its processes (and so every actor)
+# start with the environment of the process that calls ray.init.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def secrets_withheld():
+    """os.environ without the variables whose names say they hold a secret (Hub tokens, API keys,
+    RATCHET_AUDIT_SECRET; not Ray's own), for the time it takes to start a local cluster."""
+    withheld = {name: os.environ.pop(name) for name in list(os.environ)
+                if SECRET_NAME.search(name) and not name.startswith("RAY_")}  # Ray's own (RAY_AUTH_TOKEN) it needs
+    try:
+        yield sorted(withheld)
+    finally:
+        os.environ.update(withheld)
+
+
+def engine_env(config) -> dict[str, str]:
+    """The variables an engine reads that an actor must be given: the API key its config names."""
+    name = getattr(config, "api_key_env", "")
+    return {name: os.environ[name]} if name and os.environ.get(name) else {}
+
+
+class EnginePool:
+    """The actors of one engine config (and one CPU/GPU shape) for the whole build: each starts
+    the engine once and keeps it across stages, rounds, retries and calibration."""
+
+    def __init__(self, config_dump: dict, options: dict, init: dict):
+        self.config_dump, self.options, self.init = config_dump, options, init
+        self.actors: list = []
+        self.used = 0.0  # when it last ran: the least recently used pool gives way first
+
+    def grow(self, n: int) -> None:
+        import ray
+
+        remote = ray.remote(EngineActor)
+        for _ in range(n):
+            self.actors.append(remote.options(**self.options).remote(self.config_dump, **self.init))
+
+    def drop(self, actor) -> None:
+        import ray
+
+        self.actors.remove(actor)
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone with its node or the cluster
+                pass
+        self.actors = []
 
 
 def ray_reason(exc: Exception) -> str:
@@ -166,57 +236,55 @@ def default_batch_size(config) -> int:
 
 
 class RayExecutor:
-    """Model calls on a Ray cluster through Ray Data: the driver (this process) looks the cache
-    up and keeps writing it; the calls that missed go out as a Dataset of rows, map_batches runs
-    them on `concurrency` EngineActors (each starts its own engine, with `num_cpus`/`num_gpus`),
-    and the answers stream back batch by batch, each batch handed to on_answers (which stores it)
-    the moment it arrives. An actor that dies is restarted by Ray and its batch run again
-    (Ray Data's default for actors); a row that never comes back is an error response, asked
-    again by the next build. The driver connects when the executor is made, so a cluster that
-    cannot be reached is an error before the build ingests anything."""
+    """Model calls on a Ray cluster: the driver (this process) looks the cache up and keeps
+    writing it; the calls that missed go, in batches, to a pool of EngineActors of the backend's
+    engine config (`concurrency` of them, each with `num_cpus`/`num_gpus`), and each batch's
+    answers are handed to on_answers (which stores them) the moment it comes back. A pool lives
+    as long as the build: its actors start their engine once, and a llama-server's prompt cache
+    outlives the stage. An actor that dies is restarted by Ray and its batch run again; one that
+    cannot start its engine fails its batches, and a stage where nothing came back is an
+    EngineError with the actors' reason; a request that never comes back is an error response,
+    asked again by the next build. The driver connects when the executor is made, so a cluster
+    that cannot be reached is an error before the build ingests anything."""
 
     name = "ray"
+    RESTARTS = 4  # per actor (Ray restarts a killed actor, or one whose node is lost, on a node with room)
 
     def __init__(self, cfg: "ExecutorConfig"):
         from .backends.base import EngineError
 
         try:
             import ray  # noqa: F401
-            import ray.data  # noqa: F401
         except ImportError:
-            raise EngineError("[executor] kind = \"ray\" needs Ray Data: pip install '.[ray]' (ray[data])") from None
+            raise EngineError("[executor] kind = \"ray\" needs Ray: pip install '.[ray]'") from None
         self.cfg = cfg
         self.stage = ""
         self.started_ray = False
-        self.throughput: dict[str, dict] = {}  # stage -> {calls, seconds, datasets}
+        self.withheld: list[str] = []  # variables a local cluster was started without
+        self.pools: dict[str, EnginePool] = {}
+        self.engine_starts = 0  # actors asked for (each starts its engine once, unless Ray restarts it)
+        self.throughput: dict[str, dict] = {}  # stage -> {calls, seconds, batches}
         self._connect()
 
     # -- the cluster --
 
     def _connect(self) -> None:
         import ray
-        import ray.data
 
         from .backends.base import EngineError
 
-        if not ray.is_initialized():
-            address = self.cfg.address or None
-            log.info("connecting to Ray (%s)", address or "Ray's default")
-            try:
+        if ray.is_initialized():
+            return
+        address = self.cfg.address or None
+        log.info("connecting to Ray (%s)", address or "Ray's default")
+        try:
+            # A cluster started here inherits this process's environment: not its secrets.
+            with secrets_withheld() as self.withheld:
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                          log_to_driver=True, configure_logging=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise EngineError(f"[executor] address = {self.cfg.address!r}: cannot connect to Ray: {exc}") from None
-            self.started_ray = True
-        context = ray.data.DataContext.get_current()
-        # An actor that dies while it starts its engine (its node lost) is replaced; one that cannot
-        # start it at all (a model or binary missing on the node) fails the stage at its 4th death in a
-        # row (Ray Data fails once the count exceeds the budget of 3).
-        context.max_consecutive_actor_init_deaths = 3
-        context.enable_progress_bars = False  # the build's own bars advance as answers arrive
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": on purpose
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise EngineError(f"[executor] address = {self.cfg.address!r}: cannot connect to Ray: {exc}") from None
+        self.started_ray = True
 
     def settings(self) -> dict:
         """This stage's settings: [executor] with [executor.stages.STAGE] on top."""
@@ -227,64 +295,112 @@ class RayExecutor:
             base.update({k: v for k, v in own.model_dump().items() if v is not None})
         return base
 
+    # -- the pools --
+
+    def pool(self, backend: Backend, s: dict, wanted: int) -> EnginePool:
+        """Up to `wanted` actors of the backend's engine, started once per build. Where the
+        cluster has no room for more, the least recently used pools of other engines give theirs
+        back first (a 2-core node holds the actors of one engine at a time); at least one actor."""
+        from .backends import registry
+
+        config = registry.as_loaded(backend.config, backend)
+        dump = config.model_dump()
+        num_cpus, num_gpus = s["num_cpus"], s["num_gpus"] or 0
+        key = json.dumps([dump, num_cpus, num_gpus], sort_keys=True, default=str)
+        pool = self.pools.get(key)
+        if pool is None:
+            options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.RESTARTS,
+                       "max_task_retries": self.RESTARTS, "runtime_env": {"env_vars": engine_env(config)}}
+            init = {"threads": max(1, int(num_cpus or 1)),
+                    "log_dir": str(config.log_dir) if config.log_dir else None}
+            pool = self.pools[key] = EnginePool(dump, options, init)
+        pool.used = time.monotonic()
+        missing = wanted - len(pool.actors)
+        if missing > 0:
+            others = sorted((p for p in self.pools.values() if p is not pool and p.actors), key=lambda p: p.used)
+            room = self._room(num_cpus, num_gpus, wait_for=0 if others else missing)
+            for other in others:
+                if room >= missing:
+                    break
+                log.info("giving back %d actor(s) of another engine to make room", len(other.actors))
+                other.close()
+                room = self._room(num_cpus, num_gpus, wait_for=missing)
+            add = max(min(missing, room), 0 if pool.actors else 1)
+            pool.grow(add)
+            self.engine_starts += add
+        return pool
+
+    @staticmethod
+    def _room(num_cpus: float, num_gpus: float, wait_for: int = 0) -> int:
+        """How many more actors of this shape the cluster has resources for, waiting up to 5 s
+        for `wait_for` of them (Ray frees a killed actor's resources a moment later)."""
+        import ray
+
+        deadline = time.monotonic() + (5 if wait_for else 0)
+        while True:
+            free = ray.available_resources()
+            fits = [int(free.get(name, 0) // need) for name, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need]
+            room = min(fits) if fits else 1 << 30
+            if room >= wait_for or time.monotonic() >= deadline:
+                return room
+            time.sleep(0.2)
+
     # -- the calls --
 
     def run(self, backend: Backend, requests: Sequence[Request], on_answers: OnAnswers) -> None:
-        import ray.data
+        import ray
 
-        from .backends import registry
         from .backends.base import EngineError
 
-        config = getattr(backend, "config", None)
-        if config is None:  # an engine made outside the registry has no config to start elsewhere
+        if getattr(backend, "config", None) is None:  # an engine made outside the registry cannot start elsewhere
             raise EngineError(f"{backend.kind}: this engine has no config, so it cannot be started on Ray actors")
+        if not requests:
+            return
         s = self.settings()
-        batch_size = s["batch_size"] or default_batch_size(config)
-        actors = max(1, min(s["concurrency"], math.ceil(len(requests) / batch_size)))
+        batch_size = s["batch_size"] or default_batch_size(backend.config)
         start = time.perf_counter()
-        rows = [{"index": i, "request": request_to_json(r)} for i, r in enumerate(requests)]
-        # one block per batch: an answer comes back as soon as its batch is done, not its block
-        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
-            EngineActor,
-            fn_constructor_kwargs={"config": registry.as_loaded(config, backend).model_dump(),
-                                   "threads": max(1, int(s["num_cpus"] or 1)),
-                                   "log_dir": str(config.log_dir) if config.log_dir else None},
-            batch_size=batch_size, batch_format="default",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=s["num_cpus"], num_gpus=s["num_gpus"] or None)
+        texts = [request_to_json(r) for r in requests]
+        queue = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+        queue.reverse()  # popped from the end: the first batch first
+        pool = self.pool(backend, s, min(s["concurrency"], len(queue)))
+        idle = pool.actors[:s["concurrency"]]
+        running: dict = {}  # the batch's future -> (actor, indices)
         answered: set[int] = set()
-        batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         lost: Exception | None = None
-        while True:
+        while queue or running:
+            while queue and idle:  # one batch in flight per actor: the next goes to whichever finishes first
+                actor, batch = idle.pop(), queue.pop()
+                running[actor.generate.remote([texts[i] for i in batch])] = (actor, batch)
+            if not running:  # every actor failed: the rest of the queue is lost
+                break
+            [done], _ = ray.wait(list(running), num_returns=1)
+            actor, batch = running.pop(done)
             try:  # only Ray's side: an error in the driver's own callbacks (the cache write) is not a lost request
-                batch = next(batches)
-            except StopIteration:
-                break
-            except Exception as exc:  # the Dataset failed as a whole (actors that cannot start, the cluster gone)
+                responses, model_id = ray.get(done)
+            except Exception as exc:  # the actor is gone for good (its engine cannot start, restarts spent)
                 lost = exc
-                break
-            arrived = []
-            for i, text, model_id in zip(batch["index"].to_pylist(), batch["response"].to_pylist(),
-                                         batch["model_id"].to_pylist()):
-                if i in answered:  # a batch run twice (its actor died after answering): once is enough
-                    continue
-                answered.add(i)
-                arrived.append((i, self._checked(backend, response_from_json(text), model_id)))
+                log.warning("a Ray actor failed (%s): %d request(s) of its batch unanswered", ray_reason(exc), len(batch))
+                pool.drop(actor)  # never given another batch, in this stage or a later one
+                continue
+            arrived = [(i, self._checked(backend, response_from_json(text), model_id))
+                       for i, text in zip(batch, responses) if i not in answered]
+            answered.update(i for i, _ in arrived)
             on_answers(arrived)  # one write to the cache for the batch
+            idle.append(actor)
         if lost is not None and not answered:  # nothing came back: the engine cannot run there
             raise EngineError(f"the Ray executor could not run {backend.model_name} ({self.stage or 'a stage'}): "
                               f"{ray_reason(lost)}") from None
         missing = [i for i in range(len(requests)) if i not in answered]
         if missing:
             reason = (f"the Ray executor lost this request: {ray_reason(lost)}" if lost else
-                      "the Ray executor lost this request: its row never came back")
+                      "the Ray executor lost this request: its actors are gone")
             log.warning("%s (%d of %d requests unanswered)", reason, len(missing), len(requests))
             on_answers([(i, Response("", "error", error=reason)) for i in missing])
         seconds = time.perf_counter() - start
-        stats = self.throughput.setdefault(self.stage or "?", {"calls": 0, "seconds": 0.0, "datasets": 0})
+        stats = self.throughput.setdefault(self.stage or "?", {"calls": 0, "seconds": 0.0, "batches": 0})
         stats["calls"] += len(requests)
         stats["seconds"] += seconds
-        stats["datasets"] += 1
+        stats["batches"] += math.ceil(len(requests) / batch_size)
 
     @staticmethod
     def _checked(backend: Backend, response: Response, model_id: str) -> Response:
@@ -309,12 +425,16 @@ class RayExecutor:
                 out.update({"nodes": len(nodes), "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)})
         except Exception:  # a cluster that went away: the summary says what it knows
             pass
+        out["engine_starts"] = self.engine_starts
         out["stages"] = {name: {**s, "seconds": round(s["seconds"], 2),
                                 "calls_per_s": round(s["calls"] / s["seconds"], 3) if s["seconds"] else None}
                          for name, s in self.throughput.items()}
         return out
 
     def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools = {}
         if self.started_ray:
             import ray
 

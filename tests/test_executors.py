@@ -83,7 +83,7 @@ def map_workers(parent: int | None = None) -> list[int]:
                 ppid = int(Path(f"/proc/{entry}/stat").read_text().split(")")[-1].split()[1])
             except (OSError, ValueError):
                 continue
-            if cmdline.startswith(b"ray::MapWorker") and b"EngineActor" in cmdline and parent in (None, ppid):
+            if cmdline.startswith(b"ray::EngineActor") and parent in (None, ppid):
                 pids.append(int(entry))
     return pids
 
@@ -161,6 +161,7 @@ def test_a_ray_build_writes_the_splits_of_a_local_build(cluster, tmp_path):
     assert there["executor"]["kind"] == "ray" and there["executor"]["nodes"] == 2
     assert set(there["executor"]["stages"]) >= {"annotate", "scrutinize", "audit"}
     assert there["model_calls"] == here["model_calls"] > 0 and here["accepted"] >= 1
+    assert there["executor"]["engine_starts"] <= 2  # SmolLM2 on at most `concurrency` actors, for every stage
     assert digests(remote) == digests(local) and len(digests(local)) >= 3  # sft, annotations, audit summary
     con = Workspace(remote).connect(read_only=True)
     assert con.execute("SELECT DISTINCT backend FROM model_calls").fetchall() == [("llama_server",)]
@@ -274,6 +275,80 @@ def test_a_driver_killed_with_minus_9_resumes_sending_only_the_rest(cluster, tmp
     rows, distinct = calls(root)
     assert rows == distinct == summary["model_calls"] + summary["cached_calls"]
     assert summary["accepted"] == len(passages)
+
+
+# --- what the actors see -----------------------------------------------------------------------------
+
+ENV_PROBE = """
+import json, os, ray
+from builder.backends import registry
+from builder.config import ExecutorConfig
+from builder.executors import RayExecutor
+executor = RayExecutor(ExecutorConfig(kind="ray", address="local", concurrency=1, num_cpus=0.5))
+backend = registry.make_backend(registry.parse({"backend": "openai", "model": "stub", "base_url": "http://127.0.0.1:9",
+                                                "api_key_env": "FLEET_API_KEY"}))
+[actor] = executor.pool(backend, executor.settings(), 1).actors
+print(json.dumps({"actor": ray.get(actor.environment.remote()), "driver": sorted(os.environ),
+                  "withheld": executor.withheld}))
+executor.close()
+"""
+
+
+def test_a_local_cluster_s_actors_get_no_secret_of_the_driver_but_the_key_their_engine_names(tmp_path):
+    """A cluster the build starts inherits the driver's environment: the Hub token, API keys and
+    the audit secret are held back while it starts; an actor gets the one key its engine's
+    config names (api_key_env), and the driver keeps all of them."""
+    secrets = {"HF_TOKEN": "hf_x", "RATCHET_AUDIT_SECRET": "s" * 32, "OPENAI_API_KEY": "sk-x",
+               "AWS_SECRET_ACCESS_KEY": "a", "FLEET_API_KEY": "fleet"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(secrets, RATCHET_PLAIN_SETTING="1")
+    run = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, env=env, timeout=240,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(secrets) <= set(seen["driver"])  # given back to the driver once the cluster started
+    assert set(seen["withheld"]) == set(secrets)
+    assert "RATCHET_PLAIN_SETTING" in seen["actor"] and "FLEET_API_KEY" in seen["actor"]
+    assert not set(seen["actor"]) & (set(secrets) - {"FLEET_API_KEY"})
+
+
+def test_a_build_starts_each_engine_once_per_actor_not_once_per_call(cluster, tmp_path):
+    """Two writers' worth of stages (annotate, its retries, scrutinize, calibration, audit) on
+    the scripted engine: every call of every stage goes to the same actors."""
+    root = write_workspace(tmp_path / "ws", [f"Claim {i}: the lake froze on day {i}." for i in range(6)],
+                           annotator=SCRIPTED, ensemble=ONE_CRITIC, audit={"rate": 1.0},
+                           executor={"kind": "ray", "concurrency": 2, "batch_size": 2})
+    summary = run_build(Workspace(root))
+    assert summary["model_calls"] > 6 and len(summary["executor"]["stages"]) >= 3
+    starts = (root / "logs" / "ray-actors.log").read_text().splitlines()
+    assert len(starts) == summary["executor"]["engine_starts"] == 2, starts
+    assert sum(s["batches"] for s in summary["executor"]["stages"].values()) > 2  # more batches than actors
+
+
+def test_an_engine_with_no_room_left_takes_the_actors_of_the_least_recently_used_one(cluster):
+    """The cluster (4 CPUs) holds the actors of one engine at 2 CPUs each: the second engine's
+    pool starts once the first gives its actors back; the first starts again when called again."""
+    from builder.backends import registry
+    from builder.backends.base import Request
+    from builder.config import ExecutorConfig
+    from builder.executors import RayExecutor
+
+    first = registry.make_backend(registry.parse(SCRIPTED))
+    second = registry.make_backend(registry.parse({**SCRIPTED, "delay_s": 0.01}))  # another engine config
+    requests = [Request(messages=({"role": "user", "content": f"passage {i}"},), seed=i) for i in range(4)]
+    executor = RayExecutor(ExecutorConfig(kind="ray", concurrency=2, batch_size=1, num_cpus=2))
+    try:
+        answers = {}
+        for name, backend in (("first", first), ("second", second), ("first again", first)):
+            got = []
+            executor.run(backend, requests, got.extend)
+            answers[name] = sorted(i for i, r in got if r.finish_reason != "error")
+            live = {key: len(pool.actors) for key, pool in executor.pools.items()}
+            assert [n for n in live.values() if n] == [2], live  # one engine's actors at a time
+        assert answers == {name: [0, 1, 2, 3] for name in answers} and len(executor.pools) == 2
+        assert executor.describe()["engine_starts"] == 6
+    finally:
+        executor.close()
 
 
 # --- the driver's writes ----------------------------------------------------------------------------
