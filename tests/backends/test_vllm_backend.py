@@ -113,11 +113,12 @@ def test_build_batch_token_ids_and_params(monkeypatch, hf_tokenizer):
 def test_whole_batch_goes_in_one_generate_call(monkeypatch, hf_smollm2):
     fake_vllm(monkeypatch)
     cfg = engine_config(backend="vllm", model=str(hf_smollm2), n_ctx=1024, dtype="bfloat16",
-                      gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=True)
+                      gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=True, kv_cache_gib=1.5)
     backend = make_backend(cfg)
     (llm,) = FakeLLM.instances
     assert llm.kwargs == {"model": str(hf_smollm2), "enable_prefix_caching": True, "gpu_memory_utilization": 0.5,
-                          "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 1024, "seed": 0}
+                          "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 1024, "seed": 0,
+                          "enforce_eager": False, "kv_cache_memory_bytes": 3 * 2**29}
     assert backend.kind == "vllm" and backend.family == "llama" and len(backend.model_id) == 64
     requests = [Request(messages=ASK, schema=SMALL_SCHEMA, max_tokens=40, seed=i) for i in range(3)]
     requests.insert(1, Request(messages=ASK, max_tokens=5000))  # too long: answered without vLLM
