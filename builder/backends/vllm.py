@@ -134,11 +134,21 @@ class VLLMBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.family = AutoConfig.from_pretrained(self.model).model_type
         memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {}
-        self.llm = self.vllm.LLM(model=self.model, enable_prefix_caching=enable_prefix_caching,
-                                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                                 tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx, seed=seed,
-                                 **memory)
+        self._engine_kwargs = dict(model=self.model, enable_prefix_caching=enable_prefix_caching,
+                                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                   tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=n_ctx,
+                                   seed=seed, **memory)
+        self._llm = None
         self._model_id: str | None = None
+
+    @property
+    def llm(self):
+        """The vLLM engine, made at the first call that needs it: keying requests, counting tokens
+        and describing the model need only the tokenizer and the files, so a Ray build's driver
+        (which only keys what its actors run) never loads the model nor needs a GPU."""
+        if self._llm is None:
+            self._llm = self.vllm.LLM(**self._engine_kwargs)
+        return self._llm
 
     @classmethod
     def from_config(cls, cfg: VLLMConfig) -> "VLLMBackend":
@@ -210,7 +220,7 @@ class VLLMBackend(Backend):
         return {int(i): (lp.decoded_token or "", lp.logprob) for i, lp in top.items()}
 
     def close(self) -> None:
-        self.llm = None  # vLLM frees the GPU when the engine is garbage-collected
+        self._llm = None  # vLLM frees the GPU when the engine is garbage-collected
 
 
 ENGINE = Engine("vllm", VLLMConfig, VLLMBackend.from_config, model_file="checkpoint",

@@ -115,16 +115,19 @@ def test_whole_batch_goes_in_one_generate_call(monkeypatch, hf_smollm2):
     cfg = engine_config(backend="vllm", model=str(hf_smollm2), n_ctx=1024, dtype="bfloat16",
                       gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=True, kv_cache_gib=1.5)
     backend = make_backend(cfg)
-    (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": str(hf_smollm2), "enable_prefix_caching": True, "gpu_memory_utilization": 0.5,
-                          "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 1024, "seed": 0,
-                          "enforce_eager": False, "kv_cache_memory_bytes": 3 * 2**29}
+    # keying and counting need no engine: a Ray driver never loads the model
     assert backend.kind == "vllm" and backend.family == "llama" and len(backend.model_id) == 64
+    assert backend.count_tokens("a few words") > 0 and backend.describe()["sha256"] == backend.model_id
+    assert FakeLLM.instances == []
     requests = [Request(messages=ASK, schema=SMALL_SCHEMA, max_tokens=40, seed=i) for i in range(3)]
     requests.insert(1, Request(messages=ASK, max_tokens=5000))  # too long: answered without vLLM
     requests.append(Request(messages=ASK, max_tokens=3))
     seen = []
     responses = backend.generate(requests, on_response=lambda i, r: seen.append((i, r.finish_reason)))
+    (llm,) = FakeLLM.instances  # made by the first call
+    assert llm.kwargs == {"model": str(hf_smollm2), "enable_prefix_caching": True, "gpu_memory_utilization": 0.5,
+                          "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 1024, "seed": 0,
+                          "enforce_eager": False, "kv_cache_memory_bytes": 3 * 2**29}
     assert len(llm.calls) == 1
     prompts, params = llm.calls[0]
     assert len(prompts) == len(params) == 4

@@ -61,10 +61,14 @@ def test_a_build_on_vllm_cpu_writes_outputs_that_validate_and_judgements_from_lo
     assert all(lp <= 0 for d in decisions for lp in d["logprobs"].values())
 
 
-def test_the_vllm_engine_on_ray_actors_starts_once_and_answers_every_stage(qwen_hf, tmp_path):
+def test_the_vllm_engine_on_ray_actors_starts_once_and_answers_every_stage(qwen_hf, tmp_path, monkeypatch):
     """vLLM on one Ray actor of a local cluster the build starts: the writer, the critic and
-    the auditor share one engine config, so the build starts one engine on the cluster."""
+    the auditor share one engine config, so the build starts one engine on the cluster, and
+    the driver, which only keys requests, never loads the model (no GPU needed there)."""
     pytest.importorskip("ray")
+    loaded = []
+    engine = vllm.LLM
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: loaded.append(kwargs) or engine(**kwargs))  # this process only
     root = tmp_path / "ws"
     summary = build(root, qwen_hf, executor={"kind": "ray", "address": "local", "concurrency": 1,
                                              "num_cpus": float(os.cpu_count() or 1)})
@@ -72,6 +76,7 @@ def test_the_vllm_engine_on_ray_actors_starts_once_and_answers_every_stage(qwen_
     assert summary["executor"]["engine_starts"] == 1 and len(summary["executor"]["stages"]) >= 2
     starts = (root / "logs" / "ray-actors.log").read_text().splitlines()
     assert len(starts) == 1 and " vllm " in starts[0]
+    assert loaded == []  # the driver made the engine's backend (tokenizer, model id) but no vLLM engine
     con = Workspace(root).connect(read_only=True)
     try:
         assert con.execute("SELECT DISTINCT backend FROM model_calls").fetchall() == [("vllm",)]
