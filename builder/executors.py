@@ -137,6 +137,7 @@ class EngineActor:
             self.backend.close()
             raise EngineError(f"node {socket.gethostname()}: engine {cfg.backend} could not start, {kind} would answer "
                               f"instead ({note}); install the same extras on every node")
+        self.backend.start()  # a lazy engine too: an actor that cannot start its engine fails here
         self.model_id = self.backend.model_id
         if cfg._log_dir is not None:  # one line per engine start: what `engine starts` in the summary counts
             with open(cfg._log_dir / ACTOR_LOG, "a", encoding="utf-8") as f:
@@ -159,7 +160,9 @@ ACTOR_LOG = "ray-actors.log"  # in the workspace's logs/, where the actor's node
 
 # What a local Ray cluster must not inherit from the driver: its processes (and so every actor)
 # start with the environment of the process that calls ray.init.
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
+# Whole words of the name (HF_TOKEN, OPENAI_API_KEY, RATCHET_AUDIT_SECRET), not TOKENIZERS_PARALLELISM.
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_KEY|ACCESS_KEY|PRIVATE_KEY)($|_)",
+                         re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -175,9 +178,14 @@ def secrets_withheld():
 
 
 def engine_env(config) -> dict[str, str]:
-    """The variables an engine reads that an actor must be given: the API key its config names."""
-    name = getattr(config, "api_key_env", "")
-    return {name: os.environ[name]} if name and os.environ.get(name) else {}
+    """The variables an engine reads that an actor must be given (Ray's runtime_env, which the
+    cluster's GCS stores: whoever can list its actors can read them): the API key its config
+    names, and the Hub token for a model the actor downloads from the Hub (a Hub id)."""
+    names = [getattr(config, "api_key_env", "")]
+    model = str(getattr(config, "model", ""))
+    if "/" in model and not model.startswith(("bundled:", "/", ".", "~")) and not Path(model).exists():
+        names.append("HF_TOKEN")
+    return {name: os.environ[name] for name in names if name and os.environ.get(name)}
 
 
 class EnginePool:
@@ -188,6 +196,11 @@ class EnginePool:
         self.config_dump, self.options, self.init = config_dump, options, init
         self.actors: list = []
         self.used = 0.0  # when it last ran: the least recently used pool gives way first
+
+    def holds(self, num_cpus: float, num_gpus: float) -> bool:
+        """Whether giving its actors back frees what an actor of that shape needs."""
+        return bool(self.actors) and bool((num_cpus and self.options["num_cpus"]) or
+                                          (num_gpus and self.options["num_gpus"]))
 
     def grow(self, n: int) -> None:
         import ray
@@ -262,7 +275,7 @@ class RayExecutor:
         self.started_ray = False
         self.withheld: list[str] = []  # variables a local cluster was started without
         self.pools: dict[str, EnginePool] = {}
-        self.engine_starts = 0  # actors asked for (each starts its engine once, unless Ray restarts it)
+        self.engine_starts = 0  # actors the build started (each starts its engine once; Ray's restarts not counted)
         self.throughput: dict[str, dict] = {}  # stage -> {calls, seconds, batches}
         self._connect()
 
@@ -317,18 +330,36 @@ class RayExecutor:
         pool.used = time.monotonic()
         missing = wanted - len(pool.actors)
         if missing > 0:
-            others = sorted((p for p in self.pools.values() if p is not pool and p.actors), key=lambda p: p.used)
-            room = self._room(num_cpus, num_gpus, wait_for=0 if others else missing)
-            for other in others:
-                if room >= missing:
-                    break
-                log.info("giving back %d actor(s) of another engine to make room", len(other.actors))
-                other.close()
-                room = self._room(num_cpus, num_gpus, wait_for=missing)
+            room = self._room(num_cpus, num_gpus)
+            if not pool.actors and room < 1:  # no actor of this engine yet: other engines make room for one
+                self._no_node_fits(num_cpus, num_gpus)
+                others = sorted((p for p in self.pools.values() if p is not pool and p.holds(num_cpus, num_gpus)),
+                                key=lambda p: p.used)
+                for other in others:
+                    log.info("giving back %d actor(s) of another engine to make room", len(other.actors))
+                    other.close()
+                    room = self._room(num_cpus, num_gpus, wait_for=missing)
+                    if room >= missing:
+                        break
             add = max(min(missing, room), 0 if pool.actors else 1)
             pool.grow(add)
             self.engine_starts += add
         return pool
+
+    @staticmethod
+    def _no_node_fits(num_cpus: float, num_gpus: float) -> None:
+        """An EngineError where no node of the cluster could ever hold one actor of this shape
+        (Ray would keep it pending for ever, and the build would wait for it)."""
+        import ray
+
+        from .backends.base import EngineError
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if not any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+            biggest = max(((r.get("CPU", 0), r.get("GPU", 0)) for r in nodes), default=(0, 0))
+            raise EngineError(f"[executor] an actor needs {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s), and no node of "
+                              f"the cluster has that many (the largest: {biggest[0]:g} CPU(s), {biggest[1]:g} GPU(s)): "
+                              "lower num_cpus / num_gpus or add a node")
 
     @staticmethod
     def _room(num_cpus: float, num_gpus: float, wait_for: int = 0) -> int:
@@ -339,7 +370,7 @@ class RayExecutor:
         deadline = time.monotonic() + (5 if wait_for else 0)
         while True:
             free = ray.available_resources()
-            fits = [int(free.get(name, 0) // need) for name, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need]
+            fits = [int(free.get(name, 0) / need + 1e-9) for name, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need]
             room = min(fits) if fits else 1 << 30
             if room >= wait_for or time.monotonic() >= deadline:
                 return room
@@ -373,14 +404,21 @@ class RayExecutor:
                 running[actor.generate.remote([texts[i] for i in batch])] = (actor, batch)
             if not running:  # every actor failed: the rest of the queue is lost
                 break
-            [done], _ = ray.wait(list(running), num_returns=1)
-            actor, batch = running.pop(done)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=300)
+            if not done:  # an actor not yet placed (the cluster busy) or a slow batch: say so, keep waiting
+                log.warning("waiting for %d batch(es) of %s on Ray for 5 minutes (actors pending a node?)",
+                            len(running), backend.model_name)
+                continue
+            actor, batch = running.pop(done[0])
             try:  # only Ray's side: an error in the driver's own callbacks (the cache write) is not a lost request
-                responses, model_id = ray.get(done)
-            except Exception as exc:  # the actor is gone for good (its engine cannot start, restarts spent)
+                responses, model_id = ray.get(done[0])
+            except Exception as exc:
                 lost = exc
                 log.warning("a Ray actor failed (%s): %d request(s) of its batch unanswered", ray_reason(exc), len(batch))
-                pool.drop(actor)  # never given another batch, in this stage or a later one
+                if isinstance(exc, ray.exceptions.RayActorError):  # gone for good: its engine cannot start, restarts spent
+                    pool.drop(actor)  # never given another batch, in this stage or a later one
+                else:  # its batch failed in a live actor: the actor takes the next one
+                    idle.append(actor)
                 continue
             arrived = [(i, self._checked(backend, response_from_json(text), model_id))
                        for i, text in zip(batch, responses) if i not in answered]
@@ -432,12 +470,29 @@ class RayExecutor:
         return out
 
     def close(self) -> None:
+        import ray
+
+        held = [(p.options["num_cpus"] * len(p.actors), p.options["num_gpus"] * len(p.actors)) for p in self.pools.values()]
+        free = ray.available_resources() if held and ray.is_initialized() else {}
         for pool in self.pools.values():
             pool.close()
         self.pools = {}
         if self.started_ray:
-            import ray
-
             ray.shutdown()
             self.started_ray = False
+        elif ray.is_initialized() and held:  # a cluster that stays: its resources back when this returns
+            self._freed(free.get("CPU", 0) + sum(c for c, _ in held), free.get("GPU", 0) + sum(g for _, g in held))
+
+    @staticmethod
+    def _freed(cpus: float, gpus: float, timeout_s: float = 10.0) -> None:
+        """Wait until the cluster has `cpus` and `gpus` free (Ray frees a killed actor's a moment later),
+        at most `timeout_s` (another job may have taken some meanwhile)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            free = ray.available_resources()
+            if free.get("CPU", 0) + 1e-9 >= cpus and free.get("GPU", 0) + 1e-9 >= gpus:
+                return
+            time.sleep(0.2)
 

@@ -301,14 +301,14 @@ def test_a_local_cluster_s_actors_get_no_secret_of_the_driver_but_the_key_their_
     secrets = {"HF_TOKEN": "hf_x", "RATCHET_AUDIT_SECRET": "s" * 32, "OPENAI_API_KEY": "sk-x",
                "AWS_SECRET_ACCESS_KEY": "a", "FLEET_API_KEY": "fleet"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(secrets, RATCHET_PLAIN_SETTING="1")
+    env.update(secrets, RATCHET_PLAIN_SETTING="1", TOKENIZERS_PARALLELISM="false")  # not secrets, though named alike
     run = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, env=env, timeout=240,
                          cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(secrets) <= set(seen["driver"])  # given back to the driver once the cluster started
     assert set(seen["withheld"]) == set(secrets)
-    assert "RATCHET_PLAIN_SETTING" in seen["actor"] and "FLEET_API_KEY" in seen["actor"]
+    assert {"RATCHET_PLAIN_SETTING", "TOKENIZERS_PARALLELISM", "FLEET_API_KEY"} <= set(seen["actor"])
     assert not set(seen["actor"]) & (set(secrets) - {"FLEET_API_KEY"})
 
 
@@ -347,6 +347,21 @@ def test_an_engine_with_no_room_left_takes_the_actors_of_the_least_recently_used
             assert [n for n in live.values() if n] == [2], live  # one engine's actors at a time
         assert answers == {name: [0, 1, 2, 3] for name in answers} and len(executor.pools) == 2
         assert executor.describe()["engine_starts"] == 6
+    finally:
+        executor.close()
+
+
+def test_an_actor_no_node_could_hold_is_an_error_not_a_build_that_waits_for_ever(cluster):
+    from builder.backends import registry
+    from builder.backends.base import EngineError, Request
+    from builder.config import ExecutorConfig
+    from builder.executors import RayExecutor
+
+    backend = registry.make_backend(registry.parse(SCRIPTED))
+    executor = RayExecutor(ExecutorConfig(kind="ray", concurrency=1, num_gpus=1))  # the test cluster has no GPU
+    try:
+        with pytest.raises(EngineError, match=r"needs 1 CPU\(s\) and 1 GPU\(s\).*largest: 2 CPU\(s\), 0 GPU"):
+            executor.run(backend, [Request(messages=({"role": "user", "content": "x"},))], lambda answers: None)
     finally:
         executor.close()
 

@@ -145,6 +145,10 @@ class Backend(ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens of plain text with this model's tokenizer."""
 
+    def start(self) -> None:  # noqa: B027 - optional
+        """Make the engine ready to answer: an engine that loads its model at the first call
+        (vLLM) loads it here, so a Ray actor that cannot start it fails when it starts."""
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
 

@@ -188,12 +188,16 @@ class VLLMBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(hf_chat.content_ids(self.tokenizer, text))
 
+    def start(self) -> None:
+        self.llm  # noqa: B018 - makes the engine: a failure here is the engine's, raised, not a rejected request
+
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         prompts, params, slots, responses = build_batch(requests, self.tokenizer, self.n_ctx, self.vllm)
         if prompts:
+            llm = self.llm  # an engine that cannot start raises (out of memory, no device): no batch to reject
             start = time.perf_counter()
             try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                outputs = llm.generate(prompts, params, use_tqdm=False)
             except Exception as exc:  # vLLM fails a batch as a whole: every request in it gets the reason
                 for i in slots:
                     responses[i] = Response("", "error", error=f"{type(exc).__name__}: {exc}")
