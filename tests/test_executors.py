@@ -72,7 +72,7 @@ def same_secret(*roots: Path) -> None:
         path.chmod(0o600)
 
 
-def map_workers(parent: int | None = None) -> list[int]:
+def engine_actor_processes(parent: int | None = None) -> list[int]:
     """Ray worker processes running an EngineActor (Ray names them after the actor class), of
     one raylet if `parent` is given."""
     pids = []
@@ -177,7 +177,7 @@ def test_an_actor_killed_mid_stage_is_restarted_and_its_batch_run_again(cluster,
                            executor={"kind": "ray", "concurrency": 2, "batch_size": 2})
     thread, out = build_in_thread(root)
     wait_for(lambda: logged_calls(root) >= 2, what="the first answers")
-    victims = map_workers()
+    victims = engine_actor_processes()
     assert victims, "no actor process found"
     os.kill(victims[0], signal.SIGKILL)
     thread.join(timeout=300)
@@ -198,7 +198,7 @@ def test_a_lost_node_s_actors_are_restarted_on_the_others(cluster, tmp_path):
     thread, out = build_in_thread(root)
     wait_for(lambda: logged_calls(root) >= 2, what="the first answers")
     raylet = node.all_processes["raylet"][0].process.pid
-    assert map_workers(parent=raylet), "no actor ran on the node"
+    assert engine_actor_processes(parent=raylet), "no actor ran on the node"
     cluster.remove_node(node)  # its raylet and every worker on it die
     thread.join(timeout=300)
     assert "error" not in out, out.get("error")
@@ -265,7 +265,7 @@ def test_a_driver_killed_with_minus_9_resumes_sending_only_the_rest(cluster, tmp
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    wait_for(lambda: not map_workers(), timeout=60, what="the killed driver's actors to go")  # Ray ends them
+    wait_for(lambda: not engine_actor_processes(), timeout=60, what="the killed driver's actors to go")  # Ray ends them
     stored = calls(root)[0]
     assert stored >= 3
     summary = run_build(Workspace(root), executor_kind="ray")
