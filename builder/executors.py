@@ -197,6 +197,10 @@ class EnginePool:
         self.actors: list = []
         self.used = 0.0  # when it last ran: the least recently used pool gives way first
 
+    def held(self) -> tuple[float, float]:
+        """(CPUs, GPUs) its actors hold on the cluster."""
+        return self.options["num_cpus"] * len(self.actors), self.options["num_gpus"] * len(self.actors)
+
     def holds(self, num_cpus: float, num_gpus: float) -> bool:
         """Whether giving its actors back frees what an actor of that shape needs."""
         return bool(self.actors) and bool((num_cpus and self.options["num_cpus"]) or
@@ -215,25 +219,17 @@ class EnginePool:
         self.actors.remove(actor)
         try:
             ray.kill(actor)
-        except Exception:  # already gone
+        except Exception:  # already gone with its node or the cluster
             pass
 
     def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # already gone with its node or the cluster
-                pass
-        self.actors = []
+        for actor in list(self.actors):
+            self.drop(actor)
 
 
 def ray_reason(exc: Exception) -> str:
     """What went wrong on the cluster, in one line: Ray wraps an actor's or a task's exception in
     its own with the remote traceback; the last line of that traceback is the actual error."""
-    import re
-
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     return f"{type(exc).__name__}: {last[:500]}" + (f" (the cluster's traceback has {len(lines)} lines)" if len(lines) > 1
@@ -337,8 +333,8 @@ class RayExecutor:
                                 key=lambda p: p.used)
                 for other in others:
                     log.info("giving back %d actor(s) of another engine to make room", len(other.actors))
-                    other.close()
-                    room = self._room(num_cpus, num_gpus, wait_for=missing)
+                    self._give_back([other])
+                    room = self._room(num_cpus, num_gpus)
                     if room >= missing:
                         break
             add = max(min(missing, room), 0 if pool.actors else 1)
@@ -362,18 +358,32 @@ class RayExecutor:
                               "lower num_cpus / num_gpus or add a node")
 
     @staticmethod
-    def _room(num_cpus: float, num_gpus: float, wait_for: int = 0) -> int:
-        """How many more actors of this shape the cluster has resources for, waiting up to 5 s
-        for `wait_for` of them (Ray frees a killed actor's resources a moment later)."""
+    def _room(num_cpus: float, num_gpus: float) -> int:
+        """How many more actors of this shape the cluster has resources for now."""
         import ray
 
-        deadline = time.monotonic() + (5 if wait_for else 0)
-        while True:
+        free = ray.available_resources()
+        fits = [int(free.get(name, 0) / need + 1e-9) for name, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need]
+        return min(fits) if fits else 1 << 30
+
+    @staticmethod
+    def _give_back(pools: list[EnginePool], timeout_s: float = 10.0) -> None:
+        """Kill the pools' actors and return once the cluster has their resources free again (Ray
+        frees a killed actor's a moment later), or after `timeout_s` (another job may take some)."""
+        import ray
+
+        free = ray.available_resources()
+        want = {"CPU": free.get("CPU", 0), "GPU": free.get("GPU", 0)}
+        for pool in pools:
+            cpus, gpus = pool.held()
+            want["CPU"] += cpus
+            want["GPU"] += gpus
+            pool.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             free = ray.available_resources()
-            fits = [int(free.get(name, 0) / need + 1e-9) for name, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need]
-            room = min(fits) if fits else 1 << 30
-            if room >= wait_for or time.monotonic() >= deadline:
-                return room
+            if all(free.get(name, 0) + 1e-9 >= amount for name, amount in want.items()):
+                return
             time.sleep(0.2)
 
     # -- the calls --
@@ -472,27 +482,11 @@ class RayExecutor:
     def close(self) -> None:
         import ray
 
-        held = [(p.options["num_cpus"] * len(p.actors), p.options["num_gpus"] * len(p.actors)) for p in self.pools.values()]
-        free = ray.available_resources() if held and ray.is_initialized() else {}
-        for pool in self.pools.values():
-            pool.close()
-        self.pools = {}
+        pools, self.pools = [p for p in self.pools.values() if p.actors], {}
         if self.started_ray:
+            for pool in pools:  # ended here, not left to the cluster (one reached at `auto` stays up)
+                pool.close()
             ray.shutdown()
             self.started_ray = False
-        elif ray.is_initialized() and held:  # a cluster that stays: its resources back when this returns
-            self._freed(free.get("CPU", 0) + sum(c for c, _ in held), free.get("GPU", 0) + sum(g for _, g in held))
-
-    @staticmethod
-    def _freed(cpus: float, gpus: float, timeout_s: float = 10.0) -> None:
-        """Wait until the cluster has `cpus` and `gpus` free (Ray frees a killed actor's a moment later),
-        at most `timeout_s` (another job may have taken some meanwhile)."""
-        import ray
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            free = ray.available_resources()
-            if free.get("CPU", 0) + 1e-9 >= cpus and free.get("GPU", 0) + 1e-9 >= gpus:
-                return
-            time.sleep(0.2)
-
+        elif pools and ray.is_initialized():  # a cluster that stays: its resources back when this returns
+            self._give_back(pools)

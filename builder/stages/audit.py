@@ -214,6 +214,7 @@ class EscalationRow:
                           "abstained, and its verdicts stay out of pass rates (a sample chosen by doubt is not random)")
 
 
+CLAIM_JUDGE = "claim judge"  # escalations.judge of the claim judge's abstentions (the auditor's: its name)
 ESCALATIONS = Table("escalations", EscalationRow, key=("item", "annotator", "generation", "judge"),
                     doc="judgements a model was too unsure to make (judges.abstain_below): for a person to decide "
                         "(Trust or Escalate); the audit page puts these items first")
@@ -348,7 +349,7 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
         if open_:
             p = min((p for _, p in open_), key=lambda p: abs(p - 0.5))
             numbers = ", ".join(str(n) for n, _ in open_)
-            rows.append(EscalationRow(item, annotator, generation, "claim judge", p,
+            rows.append(EscalationRow(item, annotator, generation, CLAIM_JUDGE, p,
                                       f"the claim judge was unsure of claim {numbers}: P(unsupported) {p:.2f}",
                                       is_selected(secret, item, annotator, generation, rate)))
     with transaction(con):
