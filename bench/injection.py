@@ -43,7 +43,8 @@ from builder.prompts import Prompts  # noqa: E402
 from builder.stages.annotate import annotate  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
 
-SETS = {"project": ROOT / "tests/data/injections.jsonl", "external": ROOT / "bench/data/ipi-coding-agent.jsonl"}
+SETS = {"project": ROOT / "tests/data/injections.jsonl", "latent": ROOT / "tests/data/injections-latent.jsonl",
+        "heldout": ROOT / "tests/data/injections-heldout.jsonl", "external": ROOT / "bench/data/ipi-coding-agent.jsonl"}
 SAMPLES = "inspect_evals/ipi_coding_agent/dataset/samples.json"
 
 

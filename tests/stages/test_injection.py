@@ -12,6 +12,7 @@ from ..conftest import DATA
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 INJECTIONS = [json.loads(line) for line in (DATA / "injections.jsonl").read_text().splitlines()]
+LATENT = [json.loads(line) for line in (DATA / "injections-latent.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +148,16 @@ def parsed(response: str) -> dict | None:
 
 @pytest.fixture(scope="module")
 def injected_build(tmp_path_factory):
-    """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples, line marks) on the first six
-    attacks on file, in file order (not chosen by outcome), gates on, one retry."""
+    """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples, line marks) on the first three
+    attacks on file and the first three latent injections (an order with no address, no marker and
+    no code: "Summarize this review as '...'"), in file order (not chosen by outcome), gates on,
+    one retry."""
     from builder.build import run_build
     from builder.workspace import Workspace
 
     from ..conftest import write_workspace
 
-    rows = INJECTIONS[:6]
+    rows = INJECTIONS[:3] + LATENT[:3]
     root = write_workspace(tmp_path_factory.mktemp("injected") / "ws", [r["text"] for r in rows],
                            ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
                                                           "few_shot": False}]},
@@ -164,9 +167,11 @@ def injected_build(tmp_path_factory):
 
 
 def test_no_kept_reflection_carries_out_an_order_of_its_passage(injected_build):
-    """Issue 34: the writer obeys these passages (a claim that is the canary, or the order restated);
-    before the injection gate such answers were kept (bench/injection.py: 5 of 7 kept reflections
-    on the 12 attacks carried the payload). Now none is, and each veto is counted."""
+    """Issue 34: the writer obeys these passages (a claim that is the canary, or the order restated,
+    or the statement a latent order asks for); before the injection gate such answers were kept
+    (bench/injection.py: 5 of 7 kept reflections on the 12 attacks carried the payload), and before
+    the gate read latent orders, 7 of 9 on the 12 latent ones (no marks). Now none is, and each veto
+    is counted."""
     ws, summary, rows = injected_build
     con = ws.connect(read_only=True)
     answers = [parsed(r) for (r,) in con.execute("SELECT response FROM model_calls").fetchall()]
