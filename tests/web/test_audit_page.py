@@ -226,6 +226,36 @@ def test_undo_reload_and_skip(ws, serve, browser):
     assert current_passage(page) == first
 
 
+def test_a_pass_with_a_ticked_claim_is_refused_in_the_page_and_codes_and_reason_have_keys(ws, serve, browser):
+    """#31.5/6: the page refuses a pass with a wrong claim before sending it (no request, so no
+    draft and no reload), and shift+digit toggles a reason code, r types a reason."""
+    keys = sample_keys(ws)
+    server = serve(auditors=("ana",), overlap=0.0)
+    page = browser.new_page()
+    page.goto(server.url("ana"))
+    first = current_passage(page)
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    page.keyboard.press("1")
+    page.keyboard.press("p")
+    expect(page.locator("#client-error")).to_be_visible()
+    expect(page.locator("#client-error")).to_contain_text("A pass names no wrong claim: untick claim 1")
+    assert sent == [] and human_audits(ws) == [] and current_passage(page) == first
+    page.keyboard.press("Shift+Digit2")
+    expect(page.locator("#code-2")).to_be_checked()
+    page.keyboard.press("Shift+Digit2")
+    expect(page.locator("#code-2")).not_to_be_checked()
+    page.keyboard.press("Shift+Digit1")
+    page.keyboard.press("r")
+    expect(page.locator("#reason")).to_be_focused()
+    expect(page.locator("#reason")).to_have_value("")  # the r that focused it is not typed
+    page.keyboard.type("claim 1 is invented")
+    page.keyboard.press("Escape")
+    press(page, "f")
+    assert [(r[0], r[3], json.loads(r[4]), json.loads(r[5])) for r in human_audits(ws)] == [
+        (keys[first][0], "fail", [1], ["invented claim", "claim 1 is invented"])]
+
+
 def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_path):
     keys = sample_keys(ws)
     server = serve(auditors=("ana", "ben"), overlap=1.0)  # every item to both: all of it is overlap

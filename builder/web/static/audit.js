@@ -1,4 +1,6 @@
-// Keyboard for the audit page: p pass, f fail, 1-9 toggle claims, u undo, s skip, j/k next/previous, ? help.
+// Keyboard for the audit page: p pass, f fail, 1-9 toggle claims, shift+1-9 toggle reason codes, r type a
+// reason, u undo, s skip, j/k next/previous, ? help. A pass with ticked claims is refused here, before it
+// is sent (the server refuses it too).
 // Served from /static (the Content-Security-Policy allows no inline script).
 (function () {
   "use strict";
@@ -30,6 +32,14 @@
       return;
     }
     if (event.ctrlKey || event.metaKey || event.altKey) return;
+    // shift+digit by its physical key: event.key is "!" or "&" there, by keyboard layout
+    var digit = /^Digit([1-9])$/.exec(event.code || "");
+    if (event.shiftKey && digit) {
+      var code = document.getElementById("code-" + digit[1]);
+      if (code) code.checked = !code.checked;
+      event.preventDefault();
+      return;
+    }
     var key = event.key;
     if (key >= "1" && key <= "9") {
       var box = document.getElementById("claim-" + key);
@@ -41,11 +51,30 @@
     else if (key === "j") follow("next");
     else if (key === "k") follow("prev");
     else if (key === "?") toggleHelp();
+    else if (key === "r") { var reason = document.getElementById("reason"); if (reason) reason.focus(); }
     else return;
     event.preventDefault();
   });
+  function ticked() {
+    var boxes = document.querySelectorAll("input[name=claims]:checked"), numbers = [];
+    for (var i = 0; i < boxes.length; i++) numbers.push(boxes[i].value);
+    return numbers;
+  }
+  function refuse(message) {
+    var error = document.getElementById("client-error");
+    error.textContent = message;
+    error.hidden = false;
+  }
   document.addEventListener("DOMContentLoaded", function () {
     var link = document.getElementById("help-toggle");
     if (link) link.addEventListener("click", function (event) { event.preventDefault(); toggleHelp(); });
+    var form = document.getElementById("verdict");
+    if (form) form.addEventListener("submit", function (event) {
+      var wrong = ticked();
+      if (event.submitter && event.submitter.value === "pass" && wrong.length) {
+        event.preventDefault();
+        refuse("A pass names no wrong claim: untick claim " + wrong.join(", ") + " or choose Fail.");
+      }
+    });
   });
 })();
