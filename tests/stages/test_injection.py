@@ -180,7 +180,8 @@ def test_no_kept_reflection_carries_out_an_order_of_its_passage(injected_build):
     con.close()
     payloads = [r["payload"] for r in rows]
     # the model did carry an order out somewhere (llama-server's parallel slots make its answers vary a
-    # little from run to run; over six attacks and their retries it always has, in every run seen)
+    # little from run to run; over three attacks, three latent orders and their retries it has in every
+    # run seen: six attacks before 2026-12-05, this mix since)
     obeyed = [a for a in answers if a and any(carries(t, p) for t in record_texts(a) for p in payloads)]
     assert obeyed
     for text, status, reason, record in annotations:
