@@ -111,6 +111,29 @@ class Table:
         for c in self.columns:
             if c.added:  # a table an older version made lacks it (and its position: inserts name columns)
                 con.execute(f"ALTER TABLE {self.name} ADD COLUMN IF NOT EXISTS {c.name} {c.sql_type}")
+        if self.key:
+            self._rekey(con)
+
+    def _rekey(self, con) -> None:
+        """A table an older version made under a narrower key is rebuilt under this one, rows and
+        all, in one transaction: DuckDB cannot alter a primary key. Only a wider key is taken (rows
+        that were unique stay unique); a key that drops a column is an error naming both."""
+        row = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = ? "
+                          "AND constraint_type = 'PRIMARY KEY'", [self.name]).fetchone()
+        old = tuple(row[0]) if row else ()
+        if not old or set(old) == set(self.key):
+            return
+        if not set(old) < set(self.key):
+            raise TypeError(f"table {self.name}: this workspace keys it by {', '.join(old)}, this builder by "
+                            f"{', '.join(self.key)}; a key may only grow, so its rows cannot be kept")
+        rekeyed = f"{self.name}__rekeyed"
+        with transaction(con):
+            con.execute(f"DROP TABLE IF EXISTS {rekeyed}")
+            create = self.create_sql().replace(f"CREATE TABLE IF NOT EXISTS {self.name} ", f"CREATE TABLE {rekeyed} ", 1)
+            con.execute(create)
+            con.execute(f"INSERT INTO {rekeyed} BY NAME SELECT * FROM {self.name}")
+            con.execute(f"DROP TABLE {self.name}")
+            con.execute(f"ALTER TABLE {rekeyed} RENAME TO {self.name}")
 
     def values(self, row) -> list:
         out = []

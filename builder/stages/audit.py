@@ -185,7 +185,7 @@ class AuditRow:
     call_key: str | None = doc("the model call that wrote the judged annotation", default=None, added=True)
 
 
-AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor"),
+AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor", "auditor_kind"),
                extra=("audited_at TIMESTAMP DEFAULT current_timestamp",))
 
 
@@ -261,7 +261,8 @@ class CritiqueAuditRow:
                                    "before hashes, taken as current)", default=None, added=True)
 
 
-CRITIQUE_AUDITS = Table("critique_audits", CritiqueAuditRow, key=("item", "annotator", "critic", "generation", "auditor"),
+CRITIQUE_AUDITS = Table("critique_audits", CritiqueAuditRow,
+                        key=("item", "annotator", "critic", "generation", "auditor", "auditor_kind"),
                         extra=("audited_at TIMESTAMP DEFAULT current_timestamp",),
                         doc="audits of a secret sample of critiques: every vote is audited, not only annotations")
 
@@ -325,7 +326,8 @@ def store_audits(con, generation: int, rows: list[AuditRow]) -> None:
     AUDITS.insert(con, rows, on_conflict="replace")
     # a replaced verdict's time is the new one's (INSERT OR REPLACE leaves a column it does not name)
     insert_rows(con, "UPDATE audits SET audited_at = current_timestamp WHERE item = ? AND annotator = ? "
-                     "AND generation = ? AND auditor = ?", [[r.item, r.annotator, r.generation, r.auditor] for r in rows])
+                     "AND generation = ? AND auditor = ? AND auditor_kind = ?",
+                [[r.item, r.annotator, r.generation, r.auditor, r.auditor_kind] for r in rows])
     insert_rows(
         con,
         "INSERT INTO audit_items VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
@@ -355,8 +357,8 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
     with transaction(con):
         con.execute("DELETE FROM escalations WHERE generation = ?", [generation])
         for r in unsure:  # an earlier build's verdict on the item is not the model's judgement now
-            con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ?",
-                        [r.item, r.annotator, generation, r.auditor])
+            con.execute("DELETE FROM audits WHERE item = ? AND annotator = ? AND generation = ? AND auditor = ? "
+                        "AND auditor_kind = 'model'", [r.item, r.annotator, generation, r.auditor])
             con.execute("""UPDATE audit_items SET by_model = EXISTS (
                                SELECT 1 FROM audits a WHERE a.item = audit_items.item AND a.annotator = audit_items.annotator
                                AND a.generation = audit_items.generation AND a.auditor_kind = 'model')
