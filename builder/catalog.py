@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from . import build, evaluate  # noqa: F401 - their modules (and their stages') declare the tables on import
 from .hashes import ANNOTATION_HASH_SQL, CRITIQUE_HASH_SQL
-from .tables import REGISTRY, schema_sql  # noqa: F401 - schema_sql: every table's CREATE, as `ratchet sql` shows
+from .tables import REGISTRY, primary_keys, schema_sql  # noqa: F401 - schema_sql: every CREATE, for `ratchet sql`
 
 
 def create_schema(con) -> None:
     """Every table (each declared once, by the row type of the stage that writes it: see
     tables.py) and every documented view."""
+    keys = primary_keys(con)
     for table in REGISTRY.values():
-        table.create(con)
+        table.create(con, keys)
     con.execute(VIEWS_SQL)
 
 

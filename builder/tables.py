@@ -106,21 +106,19 @@ class Table:
         head = f"CREATE TABLE IF NOT EXISTS {self.name} ({' -- ' + self.doc if self.doc else ''}"
         return head + "\n" + "\n".join(lines) + "\n);"
 
-    def create(self, con) -> None:
+    def create(self, con, keys: dict[str, tuple[str, ...]] | None = None) -> None:
+        """keys: every table's primary key as primary_keys(con) reads it, for one who creates many."""
         con.execute(self.create_sql())
         for c in self.columns:
             if c.added:  # a table an older version made lacks it (and its position: inserts name columns)
                 con.execute(f"ALTER TABLE {self.name} ADD COLUMN IF NOT EXISTS {c.name} {c.sql_type}")
         if self.key:
-            self._rekey(con)
+            self._rekey(con, (primary_keys(con) if keys is None else keys).get(self.name, ()))
 
-    def _rekey(self, con) -> None:
+    def _rekey(self, con, old: tuple[str, ...]) -> None:
         """A table an older version made under a narrower key is rebuilt under this one, rows and
         all, in one transaction: DuckDB cannot alter a primary key. Only a wider key is taken (rows
         that were unique stay unique); a key that drops a column is an error naming both."""
-        row = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = ? "
-                          "AND constraint_type = 'PRIMARY KEY'", [self.name]).fetchone()
-        old = tuple(row[0]) if row else ()
         if not old or set(old) == set(self.key):
             return
         if not set(old) < set(self.key):
@@ -185,6 +183,14 @@ class Table:
             kwargs = {c.name: (json.loads(v) if c.json and isinstance(v, str) else v) for c, v in zip(self.columns, values)}
             out.append(self.row(**kwargs))
         return out
+
+
+def primary_keys(con) -> dict[str, tuple[str, ...]]:
+    """Each table's primary key as the database holds it, in one query (one per table cost a
+    third of a workspace's connect)."""
+    return {name: tuple(columns) for name, columns in con.execute(
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE constraint_type = 'PRIMARY KEY'").fetchall()}
 
 
 def schema_sql(tables=None) -> str:

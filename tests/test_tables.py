@@ -5,7 +5,7 @@ import duckdb
 import pytest
 
 from builder.stages.audit import AUDITS, AuditRow, store_audits
-from builder.tables import Table
+from builder.tables import Table, primary_keys
 
 # The audits table as builders before issue 31.2 made it: keyed without the auditor's kind.
 OLD_AUDITS = """CREATE TABLE audits(item VARCHAR, annotator VARCHAR, generation INTEGER, auditor VARCHAR,
@@ -15,11 +15,6 @@ OLD_AUDITS = """CREATE TABLE audits(item VARCHAR, annotator VARCHAR, generation 
 
 def audit(auditor: str, kind: str, verdict: str) -> AuditRow:
     return AuditRow("p1", "writer", 1, auditor, kind, verdict, None, None)
-
-
-def primary_key(con, table: str) -> list[str]:
-    return con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = ? "
-                       "AND constraint_type = 'PRIMARY KEY'", [table]).fetchone()[0]
 
 
 def test_an_older_audits_table_is_rekeyed_with_the_auditor_kind_and_keeps_its_rows():
@@ -37,7 +32,7 @@ def test_an_older_audits_table_is_rekeyed_with_the_auditor_kind_and_keeps_its_ro
 
     AUDITS.create(con)
 
-    assert primary_key(con, "audits") == ["item", "annotator", "generation", "auditor", "auditor_kind"]
+    assert primary_keys(con)["audits"] == ("item", "annotator", "generation", "auditor", "auditor_kind")
     assert con.execute("SELECT item, auditor, auditor_kind, verdict, reasons, wrong_claims, audited_at "
                        "FROM audits ORDER BY item").fetchall() == before
     assert con.execute("SELECT count(*) FROM audit_names").fetchone()[0] == 2
