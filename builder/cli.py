@@ -148,6 +148,12 @@ def _faithfulness(f: dict | None) -> str:
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped; vetoed {f['vetoed'] or 'none'}")
 
 
+def _best_of(b: dict) -> str:
+    """What sampling several candidates per passage did (annotate.best_of)."""
+    return (f"{b['samples']} sampled, {b['samples_accepted']} passed every gate; {b['kept_not_first']} kept "
+            f"annotation(s) are not the first sample, {b['rescued']} of them where the first was rejected")
+
+
 def _injection(i: dict | None) -> str:
     """What the injection gate (builder/injection.py) found and did."""
     if not i:
@@ -171,6 +177,7 @@ def _summary_table(s: dict) -> Table:
         ("annotations rejected", f"{s['rejected']} {s['rejection_reasons'] or ''}"),
         ("truncated outputs", f"{100 * s['truncation_rate']:.1f}% of {s['attempts']} attempts"),
         ("faithfulness gates", _faithfulness(s.get("faithfulness"))),
+        *([("candidates (best of N)", _best_of(s["best_of"]))] if s.get("best_of") else []),
         ("orders in passages", _injection(s.get("injection"))),
         ("model calls (new / cached)", f"{s['model_calls']} / {s['cached_calls']}"),
         ("engine errors", s["engine_errors"]),

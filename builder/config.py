@@ -73,6 +73,13 @@ class AnnotateConfig(Section):
                              "labelled claims they keep) for about 3 s a claim (docs/judges.md).")
     claim_threshold: float = Field(0.5, gt=0, le=1, description="The claim judge drops a claim whose calibrated "
                                    "P(unsupported) is at least this.")
+    best_of: int = Field(1, ge=1, le=8, description="Candidates each annotating member samples per passage (a "
+                         "member's own best_of overrides it). With the gates, the one kept has the most claims they "
+                         "verify; a tie goes to fewer words the passage does not bear out, then to the earlier "
+                         "sample. The first candidate is the request of best_of = 1 (same cache key); the others "
+                         "draw other seeds at candidate_temperature (docs/faithfulness.md: what N buys).")
+    candidate_temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of every candidate "
+                                         "after the first (at least the member's own), so that they differ.")
 
 
 class AuditConfig(Section):
@@ -107,6 +114,8 @@ class MemberConfig(Section):
     roles: list[Literal["annotate", "critique"]] = Field(
         list(ROLES), min_length=1, description="What the member does: annotate, critique, or both.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; default sampling.temperature.")
+    best_of: int | None = Field(None, ge=1, le=8, description="Candidates this member samples per passage, the "
+                                "best kept; default annotate.best_of.")
     few_shot: bool = Field(True, description="Show this member the prompt's few-shot annotation examples "
                            "(annotate.examples.jsonl). false: the instructions and the grammar alone (a model that "
                            "copies the examples' content into its reflections: docs/faithfulness.md).")

@@ -29,6 +29,7 @@ class Member:
     temperature: float | None
     backend: Backend
     few_shot: bool = True  # shown the prompt's few-shot annotation examples
+    best_of: int | None = None  # candidates sampled per passage (None: annotate.best_of)
 
     @property
     def family(self) -> str:
@@ -69,7 +70,8 @@ class Ensemble:
                 self._backends[key] = make_backend(engine)
             except ModelNotFound as exc:
                 raise ModelNotFound(f"ensemble member {m.display_name}: {exc}") from None
-        return Member(m.display_name, m.persona, list(m.roles), m.temperature, self._backends[key], m.few_shot)
+        return Member(m.display_name, m.persona, list(m.roles), m.temperature, self._backends[key], m.few_shot,
+                      m.best_of)
 
     def backend_for(self, engine) -> Backend | None:
         """The loaded backend of this engine config, if a member already uses it."""

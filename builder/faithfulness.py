@@ -351,6 +351,14 @@ def foreign_words(text: str, passage: str) -> list[str]:
     return [w for w in _content(words(text)) if w not in META and w not in NEGATIONS and _stem(w) not in have]
 
 
+def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> int:
+    """What an answer said that its passage does not bear out, in words: every word of its
+    dropped claims, and the content words of what it keeps that the passage never uses. Of two
+    candidates with as many verified claims, the one with fewer is kept (annotate.best_of)."""
+    dropped = sum(len(words(c["claim"])) for c in claim_checks if c["verdict"] != "supported")
+    return dropped + sum(len(foreign_words(t, passage)) for t in record_texts(record))
+
+
 def borne_out(reflection: str, passage: str) -> tuple[str, int]:
     """The reflection without its sentences that say what the passage does not (FOREIGN_LIMIT
     words it never uses), and how many were cut."""

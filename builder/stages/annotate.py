@@ -1,7 +1,10 @@
 """Annotate: every annotating ensemble member writes one epistemic reflection per passage
-(schemas/annotation.schema.json), or a recorded rejection after its retries."""
+(schemas/annotation.schema.json), or a recorded rejection after its retries. With
+annotate.best_of = N, a member samples N candidates per passage and the one with the most
+verified claims is kept (`choose`)."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,6 +13,7 @@ from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
 from ..structured import Outcome
+from ..backends.base import Request
 from ..tables import Json, Table, doc, transaction
 from .base import BuildContext, ModelTask, Sampling, Stage, run_task
 
@@ -32,6 +36,11 @@ class AnnotationRow:
                                     added=True)
     dropped_notes: int | None = doc("notes dropped for a number or name not in the passage, and reflection sentences "
                                     "cut for words it never uses (faithfulness.borne_out)", default=None, added=True)
+    candidate: int | None = doc("which of the member's annotate.best_of samples this is (0: the first)", default=None,
+                                added=True)
+    candidates: Json | None = doc("every sample of this passage by this member: its status, reason, attempts, claims "
+                                  "verified and words the passage does not bear out (why this one was kept)",
+                                  default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -49,7 +58,19 @@ class MemberRow:
 MEMBERS = Table("members", MemberRow, key=("name",), doc="who annotates: the substrate and perspective of each")
 
 
-class AnnotateTask(ModelTask[Passage, AnnotationRow]):
+@dataclass(frozen=True)
+class Candidate:
+    """One of a member's samples of one passage (annotate.best_of)."""
+    passage: Passage
+    index: int = 0
+
+
+# Seeds of candidate k start at seed + k * stride: past any retry's seed (retries <= 10) and,
+# with best_of <= 8, short of the next generation's (annotation_config: + 1000).
+CANDIDATE_SEED_STRIDE = 16
+
+
+class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
     schema_name = "annotation"
 
     def __init__(self, prompts: Prompts, cfg: RatchetConfig, generation: int, annotator: str, persona: str = "default",
@@ -57,30 +78,78 @@ class AnnotateTask(ModelTask[Passage, AnnotationRow]):
         super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
         self.prompts, self.mark, self.persona, self.gates = prompts, cfg.annotate.datamark, persona, cfg.annotate.gates
         self.generation, self.annotator, self.few_shot = generation, annotator, few_shot
+        self.candidate_temperature = cfg.annotate.candidate_temperature
         self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
 
-    def schema(self, passage: Passage) -> dict:
+    def schema(self, item: Candidate) -> dict:
         if not self.gates:
-            return super().schema(passage)
-        return faithfulness.annotation_schema(passage.text)  # evidence: one of the passage's own spans
+            return super().schema(item)
+        return faithfulness.annotation_schema(item.passage.text)  # evidence: one of the passage's own spans
 
-    def format_input(self, passage: Passage) -> tuple[dict, ...]:
-        return self.prompts.annotation_messages(passage.text, mark=self.mark, persona=self.persona,
+    def format_input(self, item: Candidate) -> tuple[dict, ...]:
+        return self.prompts.annotation_messages(item.passage.text, mark=self.mark, persona=self.persona,
                                                 examples=self.few_shot)
 
-    def check(self, passage: Passage, record: dict) -> tuple[dict, object, str | None]:
+    def request(self, item: Candidate, attempt: int) -> Request:
+        request = super().request(item, attempt)
+        if item.index == 0:  # the request of best_of = 1: its cached answer is reused
+            return request
+        return dataclasses.replace(request, seed=request.seed + CANDIDATE_SEED_STRIDE * item.index,
+                                   temperature=max(request.temperature, self.candidate_temperature))
+
+    def check(self, item: Candidate, record: dict) -> tuple[dict, object, str | None]:
         if not self.gates:
             return record, None, None
-        gated = faithfulness.gate(record, passage.text, self.example_runs)
-        if (why := injection.carried_out(record, passage.text)) is not None:  # before any other reason
+        gated = faithfulness.gate(record, item.passage.text, self.example_runs)
+        if (why := injection.carried_out(record, item.passage.text)) is not None:  # before any other reason
             gated.veto = f"{injection.VETO}: {why}"
         return gated.record, gated, gated.veto
 
-    def format_output(self, passage: Passage, o: Outcome) -> AnnotationRow:
+    def format_output(self, item: Candidate, o: Outcome) -> AnnotationRow:
         gated = o.checked
-        return AnnotationRow(self.generation, passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
+        return AnnotationRow(self.generation, item.passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
                              o.truncated, o.record, o.call_key, o.trimmed,
-                             gated.claim_checks if gated else None, gated.dropped_notes if gated else None)
+                             gated.claim_checks if gated else None, gated.dropped_notes if gated else None,
+                             candidate=item.index)
+
+
+def candidates(passages: list[Passage], best_of: int) -> list[Candidate]:
+    """Every passage's candidates, the first ones of all passages first (they are best_of = 1's)."""
+    return [Candidate(p, k) for k in range(best_of) for p in passages]
+
+
+def verified_claims(row: AnnotationRow) -> int:
+    return len(row.record["claims"]) if row.status == "accepted" else 0
+
+
+def choose(rows: list[AnnotationRow], texts: dict[str, str]) -> list[AnnotationRow]:
+    """One row per passage, in the order of their first candidates: of a passage's samples, an
+    accepted one with the most verified claims, a tie going to fewer words the passage does not
+    bear out (faithfulness.unsupported_words), then to the earlier sample. With no accepted
+    sample, the first one's rejection stands. Every sample is summed up in the kept row."""
+    by_passage: dict[str, list[AnnotationRow]] = {}
+    for row in rows:
+        by_passage.setdefault(row.passage_id, []).append(row)
+    chosen = []
+    for pid, group in by_passage.items():
+        unsupported = [faithfulness.unsupported_words(r.record, r.claim_checks or [], texts[pid])
+                       if r.status == "accepted" else None for r in group]
+        best = max(range(len(group)), key=lambda i: (group[i].status == "accepted", verified_claims(group[i]),
+                                                    -(unsupported[i] or 0), -i))
+        row = group[best]
+        row.candidates = [{"candidate": r.candidate, "status": r.status, "reason": r.reason, "attempts": r.attempts,
+                           "claims": verified_claims(r), "unsupported_words": u} for r, u in zip(group, unsupported)]
+        chosen.append(row)
+    return chosen
+
+
+def annotate_passages(task: AnnotateTask, passages: list[Passage], best_of: int, engine, run=None,
+                      advance=None) -> list[AnnotationRow]:
+    """`best_of` candidates of every passage in one batch (the engine's slots work on all of
+    them at once), then the kept one of each."""
+    items = candidates(passages, best_of)
+    rows = run(task, items, engine) if run else run_task(task, items, engine, advance)
+    return choose(rows, {p.passage_id: p.text for p in passages})
 
 
 class Annotate(Stage):
@@ -95,7 +164,8 @@ class Annotate(Stage):
         for member in ctx.ensemble.annotators:
             task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature,
                                 member.few_shot)
-            rows = ctx.run(task, ctx.passages, ctx.engine(member.backend))
+            rows = annotate_passages(task, ctx.passages, member.best_of or cfg.annotate.best_of,
+                                     ctx.engine(member.backend), ctx.run)
             if judge is not None:
                 judge_claims(rows, ctx.text(), judge, ctx.prompts, cfg, ctx.run)
             ctx.per_member[member.name] = rows
@@ -110,10 +180,10 @@ class Annotate(Stage):
 
 def annotate(passages: list[Passage], engine, prompts: Prompts, config: RatchetConfig, on_progress=None,
              persona: str = "default", temperature: float | None = None, generation: int = 1,
-             annotator: str = "annotator", few_shot: bool = True) -> list[AnnotationRow]:
+             annotator: str = "annotator", few_shot: bool = True, best_of: int | None = None) -> list[AnnotationRow]:
     """Annotate passages with one cached engine outside a build (benches, notebooks, tests)."""
-    return run_task(AnnotateTask(prompts, config, generation, annotator, persona, temperature, few_shot), passages,
-                    engine, on_progress)
+    task = AnnotateTask(prompts, config, generation, annotator, persona, temperature, few_shot)
+    return annotate_passages(task, passages, best_of or config.annotate.best_of, engine, advance=on_progress)
 
 
 def judge_claims(rows: list[AnnotationRow], texts: dict[str, str], engine, prompts: Prompts, cfg: RatchetConfig,
@@ -174,14 +244,26 @@ def accepted_annotations(per_member: dict[str, list[AnnotationRow]]) -> list[tup
 
 
 def annotation_metrics(rows: list[AnnotationRow]) -> dict:
-    attempts = sum(r.attempts for r in rows)
+    samples = [c for r in rows for c in r.candidates or [{"attempts": r.attempts, "status": r.status}]]
+    attempts = sum(c["attempts"] for c in samples)
     reasons = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected")
     return {"annotations": len(rows), "accepted": sum(r.status == "accepted" for r in rows),
             "rejected": sum(r.status == "rejected" for r in rows), "rejection_reasons": dict(sorted(reasons.items())),
             "attempts": attempts,
             "truncation_rate": round(sum(r.truncated for r in rows) / attempts, 4) if attempts else 0.0,
             "trimmed_strings": sum(r.trimmed or 0 for r in rows if r.status == "accepted"),
-            "faithfulness": faithfulness_metrics(rows)}
+            "faithfulness": faithfulness_metrics(rows),
+            **({"best_of": best_of_metrics(rows)} if len(samples) > len(rows) else {})}
+
+
+def best_of_metrics(rows: list[AnnotationRow]) -> dict:
+    """What sampling more than one candidate did: samples, how many passed every gate, and the
+    kept rows that are not the first sample (the passages the extra samples changed)."""
+    samples = [c for r in rows for c in r.candidates or []]
+    return {"samples": len(samples), "samples_accepted": sum(c["status"] == "accepted" for c in samples),
+            "kept_not_first": sum(r.status == "accepted" and (r.candidate or 0) > 0 for r in rows),
+            "rescued": sum(r.status == "accepted" and r.candidates[0]["status"] != "accepted"
+                           for r in rows if r.candidates)}
 
 
 def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:

@@ -26,15 +26,18 @@ def collapse(text: str) -> str:
     return " ".join(text.split())
 
 
+# Two candidates per passage (annotate.best_of), the one with the most verified claims kept.
+ANNOTATE = {"gates": True, "retries": 1, "claim_judge": "bundled:qwen2.5-coder-1.5b", "best_of": 2}
+
+
 @pytest.fixture(scope="module")
 def qwen_build(tmp_path_factory):
     """The default writer (Qwen2.5-Coder-0.5B, no few-shot examples) on four passages, gates on,
-    and the claim judge (off by default) on the best measured model."""
+    two candidates per passage, and the claim judge (off by default) on the best measured model."""
     root = write_workspace(tmp_path_factory.mktemp("faithful") / "ws", CORPUS[:4],
                            ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
                                                           "few_shot": False}]},
-                           annotate={"gates": True, "retries": 1, "claim_judge": "bundled:qwen2.5-coder-1.5b"},
-                           audit={"rate": 0.0, "auditor": ""})
+                           annotate=ANNOTATE, audit={"rate": 0.0, "auditor": ""})
     ws = Workspace(root)
     return ws, run_build(ws)
 
@@ -84,6 +87,31 @@ def test_every_claim_the_model_wrote_is_recorded_with_its_verdict(qwen_build):
     assert all(r["claim_checks"] for r in table if r["status"] == "accepted")
 
 
+def test_of_two_samples_the_one_with_the_most_verified_claims_is_kept(qwen_build):
+    """Best-of-N on the real writer: the second sample, at another seed and a higher temperature,
+    is another answer (an engine that ignored them would give the first again), and the kept one
+    has the most claims the rules verified (the claim judge runs after, on the kept one)."""
+    ws, summary = qwen_build
+    con = ws.connect(read_only=True)
+    rows = con.execute("SELECT status, candidate, candidates FROM annotations").fetchall()
+    answers = [r for (r,) in con.execute("SELECT response FROM model_calls WHERE response LIKE '%\"reflection\"%'")
+               .fetchall()]
+    con.close()
+    assert len(rows) == 4 and summary["best_of"]["samples"] == 8
+    assert len(set(answers)) > len(rows)  # the second samples are not the first ones again
+    for status, candidate, candidates in rows:
+        samples = json.loads(candidates)
+        assert [s["candidate"] for s in samples] == [0, 1]
+        most = max(s["claims"] for s in samples)
+        assert samples[candidate]["claims"] == most
+        if most:
+            assert samples[candidate]["status"] == "accepted"
+            assert samples[candidate]["unsupported_words"] == min(s["unsupported_words"] for s in samples
+                                                                   if s["claims"] == most)
+        else:
+            assert status == "rejected" and candidate == 0
+
+
 def test_the_claim_judge_asks_about_every_claim_the_rules_kept_and_drops_what_it_finds_unsupported(qwen_build):
     ws, summary = qwen_build
     con = ws.connect(read_only=True)
@@ -124,8 +152,7 @@ def test_judgements_too_unsure_to_make_go_to_the_top_of_the_audit_queue(qwen_bui
     def rebuild(abstain_below: float):
         write_workspace(root, None, ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
                                                                    "few_shot": False}]},
-                        annotate={"gates": True, "retries": 1, "claim_judge": "bundled:qwen2.5-coder-1.5b"},
-                        audit={"rate": 1.0, "auditor": "bundled:smollm2"}, judges={"abstain_below": abstain_below})
+                        annotate=ANNOTATE, audit={"rate": 1.0, "auditor": "bundled:smollm2"}, judges={"abstain_below": abstain_below})
         copy = Workspace(root)
         return copy, run_build(copy, overwrite=True)
 
