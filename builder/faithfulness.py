@@ -165,10 +165,47 @@ def sentence_of(evidence: str, passage: str) -> str:
     return evidence
 
 
+# A claim wrapped in words about itself ("The passage supports this claim by stating that X", "The
+# evidence supports the claim that X", "The claim that X"): the claim is X. ("The passage states that
+# X" stays: it says who says X.) Read in the kept claims of the default writer's best-of-3 run on the
+# demo corpus, where a reader found 6 such claims in 4 of 12 unfaithful reflections
+# (bench/best_of.py; in sample).
+_WRAPPER = re.compile(r"^\s*(?:(?:the|this)\s+)?(?:passage|text|article|evidence|quote|author)\s+(?:also\s+)?"
+                      r"(?:clearly\s+)?(?:supports?|says|states|shows|suggests|indicates|reports|notes|mentions|makes)"
+                      r"\s+(?:this|the)\s+claim(?:\s+(?:by|in)\s+(?:stating|saying|noting|reporting|showing))?"
+                      r"(?:\s+that)?\s+(?=\S)|^\s*(?:(?:the|this)\s+)?claim\s+(?:is\s+)?that\s+(?=\S)", re.I)
+# A claim that classifies itself instead of saying something: "The claim is opinion, because ...".
+_ABOUT_ITSELF = re.compile(r"^\s*(?:(?:the|this)\s+)?claim\s+is\s+(?:an?\s+)?(?:fact|opinion|value|prediction)\b", re.I)
+MIN_CLAIM_WORDS = 3  # "preliminary", "Sampling sites": a fragment asserts nothing
+FIRST_PERSON = {"i", "we", "me", "us", "my", "our", "mine", "ours", "myself", "ourselves"}
+OPEN = {"whether"}  # "leaders disagreed about whether X": the passage leaves X open
+DOUBT = OPEN | {"if", "may", "might", "could", "possibly", "perhaps", "unclear", "disagree", "disagreed", "debate",
+                "debated", "question", "questioned", "uncertain", "unsure", "unknown", "doubt", "doubted"}
+
+
+def unwrapped(claim: str) -> str:
+    """The claim without words about the passage or the claim that wrap it (`_WRAPPER`)."""
+    rest = _WRAPPER.sub("", claim, count=1)
+    return rest[:1].upper() + rest[1:] if rest != claim else claim
+
+
+def not_a_claim(claim: str) -> str | None:
+    """Why a claim says nothing of its passage: it classifies itself, or it is a fragment."""
+    if _ABOUT_ITSELF.match(claim):
+        return "not a claim: it says what kind of claim it is, not what the passage says"
+    if len(words(claim)) < MIN_CLAIM_WORDS:
+        return f"not a claim: fewer than {MIN_CLAIM_WORDS} words"
+    return None
+
+
 def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     """None when the claim is what its evidence says (by the rules), else the reason it is not.
     Numbers must be in the quote itself; names and content words may come from the sentence that
     holds it ("none of them would give figures": them are the shop owners named before)."""
+    if (why := not_a_claim(claim)) is not None:
+        return why
+    if cut_off(claim):
+        return "cut off: it ends mid-sentence"
     if not evidence or not span_of(evidence, passage):
         return "evidence not a span of the passage"
     said = words(claim)
@@ -192,7 +229,35 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
     reporting = set(words(evidence)) & ATTRIBUTION  # the quote's own words: a clause after "X said A, but B" is B's
     if reporting and not set(said) & (REPORTED | META):
         return f"attribution dropped: its evidence reports it ('{sorted(reporting)[0]}'), the claim states it as fact"
+    if person := sorted((set(said) & FIRST_PERSON) - set(words(passage))):
+        return f"first person its passage never uses: '{person[0]}' (whose words are these?)"
+    if settled(said, words(evidence)):
+        return "stated as settled: its evidence leaves it open ('whether')"
     return None
+
+
+# Words a finished sentence does not end on: "... that one of its space heaters could", "... but did
+# not say". (Not adverbs: "higher than before" ends well.)
+DANGLING = set("""a an the and or but nor of to for with by from in on at as that which who whose could would should
+can will may might must shall is are was were be been being has have had do does did not no their its his her our
+your my say said says than because while if whether although though into about between per via""".split())
+
+
+def cut_off(claim: str) -> bool:
+    """A claim cut mid-sentence: it ends on a comma or a word that needs more after it."""
+    found = _WORD.findall(unmark(claim))
+    last = found[-1] if found else ""
+    return claim.rstrip().endswith((",", ";", ":")) or last.lower() in DANGLING and not last[:1].isupper()  # "in May"
+
+
+def settled(said: tuple[str, ...], quote: tuple[str, ...]) -> bool:
+    """A claim that states as fact what its quote asks `whether`: most of its content words come
+    after the quote's "whether" and it keeps no word of doubt."""
+    if not OPEN & set(quote) or DOUBT & set(said):
+        return False
+    after = {_stem(w) for w in quote[max(i for i, w in enumerate(quote) if w in OPEN):]}
+    content = _content(said)
+    return bool(content) and sum(_stem(w) in after for w in content) / len(content) >= COVERAGE
 
 
 def requote(claim: str, passage: str) -> str | None:
@@ -367,15 +432,30 @@ def borne_out(reflection: str, passage: str) -> tuple[str, int]:
     return " ".join(kept), len(sentences) - len(kept)
 
 
+def checked(c: dict, passage: str) -> tuple[dict, str | None, str | None]:
+    """One claim through the rules: (the claim as kept, the reason it is dropped or None, a note
+    on what was changed). Its quote is re-chosen where another span holds it (`requote`); a
+    claim wrapped in words about itself is kept unwrapped where the bare claim passes, and is
+    judged as written otherwise ("The evidence supports the claim that X" says who holds X when
+    the quote reports it; bare X would drop the attribution)."""
+    def rules(c: dict) -> tuple[dict, str | None, str | None]:
+        reason = check_claim(c.get("claim", ""), c.get("evidence", ""), passage)
+        if reason is not None and (quote := requote(c.get("claim", ""), passage)) is not None:
+            return {**c, "evidence": quote}, None, f"{REQUOTED}: the answer quoted '{c.get('evidence', '')}' ({reason})"
+        return c, reason, None
+
+    if (bare := unwrapped(c.get("claim", ""))) != c.get("claim", ""):
+        kept, reason, note = rules({**c, "claim": bare})
+        if reason is None:
+            return kept, None, "; ".join(filter(None, [f"{UNWRAPPED}: the answer wrote '{c['claim']}'", note]))
+    return rules(c)
+
+
 def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
     """Run every gate on one annotation (see the module docstring)."""
     checks, claims, said = [], [], set()
     for c in record.get("claims", []):
-        reason = check_claim(c.get("claim", ""), c.get("evidence", ""), passage)
-        note = None
-        if reason is not None and (quote := requote(c.get("claim", ""), passage)) is not None:
-            note = f"{REQUOTED}: the answer quoted '{c.get('evidence', '')}' ({reason})"
-            c, reason = {**c, "evidence": quote}, None
+        c, reason, note = checked(c, passage)
         if reason is None and _normal(c.get("claim", "")) in said:
             reason, note = f"{REPEATED}: a kept claim says the same words", None
         checks.append({"evidence": c.get("evidence", ""), "claim": c.get("claim", ""),
@@ -405,5 +485,6 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
 
 
 VETOES = ("echo", "garbled", "reflection", "no supported claim")
+UNWRAPPED = "unwrapped"  # a kept or dropped claim's note: words about the passage or the claim were taken off
 REQUOTED = "quote re-chosen"  # a kept claim's check reason: its evidence is the passage span that holds it
 REPEATED = "repeated"  # a dropped claim's reason: the same words as a kept claim of the same reflection

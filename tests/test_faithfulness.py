@@ -225,3 +225,63 @@ def test_a_name_in_the_possessive_is_the_passages_name():
     assert f.check_note("The Alliance forecast it.", alliance.replace("Alliance", "Alliance's")) is None
     assert f.check_claim("The Alliance's annual conference declared it", "the Clean Motion Alliance declared at its annual "
                          "conference.", alliance) is None
+
+
+# Claims a reader found wrong in the kept reflections of the default writer's best-of-3 run on the
+# demo corpus (bench/best_of.py, 2026-12-06): the rules below were written after reading them (in
+# sample); each is paired with claims of the same run the reader found right, which must pass.
+TEXTILES = ("Brightwell Textiles will close its plant in Norbury next March, cutting 340 jobs, the company confirmed. "
+            "Managers blamed rising energy costs and cheaper imports. The company said it would offer retraining "
+            "funds, but did not say how much money had been set aside.")
+TURNOUT = ("The Green Lanes Party won six of the twenty-one seats, gaining four. Party leaders disagreed about whether "
+           "the higher turnout reflected new postal voting rules or stronger interest in local issues.")
+SOLAR = ("My neighbour put solar panels on his roof two years ago and has had nothing but trouble. Solar power is "
+         "clearly a waste of money.")
+
+
+def test_a_claim_wrapped_in_words_about_itself_is_unwrapped_and_checked_as_what_it_says():
+    wrapped = claim("Managers blamed rising energy costs and cheaper imports.",
+                    "The passage supports this claim by saying that managers blamed rising energy costs and cheaper "
+                    "imports.")
+    gated = f.gate(record(wrapped), TEXTILES, set())
+    assert gated.record["claims"][0]["claim"] == "Managers blamed rising energy costs and cheaper imports."
+    assert gated.claim_checks[0]["reason"].startswith(f.UNWRAPPED)
+    assert f.unwrapped("The evidence supports the claim that sales tripled this year.") == "Sales tripled this year."
+    assert f.unwrapped("The claim that managers kept selling") == "Managers kept selling"
+    # Saying who says it is no wrapper: "The passage states that X" stays as written.
+    assert f.unwrapped("The passage states that the plant will close") == "The passage states that the plant will close"
+    assert f.unwrapped("Claims that the plant will close were denied") == "Claims that the plant will close were denied"
+
+
+@pytest.mark.parametrize("text, evidence, passage, reason", [
+    ("The claim is opinion, because the passage provides evidence of the closure.",
+     "Brightwell Textiles will close its plant in Norbury next March", TEXTILES, "not a claim: it says what kind"),
+    ("preliminary", "Managers blamed rising energy costs and cheaper imports.", TEXTILES, "not a claim: fewer than"),
+    ("The company would offer retraining funds, but did not say",
+     "The company said it would offer retraining funds, but did not say how much money had been set aside.",
+     TEXTILES, "cut off"),
+    ("Solar power is a waste of money. Anyone thinking of installing panels,", "Solar power is clearly a waste of "
+     "money.", SOLAR, "cut off"),
+    ("We have nothing but trouble with solar panels", "My neighbour put solar panels on his roof two years ago and "
+     "has had nothing but trouble.", SOLAR, "first person its passage never uses: 'we'"),
+    ("Higher turnout reflected new postal voting rules", "Party leaders disagreed about whether the higher turnout "
+     "reflected new postal voting rules or stronger interest in local issues.", TURNOUT, "stated as settled"),
+])
+def test_a_claim_that_says_nothing_or_more_than_its_quote_is_dropped(text, evidence, passage, reason):
+    assert reason in f.check_claim(text, evidence, passage)
+
+
+@pytest.mark.parametrize("text, evidence, passage", [
+    ("Managers blamed rising energy costs and cheaper imports", "Managers blamed rising energy costs and cheaper "
+     "imports.", TEXTILES),
+    ("Party leaders disagreed about whether turnout reflected postal voting rules", "Party leaders disagreed about "
+     "whether the higher turnout reflected new postal voting rules or stronger interest in local issues.", TURNOUT),
+    ("The Green Lanes Party won six seats", "The Green Lanes Party won six of the twenty-one seats, gaining four.",
+     TURNOUT),
+    ("Solar power is a waste of money, my neighbour's trouble suggests", "Solar power is clearly a waste of money.",
+     SOLAR),
+    ("Prices are higher than before", "Prices are higher than before.", "Prices are higher than before."),
+    ("The city said taxes rose in May", "The city said the taxes rose in May.", "The city said the taxes rose in May."),
+])
+def test_a_whole_claim_in_the_passage_s_own_voice_passes(text, evidence, passage):
+    assert f.check_claim(text, evidence, passage) is None

@@ -274,9 +274,11 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
     dropped = Counter(c["reason"].split(":")[0] for c in checks if c["verdict"] != "supported")
     vetoes = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected"
                      and (r.reason or "").split(":")[0] in (*faithfulness.VETOES, injection.VETO))
-    requoted = sum(c["verdict"] == "supported" and (c["reason"] or "").startswith(faithfulness.REQUOTED) for c in checks)
+    def noted(mark: str) -> int:  # kept claims whose check notes what the gate changed
+        return sum(c["verdict"] == "supported" and f"{mark}:" in (c["reason"] or "") for c in checks)
+
     return {"claims_written": len(checks), "claims_kept": kept, "claims_dropped": dict(sorted(dropped.items())),
-            "quotes_rechosen": requoted,
+            "quotes_rechosen": noted(faithfulness.REQUOTED), "claims_unwrapped": noted(faithfulness.UNWRAPPED),
             "verified_share": round(kept / len(checks), 4) if checks else None,
             "notes_dropped": sum(r.dropped_notes or 0 for r in rows if r.status == "accepted"),
             "vetoed": dict(sorted(vetoes.items()))}
