@@ -175,7 +175,8 @@ _WRAPPER = re.compile(r"^\s*(?:(?:the|this)\s+)?(?:passage|text|article|evidence
                       r"\s+(?:this|the)\s+claim(?:\s+(?:by|in)\s+(?:stating|saying|noting|reporting|showing))?"
                       r"(?:\s+that)?\s+(?=\S)|^\s*(?:(?:the|this)\s+)?claim\s+(?:is\s+)?that\s+(?=\S)", re.I)
 # A claim that classifies itself instead of saying something: "The claim is opinion, because ...".
-_ABOUT_ITSELF = re.compile(r"^\s*(?:(?:the|this)\s+)?claim\s+is\s+(?:an?\s+)?(?:fact|opinion|value|prediction)\b", re.I)
+_ABOUT_ITSELF = re.compile(r"^\s*(?:(?:the|this)\s+)?claim\s+is\s+(?:an?\s+)?(?:fact|opinion|value|prediction)\b"
+                           r"|^\s*because\b", re.I)  # "Because it states that there is no middle way": a reason for a claim
 MIN_CLAIM_WORDS = 3  # "preliminary", "Sampling sites": a fragment asserts nothing
 FIRST_PERSON = {"i", "we", "me", "us", "my", "our", "mine", "ours", "myself", "ourselves"}
 OPEN = {"whether"}  # "leaders disagreed about whether X": the passage leaves X open
@@ -192,7 +193,7 @@ def unwrapped(claim: str) -> str:
 def not_a_claim(claim: str) -> str | None:
     """Why a claim says nothing of its passage: it classifies itself, or it is a fragment."""
     if _ABOUT_ITSELF.match(claim):
-        return "not a claim: it says what kind of claim it is, not what the passage says"
+        return "not a claim: it says what kind of claim it is or why, not what the passage says"
     if len(words(claim)) < MIN_CLAIM_WORDS:
         return f"not a claim: fewer than {MIN_CLAIM_WORDS} words"
     return None
@@ -240,7 +241,8 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
 # not say". (Not adverbs: "higher than before" ends well.)
 DANGLING = set("""a an the and or but nor of to for with by from in on at as that which who whose could would should
 can will may might must shall is are was were be been being has have had do does did not no their its his her our
-your my say said says than because while if whether although though into about between per via""".split())
+your my say said says than because while if whether although though into about between per via when unless until
+whereas""".split())
 
 
 def cut_off(claim: str) -> bool:

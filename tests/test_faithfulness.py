@@ -266,6 +266,11 @@ def test_a_claim_wrapped_in_words_about_itself_is_unwrapped_and_checked_as_what_
      "has had nothing but trouble.", SOLAR, "first person its passage never uses: 'we'"),
     ("Higher turnout reflected new postal voting rules", "Party leaders disagreed about whether the higher turnout "
      "reflected new postal voting rules or stronger interest in local issues.", TURNOUT, "stated as settled"),
+    # from a second run of the same writer (also in sample)
+    ("Because it states that the plant will close.", "Brightwell Textiles will close its plant in Norbury next March",
+     TEXTILES, "not a claim: it says what kind of claim it is or why"),
+    ("Managers blamed rising energy costs when", "Managers blamed rising energy costs and cheaper imports.", TEXTILES,
+     "cut off"),
 ])
 def test_a_claim_that_says_nothing_or_more_than_its_quote_is_dropped(text, evidence, passage, reason):
     assert reason in f.check_claim(text, evidence, passage)
