@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -23,7 +24,8 @@ from .ensemble import EnsembleError
 from .models import ModelNotFound
 from .prompts import PromptError
 from .resources import EXAMPLES_DIR
-from .stages.audit import AuditError, create_secret, export_critique_sample, export_sample, import_verdicts, load_secret
+from .stages.audit import (AuditError, create_secret, export_critique_sample, export_sample, faithful_per_minute,
+                           import_verdicts, load_secret, people_on_kept)
 from .stages.conscience import ConscienceError
 from .stages.ratchet import RatchetError
 from .workspace import Workspace, WorkspaceError
@@ -144,7 +146,7 @@ def _faithfulness(f: dict | None) -> str:
         return "no claim checked"
     share = f"{100 * f['verified_share']:.0f}%"
     return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
-            f"{f.get('quotes_rechosen', 0)} with their quote re-chosen), dropped "
+            f"{f.get('quotes_rechosen', 0)} with their quote re-chosen, {f.get('claims_unwrapped', 0)} unwrapped), dropped "
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped; vetoed {f['vetoed'] or 'none'}")
 
 
@@ -1583,12 +1585,16 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
             table.add_row("database", str(exc))
     gens = sorted(p.name for p in ws.generations_dir.glob("gen-*")) if ws.generations_dir.exists() else []
     table.add_row("generations", ", ".join(gens) or "none yet")
-    for name in gens:  # what each generation's build cost per reflection it kept
+    for name in gens:  # what each generation's build cost per reflection it kept, and what people found of them
         manifest = compiled_manifest(ws.generations_dir / name) or {}
         metrics = manifest.get("metrics") or {}
         if "per_kept_reflection" in metrics:
             table.add_row(f"  {name} per kept reflection", _per_kept(metrics["per_kept_reflection"])
                           + f"; prompt tokens {_prompt_tokens(metrics)}")
+        if (kept := (metrics.get("per_kept_reflection") or {}).get("kept")) and ws.db_path.exists():
+            with closing(ws.connect(read_only=True)) as con:
+                read = people_on_kept(con, int(name.split("-")[-1]))
+            table.add_row(f"  {name} faithful", faithful_per_minute(*read, kept, metrics.get("seconds", 0.0)))
     console.print(table)
 
 

@@ -379,6 +379,25 @@ def escalated(con, generation: int) -> dict[tuple[str, str], str]:
     return {(item, annotator): why for item, annotator, why in rows}
 
 
+def people_on_kept(con, generation: int) -> tuple[int, int]:
+    """(verdicts, passes) of people on the reflections a generation kept (selected for sft), in the
+    secret sample and on current text: the share of kept reflections a person found faithful."""
+    return con.execute("""SELECT count(*), count(*) FILTER (verdict = 'pass') FROM audits_in_sample a
+                          JOIN selections s ON s.generation = a.generation AND s.passage_id = a.item
+                          AND s.annotator = a.annotator
+                          WHERE a.auditor_kind = 'human' AND a.generation = ?""", [generation]).fetchone()
+
+
+def faithful_per_minute(verdicts: int, passes: int, kept: int, seconds: float) -> str:
+    """Faithful kept reflections per minute of build, as people's verdicts on a random share of the
+    kept ones put it; what nobody has read is said, never guessed."""
+    if not verdicts:
+        return "no person has audited a kept reflection yet (ratchet audit serve)"
+    rate = kept * passes / verdicts / (seconds / 60) if seconds else 0.0
+    return (f"{passes} of {verdicts} people's verdicts on kept reflections pass: about {kept * passes / verdicts:.1f} "
+            f"of {kept} kept are faithful, {rate:.2f} per minute of build")
+
+
 def withdraw_audit(con, item: str, annotator: str, generation: int, auditor: str,
                    previous: AuditRow | None = None) -> None:
     """Take back a person's verdict (the audit page's undo): their earlier verdict on the item is

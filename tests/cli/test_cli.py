@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,9 @@ def test_sql_and_status_on_a_built_workspace(built):
     assert bad.exit_code == 1 and "SQL" in bad.output
     status = runner.invoke(app, ["status", "--workspace", str(ws.root)])
     assert status.exit_code == 0 and "gen-0001" in status.output
+    said = " ".join(re.sub(r"[│┃]", " ", status.output).split())  # a table cell wraps across lines
+    # what people found of the kept reflections: nobody has audited this build, and it says so
+    assert ("no person has audited a kept reflection yet" in said) == bool(s.get("per_kept_reflection")), said
 
 
 def test_console_script_is_installed():

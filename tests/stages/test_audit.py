@@ -254,3 +254,21 @@ def test_a_verdict_on_text_a_rebuild_changed_is_refused_on_import_and_no_longer_
     assert import_verdicts(con, plain, "cid") == (1, [])
     assert con.execute("SELECT auditor FROM audits_current WHERE verdict = 'fail' ORDER BY auditor").fetchall() == [
         ("cid",), ("old",)]
+
+
+def test_faithful_kept_per_minute_counts_people_s_verdicts_on_kept_reflections_only():
+    """`ratchet status`'s line: only people's verdicts, only on what was kept (selected), in the
+    secret sample; a model's verdicts and a person's on a dropped reflection do not count."""
+    from builder.stages.audit import faithful_per_minute, people_on_kept
+
+    con = db_with_annotations(5)
+    for i in range(5):  # p000-p002 kept, p003-p004 dropped
+        con.execute("INSERT INTO selections VALUES (1, ?, ?, 0.9, 'kept')", [f"p{i:03d}", "smollm2" if i < 3 else None])
+    store_audits(con, 1, [AuditRow(item, "smollm2", 1, auditor, kind, verdict, [], []) for item, auditor, kind, verdict in [
+        ("p000", "ann", "human", "pass"), ("p001", "ann", "human", "fail"), ("p002", "bob", "human", "pass"),
+        ("p001", "m", "model", "pass"), ("p003", "ann", "human", "pass"), ("p004", "bob", "human", "fail")]])
+    assert people_on_kept(con, 1) == (3, 2)
+    assert people_on_kept(con, 2) == (0, 0)
+    line = faithful_per_minute(3, 2, kept=3, seconds=120)
+    assert "2 of 3" in line and "about 2.0 of 3 kept" in line and "1.00 per minute" in line
+    assert "no person" in faithful_per_minute(0, 0, kept=3, seconds=120)
