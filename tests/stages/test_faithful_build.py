@@ -110,6 +110,9 @@ def test_of_two_samples_the_one_with_the_most_verified_claims_is_kept(qwen_build
                                                                    if s["claims"] == most)
         else:
             assert status == "rejected" and candidate == 0
+    b = summary["best_of"]
+    card = (ws.generation_dir(1) / "README.md").read_text()
+    assert f"{b['samples']} sampled, {b['samples_accepted']} passed every gate" in card
 
 
 def test_the_claim_judge_asks_about_every_claim_the_rules_kept_and_drops_what_it_finds_unsupported(qwen_build):
