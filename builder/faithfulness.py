@@ -426,12 +426,38 @@ def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> i
     return dropped + sum(len(foreign_words(t, passage)) for t in record_texts(record))
 
 
-def borne_out(reflection: str, passage: str) -> tuple[str, int]:
+def borne_out(reflection: str, passage: str, notice: frozenset[str] = frozenset()) -> tuple[str, int]:
     """The reflection without its sentences that say what the passage does not (FOREIGN_LIMIT
-    words it never uses), and how many were cut."""
+    words it never uses) or that repeat the prompt's audit notice (`from_the_notice`), and how
+    many were cut."""
     sentences = [s for s in _SENTENCE.split(reflection.strip()) if s.strip()]
-    kept = [s for s in sentences if len(foreign_words(s, passage)) < FOREIGN_LIMIT]
+    kept = [s for s in sentences if len(foreign_words(s, passage)) < FOREIGN_LIMIT
+            and from_the_notice(s, passage, notice) is None]
     return " ".join(kept), len(sentences) - len(kept)
+
+
+# Every writer is told its work may be audited (prompts/audit_notice.txt), and the default writer
+# carried it into 9 of the 84 kept reflections read on 2026-12-06, all of whose notes a reader
+# failed: "The company's data is not audited", "The passage is not audited, so it cannot be
+# trusted", "The sample of annotations is checked independently ...". The notice's own words
+# (those rarer than NOTICE_RARITY on wordfreq's Zipf scale: "audited", "annotations") in a note
+# whose passage never uses them are the prompt speaking, not the passage.
+NOTICE_RARITY = 4.0
+
+
+def notice_stems(notice: str) -> frozenset[str]:
+    """The stems of the audit notice's own words (rarer than NOTICE_RARITY)."""
+    from wordfreq import zipf_frequency
+
+    return frozenset(_stem(w) for w in _content(words(notice)) if zipf_frequency(w, "en") < NOTICE_RARITY)
+
+
+def from_the_notice(text: str, passage: str, notice: frozenset[str]) -> str | None:
+    """The first word of a text that comes from the audit notice and not from its passage."""
+    if not notice:
+        return None
+    have = {_stem(w) for w in words(passage)}
+    return next((w for w in words(text) if _stem(w) in notice and _stem(w) not in have), None)
 
 
 def checked(c: dict, passage: str) -> tuple[dict, str | None, str | None]:
@@ -453,8 +479,9 @@ def checked(c: dict, passage: str) -> tuple[dict, str | None, str | None]:
     return rules(c)
 
 
-def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
-    """Run every gate on one annotation (see the module docstring)."""
+def gate(record: dict, passage: str, runs: set[tuple[str, ...]], notice: frozenset[str] = frozenset()) -> Gated:
+    """Run every gate on one annotation (see the module docstring); `runs` are the few-shot
+    examples' (`example_runs`), `notice` the audit notice's words (`notice_stems`)."""
     checks, claims, said = [], [], set()
     for c in record.get("claims", []):
         c, reason, note = checked(c, passage)
@@ -467,10 +494,11 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]]) -> Gated:
             said.add(_normal(c.get("claim", "")))
     notes, dropped = {}, 0
     for key in NOTE_FIELDS:
-        kept = [n for n in record.get(key) or [] if check_note(n, passage) is None]
+        kept = [n for n in record.get(key) or [] if check_note(n, passage) is None
+                and from_the_notice(n, passage, notice) is None]
         dropped += len(record.get(key) or []) - len(kept)
         notes[key] = kept
-    reflection, cut = borne_out(record.get("reflection") or "", passage)
+    reflection, cut = borne_out(record.get("reflection") or "", passage, notice)
     cleaned = {**record, "claims": claims, **notes, "reflection": reflection}
     out = Gated(cleaned, checks, dropped + cut)
     if (why := echo(record, passage, runs)) is not None:

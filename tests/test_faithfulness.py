@@ -290,3 +290,25 @@ def test_a_claim_that_says_nothing_or_more_than_its_quote_is_dropped(text, evide
 ])
 def test_a_whole_claim_in_the_passage_s_own_voice_passes(text, evidence, passage):
     assert f.check_claim(text, evidence, passage) is None
+
+
+def test_a_note_that_repeats_the_audit_notice_is_dropped_unless_its_passage_speaks_of_audits():
+    """Every writer is told its work may be audited; the default writer wrote "The company's data is
+    not audited" into 9 of 84 kept reflections read (docs/faithfulness.md)."""
+    notice = f.notice_stems(Prompts().audit_notice)
+    assert notice == {"audit", "annot"}  # the notice's own words, not "sample" or "checked"
+    notes = {"ethical_stakes": ["The company's data is not audited, so it could be used to harm workers.",
+                                "Workers near the bridge could lose sales."],
+             "uncertainties": ["The sample of annotations is checked independently against the passage."]}
+    gated = f.gate(record(claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                                "Engineers replaced 212 steel cables"),
+                          reflection="The passage is not audited. It gives no source for the cost.", **notes),
+                   BRIDGE, set(), notice)
+    assert gated.record["ethical_stakes"] == ["Workers near the bridge could lose sales."]
+    assert gated.record["uncertainties"] == [] and gated.record["reflection"] == "It gives no source for the cost."
+    assert gated.dropped_notes == 3
+    audited = BRIDGE + " The repairs were audited by the state."  # the passage's own word: a note may use it
+    assert f.gate(record(claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.",
+                               "Engineers replaced 212 steel cables"), reflection="The repairs were audited.",
+                         ethical_stakes=["The audit may not be independent."]), audited, set(),
+                  notice).dropped_notes == 0

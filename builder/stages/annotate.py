@@ -80,6 +80,7 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
         self.generation, self.annotator, self.few_shot = generation, annotator, few_shot
         self.candidate_temperature = cfg.annotate.candidate_temperature
         self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
+        self.notice = faithfulness.notice_stems(prompts.audit_notice)  # the audit notice's own words
 
     def schema(self, item: Candidate) -> dict:
         if not self.gates:
@@ -100,7 +101,7 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
     def check(self, item: Candidate, record: dict) -> tuple[dict, object, str | None]:
         if not self.gates:
             return record, None, None
-        gated = faithfulness.gate(record, item.passage.text, self.example_runs)
+        gated = faithfulness.gate(record, item.passage.text, self.example_runs, self.notice)
         if (why := injection.carried_out(record, item.passage.text)) is not None:  # before any other reason
             gated.veto = f"{injection.VETO}: {why}"
         return gated.record, gated, gated.veto

@@ -73,7 +73,7 @@ def test_the_candidate_with_the_most_verified_claims_is_kept_and_every_sample_is
 
 
 def test_a_tie_goes_to_fewer_words_the_passage_does_not_bear_out_then_to_the_earlier_sample():
-    wordy = answer([TAXES], "The city says taxes rose; no audit is cited. The council gives no survey.")
+    wordy = answer([TAXES], "The city says taxes rose; no review is cited. The council gives no survey.")
     [row], _, _ = run({0: wordy, S: answer([TAXES]), 2 * S: answer([TAXES])}, 3)
     assert row.candidate == 1  # 1 and 2 tie on both counts: the earlier one
     assert row.candidates[0]["claims"] == row.candidates[1]["claims"] == 1

@@ -22,6 +22,9 @@ CORPUS = [json.loads(line)["text"] for line in
           jsonl_lines((EXAMPLES_DIR / "corpus" / "passages.jsonl").read_text()) if line.strip()]
 
 
+NOTICE = f.notice_stems(Prompts().audit_notice)
+
+
 def collapse(text: str) -> str:
     return " ".join(text.split())
 
@@ -63,6 +66,7 @@ def test_every_kept_claim_quotes_its_passage_verbatim_and_says_what_the_quote_sa
         for note in [*record["weak_reasoning"], *record["uncertainties"], *record["ethical_stakes"],
                      record["reflection"]]:
             assert f.check_note(note, passage) is None
+            assert f.from_the_notice(note, passage, NOTICE) is None  # the prompt's audit notice, not the passage
         for sentence in f._SENTENCE.split(record["reflection"]):  # the prose too: nothing the passage never says
             assert len(f.foreign_words(sentence, passage)) < f.FOREIGN_LIMIT, sentence
 
