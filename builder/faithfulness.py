@@ -428,12 +428,38 @@ def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> i
 
 def borne_out(reflection: str, passage: str, notice: frozenset[str] = frozenset()) -> tuple[str, int]:
     """The reflection without its sentences that say what the passage does not (FOREIGN_LIMIT
-    words it never uses) or that repeat the prompt's audit notice (`from_the_notice`), and how
-    many were cut."""
+    words it never uses), endorse what it only reports (`endorses_reported`) or repeat the
+    prompt's audit notice (`from_the_notice`), and how many were cut."""
     sentences = [s for s in _SENTENCE.split(reflection.strip()) if s.strip()]
     kept = [s for s in sentences if len(foreign_words(s, passage)) < FOREIGN_LIMIT
-            and from_the_notice(s, passage, notice) is None]
+            and from_the_notice(s, passage, notice) is None and endorses_reported(s, passage) is None]
     return " ".join(kept), len(sentences) - len(kept)
+
+
+# "The passage supports the claim that coffee boosts memory" of a passage that reports a press
+# release announcing it: the reflection endorses what its passage only reports someone saying (the
+# claim rule "attribution", for the prose). Read in the 84 kept reflections of 2026-12-06 (in
+# sample): such a sentence was in 12 of the 56 whose prose a reader failed and 2 of the 28 passed.
+_ENDORSES = re.compile(r"\bsupports?\s+(?:the|this)\s+(?:claim|idea|argument)s?(?:\s+(?:that|of|about))?\s+(?P<x>\S.*)",
+                       re.I)
+
+
+def endorses_reported(sentence: str, passage: str) -> str | None:
+    """The reporting word of the passage sentence that says X, where `sentence` says the passage
+    supports X and X itself keeps no reporting ("... supports the claim that coffee boosts
+    memory" for "a press release announced that coffee boosts memory"); else None."""
+    m = _ENDORSES.search(sentence)
+    if not m or _negated(sentence[:m.start()]) or set(words(m.group("x"))) & REPORTED:
+        return None
+    said = {_stem(w) for w in _content(words(m.group("x")))}
+    if not said:
+        return None
+    overlap = {s: len(said & {_stem(w) for w in words(s)}) for s in _SENTENCE.split(unmark(passage)) if s.strip()}
+    source = max(overlap, key=overlap.get, default="")
+    if not source or overlap[source] / len(said) < COVERAGE:
+        return None
+    reporting = set(words(source)) & ATTRIBUTION
+    return sorted(reporting)[0] if reporting else None
 
 
 # Every writer is told its work may be audited (prompts/audit_notice.txt), and the default writer

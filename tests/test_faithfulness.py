@@ -312,3 +312,20 @@ def test_a_note_that_repeats_the_audit_notice_is_dropped_unless_its_passage_spea
                                "Engineers replaced 212 steel cables"), reflection="The repairs were audited.",
                          ethical_stakes=["The audit may not be independent."]), audited, set(),
                   notice).dropped_notes == 0
+
+
+PRESS = ("A press release from the Brainwell Institute announced that coffee boosts memory. The study behind it "
+          "involved 24 university students tested on one afternoon. The researchers call the result preliminary.")
+
+
+def test_a_reflection_sentence_that_endorses_what_its_passage_only_reports_is_cut():
+    assert f.endorses_reported("The passage supports the claim that coffee boosts memory.", PRESS) == "announced"
+    reflection, cut = f.borne_out("The passage supports the claim that coffee boosts memory. The study involved 24 "
+                                  "university students.", PRESS)
+    assert reflection == "The study involved 24 university students." and cut == 1
+    # Kept: the reporting said, a support denied, and support for what the passage itself states.
+    assert f.endorses_reported("The passage supports the claim that a press release announced that coffee boosts "
+                               "memory.", PRESS) is None
+    assert f.endorses_reported("The passage does not support the claim that coffee boosts memory.", PRESS) is None
+    assert f.endorses_reported("The passage supports the claim that the study involved 24 university students.",
+                               PRESS) is None
