@@ -22,7 +22,12 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    punctuation) is dropped as `repeated`: a small writer pads its list so. A reflection left
    without a claim is vetoed. The reflection's own prose is held to its passage too: a
    sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
-   reflection with no sentence left is vetoed.
+   reflection with no sentence left is vetoed. So is a sentence that says its passage supports
+   what the passage only reports someone saying (`endorses_reported`), and a note or sentence in
+   the words of the prompt's audit notice (`from_the_notice`). A claim that is no whole claim (a
+   fragment, cut mid-sentence, a reason, a label of itself), speaks in a first person its
+   passage never uses, or settles what its quote asks `whether` is dropped; one wrapped in words
+   about itself ("The passage supports this claim by stating that X") is kept as X where X passes.
 3. **No echo, nothing garbled.** A reflection that shares a distinctive run of words with a
    few-shot example of the prompt, a run its passage does not contain, copied the example: it
    is vetoed. So is one with a word that is in neither the passage nor an English word list

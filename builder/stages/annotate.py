@@ -9,11 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .. import faithfulness, injection
+from ..backends.base import Request
 from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
 from ..structured import Outcome
-from ..backends.base import Request
 from ..tables import Json, Table, doc, transaction
 from .base import BuildContext, ModelTask, Sampling, Stage, run_task
 
@@ -34,8 +34,9 @@ class AnnotationRow:
     claim_checks: Json | None = doc("each claim the model wrote, with its verdict (supported | dropped) and why "
                                     "(builder/faithfulness.py); the record keeps the supported ones", default=None,
                                     added=True)
-    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage, and reflection sentences "
-                                    "cut for words it never uses (faithfulness.borne_out)", default=None, added=True)
+    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage or the audit notice's "
+                                    "words, and reflection sentences cut (faithfulness.borne_out)", default=None,
+                                    added=True)
     candidate: int | None = doc("which of the member's annotate.best_of samples this is (0: the first)", default=None,
                                 added=True)
     candidates: Json | None = doc("every sample of this passage by this member: its status, reason, attempts, claims "
