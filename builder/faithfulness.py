@@ -196,11 +196,13 @@ def unwrapped(claim: str) -> str:
 
 
 def not_a_claim(claim: str) -> str | None:
-    """Why a claim says nothing of its passage: it classifies itself, or it is a fragment."""
+    """Why a claim says nothing of its passage: it classifies itself, is a fragment or asks."""
     if _ABOUT_ITSELF.match(claim):
         return "not a claim: it says what kind of claim it is or why, not what the passage says"
     if len(words(claim)) < MIN_CLAIM_WORDS:
         return f"not a claim: fewer than {MIN_CLAIM_WORDS} words"
+    if claim.rstrip().endswith("?"):  # "Good or bad?": a question asserts nothing
+        return "not a claim: a question"
     return None
 
 

@@ -271,6 +271,9 @@ def test_a_claim_wrapped_in_words_about_itself_is_unwrapped_and_checked_as_what_
      TEXTILES, "not a claim: it says what kind of claim it is or why"),
     ("Managers blamed rising energy costs when", "Managers blamed rising energy costs and cheaper imports.", TEXTILES,
      "cut off"),
+    # from the demo build read blind on 2026-12-06 (in sample)
+    ("Will the plant close?", "Brightwell Textiles will close its plant in Norbury next March", TEXTILES,
+     "not a claim: a question"),
 ])
 def test_a_claim_that_says_nothing_or_more_than_its_quote_is_dropped(text, evidence, passage, reason):
     assert reason in f.check_claim(text, evidence, passage)
