@@ -1572,11 +1572,13 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     table.add_row("conscience", f"items {ws.resolve(c.items)}, frameworks {', '.join(c.frameworks)}, frozen judge {c.judge}"
                   if c.items else "off (set conscience.items)")
     table.add_row("consent gate", ", ".join(cfg.consent.judges) or "off (set consent.judges)")
+    people: dict[int, tuple[int, int]] | None = None  # generation -> people's (verdicts, passes) on kept reflections
     if ws.db_path.exists():
         try:
-            con = ws.connect(read_only=True)
-            calls, passages = con.execute("SELECT (SELECT count(*) FROM model_calls), (SELECT count(*) FROM passages)").fetchone()
-            builds = con.execute("SELECT generation, status, finished_at FROM builds ORDER BY started_at DESC LIMIT 1").fetchall()
+            with closing(ws.connect(read_only=True)) as con:
+                calls, passages = con.execute("SELECT (SELECT count(*) FROM model_calls), (SELECT count(*) FROM passages)").fetchone()
+                builds = con.execute("SELECT generation, status, finished_at FROM builds ORDER BY started_at DESC LIMIT 1").fetchall()
+                people = people_on_kept(con)
             table.add_row("passages stored", str(passages))
             table.add_row("cached model calls", str(calls))
             if builds:
@@ -1591,9 +1593,8 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
         if "per_kept_reflection" in metrics:
             table.add_row(f"  {name} per kept reflection", _per_kept(metrics["per_kept_reflection"])
                           + f"; prompt tokens {_prompt_tokens(metrics)}")
-        if (kept := (metrics.get("per_kept_reflection") or {}).get("kept")) and ws.db_path.exists():
-            with closing(ws.connect(read_only=True)) as con:
-                read = people_on_kept(con, int(name.split("-")[-1]))
+        if (kept := (metrics.get("per_kept_reflection") or {}).get("kept")) and people is not None:
+            read = people.get(int(name.split("-")[-1]), (0, 0))
             table.add_row(f"  {name} faithful", faithful_per_minute(*read, kept, metrics.get("seconds", 0.0)))
     console.print(table)
 
