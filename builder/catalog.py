@@ -56,6 +56,23 @@ CREATE OR REPLACE VIEW audits_in_sample AS
 SELECT x.* FROM audits_current x WHERE NOT EXISTS (
     SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = x.item AND e.annotator = x.annotator
     AND e.generation = x.generation);
+CREATE OR REPLACE VIEW audit_claims AS
+-- One row per claim of every current verdict: the claim the auditor saw, whether they called it
+-- wrong, and why (a person's codes and reason, audits.claim_reasons; a model auditor gives none).
+-- A fail that calls no claim wrong faulted the rest of the reflection (its notes or prose).
+WITH claims AS (
+    SELECT x.generation, x.item, x.annotator, x.auditor, x.auditor_kind, x.verdict, x.wrong_claims,
+           x.claim_reasons, unnest(CAST(a.record->'claims' AS JSON[])) AS c,
+           generate_subscripts(CAST(a.record->'claims' AS JSON[]), 1) AS claim
+    FROM audits_current x JOIN annotations a ON a.status = 'accepted' AND a.generation = x.generation
+                                              AND a.passage_id = x.item AND a.annotator = x.annotator),
+given AS (SELECT *, list_filter(CAST(claim_reasons AS JSON[]), lambda r: CAST(r->>'claim' AS INTEGER) = claim)[1] AS r
+          FROM claims)
+SELECT generation, item, annotator, auditor, auditor_kind, verdict, claim, c->>'claim' AS claim_text,
+       c->>'evidence' AS evidence, c->>'kind' AS kind, c->>'support' AS support,
+       coalesce(list_contains(CAST(wrong_claims AS INTEGER[]), claim), false) AS wrong,
+       CAST(r->'codes' AS VARCHAR[]) AS codes, r->>'reason' AS reason
+FROM given ORDER BY generation, item, annotator, auditor, auditor_kind, claim;
 CREATE OR REPLACE VIEW audits_with_members AS
 SELECT a.*, coalesce(m.persona, '?') AS persona, coalesce(m.family, '?') AS family
 FROM audits_in_sample a LEFT JOIN members m ON m.name = a.annotator;

@@ -387,7 +387,8 @@ def sql(
     judgements, pairs, consents, drift_events, panel, ratchet, panel_verdicts, panel_comparisons,
     builds, evaluations. Views: convergence_by_member, critic_verdicts_by_member,
     critic_scores_by_member, agreement_by_member, audits_current, audits_stale (verdicts on text a
-    rebuild changed), critique_audits_current, critique_audits_stale, audit_pass_rate_by_*, audit_model_vs_human,
+    rebuild changed), audit_claims (each claim of each current verdict: wrong or not, and a person's
+    codes and reason), critique_audits_current, critique_audits_stale, audit_pass_rate_by_*, audit_model_vs_human,
     critique_audit_rate_by_critic,
     audit_coverage, conscience_labels, veto_rate_by_judge, vetoes, trait_tags, drift_by_generation,
     ratchet_by_generation. The query cannot read or write other files (COPY, read_csv, ATTACH

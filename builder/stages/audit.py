@@ -184,6 +184,9 @@ class AuditRow:
                                    "hashes, taken as current); once they change the verdict is stale",
                                    default=None, added=True)
     call_key: str | None = doc("the model call that wrote the judged annotation", default=None, added=True)
+    claim_reasons: Json | None = doc("a person's codes and reason for each wrong claim "
+                                     "(schemas/claim_reasons.schema.json); one row a claim in `audit_claims`",
+                                     default=None, added=True)
 
 
 AUDITS = Table("audits", AuditRow, key=("item", "annotator", "generation", "auditor", "auditor_kind"),
@@ -424,7 +427,7 @@ def withdraw_audit(con, item: str, annotator: str, generation: int, auditor: str
 
 
 EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims",
-                  "content_hash"]
+                  "claim_reasons", "content_hash"]
 CRITIQUE_EXPORT_COLUMNS = ["item", "annotator", "critic", "generation", "passage", "claims", "reflection", "critique",
                            "verdict", "reasons", "content_hash"]
 CHANGED = ("the text changed since it was exported (a rebuild): this verdict judged text that is gone; export again "
@@ -437,10 +440,11 @@ def numbered_claims(record: dict) -> str:
 
 def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
     """Write the sampled items for a person to review (.csv or .jsonl): the passage and the
-    annotation, numbered claims, and empty verdict / reasons / wrong_claims to fill in."""
+    annotation, numbered claims, and empty verdict / reasons / wrong_claims / claim_reasons
+    (optional: JSON, see schemas/claim_reasons.schema.json) to fill in."""
     out = [{"item": x.item, "annotator": x.annotator, "generation": generation, "passage": x.passage,
             "claims": numbered_claims(x.record), "reflection": x.record["reflection"], "verdict": "", "reasons": "",
-            "wrong_claims": "", "content_hash": x.content_hash}
+            "wrong_claims": "", "claim_reasons": "", "content_hash": x.content_hash}
            for x in sampled_items(con, sample(con, secret, generation, rate), generation)]
     return write_review(out, Path(path), EXPORT_COLUMNS)
 
@@ -567,8 +571,33 @@ def parse_human_row(row: dict, auditor: str, known: dict[tuple[str, str, int], t
     content_hash = _current_hash(row, now)
     verdict_record = {"verdict": verdict, "reasons": _as_list(row.get("reasons"), str), "wrong_claims": sorted(set(wrong))}
     check_against_schema(verdict_record)
+    by_claim = claim_reasons(row.get("claim_reasons"), verdict_record["wrong_claims"])
     return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, verdict_record["reasons"],
-                    verdict_record["wrong_claims"], float(verdict == "pass"), content_hash, call_key)
+                    verdict_record["wrong_claims"], float(verdict == "pass"), content_hash, call_key, by_claim or None)
+
+
+CLAIM_REASONS_EXAMPLE = '[{"claim": 1, "codes": ["invented claim"], "reason": "the passage never says so"}]'
+
+
+def claim_reasons(value, wrong: list[int]) -> list[dict]:
+    """A person's reasons per wrong claim (a list, or its JSON text from a CSV cell), checked
+    against schemas/claim_reasons.schema.json, each for a claim among `wrong`, in claim order."""
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"claim_reasons is not JSON ({exc.msg} at character {exc.pos}); "
+                             f"write e.g. {CLAIM_REASONS_EXAMPLE}") from None
+    check_against_schema(value, "claim_reasons")
+    numbers = [x["claim"] for x in value]
+    if len(set(numbers)) < len(numbers):
+        raise ValueError(f"claim_reasons names a claim twice: {numbers}")
+    if stray := sorted(set(numbers) - set(wrong)):
+        raise ValueError(f"claim_reasons gives reasons for claim {', '.join(map(str, stray))}, which wrong_claims "
+                         f"does not call wrong")
+    return sorted(value, key=lambda x: x["claim"])
 
 
 def parse_human_critique_row(row: dict, auditor: str, known: dict[tuple[str, str, str, int], str]) -> CritiqueAuditRow:

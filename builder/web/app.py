@@ -50,8 +50,8 @@ GONE = ("This reflection is no longer in the audit sample (a rebuild rejected or
 log = logging.getLogger("ratchet.audit_page")
 _REASON = load_schema("audit")["properties"]["reasons"]["items"]
 REASON_LENGTH = (_REASON["minLength"], _REASON["maxLength"])  # the schema's, said in the form
-REASON_CODES = ("invented claim", "evidence not in passage", "wrong kind or support", "misreads the passage",
-                "not about this passage")
+# The codes a person may give, for the whole reflection or for one wrong claim: the schema's.
+REASON_CODES = tuple(load_schema("claim_reasons")["items"]["properties"]["codes"]["items"]["enum"])
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -238,21 +238,29 @@ class AuditServer:
         text = str(form.get("reason", "")).strip()
         claims = form.getlist("claims")
         verdict = str(form.get("verdict", ""))
+        # codes and a reason under each claim (shown once it is ticked); an unticked claim's are not meant
+        claim_codes = {n: [c for c in form.getlist(f"claim-codes-{n}") if c in REASON_CODES] for n in claims}
+        claim_text = {n: str(form.get(f"claim-reason-{n}", "")).strip() for n in claims}
 
         def refused(why: str) -> Response:
             """Post/Redirect/Get: the form is kept as a draft (the reason cut to its longest: a huge
             one is not echoed back) and the item's page says why; a reload resubmits nothing."""
             ticks = [] if why == CHANGED else claims  # the claims may be others now
-            session.drafts[(x.item, x.annotator)] = {"claims": ticks, "codes": codes, "error": why,
-                                                     "reason": text[:REASON_LENGTH[1]]}
+            session.drafts[(x.item, x.annotator)] = {
+                "claims": ticks, "codes": codes, "error": why, "reason": text[:REASON_LENGTH[1]],
+                "claim_codes": {n: claim_codes[n] for n in ticks},
+                "claim_reason": {n: claim_text[n][:REASON_LENGTH[1]] for n in ticks}}
             return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
 
-        problem = form_problem(verdict, claims, text, len(x.record["claims"]))
+        problem = form_problem(verdict, claims, text, len(x.record["claims"]), claim_text)
         if problem:
             return refused(problem)
         reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
+        by_claim = [{"claim": int(n), **({"codes": claim_codes[n]} if claim_codes[n] else {}),
+                     **({"reason": claim_text[n]} if claim_text[n] else {})}
+                    for n in claims if claim_codes[n] or claim_text[n]]
         row = {"item": x.item, "annotator": x.annotator, "generation": self.generation, "content_hash": x.content_hash,
-               "verdict": verdict, "reasons": reasons, "wrong_claims": claims}
+               "verdict": verdict, "reasons": reasons, "wrong_claims": claims, "claim_reasons": by_claim}
         key = (x.item, x.annotator, self.generation)
         with self.db(write=True) as con:
             # checked against the text now, under the lock: a rebuild since the page loaded may have changed it
@@ -380,19 +388,29 @@ class AuditServer:
         return Starlette(routes=routes, middleware=middleware)
 
 
-def form_problem(verdict: str, claims: list[str], reason: str, n_claims: int) -> str | None:
+def form_problem(verdict: str, claims: list[str], reason: str, n_claims: int,
+                 claim_reasons: dict[str, str] | None = None) -> str | None:
     """What is wrong with a submitted verdict, in the auditor's words (the audit schema still
     checks what passes here, as it checks `ratchet audit import`)."""
-    low, high = REASON_LENGTH
     if verdict not in ("pass", "fail"):
         return "Choose Pass or Fail."
-    if reason and not low <= len(reason) <= high:
-        cut = f" (shown here cut to the first {high})" if len(reason) > high else ""
-        return f"A reason is {low} to {high} characters; yours has {len(reason)}{cut}."
+    if problem := reason_problem(reason, "A reason"):
+        return problem
     if not all(c.isascii() and c.isdigit() and 1 <= int(c) <= n_claims for c in claims):
         return f"Wrong claims are numbered 1 to {n_claims}."
+    for n, text in (claim_reasons or {}).items():
+        if problem := reason_problem(text, f"The reason for claim {n}"):
+            return problem
     if verdict == "pass" and claims:
         return "A pass names no wrong claim: untick the claims or choose Fail."
+    return None
+
+
+def reason_problem(reason: str, what: str) -> str | None:
+    low, high = REASON_LENGTH
+    if reason and not low <= len(reason) <= high:
+        cut = f" (shown here cut to the first {high})" if len(reason) > high else ""
+        return f"{what} is {low} to {high} characters; yours has {len(reason)}{cut}."
     return None
 
 

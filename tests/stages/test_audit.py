@@ -194,6 +194,42 @@ def test_human_verdicts_are_validated_against_the_audit_schema(tmp_path):
     assert con.execute("SELECT item FROM audits").fetchall() == [("p002",)]
 
 
+def test_reasons_claim_by_claim_are_checked_on_import_and_read_one_row_a_claim(tmp_path):
+    """#31.6: a person gives codes and a reason per wrong claim (schemas/claim_reasons.schema.json),
+    in a CSV cell as JSON or in JSONL as a list; `audit_claims` reads every claim of every current
+    verdict, wrong or not, with its codes. A reason for a claim not called wrong, a code the schema
+    does not know and broken JSON are refused, by line, and store nothing."""
+    con = db_with_annotations(4)
+    claims = [{"claim": "The bridge reopened", "evidence": "reopened on Tuesday", "kind": "fact", "support": "strong",
+               "confidence": "high"},
+              {"claim": "It cost 38 million euros", "evidence": "38 million dollars", "kind": "fact",
+               "support": "strong", "confidence": "high"}]
+    con.execute("UPDATE annotations SET record = ?", [json.dumps({"claims": claims, "reflection": "r"})])
+    why = [{"claim": 2, "codes": ["misreads the passage"], "reason": "dollars, not euros"}]
+    f = tmp_path / "review.csv"
+    with f.open("w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(["item", "annotator", "generation", "verdict", "wrong_claims", "claim_reasons"])
+        out.writerow(["p000", "smollm2", 1, "fail", "2", json.dumps(why)])
+        out.writerow(["p001", "smollm2", 1, "fail", "1", json.dumps(why)])  # claim 2 is not called wrong
+        out.writerow(["p002", "smollm2", 1, "fail", "2", json.dumps([{"claim": 2, "codes": ["made up"]}])])
+        out.writerow(["p003", "smollm2", 1, "fail", "2", "[{claim: 2}"])
+    imported, problems = import_verdicts(con, f, "ana")
+    assert imported == 1, problems
+    assert "reasons for claim 2, which wrong_claims does not call wrong" in problems[0]
+    assert "schemas/claim_reasons.schema.json at 0/codes/0: 'made up' is not one of" in problems[1]
+    assert "claim_reasons is not JSON" in problems[2] and '"codes": ["invented claim"]' in problems[2]
+    jsonl = tmp_path / "review.jsonl"
+    jsonl.write_text(json.dumps({"item": "p001", "annotator": "smollm2", "generation": 1, "verdict": "pass",
+                                 "wrong_claims": [], "claim_reasons": []}) + "\n")
+    assert import_verdicts(con, jsonl, "ana") == (1, [])
+    rows = con.execute("SELECT item, claim, claim_text, wrong, codes, reason FROM audit_claims ORDER BY ALL").fetchall()
+    assert rows == [("p000", 1, "The bridge reopened", False, None, None),
+                    ("p000", 2, "It cost 38 million euros", True, ["misreads the passage"], "dollars, not euros"),
+                    ("p001", 1, "The bridge reopened", False, None, None),
+                    ("p001", 2, "It cost 38 million euros", False, None, None)]
+
+
 @pytest.mark.parametrize("name", ["smollm2", "SmolLM2", "gemma3-auditor", "qwen-auditor"])
 def test_a_person_named_like_a_model_is_refused_and_nothing_is_stored(tmp_path, name):
     """A person's verdicts are stored under their name; one equal to a member's or a model

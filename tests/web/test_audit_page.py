@@ -226,12 +226,13 @@ def test_undo_reload_and_skip(ws, serve, browser):
     assert current_passage(page) == first
 
 
-def test_a_pass_with_a_ticked_claim_is_refused_in_the_page_and_codes_and_reason_have_keys(ws, serve, browser):
+def test_a_pass_with_a_ticked_claim_is_refused_in_the_page_and_codes_and_reason_have_keys(ws, serve, browser, tmp_path):
     """#31.5/6: the page refuses a pass with a wrong claim before sending it (no request, so no
-    draft and no reload), and shift+digit toggles a reason code, r types a reason."""
+    draft and no reload); shift+digit toggles a reason code and r types a reason, of the claim
+    ticked last while it is ticked (its box shows only then), else of the whole reflection."""
     keys = sample_keys(ws)
     server = serve(auditors=("ana",), overlap=0.0)
-    page = browser.new_page()
+    page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
     page.goto(server.url("ana"))
     first = current_passage(page)
     sent = []
@@ -241,19 +242,40 @@ def test_a_pass_with_a_ticked_claim_is_refused_in_the_page_and_codes_and_reason_
     expect(page.locator("#client-error")).to_be_visible()
     expect(page.locator("#client-error")).to_contain_text("A pass names no wrong claim: untick claim 1")
     assert sent == [] and human_audits(ws) == [] and current_passage(page) == first
+    expect(page.locator("#claim-1-reasons")).to_be_visible()  # claim 1 is ticked: its codes and reason show
     page.keyboard.press("Shift+Digit2")
-    expect(page.locator("#code-2")).to_be_checked()
-    page.keyboard.press("Shift+Digit2")
+    expect(page.locator("#claim-1-code-2")).to_be_checked()
     expect(page.locator("#code-2")).not_to_be_checked()
+    page.keyboard.press("Shift+Digit2")
+    expect(page.locator("#claim-1-code-2")).not_to_be_checked()
     page.keyboard.press("Shift+Digit1")
     page.keyboard.press("r")
-    expect(page.locator("#reason")).to_be_focused()
-    expect(page.locator("#reason")).to_have_value("")  # the r that focused it is not typed
-    page.keyboard.type("claim 1 is invented")
+    expect(page.locator("#claim-1-reason")).to_be_focused()
+    expect(page.locator("#claim-1-reason")).to_have_value("")  # the r that focused it is not typed
+    page.keyboard.type("the passage never says it")
     page.keyboard.press("Escape")
+    page.keyboard.press("1")  # unticked: its box hides and the keys act on the whole reflection
+    expect(page.locator("#claim-1-reasons")).to_be_hidden()
+    page.keyboard.press("Shift+Digit5")
+    expect(page.locator("#code-5")).to_be_checked()
+    page.keyboard.press("r")
+    expect(page.locator("#reason")).to_be_focused()
+    page.keyboard.type("off topic")
+    page.keyboard.press("Escape")
+    page.keyboard.press("1")  # ticked again: what was given for it is still there
+    expect(page.locator("#claim-1-code-1")).to_be_checked()
+    screenshot(page, "audit-claim-reasons.png", tmp_path)
     press(page, "f")
     assert [(r[0], r[3], json.loads(r[4]), json.loads(r[5])) for r in human_audits(ws)] == [
-        (keys[first][0], "fail", [1], ["invented claim", "claim 1 is invented"])]
+        (keys[first][0], "fail", [1], ["not about this passage", "off topic"])]
+    con = ws.connect(read_only=True)
+    stored = con.execute("SELECT claim_reasons FROM audits WHERE auditor = 'ana'").fetchone()[0]
+    by_claim = con.execute("SELECT claim, wrong, codes, reason FROM audit_claims WHERE auditor = 'ana' "
+                           "ORDER BY claim").fetchall()
+    con.close()
+    assert json.loads(stored) == [{"claim": 1, "codes": ["invented claim"], "reason": "the passage never says it"}]
+    assert by_claim[0] == (1, True, ["invented claim"], "the passage never says it")
+    assert all(not wrong and codes is None for _, wrong, codes, _ in by_claim[1:])
 
 
 def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_path):
@@ -504,10 +526,22 @@ def test_a_refused_verdict_keeps_the_form_and_says_why_in_the_auditors_words(ws,
     assert f"numbered 1 to {n_claims}" in post(verdict="fail", claims=[str(n_claims + 1)])
     assert "A pass names no wrong claim" in post(verdict="pass", claims=["1"])
     assert human_audits(ws, "ana") == []
+    # a claim's own reason is bounded alike, and kept with its codes when refused
+    shown = post(verdict="fail", claims=["1"], **{"claim-codes-1": ["evidence not in passage"], "claim-reason-1": "ab"})
+    assert "The reason for claim 1 is 3 to 120 characters; yours has 2." in shown
+    assert re.search(r'id="claim-1-code-2" value="evidence not in passage"\s+checked', shown)
+    assert re.search(r'id="claim-1-reason"[^>]*value="ab"', shown)
+    assert human_audits(ws, "ana") == []
     done = client.post(item + "/verdict", data={"csrf": csrf, "verdict": "fail", "claims": ["1"],
-                                                "reason": "misquotes the passage"}, headers=origin)
+                                                "reason": "misquotes the passage",
+                                                "claim-codes-1": ["evidence not in passage", "no such code"],
+                                                "claim-reason-2": "not ticked: not meant"}, headers=origin)
     assert done.status_code == 303 and done.headers["location"] == "/queue"
     assert [a[3:] for a in human_audits(ws, "ana")] == [("fail", "[1]", '["misquotes the passage"]')]
+    con = ws.connect(read_only=True)
+    assert json.loads(con.execute("SELECT claim_reasons FROM audits WHERE auditor = 'ana'").fetchone()[0]) == [
+        {"claim": 1, "codes": ["evidence not in passage"]}]
+    con.close()
 
 
 def test_a_finished_queue_can_be_revisited_and_undo_outlives_a_restart(ws, serve):

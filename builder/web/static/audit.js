@@ -1,5 +1,6 @@
 // Keyboard for the audit page: p pass, f fail, 1-9 toggle claims, shift+1-9 toggle reason codes, r type a
-// reason, u undo, s skip, j/k next/previous, ? help. A pass with ticked claims is refused here, before it
+// reason, u undo, s skip, j/k next/previous, ? help. Codes and the reason go to the claim ticked last
+// while it is ticked, else to the whole reflection. A pass with ticked claims is refused here, before it
 // is sent (the server refuses it too).
 // Served from /static (the Content-Security-Policy allows no inline script).
 (function () {
@@ -16,6 +17,11 @@
   function follow(id) {
     var link = document.getElementById(id);
     if (link) window.location.assign(link.getAttribute("href"));
+  }
+  var current = null;  // the claim ticked last, by key or click: codes and reason go to it while it is ticked
+  function currentClaim() {
+    var box = current && document.getElementById("claim-" + current);
+    return box && box.checked ? current : null;
   }
   function toggleHelp() {
     var help = document.getElementById("help");
@@ -35,7 +41,8 @@
     // shift+digit by its physical key: event.key is "!" or "&" there, by keyboard layout
     var digit = /^Digit([1-9])$/.exec(event.code || "");
     if (event.shiftKey && digit) {
-      var code = document.getElementById("code-" + digit[1]);
+      var claim = currentClaim();
+      var code = document.getElementById(claim ? "claim-" + claim + "-code-" + digit[1] : "code-" + digit[1]);
       if (code) code.checked = !code.checked;
       event.preventDefault();
       return;
@@ -43,7 +50,7 @@
     var key = event.key;
     if (key >= "1" && key <= "9") {
       var box = document.getElementById("claim-" + key);
-      if (box) box.checked = !box.checked;
+      if (box) { box.checked = !box.checked; if (box.checked) current = key; }
     } else if (key === "p") verdict("pass");
     else if (key === "f") verdict("fail");
     else if (key === "u") submit("undo");
@@ -51,7 +58,11 @@
     else if (key === "j") follow("next");
     else if (key === "k") follow("prev");
     else if (key === "?") toggleHelp();
-    else if (key === "r") { var reason = document.getElementById("reason"); if (reason) reason.focus(); }
+    else if (key === "r") {
+      var claim = currentClaim();
+      var reason = document.getElementById(claim ? "claim-" + claim + "-reason" : "reason");
+      if (reason) reason.focus();
+    }
     else return;
     event.preventDefault();
   });
@@ -68,6 +79,10 @@
   document.addEventListener("DOMContentLoaded", function () {
     var link = document.getElementById("help-toggle");
     if (link) link.addEventListener("click", function (event) { event.preventDefault(); toggleHelp(); });
+    var boxes = document.querySelectorAll("input[name=claims]");
+    for (var i = 0; i < boxes.length; i++) boxes[i].addEventListener("change", function (event) {
+      if (event.target.checked) current = event.target.value;
+    });
     var form = document.getElementById("verdict");
     if (form) form.addEventListener("submit", function (event) {
       var wrong = ticked();
