@@ -16,7 +16,14 @@ which N kept it, for a person to label claim by claim (docs/faithfulness.md repo
 labels). With `--labels F` (JSONL of {"id", "faithful": true|false}), faithful kept
 reflections per minute are printed for each N.
 
+Does the rule choose the faithful candidate? `--candidates F` writes every sample that passed
+the gates, of the passages where two or more distinct ones did, shuffled, for the same reading;
+with labels covering them, the bench prints how often the kept one was faithful where the
+passage's samples differ in faithfulness (issue 29's target: 90%). `--workspace DIR` keeps the
+call cache in DIR (a rerun over the same prompts makes no model call).
+
 Usage: python bench/best_of.py [--passages 30] [--n 3] [--writer MODEL] [--results F.json] [--for-reading F.jsonl]
+                               [--candidates F.jsonl] [--workspace DIR]
        python bench/best_of.py --results F.json --labels L.jsonl   # reprint with labels, no model
 """
 from __future__ import annotations
@@ -50,13 +57,15 @@ def passages(n: int) -> list[Passage]:
     return [Passage(passage_id(text), "bench", i, text, len(text.split())) for i, text in enumerate(rows[:n])]
 
 
-def sample(items: list[Passage], n: int, writer: str | None = None) -> tuple[list[list], list[float], str]:
+def sample(items: list[Passage], n: int, writer: str | None = None,
+           workspace: Path | None = None) -> tuple[list[list], list[float], str]:
     """Every passage's candidates 0..n-1 (rows as the task gives them), each index's seconds."""
     cfg = RatchetConfig()
     member = next(m for m in cfg.ensemble.members if "annotate" in m.roles and m.kind == "model")
     if writer:  # another model in the default writer's place (its persona and few-shot setting)
         member = member.model_copy(update={"model": writer, "name": ""})
-    root = Path(tempfile.mkdtemp(prefix="best-of-"))
+    root = workspace or Path(tempfile.mkdtemp(prefix="best-of-"))
+    root.mkdir(parents=True, exist_ok=True)
     (root / "ratchet.toml").write_text("")
     con = Workspace(root).connect()
     rows, seconds = [], []
@@ -96,7 +105,43 @@ def kept_by_n(items: list[Passage], rows: list[list], seconds: list[float]) -> d
     first = out[1]["reflections"]
     for r in out.values():
         r["differs_from_n1"] = sum(first.get(pid, {}).get("id") != x["id"] for pid, x in r["reflections"].items())
+    out[len(rows)]["samples"] = {p.passage_id: [{"candidate": k, "record": r.record,
+                                                  "id": record_id(p.text, r.record)}
+                                                 for k in range(len(rows)) for r in rows[k]
+                                                 if r.passage_id == p.passage_id and r.status == "accepted"]
+                                 for p in items}
     return out
+
+
+def candidates_for_reading(items: list[Passage], results: dict, path: Path) -> int:
+    """Every accepted sample of the passages whose accepted samples differ, once, shuffled."""
+    texts = {p.passage_id: p.text for p in items}
+    rows = {x["id"]: {"id": x["id"], "passage": texts[pid], "reflection": x["record"]}
+            for pid, samples in results[max(results)]["samples"].items()
+            if len({x["id"] for x in samples}) > 1 for x in samples}
+    rows = list(rows.values())
+    random.Random(1).shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def selection(results: dict, labels: dict[str, bool]) -> str | None:
+    """Of the passages whose accepted samples differ in faithfulness (every one read), how often
+    N's kept one is faithful, for each N > 1."""
+    samples = results[max(results)].get("samples")
+    if not samples:
+        return None
+    lines = []
+    for n, r in results.items():
+        if n == 1:
+            continue
+        first_n = {pid: [x["id"] for x in xs if x["candidate"] < n] for pid, xs in samples.items()}
+        mixed = [pid for pid, ids in first_n.items()
+                 if all(i in labels for i in ids) and len({labels[i] for i in ids}) == 2]
+        right = sum(labels[r["reflections"][pid]["id"]] for pid in mixed)
+        lines.append(f"N = {n}: the kept sample is faithful in {right} of {len(mixed)} passages whose samples "
+                     f"differ in faithfulness")
+    return "\n".join(lines)
 
 
 def for_reading(items: list[Passage], results: dict, path: Path) -> int:
@@ -138,6 +183,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="write (or, with --labels alone, read) the results here")
     parser.add_argument("--for-reading", type=Path, help="every distinct kept reflection, shuffled, for labelling")
     parser.add_argument("--labels", type=Path, help='JSONL of {"id", "faithful"}: a person\'s reading')
+    parser.add_argument("--candidates", type=Path, help="every accepted sample where they differ, for labelling")
+    parser.add_argument("--workspace", type=Path, help="keep the call cache here (a rerun makes no model call)")
     args = parser.parse_args()
     labels = ({(x := json.loads(line))["id"]: bool(x["faithful"]) for line in args.labels.read_text().splitlines()
                if line.strip()} if args.labels else None)
@@ -145,7 +192,7 @@ def main() -> None:
         results = {int(k): v for k, v in json.loads(args.results.read_text())["by_n"].items()}
     else:
         items = passages(args.passages)
-        rows, seconds, writer = sample(items, args.n, args.writer)
+        rows, seconds, writer = sample(items, args.n, args.writer, args.workspace)
         results = kept_by_n(items, rows, seconds)
         print(f"\nwriter {writer}, {len(items)} passages, default config (gates, retries), 2 cores:\n")
         if args.results:
@@ -153,7 +200,12 @@ def main() -> None:
         if args.for_reading:
             print(f"{for_reading(items, results, args.for_reading)} distinct kept reflections to read: "
                   f"{args.for_reading}\n")
+        if args.candidates:
+            print(f"{candidates_for_reading(items, results, args.candidates)} accepted samples of passages whose "
+                  f"samples differ, to read: {args.candidates}\n")
     table(results, labels)
+    if labels and (chosen := selection(results, labels)):
+        print("\n" + chosen)
 
 
 if __name__ == "__main__":
