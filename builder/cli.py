@@ -24,7 +24,7 @@ from .ensemble import EnsembleError
 from .models import ModelNotFound
 from .prompts import PromptError
 from .resources import EXAMPLES_DIR
-from .stages.audit import (AuditError, create_secret, export_critique_sample, export_sample, faithful_per_minute,
+from .stages.audit import (AuditError, create_secret, export_claims, export_critique_sample, export_sample, faithful_per_minute,
                            import_verdicts, load_secret, people_on_kept)
 from .stages.conscience import ConscienceError
 from .stages.ratchet import RatchetError
@@ -1032,6 +1032,44 @@ def audit_export(
     except (WorkspaceError, AuditError) as exc:
         fail(str(exc))
     console.print(f"wrote {n} item(s) to review to {file}\nthen: ratchet audit import {file} --auditor YOUR_NAME")
+
+
+@audit_app.command("claims")
+def audit_claims(
+    file: Annotated[Path, typer.Argument(help="Where to write the labelled claims: a .jsonl file.")],
+    workspace: WorkspaceOpt = Path("."),
+    generation: Annotated[Optional[int], typer.Option(min=1, help="Only this generation's verdicts (default: all).")] = None,
+) -> None:
+    """Write every claim people have judged, on the audit page or by import, as labelled claims:
+    passage, claim, evidence and label (unsupported where the person called the claim wrong,
+    supported otherwise), with the person's codes and reason. It is the file `ratchet validity
+    --labelled` weighs the critics with and `ratchet eval-judge --kind grounding` scores a claim
+    judge on: the project's own ground truth, growing as people audit. A fail that names no
+    wrong claim leaves its claims out (it does not say which was wrong); a verdict on text a
+    rebuild changed counts nowhere. The file reveals the secret sample: keep it away from
+    annotators and training data.
+
+    \b
+    Example:
+      ratchet audit claims people.jsonl -w my-ws
+      ratchet validity -w my-ws --labelled people.jsonl
+      ratchet eval-judge people.jsonl --kind grounding"""
+    if file.suffix != ".jsonl":
+        fail(f"{file}: write the labelled claims to a .jsonl file")
+    ws = open_workspace(workspace)
+    try:
+        con = ws.connect(read_only=True)
+        written, unsupported, left_out = export_claims(con, file, generation)
+        con.close()
+    except (WorkspaceError, OSError) as exc:
+        fail(str(exc))
+    if not written:
+        fail(f"no claim judged by a person{f' in generation {generation}' if generation else ''} yet: audit with "
+             f"`ratchet audit serve` (tick the wrong claims) or `ratchet audit import`")
+    console.print(f"wrote {written} labelled claim(s) to {file}: {unsupported} unsupported, {written - unsupported} "
+                  f"supported" + (f"; left out {left_out} of fails that name no wrong claim" if left_out else "")
+                  + f"\nthen: ratchet validity -w {workspace} --labelled {file}, or ratchet eval-judge {file} "
+                    f"--kind grounding")
 
 
 @audit_app.command("serve")

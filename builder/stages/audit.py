@@ -449,6 +449,37 @@ def export_sample(con, secret: bytes, generation: int, rate: float, path: Path) 
     return write_review(out, Path(path), EXPORT_COLUMNS)
 
 
+def export_claims(con, path: Path, generation: int | None = None) -> tuple[int, int, int]:
+    """Every claim people have judged (the `audit_claims` view, current verdicts only), one JSONL
+    row each, labelled `unsupported` where the person called it wrong and `supported` otherwise:
+    the format `ratchet validity --labelled` and `ratchet eval-judge --kind grounding` read. A fail
+    that names no wrong claim says nothing about which claim was wrong; its claims are left out
+    and counted. `in_sample` is false for an item a person saw only because a judge abstained
+    (chosen by doubt: filter it out to measure a judge on a random sample). Returns (rows
+    written, of them unsupported, claims left out)."""
+    where = "c.auditor_kind = 'human'" + (" AND c.generation = ?" if generation else "")
+    rows = con.execute(f"""SELECT c.item, c.annotator, c.generation, c.auditor, p.text, c.claim, c.claim_text,
+                                  c.evidence, c.wrong, c.codes, c.reason,
+                                  c.verdict = 'fail' AND json_array_length(a.wrong_claims) = 0 AS unnamed,
+                                  NOT EXISTS (SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = c.item
+                                              AND e.annotator = c.annotator AND e.generation = c.generation) AS drawn
+                           FROM audit_claims c JOIN passages p ON p.passage_id = c.item
+                           JOIN audits a ON a.item = c.item AND a.annotator = c.annotator
+                               AND a.generation = c.generation AND a.auditor = c.auditor
+                               AND a.auditor_kind = c.auditor_kind
+                           WHERE {where}
+                           ORDER BY c.generation, c.item, c.annotator, c.auditor, c.claim""",
+                       [generation] if generation else []).fetchall()
+    out = [{"passage_id": item, "passage": text, "claim": claim, "evidence": evidence,
+            "label": "unsupported" if wrong else "supported", "annotator": annotator, "generation": g,
+            "auditor": auditor, "claim_number": n, "codes": codes or [], "reason": reason, "in_sample": drawn}
+           for item, annotator, g, auditor, text, n, claim, evidence, wrong, codes, reason, unnamed, drawn in rows
+           if not unnamed]
+    if out:  # nothing judged yet: no empty file
+        Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return len(out), sum(r["label"] == "unsupported" for r in out), len(rows) - len(out)
+
+
 def export_critique_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
     """Write the sampled critiques for a person to review: the passage, the annotation and the
     critique (one verdict per claim, objections, its verdict), with empty verdict (right/wrong)

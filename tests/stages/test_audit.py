@@ -7,7 +7,8 @@ import stat
 import duckdb
 import pytest
 
-from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, current_annotations, export_sample,
+from builder.stages.audit import (SECRET_ENV, AuditError, AuditRow, create_secret, current_annotations, export_claims,
+                                  export_sample,
                                   import_verdicts, is_selected, load_secret, sample, store_audits, update_reputation)
 from builder.config import RatchetConfig
 from builder.workspace import create_schema
@@ -221,13 +222,25 @@ def test_reasons_claim_by_claim_are_checked_on_import_and_read_one_row_a_claim(t
     assert "claim_reasons is not JSON" in problems[2] and '"codes": ["invented claim"]' in problems[2]
     jsonl = tmp_path / "review.jsonl"
     jsonl.write_text(json.dumps({"item": "p001", "annotator": "smollm2", "generation": 1, "verdict": "pass",
-                                 "wrong_claims": [], "claim_reasons": []}) + "\n")
-    assert import_verdicts(con, jsonl, "ana") == (1, [])
-    rows = con.execute("SELECT item, claim, claim_text, wrong, codes, reason FROM audit_claims ORDER BY ALL").fetchall()
+                                 "wrong_claims": [], "claim_reasons": []}) + "\n" +
+                     json.dumps({"item": "p002", "annotator": "smollm2", "generation": 1, "verdict": "fail",
+                                 "reasons": ["the prose invents a cause"], "wrong_claims": []}) + "\n")
+    assert import_verdicts(con, jsonl, "ana") == (2, [])
+    rows = con.execute("SELECT item, claim, claim_text, wrong, codes, reason FROM audit_claims "
+                       "WHERE item <> 'p002' ORDER BY ALL").fetchall()
     assert rows == [("p000", 1, "The bridge reopened", False, None, None),
                     ("p000", 2, "It cost 38 million euros", True, ["misreads the passage"], "dollars, not euros"),
                     ("p001", 1, "The bridge reopened", False, None, None),
                     ("p001", 2, "It cost 38 million euros", False, None, None)]
+    # as labelled claims (`ratchet audit claims`): p002's fail names no wrong claim, so its claims say nothing
+    out = tmp_path / "people.jsonl"
+    assert export_claims(con, out) == (4, 1, 2)
+    labelled = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["passage_id"], x["claim"], x["label"], x["codes"]) for x in labelled][:2] == [
+        ("p000", "The bridge reopened", "supported", []),
+        ("p000", "It cost 38 million euros", "unsupported", ["misreads the passage"])]
+    assert labelled[1]["evidence"] == "38 million dollars" and labelled[1]["passage"] == "text 0"
+    assert all(x["in_sample"] for x in labelled)  # no judge abstained here: every item is the random sample's
 
 
 @pytest.mark.parametrize("name", ["smollm2", "SmolLM2", "gemma3-auditor", "qwen-auditor"])

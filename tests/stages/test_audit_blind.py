@@ -206,6 +206,9 @@ def test_export_review_import_round_trip(two_builds, tmp_path):
         writer.writeheader()
         writer.writerows(rows)
         fh.write("nope,smollm2,1,,,,pass,,\n")
+    claims = tmp_path / "people.jsonl"
+    none_yet = runner.invoke(app, ["audit", "claims", str(claims), "--workspace", str(ws.root)])
+    assert none_yet.exit_code == 1 and "no claim judged by a person yet" in none_yet.output and not claims.exists()
     result = runner.invoke(app, ["audit", "import", str(out), "--auditor", "ana", "--workspace", str(ws.root)])
     assert result.exit_code == 1  # one bad row: reported, the rest kept
     assert f"imported {len(rows)} verdict(s) by ana" in result.output
@@ -219,3 +222,20 @@ def test_export_review_import_round_trip(two_builds, tmp_path):
     assert {(h[0], h[2]) for h in human} == {(r["item"], "ana") for r in rows}
     both = {r["item"] for r in rows} & model_audited  # a model audit with no valid verdict is not stored
     assert (stats[0]["both_audited"] if stats else 0) == len(both)
+    # #31.6: the person's verdicts, claim by claim, as the labelled file that weighs critics
+    result = runner.invoke(app, ["audit", "claims", str(claims), "--workspace", str(ws.root)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    labelled = [json.loads(line) for line in claims.read_text().splitlines()]
+    failed = rows[0]["item"]
+    assert {(x["passage_id"], x["claim_number"]) for x in labelled if x["label"] == "unsupported"} == {(failed, 1)}
+    assert {x["passage_id"] for x in labelled} == {r["item"] for r in rows} and all(x["auditor"] == "ana" for x in labelled)
+    assert f"1 unsupported, {len(labelled) - 1} supported" in result.output
+    from builder.measure import labelled_tasks
+
+    tasks, labels = labelled_tasks(claims)  # what `ratchet validity --labelled` reads
+    assert sorted(labels) == [0] * (len(labelled) - 1) + [1] and tasks[0].passage in SHORT_PASSAGES
+    measured = runner.invoke(app, ["validity", "-w", str(ws.root), "--labelled", str(claims)], env={"COLUMNS": "200"})
+    assert measured.exit_code == 0, measured.output
+    con = ws.connect(read_only=True)
+    assert con.execute("SELECT DISTINCT labelled FROM critic_validity").fetchall() == [("people.jsonl",)]
+    con.close()
