@@ -1021,7 +1021,8 @@ def audit_export(
 ) -> None:
     """Write the items chosen for audit, for a person to review: fill in verdict (pass/fail),
     reasons (separated by ';' in CSV) and wrong_claims (claim numbers, e.g. 1,3). With
-    --critiques, the sampled critiques: verdict right/wrong and reasons; these weigh each
+    --critiques, the sampled critiques: verdict right/wrong, reasons and wrong_claims (the
+    claims whose verdict the critic got wrong, e.g. 2); these weigh each
     critic's votes in later generations.
     The file reveals the secret sample: keep it away from annotators and training data."""
     ws = open_workspace(workspace)
@@ -1090,8 +1091,9 @@ def audit_serve(
              "(https://audit.example.org) or a LAN name's (http://lab-pc:8765). With --host 0.0.0.0 the page "
              "already answers at any of this machine's IP addresses.")] = [],
 ) -> None:
-    """A web page for human auditors: the secret sample one item at a time, blind (no author,
-    model, persona or score on the page), keyboard-driven (p pass, f fail, 1-9 claims, u undo,
+    """A web page for human auditors: the secret samples of reflections and of the critiques that
+    vote on them, one item at a time, blind (no author, critic, model, persona or score on the
+    page), keyboard-driven (p pass/right, f fail/wrong, 1-9 claims, u undo,
     s skip, j/k move, ? help). Prints one start link per auditor, each usable once; verdicts go
     into the audits table as `ratchet audit import` puts them. Needs the .[web] extra.
     Ctrl-C stops the server; every submitted verdict is already saved."""
@@ -1115,7 +1117,9 @@ def audit_serve(
                   "can audit; the page has no TLS")
 
     def ready(server) -> None:
-        console.print(f"auditing generation {generation}: {server.total_sampled} sampled item(s), "
+        console.print(f"auditing generation {generation}: {server.total_sampled} sampled item(s) "
+                      f"({server.total_sampled - server.sampled_critiques} reflection(s), {server.sampled_critiques} "
+                      f"critique(s)), "
                       f"{', '.join(f'{a} {len(q)}' for a, q in server.queues.items())} (overlap {overlap:.0%})")
         for who, url in server.start_urls():
             console.print(f"[bold]{who}:[/] {url}", soft_wrap=True, highlight=False)

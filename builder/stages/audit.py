@@ -104,6 +104,10 @@ class SampledItem:
     call_key: str | None = None
     needs_person: str | None = None  # why a judge abstained on it (escalations): first in the queue
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.item, self.annotator
+
 
 def sampled_items(con, items: list[tuple[str, str]], generation: int) -> list[SampledItem]:
     """Passage and annotation of each sampled (item, annotator), in the sample's order: only
@@ -137,6 +141,11 @@ class SampledCritique:
     record: dict  # the annotation the critique is about
     critique: dict  # claim_verdicts, objections, verdict
     content_hash: str | None = None  # of passage, annotation and critique as read (CRITIQUE_HASH_SQL)
+    needs_person: str | None = None  # no judge escalates a critique yet: the queue reads it as for an annotation
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.item, self.annotator, self.critic
 
 
 def sampled_critiques(con, keys: list[tuple[str, str, str]], generation: int) -> list[SampledCritique]:
@@ -263,6 +272,9 @@ class CritiqueAuditRow:
     right_prob: float | None = doc("P(right): the model auditor's under the deciding distribution, a person's 1 or 0")
     content_hash: str | None = doc("hash of the passage, annotation and critique the verdict judged (NULL: recorded "
                                    "before hashes, taken as current)", default=None, added=True)
+    wrong_claims: Json | None = doc("the claims whose verdict the critic got wrong, by number (a person's, from the "
+                                    "audit page or an import; the model auditor judges the critique whole)",
+                                    default=None, added=True)
 
 
 CRITIQUE_AUDITS = Table("critique_audits", CritiqueAuditRow,
@@ -429,7 +441,7 @@ def withdraw_audit(con, item: str, annotator: str, generation: int, auditor: str
 EXPORT_COLUMNS = ["item", "annotator", "generation", "passage", "claims", "reflection", "verdict", "reasons", "wrong_claims",
                   "claim_reasons", "content_hash"]
 CRITIQUE_EXPORT_COLUMNS = ["item", "annotator", "critic", "generation", "passage", "claims", "reflection", "critique",
-                           "verdict", "reasons", "content_hash"]
+                           "verdict", "reasons", "wrong_claims", "content_hash"]
 CHANGED = ("the text changed since it was exported (a rebuild): this verdict judged text that is gone; export again "
            "and judge the new text")
 
@@ -483,7 +495,7 @@ def export_claims(con, path: Path, generation: int | None = None) -> tuple[int, 
 def export_critique_sample(con, secret: bytes, generation: int, rate: float, path: Path) -> int:
     """Write the sampled critiques for a person to review: the passage, the annotation and the
     critique (one verdict per claim, objections, its verdict), with empty verdict (right/wrong)
-    and reasons to fill in."""
+    reasons and wrong_claims (the claims whose verdict the critic got wrong) to fill in."""
     out = []
     for x in sampled_critiques(con, critique_sample(con, secret, generation, rate), generation):
         c = x.critique
@@ -491,7 +503,8 @@ def export_critique_sample(con, secret: bytes, generation: int, rate: float, pat
                               *(f"objection: {o}" for o in c["objections"]), f"verdict: {c['verdict']}"])
         out.append({"item": x.item, "annotator": x.annotator, "critic": x.critic, "generation": generation,
                     "passage": x.passage, "claims": numbered_claims(x.record), "reflection": x.record["reflection"],
-                    "critique": critique, "verdict": "", "reasons": "", "content_hash": x.content_hash})
+                    "critique": critique, "verdict": "", "reasons": "", "wrong_claims": "",
+                    "content_hash": x.content_hash})
     return write_review(out, Path(path), CRITIQUE_EXPORT_COLUMNS)
 
 
@@ -568,13 +581,13 @@ def current_annotations(con, where: str = "", params=None) -> dict[tuple[str, st
     return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
 
 
-def current_critiques(con) -> dict[tuple[str, str, str, int], str]:
+def current_critiques(con, where: str = "", params=None) -> dict[tuple[str, str, str, int], str]:
     """(item, annotator, critic, generation) -> content hash of each valid critique now."""
     rows = con.execute(f"""SELECT c.passage_id, c.annotator, c.critic, c.generation, {CRITIQUE_HASH_SQL}
                            FROM critiques c JOIN passages p USING (passage_id)
                            JOIN annotations a ON a.generation = c.generation AND a.passage_id = c.passage_id
                                              AND a.annotator = c.annotator
-                           WHERE c.status = 'accepted'""").fetchall()
+                           WHERE c.status = 'accepted' {where}""", params or []).fetchall()
     return {tuple(r[:4]): r[4] for r in rows}
 
 
@@ -589,18 +602,13 @@ def _current_hash(row: dict, now: str | None) -> str | None:
 
 def parse_human_row(row: dict, auditor: str, known: dict[tuple[str, str, int], tuple[str, str | None]]) -> AuditRow:
     verdict, generation = _verdict_and_generation(row, ("item", "annotator"), ("pass", "fail"))
-    try:
-        wrong = _as_list(row.get("wrong_claims"), int)
-    except ValueError as exc:
-        raise ValueError(f"not a number: {exc}") from None
-    if any(not 1 <= n <= 3 for n in wrong):
-        raise ValueError(f"wrong_claims {wrong} must be claim numbers 1-3")
+    wrong = wrong_claim_numbers(row)
     key = (str(row["item"]).strip(), str(row["annotator"]).strip(), generation)
     if key not in known:
         raise ValueError(f"no accepted annotation {key[0]} by {key[1]} in generation {generation}")
     now, call_key = known[key]
     content_hash = _current_hash(row, now)
-    verdict_record = {"verdict": verdict, "reasons": _as_list(row.get("reasons"), str), "wrong_claims": sorted(set(wrong))}
+    verdict_record = {"verdict": verdict, "reasons": _as_list(row.get("reasons"), str), "wrong_claims": wrong}
     check_against_schema(verdict_record)
     by_claim = claim_reasons(row.get("claim_reasons"), verdict_record["wrong_claims"])
     return AuditRow(key[0], key[1], key[2], auditor, "human", verdict, verdict_record["reasons"],
@@ -640,8 +648,23 @@ def parse_human_critique_row(row: dict, auditor: str, known: dict[tuple[str, str
     content_hash = _current_hash(row, known[key])
     record = {"reasons": _as_list(row.get("reasons"), str), "verdict": verdict}
     check_against_schema(record, "critique_audit")
+    wrong = wrong_claim_numbers(row)
+    if verdict == "right" and wrong:
+        raise ValueError(f"verdict right, but wrong_claims {wrong} says the critic got claims wrong: "
+                         "choose wrong, or leave wrong_claims empty")
     return CritiqueAuditRow(*key[:3], generation, auditor, "human", verdict, record["reasons"], float(verdict == "right"),
-                            content_hash)
+                            content_hash, wrong or None)
+
+
+def wrong_claim_numbers(row: dict) -> list[int]:
+    """A row's wrong_claims: claim numbers 1-3 (a list, or '1, 3' from a CSV cell), sorted, once each."""
+    try:
+        wrong = _as_list(row.get("wrong_claims"), int)
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+    if any(not 1 <= n <= 3 for n in wrong):
+        raise ValueError(f"wrong_claims {wrong} must be claim numbers 1-3")
+    return sorted(set(wrong))
 
 
 def check_against_schema(verdict: dict, schema: str = "audit") -> None:
@@ -654,6 +677,19 @@ def check_against_schema(verdict: dict, schema: str = "audit") -> None:
 
 def store_critique_audits(con, rows: list[CritiqueAuditRow]) -> None:
     CRITIQUE_AUDITS.insert(con, rows, on_conflict="replace")
+    # a replaced verdict's time is the new one's (INSERT OR REPLACE leaves a column it does not name)
+    insert_rows(con, "UPDATE critique_audits SET audited_at = current_timestamp WHERE item = ? AND annotator = ? "
+                     "AND critic = ? AND generation = ? AND auditor = ? AND auditor_kind = ?",
+                [[r.item, r.annotator, r.critic, r.generation, r.auditor, r.auditor_kind] for r in rows])
+
+
+def withdraw_critique_audit(con, item: str, annotator: str, critic: str, generation: int, auditor: str,
+                            previous: CritiqueAuditRow | None = None) -> None:
+    """Take back a person's verdict on a critique (the audit page's undo), their earlier one put back."""
+    con.execute("DELETE FROM critique_audits WHERE item = ? AND annotator = ? AND critic = ? AND generation = ? "
+                "AND auditor = ? AND auditor_kind = 'human'", [item, annotator, critic, generation, auditor])
+    if previous is not None:
+        CRITIQUE_AUDITS.insert(con, [previous], on_conflict="replace")
 
 
 def model_names(con, cfg: RatchetConfig | None = None) -> set[str]:

@@ -33,19 +33,21 @@ from starlette.templating import Jinja2Templates
 
 from ..prompts import Prompts
 from ..resources import load_schema
-from ..stages.audit import (AUDITS, StaleContent, current_annotations, load_secret, parse_human_row,
-                            refresh_reputations, refuse_model_names, sampled_items, store_audits, withdraw_audit)
+from ..stages.audit import (AUDITS, CRITIQUE_AUDITS, SampledCritique, StaleContent, current_annotations,
+                            current_critiques, load_secret, parse_human_critique_row, parse_human_row,
+                            refresh_reputations, refuse_model_names, store_audits, store_critique_audits,
+                            withdraw_audit, withdraw_critique_audit)
 from ..workspace import Workspace, WorkspaceError, transaction
 from .evidence import segments
 from .origin import CheckHost, OriginPolicy
-from .queue import AuditorQueue, Key, assign, load_sample
+from .queue import AuditorQueue, Item, Key, assign, load_critiques, load_sample, reload
 from .stats import ratchet_plot, ratchet_rows, stats
 
 HERE = Path(__file__).parent
 BUSY = "The workspace is busy (a build is writing it). Nothing was lost; try again in a moment."
-CHANGED = ("This reflection changed since the page loaded it (the workspace was rebuilt): your verdict was not saved. "
+CHANGED = ("This {what} changed since the page loaded it (the workspace was rebuilt): your verdict was not saved. "
            "Here is the text as it is now; please judge it again.")
-GONE = ("This reflection is no longer in the audit sample (a rebuild rejected or removed it): your verdict was not "
+GONE = ("This {what} is no longer in the audit sample (a rebuild rejected or removed it): your verdict was not "
         "saved. Go on with the next item.")
 log = logging.getLogger("ratchet.audit_page")
 _REASON = load_schema("audit")["properties"]["reasons"]["items"]
@@ -89,11 +91,13 @@ class AuditServer:
         con = ws.connect(read_only=True)
         try:
             refuse_model_names(con, list(config.auditors), ws.config)
-            items = load_sample(con, secret, config.generation, ws.config.audit.rate)
+            items: list[Item] = [*load_sample(con, secret, config.generation, ws.config.audit.rate),
+                                 *load_critiques(con, secret, config.generation, ws.config.audit.rate)]
         finally:
             con.close()
         self.total_sampled = len(items)
-        by_key = {(x.item, x.annotator): x for x in items}
+        self.sampled_critiques = sum(isinstance(x, SampledCritique) for x in items)
+        by_key = {x.key: x for x in items}
         assigned = assign(sorted(by_key), list(config.auditors), secret, config.overlap,
                           lead=[k for k, x in by_key.items() if x.needs_person])  # load_sample's order
         self.queues = {a: [by_key[k] for k in keys] for a, keys in assigned.items()}
@@ -161,10 +165,13 @@ class AuditServer:
 
     def done(self, con, session: AuditorQueue) -> dict[Key, str]:
         """This auditor's verdict on each item of their queue that has a current one (a verdict on
-        text a rebuild has changed since is stale: the item is offered again)."""
-        rows = con.execute("SELECT item, annotator, verdict FROM audits_current WHERE generation = ? AND auditor = ? "
-                           "AND auditor_kind = 'human'", [self.generation, session.auditor]).fetchall()
-        return {(item, annotator): v for item, annotator, v in rows if (item, annotator) in session.by_key}
+        text a rebuild has changed since is stale: the item is offered again): annotations and critiques."""
+        rows = con.execute("SELECT [item, annotator], verdict FROM audits_current WHERE generation = $g AND auditor = $a "
+                           "AND auditor_kind = 'human' UNION ALL "
+                           "SELECT [item, annotator, critic], verdict FROM critique_audits_current WHERE generation = $g "
+                           "AND auditor = $a AND auditor_kind = 'human'",
+                           {"g": self.generation, "a": session.auditor}).fetchall()
+        return {tuple(key): v for key, v in rows if tuple(key) in session.by_key}
 
     def page(self, request: Request, name: str, status: int = 200, **values) -> Response:
         return self.templates.TemplateResponse(request, name, values, status_code=status)
@@ -198,7 +205,8 @@ class AuditServer:
     def done_page(self, request: Request, session: AuditorQueue, done: dict[Key, str]) -> Response:
         """Every item with this auditor's verdict, each a link to open and change it (until the
         statistics are opened)."""
-        items = [{"id": session.opaque(x), "number": i, "verdict": done.get((x.item, x.annotator))}
+        items = [{"id": session.opaque(x), "number": i, "verdict": done.get(x.key),
+                  "what": "critique" if isinstance(x, SampledCritique) else "reflection"}
                  for i, x in enumerate(session.items, 1)]
         return self.page(request, "done.html", done=len(done), total=len(session.items), csrf=session.csrf,
                          items=items, can_undo=bool(session.history or done))
@@ -208,25 +216,25 @@ class AuditServer:
         x = self.item_of(request, session)
         with self.db(write=False) as con:
             done = self.done(con, session)
-            now = sampled_items(con, [(x.item, x.annotator)], self.generation)
-        if not now:
-            session.drop((x.item, x.annotator))
-            raise Refused(409, GONE)
-        if now[0].content_hash != x.content_hash:  # a rebuild since the page loaded: show the text as it is now
-            session.replace(x := now[0])
+            now = reload(con, x, self.generation)
+        if now is None:
+            session.drop(x.key)
+            raise Refused(409, GONE.format(what=what(x)))
+        if now.content_hash != x.content_hash:  # a rebuild since the page loaded: show the text as it is now
+            session.replace(x := now)
         i = session.position(x)
         neighbour = lambda j: session.opaque(session.items[j]) if 0 <= j < len(session.items) else None  # noqa: E731
-        draft = session.drafts.get((x.item, x.annotator), {})
+        draft = session.drafts.get(x.key, {})
         error = draft.pop("error", None)  # a refusal is said once; the ticks and text stay until a verdict
         marked, found = segments(x.passage, x.record["claims"])
-        return self.page(request, "item.html", id=session.opaque(x), passage=x.passage, draft=draft,
-                         marked=marked, found=found,
-                         reason_length=REASON_LENGTH,
-                         reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
-                         done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
-                         previous=done.get((x.item, x.annotator)), prev_id=neighbour(i - 1), next_id=neighbour(i + 1),
-                         codes=REASON_CODES, error=error, can_undo=bool(session.history or done),
-                         needs_person=x.needs_person)
+        values = dict(id=session.opaque(x), passage=x.passage, draft=draft, marked=marked, found=found,
+                      reason_length=REASON_LENGTH, reflection=self.prompts.reflection(x.record), claims=x.record["claims"],
+                      done=len(done), total=len(session.items), number=i + 1, csrf=session.csrf,
+                      previous=done.get(x.key), prev_id=neighbour(i - 1), next_id=neighbour(i + 1), error=error,
+                      can_undo=bool(session.history or done), needs_person=x.needs_person)
+        if isinstance(x, SampledCritique):  # the critic is never named: only what it wrote
+            return self.page(request, "critique.html", critique=x.critique, **values)
+        return self.page(request, "item.html", codes=REASON_CODES, **values)
 
     async def verdict(self, request: Request) -> Response:
         session, form = await self.posted(request)
@@ -234,64 +242,78 @@ class AuditServer:
 
     def _verdict(self, request: Request, session: AuditorQueue, form) -> Response:
         x = self.item_of(request, session)
-        codes = [c for c in form.getlist("codes") if c in REASON_CODES]
+        critique = isinstance(x, SampledCritique)
+        codes = [] if critique else [c for c in form.getlist("codes") if c in REASON_CODES]
         text = str(form.get("reason", "")).strip()
         claims = form.getlist("claims")
         verdict = str(form.get("verdict", ""))
-        # codes and a reason under each claim (shown once it is ticked); an unticked claim's are not meant
-        claim_codes = {n: [c for c in form.getlist(f"claim-codes-{n}") if c in REASON_CODES] for n in claims}
-        claim_text = {n: str(form.get(f"claim-reason-{n}", "")).strip() for n in claims}
+        # codes and a reason under each claim of a reflection (shown once it is ticked); an unticked claim's are not meant
+        per_claim = [] if critique else claims
+        claim_codes = {n: [c for c in form.getlist(f"claim-codes-{n}") if c in REASON_CODES] for n in per_claim}
+        claim_text = {n: str(form.get(f"claim-reason-{n}", "")).strip() for n in per_claim}
 
         def refused(why: str) -> Response:
             """Post/Redirect/Get: the form is kept as a draft (the reason cut to its longest: a huge
             one is not echoed back) and the item's page says why; a reload resubmits nothing."""
-            ticks = [] if why == CHANGED else claims  # the claims may be others now
-            session.drafts[(x.item, x.annotator)] = {
+            ticks = [] if why == CHANGED.format(what=what(x)) else claims  # the claims may be others now
+            session.drafts[x.key] = {
                 "claims": ticks, "codes": codes, "error": why, "reason": text[:REASON_LENGTH[1]],
-                "claim_codes": {n: claim_codes[n] for n in ticks},
-                "claim_reason": {n: claim_text[n][:REASON_LENGTH[1]] for n in ticks}}
+                "claim_codes": {n: claim_codes[n] for n in ticks if n in claim_codes},
+                "claim_reason": {n: claim_text[n][:REASON_LENGTH[1]] for n in ticks if n in claim_text}}
             return RedirectResponse(f"/item/{session.opaque(x)}", status_code=303)
 
-        problem = form_problem(verdict, claims, text, len(x.record["claims"]), claim_text)
+        problem = form_problem(verdict, claims, text, len(x.record["claims"]), claim_text, critique=critique)
         if problem:
             return refused(problem)
-        reasons = ([", ".join(codes)] if codes else []) + ([text] if text else [])
-        by_claim = [{"claim": int(n), **({"codes": claim_codes[n]} if claim_codes[n] else {}),
-                     **({"reason": claim_text[n]} if claim_text[n] else {})}
-                    for n in claims if claim_codes[n] or claim_text[n]]
         row = {"item": x.item, "annotator": x.annotator, "generation": self.generation, "content_hash": x.content_hash,
-               "verdict": verdict, "reasons": reasons, "wrong_claims": claims, "claim_reasons": by_claim}
-        key = (x.item, x.annotator, self.generation)
+               "verdict": verdict, "reasons": ([", ".join(codes)] if codes else []) + ([text] if text else []),
+               "wrong_claims": claims}
+        if critique:
+            row["critic"] = x.critic
+        else:
+            row["claim_reasons"] = [{"claim": int(n), **({"codes": claim_codes[n]} if claim_codes[n] else {}),
+                                     **({"reason": claim_text[n]} if claim_text[n] else {})}
+                                    for n in claims if claim_codes[n] or claim_text[n]]
         with self.db(write=True) as con:
-            # checked against the text now, under the lock: a rebuild since the page loaded may have changed it
-            now = current_annotations(con, "AND a.passage_id = ? AND a.annotator = ? AND a.generation = ?", list(key))
-            if key not in now:
-                session.drop(key[:2])
-                raise Refused(409, GONE)
             try:
-                audit = parse_human_row(row, session.auditor, now)
+                previous = self._store(con, session, x, row)
             except StaleContent:  # the item's page shows the text as it is now (item() reloads it)
-                error = CHANGED
-            except ValueError as exc:  # what form_problem does not foresee: the audit schema's words
-                error = str(exc)
-            else:
-                previous = AUDITS.read(con, "item = ? AND annotator = ? AND generation = ? AND auditor = ? AND "
-                                            "auditor_kind = 'human'", list(key) + [session.auditor])
-                with transaction(con):
-                    store_audits(con, self.generation, [audit])
-                    refresh_reputations(con, self.generation)
-                error = None
-        if error is not None:
-            return refused(error)
-        session.history.append(((x.item, x.annotator), previous[0] if previous else None))
-        session.skipped.discard((x.item, x.annotator))
-        session.drafts.pop((x.item, x.annotator), None)
+                return refused(CHANGED.format(what=what(x)))
+            except ValueError as exc:  # what form_problem does not foresee: the schema's words
+                return refused(str(exc))
+        session.history.append((x.key, previous))
+        session.skipped.discard(x.key)
+        session.drafts.pop(x.key, None)
         return RedirectResponse("/queue", status_code=303)
+
+    def _store(self, con, session: AuditorQueue, x: Item, row: dict):
+        """Check a verdict against the text now, under the lock (a rebuild since the page loaded may
+        have changed it), through the path `ratchet audit import` takes, and store it; the person's
+        verdict it replaced (None: there was none) comes back for undo."""
+        key = [*x.key, self.generation]
+        if isinstance(x, SampledCritique):
+            now = current_critiques(con, "AND c.passage_id = ? AND c.annotator = ? AND c.critic = ? AND c.generation = ?",
+                                    key)
+            parse, table, store = parse_human_critique_row, CRITIQUE_AUDITS, store_critique_audits
+            where = "item = ? AND annotator = ? AND critic = ? AND generation = ?"
+        else:
+            now = current_annotations(con, "AND a.passage_id = ? AND a.annotator = ? AND a.generation = ?", key)
+            parse, table, where = parse_human_row, AUDITS, "item = ? AND annotator = ? AND generation = ?"
+            store = lambda con, rows: store_audits(con, self.generation, rows)  # noqa: E731
+        if tuple(key) not in now:
+            session.drop(x.key)
+            raise Refused(409, GONE.format(what=what(x)))
+        audit = parse(row, session.auditor, now)
+        previous = table.read(con, f"{where} AND auditor = ? AND auditor_kind = 'human'", [*key, session.auditor])
+        with transaction(con):
+            store(con, [audit])
+            refresh_reputations(con, self.generation)
+        return previous[0] if previous else None
 
     async def skip(self, request: Request) -> Response:
         session, _ = await self.posted(request)
         x = self.item_of(request, session)
-        session.skipped.add((x.item, x.annotator))
+        session.skipped.add(x.key)
         return RedirectResponse("/queue", status_code=303)
 
     async def undo(self, request: Request) -> Response:
@@ -302,26 +324,33 @@ class AuditServer:
 
     def _undo(self, session: AuditorQueue) -> Response:
         """This session's last verdict, the one it replaced put back; with none (a restarted
-        server, a new start link), the auditor's latest verdict in `audits` (by audited_at)."""
+        server, a new start link), the auditor's latest verdict in `audits` or `critique_audits`
+        (by audited_at)."""
         with self.db(write=True) as con:
             if session.history:
-                (item, annotator), previous = session.history[-1]
+                key, previous = session.history[-1]
             elif not session.by_key:
                 return RedirectResponse("/queue", status_code=303)
             else:
-                latest = con.execute("SELECT item, annotator FROM audits_current WHERE generation = ? AND auditor = ? "
-                                     "AND auditor_kind = 'human' AND list_contains(?, [item, annotator]) "
-                                     "ORDER BY audited_at DESC LIMIT 1",
-                                     [self.generation, session.auditor, [list(k) for k in session.by_key]]).fetchone()
+                latest = con.execute("""SELECT key FROM (
+                                            SELECT [item, annotator] AS key, audited_at FROM audits_current
+                                            WHERE generation = $g AND auditor = $a AND auditor_kind = 'human'
+                                            UNION ALL
+                                            SELECT [item, annotator, critic], audited_at FROM critique_audits_current
+                                            WHERE generation = $g AND auditor = $a AND auditor_kind = 'human')
+                                        WHERE list_contains($keys, key) ORDER BY audited_at DESC LIMIT 1""",
+                                     {"g": self.generation, "a": session.auditor,
+                                      "keys": [list(k) for k in session.by_key]}).fetchone()
                 if latest is None:
                     return RedirectResponse("/queue", status_code=303)
-                (item, annotator), previous = latest, None
+                key, previous = tuple(latest[0]), None
+            withdraw = withdraw_critique_audit if len(key) == 3 else withdraw_audit
             with transaction(con):
-                withdraw_audit(con, item, annotator, self.generation, session.auditor, previous)
+                withdraw(con, *key, self.generation, session.auditor, previous)
                 refresh_reputations(con, self.generation)
         if session.history:
             session.history.pop()  # only once it is undone: a busy workspace (503) keeps it for the next try
-        return RedirectResponse(f"/item/{session.opaque(session.by_key[(item, annotator)])}", status_code=303)
+        return RedirectResponse(f"/item/{session.opaque(session.by_key[key])}", status_code=303)
 
     def _may_see_stats(self, con, session: AuditorQueue) -> None:
         if not session.admin and len(self.done(con, session)) < len(session.items):
@@ -389,21 +418,29 @@ class AuditServer:
 
 
 def form_problem(verdict: str, claims: list[str], reason: str, n_claims: int,
-                 claim_reasons: dict[str, str] | None = None) -> str | None:
+                 claim_reasons: dict[str, str] | None = None, critique: bool = False) -> str | None:
     """What is wrong with a submitted verdict, in the auditor's words (the audit schema still
-    checks what passes here, as it checks `ratchet audit import`)."""
-    if verdict not in ("pass", "fail"):
-        return "Choose Pass or Fail."
+    checks what passes here, as it checks `ratchet audit import`). A critique's verdict is right
+    or wrong, its ticked claims those whose verdict the critic got wrong."""
+    good, bad = ("right", "wrong") if critique else ("pass", "fail")
+    if verdict not in (good, bad):
+        return f"Choose {good.title()} or {bad.title()}."
     if problem := reason_problem(reason, "A reason"):
         return problem
     if not all(c.isascii() and c.isdigit() and 1 <= int(c) <= n_claims for c in claims):
-        return f"Wrong claims are numbered 1 to {n_claims}."
+        return f"{'Claims' if critique else 'Wrong claims'} are numbered 1 to {n_claims}."
     for n, text in (claim_reasons or {}).items():
         if problem := reason_problem(text, f"The reason for claim {n}"):
             return problem
-    if verdict == "pass" and claims:
+    if verdict == good and claims:
+        if critique:
+            return "Right names no claim the critic got wrong: untick the claims or choose Wrong."
         return "A pass names no wrong claim: untick the claims or choose Fail."
     return None
+
+
+def what(x: Item) -> str:
+    return "critique" if isinstance(x, SampledCritique) else "reflection"
 
 
 def reason_problem(reason: str, what: str) -> str | None:

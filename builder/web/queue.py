@@ -1,6 +1,7 @@
 """Who audits what, in which order, under which names: no web code here.
 
-Items are the generation's secret audit sample (what `ratchet audit export` writes). Each goes
+Items are the generation's secret audit samples (what `ratchet audit export` writes): the
+annotations, and the critiques that are votes on them (is the critique right?). Each goes
 to one auditor, and a share `overlap` of them to a second one, so that human-human agreement
 can be measured. Assignment and order are keyed hashes under the workspace's audit secret:
 stable across restarts of the server (an auditor resumes the same queue), unpredictable
@@ -15,9 +16,12 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from ..stages.audit import SampledItem, escalated, sample, sampled_items
+from ..stages.audit import (SampledCritique, SampledItem, critique_sample, escalated, sample, sampled_critiques,
+                            sampled_items)
 
-Key = tuple[str, str]  # (passage id, annotator): never sent to a browser
+# (passage id, annotator) of an annotation, (passage id, annotator, critic) of a critique: never sent to a browser
+Key = tuple[str, ...]
+Item = SampledItem | SampledCritique
 
 
 def _unit(secret: bytes, *parts: str) -> float:
@@ -48,7 +52,7 @@ def assign(keys: list[Key], auditors: list[str], secret: bytes, overlap: float,
 class AuditorQueue:
     """One auditor's session: their items in their order, under opaque ids."""
     auditor: str
-    items: list[SampledItem]
+    items: list[Item]
     admin: bool = False
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     _salt: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
@@ -62,31 +66,31 @@ class AuditorQueue:
 
     def __post_init__(self):
         self.by_id = {self.opaque(x): x for x in self.items}
-        self.by_key = {(x.item, x.annotator): x for x in self.items}
+        self.by_key = {x.key: x for x in self.items}
 
-    def replace(self, x: SampledItem) -> None:
+    def replace(self, x: Item) -> None:
         """The item as it reads now (a rebuild changed it): same place, same opaque id."""
-        old = self.by_key[(x.item, x.annotator)]
+        old = self.by_key[x.key]
         x.needs_person = old.needs_person
         self.items[self.items.index(old)] = x
         self.__post_init__()
 
     def drop(self, key: Key) -> None:
         """An item a rebuild took out of the sample."""
-        self.items = [x for x in self.items if (x.item, x.annotator) != key]
+        self.items = [x for x in self.items if x.key != key]
         self.skipped.discard(key)
         self.__post_init__()
 
-    def opaque(self, x: SampledItem) -> str:
-        return hmac.new(self._salt, f"{x.item}\x1f{x.annotator}".encode(), hashlib.sha256).hexdigest()[:20]
+    def opaque(self, x: Item) -> str:
+        return hmac.new(self._salt, "\x1f".join(x.key).encode(), hashlib.sha256).hexdigest()[:20]
 
-    def position(self, x: SampledItem) -> int:
+    def position(self, x: Item) -> int:
         return self.items.index(x)
 
-    def next_open(self, done: "Collection[Key]") -> SampledItem | None:
+    def next_open(self, done: "Collection[Key]") -> Item | None:
         """The first item without a verdict that was not skipped; then the skipped ones."""
-        open_ = [x for x in self.items if (x.item, x.annotator) not in done]
-        fresh = [x for x in open_ if (x.item, x.annotator) not in self.skipped]
+        open_ = [x for x in self.items if x.key not in done]
+        fresh = [x for x in open_ if x.key not in self.skipped]
         return (fresh or open_ or [None])[0]
 
 
@@ -96,5 +100,16 @@ def load_sample(con, secret: bytes, generation: int, rate: float) -> list[Sample
     keys = [*why, *(k for k in sample(con, secret, generation, rate) if k not in why)]
     items = sampled_items(con, keys, generation)
     for x in items:
-        x.needs_person = why.get((x.item, x.annotator))
+        x.needs_person = why.get(x.key)
     return items
+
+
+def load_critiques(con, secret: bytes, generation: int, rate: float) -> list[SampledCritique]:
+    """The critiques a person audits: the secret critique sample (`ratchet audit export`'s)."""
+    return sampled_critiques(con, critique_sample(con, secret, generation, rate), generation)
+
+
+def reload(con, x: Item, generation: int) -> Item | None:
+    """The item as it reads now, or None where a rebuild took it out of the sample."""
+    now = (sampled_critiques if isinstance(x, SampledCritique) else sampled_items)(con, [x.key], generation)
+    return now[0] if now else None

@@ -51,6 +51,14 @@ def stats(con, generation: int) -> dict:
     human_human = con.execute("""SELECT a.verdict, b.verdict FROM audits_current a JOIN audits_current b USING (item, annotator, generation)
                                  WHERE generation = ? AND a.auditor_kind = 'human' AND b.auditor_kind = 'human'
                                    AND a.auditor < b.auditor""", [generation]).fetchall()
+    # Critics as their audits found them, people and the model auditor apart, with the vote weight
+    # the next generation gives each (critic_reputation: every current critique audit)
+    by_critic = _rows(con, """SELECT a.critic, a.auditor_kind AS "audited by", count(*) AS audits,
+                                     count(*) FILTER (a.verdict = 'right') AS "right", round("right" / audits, 3) AS right_rate,
+                                     count(*) FILTER (json_array_length(a.wrong_claims) > 0) AS "claims marked wrong",
+                                     any_value(round(r.mean, 3)) AS vote_weight
+                              FROM critique_audits_current a LEFT JOIN critic_reputation r USING (generation, critic)
+                              WHERE a.generation = ? GROUP BY ALL ORDER BY ALL""", [generation])
     # Reputation before people reviewed (model audits only) and after (every audit): the same
     # posterior as the reputation table (stages/audit.py: REPUTATION_SQL).
     before = reputation_means(con, generation, ["model"])
@@ -78,7 +86,7 @@ def stats(con, generation: int) -> dict:
                             "agree": sum(a == b for a, b in model_human)},
             "human_human": {"n": len(human_human), "kappa": kappa(human_human),
                             "agree": sum(a == b for a, b in human_human)},
-            "reputation": reputation, "escalated": escalated,
+            "reputation": reputation, "escalated": escalated, "by_critic": by_critic,
             "auditor_coverage": {"decided": decided, "abstained": abstained, "coverage": coverage}}
 
 

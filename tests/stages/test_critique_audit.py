@@ -117,9 +117,11 @@ def test_human_critique_review_round_trip(tmp_path, suffix):
     assert [(r["item"], r["annotator"], r["critic"]) for r in rows] == expected
     assert "verdict: survives" in rows[0]["critique"] and "claim 1: sound" in rows[0]["critique"]
     assert rows[0]["passage"].startswith("text ") and rows[0]["claims"].startswith("1. It rained.")
+    assert all(r["wrong_claims"] == "" for r in rows)  # a column to fill in: the claims the critic got wrong
     for i, row in enumerate(rows):
         row["verdict"] = "wrong" if i == 0 else "right"
         row["reasons"] = "passed an invented claim" if i == 0 else "fair"
+    rows[0]["wrong_claims"] = "1"
     rows[1]["verdict"] = "pass"  # an annotation verdict in a critique row: refused, named
     bad_critic = dict(rows[2], critic="nobody") if len(rows) > 2 else dict(rows[0], critic="nobody")
     rows.append(bad_critic)
@@ -135,9 +137,10 @@ def test_human_critique_review_round_trip(tmp_path, suffix):
     assert len(problems) == 2
     assert "verdict 'pass' is not right or wrong" in problems[0]
     assert "no valid critique of" in problems[1] and "from nobody" in problems[1]
-    stored = con.execute("SELECT item, critic, auditor, auditor_kind, verdict, right_prob FROM critique_audits "
+    stored = con.execute("SELECT item, critic, auditor, auditor_kind, verdict, right_prob, wrong_claims FROM critique_audits "
                          "ORDER BY item, critic").fetchall()
     assert len(stored) == imported and {r[2:4] for r in stored} == {("ana", "human")}
+    assert [json.loads(r[6]) if r[6] else None for r in stored] == [[1]] + [None] * (len(stored) - 1)
     assert con.execute("SELECT count(*) FROM critic_reputation WHERE generation = 1").fetchone()[0] >= 1
     assert con.execute("SELECT count(*) FROM audits").fetchone()[0] == 0  # critique verdicts are not annotation audits
 
@@ -153,6 +156,22 @@ def test_human_critique_verdicts_are_validated_against_their_schema(tmp_path):
     imported, problems = import_verdicts(con, f, "ana")
     assert imported == 1
     assert problems == [f"{f}:1: does not match schemas/critique_audit.schema.json at reasons/0: 'ok' is too short"]
+
+
+def test_a_critique_verdict_right_about_the_whole_names_no_claim_the_critic_got_wrong(tmp_path):
+    """#31.4: a person may say, claim by claim, where the critic misjudged; a critique called right
+    with such a claim contradicts itself and is refused, as a pass with a wrong claim is."""
+    con = db_with_critiques(3)
+    f = tmp_path / "review.jsonl"
+    row = {"annotator": "author", "critic": "critic", "generation": 1}
+    rows = [dict(row, item="p000", verdict="wrong", wrong_claims=[1]), dict(row, item="p001", verdict="right", wrong_claims=[1]),
+            dict(row, item="p002", verdict="wrong", wrong_claims="4")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    imported, problems = import_verdicts(con, f, "ana")
+    assert imported == 1 and len(problems) == 2
+    assert "verdict right, but wrong_claims [1]" in problems[0]
+    assert "wrong_claims [4] must be claim numbers 1-3" in problems[1]
+    assert con.execute("SELECT item, verdict, wrong_claims FROM critique_audits").fetchall() == [("p000", "wrong", "[1]")]
 
 
 def test_vote_weights_can_come_from_people_only_or_from_nothing():

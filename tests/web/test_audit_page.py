@@ -316,6 +316,107 @@ def test_two_auditors_on_the_overlap_and_the_statistics(ws, serve, browser, tmp_
     screenshot(page, "audit-stats.png", tmp_path)
 
 
+@pytest.fixture(scope="module")
+def golden_critiques(golden, tmp_path_factory):
+    """The golden build with the grounding verifier in the ensemble, rebuilt: each accepted
+    annotation gets a critique (the verifier's: no model call, so the annotations stay the cached
+    SmolLM2 ones), every critique is in the audit sample (rate 1.0) and the model auditor
+    (SmolLM2) audits each. The critic is named `zeta-critic`, which no page may show (a name
+    no passage or reflection uses, so that its absence means the page never names it)."""
+    root = tmp_path_factory.mktemp("audit-web-critiques") / "ws"
+    shutil.copytree(golden, root)
+    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0},
+                    ensemble={"k": 0, "members": [{"name": "smollm2", "persona": "default"},
+                                                  {"kind": "verifier", "name": "zeta-critic"}]})
+    result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def critique_keys(ws) -> list[tuple[str, str, str]]:
+    con = ws.connect(read_only=True)
+    rows = con.execute("SELECT passage_id, annotator, critic FROM critiques WHERE generation = 1 "
+                       "AND status = 'accepted'").fetchall()
+    con.close()
+    return rows
+
+
+def human_critique_audits(ws):
+    con = ws.connect(read_only=True)
+    rows = con.execute("SELECT item, annotator, critic, auditor, verdict, wrong_claims, reasons FROM critique_audits "
+                       "WHERE auditor_kind = 'human' ORDER BY ALL").fetchall()
+    con.close()
+    return rows
+
+
+def test_two_auditors_audit_critiques_too_with_the_keyboard(golden_critiques, tmp_path, browser):
+    """#31.4: the page serves the critique sample beside the annotation sample: the passage, the
+    reflection, what the critic said of each claim (never who it is); p/f say whether the critique
+    was right, 1-9 tick the claims it got wrong; right with a ticked claim is refused; undo takes a
+    critique verdict back; verdicts land in critique_audits and move the critic's figures."""
+    shutil.copytree(golden_critiques, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    annotations, critiques = sample_keys(ws), critique_keys(ws)
+    assert critiques and {c for _, _, c in critiques} == {"zeta-critic"}
+    running = Running(ws, auditors=("ana", "ben"), overlap=1.0)  # every item to both
+    try:
+        total = len(annotations) + len(critiques)
+        assert {a: len(q) for a, q in running.server.queues.items()} == {"ana": total, "ben": total}
+        pages = {}
+        for who in ("ana", "ben"):
+            pages[who] = browser.new_context(viewport={"width": 1100, "height": 1000}).new_page()
+            pages[who].goto(running.url(who))
+        seen = {who: 0 for who in pages}  # critiques judged
+        for n in range(total):
+            for who, page in pages.items():
+                expect(page.locator("#progress")).to_have_text(f"done {n} / {total}")
+                if page.locator("#critique-task").count() == 0:  # a reflection: pass it
+                    press(page, "p")
+                    continue
+                html_text = page.content()
+                assert "zeta" not in html_text.lower()
+                expect(page.locator("#critic-claim-1")).to_contain_text("the critic called it")
+                seen[who] += 1
+                if who == "ben" and seen[who] == 1:  # right with a ticked claim: refused in the page, nothing sent
+                    page.keyboard.press("1")
+                    page.keyboard.press("p")
+                    expect(page.locator("#client-error")).to_contain_text("Right names no claim the critic got wrong")
+                    assert human_critique_audits(ws) == [r for r in human_critique_audits(ws) if r[3] != "ben"]
+                    screenshot(page, "audit-critique.png", tmp_path)
+                    press(page, "f")  # claim 1 misjudged: wrong
+                    expect(page.locator("#progress")).to_have_text(f"done {n + 1} / {total}")
+                    press(page, "u")  # undo it: the same critique again, its verdict gone
+                    expect(page.locator("#progress")).to_have_text(f"done {n} / {total}")
+                    assert [r for r in human_critique_audits(ws) if r[3] == "ben"] == []
+                    page.keyboard.press("1")
+                    page.fill("#reason", "claim 1 is in the passage")
+                    page.keyboard.press("Escape")
+                press(page, "f" if who == "ben" and seen[who] == 1 else "p")
+        for page in pages.values():
+            expect(page.locator("#finished")).to_contain_text(f"{total} of {total}")
+        rows = human_critique_audits(ws)
+        assert len(rows) == 2 * len(critiques) and {r[3] for r in rows} == {"ana", "ben"}
+        wrong = [r for r in rows if r[4] == "wrong"]
+        assert len(wrong) == 1 and wrong[0][3] == "ben" and json.loads(wrong[0][5]) == [1]
+        assert json.loads(wrong[0][6]) == ["claim 1 is in the passage"]
+        assert all(r[5] is None for r in rows if r[4] == "right")
+        assert len(human_audits(ws)) == 2 * len(annotations)  # the reflections' verdicts, apart
+        con = ws.connect(read_only=True)
+        human = con.execute("SELECT sum(human_audits) FROM critique_audit_rate_by_critic WHERE critic = 'zeta-critic'").fetchone()
+        con.close()
+        assert human == (2 * len(critiques),)
+        page = pages["ana"]
+        page.click("#stats-link")
+        page.wait_for_load_state("load")
+        table = page.locator("#by-critic")
+        expect(table).to_contain_text("zeta-critic")
+        human_row = table.locator("tr", has_text="human").locator("td")
+        assert human_row.nth(2).inner_text() == str(2 * len(critiques))
+        assert human_row.nth(3).inner_text() == str(2 * len(critiques) - 1)
+    finally:
+        running.stop()
+
+
 def test_nothing_served_names_an_author_model_persona_or_item(ws, serve, browser):
     server = serve(auditors=("ana",), overlap=0.0)
     con = ws.connect(read_only=True)
@@ -558,12 +659,12 @@ def test_a_finished_queue_can_be_revisited_and_undo_outlives_a_restart(ws, serve
         csrf = re.search(r'name="csrf" value="([^"]+)"', client.get(order[-1]).text).group(1)
         assert client.post(order[-1] + "/verdict", data={"verdict": "pass", "csrf": csrf}, headers=origin).status_code == 303
     done = where.text
-    assert re.findall(r'<a href="(/item/[0-9a-f]+)">item \d+</a>: pass', done) == order
+    assert re.findall(r'<a href="(/item/[0-9a-f]+)">item \d+</a> \(reflection\): pass', done) == order
     first = order[0]
     assert "You gave this item <b>pass</b>" in client.get(first).text
     changed = client.post(first + "/verdict", data={"verdict": "fail", "csrf": csrf, "reason": "misreads it"},
                           headers=origin)
-    assert changed.status_code == 303 and f'<a href="{first}">item 1</a>: fail' in client.get("/queue").text
+    assert changed.status_code == 303 and f'<a href="{first}">item 1</a> (reflection): fail' in client.get("/queue").text
     server.stop()
     restarted = serve(auditors=("ana",))
     again = session(restarted)

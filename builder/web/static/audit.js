@@ -1,7 +1,7 @@
-// Keyboard for the audit page: p pass, f fail, 1-9 toggle claims, shift+1-9 toggle reason codes, r type a
+// Keyboard for the audit page: p pass (a critique: right), f fail (wrong), 1-9 toggle claims, shift+1-9 toggle reason codes, r type a
 // reason, u undo, s skip, j/k next/previous, ? help. Codes and the reason go to the claim ticked last
-// while it is ticked, else to the whole reflection. A pass with ticked claims is refused here, before it
-// is sent (the server refuses it too).
+// while it is ticked, else to the whole reflection. A pass (right) with ticked claims is refused here,
+// before it is sent (the server refuses it too): the form's data-refuse says why.
 // Served from /static (the Content-Security-Policy allows no inline script).
 (function () {
   "use strict";
@@ -10,8 +10,8 @@
     if (!form) return;
     if (form.requestSubmit) form.requestSubmit(); else form.submit();
   }
-  function verdict(value) {
-    var button = document.getElementById(value);
+  function verdict(key) {
+    var button = document.querySelector("#verdict button[data-key='" + key + "']");
     if (button) button.click();
   }
   function follow(id) {
@@ -51,8 +51,7 @@
     if (key >= "1" && key <= "9") {
       var box = document.getElementById("claim-" + key);
       if (box) { box.checked = !box.checked; if (box.checked) current = key; }
-    } else if (key === "p") verdict("pass");
-    else if (key === "f") verdict("fail");
+    } else if (key === "p" || key === "f") verdict(key);
     else if (key === "u") submit("undo");
     else if (key === "s") submit("skip");
     else if (key === "j") follow("next");
@@ -86,9 +85,9 @@
     var form = document.getElementById("verdict");
     if (form) form.addEventListener("submit", function (event) {
       var wrong = ticked();
-      if (event.submitter && event.submitter.value === "pass" && wrong.length) {
+      if (event.submitter && event.submitter.dataset.key === "p" && wrong.length) {
         event.preventDefault();
-        refuse("A pass names no wrong claim: untick claim " + wrong.join(", ") + " or choose Fail.");
+        refuse(form.dataset.refuse.replace("{claims}", wrong.join(", ")));
       }
     });
   });
