@@ -163,15 +163,22 @@ class AuditServer:
             raise Refused(404, "No such item in your queue.")
         return x
 
+    def verdicts(self, con, session: AuditorQueue) -> list[tuple[Key, str]]:
+        """This auditor's current verdicts on the items of their queue, annotations and critiques,
+        the latest last (a verdict on text a rebuild has changed since is stale: not here)."""
+        rows = con.execute("""SELECT key, verdict FROM (
+                                  SELECT [item, annotator] AS key, verdict, audited_at FROM audits_current
+                                  WHERE generation = $g AND auditor = $a AND auditor_kind = 'human'
+                                  UNION ALL
+                                  SELECT [item, annotator, critic], verdict, audited_at FROM critique_audits_current
+                                  WHERE generation = $g AND auditor = $a AND auditor_kind = 'human')
+                              ORDER BY audited_at""", {"g": self.generation, "a": session.auditor}).fetchall()
+        return [(tuple(key), v) for key, v in rows if tuple(key) in session.by_key]
+
     def done(self, con, session: AuditorQueue) -> dict[Key, str]:
-        """This auditor's verdict on each item of their queue that has a current one (a verdict on
-        text a rebuild has changed since is stale: the item is offered again): annotations and critiques."""
-        rows = con.execute("SELECT [item, annotator], verdict FROM audits_current WHERE generation = $g AND auditor = $a "
-                           "AND auditor_kind = 'human' UNION ALL "
-                           "SELECT [item, annotator, critic], verdict FROM critique_audits_current WHERE generation = $g "
-                           "AND auditor = $a AND auditor_kind = 'human'",
-                           {"g": self.generation, "a": session.auditor}).fetchall()
-        return {tuple(key): v for key, v in rows if tuple(key) in session.by_key}
+        """This auditor's verdict on each item of their queue that has a current one (the item of a
+        stale one is offered again)."""
+        return dict(self.verdicts(con, session))
 
     def page(self, request: Request, name: str, status: int = 200, **values) -> Response:
         return self.templates.TemplateResponse(request, name, values, status_code=status)
@@ -332,18 +339,10 @@ class AuditServer:
             elif not session.by_key:
                 return RedirectResponse("/queue", status_code=303)
             else:
-                latest = con.execute("""SELECT key FROM (
-                                            SELECT [item, annotator] AS key, audited_at FROM audits_current
-                                            WHERE generation = $g AND auditor = $a AND auditor_kind = 'human'
-                                            UNION ALL
-                                            SELECT [item, annotator, critic], audited_at FROM critique_audits_current
-                                            WHERE generation = $g AND auditor = $a AND auditor_kind = 'human')
-                                        WHERE list_contains($keys, key) ORDER BY audited_at DESC LIMIT 1""",
-                                     {"g": self.generation, "a": session.auditor,
-                                      "keys": [list(k) for k in session.by_key]}).fetchone()
-                if latest is None:
+                given = self.verdicts(con, session)
+                if not given:
                     return RedirectResponse("/queue", status_code=303)
-                key, previous = tuple(latest[0]), None
+                key, previous = given[-1][0], None
             withdraw = withdraw_critique_audit if len(key) == 3 else withdraw_audit
             with transaction(con):
                 withdraw(con, *key, self.generation, session.auditor, previous)

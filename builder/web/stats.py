@@ -51,12 +51,12 @@ def stats(con, generation: int) -> dict:
     human_human = con.execute("""SELECT a.verdict, b.verdict FROM audits_current a JOIN audits_current b USING (item, annotator, generation)
                                  WHERE generation = ? AND a.auditor_kind = 'human' AND b.auditor_kind = 'human'
                                    AND a.auditor < b.auditor""", [generation]).fetchall()
-    # Critics as their audits found them, people and the model auditor apart, with the vote weight
-    # the next generation gives each (critic_reputation: every current critique audit)
+    # Critics as their audits found them, people and the model auditor apart, with the audited
+    # record over every current critique audit (critic_reputation; what weighs a vote is [audit] vote_weights)
     by_critic = _rows(con, """SELECT a.critic, a.auditor_kind AS "audited by", count(*) AS audits,
                                      count(*) FILTER (a.verdict = 'right') AS "right", round("right" / audits, 3) AS right_rate,
                                      count(*) FILTER (json_array_length(a.wrong_claims) > 0) AS "claims marked wrong",
-                                     any_value(round(r.mean, 3)) AS vote_weight
+                                     any_value(round(r.mean, 3)) AS reputation
                               FROM critique_audits_current a LEFT JOIN critic_reputation r USING (generation, critic)
                               WHERE a.generation = ? GROUP BY ALL ORDER BY ALL""", [generation])
     # Reputation before people reviewed (model audits only) and after (every audit): the same
