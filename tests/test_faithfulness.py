@@ -162,7 +162,7 @@ def test_a_reflection_that_copies_a_prompt_example_is_an_echo_unless_its_passage
     assert f.gate(copied, own, runs).veto is None  # the passage's own words are no echo
 
 
-@pytest.mark.parametrize("word", ["neighb.", "claiim", "kindserved", "interest-b", "sales读", "离婚"])
+@pytest.mark.parametrize("word", ["neighb.", "claiim", "kindserved", "interest-b", "sales读", "离婚", "swm"])
 def test_garbled_or_cut_words_veto_the_reflection(word):
     good = claim("Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "212 cables replaced")
     gated = f.gate(record(good, reflection=f"The shop owners near the bridge gave no {word}"), BRIDGE, set())
@@ -178,6 +178,14 @@ def test_letters_of_other_scripts_are_garbled_unless_the_passage_uses_them():
 def test_ordinary_words_and_the_passages_own_rare_words_are_not_garbled():
     assert f.unknown_word("Shopkeepers' sales figures weren't published; it's unclear.", BRIDGE) is None
     assert f.unknown_word("Marlow Bay's resurfaced deck", BRIDGE) is None
+
+
+def test_short_words_pass_when_common_or_the_passages_own():
+    """'swm' (a kept reflection's last word in the demo audited through the page) is in the long
+    word list but is no word; short words and abbreviations people write are common enough."""
+    assert f.unknown_word("The NHS, the EU and the CEO say it's ok: 4 kWh a day, up by a third.", BRIDGE) is None
+    assert f.unknown_word("empty hives and weak spring swm", BRIDGE) == "swm"
+    assert f.unknown_word("the swm crossing", BRIDGE + " The SWM crossing reopened.") is None
 
 
 def test_the_shipped_examples_pass_their_own_gates():
