@@ -382,8 +382,9 @@ def unknown_word(text: str, passage: str) -> str | None:
             part = part.removesuffix("'s")
             if len(part) < 2 or part in have:
                 continue
-            known = _common_short_words() if len(part.replace("'", "")) <= SHORT_WORD else lexicon
-            if part in known or part.replace("'", "") in known:
+            bare = part.replace("'", "")
+            known = _common_short_words() if len(bare) <= SHORT_WORD else lexicon
+            if part in known or bare in known:
                 continue
             return part
     # a string that ends in a cut word: "interest-b", "neighb."
