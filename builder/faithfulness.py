@@ -18,7 +18,9 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    span of the passage keeps that span as its evidence instead (`requote`: a small writer often
    quotes the wrong sentence for what its passage does say); the notes
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
-   numbers and names. A claim that repeats a kept one word for word (after case and
+   numbers and names, and lose a sentence that says the passage lacks what it does not say it
+   lacks (`absence_not_stated`), writes a field's definition back (`defines_its_field`) or stops
+   mid-sentence, as the reflection's sentences do. A claim that repeats a kept one word for word (after case and
    punctuation) is dropped as `repeated`: a small writer pads its list so. A reflection left
    without a claim is vetoed. The reflection's own prose is held to its passage too: a
    sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
@@ -254,8 +256,8 @@ whereas""".split())
 
 def cut_off(claim: str) -> bool:
     """A claim cut mid-sentence: it ends on a comma or a word that needs more after it."""
-    found = _WORD.findall(unmark(claim))
-    last = found[-1] if found else ""
+    found = unmark(claim).split()
+    last = found[-1].strip(".!?\"'“”‘’()[]") if found else ""  # a word of another script ends it too
     return claim.rstrip().endswith((",", ";", ":")) or last.lower() in DANGLING and not last[:1].isupper()  # "in May"
 
 
@@ -452,14 +454,100 @@ def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> i
     return dropped + sum(len(foreign_words(t, passage)) for t in record_texts(record))
 
 
-def borne_out(reflection: str, passage: str, notice: frozenset[str] = frozenset()) -> tuple[str, int]:
-    """The reflection without its sentences that say what the passage does not (FOREIGN_LIMIT
-    words it never uses), endorse what it only reports (`endorses_reported`) or repeat the
-    prompt's audit notice (`from_the_notice`), and how many were cut."""
-    sentences = [s for s in _SENTENCE.split(reflection.strip()) if s.strip()]
-    kept = [s for s in sentences if len(foreign_words(s, passage)) < FOREIGN_LIMIT
-            and from_the_notice(s, passage, notice) is None and endorses_reported(s, passage) is None]
+def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> tuple[str, int]:
+    """A note or the reflection without its sentences that say what the passage does not
+    (`unborne`), and how many were cut."""
+    sentences = [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+    kept = [s for s in sentences if unborne(s, passage, notice, note) is None]
     return " ".join(kept), len(sentences) - len(kept)
+
+
+def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> str | None:
+    """Why one sentence of a note or of the reflection says what its passage does not, or None:
+    cut off mid-sentence (`cut_off`), the words of the prompt's audit notice (`from_the_notice`)
+    or of a field's definition (`defines_its_field`), an endorsement of what the passage only
+    reports (`endorses_reported`), an absence the passage does not state (`absence_not_stated`),
+    or, in the reflection, FOREIGN_LIMIT content words the passage never uses. A note may reason
+    in words of its own ("New players improve quickly anyway, so the course may not be the
+    cause", a shipped example): a rule that counts words cannot tell that from invention."""
+    if cut_off(sentence):
+        return "cut off: it ends mid-sentence"
+    if not note and len(foreign := foreign_words(sentence, passage)) >= FOREIGN_LIMIT:
+        return f"{len(foreign)} words its passage never uses: {', '.join(foreign[:FOREIGN_LIMIT])}"
+    if (word := from_the_notice(sentence, passage, notice)) is not None:
+        return f"the audit notice's word '{word}'"
+    if (run := defines_its_field(sentence, passage)) is not None:
+        return f"a field's definition: '{run}'"
+    if (word := endorses_reported(sentence, passage)) is not None:
+        return f"endorses what its passage only reports ('{word}')"
+    if (what := absence_not_stated(sentence, passage)) is not None:
+        return f"says its passage lacks what it does not say it lacks: '{what}'"
+    return None
+
+
+# A field's definition in schemas/annotation.schema.json (the prompt says the same) written as if it
+# were the note: "The passage does not specify who could be helped or harmed", "There is no evidence
+# provided for how well the passage supports the claim", "It's not clear who could be helped or
+# harmed by the council's action". Read in the 46 kept reflections whose prose two readers judged on
+# 2026-12-06 (bench/results/faithfulness-audit-demo*-2026-12-06.jsonl; in sample): 9 such notes,
+# all in reflections the reader failed. A run of DEFINITION_WORDS words, one of them a content word.
+DEFINITION_WORDS = 4
+DEFINED = ("weak_reasoning", "uncertainties", "ethical_stakes", "reflection")
+
+
+@lru_cache(maxsize=1)
+def _definition_runs() -> frozenset[tuple[str, ...]]:
+    properties = load_schema("annotation")["properties"]
+    texts = [properties[key].get("description", "") for key in DEFINED]
+    texts.append(properties["claims"]["items"]["properties"]["support"].get("description", ""))
+    return frozenset(run for text in texts for run in zip(*(words(text)[i:] for i in range(DEFINITION_WORDS)))
+                     if any(w not in STOPWORDS and w not in META and len(w) > 2 for w in run))
+
+
+def defines_its_field(text: str, passage: str) -> str | None:
+    """The first run of words a text shares with a field's definition and not with its passage."""
+    ws, own = words(text), set(zip(*(words(passage)[i:] for i in range(DEFINITION_WORDS))))
+    run = next((r for r in zip(*(ws[i:] for i in range(DEFINITION_WORDS))) if r in _definition_runs() and r not in own),
+               None)
+    return " ".join(run) if run else None
+
+
+# "The passage does not mention X", "There is no information about X": what a small writer says of
+# its passage most often, and most often wrongly. Read in the same 46 reflections (in sample): 43
+# notes said their passage lacks something; every one was in a reflection the reader failed, most
+# denying what the passage gives ("There are no mentions of retraining funds", of a passage on the
+# retraining funds a company offered). A rule cannot tell a true absence from a misread, so one is
+# kept only where the passage states the same absence ("did not say how much money had been set
+# aside"): every content word of X that the passage uses is in what the passage says is missing.
+_ABSENT = re.compile(r"\b(?:(?:does|do|did|has|have|is|are|was|were)\s*(?:not|n't)|doesn't|don't|didn't|never)\s+"
+                     r"(?:\w+\s+){0,2}?(?:(?:mention|provide|say|said|state|specif|address|discuss|include|explain|offer|"
+                     r"describe|name|cite|report|indicate|publish|disclose|reveal|tell|told|list)\w*|(?:giv\w*+|gave)(?!\s+up\b))"
+                     r"(?P<x>.*)|\bno\s+(?:\w+\s+)?(?:mentions?|information|indications?|details?|data|discussion|"
+                     r"explanation|references?)\b(?P<y>.*)", re.I)
+
+
+_CLAUSE_END = re.compile(r"[,;:]|\b(?:but|although|though|while|because|whereas)\b", re.I)
+
+
+def _absent(text: str) -> str | None:
+    """What a sentence says is missing, to the end of its clause; None where it says nothing is."""
+    m = _ABSENT.search(unmark(text))
+    if m is None:
+        return None
+    return _CLAUSE_END.split(m.group("x") if m.group("x") is not None else m.group("y"), maxsplit=1)[0]
+
+
+def absence_not_stated(sentence: str, passage: str) -> str | None:
+    """What a sentence says its passage lacks, where the passage does not say it lacks it; else None."""
+    missing = _absent(sentence)
+    if missing is None:
+        return None
+    have = {_stem(w) for w in _content(words(passage))}
+    named = {_stem(w) for w in _content(words(missing)) if w not in META} & have
+    stated = [{_stem(w) for w in words(x)} for s in _SENTENCE.split(unmark(passage)) if (x := _absent(s)) is not None]
+    if named and any(named <= tail for tail in stated):
+        return None
+    return missing.strip(" .,;:") or sentence.strip()
 
 
 # "The passage supports the claim that coffee boosts memory" of a passage that reports a press
@@ -546,9 +634,14 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]], notice: frozens
             said.add(_normal(c.get("claim", "")))
     notes, dropped = {}, 0
     for key in NOTE_FIELDS:
-        kept = [n for n in record.get(key) or [] if check_note(n, passage) is None
-                and from_the_notice(n, passage, notice) is None]
-        dropped += len(record.get(key) or []) - len(kept)
+        kept = []
+        for note in record.get(key) or []:
+            held, cut = borne_out(note, passage, notice, note=True)
+            dropped += cut if held else 1
+            if held and check_note(held, passage) is None:
+                kept.append(held)
+            elif held:
+                dropped += 1
         notes[key] = kept
     reflection, cut = borne_out(record.get("reflection") or "", passage, notice)
     cleaned = {**record, "claims": claims, **notes, "reflection": reflection}

@@ -34,8 +34,8 @@ class AnnotationRow:
     claim_checks: Json | None = doc("each claim the model wrote, with its verdict (supported | dropped) and why "
                                     "(builder/faithfulness.py); the record keeps the supported ones", default=None,
                                     added=True)
-    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage or the audit notice's "
-                                    "words, and reflection sentences cut (faithfulness.borne_out)", default=None,
+    dropped_notes: int | None = doc("notes dropped for a number or name not in the passage, and sentences of the "
+                                    "notes and the reflection cut (faithfulness.unborne)", default=None,
                                     added=True)
     candidate: int | None = doc("which of the member's annotate.best_of samples this is (0: the first)", default=None,
                                 added=True)

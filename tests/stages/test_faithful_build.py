@@ -71,6 +71,19 @@ def test_every_kept_claim_quotes_its_passage_verbatim_and_says_what_the_quote_sa
             assert len(f.foreign_words(sentence, passage)) < f.FOREIGN_LIMIT, sentence
 
 
+def test_no_kept_note_or_sentence_denies_its_passage_restates_a_definition_or_stops_mid_sentence(qwen_build):
+    """The writer's notes say "The passage does not mention X" of passages that give X, and write
+    a field's definition back ("who could be helped or harmed"): none of it is kept."""
+    ws, summary = qwen_build
+    reflections = kept(ws)
+    assert reflections, summary["rejection_reasons"]
+    for passage, record, _ in reflections:
+        notes = [(n, True) for key in f.NOTE_FIELDS for n in record[key]]
+        for text, note in [*notes, (record["reflection"], False)]:
+            for sentence in filter(str.strip, f._SENTENCE.split(text)):
+                assert f.unborne(sentence, passage, NOTICE, note=note) is None, (sentence, passage)
+
+
 def test_every_claim_the_model_wrote_is_recorded_with_its_verdict(qwen_build):
     ws, summary = qwen_build
     con = ws.connect(read_only=True)
