@@ -53,6 +53,7 @@ def start_page(root: Path, auditor: str, port: int, generation: int) -> tuple[su
 
 def enter(page, verdict: dict) -> None:
     for n in verdict.get("wrong_claims", []):
+        page.locator("#passage").click()  # out of the last claim's reason field: a digit there is typed, not a key
         page.keyboard.press(str(n))  # ticks claim n and opens its own reason field
         if reason := verdict.get("claim_reasons", {}).get(str(n)):
             page.fill(f"#claim-{n}-reason", reason)

@@ -132,12 +132,12 @@ COFFEE = ("A press release from the Oranmore Institute announced that coffee boo
 
 def test_a_claim_that_states_as_fact_what_its_quote_only_reports_is_dropped():
     quote = "A press release from the Oranmore Institute announced that coffee boosts memory"
-    assert f.check_claim("Coffee boosts memory", quote, COFFEE).startswith("attribution dropped")
+    assert f.check_claim("Coffee boosts the memory", quote, COFFEE).startswith("attribution dropped")
     # keeping the reporting, or speaking about the passage, is what the quote says
     assert f.check_claim("A press release announced that coffee boosts memory", quote, COFFEE) is None
     assert f.check_claim("The passage states that coffee boosts memory", quote, COFFEE) is None
     # no way round it through a weaker span of the same sentence
-    assert f.requote("Coffee boosts memory", COFFEE) is None
+    assert f.requote("Coffee boosts the memory", COFFEE) is None
     # a clause the reporting verb does not govern is the writer's own statement
     assert f.check_claim("None of the shop owners would give figures", "but none of them would give figures.",
                          BRIDGE) is None
@@ -395,3 +395,28 @@ def test_a_note_may_reason_in_words_its_passage_never_uses_but_the_reflection_ma
     note = "New owners quickly blame any closure, so the loss may have other causes entirely."
     assert f.borne_out(note, BRIDGE, note=True) == (note, 0)
     assert f.borne_out(note, BRIDGE) == ("", 1)
+
+
+@pytest.mark.parametrize("text, evidence, reason", [
+    # each from the demo audited through the page at a6f8bc9 (bench/results/page-audit-verdicts-demo-2026-12-06b.jsonl)
+    ("Corroded steel cables", "Engineers replaced 212 corroded steel cables and resurfaced the full deck.", "fewer than"),
+    ("Good or bad.", "The council should publish honest results, good or bad.", "fewer than"),
+    ("It supports rainfall below average this summer",
+     "The service says there is a 70 percent chance that rainfall will be below average this summer.", "what kind"),
+    ("Either it bans mobile phones completely from the moment pupils arrive",
+     "Either it bans mobile phones completely from the moment pupils arrive, or its pupils fail.", "either/or"),
+])
+def test_a_fragment_a_claim_about_itself_or_half_a_dilemma_is_no_claim(text, evidence, reason):
+    assert reason in f.check_claim(text, evidence, evidence)
+
+
+def test_a_whole_dilemma_and_a_short_whole_claim_are_claims():
+    dilemma = "Either it bans mobile phones completely or its pupils keep failing."
+    assert f.check_claim(dilemma, dilemma, dilemma) is None
+    assert f.check_claim("Sales tripled this year.", "Sales of Zentra tripled this year.", "Sales of Zentra tripled this "
+                         "year.") is None
+
+
+def test_a_symbol_its_passage_does_not_use_is_garbled():
+    assert f.unknown_word("The Clean Motion Alliance, a ❤", BRIDGE) == "❤"
+    assert f.unknown_word("Rated ★ by readers", "Rated ★ by readers of the guide.") is None
