@@ -20,7 +20,8 @@ from pathlib import Path
 from builder import faithfulness as f
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT = [RESULTS / "faithfulness-audit-demo-page-2026-12-06.jsonl", RESULTS / "faithfulness-audit-demo-2026-12-06.jsonl"]
+DEFAULT = [RESULTS / "faithfulness-audit-demo-page-2026-12-06.jsonl", RESULTS / "faithfulness-audit-demo-2026-12-06.jsonl",
+           RESULTS / "faithfulness-audit-demo-page-2026-12-06b.jsonl"]
 
 
 def readings(path: Path):
@@ -47,6 +48,7 @@ def main(paths: list[Path]) -> None:
                     rule = why.split(":")[0].split("'")[0].strip() if why else None
                     if rule and rule[0].isdigit():
                         rule = "foreign words"
+                    rule = why if why and why.startswith("cut off") else rule
                     (cut if why else kept)[(rule, passed)] += 1
                     faults.append(why)
             cleared[passed, any(faults)] += 1

@@ -470,9 +470,14 @@ def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), not
     return " ".join(kept), len(sentences) - len(kept)
 
 
+# A sentence that starts on a small letter was copied from the middle of one: "afternoons in meetings
+# that achieve nothing. If companies trimmed the waste", "the country. It only mentions that ...".
+_LOWER_START = re.compile(r"^\W*[a-z]")
+
+
 def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> str | None:
     """Why one sentence of a note or of the reflection says what its passage does not, or None:
-    cut off mid-sentence (`cut_off`), the words of the prompt's audit notice (`from_the_notice`)
+    cut off at its end (`cut_off`) or its start (a small first letter), the words of the prompt's audit notice (`from_the_notice`)
     or of a field's definition (`defines_its_field`), an endorsement of what the passage only
     reports (`endorses_reported`), an absence the passage does not state (`absence_not_stated`),
     or, in the reflection, FOREIGN_LIMIT content words the passage never uses. A note may reason
@@ -480,6 +485,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
     cause", a shipped example): a rule that counts words cannot tell that from invention."""
     if cut_off(sentence):
         return "cut off: it ends mid-sentence"
+    if _LOWER_START.match(unmark(sentence)):
+        return "cut off: it starts mid-sentence"
     if not note and len(foreign := foreign_words(sentence, passage)) >= FOREIGN_LIMIT:
         return f"{len(foreign)} words its passage never uses: {', '.join(foreign[:FOREIGN_LIMIT])}"
     if (word := from_the_notice(sentence, passage, notice)) is not None:

@@ -420,3 +420,11 @@ def test_a_whole_dilemma_and_a_short_whole_claim_are_claims():
 def test_a_symbol_its_passage_does_not_use_is_garbled():
     assert f.unknown_word("The Clean Motion Alliance, a ❤", BRIDGE) == "❤"
     assert f.unknown_word("Rated ★ by readers", "Rated ★ by readers of the guide.") is None
+
+
+def test_a_sentence_copied_from_the_middle_of_one_is_cut():
+    """From the demo audited at a6f8bc9: a note "afternoons in meetings that achieve nothing. If
+    companies trimmed the waste" and "the country. It only mentions that sales have tripled"."""
+    note = "the country. It only mentions that sales near the bridge were hurt."
+    assert f.borne_out(note, BRIDGE, note=True) == ("It only mentions that sales near the bridge were hurt.", 1)
+    assert f.unborne("Engineers replaced 212 corroded steel cables.", BRIDGE) is None
