@@ -215,7 +215,8 @@ def _summary_table(s: dict) -> Table:
     if audit:
         rows += [
             ("audit sample", f"{audit['sampled']} of {s['accepted']} accepted (rate {audit['rate']:.0%}, chosen by a secret)"),
-            ("audit pass rate", "n/a" if audit["pass_rate"] is None else f"{audit['pass_rate']:.0%} of {audit['audits']} audits"),
+            ("audit pass rate", f"{audit['pass_rate']:.0%} of {audit['audits']} audits" if audit["pass_rate"] is not None
+             else "n/a: the sample waits for people (ratchet audit serve)" if audit["sampled"] else "n/a"),
             ("reputation (annotators)", _by_name(audit["reputation"]) or "no audits yet"),
         ]
         needs = audit.get("needs_a_person")

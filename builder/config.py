@@ -84,7 +84,10 @@ class AnnotateConfig(Section):
 
 class AuditConfig(Section):
     rate: float = Field(0.25, ge=0.0, le=1.0, description="Share of accepted annotations chosen (secretly) for audit.")
-    auditor: str = Field("bundled:smollm2", description="Model auditor (GGUF path or bundled:NAME); empty: humans only.")
+    # Empty by default: on 67 kept reflections a person audited, no bundled model tells a faithful one
+    # from an unfaithful one (SmolLM2 AUC 0.33, Qwen2.5-Coder-0.5B 0.52, 1.5B 0.55: bench/auditors.py).
+    auditor: str = Field("", description="Model auditor (GGUF path or bundled:NAME); empty: people only (no bundled "
+                         "model earns it: docs/judges.md#the-model-auditor-against-a-person).")
     persona: str = Field("auditor", description="The auditor's perspective; its prompt is prompts/audit.system.jinja.")
     max_tokens: int = Field(192, ge=16, description="Output budget of one audit verdict.")
     vote_weights: Literal["validity", "audits", "human", "prior"] = Field(

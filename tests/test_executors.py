@@ -146,7 +146,8 @@ def test_a_ray_build_writes_the_splits_of_a_local_build(cluster, tmp_path):
     """The bundled SmolLM2 on llama-server actors, greedy, against the same config built here.
     One slot and no prompt cache: an answer then does not depend on which requests shared its
     batch or its slot before it (the local build and the actors see them in other orders)."""
-    sections = dict(sampling={"max_tokens": 256, "temperature": 0.0}, audit={"rate": 1.0}, ensemble=ONE_CRITIC,
+    sections = dict(sampling={"max_tokens": 256, "temperature": 0.0}, audit={"rate": 1.0, "auditor": "bundled:smollm2"},
+                    ensemble=ONE_CRITIC,
                     annotator={"backend": "llama_server", "slots": 1, "n_ctx": 2048, "prompt_cache": False})
     # Picked: the one passage of SHORT_PASSAGES whose reflection this config keeps with the current prompts
     # (found by building all four locally; the others are cut off or fall below the threshold). The claim is
@@ -316,7 +317,7 @@ def test_a_build_starts_each_engine_once_per_actor_not_once_per_call(cluster, tm
     """Two writers' worth of stages (annotate, its retries, scrutinize, calibration, audit) on
     the scripted engine: every call of every stage goes to the same actors."""
     root = write_workspace(tmp_path / "ws", [f"Claim {i}: the lake froze on day {i}." for i in range(6)],
-                           annotator=SCRIPTED, ensemble=ONE_CRITIC, audit={"rate": 1.0},
+                           annotator=SCRIPTED, ensemble=ONE_CRITIC, audit={"rate": 1.0, "auditor": "bundled:smollm2"},
                            executor={"kind": "ray", "concurrency": 2, "batch_size": 2})
     summary = run_build(Workspace(root))
     assert summary["model_calls"] > 6 and len(summary["executor"]["stages"]) >= 3

@@ -82,7 +82,8 @@ def test_a_persons_verdict_after_the_build_leaves_the_compiled_generation_as_it_
 
     from builder.stages.audit import import_verdicts
 
-    ws = Workspace(write_workspace(tmp_path / "ws", SHORT_PASSAGES, annotator=SCRIPTED, audit={"rate": 1.0}))
+    ws = Workspace(write_workspace(tmp_path / "ws", SHORT_PASSAGES, annotator=SCRIPTED,
+                                    audit={"rate": 1.0, "auditor": "bundled:smollm2"}))
     run_build(ws)
     gen = ws.generation_dir(1)
     before = {p.name: p.read_bytes() for p in (gen / "data").iterdir()}

@@ -42,7 +42,7 @@ def two_builds(tmp_path_factory):
     ensemble = {"k": 1, "members": [{"name": "smollm2", "persona": "empiricist"},
                                     {"name": "critic", "persona": "skeptic", "roles": ["critique"]}]}
     root = write_workspace(tmp_path_factory.mktemp("blind") / "ws", SHORT_PASSAGES, sampling={"max_tokens": 384},
-                           audit={"rate": RATE}, annotator={"backend": "scripted", "model": "bundled:smollm2"},
+                           audit={"rate": RATE, "auditor": "bundled:smollm2"}, annotator={"backend": "scripted", "model": "bundled:smollm2"},
                            ensemble=ensemble)
     secret_a, secret_b = pick_secrets()
     prompts: dict[str, list[str]] = {"a": [], "b": []}

@@ -364,7 +364,7 @@ def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
     # the critic-only member and the verifier earn a record as critics in generation 1 (#15.12)
     # (vote_weights = "audits": the model auditor's verdicts weigh the votes too; the default counts people's only)
     root = write_workspace(tmp_path / "ws", SHORT_PASSAGES[:2], sampling={"max_tokens": 384},
-                           audit={"rate": 1.0, "vote_weights": "audits"}, ensemble=ensemble)
+                           audit={"rate": 1.0, "vote_weights": "audits", "auditor": "bundled:smollm2"}, ensemble=ensemble)
     ws = Workspace(root)
     first = run_build(ws)
     assert first["ratchet"]["panel"] == ["smollm2-critic", "grounding"] and first["ratchet"]["unscored"] == 0

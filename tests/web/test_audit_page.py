@@ -47,7 +47,7 @@ def golden(built, tmp_path_factory):
     shutil.copytree(source.root, root)
     with open(root / "corpus" / "c.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"text": MARKUP}) + "\n")
-    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0})
+    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0, "auditor": "bundled:smollm2"})
     result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
     assert result.exit_code == 0, result.output
     return root
@@ -325,7 +325,7 @@ def golden_critiques(golden, tmp_path_factory):
     no passage or reflection uses, so that its absence means the page never names it)."""
     root = tmp_path_factory.mktemp("audit-web-critiques") / "ws"
     shutil.copytree(golden, root)
-    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0},
+    write_workspace(root, None, sampling={"max_tokens": 384}, audit={"rate": 1.0, "auditor": "bundled:smollm2"},
                     ensemble={"k": 0, "members": [{"name": "smollm2", "persona": "default"},
                                                   {"kind": "verifier", "name": "zeta-critic"}]})
     result = CliRunner().invoke(app, ["build", "--workspace", str(root), "--overwrite"])
