@@ -19,9 +19,10 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    quotes the wrong sentence for what its passage does say); the notes
    (weak reasoning, uncertainties, ethical stakes) are held to the passage the same way for
    numbers and names, and lose a sentence that says the passage lacks what it does not say it
-   lacks (`absence_not_stated`), writes a field's definition back (`defines_its_field`) or stops
-   mid-sentence, as the reflection's sentences do. A claim that repeats a kept one word for word (after case and
-   punctuation) is dropped as `repeated`: a small writer pads its list so. A reflection left
+   lacks (`absence_not_stated`), writes a field's definition back (`defines_its_field`) or is
+   cut at either end, as the reflection's sentences do (`unborne`). A claim that repeats a kept
+   one word for word (after case and punctuation) is dropped as `repeated`: a small writer pads
+   its list so. A reflection left
    without a claim is vetoed. The reflection's own prose is held to its passage too: a
    sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
    reflection with no sentence left is vetoed. So is a sentence that says its passage supports
@@ -477,10 +478,11 @@ _LOWER_START = re.compile(r"^\W*[a-z]")
 
 def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> str | None:
     """Why one sentence of a note or of the reflection says what its passage does not, or None:
-    cut off at its end (`cut_off`) or its start (a small first letter), the words of the prompt's audit notice (`from_the_notice`)
-    or of a field's definition (`defines_its_field`), an endorsement of what the passage only
-    reports (`endorses_reported`), an absence the passage does not state (`absence_not_stated`),
-    or, in the reflection, FOREIGN_LIMIT content words the passage never uses. A note may reason
+    cut off at its end (`cut_off`) or its start (a small first letter), the words of the prompt's
+    audit notice (`from_the_notice`) or of a field's definition (`defines_its_field`), an
+    endorsement of what the passage only reports (`endorses_reported`), an absence the passage
+    does not state (`absence_not_stated`), or, in the reflection, FOREIGN_LIMIT content words the
+    passage never uses. A note may reason
     in words of its own ("New players improve quickly anyway, so the course may not be the
     cause", a shipped example): a rule that counts words cannot tell that from invention."""
     if cut_off(sentence):
@@ -504,8 +506,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
 # were the note: "The passage does not specify who could be helped or harmed", "There is no evidence
 # provided for how well the passage supports the claim", "It's not clear who could be helped or
 # harmed by the council's action". Read in the 46 kept reflections whose prose two readers judged on
-# 2026-12-06 (bench/results/faithfulness-audit-demo*-2026-12-06.jsonl; in sample): 9 such notes,
-# all in reflections the reader failed. A run of DEFINITION_WORDS words, one of them a content word.
+# 2026-12-06 (bench/prose_rules.py; in sample): 9 such sentences not already cut at an end, all but
+# one ("Who could be helped or harmed") in reflections the reader failed. A run of DEFINITION_WORDS words, one of them a content word.
 DEFINITION_WORDS = 4
 DEFINED = ("weak_reasoning", "uncertainties", "ethical_stakes", "reflection")
 
@@ -522,15 +524,15 @@ def _definition_runs() -> frozenset[tuple[str, ...]]:
 def defines_its_field(text: str, passage: str) -> str | None:
     """The first run of words a text shares with a field's definition and not with its passage."""
     ws, own = words(text), set(zip(*(words(passage)[i:] for i in range(DEFINITION_WORDS))))
-    run = next((r for r in zip(*(ws[i:] for i in range(DEFINITION_WORDS))) if r in _definition_runs() and r not in own),
-               None)
+    runs = zip(*(ws[i:] for i in range(DEFINITION_WORDS)))
+    run = next((r for r in runs if r in _definition_runs() and r not in own), None)
     return " ".join(run) if run else None
 
 
 # "The passage does not mention X", "There is no information about X": what a small writer says of
-# its passage most often, and most often wrongly. Read in the same 46 reflections (in sample): 43
-# notes said their passage lacks something; every one was in a reflection the reader failed, most
-# denying what the passage gives ("There are no mentions of retraining funds", of a passage on the
+# its passage most often, and most often wrongly. Read in the same 46 reflections (in sample): 34
+# sentences said their passage lacks what it does not say it lacks, every one in a reflection the
+# reader failed, most denying what the passage gives ("There are no mentions of retraining funds", of a passage on the
 # retraining funds a company offered). A rule cannot tell a true absence from a misread, so one is
 # kept only where the passage states the same absence ("did not say how much money had been set
 # aside"): every content word of X that the passage uses is in what the passage says is missing.

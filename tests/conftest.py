@@ -90,7 +90,8 @@ def built(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("built") / "ws"
     rows = SHORT_PASSAGES + [SHORT_PASSAGES[0], "   "]  # a duplicate and an empty record
-    write_workspace(root, rows, sampling={"max_tokens": 384})
+    # the model auditor is off by default (none earns it); this build tests its path on the real model
+    write_workspace(root, rows, sampling={"max_tokens": 384}, audit={"auditor": "bundled:smollm2"})
     ws = Workspace(root)
     return ws, run_build(ws)
 

@@ -14,8 +14,9 @@ from builder.workspace import create_schema
 
 from ..conftest import TextBackend
 
-# Every passage below says "the taxes rose": a span of its own, quoted with a copied data mark.
-GOOD = {"claims": [{"claim": "The\u02c6taxes\u02c6rose", "evidence": "| the taxes rose", "kind": "fact", "support": "weak", "confidence": "low"}],
+# Every passage below says "the taxes rose sharply": a span of its own, quoted with a copied data mark (a claim
+# has four words at least: builder/faithfulness.py MIN_CLAIM_WORDS).
+GOOD = {"claims": [{"claim": "The\u02c6taxes\u02c6rose\u02c6sharply", "evidence": "| the taxes rose sharply", "kind": "fact", "support": "weak", "confidence": "low"}],
         "weak_reasoning": [], "uncertainties": ["no source"], "ethical_stakes": [], "reflection": "Unsourced claim about taxes."}
 
 
@@ -42,7 +43,7 @@ class Scripted(TextBackend):
         return out
 
 
-TAXES = ": the taxes rose"
+TAXES = ": the taxes rose sharply"
 
 
 def passages(*texts):
@@ -61,7 +62,7 @@ def run(script, texts, retries=2):
 def test_valid_output_accepted_and_datamarks_removed():
     results, backend, engine, _ = run({"alpha": [(json.dumps(GOOD), "stop")]}, ["alpha text"])
     assert results[0].status == "accepted"
-    assert results[0].record["claims"][0]["claim"] == "The taxes rose"
+    assert results[0].record["claims"][0]["claim"] == "The taxes rose sharply"
     stored = engine.con.execute("SELECT cache_key FROM model_calls").fetchall()
     assert [(results[0].call_key,)] == stored  # the record names the call that produced it
     assert f"{LINE_MARK}alpha text" in backend.calls[0][0]  # the passage was datamarked in the prompt
