@@ -507,7 +507,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
 # provided for how well the passage supports the claim", "It's not clear who could be helped or
 # harmed by the council's action". Read in the 46 kept reflections whose prose two readers judged on
 # 2026-12-06 (bench/prose_rules.py; in sample): 9 such sentences not already cut at an end, all but
-# one ("Who could be helped or harmed") in reflections the reader failed. A run of DEFINITION_WORDS words, one of them a content word.
+# one ("Who could be helped or harmed") in reflections the reader failed. A run of DEFINITION_WORDS
+# words, one of them a content word.
 DEFINITION_WORDS = 4
 DEFINED = ("weak_reasoning", "uncertainties", "ethical_stakes", "reflection")
 
