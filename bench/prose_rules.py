@@ -45,10 +45,7 @@ def main(paths: list[Path]) -> None:
             for text, note in texts + [(record.get("reflection") or "", False)]:
                 for sentence in filter(str.strip, f._SENTENCE.split(text.strip())):
                     why = f.unborne(sentence, passage, note=note)
-                    rule = why.split(":")[0].split("'")[0].strip() if why else None
-                    if rule and rule[0].isdigit():
-                        rule = "foreign words"
-                    rule = why if why and why.startswith("cut off") else rule
+                    rule = (why if why.startswith("cut off") else why.split(":")[0]) if why else None
                     (cut if why else kept)[(rule, passed)] += 1
                     faults.append(why)
             cleared[passed, any(faults)] += 1

@@ -477,7 +477,8 @@ _LOWER_START = re.compile(r"^\W*[a-z]")
 
 
 def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> str | None:
-    """Why one sentence of a note or of the reflection says what its passage does not, or None:
+    """Why one sentence of a note or of the reflection says what its passage does not ("rule:
+    detail"), or None:
     cut off at its end (`cut_off`) or its start (a small first letter), the words of the prompt's
     audit notice (`from_the_notice`) or of a field's definition (`defines_its_field`), an
     endorsement of what the passage only reports (`endorses_reported`), an absence the passage
@@ -490,15 +491,15 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
     if _LOWER_START.match(unmark(sentence)):
         return "cut off: it starts mid-sentence"
     if not note and len(foreign := foreign_words(sentence, passage)) >= FOREIGN_LIMIT:
-        return f"{len(foreign)} words its passage never uses: {', '.join(foreign[:FOREIGN_LIMIT])}"
+        return f"foreign words: {len(foreign)} its passage never uses ({', '.join(foreign[:FOREIGN_LIMIT])})"
     if (word := from_the_notice(sentence, passage, notice)) is not None:
-        return f"the audit notice's word '{word}'"
+        return f"audit notice: its word '{word}'"
     if (run := defines_its_field(sentence, passage)) is not None:
         return f"a field's definition: '{run}'"
     if (word := endorses_reported(sentence, passage)) is not None:
-        return f"endorses what its passage only reports ('{word}')"
+        return f"endorses: what its passage only reports ('{word}')"
     if (what := absence_not_stated(sentence, passage)) is not None:
-        return f"says its passage lacks what it does not say it lacks: '{what}'"
+        return f"absence not stated: its passage does not say it lacks '{what}'"
     return None
 
 
