@@ -343,7 +343,7 @@ def test_a_reflection_sentence_that_endorses_what_its_passage_only_reports_is_cu
 
 
 PLANT = ("Brightwell Textiles will close its plant in Norbury next March, cutting 340 jobs. The company said it "
-            "would offer retraining funds, but did not say how much money had been set aside.")
+         "would offer retraining funds, but did not say how much money had been set aside.")
 
 
 @pytest.mark.parametrize("sentence, passage", [
@@ -372,7 +372,8 @@ def test_an_absence_the_passage_states_itself_is_kept(sentence, passage):
 def test_a_note_that_restates_its_fields_definition_or_stops_mid_sentence_is_dropped_and_others_kept():
     """schemas/annotation.schema.json defines ethical_stakes as "Who could be helped or harmed, and
     how"; small writers wrote the definition back ("The passage does not specify who could be helped
-    or harmed") in 9 notes of 46 kept reflections read, all failed by the reader."""
+    or harmed"): 9 sentences of 46 kept reflections read, all but one in reflections the reader
+    failed (bench/prose_rules.py)."""
     assert f.defines_its_field("It is not clear who could be helped or harmed by the closure.", BRIDGE) \
         == "who could be helped"
     assert f.defines_its_field("Shop owners near the bridge could be harmed by a long closure.", BRIDGE) is None
