@@ -43,6 +43,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from functools import lru_cache
 
 from .prompts import unmark
@@ -463,12 +464,57 @@ def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> i
     return dropped + sum(len(foreign_words(t, passage)) for t in record_texts(record))
 
 
+def sentences(text: str) -> list[str]:
+    """A note's or the reflection's sentences, as the gates cut them."""
+    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
 def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> tuple[str, int]:
     """A note or the reflection without its sentences that say what the passage does not
-    (`unborne`), and how many were cut."""
-    sentences = [s for s in _SENTENCE.split(text.strip()) if s.strip()]
-    kept = [s for s in sentences if unborne(s, passage, notice, note) is None]
-    return " ".join(kept), len(sentences) - len(kept)
+    (`unborne`), and how many were cut. In the reflection, a sentence copied from the passage is
+    given back as the passage's own sentence, said to be the passage's (`attributed`)."""
+    written = sentences(text)
+    kept: list[str] = []
+    for sentence in written:
+        if not note and (source := copied_from(sentence, passage)) is not None:
+            sentence = attributed(source)
+        elif unborne(sentence, passage, notice, note) is not None:
+            continue
+        if sentence not in kept:
+            kept.append(sentence)
+    return " ".join(kept), len(written) - len(kept)
+
+
+# The reflection that copies its passage's sentences states them as its own: of an opinion piece, the
+# author's opinion ("The governors should vote for the full ban next week.", "With that many people on
+# board, there can be little doubt that it works."). Read in the 161 prose sentences of the four
+# audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 42 such copies, 21 labelled
+# unsupported, every one of those an opinion repeated as the reflection's. Said as the passage's,
+# each is right, whoever holds it; the passage's own sentence is given, so a copy cut short or with a
+# word garbled ("weak spring swm") comes back whole. A sentence that already says whose words
+# these are (a reporting word, or a word about the passage) is left alone.
+COPIED = 0.85  # share of a sentence's words that are, in order, one sentence of the passage
+
+
+def copied_from(sentence: str, passage: str) -> str | None:
+    """The passage's sentence that `sentence` copies (COPIED of its words, in order, and no word
+    that says whose they are), else None."""
+    said = words(sentence)
+    if len(said) < MIN_CLAIM_WORDS or set(said) & (REPORTED | META):
+        return None
+    best, source = 0.0, None
+    for candidate in _SENTENCE.split(unmark(passage)):
+        if candidate.strip():
+            blocks = SequenceMatcher(None, said, words(candidate), autojunk=False).get_matching_blocks()
+            share = sum(b.size for b in blocks) / len(said)
+            if share > best:
+                best, source = share, candidate.strip()
+    return source if best >= COPIED else None
+
+
+def attributed(source: str) -> str:
+    """A passage sentence said as the passage's."""
+    return f'The passage says: "{source}"'
 
 
 # A sentence that starts on a small letter was copied from the middle of one: "afternoons in meetings
@@ -481,7 +527,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
     detail"), or None:
     cut off at its end (`cut_off`) or its start (a small first letter), the words of the prompt's
     audit notice (`from_the_notice`) or of a field's definition (`defines_its_field`), an
-    endorsement of what the passage only reports (`endorses_reported`), an absence the passage
+    endorsement of what the passage only reports (`endorses_reported`), praise of the passage
+    (`vouches`), an absence the passage
     does not state (`absence_not_stated`), or, in the reflection, FOREIGN_LIMIT content words the
     passage never uses. A note may reason
     in words of its own ("New players improve quickly anyway, so the course may not be the
@@ -498,6 +545,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
         return f"a field's definition: '{run}'"
     if (word := endorses_reported(sentence, passage)) is not None:
         return f"endorses: what its passage only reports ('{word}')"
+    if (praise := vouches(sentence)) is not None:
+        return f"vouches: '{praise}'"
     if (what := absence_not_stated(sentence, passage)) is not None:
         return f"absence not stated: its passage does not say it lacks '{what}'"
     return None
@@ -593,6 +642,26 @@ def endorses_reported(sentence: str, passage: str) -> str | None:
         return None
     reporting = set(words(source)) & ATTRIBUTION
     return sorted(reporting)[0] if reporting else None
+
+
+# A note or reflection that vouches for its passage: "The passage provides strong evidence and data
+# to support its claims" (of a three-sentence forecast), "The passage is well supported by the
+# information provided" (of a rant), "This is a reasonable assumption based on the data" (of a
+# 24-student, one-afternoon study), "... and can be considered reliable" (of an advert), "a balanced
+# view", "which aligns with the information provided in the report". Read in the 345 note and prose
+# sentences of the four audited demos (bench/data/demo-notes.labelled.jsonl; in sample): the rules
+# before this one kept 19 such sentences, every one labelled unsupported, and no supported sentence
+# has one. How far to trust a passage is a reflection's question, but the small writers' praise was
+# never right there; doubt ("cannot be considered reliable") is not praise and stays.
+_VOUCHES = re.compile(r"\b(?:strong|solid|clear|convincing|compelling|good)\s+(?:evidence|data|support)\b"
+                      r"|\bwell[- ]supported\b|\breasonable\b|\breliable\b|\bbalanced\b|\baligns?\s+with\b"
+                      r"|\bcredible\b", re.I)
+
+
+def vouches(sentence: str) -> str | None:
+    """The words by which a sentence vouches for its passage, unless it negates them; else None."""
+    m = _VOUCHES.search(sentence)
+    return m.group(0) if m and not _negated(sentence[:m.start()]) else None
 
 
 # Every writer is told its work may be audited (prompts/audit_notice.txt), and the default writer

@@ -331,9 +331,9 @@ PRESS = ("A press release from the Brainwell Institute announced that coffee boo
 
 def test_a_reflection_sentence_that_endorses_what_its_passage_only_reports_is_cut():
     assert f.endorses_reported("The passage supports the claim that coffee boosts memory.", PRESS) == "announced"
-    reflection, cut = f.borne_out("The passage supports the claim that coffee boosts memory. The study involved 24 "
-                                  "university students.", PRESS)
-    assert reflection == "The study involved 24 university students." and cut == 1
+    reflection, cut = f.borne_out("The passage supports the claim that coffee boosts memory. The study was small.",
+                                  PRESS)
+    assert reflection == "The study was small." and cut == 1
     # Kept: the reporting said, a support denied, and support for what the passage itself states.
     assert f.endorses_reported("The passage supports the claim that a press release announced that coffee boosts "
                                "memory.", PRESS) is None
@@ -429,3 +429,39 @@ def test_a_sentence_copied_from_the_middle_of_one_is_cut():
     note = "the country. It only mentions that sales near the bridge were hurt."
     assert f.borne_out(note, BRIDGE, note=True) == ("It only mentions that sales near the bridge were hurt.", 1)
     assert f.unborne("Engineers replaced 212 corroded steel cables.", BRIDGE) is None
+
+
+OPINION = ("Greenhill Secondary faces a simple choice. Either it bans mobile phones completely, or its pupils will "
+           "keep failing their exams. The governors should vote for the full ban next week.")
+
+
+def test_a_reflection_sentence_copied_from_its_passage_is_given_back_whole_as_the_passage_s():
+    # The demo's writer repeats an opinion piece's sentences as its own (bench/data/demo-notes.labelled.jsonl).
+    reflection, cut = f.borne_out("Greenhill Secondary faces a simple choice. The governors should vote for the full "
+                                  "ban next", OPINION)
+    assert reflection == ('The passage says: "Greenhill Secondary faces a simple choice." The passage says: "The '
+                          'governors should vote for the full ban next week."') and cut == 0  # cut short: whole again
+    assert f.copied_from("The governors should vote for the full ban next weak.", OPINION) is not None  # one word off
+    # Not copies: a sentence that says whose words they are, one in words of its own, a short one.
+    assert f.copied_from("The passage says the governors should vote for the full ban next week.", OPINION) is None
+    assert f.copied_from("The author wants a ban and gives no evidence that phones cause failure.", OPINION) is None
+    assert f.copied_from("A simple choice.", OPINION) is None
+    # a note may point at the passage's words: the copy rule is the reflection's
+    assert f.borne_out("The governors should vote for the full ban next week.", OPINION, note=True)[0] == \
+        "The governors should vote for the full ban next week."
+    # the same passage sentence twice is said once
+    assert f.borne_out("Greenhill Secondary faces a simple choice. Greenhill Secondary faces a simple choice.",
+                       OPINION) == ('The passage says: "Greenhill Secondary faces a simple choice."', 1)
+
+
+def test_a_note_or_sentence_that_vouches_for_its_passage_is_cut_and_doubt_stays():
+    for praise, said in (("The passage provides strong evidence and data to support its claims.", "strong evidence"),
+                         ("This is a reasonable assumption based on the data.", "reasonable"),
+                         ("The passage is well supported by the information provided.", "well supported"),
+                         ("The passage provides a balanced view of cyclists.", "balanced"),
+                         ("It mentions the sales, which aligns with the information provided.", "aligns with")):
+        assert f.vouches(praise) == said
+        assert f.unborne(praise, PRESS, note=True) == f"vouches: '{said}'"
+    for doubt in ("The figures cannot be considered reliable.", "It is not reasonable to call 24 students proof.",
+                  "The study was small and lasted one afternoon."):
+        assert f.vouches(doubt) is None

@@ -42,6 +42,9 @@ class AnnotationRow:
     candidates: Json | None = doc("every sample of this passage by this member: its status, reason, attempts, claims "
                                   "verified and words the passage does not bear out (why this one was kept)",
                                   default=None, added=True)
+    note_checks: Json | None = doc("each note sentence the note judge was asked of: its field, text, "
+                                   "P(unsupported) and verdict (kept | cut | abstain); the record keeps the kept ones",
+                                   default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -163,6 +166,7 @@ class Annotate(Stage):
         cfg = annotation_config(ctx.cfg, ctx.generation)
         judge = (ctx.judge_engine(cfg.annotate.claim_judge, "annotate.claim_judge")
                  if cfg.annotate.gates and cfg.annotate.claim_judge else None)
+        note_judge = cfg.annotate.note_judge if cfg.annotate.gates else ""
         for member in ctx.ensemble.annotators:
             task = AnnotateTask(ctx.prompts, cfg, ctx.generation, member.name, member.persona, member.temperature,
                                 member.few_shot)
@@ -170,6 +174,9 @@ class Annotate(Stage):
                                      ctx.engine(member.backend), ctx.run)
             if judge is not None:
                 judge_claims(rows, ctx.text(), judge, ctx.prompts, cfg, ctx.run)
+            if note_judge and any(r.status == "accepted" for r in rows):  # loaded only where there is a note to ask
+                judge_notes(rows, ctx.text(), ctx.judge_engine(note_judge, "annotate.note_judge"), ctx.prompts, cfg,
+                            ctx.run)
             ctx.per_member[member.name] = rows
             with transaction(ctx.con):
                 ctx.con.execute("DELETE FROM annotations WHERE generation = ? AND annotator = ?",
@@ -218,6 +225,45 @@ def judge_claims(rows: list[AnnotationRow], texts: dict[str, str], engine, promp
     for row in rows:
         if row.status == "accepted" and not row.record["claims"]:
             row.status, row.record, row.reason = "rejected", None, "no supported claim: claim judge"
+
+
+def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompts: Prompts, cfg: RatchetConfig,
+                run=None) -> None:
+    """The note judge, after the rules: every sentence of every note (weak reasoning,
+    uncertainties, ethical stakes) an accepted annotation still holds is asked of the grounding
+    judge (the claim judge's question) in one batch, and a sentence at or above
+    annotate.note_threshold is cut; a note left without a sentence goes. The reflection itself is
+    not asked: there the judge was near chance on what the rules leave (docs/faithfulness.md,
+    bench/note_judge.py). Where the judge abstains (judges.abstain_below), the sentence stays."""
+    from ..judges import EntailmentTask
+
+    asked = [(r, key, i, sentence) for r in rows if r.status == "accepted"
+             for key in faithfulness.NOTE_FIELDS for i, note in enumerate(r.record.get(key) or [])
+             for sentence in faithfulness.sentences(note)]
+    if not asked:
+        return
+    task, items = EntailmentTask(prompts, cfg), [(texts[r.passage_id], sentence) for r, _, _, sentence in asked]
+    outcomes = run(task, items, engine) if run else run_task(task, items, engine)
+    cut: dict[tuple[int, str, int], set[str]] = {}
+    for (row, key, i, sentence), outcome in zip(asked, outcomes):
+        p = round(outcome.graded.p("no"), 4) if outcome.graded else None
+        verdict = ("abstain" if cfg.judges.abstains(p) else
+                   "cut" if p is not None and p >= cfg.annotate.note_threshold else "kept")
+        row.note_checks = (row.note_checks or []) + [{"field": key, "text": sentence, "p_unsupported": p,
+                                                      "verdict": verdict}]
+        if verdict == "cut":
+            cut.setdefault((id(row), key, i), set()).add(sentence)
+    for row in {id(r): r for r, *_ in asked}.values():
+        for key in faithfulness.NOTE_FIELDS:
+            notes = []
+            for i, note in enumerate(row.record.get(key) or []):
+                gone = cut.get((id(row), key, i), set())
+                kept = " ".join(s for s in faithfulness.sentences(note) if s not in gone)
+                if kept:
+                    notes.append(kept)
+                row.dropped_notes = (row.dropped_notes or 0) + (len(gone) if kept else 1)
+            if key in row.record:
+                row.record[key] = notes
 
 
 def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:

@@ -116,3 +116,45 @@ def test_annotator_names_keep_version_dots():
     assert annotator_name("bundled:smollm2") == "smollm2"
     assert annotator_name("/models/tiny.Q4_0.gguf") == "tiny.Q4_0"
     assert annotator_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"
+
+
+class Graded:
+    """A judge's answer, as graded: P("no") given."""
+
+    def __init__(self, p_no: float):
+        self.p_no = p_no
+
+    def p(self, value: str) -> float:
+        return self.p_no if value == "no" else 1 - self.p_no
+
+
+def test_the_note_judge_asks_every_note_sentence_and_cuts_those_it_finds_unsupported():
+    from types import SimpleNamespace
+
+    from builder.stages.annotate import AnnotationRow, judge_notes
+
+    record = {**GOOD, "weak_reasoning": ["The taxes rose. Nobody here earns more than a king."],
+              "uncertainties": ["Who set them is not said."], "ethical_stakes": ["Tax rises harm pensioners."],
+              "reflection": "Unsourced claim about taxes."}
+    row = AnnotationRow(1, "p1", "qwen", "accepted", None, 1, 0, record, None)
+    rejected = AnnotationRow(1, "p2", "qwen", "rejected", "invalid", 1, 0, None, None)
+    p_no = {"The taxes rose.": 0.1, "Nobody here earns more than a king.": 0.9, "Who set them is not said.": 0.5,
+            "Tax rises harm pensioners.": 0.7}
+    asked = []
+
+    def scripted(task, items, engine):
+        asked.extend(items)
+        return [SimpleNamespace(graded=Graded(p_no[sentence])) for _, sentence in items]
+
+    cfg = RatchetConfig.model_validate({"annotate": {"note_threshold": 0.6}})
+    judge_notes([row, rejected], {"p1": "the passage", "p2": "another"}, None, Prompts(), cfg, run=scripted)
+    assert [s for _, s in asked] == list(p_no)  # every note sentence, one by one; not the reflection, not p2
+    assert row.record["weak_reasoning"] == ["The taxes rose."]
+    assert row.record["uncertainties"] == ["Who set them is not said."]  # 0.5 < 0.6
+    assert row.record["ethical_stakes"] == []  # its one sentence cut: the note goes
+    assert row.record["reflection"] == "Unsourced claim about taxes."
+    assert row.dropped_notes == 2
+    assert [(c["field"], c["verdict"], c["p_unsupported"]) for c in row.note_checks] == [
+        ("weak_reasoning", "kept", 0.1), ("weak_reasoning", "cut", 0.9), ("uncertainties", "kept", 0.5),
+        ("ethical_stakes", "cut", 0.7)]
+    assert rejected.note_checks is None and rejected.record is None

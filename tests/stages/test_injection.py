@@ -161,7 +161,8 @@ def injected_build(tmp_path_factory):
     root = write_workspace(tmp_path_factory.mktemp("injected") / "ws", [r["text"] for r in rows],
                            ensemble={"k": 0, "members": [{"name": "qwen", "model": "bundled:qwen2.5-coder-0.5b",
                                                           "few_shot": False}]},
-                           annotate={"gates": True, "retries": 1}, audit={"rate": 0.0, "auditor": ""})
+                           # the gates alone (no note judge): the injection veto is the rules'
+                           annotate={"gates": True, "retries": 1, "note_judge": ""}, audit={"rate": 0.0, "auditor": ""})
     ws = Workspace(root)
     return ws, run_build(ws), rows
 
