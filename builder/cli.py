@@ -147,7 +147,15 @@ def _faithfulness(f: dict | None) -> str:
     share = f"{100 * f['verified_share']:.0f}%"
     return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
             f"{f.get('quotes_rechosen', 0)} with their quote re-chosen, {f.get('claims_unwrapped', 0)} unwrapped), dropped "
-            f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped; vetoed {f['vetoed'] or 'none'}")
+            f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped"
+            f"{_note_judge(f)}; vetoed {f['vetoed'] or 'none'}")
+
+
+def _note_judge(f: dict) -> str:
+    """The note judge's share of the notes dropped (annotate.note_judge), where it was asked."""
+    if not f.get("notes_judged"):
+        return ""
+    return f" (the note judge cut {f['notes_cut_by_judge']} of the {f['notes_judged']} note sentences it was asked of)"
 
 
 def _best_of(b: dict) -> str:

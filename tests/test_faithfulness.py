@@ -465,3 +465,29 @@ def test_a_note_or_sentence_that_vouches_for_its_passage_is_cut_and_doubt_stays(
     for doubt in ("The figures cannot be considered reliable.", "It is not reasonable to call 24 students proof.",
                   "The study was small and lasted one afternoon."):
         assert f.vouches(doubt) is None
+
+
+def test_a_claim_that_starts_inside_a_phrase_of_its_quote_has_the_wrong_subject():
+    pools = "Towns with many pools also tend to be wealthier."
+    assert f.check_claim("Many pools tend to be wealthier", pools, "A report. " + pools) == \
+        "subject left out: its evidence says it of 'towns with ...'"
+    # Kept: the quote's own subject, a fronted phrase left out, a specifier left out further on.
+    assert f.subject_left_out("Towns with many pools tend to be wealthier", pools) is None
+    assert f.subject_left_out("The field hospital had six working ventilators", "During the flooding in Rennick "
+                              "last week, the field hospital had six working ventilators and ten patients.") is None
+    assert f.subject_left_out("Those figures do not count people who have stopped searching", "Official figures put "
+                              "unemployment at 14 percent, but those figures do not count people who have stopped "
+                              "searching.") is None
+    assert f.subject_left_out("Sales tripled this year.", "Sales of Zentra tripled this year.") is None
+    assert f.subject_left_out("Pools make children smarter", pools) is None  # words of its own: other rules'
+
+
+def test_a_claim_that_calls_itself_a_fact_or_lists_a_field_s_values_is_no_claim():
+    forecast = "The service says there is a 70 percent chance that rainfall will be below average this summer."
+    written = "The passage supports it by stating that rainfall can be below average during the summer, which is a fact."
+    assert f.unwrapped(written) == "Rainfall can be below average during the summer, which is a fact."
+    assert f.checked({"claim": written, "evidence": forecast}, forecast)[1].startswith("not a claim")
+    assert f.unwrapped("The passage says it rained all week.") == "The passage says it rained all week."
+    assert f.defines_its_field("The passage supports the claim that homework is a fact, opinion, value or "
+                               "prediction.", "Homework works.") == "fact, opinion, value, prediction"
+    assert f.defines_its_field("The forecast is a prediction, not a fact.", "Rain is forecast.") is None

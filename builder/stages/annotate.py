@@ -316,8 +316,10 @@ def best_of_metrics(rows: list[AnnotationRow]) -> dict:
 
 def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
     """What the gates did to the accepted annotations (the last attempt of each): claims kept,
-    claims dropped by reason, notes dropped; and the vetoes that rejected annotations."""
+    claims dropped by reason, notes dropped (by the rules and the note judge), note sentences the
+    note judge was asked of and cut; and the vetoes that rejected annotations."""
     checks = [c for r in rows if r.status == "accepted" for c in r.claim_checks or []]
+    judged = [c for r in rows if r.status == "accepted" for c in r.note_checks or []]  # the note judge's
     kept = sum(c["verdict"] == "supported" for c in checks)
     dropped = Counter(c["reason"].split(":")[0] for c in checks if c["verdict"] != "supported")
     vetoes = Counter((r.reason or "").split(":")[0] for r in rows if r.status == "rejected"
@@ -329,6 +331,7 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
             "quotes_rechosen": noted(faithfulness.REQUOTED), "claims_unwrapped": noted(faithfulness.UNWRAPPED),
             "verified_share": round(kept / len(checks), 4) if checks else None,
             "notes_dropped": sum(r.dropped_notes or 0 for r in rows if r.status == "accepted"),
+            "notes_judged": len(judged), "notes_cut_by_judge": sum(c["verdict"] == "cut" for c in judged),
             "vetoed": dict(sorted(vetoes.items()))}
 
 
