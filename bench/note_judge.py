@@ -7,7 +7,8 @@ every note and prose sentence the rules keep, and measures it against a person's
 
   data    bench/data/demo-notes.labelled.jsonl: the 345 note and prose sentences of the 91 kept
           reflections of four audited demo builds, each labelled by a reader (bench/data/README.md)
-  rules   builder/faithfulness.py: unborne (and check_note), as the gate runs them today
+  rules   builder/faithfulness.py: unborne (and check_note), as the gate runs them today, and as
+          before the copy and praise rules (6b31ca8)
   judge   each --models model, asked of every sentence the rules keep; P(unsupported)
 
 It prints the judge's AUC on the sentences the rules keep, and what cutting every sentence at or
@@ -27,6 +28,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,6 +52,13 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def load() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def before_2026_12_07(row: dict, notice: frozenset[str]) -> str | None:
+    """Why the rules of 6b31ca8 cut this sentence: today's, without the copy and praise rules."""
+    with mock.patch.object(faithfulness, "vouches", lambda sentence: None):
+        return (faithfulness.unborne(row["text"], row["passage"], notice, note=row["field"] != "reflection")
+                or faithfulness.check_note(row["text"], row["passage"]))
 
 
 def rule_of(row: dict, notice: frozenset[str]) -> str | None:
@@ -93,6 +102,7 @@ def main() -> None:
     notice = faithfulness.notice_stems(prompts.audit_notice)
     rows = load()
     labelled_unsupported = sum(r["label"] == "unsupported" for r in rows)
+    before = outcome(rows, lambda r: before_2026_12_07(r, notice) is not None)  # the labels as written
     for row in rows:
         row["rule"] = rule_of(row, notice)
     survivors = [r for r in rows if r["rule"] is None]
@@ -102,11 +112,12 @@ def main() -> None:
                                                                               for r in copies),
                      "kept_by_rules": len(survivors),
                      "unsupported_kept_by_rules": sum(r["label"] == "unsupported" for r in survivors),
-                     "rules": outcome(rows, lambda r: r["rule"] is not None), "models": {}}
+                     "rules_before": before, "rules": outcome(rows, lambda r: r["rule"] is not None), "models": {}}
     print(f"{len(rows)} sentences ({results['unsupported']} labelled unsupported); {len(copies)} prose copies said "
           f"as the passage's ({results['attributed_unsupported']} of them labelled unsupported as written); "
           f"the rules keep {len(survivors)} "
-          f"({results['unsupported_kept_by_rules']} unsupported); rules alone: {results['rules']}")
+          f"({results['unsupported_kept_by_rules']} unsupported); rules alone: {results['rules']}; "
+          f"the rules of 6b31ca8 (no copy or praise rule): {before}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(RESULTS / "note_judge.duckdb"))
     create_schema(con)

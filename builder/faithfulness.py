@@ -187,8 +187,8 @@ _WRAPPER = re.compile(r"^\s*(?:(?:the|this)\s+)?(?:passage|text|article|evidence
                       r"(?:\s+that)?\s+(?=\S)|^\s*(?:(?:the|this)\s+)?claim\s+(?:is\s+)?that\s+(?=\S)", re.I)
 # A claim that classifies itself instead of saying something: "The claim is opinion, because ...".
 _ABOUT_ITSELF = re.compile(r"^\s*(?:(?:the|this)\s+)?claim\s+is\s+(?:an?\s+)?(?:fact|opinion|value|prediction)\b"
-                           # "..., which is a fact" (of a 70 percent forecast, the demo of 2026-12-07)
-                           r"|\b(?:which|this|that|it)\s+is\s+(?:an?\s+)?(?:fact|opinion|value|prediction)\b"
+                           # "..., which is a fact" (of a 70 percent forecast, the demo of 2026-12-07): its last clause
+                           r"|,\s*which\s+(?:is|are)\s+(?:an?\s+|both\s+)?(?:fact|opinion|value|prediction)s?\W*$"
                            r"|^\s*because\b"  # "Because it states that there is no middle way": a reason for a claim
                            r"|^\s*(?:it|this)\s+(?:also\s+)?supports?\b", re.I)  # "It supports rainfall below average"
 # "preliminary", "Sampling sites", "Corroded steel cables", "Good or bad.": a fragment asserts
@@ -522,7 +522,7 @@ def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), not
 # The reflection that copies its passage's sentences states them as its own: of an opinion piece, the
 # author's opinion ("The governors should vote for the full ban next week.", "With that many people on
 # board, there can be little doubt that it works."). Read in the 161 prose sentences of the four
-# audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 42 such copies, 21 labelled
+# audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 43 such copies, 21 labelled
 # unsupported, every one of those an opinion repeated as the reflection's. Said as the passage's,
 # each is right, whoever holds it; the passage's own sentence is given, so a copy cut short or with a
 # word garbled ("weak spring swm") comes back whole. A sentence that already says whose words
@@ -536,19 +536,22 @@ def copied_from(sentence: str, passage: str) -> str | None:
     said = words(sentence)
     if len(said) < MIN_CLAIM_WORDS or set(said) & (REPORTED | META):
         return None
-    best, source = 0.0, None
+    best, source = 0.0, None  # a copy that negates its source is no copy ("should not vote" of "should vote")
     for candidate in _SENTENCE.split(unmark(passage)):
         if candidate.strip():
             blocks = SequenceMatcher(None, said, words(candidate), autojunk=False).get_matching_blocks()
             share = sum(b.size for b in blocks) / len(said)
             if share > best:
                 best, source = share, candidate.strip()
-    return source if best >= COPIED else None
+    return source if best >= COPIED and _negated(sentence) == _negated(source) else None
+
+
+SAID = 'The passage says: "'  # how a copied sentence is given back
 
 
 def attributed(source: str) -> str:
     """A passage sentence said as the passage's."""
-    return f'The passage says: "{source}"'
+    return f'{SAID}{source}"'
 
 
 # A sentence that starts on a small letter was copied from the middle of one: "afternoons in meetings
@@ -606,29 +609,27 @@ def _definition_runs() -> frozenset[tuple[str, ...]]:
                      if any(w not in STOPWORDS and w not in META and len(w) > 2 for w in run))
 
 
-# The values of a claim's field named as a list ("The passage supports the claim that homework is a
-# fact, opinion, value or prediction", the demo of 2026-12-07): the schema read back. Three values of
-# one enum that the passage does not use.
+# The kinds a claim may be, named as a list ("The passage supports the claim that homework is a fact,
+# opinion, value or prediction", the demo of 2026-12-07): the schema read back. Three of them, none
+# used by the passage. (Only `kind`: "weak", "none" and "strong" of `support` are ordinary words.)
 ENUM_VALUES = 3
 
 
 @lru_cache(maxsize=1)
-def _enums() -> tuple[frozenset[str], ...]:
-    claim = load_schema("annotation")["properties"]["claims"]["items"]["properties"]
-    return tuple(frozenset(v["enum"]) for v in claim.values() if "enum" in v)
+def _kinds() -> frozenset[str]:
+    return frozenset(load_schema("annotation")["properties"]["claims"]["items"]["properties"]["kind"]["enum"])
 
 
 def defines_its_field(text: str, passage: str) -> str | None:
     """The first run of words a text shares with a field's definition and not with its passage,
-    or the values of a claim's field it lists (ENUM_VALUES of one enum its passage does not use)."""
+    or the kinds of claim it lists (ENUM_VALUES of them its passage does not use)."""
     ws, own = words(text), set(zip(*(words(passage)[i:] for i in range(DEFINITION_WORDS))))
     runs = zip(*(ws[i:] for i in range(DEFINITION_WORDS)))
     run = next((r for r in runs if r in _definition_runs() and r not in own), None)
     if run:
         return " ".join(run)
-    listed = next((named for enum in _enums() if len(named := [w for w in dict.fromkeys(ws) if w in enum
-                                                                  and w not in words(passage)]) >= ENUM_VALUES), None)
-    return ", ".join(listed) if listed else None
+    listed = [w for w in dict.fromkeys(ws) if w.removesuffix("s") in _kinds() and w not in words(passage)]
+    return ", ".join(listed) if len(listed) >= ENUM_VALUES else None
 
 
 # "The passage does not mention X", "There is no information about X": what a small writer says of
@@ -700,9 +701,8 @@ def endorses_reported(sentence: str, passage: str) -> str | None:
 # information provided" (of a rant), "This is a reasonable assumption based on the data" (of a
 # 24-student, one-afternoon study), "... and can be considered reliable" (of an advert), "a balanced
 # view", "which aligns with the information provided in the report". Read in the 345 note and prose
-# sentences of the four audited demos (bench/data/demo-notes.labelled.jsonl; in sample): the rules
-# before this one kept 19 such sentences, every one labelled unsupported, and no supported sentence
-# has one. How far to trust a passage is a reflection's question, but the small writers' praise was
+# sentences of the four audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 18 of them
+# vouch, every one labelled unsupported. How far to trust a passage is a reflection's question, but the small writers' praise was
 # never right there; doubt ("cannot be considered reliable") is not praise and stays.
 _VOUCHES = re.compile(r"\b(?:strong|solid|clear|convincing|compelling|good)\s+(?:evidence|data|support)\b"
                       r"|\bwell[- ]supported\b|\breasonable\b|\breliable\b|\bbalanced\b|\baligns?\s+with\b"
@@ -710,9 +710,12 @@ _VOUCHES = re.compile(r"\b(?:strong|solid|clear|convincing|compelling|good)\s+(?
 
 
 def vouches(sentence: str) -> str | None:
-    """The words by which a sentence vouches for its passage, unless it negates them; else None."""
+    """The words by which a sentence vouches for its passage, unless it negates or doubts them
+    ("not", "unclear whether", "too small to be reliable"); else None."""
     m = _VOUCHES.search(sentence)
-    return m.group(0) if m and not _negated(sentence[:m.start()]) else None
+    if not m or _negated(sentence[:m.start()]) or (DOUBT | {"too", "unclear"}) & set(words(sentence[:m.start()])):
+        return None
+    return m.group(0)
 
 
 # Every writer is told its work may be audited (prompts/audit_notice.txt), and the default writer

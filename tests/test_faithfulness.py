@@ -446,6 +446,7 @@ def test_a_reflection_sentence_copied_from_its_passage_is_given_back_whole_as_th
     assert f.copied_from("The passage says the governors should vote for the full ban next week.", OPINION) is None
     assert f.copied_from("The author wants a ban and gives no evidence that phones cause failure.", OPINION) is None
     assert f.copied_from("A simple choice.", OPINION) is None
+    assert f.copied_from("The governors should not vote for the full ban next week.", OPINION) is None  # negated
     # a note may point at the passage's words: the copy rule is the reflection's
     assert f.borne_out("The governors should vote for the full ban next week.", OPINION, note=True)[0] == \
         "The governors should vote for the full ban next week."
@@ -463,6 +464,7 @@ def test_a_note_or_sentence_that_vouches_for_its_passage_is_cut_and_doubt_stays(
         assert f.vouches(praise) == said
         assert f.unborne(praise, PRESS, note=True) == f"vouches: '{said}'"
     for doubt in ("The figures cannot be considered reliable.", "It is not reasonable to call 24 students proof.",
+                  "It is unclear whether the survey is reliable.", "The sample is too small to be reliable.",
                   "The study was small and lasted one afternoon."):
         assert f.vouches(doubt) is None
 
@@ -491,3 +493,7 @@ def test_a_claim_that_calls_itself_a_fact_or_lists_a_field_s_values_is_no_claim(
     assert f.defines_its_field("The passage supports the claim that homework is a fact, opinion, value or "
                                "prediction.", "Homework works.") == "fact, opinion, value, prediction"
     assert f.defines_its_field("The forecast is a prediction, not a fact.", "Rain is forecast.") is None
+    assert f.defines_its_field("The argument is weak: none of the strong claims are sourced.", "x") is None  # support's
+    # a claim's kind named inside it is a claim; only a last clause that classifies it is not
+    assert f.not_a_claim("Growth, which is a prediction of the bank, may slow this year.") is None
+    assert f.not_a_claim("It is an opinion piece that argues for the ban.") is None
