@@ -13,7 +13,9 @@ every note and prose sentence the rules keep, and measures it against a person's
 
 It prints the judge's AUC on the sentences the rules keep, and what cutting every sentence at or
 above a threshold would leave: reflections kept (one whose prose loses every sentence is vetoed,
-as the gate does), reflections whose every kept sentence is supported, supported sentences lost.
+as the gate does), reflections whose every kept sentence is supported, supported sentences lost;
+and what the build does by default ("as built": notes and prose cut at 0.5, a reflection whose
+every sentence the judge cut rebuilt from its claims' quotes, said as the passage's).
 Answers are cached in bench/results/note_judge.duckdb, so a rerun is free.
 
     .venv/bin/python bench/note_judge.py [--models qwen2.5-coder-1.5b,...]
@@ -74,17 +76,20 @@ def rule_of(row: dict, notice: frozenset[str]) -> str | None:
             or faithfulness.check_note(row["text"], row["passage"]))
 
 
-def outcome(rows: list[dict], cut) -> dict:
+def outcome(rows: list[dict], cut, rebuild=lambda r: False) -> dict:
     """Reflections kept and faithful when the sentences `cut(row)` names are cut: a reflection
-    whose prose loses every sentence is vetoed; a kept one is faithful when every sentence it
-    keeps is supported."""
+    whose prose loses every sentence is vetoed, unless `rebuild(row)` (the note judge cut its last
+    sentence: the build rebuilds it from its claims' quotes, the passage's words); a kept one is
+    faithful when every sentence it keeps is supported."""
     by = defaultdict(list)
     for row in rows:
         by[row["reflection"]].append(row)
     kept = faithful = 0
     for sentences in by.values():
         left = [r for r in sentences if not cut(r)]
-        if not any(r["field"] == "reflection" for r in left):
+        prose = [r for r in sentences if r["field"] == "reflection"]
+        rebuilt = not any(r["field"] == "reflection" for r in left) and any(rebuild(r) for r in prose)
+        if not rebuilt and not any(r["field"] == "reflection" for r in left):
             continue
         kept += 1
         faithful += all(r["label"] == "supported" for r in left)
@@ -140,6 +145,10 @@ def main() -> None:
              "notes_cut_at": {str(t): outcome(rows, lambda r, t=t: r["rule"] is not None
                                              or (r["field"] != "reflection" and r.get(model) is not None
                                                  and r[model] >= t)) for t in THRESHOLDS}}
+        judged_cut = (lambda r, t_notes=0.5, t_prose=0.5: "attributed" not in r and r.get(model) is not None  # a copy
+                      and r[model] >= (t_prose if r["field"] == "reflection" else t_notes))  # is not asked
+        m["as_built"] = outcome(rows, lambda r: r["rule"] is not None or judged_cut(r),  # the defaults: 0.5 and 0.5
+                                rebuild=lambda r: r["rule"] is None and judged_cut(r))
         results["models"][model] = m
         print(f"{model}: AUC {m['all']['auc']} {m['all']['auc_ci']} on {len(judged)} sentences the rules keep "
               f"(prose {m['prose']['auc']}, notes {m['notes']['auc']}); {seconds:.0f} s")
@@ -147,6 +156,8 @@ def main() -> None:
             print(f"  cut at P >= {t}: {o}")
         for t, o in m["notes_cut_at"].items():
             print(f"  notes only, cut at P >= {t}: {o}")
+        print(f"  as built (notes and prose at 0.5, a reflection cut whole rebuilt from its claims' quotes): "
+              f"{m['as_built']}")
     (RESULTS / "note_judge.sentences.jsonl").write_text(
         "".join(json.dumps({k: v for k, v in r.items() if k != "passage"}, ensure_ascii=False) + "\n" for r in rows),
         encoding="utf-8")

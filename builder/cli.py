@@ -152,10 +152,13 @@ def _faithfulness(f: dict | None) -> str:
 
 
 def _note_judge(f: dict) -> str:
-    """The note judge's share of the notes dropped (annotate.note_judge), where it was asked."""
+    """The note judge's share of the sentences dropped (annotate.note_judge), where it was asked."""
     if not f.get("notes_judged"):
         return ""
-    return f" (the note judge cut {f['notes_cut_by_judge']} of the {f['notes_judged']} note sentences it was asked of)"
+    rebuilt = f.get("reflections_rebuilt", 0)
+    rebuilt = f"; {rebuilt} reflection(s) rebuilt from their claims' quotes" if rebuilt else ""
+    return (f" (the note judge cut {f['notes_cut_by_judge']} of the {f['notes_judged']} note and reflection sentences it "
+            f"was asked of{rebuilt})")
 
 
 def _best_of(b: dict) -> str:

@@ -75,13 +75,18 @@ class AnnotateConfig(Section):
                                    "P(unsupported) is at least this.")
     note_judge: str = Field("bundled:qwen2.5-coder-1.5b", description="With the gates: a model asked, sentence by "
                             "sentence, whether the passage says what each note (weak reasoning, uncertainties, "
-                            "ethical stakes) the rules kept says; a sentence it finds unsupported is cut. On 345 note "
-                            "and prose sentences of four audited demos, Qwen2.5-Coder-1.5B's AUC on the notes the "
-                            "rules keep is 0.89, and cutting at 0.5 takes the reflections right in every sentence from "
-                            "34 to 48 of 81 (docs/faithfulness.md). About 2 s a sentence on 2 cores; empty: the rules "
-                            "alone.")
+                            "ethical stakes) and the reflection the rules kept say; a sentence it finds unsupported "
+                            "is cut. On 345 note and prose sentences of four audited demos, Qwen2.5-Coder-1.5B's AUC "
+                            "on what the rules keep is 0.89 (notes) and 0.79 (prose), and it takes the reflections "
+                            "right in every sentence from 34 to 56 of 81 (docs/faithfulness.md). About 2 s a "
+                            "sentence on 2 cores; empty: the rules alone.")
     note_threshold: float = Field(0.5, gt=0, le=1, description="The note judge cuts a sentence whose calibrated "
                                   "P(unsupported) is at least this.")
+    prose_threshold: float = Field(0.5, gt=0, le=1, description="The note judge cuts a sentence of the reflection "
+                                   "whose calibrated P(unsupported) is at least this (a sentence given back as the "
+                                   "passage's is not asked); a reflection left without a sentence is rebuilt from its "
+                                   "kept claims' quotes, each said as the passage's. 1: the prose is kept as the rules "
+                                   "left it (docs/faithfulness.md).")
     best_of: int = Field(1, ge=1, le=8, description="Candidates each annotating member samples per passage (a "
                          "member's own best_of overrides it). With the gates, the one kept has the most claims they "
                          "verify; a tie goes to fewer words the passage does not bear out, then to the earlier "

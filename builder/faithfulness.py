@@ -498,9 +498,14 @@ def unsupported_words(record: dict, claim_checks: list[dict], passage: str) -> i
     return dropped + sum(len(foreign_words(t, passage)) for t in record_texts(record))
 
 
+# A note's or the reflection's sentences end after their closing quote mark or bracket, which stays
+# with them ('The passage says: "X." Y' is two sentences, the first with both its quote marks).
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+|\n+")
+
+
 def sentences(text: str) -> list[str]:
     """A note's or the reflection's sentences, as the gates cut them."""
-    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
 def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> tuple[str, int]:
@@ -522,7 +527,7 @@ def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), not
 # The reflection that copies its passage's sentences states them as its own: of an opinion piece, the
 # author's opinion ("The governors should vote for the full ban next week.", "With that many people on
 # board, there can be little doubt that it works."). Read in the 161 prose sentences of the four
-# audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 43 such copies, 21 labelled
+# audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 43 such copies, 22 labelled
 # unsupported, every one of those an opinion repeated as the reflection's. Said as the passage's,
 # each is right, whoever holds it; the passage's own sentence is given, so a copy cut short or with a
 # word garbled ("weak spring swm") comes back whole. A sentence that already says whose words

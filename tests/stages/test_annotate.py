@@ -135,26 +135,42 @@ def test_the_note_judge_asks_every_note_sentence_and_cuts_those_it_finds_unsuppo
 
     record = {**GOOD, "weak_reasoning": ["The taxes rose. Nobody here earns more than a king."],
               "uncertainties": ["Who set them is not said."], "ethical_stakes": ["Tax rises harm pensioners."],
-              "reflection": "Unsourced claim about taxes."}
+              "reflection": 'Taxes doubled. The passage says: "The taxes rose sharply." Unsourced claim about taxes.'}
     row = AnnotationRow(1, "p1", "qwen", "accepted", None, 1, 0, record, None)
     rejected = AnnotationRow(1, "p2", "qwen", "rejected", "invalid", 1, 0, None, None)
     p_no = {"The taxes rose.": 0.1, "Nobody here earns more than a king.": 0.9, "Who set them is not said.": 0.5,
-            "Tax rises harm pensioners.": 0.7}
+            "Tax rises harm pensioners.": 0.7, "Taxes doubled.": 0.8, "Unsourced claim about taxes.": 0.3}
     asked = []
 
     def scripted(task, items, engine):
         asked.extend(items)
         return [SimpleNamespace(graded=Graded(p_no[sentence])) for _, sentence in items]
 
-    cfg = RatchetConfig.model_validate({"annotate": {"note_threshold": 0.6}})
+    cfg = RatchetConfig.model_validate({"annotate": {"note_threshold": 0.6, "prose_threshold": 0.7}})
     judge_notes([row, rejected], {"p1": "the passage", "p2": "another"}, None, Prompts(), cfg, run=scripted)
-    assert [s for _, s in asked] == list(p_no)  # every note sentence, one by one; not the reflection, not p2
+    assert [s for _, s in asked] == list(p_no)  # every sentence, one by one; not the passage's own, not p2's
     assert row.record["weak_reasoning"] == ["The taxes rose."]
     assert row.record["uncertainties"] == ["Who set them is not said."]  # 0.5 < 0.6
     assert row.record["ethical_stakes"] == []  # its one sentence cut: the note goes
-    assert row.record["reflection"] == "Unsourced claim about taxes."
-    assert row.dropped_notes == 2
+    assert row.record["reflection"] == 'The passage says: "The taxes rose sharply." Unsourced claim about taxes.'
+    assert row.dropped_notes == 3
     assert [(c["field"], c["verdict"], c["p_unsupported"]) for c in row.note_checks] == [
         ("weak_reasoning", "kept", 0.1), ("weak_reasoning", "cut", 0.9), ("uncertainties", "kept", 0.5),
-        ("ethical_stakes", "cut", 0.7)]
+        ("ethical_stakes", "cut", 0.7), ("reflection", "cut", 0.8), ("reflection", "kept", 0.3)]
     assert rejected.note_checks is None and rejected.record is None
+
+
+def test_a_reflection_whose_every_sentence_the_note_judge_cuts_is_rebuilt_from_its_claims_quotes():
+    from types import SimpleNamespace
+
+    from builder.stages.annotate import REBUILT, AnnotationRow, judge_notes
+
+    claims = [{**GOOD["claims"][0], "evidence": "the taxes rose sharply"},
+              {**GOOD["claims"][0], "evidence": "the taxes rose sharply"}]  # one quote twice: said once
+    row = AnnotationRow(1, "p1", "qwen", "accepted", None, 1, 0,
+                        {**GOOD, "claims": claims, "reflection": "Taxes doubled. Kings pay none."}, None)
+    judge_notes([row], {"p1": "the passage"}, None, Prompts(), RatchetConfig(),
+                run=lambda task, items, engine: [SimpleNamespace(graded=Graded(0.9)) for _ in items])
+    assert row.record["reflection"] == 'The passage says: "the taxes rose sharply"'
+    assert row.note_checks[-1]["verdict"] == REBUILT
+    assert row.record["uncertainties"] == [] and row.dropped_notes == 3  # its note, and the two prose sentences

@@ -164,10 +164,11 @@ def test_the_claim_judge_asks_about_every_claim_the_rules_kept_and_drops_what_it
 
 
 def test_the_note_judge_asks_about_every_note_sentence_the_rules_kept_and_cuts_what_it_finds_unsupported(qwen_build):
-    """The note judge is on by default (Qwen2.5-Coder-1.5B): every sentence of every note an
-    accepted annotation held after the rules was asked, the kept notes are exactly the sentences
-    it kept, and its probabilities are the model's (calibrated). Four passages leave the judge
-    few notes (one, on 2026-12-07): that it tells them apart is the next test's, on labelled ones."""
+    """The note judge is on by default (Qwen2.5-Coder-1.5B): every sentence of every note and of
+    the reflection an accepted annotation held after the rules was asked (but those given back as
+    the passage's), the kept notes and prose are exactly the sentences it kept (a reflection cut
+    whole is rebuilt from its claims' quotes), and its probabilities are the model's. Four
+    passages leave the judge few sentences: that it tells them apart is the next test's."""
     ws, summary = qwen_build
     assert ws.config.annotate.note_judge == "bundled:qwen2.5-coder-1.5b"  # the default, not set by this test
     con = ws.connect(read_only=True)
@@ -181,9 +182,17 @@ def test_the_note_judge_asks_about_every_note_sentence_the_rules_kept_and_cuts_w
         for key in f.NOTE_FIELDS:
             kept = [s for n in record[key] for s in f.sentences(n)]
             assert kept == [c["text"] for c in note_checks if c["field"] == key and c["verdict"] == "kept"]
-    for c in checks:
-        assert (c["verdict"] == "cut") == (c["p_unsupported"] >= threshold)
-    assert all(0 < c["p_unsupported"] < 1 for c in checks)
+        prose = [c for c in note_checks if c["field"] == "reflection"]
+        if any(c["verdict"] == "rebuilt" for c in prose):  # every sentence cut: the claims' quotes, the passage's
+            assert record["reflection"] == " ".join(dict.fromkeys(f.attributed(c["evidence"]) for c in record["claims"]))
+        else:  # the sentences it kept, and those given back as the passage's (never asked)
+            assert [s for s in f.sentences(record["reflection"]) if not s.startswith(f.SAID)] == \
+                [c["text"] for c in prose if c["verdict"] == "kept"]
+    asked = [c for c in checks if c["verdict"] != "rebuilt"]
+    for c in asked:
+        limit = ws.config.annotate.prose_threshold if c["field"] == "reflection" else threshold
+        assert (c["verdict"] == "cut") == (c["p_unsupported"] >= limit)
+    assert all(0 < c["p_unsupported"] < 1 for c in asked)
 
 
 def test_the_note_judge_ranks_a_random_sample_of_labelled_notes_better_than_chance():
