@@ -559,6 +559,12 @@ def attributed(source: str) -> str:
     return f'{SAID}{source}"'
 
 
+def said_by(sentence: str, passage: str) -> bool:
+    """The sentence is one the gates gave back as the passage's: `attributed` around a span of the
+    passage (a writer's own 'The passage says: "..."' with other words in it is not)."""
+    return sentence.startswith(SAID) and sentence.endswith('"') and span_of(sentence[len(SAID):-1], passage)
+
+
 # A sentence that starts on a small letter was copied from the middle of one: "afternoons in meetings
 # that achieve nothing. If companies trimmed the waste", "the country. It only mentions that ...".
 _LOWER_START = re.compile(r"^\W*[a-z]")
@@ -707,8 +713,9 @@ def endorses_reported(sentence: str, passage: str) -> str | None:
 # 24-student, one-afternoon study), "... and can be considered reliable" (of an advert), "a balanced
 # view", "which aligns with the information provided in the report". Read in the 345 note and prose
 # sentences of the four audited demos (bench/data/demo-notes.labelled.jsonl; in sample): 18 of them
-# vouch, every one labelled unsupported. How far to trust a passage is a reflection's question, but the small writers' praise was
-# never right there; doubt ("cannot be considered reliable") is not praise and stays.
+# vouch, every one labelled unsupported. How far to trust a passage is a reflection's question, but
+# the small writers' praise was never right there; doubt ("cannot be considered reliable") is not
+# praise and stays.
 _VOUCHES = re.compile(r"\b(?:strong|solid|clear|convincing|compelling|good)\s+(?:evidence|data|support)\b"
                       r"|\bwell[- ]supported\b|\breasonable\b|\breliable\b|\bbalanced\b|\baligns?\s+with\b"
                       r"|\bcredible\b", re.I)

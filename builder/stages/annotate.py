@@ -42,9 +42,10 @@ class AnnotationRow:
     candidates: Json | None = doc("every sample of this passage by this member: its status, reason, attempts, claims "
                                   "verified and words the passage does not bear out (why this one was kept)",
                                   default=None, added=True)
-    note_checks: Json | None = doc("each note sentence the note judge was asked of: its field, text, "
-                                   "P(unsupported) and verdict (kept | cut | abstain); the record keeps the kept ones",
-                                   default=None, added=True)
+    note_checks: Json | None = doc("each note and reflection sentence the note judge was asked of: its field, "
+                                   "text, P(unsupported) and verdict (kept | cut | abstain | unjudged), and a "
+                                   "reflection rebuilt from its claims' quotes (rebuilt); the record keeps the kept "
+                                   "ones", default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -179,7 +180,7 @@ class Annotate(Stage):
                                      ctx.engine(member.backend), ctx.run)
             if judge is not None:
                 judge_claims(rows, ctx.text(), judge, ctx.prompts, cfg, ctx.run)
-            if note_judge and note_sentences(rows):  # loaded only where there is a note to ask about
+            if note_judge and note_sentences(rows, ctx.text()):  # loaded only where there is a sentence to ask
                 judge_notes(rows, ctx.text(), judge_engine(note_judge, "annotate.note_judge"), ctx.prompts, cfg,
                             ctx.run)
             ctx.per_member[member.name] = rows
@@ -247,7 +248,7 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
     or gives no answer, the sentence stays."""
     from ..judges import EntailmentTask
 
-    asked = note_sentences(rows)
+    asked = note_sentences(rows, texts)
     if not asked:
         return
     task, items = EntailmentTask(prompts, cfg), [(texts[r.passage_id], sentence) for r, _, _, _, sentence in asked]
@@ -286,13 +287,16 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
 REBUILT = "rebuilt"  # a note_checks verdict: the reflection, every sentence cut, rebuilt from its claims' quotes
 
 
-def note_sentences(rows: list[AnnotationRow]) -> list[tuple[AnnotationRow, str, int, int, str]]:
+def note_sentences(rows: list[AnnotationRow], texts: dict[str, str]) -> list[tuple[AnnotationRow, str, int, int, str]]:
     """(row, field, note, sentence index, sentence) of every sentence of the accepted rows'
-    notes and reflection the note judge is asked of (not a sentence given back as the passage's)."""
+    notes and reflection the note judge is asked of: all but those given back as the passage's."""
+    def notes(r: AnnotationRow, key: str) -> list[str]:
+        return [r.record.get("reflection") or ""] if key == "reflection" else list(r.record.get(key) or [])
+
     return [(r, key, i, j, sentence) for r in rows if r.status == "accepted"
-            for key in (*faithfulness.NOTE_FIELDS, "reflection")
-            for i, note in enumerate(r.record.get(key) or [] if key != "reflection" else [r.record.get("reflection") or ""])
-            for j, sentence in enumerate(faithfulness.sentences(note)) if not sentence.startswith(faithfulness.SAID)]
+            for key in (*faithfulness.NOTE_FIELDS, "reflection") for i, note in enumerate(notes(r, key))
+            for j, sentence in enumerate(faithfulness.sentences(note))
+            if not faithfulness.said_by(sentence, texts[r.passage_id])]
 
 
 def annotation_config(cfg: RatchetConfig, generation: int) -> RatchetConfig:

@@ -147,7 +147,8 @@ def test_the_note_judge_asks_every_note_sentence_and_cuts_those_it_finds_unsuppo
         return [SimpleNamespace(graded=Graded(p_no[sentence])) for _, sentence in items]
 
     cfg = RatchetConfig.model_validate({"annotate": {"note_threshold": 0.6, "prose_threshold": 0.7}})
-    judge_notes([row, rejected], {"p1": "the passage", "p2": "another"}, None, Prompts(), cfg, run=scripted)
+    judge_notes([row, rejected], {"p1": "The taxes rose sharply. Pensions did not.", "p2": "another"}, None, Prompts(),
+                cfg, run=scripted)
     assert [s for _, s in asked] == list(p_no)  # every sentence, one by one; not the passage's own, not p2's
     assert row.record["weak_reasoning"] == ["The taxes rose."]
     assert row.record["uncertainties"] == ["Who set them is not said."]  # 0.5 < 0.6
@@ -169,8 +170,18 @@ def test_a_reflection_whose_every_sentence_the_note_judge_cuts_is_rebuilt_from_i
               {**GOOD["claims"][0], "evidence": "the taxes rose sharply"}]  # one quote twice: said once
     row = AnnotationRow(1, "p1", "qwen", "accepted", None, 1, 0,
                         {**GOOD, "claims": claims, "reflection": "Taxes doubled. Kings pay none."}, None)
-    judge_notes([row], {"p1": "the passage"}, None, Prompts(), RatchetConfig(),
+    judge_notes([row], {"p1": "the taxes rose sharply"}, None, Prompts(), RatchetConfig(),
                 run=lambda task, items, engine: [SimpleNamespace(graded=Graded(0.9)) for _ in items])
     assert row.record["reflection"] == 'The passage says: "the taxes rose sharply"'
     assert row.note_checks[-1]["verdict"] == REBUILT
     assert row.record["uncertainties"] == [] and row.dropped_notes == 3  # its note, and the two prose sentences
+
+
+def test_a_sentence_in_the_passage_s_name_is_the_passage_s_only_when_it_quotes_the_passage():
+    from builder import faithfulness as f
+
+    passage = "The taxes rose sharply. Pensions did not."
+    assert f.said_by(f.attributed("The taxes rose sharply."), passage)
+    assert f.said_by(f.attributed("The taxes rose sharply"), passage)  # a claim's quote, a clause
+    assert not f.said_by('The passage says: "Pensions doubled."', passage)  # the writer's own words: asked
+    assert not f.said_by("The taxes rose sharply.", passage)

@@ -89,7 +89,7 @@ def test_no_kept_note_or_sentence_denies_its_passage_restates_a_definition_or_st
         notes = [(n, True) for key in f.NOTE_FIELDS for n in record[key]]
         for text, note in [*notes, (record["reflection"], False)]:
             for sentence in f.sentences(text):
-                if not sentence.startswith(f.SAID):  # a copy given back as the passage's is the passage's words
+                if not f.said_by(sentence, passage):  # a copy given back as the passage's is the passage's words
                     assert f.unborne(sentence, passage, NOTICE, note=note) is None, (sentence, passage)
 
 
@@ -172,12 +172,13 @@ def test_the_note_judge_asks_about_every_note_sentence_the_rules_kept_and_cuts_w
     ws, summary = qwen_build
     assert ws.config.annotate.note_judge == "bundled:qwen2.5-coder-1.5b"  # the default, not set by this test
     con = ws.connect(read_only=True)
-    rows = con.execute("SELECT record, note_checks FROM annotations WHERE status = 'accepted'").fetchall()
+    rows = con.execute("SELECT a.record, a.note_checks, p.text FROM annotations a JOIN passages p USING (passage_id) "
+                       "WHERE a.status = 'accepted'").fetchall()
     con.close()
     threshold = ws.config.annotate.note_threshold
-    checks = [c for _, nc in rows for c in json.loads(nc or "[]")]
+    checks = [c for _, nc, _ in rows for c in json.loads(nc or "[]")]
     assert checks, "no note reached the judge: nothing proven"
-    for record, note_checks in rows:
+    for record, note_checks, passage in rows:
         record, note_checks = json.loads(record), json.loads(note_checks or "[]")
         for key in f.NOTE_FIELDS:
             kept = [s for n in record[key] for s in f.sentences(n)]
@@ -186,7 +187,7 @@ def test_the_note_judge_asks_about_every_note_sentence_the_rules_kept_and_cuts_w
         if any(c["verdict"] == "rebuilt" for c in prose):  # every sentence cut: the claims' quotes, the passage's
             assert record["reflection"] == " ".join(dict.fromkeys(f.attributed(c["evidence"]) for c in record["claims"]))
         else:  # the sentences it kept, and those given back as the passage's (never asked)
-            assert [s for s in f.sentences(record["reflection"]) if not s.startswith(f.SAID)] == \
+            assert [s for s in f.sentences(record["reflection"]) if not f.said_by(s, passage)] == \
                 [c["text"] for c in prose if c["verdict"] == "kept"]
     asked = [c for c in checks if c["verdict"] != "rebuilt"]
     for c in asked:
