@@ -504,8 +504,9 @@ _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+|\n+")
 
 
 def sentences(text: str) -> list[str]:
-    """A note's or the reflection's sentences, as the gates cut them."""
-    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+    """A written text's sentences (a note, the reflection, a text a judge is asked about), as the
+    gates cut them; a piece without a word is none."""
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if words(s)]
 
 
 def borne_out(text: str, passage: str, notice: frozenset[str] = frozenset(), note: bool = False) -> tuple[str, int]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RatchetConfig
-from .faithfulness import _SENTENCE, _names, span_of, words
+from .faithfulness import _names, sentences, span_of, words
 from .prompts import CLOSE, OPEN, Prompts, datamark
 from .stages.base import JudgingTask, Sampling, run_task
 from .stages.conscience import ConscienceError, pair_text, read_rows
@@ -101,11 +101,6 @@ def _text(row: dict, column: str, source: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise JudgeError(f"{source}: column '{column}' must be a non-empty string (columns: {', '.join(row)})")
     return value
-
-
-def sentences(text: str) -> list[str]:
-    """The sentences of a text: each is one claim about its passage."""
-    return [s.strip() for s in _SENTENCE.split(text) if words(s)]
 
 
 def claims_of(row: dict, source: str, text_field: str = "text") -> list[Claim]:

@@ -267,8 +267,9 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
         for key in faithfulness.NOTE_FIELDS:
             notes = []
             for i, note in enumerate(row.record.get(key) or []):
-                left = [s for j, s in enumerate(faithfulness.sentences(note)) if (id(row), key, i, j) not in cut]
-                gone = len(faithfulness.sentences(note)) - len(left)
+                written = faithfulness.sentences(note)
+                left = [s for j, s in enumerate(written) if (id(row), key, i, j) not in cut]
+                gone = len(written) - len(left)
                 if left:
                     notes.append(" ".join(left))
                 row.dropped_notes = (row.dropped_notes or 0) + (gone if left else 1)  # as the rules count

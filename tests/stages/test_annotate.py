@@ -118,14 +118,11 @@ def test_annotator_names_keep_version_dots():
     assert annotator_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"
 
 
-class Graded:
-    """A judge's answer, as graded: P("no") given."""
+def Graded(p_no: float):  # noqa: N802: a judge's answer as graded, P("no") given (the stage's own class)
+    from builder.stages.base import Graded as Judged
 
-    def __init__(self, p_no: float):
-        self.p_no = p_no
-
-    def p(self, value: str) -> float:
-        return self.p_no if value == "no" else 1 - self.p_no
+    probs = {"no": p_no, "yes": 1 - p_no}
+    return Judged(None, None, "scripted", probs, max(probs, key=probs.get))
 
 
 def test_the_note_judge_asks_every_note_sentence_and_cuts_those_it_finds_unsupported():
