@@ -220,14 +220,17 @@ class EscalationRow:
     item: str = doc("passage id")
     annotator: str
     generation: int
-    judge: str = doc("the judge that abstained: the model auditor's name, or `claim judge`")
-    p: float = doc("the judge's probability: P(pass) of the auditor, P(unsupported) of the claim judge's least sure claim")
+    judge: str = doc("the judge that abstained: the model auditor's name, `claim judge` or `note judge`")
+    p: float = doc("the judge's probability: P(pass) of the auditor, P(unsupported) of the claim or note judge's "
+                   "least sure claim or sentence")
     reason: str = doc("what the judge could not decide, as the audit page shows it")
     in_sample: bool = doc("the item is in the secret audit sample; false: a person sees it only because a judge "
                           "abstained, and its verdicts stay out of pass rates (a sample chosen by doubt is not random)")
 
 
 CLAIM_JUDGE = "claim judge"  # escalations.judge of the claim judge's abstentions (the auditor's: its name)
+NOTE_JUDGE = "note judge"  # and of the note judge's (annotations.note_checks)
+GATE_JUDGES = (CLAIM_JUDGE, NOTE_JUDGE)  # the judges of the annotate stage's gates: not the model auditor
 ESCALATIONS = Table("escalations", EscalationRow, key=("item", "annotator", "generation", "judge"),
                     doc="judgements a model was too unsure to make (judges.abstain_below): for a person to decide "
                         "(Trust or Escalate); the audit page puts these items first")
@@ -355,7 +358,8 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
              unsure: list[AuditRow]) -> list[EscalationRow]:
     """The items a person must decide, for this generation (those of an earlier build of it go):
     the sampled annotations the model auditor abstained on (`unsure`: its verdicts, not stored as
-    audits), and every accepted annotation the claim judge kept a claim of without deciding."""
+    audits), every accepted annotation the claim judge kept a claim of without deciding, and every
+    one the note judge kept a note or reflection sentence of without deciding."""
     rows = [EscalationRow(r.item, r.annotator, generation, r.auditor, r.pass_prob,
                           f"the model auditor was unsure: P(pass) {r.pass_prob:.2f}", True) for r in unsure]
     for item, annotator, record, checks in con.execute(
@@ -370,6 +374,7 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
             rows.append(EscalationRow(item, annotator, generation, CLAIM_JUDGE, p,
                                       f"the claim judge was unsure of claim {numbers}: P(unsupported) {p:.2f}",
                                       is_selected(secret, item, annotator, generation, rate)))
+    rows += note_judge_escalations(con, generation, secret, rate)
     with transaction(con):
         con.execute("DELETE FROM escalations WHERE generation = ?", [generation])
         for r in unsure:  # an earlier build's verdict on the item is not the model's judgement now
@@ -382,6 +387,24 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
             con.execute("DELETE FROM audit_items WHERE item = ? AND annotator = ? AND generation = ? "
                         "AND NOT by_model AND NOT by_human", [r.item, r.annotator, generation])
         ESCALATIONS.insert(con, rows)
+    return rows
+
+
+def note_judge_escalations(con, generation: int, secret: bytes, rate: float) -> list[EscalationRow]:
+    """The accepted annotations holding a sentence the note judge abstained on (it stays: a person
+    decides whether the passage bears it), the least sure sentence quoted for the page."""
+    rows = []
+    for item, annotator, checks in con.execute(
+            "SELECT passage_id, annotator, note_checks FROM annotations WHERE generation = ? AND status = 'accepted' "
+            "AND note_checks IS NOT NULL ORDER BY passage_id, annotator", [generation]).fetchall():
+        open_ = [c for c in json.loads(checks) if c["verdict"] == "abstain"]
+        if open_:
+            least = min(open_, key=lambda c: abs(c["p_unsupported"] - 0.5))
+            more = f" and {len(open_) - 1} more sentence(s)" if len(open_) > 1 else ""
+            rows.append(EscalationRow(item, annotator, generation, NOTE_JUDGE, least["p_unsupported"],
+                                      f"the note judge was unsure whether the passage says \"{least['text']}\" "
+                                      f"({least['field']}){more}: P(unsupported) {least['p_unsupported']:.2f}",
+                                      is_selected(secret, item, annotator, generation, rate)))
     return rows
 
 

@@ -6,7 +6,7 @@ import io
 import math
 import warnings
 
-from ..stages.audit import CLAIM_JUDGE, ESCALATIONS, KINDS, reputation_means
+from ..stages.audit import ESCALATIONS, GATE_JUDGES, KINDS, reputation_means
 
 
 def _rows(con, sql: str, params) -> list[dict]:
@@ -76,7 +76,7 @@ def stats(con, generation: int) -> dict:
                               WHERE e.generation = ? GROUP BY ALL ORDER BY ALL""", [generation])
     decided = con.execute("SELECT count(*) FROM audits_current WHERE generation = ? AND auditor_kind = 'model'",
                           [generation]).fetchone()[0]
-    abstained = sum(r["items"] for r in escalated if r["judge"] != CLAIM_JUDGE)
+    abstained = sum(r["items"] for r in escalated if r["judge"] not in GATE_JUDGES)
     coverage = round(decided / (decided + abstained), 3) if decided + abstained else None
     # verdicts on text a rebuild has changed since: left out of every figure above, counted here
     stale = con.execute("SELECT count(*) FILTER (auditor_kind = 'human'), count(*) FROM audits_stale "

@@ -58,6 +58,38 @@ def test_the_claim_judges_abstentions_are_escalated_inside_and_outside_the_sampl
     assert all(x.needs_person is None for x in items[2:])
 
 
+def note_checked(con, item: str, checks: list[tuple[str, str, float, str]]) -> None:
+    """Give `item`'s annotation the note judge's checks: (field, sentence, P(unsupported), verdict)."""
+    con.execute("UPDATE annotations SET note_checks = ? WHERE passage_id = ?",
+                [json.dumps([{"field": f, "text": t, "p_unsupported": p, "verdict": v} for f, t, p, v in checks]), item])
+
+
+def test_the_note_judges_abstentions_are_escalated_beside_the_claim_judges():
+    con = db_with_annotations(40)
+    outside = [f"p{i:03d}" for i in range(40) if not is_selected(SECRET, f"p{i:03d}", "smollm2", 1, RATE)]
+    note_checked(con, outside[0], [("uncertainties", "The author may be biased.", 0.41, "abstain"),
+                                   ("reflection", "The passage is about pools.", 0.05, "kept"),
+                                   ("ethical_stakes", "Families could lose their homes.", 0.55, "abstain")])
+    note_checked(con, outside[1], [("reflection", "It was 1990.", 0.9, "cut"), ("uncertainties", "X.", 0.1, "kept")])
+    note_checked(con, outside[2], [("weak_reasoning", "It generalises.", 0.52, "abstain")])
+    claim_checked(con, outside[2], [("A.", 0.44, True)])
+    con.execute("UPDATE annotations SET status = 'rejected' WHERE passage_id = ?", [outside[3]])
+    note_checked(con, outside[3], [("uncertainties", "Y.", 0.5, "abstain")])  # dropped: nothing kept to decide
+    rows = escalate(con, 1, SECRET, RATE, cfg(0.7), [])
+    assert sorted((r.item, r.judge) for r in rows) == [(outside[0], "note judge"), (outside[2], "claim judge"),
+                                                       (outside[2], "note judge")]
+    first = next(r for r in rows if r.item == outside[0])
+    assert first.p == 0.55 and not first.in_sample  # its least sure sentence
+    assert first.reason == ('the note judge was unsure whether the passage says "Families could lose their homes." '
+                            '(ethical_stakes) and 1 more sentence(s): P(unsupported) 0.55')
+    why = escalated(con, 1)
+    assert list(why)[:2] == [(outside[2], "smollm2"), (outside[0], "smollm2")]  # 0.52 is nearer to even than 0.55
+    assert why[(outside[2], "smollm2")] == ("the claim judge was unsure of claim 1: P(unsupported) 0.44; the note judge "
+                                            'was unsure whether the passage says "It generalises." (weak_reasoning): '
+                                            "P(unsupported) 0.52")
+    assert [x.item for x in load_sample(con, SECRET, 1, RATE)[:2]] == [outside[2], outside[0]]
+
+
 def test_a_rebuild_replaces_the_generations_escalations():
     con = db_with_annotations(10)
     claim_checked(con, "p001", [("A.", 0.5, True)])

@@ -215,15 +215,16 @@ def test_the_note_judge_ranks_a_random_sample_of_labelled_notes_better_than_chan
 
 
 def test_judgements_too_unsure_to_make_go_to_the_top_of_the_audit_queue(qwen_build, tmp_path):
-    """Issue 30 scope 5 on the real judges: the claim judge (Qwen2.5-Coder-1.5B) and the model
-    auditor (SmolLM2) abstain where their confidence is below judges.abstain_below; an abstained
-    claim stays (no drop, no vouching), an abstained audit is not a verdict, and both items lead
-    the audit page's queue. The threshold is not picked: it is the median confidence the two
-    judges showed on this build, so that some judgements fall on each side whatever they were."""
+    """Issue 30 scope 5 on the real judges: the claim and note judges (Qwen2.5-Coder-1.5B) and the
+    model auditor (SmolLM2) abstain where their confidence is below judges.abstain_below; an
+    abstained claim or note sentence stays (no drop, no vouching), an abstained audit is not a
+    verdict, and every such item leads the audit page's queue. The threshold is not picked: it is
+    the median confidence the three judges showed on this build, so that some judgements fall on
+    each side whatever they were."""
     import shutil
 
     from builder.web.queue import load_sample
-    from builder.stages.audit import load_secret
+    from builder.stages.audit import GATE_JUDGES, load_secret
 
     ws, _ = qwen_build
     root = tmp_path / "ws"
@@ -242,21 +243,32 @@ def test_judgements_too_unsure_to_make_go_to_the_top_of_the_audit_queue(qwen_bui
                                                            "'accepted'").fetchall()
                for c in json.loads(cc) if c.get("p_unsupported") is not None]
     audit_p = [p for (p,) in con.execute("SELECT pass_prob FROM audits WHERE auditor_kind = 'model'").fetchall()]
+    note_p = [c["p_unsupported"] for (nc,) in con.execute("SELECT note_checks FROM annotations WHERE status = "
+                                                          "'accepted' AND note_checks IS NOT NULL").fetchall()
+              for c in json.loads(nc) if c.get("p_unsupported") is not None]
     con.close()
-    assert summary["audit"]["needs_a_person"]["items"] == 0 and claim_p and audit_p
-    confidence = sorted({round(max(p, 1 - p), 4) for p in claim_p + audit_p if 0 < p < 1})
+    assert summary["audit"]["needs_a_person"]["items"] == 0 and claim_p and audit_p and note_p
+    confidence = sorted({round(max(p, 1 - p), 4) for p in claim_p + audit_p + note_p if 0 < p < 1})
     assert len(confidence) >= 2, "every judgement equally sure: nothing to split"
     threshold = confidence[len(confidence) // 2]
 
     copy, summary = rebuild(threshold)  # the same cached answers, read with the threshold
     con = copy.connect(read_only=True)
-    annotations = con.execute("SELECT passage_id, record, claim_checks FROM annotations WHERE status = 'accepted'").fetchall()
+    annotations = con.execute("SELECT passage_id, record, claim_checks, note_checks FROM annotations "
+                              "WHERE status = 'accepted'").fetchall()
     audits = {r[0]: r[1] for r in con.execute("SELECT item, pass_prob FROM audits WHERE auditor_kind = 'model'").fetchall()}
     escalations = con.execute("SELECT item, judge, p FROM escalations").fetchall()
     items = load_sample(con, load_secret(root), 1, 1.0)
     con.close()
-    unsure_claims = set()
-    for item, record, checks in annotations:
+    unsure_claims, unsure_notes = set(), set()
+    for item, record, checks, notes in annotations:
+        for c in json.loads(notes or "[]"):
+            if c["p_unsupported"] is not None:
+                assert (c["verdict"] == "abstain") == (max(c["p_unsupported"], 1 - c["p_unsupported"]) < threshold)
+            if c["verdict"] == "abstain":  # it stays, as written: neither cut nor vouched for
+                assert c["text"] in " ".join([json.loads(record)["reflection"], *sum(
+                    (json.loads(record).get(k) or [] for k in f.NOTE_FIELDS), [])])
+                unsure_notes.add(item)
         kept = [c["claim"] for c in json.loads(record)["claims"]]
         for c in json.loads(checks):
             if c.get("p_unsupported") is None:
@@ -266,15 +278,16 @@ def test_judgements_too_unsure_to_make_go_to_the_top_of_the_audit_queue(qwen_bui
                 assert c["claim"] in kept  # neither dropped nor vouched for
                 unsure_claims.add(item)
     assert {i for i, j, _ in escalations if j == "claim judge"} == unsure_claims
-    unsure_audits = {i for i, j, _ in escalations if j != "claim judge"}
+    assert {i for i, j, _ in escalations if j == "note judge"} == unsure_notes
+    unsure_audits = {i for i, j, _ in escalations if j not in GATE_JUDGES}
     assert all(max(p, 1 - p) >= threshold for p in audits.values())
-    assert all(max(p, 1 - p) < threshold for i, j, p in escalations if j != "claim judge")
+    assert all(max(p, 1 - p) < threshold for i, j, p in escalations)
     # every reflection kept now is judged or escalated: not len(audit_p), since an abstained claim
     # stays, so a reflection the first build rejected for want of claims can be kept and audited now
-    assert unsure_audits.isdisjoint(audits) and unsure_audits | set(audits) == {item for item, _, _ in annotations}
-    assert unsure_claims or unsure_audits  # the median splits: someone abstained
+    assert unsure_audits.isdisjoint(audits) and unsure_audits | set(audits) == {item for item, *_ in annotations}
+    assert unsure_claims or unsure_audits or unsure_notes  # the median splits: someone abstained
     needs = [x for x in items if x.needs_person]
-    assert items[:len(needs)] == needs and {x.item for x in needs} == unsure_claims | unsure_audits
+    assert items[:len(needs)] == needs and {x.item for x in needs} == unsure_claims | unsure_audits | unsure_notes
     assert summary["audit"]["needs_a_person"]["items"] == len(needs)
     assert summary["audit"]["abstained"] == len(unsure_audits)
 
