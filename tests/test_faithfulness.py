@@ -497,3 +497,67 @@ def test_a_claim_that_calls_itself_a_fact_or_lists_a_field_s_values_is_no_claim(
     # a claim's kind named inside it is a claim; only a last clause that classifies it is not
     assert f.not_a_claim("Growth, which is a prediction of the bank, may slow this year.") is None
     assert f.not_a_claim("It is an opinion piece that argues for the ban.") is None
+
+
+FORECAST = ("The Tarnmoor Meteorological Service says there is a 70 percent chance that rainfall will be below average "
+            "this summer. The service noted that its seasonal forecasts have been right about two times in three over "
+            "the past decade, and it will update the outlook every month.")
+HOSPITAL = ("One family has said their elderly father was passed over because of his age, and they want the scoring "
+            "rules made public.")
+ALLIANCE = ("Every car sold in the country will be electric by 2030, the Clean Motion Alliance, an industry group funded "
+            "by battery makers, declared at its annual conference. The group said falling battery prices made the shift "
+            "certain.")
+
+
+@pytest.mark.parametrize("text, evidence, passage, reason", [
+    # the four wrong claims of the demo audited through the page at 1b7c379 (page-audit-verdicts-demo-2026-12-07c)
+    ("The forecast is right about two times in three over the past decade, and it will update the outlook every month.",
+     FORECAST.split(". ", 1)[1], FORECAST, "attribution dropped: its evidence reports it ('noted')"),
+    ("It accepts that its pupils will keep failing their exams.", "or its pupils will keep failing their exams.",
+     OPINION, "one branch of its passage's either/or"),
+    ("The scoring rules made public are made public.", "and they want the scoring rules made public.", HOSPITAL,
+     "garbled: it says 'made public' twice"),
+    ("The Clean Motion Alliance, an industry group funded by battery makers, declared at its annual conference.",
+     ALLIANCE.split(". ")[0] + ".", ALLIANCE, "says who spoke, not what: 'declared'"),
+])
+def test_a_claim_that_drops_who_said_it_halves_a_dilemma_garbles_or_reports_nothing_is_dropped(text, evidence,
+                                                                                                passage, reason):
+    assert reason in f.check_claim(text, evidence, passage)
+
+
+def test_whose_words_what_was_said_and_a_whole_dilemma_keep_their_claims():
+    noted = FORECAST.split(". ", 1)[1]
+    assert f.check_claim("The service noted that its seasonal forecasts have been right about two times in three",
+                         noted, FORECAST) is None
+    assert f.check_claim("The group said falling battery prices made the shift certain.",
+                         "The group said falling battery prices made the shift certain.", ALLIANCE) is None
+    assert f.check_claim("Every car sold in the country will be electric by 2030, the Clean Motion Alliance declared "
+                         "at its annual conference.", ALLIANCE.split(". ")[0] + ".", ALLIANCE) is None
+    assert f.check_claim("Either it bans mobile phones completely, or its pupils will keep failing their exams.",
+                         "Either it bans mobile phones completely, or its pupils will keep failing their exams.",
+                         OPINION) is None
+    warned = "Residents warned of flooding on the lower road, the council said."
+    assert f.nothing_reported("Residents warned of flooding on the lower road", warned) is None  # what they warned of
+    assert f.nothing_reported("The council said.", warned) == "said"
+    assert f.nothing_reported("The council said on Monday.", "Roads will close, the council said on Monday.") == "said"
+    assert f.nothing_reported("The company said on Monday the plant would close", "The company said on Monday the "
+                              "plant would close, and 240 jobs would go.") is None
+    assert f.said_twice("The reservoir has stood for eighty years and it will stand for eighty more") is None
+
+
+def test_a_text_the_schema_s_length_bound_stopped_loses_its_unfinished_last_sentence():
+    """From the demos of 2026-12-07: a reflection stopped at its 300 characters ending "... set aside.
+    The Norbury" (a name, so no word-based rule saw it was cut)."""
+    closure = ("The Norbury ceramics plant will close in March with the loss of 240 jobs. The company said it would "
+               "offer retraining funds, but did not say how much money had been set aside.")
+    whole = ("The passage reports a plant closure and the jobs lost, with the company's plan for retraining funds. "
+             "The company said it would offer retraining funds, but did not say how much money had been set aside.")
+    bound = f.length_bounds()["reflection"]
+    stopped = (whole + " The plant closure means jobs lost in the town of Norbury, and the company gives no figure"
+               " for the funds. The Norbury")[:bound]
+    assert len(stopped) >= f.BOUND_SHARE * bound and f.stopped_at_bound(stopped, bound)
+    kept, cut = f.borne_out(stopped, closure, bound=bound)
+    assert not kept.endswith("Norbury") and cut >= 1
+    assert f.borne_out(whole, closure, bound=bound) == f.borne_out(whole, closure)  # finished: as without the bound
+    assert not f.stopped_at_bound("The company did not say how much", bound)  # short: not the bound's doing
+    assert f.length_bounds() == {"reflection": 300, "weak_reasoning": 120, "uncertainties": 120, "ethical_stakes": 120}
