@@ -542,6 +542,15 @@ def test_whose_words_what_was_said_and_a_whole_dilemma_keep_their_claims():
     assert f.nothing_reported("The council said on Monday.", "Roads will close, the council said on Monday.") == "said"
     assert f.nothing_reported("The company said on Monday the plant would close", "The company said on Monday the "
                               "plant would close, and 240 jobs would go.") is None
+    assert f.nothing_reported("The passage does not support or refute any claims.", BRIDGE) is None  # the noun
+
+
+def test_a_reflection_sentence_that_names_a_speaker_and_not_what_was_said_is_cut():
+    # from the 1b7c379 demo, rebuilt on cached answers: what was confirmed is the passage's opening, left out
+    closure = ("Brightwell Textiles will close its plant in Norbury next March, cutting 340 jobs, the company confirmed "
+               "in a letter to staff. Managers blamed rising energy costs and cheaper imports.")
+    assert f.borne_out("The company confirmed in a letter to staff. Managers blamed rising energy costs and cheaper "
+                       "imports.", closure) == ("Managers blamed rising energy costs and cheaper imports.", 1)
     assert f.said_twice("The reservoir has stood for eighty years and it will stand for eighty more") is None
 
 
