@@ -460,12 +460,15 @@ def test_a_note_or_sentence_that_vouches_for_its_passage_is_cut_and_doubt_stays(
                          ("This is a reasonable assumption based on the data.", "reasonable"),
                          ("The passage is well supported by the information provided.", "well supported"),
                          ("The passage provides a balanced view of cyclists.", "balanced"),
-                         ("It mentions the sales, which aligns with the information provided.", "aligns with")):
+                         ("It mentions the sales, which aligns with the information provided.", "aligns with"),
+                         # a negation in another clause does not take it back (the demo read on 2026-12-07)
+                         ("The pilot had no comparison group, which aligns with the founder's statement.", "aligns with")):
         assert f.vouches(praise) == said
         assert f.unborne(praise, PRESS, note=True) == f"vouches: '{said}'"
     for doubt in ("The figures cannot be considered reliable.", "It is not reasonable to call 24 students proof.",
                   "It is unclear whether the survey is reliable.", "The sample is too small to be reliable.",
-                  "The study was small and lasted one afternoon."):
+                  "The study was small and lasted one afternoon.", "The trial does not align with the claim.",
+                  "The figures, the office says, cannot be considered reliable."):
         assert f.vouches(doubt) is None
 
 
