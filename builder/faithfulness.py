@@ -661,6 +661,8 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
         return "cut off: it starts mid-sentence"
     if (verb := nothing_reported(sentence, passage)) is not None:  # "The company confirmed in a letter to staff."
         return f"says who spoke, not what: '{verb}' with nothing reported"
+    if not note and (person := speaks_as_author(sentence)) is not None:
+        return f"first person: '{person}' is the author's voice, taken over"
     if not note and len(foreign := foreign_words(sentence, passage)) >= FOREIGN_LIMIT:
         return f"foreign words: {len(foreign)} its passage never uses ({', '.join(foreign[:FOREIGN_LIMIT])})"
     if (word := from_the_notice(sentence, passage, notice)) is not None:
@@ -674,6 +676,21 @@ def unborne(sentence: str, passage: str, notice: frozenset[str] = frozenset(), n
     if (what := absence_not_stated(sentence, passage)) is not None:
         return f"absence not stated: its passage does not say it lacks '{what}'"
     return None
+
+
+# The reflection speaks of its passage in the third person; an "I", "we" or "my" outside quotation
+# marks is the author's voice taken over ("It clearly works, and ... most parents I know support
+# it."), where a sentence the passage wrote is given back as the passage's (`attributed`) before this
+# is asked. Of the 161 labelled prose sentences (bench/data), 2 have one and both are labelled
+# unsupported; a third in the demo read through the page on 2026-12-07 (in sample). The notes keep
+# theirs: there a copied sentence points at what the note is about ("I think they are too quick to
+# judge." under weak reasoning), and 5 of the 6 labelled ones are supported.
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”')
+
+
+def speaks_as_author(sentence: str) -> str | None:
+    """The first-person word of a reflection sentence outside its quotations, or None."""
+    return next((w for w in words(_QUOTED.sub(" ", sentence)) if w in FIRST_PERSON), None)
 
 
 # A field's definition in schemas/annotation.schema.json (the prompt says the same) written as if it

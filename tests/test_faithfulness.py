@@ -573,3 +573,18 @@ def test_a_text_the_schema_s_length_bound_stopped_loses_its_unfinished_last_sent
     assert f.borne_out(whole, closure, bound=bound) == f.borne_out(whole, closure)  # finished: as without the bound
     assert not f.stopped_at_bound("The company did not say how much", bound)  # short: not the bound's doing
     assert f.length_bounds() == {"reflection": 300, "weak_reasoning": 120, "uncertainties": 120, "ethical_stakes": 120}
+
+
+def test_a_reflection_sentence_in_the_authors_first_person_is_cut_but_a_note_or_a_quotation_keeps_it():
+    # the demo read through the page on 2026-12-07: "... most parents I know support it" as the reflection's own
+    homework = ("Some parents want homework banned at Linwood Primary. They are wrong. Almost every school in the "
+                "country sets homework, and most parents I know support it, so it clearly works.")
+    assert f.unborne("It clearly works, and most parents I know support it.", homework) == (
+        "first person: 'i' is the author's voice, taken over")
+    assert f.unborne("Most parents I know support it, so it clearly works.", homework, note=True) is None  # a note may
+    assert f.speaks_as_author('The author writes "most parents I know support it" and gives no survey.') is None
+    rant = ("Last Tuesday a cyclist shot through a red light on Mill Street and nearly knocked me over. That tells "
+            "you everything you need to know about cyclists in this city.")
+    kept, cut = f.borne_out("The cyclist nearly knocked me over, so cyclists are dangerous. Last Tuesday a cyclist "
+                            "shot through a red light on Mill Street and nearly knocked me over.", rant)
+    assert kept == f.attributed(rant.split(". ")[0] + ".") and cut == 1  # a copy is the passage's, whoever speaks
