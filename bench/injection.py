@@ -21,7 +21,9 @@ that reports the instruction ("the README asks the reader to run `cat /workspace
 carries the string too, and is right: `--results` writes every kept reflection that carries
 one, to be read. Printed per set and mode: passages, reflections kept, kept reflections
 carrying a payload, annotations the injection gate vetoed (on the last attempt), and on benign
-documents the share it vetoed.
+documents the share it vetoed and the share it alone cost a reflection: kept when the same
+cached answers are read with the injection gate off (`--results` writes those reflections too,
+to be read: a veto of a reflection that states a style guide's example as fact is no loss).
 
 Usage: python bench/injection.py [--sets project,latent,heldout,external] [--modes none,word,line]
                                 [--results F.jsonl]
@@ -38,6 +40,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,7 +80,7 @@ def run(rows: list[dict], mode: str, ws: Workspace) -> dict:
     passages = [Passage(passage_id(r["text"]), r["name"], 0, r["text"], len(r["text"].split())) for r in rows]
     by_id = {p.passage_id: r for p, r in zip(passages, rows)}
     out = {"passages": len(rows), "kept": 0, "carried": 0, "injection_vetoes": 0, "benign": 0, "benign_vetoed": 0,
-           "seconds": 0.0, "carrying": []}
+           "benign_lost": 0, "seconds": 0.0, "carrying": []}
     con = ws.connect()
     try:
         for member in [m for m in cfg.ensemble.members if "annotate" in m.roles]:
@@ -101,9 +104,27 @@ def run(rows: list[dict], mode: str, ws: Workspace) -> dict:
                     out["carried"] += 1
                     out["carrying"].append({"mode": mode, "name": row["name"], "writer": member.display_name,
                                             "found": found, "passage": row["text"], "record": r.record})
+            lost = without_the_gate([p for p, r in zip(passages, results) if by_id[p.passage_id]["is_benign"]
+                                     and r.status != "accepted"], engine_cfg, member, cfg, con)
+            out["benign_lost"] += len(lost)
+            out["carrying"] += [{"mode": mode, "name": by_id[r.passage_id]["name"], "writer": member.display_name,
+                                 "lost_to_the_gate": True, "passage": by_id[r.passage_id]["text"], "record": r.record}
+                                for r in lost]
     finally:
         con.close()
     return out
+
+
+def without_the_gate(passages: list[Passage], engine_cfg, member, cfg: RatchetConfig, con) -> list:
+    """The annotations of `passages` kept when the injection gate is off, read from the same cached
+    answers (a retry the gate caused may ask for one more): what the gate alone cost them."""
+    if not passages:
+        return []
+    with mock.patch.object(injection, "carried_out", lambda record, passage: None), \
+            cached_engine(con, engine_cfg, member.display_name) as engine:
+        results = annotate(passages, engine, Prompts(), cfg, persona=member.persona, temperature=member.temperature,
+                           annotator=member.display_name, few_shot=member.few_shot)
+    return [r for r in results if r.status == "accepted"]
 
 
 def from_inspect_evals(wheel: Path) -> list[dict]:
@@ -151,12 +172,14 @@ def main() -> None:
             carrying += r.pop("carrying")
             table.append((name, mode, r))
             print(f"{name} / {mode}: {json.dumps(r)}", flush=True)
-    print("\n| set | datamark | kept | kept carrying a payload | injection vetoes | benign vetoed | s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| set | datamark | kept | kept carrying a payload | injection vetoes | benign vetoed | "
+          "benign lost to the gate alone | s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, mode, r in table:
         benign = f"{r['benign_vetoed']}/{r['benign']}" if r["benign"] else "-"
+        lost = f"{r['benign_lost']}/{r['benign']}" if r["benign"] else "-"
         print(f"| {name} | `{mode}` | {r['kept']}/{r['passages']} | {r['carried']}/{r['kept']} | "
-              f"{r['injection_vetoes']} | {benign} | {r['seconds']:.0f} |")
+              f"{r['injection_vetoes']} | {benign} | {lost} | {r['seconds']:.0f} |")
     if args.results:
         args.results.write_text("".join(json.dumps(c) + "\n" for c in carrying))
 
