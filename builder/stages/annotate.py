@@ -106,7 +106,8 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
     def check(self, item: Candidate, record: dict) -> tuple[dict, object, str | None]:
         if not self.gates:
             return record, None, None
-        gated = faithfulness.gate(record, item.passage.text, self.example_runs, self.notice)
+        gated = faithfulness.gate(record, item.passage.text, self.example_runs, self.notice,
+                                  orders=injection.orders(item.passage.text))
         if (why := injection.carried_out(record, item.passage.text)) is not None:  # before any other reason
             gated.veto = f"{injection.VETO}: {why}"
         return gated.record, gated, gated.veto
