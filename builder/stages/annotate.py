@@ -246,7 +246,8 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
     right by construction, where a veto would lose the verified claims (on 91 audited
     reflections, 56 of 81 right against 49 with the prose unjudged and 39 of 62 with a veto:
     docs/faithfulness.md, bench/note_judge.py). Where the judge abstains (judges.abstain_below)
-    or gives no answer, the sentence stays."""
+    or gives no answer, the sentence stays; an abstention sends its annotation to a person
+    (audit.note_judge_escalations)."""
     from ..judges import EntailmentTask
 
     asked = note_sentences(rows, texts)
