@@ -216,9 +216,6 @@ def not_a_claim(claim: str) -> str | None:
         return f"not a claim: fewer than {MIN_CLAIM_WORDS} words"
     if claim.rstrip().endswith("?"):  # "Good or bad?": a question asserts nothing
         return "not a claim: a question"
-    ws = words(claim)
-    if ws[0] in ("either", "neither") and not {"or", "nor"} & set(ws[1:]):
-        return "not a claim: one branch of an either/or"  # "Either it bans mobile phones completely ..."
     return None
 
 
@@ -234,15 +231,16 @@ def check_claim(claim: str, evidence: str, passage: str) -> str | None:
         return f"garbled: it says '{twice}' twice"
     if not evidence or not span_of(evidence, passage):
         return "evidence not a span of the passage"
-    said = words(claim)
-    if "either" in words(sentence_of(evidence, passage)) and not {"either", "or", "neither", "nor"} & set(said):
-        return "not a claim: one branch of its passage's either/or, stated alone"  # "It accepts that its pupils ..."
+    said, sentence = words(claim), words(sentence_of(evidence, passage))
+    # "Either it bans mobile phones completely ...", "It accepts that its pupils ..." (of "..., or it accepts ...")
+    if {"either", "neither"} & (set(said) | set(sentence)) and not {"or", "nor"} & set(said):
+        return "not a claim: one branch of its passage's either/or, stated alone"
     if (verb := nothing_reported(claim, evidence)) is not None:
         return f"says who spoke, not what: '{verb}' with nothing reported"
     missing = _numbers(said) - set(words(evidence))
     if missing:
         return f"number not in its evidence: {sorted(missing)[0]}"
-    quote = _bare(words(sentence_of(evidence, passage)))
+    quote = _bare(sentence)
     names = _names(claim) - quote
     if names:
         return f"name not in its evidence: {sorted(names)[0]}"
@@ -835,13 +833,11 @@ def vouches(sentence: str) -> str | None:
     m = _VOUCHES.search(sentence)
     if not m:
         return None
-    clause = _VOUCH_CLAUSE.split(sentence[:m.start()])[-1]
+    clause = _CLAUSE_END.split(sentence[:m.start()])[-1]
     if _negated(clause) or (DOUBT | {"too", "unclear"}) & set(words(clause)):
         return None
     return m.group(0)
 
-
-_VOUCH_CLAUSE = re.compile(r"[,;:]|\b(?:which|and|but|while|although|though|whereas)\b", re.I)
 
 
 # Every writer is told its work may be audited (prompts/audit_notice.txt), and the default writer
