@@ -156,10 +156,23 @@ def check_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def exported(gguf: Path) -> Path:
+    """The GGUF dequantized into a transformers checkpoint in the model cache, once per machine
+    (keyed by the file's sha256): dequantizing SmolLM2 takes about 20 s on 2 cores, and every
+    workspace that trains from it, and every test session, would pay it again. The folder is
+    read-only by convention: copy it before writing into it."""
+    from filelock import FileLock
+
+    out = model_cache() / "hf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # two processes exporting at once would share a staging folder
+        return export_hf(gguf, out)
+
+
 def export_hf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF into a transformers checkpoint (safetensors + tokenizer) for training.
 
-    Done once per workspace: the folder is written under a temporary name and renamed."""
+    Written under a temporary name and renamed: a folder with config.json is a finished one."""
     out = Path(out)
     if (out / "config.json").exists():
         return out

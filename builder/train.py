@@ -24,7 +24,7 @@ from pathlib import Path
 from .backends import registry
 from .cache import sha256
 from .config import RatchetConfig, TrainConfig
-from .models import ModelNotFound, check_checkpoint, export_hf, file_sha256, resolve_model, weights_sha256
+from .models import ModelNotFound, check_checkpoint, exported, file_sha256, resolve_model, weights_sha256
 from .resources import PROMPTS_DIR
 from .workspace import Workspace
 
@@ -78,7 +78,7 @@ def base_checkpoint(ws: Workspace, spec: str) -> tuple[Path, dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(".base.export")
     shutil.rmtree(staging, ignore_errors=True)
-    export_hf(gguf, staging)
+    shutil.copytree(exported(gguf), staging)  # a copy: the workspace's own, whatever happens to the cache
     (staging / "source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     _replace(staging, out)
     return out, source
@@ -166,7 +166,8 @@ def common_args(cfg: TrainConfig, output_dir: Path) -> dict:
             "bf16": cfg.bf16, "use_cpu": use_cpu(cfg),
             "seed": cfg.seed, "data_seed": cfg.seed, "report_to": "none", "save_strategy": "no", "logging_steps": 1,
             "disable_tqdm": True, "dataloader_num_workers": 0,
-            **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {})}
+            # said either way: TRL's configs default to True, which would ignore `gradient_checkpointing = false`
+            "gradient_checkpointing": cfg.gradient_checkpointing}
 
 
 @contextmanager

@@ -97,11 +97,12 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(tmp_path_factory):
-    """SmolLM2 exported from its GGUF to a transformers checkpoint, once per session."""
-    from builder.models import export_hf, resolve_model
+def hf_smollm2():
+    """SmolLM2 exported from its GGUF to a transformers checkpoint: the model cache's, which
+    `ratchet train` copies too (one export per machine). Tests read it and never write into it."""
+    from builder.models import exported, resolve_model
 
-    return export_hf(resolve_model("bundled:smollm2"), tmp_path_factory.getbasetemp() / "hf-smollm2")
+    return exported(resolve_model("bundled:smollm2"))
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,35 @@ def test_a_missing_part_names_the_package_to_install(fake_parts, monkeypatch):
     monkeypatch.setitem(CHUNKED, "fake", dataclasses.replace(fake_parts, parts=3))
     with pytest.raises(ModelNotFound, match=r"install fake-part3==1\.0"):
         assemble_chunked("fake")
+
+
+def test_a_gguf_is_exported_once_per_machine_and_trained_from_a_copy(hf_smollm2, tmp_path):
+    """The session's SmolLM2 checkpoint is the model cache's export, keyed by the GGUF's sha256;
+    asking again exports nothing, and a workspace's base model is its own copy of it."""
+    from builder.models import exported, weights_sha256
+    from builder.train import base_checkpoint
+    from builder.workspace import Workspace
+
+    gguf = resolve_model("bundled:smollm2")
+    assert hf_smollm2.parent == models.model_cache() / "hf" and file_sha256(gguf)[:16] in hf_smollm2.name
+    stamps = {p.name: p.stat().st_mtime_ns for p in hf_smollm2.iterdir()}
+    assert exported(gguf) == hf_smollm2 and {p.name: p.stat().st_mtime_ns for p in hf_smollm2.iterdir()} == stamps
+    (tmp_path / "ratchet.toml").write_text("")
+    ws = Workspace(tmp_path)
+    base, source = base_checkpoint(ws, "bundled:smollm2")
+    assert base == tmp_path / "models" / "base" and source["sha256"] == file_sha256(gguf)
+    assert weights_sha256(base) == weights_sha256(hf_smollm2)
+    assert not any(a.samefile(b) for a in base.glob("*.safetensors") for b in hf_smollm2.glob("*.safetensors"))
+
+
+def test_training_args_say_gradient_checkpointing_either_way():
+    """TRL's configs default to gradient_checkpointing = True (and bf16 = True): the project's
+    `false` defaults must reach the trainer as `false`."""
+    from trl import SFTConfig
+
+    from builder.config import TrainConfig
+    from builder.train import common_args
+
+    args = SFTConfig(**common_args(TrainConfig(), "/tmp/unused"))
+    assert args.gradient_checkpointing is False and args.bf16 is False
+    assert SFTConfig(**common_args(TrainConfig(gradient_checkpointing=True), "/tmp/unused")).gradient_checkpointing
