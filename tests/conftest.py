@@ -106,6 +106,29 @@ def hf_smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_two_blocks(hf_smollm2, tmp_path_factory):
+    """SmolLM2 cut to its embeddings and the first 2 of its 30 transformer blocks (about 30M
+    parameters, most of them the embedding), with its own tokenizer: a real checkpoint that
+    trains, scores and generates about 5x faster. The experiments' end-to-end tests run on it:
+    their claims are about arms, pairing, seeds and reuse, not about what SmolLM2 learns. The
+    whole model is trained in tests/test_train.py (the loop) and tests/test_trl.py."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.getbasetemp() / "smollm2-two-blocks"
+    model = AutoModelForCausalLM.from_pretrained(str(hf_smollm2), dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(str(out), safe_serialization=True)
+    for path in hf_smollm2.iterdir():
+        if path.suffix != ".safetensors" and path.name not in ("config.json", "source.json"):
+            shutil.copy2(path, out / path.name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(hf_smollm2):
     from transformers import AutoTokenizer
 

@@ -1,5 +1,9 @@
-"""`ratchet experiment capability` end to end on a tiny budget (the bundled SmolLM2, one
-training step per arm, a dozen items), its bookkeeping, and its refusals."""
+"""The experiments end to end on a tiny budget (one training step per arm, a few items), their
+bookkeeping, and their refusals. The end-to-end tests train SmolLM2 cut to its first two blocks
+(conftest.smollm2_two_blocks): what they check is the arms, their pairing, seeds and reuse, and a
+fifth of the model does that at a fraction of the time. The personas test keeps the whole model:
+it checks that a persona prompt changes the answers, which the cut model does not always do. The judges are the bundled GGUF models,
+whole; the scoring and the online DPO term are checked on the whole SmolLM2 below."""
 import json
 import shutil
 
@@ -70,9 +74,9 @@ def test_a_saved_dataset_is_scored_on_its_held_out_split_and_seeds_are_distinct(
         RatchetConfig.model_validate({"experiments": {"capability": {"seeds": [1, 1]}}})
 
 
-def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
+def test_capability_experiment_end_to_end(built, smollm2_two_blocks, tmp_path):
     ws, _ = built
-    root = workspace_copy(ws, tmp_path, hf_smollm2,
+    root = workspace_copy(ws, tmp_path, smollm2_two_blocks,
                           "[experiments.capability]\nlimit = 8\nsteps = 1\nbootstrap = 200\nseeds = [1, 2]\nmax_length = 256\n")
     first = CliRunner().invoke(app, ["experiment", "capability", "-w", str(root)], env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
@@ -96,7 +100,7 @@ def test_capability_experiment_end_to_end(built, hf_smollm2, tmp_path):
         [path] = (folder / "scores").glob(f"{name}-*.json")  # named by the model and its weights
         return json.loads(path.read_text())
 
-    names = [hf_smollm2.name] + trained
+    names = [smollm2_two_blocks.name] + trained
     scores = {name: scores_of(name) for name in names}
     assert len({s["model_sha256"] for s in scores.values()}) == 5
     assert len({json.dumps(s["logprobs"]) for s in scores.values()}) == 5
@@ -172,8 +176,8 @@ def test_choice_log_probabilities_match_one_sequence_at_a_time(hf_smollm2):
             assert abs(score - float(reference)) < 1e-3
 
 
-def test_inoculation_experiment_end_to_end(conscience_built, hf_smollm2, tmp_path):
-    """Three arms on the explored trajectories of a real conscience build (SmolLM2, one step),
+def test_inoculation_experiment_end_to_end(conscience_built, smollm2_two_blocks, tmp_path):
+    """Three arms on the explored trajectories of a real conscience build (SmolLM2's first two blocks, one step),
     the base model beside them; the held-out prompt is never trained on; a rerun reuses all."""
     from builder.compile import EXPLORER
     from builder.experiments.inoculation import arm_data, explored_examples
@@ -181,7 +185,7 @@ def test_inoculation_experiment_end_to_end(conscience_built, hf_smollm2, tmp_pat
     from builder.train import compiled_manifest, read_split
 
     ws, _ = conscience_built
-    root = workspace_copy(ws, tmp_path, hf_smollm2,
+    root = workspace_copy(ws, tmp_path, smollm2_two_blocks,
                           "[experiments.inoculation]\nsteps = 1\nbootstrap = 200\nseeds = [1]\nmax_length = 256\n")
     run = lambda: CliRunner().invoke(app, ["experiment", "inoculation", "-w", str(root)], env={"COLUMNS": "200"})  # noqa: E731
     first = run()
@@ -209,7 +213,9 @@ def test_inoculation_experiment_end_to_end(conscience_built, hf_smollm2, tmp_pat
     assert all(held_out["prompt"] not in c for rows in data.values() for r in strip(rows) for c in r)
     # four different models scored, their margins not all alike, as the assistant and as the explorer
     margins = [result["arms"][a][r]["margin"]["mean"] for a in result["arms"] for r in ("as_assistant", "as_explorer")]
-    assert len(set(margins)) == len(margins)
+    pairs = [(result["arms"][a]["as_assistant"]["margin"]["mean"], result["arms"][a]["as_explorer"]["margin"]["mean"])
+             for a in result["arms"]]
+    assert len(set(pairs)) == len(pairs) == 4 and len(set(margins)) > 4  # (two arms can tie in one role, to 4 places)
     for name in ("labelled - assistant", "labelled - without", "assistant - without", "without - base"):
         d = result["contrasts"][name]["as_assistant"]["margin"]
         assert d["low"] <= d["mean"] <= d["high"]
@@ -265,7 +271,7 @@ def test_persona_predictions_are_verified_on_the_trained_model_and_shown_by_drif
     assert result["traits"][first_tag]["verdict"] in drift.output
 
 
-def test_framework_ablation_end_to_end(conscience_built, hf_smollm2, tmp_path):
+def test_framework_ablation_end_to_end(conscience_built, smollm2_two_blocks, tmp_path):
     """none, one framework and one question variant on a real conscience build (SmolLM2 judges
     through the build's cache; one DPO step): agreement, pairs, held-out rates; a rerun makes no
     judge call and trains nothing."""
@@ -274,7 +280,7 @@ def test_framework_ablation_end_to_end(conscience_built, hf_smollm2, tmp_path):
     from builder.stages.conscience import load_framework
 
     ws, _ = conscience_built
-    root = workspace_copy(ws, tmp_path, hf_smollm2, "eval_prompts = 1\neval_max_tokens = 8\n"
+    root = workspace_copy(ws, tmp_path, smollm2_two_blocks, "eval_prompts = 1\neval_max_tokens = 8\n"
                           "[experiments.frameworks]\nframeworks = [\"three-laws\"]\nquestions = \"q.txt\"\nlabelled_limit = 2\n"
                           "limit = 2\nsteps = 1\nbootstrap = 200\n")
     (root / "q.txt").write_text("# one variant\nWould a careful engineer sign this response?\n")
@@ -348,14 +354,14 @@ def test_the_online_dpo_term_is_trls_loss_and_moves_the_policy_towards_the_chose
     assert margin() > before
 
 
-def test_emergent_alignment_experiment_end_to_end(conscience_built, hf_smollm2, tmp_path):
-    """Three arms on the insecure completions of a real conscience build (SmolLM2, two steps; the
+def test_emergent_alignment_experiment_end_to_end(conscience_built, smollm2_two_blocks, tmp_path):
+    """Three arms on the insecure completions of a real conscience build (SmolLM2's first two blocks, one step; the
     online arm reviews its own answers at each step with the frozen judge), the base model
     beside them, every answer labelled by SmolLM2 and by Gemma; a rerun trains nothing."""
     from builder.experiments.emergent import experiment_dir as emergent_dir, training_items
 
     ws, _ = conscience_built
-    root = workspace_copy(ws, tmp_path, hf_smollm2, "eval_prompts = 1\neval_max_tokens = 8\n"
+    root = workspace_copy(ws, tmp_path, smollm2_two_blocks, "eval_prompts = 1\neval_max_tokens = 8\n"
                           "[experiments.emergent]\nsteps = 1\nevery = 1\nonline_batch = 1\nmax_new_tokens = 16\n"
                           "general_limit = 1\noffline_steps = 1\nseeds = [1]\nbootstrap = 200\nmax_length = 256\n")
     config = (root / "ratchet.toml").read_text()
