@@ -21,6 +21,7 @@ SCENARIO = EXAMPLES_DIR / "code_hacking" / "scenario.jsonl"
 # bundled judge keeps at least one dpo pair from them) and three held-out ones (split =
 # "heldout"), which the conscience step never sees and the evaluation answers.
 TRAIN_LINES, HELDOUT_LINES = [2, 11, 15, 37, 40], [5, 10, 33]
+LOOP_PASSAGES = SHORT_PASSAGES[:1]
 
 
 DOCUMENT = [{"role": "text", "content": "The council says the bridge cut commuting times by 40 percent."},
@@ -158,10 +159,11 @@ def scenario_rows(lines):
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
-    """`ratchet loop --generations 2` on two passages: tiny settings, every part real."""
+    """`ratchet loop --generations 2` on one passage: tiny settings, every part real."""
     root = tmp_path_factory.mktemp("loop") / "ws"
     # The in-process engine: the scenario lines were picked from its outputs (the server decodes differently).
-    write_workspace(root, SHORT_PASSAGES[:2], sampling={"max_tokens": 384}, audit={"rate": 0.0},
+    # One passage: the trained model annotates it through transformers at about 13 tokens a second.
+    write_workspace(root, LOOP_PASSAGES, sampling={"max_tokens": 384}, audit={"rate": 0.0},
                     annotator={"backend": "llama_cpp"},
                     conscience={"items": "items.jsonl", "exclude": {"split": "heldout"}, "max_tokens": 160},
                     train={"sft_steps": 2, "dpo_steps": 1, "batch_size": 1, "max_length": 256, "eval_max_tokens": 48})
@@ -200,7 +202,7 @@ def test_the_trained_model_annotates_generation_2_while_the_frozen_model_judges(
     members = dict(con.execute("SELECT name, backend FROM members").fetchall())
     assert set(members) == {"smollm2", "gen-0001"} and members["gen-0001"] == "transformers"
     assert members["smollm2"] != "transformers"  # the generation-0 member still runs the GGUF
-    assert con.execute("SELECT count(*) FROM annotations WHERE generation = 2 AND annotator = 'gen-0001'").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM annotations WHERE generation = 2 AND annotator = 'gen-0001'").fetchone()[0] == len(LOOP_PASSAGES)
     assert con.execute("SELECT count(*) FROM annotations WHERE generation = 1 AND annotator = 'gen-0001'").fetchone()[0] == 0
     assert {j for j, in con.execute("SELECT DISTINCT judge FROM judgements").fetchall()} == {"smollm2"}
     assert [n for n, in con.execute("SELECT name FROM panel").fetchall()] == ["smollm2"]  # the gen-0 panel
