@@ -53,16 +53,53 @@ def _kappa(labels, predicted) -> float | None:
     return float(cohen_kappa_score(labels, predicted))
 
 
+def resample_counts(size: int, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """(n, size): how many times each row is drawn in each resample, from the very draws
+    `bootstrap` makes (one call of the generator per resample), so both give one interval."""
+    rng = np.random.default_rng(seed)
+    rows = np.stack([rng.integers(0, size, size) for _ in range(n)])
+    return np.bincount((rows + size * np.arange(n)[:, None]).ravel(), minlength=n * size).reshape(n, size)
+
+
+def resampled_binary(y: np.ndarray, s: np.ndarray, decided: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """AUC, accuracy and Cohen's kappa of every resample at once (NaN where undefined), from the
+    row counts: the same values scikit-learn gives on each resample (tests/test_judges.py checks
+    it), without its per-call checks, which made 3,000 calls take 10 s an interval table.
+    AUC is Mann-Whitney's: the share of (positive, negative) pairs ranked right, a tie counting
+    half, as the ROC curve's area is."""
+    size = len(y)
+    pos, neg = y == 1, y == 0
+    right = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+    n_pos, n_neg = counts[:, pos].sum(1), counts[:, neg].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((counts[:, pos] @ right) * counts[:, neg]).sum(1) / (n_pos * n_neg)
+        agree = counts @ (y == decided) / size
+        label_1, decided_1 = counts @ (y == 1) / size, counts @ (decided == 1) / size
+        chance = label_1 * decided_1 + (1 - label_1) * (1 - decided_1)
+        one_value = ((label_1 == 0) & (decided_1 == 0)) | ((label_1 == 1) & (decided_1 == 1))
+        kappa = np.where(one_value, np.nan, (agree - chance) / (1 - chance))
+    return {"auc": auc, "accuracy": agree, "kappa": kappa}
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return round(float(low), 4), round(float(high), 4)
+
+
 def binary_scores(labels: Sequence[int], p: Sequence[float], threshold: float = 0.5) -> dict:
     """AUC of p for the positive class, and accuracy and Cohen's kappa of p >= threshold, each
     with its bootstrap interval. Labels are 1 (positive: unsupported, harmful) or 0."""
     y, s = np.asarray(labels, dtype=int), np.asarray(p, dtype=float)
     decided = (s >= threshold).astype(int)
     out = {"n": int(len(y)), "positives": int(y.sum()), "threshold": threshold}
+    resampled = resampled_binary(y, s, decided, resample_counts(len(y))) if len(y) >= 2 else {}
     for name, metric, column in (("auc", _auc, s), ("accuracy", _accuracy, decided), ("kappa", _kappa, decided)):
         value = metric(y, column) if len(y) else None
         out[name] = None if value is None else round(value, 4)
-        out[f"{name}_ci"] = bootstrap(metric, y, column) if value is not None else None
+        out[f"{name}_ci"] = percentile_interval(resampled[name]) if value is not None and resampled else None
     return out
 
 

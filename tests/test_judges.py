@@ -161,3 +161,38 @@ def test_scores_have_intervals_and_refuse_one_class():
     assert binary_scores([1, 1, 1], [0.9, 0.2, 0.6])["auc"] is None  # one class: no AUC, not a made-up 0.5
     c = coverage_scores(labels, p, 0.75)  # answers where p >= 0.75 or <= 0.25
     assert c["answered"] == 4 and c["accuracy_answered"] == 1.0
+
+
+@pytest.mark.parametrize("size, positives, seed, whole", [(8, 4, 0, False), (5, 1, 1, True), (40, 12, 2, False),
+                                                         (120, 70, 3, False)])
+def test_the_resampled_scores_are_scikit_learns_on_each_resample(size, positives, seed, whole):
+    """binary_scores computes its 1,000 resamples at once; each is checked against scikit-learn's
+    AUC, accuracy and kappa of the same rows (the loop `bootstrap` runs). Random labels and
+    probabilities, ties included (p rounded to one place); the small sets have resamples with one
+    class only, which both leave out. The smallest also compares whole intervals (1,000 resamples of
+    scikit-learn take seconds)."""
+    import numpy as np
+
+    from builder.stats import _accuracy, _auc, _kappa, bootstrap, resample_counts, resampled_binary
+
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.r_[np.ones(positives, int), np.zeros(size - positives, int)])
+    s = np.round(rng.random(size), 1)
+    decided = (s >= 0.5).astype(int)
+    counts = resample_counts(size, n=200, seed=seed)
+    fast = resampled_binary(y, s, decided, counts)
+    rows = np.random.default_rng(seed)
+    for k in range(200):
+        drawn = rows.integers(0, size, size)
+        assert np.array_equal(np.bincount(drawn, minlength=size), counts[k])  # the same draws
+        for name, metric, column in (("auc", _auc, s), ("accuracy", _accuracy, decided), ("kappa", _kappa, decided)):
+            expected = metric(y[drawn], column[drawn])
+            if expected is None or np.isnan(expected):
+                assert np.isnan(fast[name][k]), (name, k)
+            else:
+                assert fast[name][k] == pytest.approx(expected, abs=1e-12), (name, k)
+    if not whole:
+        return
+    m = binary_scores(y, s)
+    assert m["auc_ci"] == bootstrap(_auc, y, s) and m["kappa_ci"] == bootstrap(_kappa, y, decided)
+    assert m["accuracy_ci"] == bootstrap(_accuracy, y, decided)
