@@ -20,14 +20,20 @@ def bootstrap(metric: Callable[..., float | None], *columns: Sequence, n: int = 
     size = len(arrays[0])
     if size < 2:
         return None
+    values = [metric(*(a[rows] for a in arrays)) for rows in resampled_rows(size, n, seed)]
+    return percentile_interval(np.array([np.nan if v is None else v for v in values], dtype=float))
+
+
+def resampled_rows(size: int, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """(n, size): the rows each resample draws, one call of the seeded generator per resample."""
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        rows = rng.integers(0, size, size)
-        value = metric(*(a[rows] for a in arrays))
-        if value is not None and not np.isnan(value):
-            values.append(value)
-    if not values:
+    return np.stack([rng.integers(0, size, size) for _ in range(n)])
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
+    """The 2.5th and 97.5th percentiles of the defined values (NaN: a resample where the metric is not)."""
+    values = values[~np.isnan(values)]
+    if not len(values):
         return None
     low, high = np.percentile(values, [2.5, 97.5])
     return round(float(low), 4), round(float(high), 4)
@@ -55,9 +61,8 @@ def _kappa(labels, predicted) -> float | None:
 
 def resample_counts(size: int, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """(n, size): how many times each row is drawn in each resample, from the very draws
-    `bootstrap` makes (one call of the generator per resample), so both give one interval."""
-    rng = np.random.default_rng(seed)
-    rows = np.stack([rng.integers(0, size, size) for _ in range(n)])
+    `bootstrap` makes, so both give one interval."""
+    rows = resampled_rows(size, n, seed)
     return np.bincount((rows + size * np.arange(n)[:, None]).ravel(), minlength=n * size).reshape(n, size)
 
 
@@ -79,14 +84,6 @@ def resampled_binary(y: np.ndarray, s: np.ndarray, decided: np.ndarray, counts: 
         one_value = ((label_1 == 0) & (decided_1 == 0)) | ((label_1 == 1) & (decided_1 == 1))
         kappa = np.where(one_value, np.nan, (agree - chance) / (1 - chance))
     return {"auc": auc, "accuracy": agree, "kappa": kappa}
-
-
-def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return round(float(low), 4), round(float(high), 4)
 
 
 def binary_scores(labels: Sequence[int], p: Sequence[float], threshold: float = 0.5) -> dict:
