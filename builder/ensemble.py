@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from .backends import Backend, make_backend
+from .backends.registry import check_model
 from .config import MemberConfig, RatchetConfig
 from .models import ModelNotFound
 from .verifier import GroundingVerifier
@@ -51,6 +52,9 @@ class Ensemble:
         self.members: list[Member] = []  # the language models
         self.verifiers: list[GroundingVerifier] = []  # members that are no model (they critique every annotation)
         self._backends: dict[str, Backend] = {}
+        for m in config.ensemble.members:  # every member's file found before any engine starts (seconds each)
+            if m.kind != "verifier":
+                check_model(m.engine(config.annotator), f"ensemble member {m.display_name}")
         try:
             for m in config.ensemble.members:
                 if m.kind == "verifier":

@@ -83,6 +83,7 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["build", "--workspace", str(tmp_path)])
     assert result.exit_code == 1
     assert "nope.gguf: model file not found" in " ".join(result.output.split())
+    assert not list(tmp_path.glob("logs/llama-server-*.log"))  # found missing before any member's server started
     unknown = tmp_path / "ratchet.toml"
     unknown.write_text('[annotator]\nmodel = "bundled:llama9"\n')
     result = runner.invoke(app, ["build", "--workspace", str(tmp_path)])
