@@ -5,7 +5,7 @@ interval a judge table reports (fixed seed: a rerun prints the same interval).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,10 +24,12 @@ def bootstrap(metric: Callable[..., float | None], *columns: Sequence, n: int = 
     return percentile_interval(np.array([np.nan if v is None else v for v in values], dtype=float))
 
 
-def resampled_rows(size: int, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
-    """(n, size): the rows each resample draws, one call of the seeded generator per resample."""
+def resampled_rows(size: int, n: int = BOOTSTRAP, seed: int = 0) -> Iterator[np.ndarray]:
+    """The rows each resample draws, one call of the seeded generator per resample, one resample
+    at a time (the ratchet's bootstrap runs over every passage of a corpus)."""
     rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, size, size) for _ in range(n)])
+    for _ in range(n):
+        yield rng.integers(0, size, size)
 
 
 def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
@@ -62,8 +64,7 @@ def _kappa(labels, predicted) -> float | None:
 def resample_counts(size: int, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """(n, size): how many times each row is drawn in each resample, from the very draws
     `bootstrap` makes, so both give one interval."""
-    rows = resampled_rows(size, n, seed)
-    return np.bincount((rows + size * np.arange(n)[:, None]).ravel(), minlength=n * size).reshape(n, size)
+    return np.stack([np.bincount(rows, minlength=size) for rows in resampled_rows(size, n, seed)])
 
 
 def resampled_binary(y: np.ndarray, s: np.ndarray, decided: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:

@@ -109,9 +109,10 @@ def hf_smollm2():
 def smollm2_two_blocks(hf_smollm2, tmp_path_factory):
     """SmolLM2 cut to its embeddings and the first 2 of its 30 transformer blocks (about 30M
     parameters, most of them the embedding), with its own tokenizer: a real checkpoint that
-    trains, scores and generates faster (the capability experiment's test: 52 s -> 15 s). The experiments' end-to-end tests run on it:
-    their claims are about arms, pairing, seeds and reuse, not about what SmolLM2 learns. The
-    whole model is trained in tests/test_train.py (the loop) and tests/test_trl.py."""
+    trains, scores and generates faster (the capability experiment's test: 52 s -> 15 s). The
+    experiments' end-to-end tests run on it: their claims are about arms, pairing, seeds and
+    reuse, not about what SmolLM2 learns. The whole model is trained in tests/test_train.py (the
+    loop) and tests/test_trl.py."""
     import shutil
 
     import torch

@@ -2,8 +2,9 @@
 bookkeeping, and their refusals. The end-to-end tests train SmolLM2 cut to its first two blocks
 (conftest.smollm2_two_blocks): what they check is the arms, their pairing, seeds and reuse, and a
 fifth of the model does that at a fraction of the time. The personas test keeps the whole model:
-it checks that a persona prompt changes the answers, which the cut model does not always do. The judges are the bundled GGUF models,
-whole; the scoring and the online DPO term are checked on the whole SmolLM2 below."""
+it checks that a persona prompt changes the answers, which the cut model does not always do. The
+judges are the bundled GGUF models, whole; the scoring and the online DPO term are checked on the
+whole SmolLM2 below."""
 import json
 import shutil
 

@@ -202,8 +202,9 @@ def test_the_trained_model_annotates_generation_2_while_the_frozen_model_judges(
     members = dict(con.execute("SELECT name, backend FROM members").fetchall())
     assert set(members) == {"smollm2", "gen-0001"} and members["gen-0001"] == "transformers"
     assert members["smollm2"] != "transformers"  # the generation-0 member still runs the GGUF
-    assert con.execute("SELECT count(*) FROM annotations WHERE generation = 2 AND annotator = 'gen-0001'").fetchone()[0] == len(LOOP_PASSAGES)
-    assert con.execute("SELECT count(*) FROM annotations WHERE generation = 1 AND annotator = 'gen-0001'").fetchone()[0] == 0
+    written = "SELECT count(*) FROM annotations WHERE generation = ? AND annotator = 'gen-0001'"
+    assert con.execute(written, [2]).fetchone()[0] == len(LOOP_PASSAGES)
+    assert con.execute(written, [1]).fetchone()[0] == 0
     assert {j for j, in con.execute("SELECT DISTINCT judge FROM judgements").fetchall()} == {"smollm2"}
     assert [n for n, in con.execute("SELECT name FROM panel").fetchall()] == ["smollm2"]  # the gen-0 panel
     manifest = json.loads((ws.generation_dir(2) / "manifest.json").read_text())

@@ -131,7 +131,7 @@ def test_dpo_split_trains_one_step_with_trl(conscience_built, hf_smollm2, tmp_pa
     dpo = datasets.load_dataset("parquet", data_files=str(split_path(ws.generation_dir(1), "dpo")), split="train")
     args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=1, max_length=256,
                      report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
-                     bf16=False)  # TRL defaults to bf16: emulated on a CPU without AMX, 5x slower
+                     bf16=False)  # TRL defaults to bf16: emulated on a CPU without AMX, about 6x slower
     result = DPOTrainer(model=str(hf_smollm2), train_dataset=dpo, args=args).train()
     assert result.global_step == 1
     assert math.isfinite(result.training_loss) and result.training_loss > 0
