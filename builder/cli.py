@@ -51,7 +51,9 @@ EXAMPLE_QUERY = "SELECT * FROM convergence_by_member"
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: never break the line inside a path or a quoted value, which must stay copyable
+    # (and greppable in a log) however narrow the terminal or however deep the workspace
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -1173,7 +1175,7 @@ def audit_import(
         err.print(f"[yellow]note:[/] {stale} earlier verdict(s) by {auditor} judged text that a rebuild has changed "
                   "since: they no longer count (view audits_stale); export again to judge the new text", highlight=False)
     for line in problems:
-        err.print(f"[yellow]skipped[/] {line}", highlight=False)
+        err.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)  # FILE:LINE kept whole
     if problems:
         raise typer.Exit(1)
 

@@ -20,6 +20,16 @@ def test_init_writes_a_config_and_copies_the_sample_corpus(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_an_error_keeps_the_path_it_names_on_one_line(tmp_path):
+    """A path longer than the terminal is not broken by a newline: it stays copyable and greppable
+    (the check above once failed only because pytest's temporary folder had a longer name)."""
+    deep = tmp_path / ("a-workspace-folder-with-a-long-name-" * 4) / "ws"
+    assert runner.invoke(app, ["init", str(deep)]).exit_code == 0
+    again = runner.invoke(app, ["init", str(deep)])
+    assert again.exit_code == 1 and f"{deep / 'ratchet.toml'} already exists" in again.output
+    assert len(str(deep)) > 120  # wider than the 80 columns rich assumes off a terminal
+
+
 def test_init_scenario_sets_up_the_conscience_step_and_the_consent_gate(tmp_path):
     from builder.stages.conscience import load_items
     from builder.workspace import Workspace
