@@ -55,7 +55,12 @@ CREATE OR REPLACE VIEW audits_in_sample AS
 -- reputations (audit_model_vs_human still reads them: that is where they tell the most).
 SELECT x.* FROM audits_current x WHERE NOT EXISTS (
     SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = x.item AND e.annotator = x.annotator
-    AND e.generation = x.generation);
+    AND e.generation = x.generation AND e.critic IS NULL);
+CREATE OR REPLACE VIEW critique_audits_in_sample AS
+-- The same for critiques: less those a person saw only because their critic abstained.
+SELECT x.* FROM critique_audits_current x WHERE NOT EXISTS (
+    SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = x.item AND e.annotator = x.annotator
+    AND e.generation = x.generation AND e.critic = x.critic);
 CREATE OR REPLACE VIEW audit_claims AS
 -- One row per claim of every current verdict: the claim the auditor saw, whether they called it
 -- wrong, and why (a person's codes and reason, audits.claim_reasons; a model auditor gives none).
@@ -103,7 +108,7 @@ CREATE OR REPLACE VIEW critique_audit_rate_by_critic AS
 WITH audited AS (
     SELECT generation, critic, count(*) AS audits, count(*) FILTER (verdict = 'right') AS right_verdicts,
            count(*) FILTER (auditor_kind = 'human') AS human_audits
-    FROM critique_audits_current GROUP BY ALL)
+    FROM critique_audits_in_sample GROUP BY ALL)
 SELECT a.generation, a.critic, coalesce(m.family, '?') AS family, coalesce(m.persona, '?') AS persona, a.audits,
        a.right_verdicts, round(a.right_verdicts / a.audits, 3) AS right_rate, a.human_audits,
        round(r.mean, 3) AS vote_weight

@@ -223,7 +223,8 @@ def _summary_table(s: dict) -> Table:
     votes = s.get("votes")
     if votes and votes["weight"]:
         rows.append((f"vote weights ({votes['weights_from']})", ", ".join(
-            f"{n} {w:.2f}" + (" (at chance: not asked)" if n in votes["not_asked"] else "") for n, w in votes["weight"].items())))
+            f"{n} {w:.2f}" + (" (at chance: not asked)" if n in votes["not_asked"] else "") for n, w in votes["weight"].items())
+            + (f"; {votes['abstained']} critique(s) too unsure to vote (a person decides)" if votes.get("abstained") else "")))
     audit = s.get("audit")
     if audit:
         rows += [

@@ -316,12 +316,19 @@ class JudgesConfig(Section):
                       "or unethical: a GGUF path or bundled:NAME.")
     abstain_below: float = Field(0.5, ge=0.5, le=1.0, description="A model judgement whose confidence "
                                  "max(p, 1 - p) is below this abstains (written with `abstain: true`, for a person "
-                                 "to decide; in a build: the claim judge's and the model auditor's judgements go "
-                                 "to the top of the audit page's queue); 0.5: never abstain.")
+                                 "to decide; in a build: the claim and note judges', the model auditor's and the "
+                                 "critics' judgements go to the top of the audit page's queue; a critic's "
+                                 "confidence is its likeliest verdict's probability); 0.5: never abstain.")
 
     def abstains(self, p: float | None) -> bool:
         """A model's probability too close to even to decide on (Trust or Escalate)."""
         return p is not None and max(p, 1 - p) < self.abstain_below
+
+    def unsure(self, probs: dict[str, float] | None) -> bool:
+        """abstains() for a judgement over any number of values: its likeliest value's probability
+        is below the threshold (for yes/no, max(p, 1 - p): the same). At 0.5 nothing abstains,
+        though a three-way verdict can be below one half."""
+        return bool(probs) and self.abstain_below > 0.5 and max(probs.values()) < self.abstain_below
 
 
 # Tokens a passage's prompt takes besides the passage: the built-in annotation prompts (system,

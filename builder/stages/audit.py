@@ -141,7 +141,7 @@ class SampledCritique:
     record: dict  # the annotation the critique is about
     critique: dict  # claim_verdicts, objections, verdict
     content_hash: str | None = None  # of passage, annotation and critique as read (CRITIQUE_HASH_SQL)
-    needs_person: str | None = None  # no judge escalates a critique yet: the queue reads it as for an annotation
+    needs_person: str | None = None  # why its critic abstained (escalations.critic): first in the queue
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -226,6 +226,14 @@ class EscalationRow:
     reason: str = doc("what the judge could not decide, as the audit page shows it")
     in_sample: bool = doc("the item is in the secret audit sample; false: a person sees it only because a judge "
                           "abstained, and its verdicts stay out of pass rates (a sample chosen by doubt is not random)")
+    critic: str | None = doc("set where what a person must decide is this critic's critique of the annotation (the "
+                             "critic abstained: its vote was left out; judge is the critic too); NULL: the annotation",
+                             default=None, added=True)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What a person decides: the annotation, or one critique of it (the audit page's item key)."""
+        return (self.item, self.annotator) + ((self.critic,) if self.critic else ())
 
 
 CLAIM_JUDGE = "claim judge"  # escalations.judge of the claim judge's abstentions (the auditor's: its name)
@@ -359,7 +367,8 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
     """The items a person must decide, for this generation (those of an earlier build of it go):
     the sampled annotations the model auditor abstained on (`unsure`: its verdicts, not stored as
     audits), every accepted annotation the claim judge kept a claim of without deciding, and every
-    one the note judge kept a note or reflection sentence of without deciding."""
+    one the note judge kept a note or reflection sentence of without deciding, and every critique
+    whose critic was too unsure to vote."""
     rows = [EscalationRow(r.item, r.annotator, generation, r.auditor, r.pass_prob,
                           f"the model auditor was unsure: P(pass) {r.pass_prob:.2f}", True) for r in unsure]
     for item, annotator, record, checks in con.execute(
@@ -374,7 +383,7 @@ def escalate(con, generation: int, secret: bytes, rate: float, cfg: RatchetConfi
             rows.append(EscalationRow(item, annotator, generation, CLAIM_JUDGE, p,
                                       f"the claim judge was unsure of claim {numbers}: P(unsupported) {p:.2f}",
                                       is_selected(secret, item, annotator, generation, rate)))
-    rows += note_judge_escalations(con, generation, secret, rate)
+    rows += note_judge_escalations(con, generation, secret, rate) + critic_escalations(con, generation, secret, rate)
     with transaction(con):
         con.execute("DELETE FROM escalations WHERE generation = ?", [generation])
         for r in unsure:  # an earlier build's verdict on the item is not the model's judgement now
@@ -408,14 +417,37 @@ def note_judge_escalations(con, generation: int, secret: bytes, rate: float) -> 
     return rows
 
 
+def critic_escalations(con, generation: int, secret: bytes, rate: float) -> list[EscalationRow]:
+    """The critiques whose critic abstained (critiques.abstain): not votes; a person says whether
+    the critique is right, as for any critique in the sample."""
+    rows = []
+    for item, annotator, critic, score, probs in con.execute(
+            "SELECT passage_id, annotator, critic, score, coalesce(calibrated, probs) FROM critiques WHERE generation = ? "
+            "AND status = 'accepted' AND abstain ORDER BY passage_id, annotator, critic", [generation]).fetchall():
+        spread = ", ".join(f"{v} {p:.2f}" for v, p in sorted(json.loads(probs).items(), key=lambda kv: -kv[1]))
+        rows.append(EscalationRow(item, annotator, generation, critic, score,
+                                  f"the critic was unsure of its verdict ({spread}): its vote was left out",
+                                  is_critique_selected(secret, item, annotator, critic, generation, rate), critic))
+    return rows
+
+
 def escalated(con, generation: int) -> dict[tuple[str, str], str]:
     """(item, annotator) -> why a person must decide it, the least sure judgement first."""
     if not ESCALATIONS.exists(con):
         return {}
     rows = con.execute("SELECT item, annotator, string_agg(reason, '; ' ORDER BY judge) FROM escalations "
-                       "WHERE generation = ? GROUP BY ALL ORDER BY min(abs(p - 0.5)), item, annotator",
+                       "WHERE generation = ? AND critic IS NULL GROUP BY ALL ORDER BY min(abs(p - 0.5)), item, annotator",
                        [generation]).fetchall()
     return {(item, annotator): why for item, annotator, why in rows}
+
+
+def escalated_critiques(con, generation: int) -> dict[tuple[str, str, str], str]:
+    """(item, annotator, critic) -> why a person must decide the critique, the least sure first."""
+    if not ESCALATIONS.exists(con):
+        return {}
+    rows = con.execute("SELECT item, annotator, critic, reason FROM escalations WHERE generation = ? "
+                       "AND critic IS NOT NULL ORDER BY abs(p - 0.5), item, annotator, critic", [generation]).fetchall()
+    return {(item, annotator, critic): why for item, annotator, critic, why in rows}
 
 
 def people_on_kept(con) -> dict[int, tuple[int, int]]:
@@ -497,7 +529,8 @@ def export_claims(con, path: Path, generation: int | None = None) -> tuple[int, 
                                   c.evidence, c.wrong, c.codes, c.reason,
                                   c.verdict = 'fail' AND json_array_length(a.wrong_claims) = 0 AS unnamed,
                                   NOT EXISTS (SELECT 1 FROM escalations e WHERE NOT e.in_sample AND e.item = c.item
-                                              AND e.annotator = c.annotator AND e.generation = c.generation) AS drawn
+                                              AND e.annotator = c.annotator AND e.generation = c.generation
+                                              AND e.critic IS NULL) AS drawn
                            FROM audit_claims c JOIN passages p ON p.passage_id = c.item
                            JOIN audits a ON a.item = c.item AND a.annotator = c.annotator
                                AND a.generation = c.generation AND a.auditor = c.auditor
@@ -810,9 +843,8 @@ class Audit(Stage):
         return {"audit": {"rate": cfg.audit.rate, "sampled": len(items), "audits": audits,
                           "pass_rate": round(passes / audits, 3) if audits else None, "invalid_verdicts": failed,
                           "abstained": len(unsure),
-                          "needs_a_person": {"items": len({(e.item, e.annotator) for e in escalations}),
-                                             "outside_the_sample": len({(e.item, e.annotator) for e in escalations
-                                                                        if not e.in_sample}),
+                          "needs_a_person": {"items": len({e.key for e in escalations}),
+                                             "outside_the_sample": len({e.key for e in escalations if not e.in_sample}),
                                              "by_judge": dict(sorted(Counter(e.judge for e in escalations).items()))},
                           "attempts": attempts + critique_attempts,
                           "reputation": {k: round(v, 3) for k, v in sorted(reputation.items())},

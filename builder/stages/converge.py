@@ -35,6 +35,7 @@ class Scored:
     critiques: int  # valid critiques behind the score
     dropped: int = 0  # claims the faithfulness gates dropped from it (faithfulness.gate)
     verified: int = 0  # claims that passed them
+    abstained: int = 0  # critiques whose critic was too unsure to vote (judges.abstain_below): not in the score
 
 
 @dataclass
@@ -60,12 +61,15 @@ def score_annotations(accepted: list[tuple[str, str]], critiques: list[CritiqueR
     verified) claims by the faithfulness gates (claim_counts)."""
     gated = gated or {}
     votes: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
+    unsure: Counter[tuple[str, str]] = Counter()
     for c in critiques:
-        if c.status == "accepted":
+        if c.status == "accepted" and c.abstain:  # no vote: a person decides the critique (escalations)
+            unsure[(c.passage_id, c.annotator)] += 1
+        elif c.status == "accepted":
             score = c.score if c.score is not None else VERDICT_POINTS.get(c.verdict, 0.0)
             votes[(c.passage_id, c.annotator)].append((c.critic, score))
     return [Scored(pid, author, convergence_score(votes[(pid, author)], weights), len(votes[(pid, author)]),
-                   *gated.get((pid, author), (0, 0)))
+                   *gated.get((pid, author), (0, 0)), unsure[(pid, author)])
             for pid, author in accepted]
 
 
@@ -105,7 +109,8 @@ def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrut
             continue
         rated = [s for s in candidates if s.score is not None]
         if not rated:
-            out.append(Selection(pid, None, None, "no valid critique"))
+            out.append(Selection(pid, None, None, "no vote: every critic was too unsure (its critique waits for a person)"
+                                 if any(s.abstained for s in candidates) else "no valid critique"))
             continue
         passing = [s for s in rated if s.score >= threshold]
         if passing:

@@ -1,8 +1,9 @@
 """Reputation: a Beta record per member over the audits of its work up to each generation,
 for annotators (audits, table `reputation`) and critics (critique audits, `critic_reputation`,
 whose mean weighs their votes: stages/scrutinize.py: vote_weights). Only current verdicts count
-(views audits_in_sample / critique_audits_current: the text they judged is still there, and for annotators chosen at random). Below
-the audit stage and the vote weights, which both read it."""
+(views audits_in_sample / critique_audits_in_sample: the text they judged is still there, and it was
+chosen at random, not because a judge abstained on it). Below the audit stage and the vote weights,
+which both read it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ CRITIC_REPUTATION = Table("critic_reputation", CriticReputationRow, key=("critic
 
 # The same for critics: Beta(1 + Σ P(right), 1 + Σ P(wrong)) over every critique audit up to $g.
 CRITIC_RECORD_SQL = BETA_RECORD_SQL.format(who="critic", good="right", goods="rights", bads="wrongs", prob="right_prob",
-                                           mass="right_mass", table="critique_audits_current")
+                                           mass="right_mass", table="critique_audits_in_sample")
 
 
 # A critic's record (the mean weighs its votes in later generations: stages/scrutinize.py: vote_weights).

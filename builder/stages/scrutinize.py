@@ -44,6 +44,9 @@ class CritiqueRow:
     probs: Json | None = doc("the verdict's distribution as read from the engine", default=None, added=True)
     calibrated: Json | None = doc("probs divided by the content-free baseline, normalised", default=None, added=True)
     method: str | None = doc("how probs were read: logprobs | samples | scripted | decoded", default=None, added=True)
+    abstain: bool | None = doc("the critic was too unsure to vote: its likeliest verdict's probability was below "
+                               "judges.abstain_below; its vote is left out and a person decides (escalations)",
+                               default=False, added=True)
 
 
 CRITIQUES = Table("critiques", CritiqueRow, key=("generation", "passage_id", "annotator", "critic"),
@@ -78,10 +81,10 @@ class CritiqueTask(JudgingTask[Task, CritiqueRow]):
     field, choices = "verdict", tuple(VERDICT_POINTS)
 
     def __init__(self, prompts: Prompts, sampling: Sampling, generation: int, critic, weight: float = PRIOR_WEIGHT,
-                 label: str | None = None, judging=None):
+                 label: str | None = None, judging=None, judges=None):
         super().__init__(sampling, label=label or f"critique ({critic.name})")
         self.prompts, self.generation, self.critic, self.weight = prompts, generation, critic, weight
-        self.judging = judging
+        self.judging, self.judges = judging, judges  # judges: config.JudgesConfig (when to abstain); None: never
 
     def content_free(self, text: str) -> Task:
         return Task("content-free", text, "", content_free_record(text))
@@ -97,7 +100,7 @@ class CritiqueTask(JudgingTask[Task, CritiqueRow]):
         return CritiqueRow(self.generation, t.passage_id, t.author, self.critic.name, o.status, rec.get("verdict"),
                            rec.get("claim_verdicts"), rec.get("objections"), self.weight, o.reason, o.attempts,
                            o.call_key, verdict_score(g), g.raw if g else None, g.calibrated if g else None,
-                           g.method if g else None)
+                           g.method if g else None, bool(g and self.judges and self.judges.unsure(g.probs)))
 
 
 def critique(tasks: list[Task], critic, engine, prompts: Prompts, config, on_progress=None,
@@ -132,7 +135,8 @@ class Scrutinize(Stage):
                 if tasks:
                     critic = by_name[name]
                     task = CritiqueTask(ctx.prompts, critic_sampling(ctx.cfg, critic), ctx.generation, critic,
-                                        weights.get(name, PRIOR_WEIGHT), judging=ctx.cfg.judgements)
+                                        weights.get(name, PRIOR_WEIGHT), judging=ctx.cfg.judgements,
+                                        judges=ctx.cfg.judges)
                     ctx.critiques += ctx.run(task, tasks, ctx.engine(critic.backend), advance)
         for v in (v for v in ensemble.verifiers if v.name not in silent):  # every accepted annotation, on top of the k critics
             text = ctx.text()
@@ -142,7 +146,8 @@ class Scrutinize(Stage):
         judges = [c.name for c in ensemble.critics] + [v.name for v in ensemble.verifiers]
         return {"votes": {"weights_from": ctx.cfg.audit.vote_weights,
                           "weight": {n: round(weights.get(n, PRIOR_WEIGHT), 3) for n in judges},
-                          "not_asked": sorted(n for n in judges if n in silent)}}
+                          "not_asked": sorted(n for n in judges if n in silent),
+                          "abstained": sum(bool(c.abstain) for c in ctx.critiques)}}
 
 
 def verifier_row(generation: int, name: str, t: Task, weight: float = PRIOR_WEIGHT) -> CritiqueRow:

@@ -16,8 +16,8 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from ..stages.audit import (SampledCritique, SampledItem, critique_sample, escalated, sample, sampled_critiques,
-                            sampled_items)
+from ..stages.audit import (SampledCritique, SampledItem, critique_sample, escalated, escalated_critiques, sample,
+                            sampled_critiques, sampled_items)
 
 # (passage id, annotator) of an annotation, (passage id, annotator, critic) of a critique: never sent to a browser
 Key = tuple[str, ...]
@@ -105,8 +105,14 @@ def load_sample(con, secret: bytes, generation: int, rate: float) -> list[Sample
 
 
 def load_critiques(con, secret: bytes, generation: int, rate: float) -> list[SampledCritique]:
-    """The critiques a person audits: the secret critique sample (`ratchet audit export`'s)."""
-    return sampled_critiques(con, critique_sample(con, secret, generation, rate), generation)
+    """The critiques a person audits: those whose critic abstained (each with why), then the
+    secret critique sample (`ratchet audit export`'s)."""
+    why = escalated_critiques(con, generation)
+    keys = [*why, *(k for k in critique_sample(con, secret, generation, rate) if k not in why)]
+    critiques = sampled_critiques(con, keys, generation)
+    for x in critiques:
+        x.needs_person = why.get(x.key)
+    return critiques
 
 
 def reload(con, x: Item, generation: int) -> Item | None:

@@ -67,16 +67,23 @@ def stats(con, generation: int) -> dict:
                   for a, m in sorted(after.items())]
     # judgements a model abstained on (escalations): what people made of them, and the model
     # auditor's coverage (its agreement with people above is measured where it answered)
-    escalated = [] if not ESCALATIONS.exists(con) else _rows(con, """SELECT e.judge, count(DISTINCT (e.item, e.annotator)) AS items,
+    # (a critic's abstention puts its critique, not the annotation, before a person)
+    escalated = [] if not ESCALATIONS.exists(con) else _rows(con, """SELECT e.judge,
+                                     CASE WHEN e.critic IS NULL THEN 'annotation' ELSE 'critique' END AS "a person decides",
+                                     count(DISTINCT (e.item, e.annotator)) AS items,
                                      count(DISTINCT (e.item, e.annotator)) FILTER (e.in_sample) AS in_sample,
-                                     count(h.verdict) AS "people's verdicts",
-                                     count(h.verdict) FILTER (h.verdict = 'pass') AS "people passed"
-                              FROM escalations e LEFT JOIN audits_current h ON h.auditor_kind = 'human'
+                                     count(coalesce(h.verdict, c.verdict)) AS "people's verdicts",
+                                     count(*) FILTER (h.verdict = 'pass' OR c.verdict = 'right')
+                                         AS "people passed (a critique: found right)"
+                              FROM escalations e
+                              LEFT JOIN audits_current h ON e.critic IS NULL AND h.auditor_kind = 'human'
                                    AND h.item = e.item AND h.annotator = e.annotator AND h.generation = e.generation
+                              LEFT JOIN critique_audits_current c ON c.critic = e.critic AND c.auditor_kind = 'human'
+                                   AND c.item = e.item AND c.annotator = e.annotator AND c.generation = e.generation
                               WHERE e.generation = ? GROUP BY ALL ORDER BY ALL""", [generation])
     decided = con.execute("SELECT count(*) FROM audits_current WHERE generation = ? AND auditor_kind = 'model'",
                           [generation]).fetchone()[0]
-    abstained = sum(r["items"] for r in escalated if r["judge"] not in GATE_JUDGES)
+    abstained = sum(r["items"] for r in escalated if r["judge"] not in GATE_JUDGES and r["a person decides"] == "annotation")
     coverage = round(decided / (decided + abstained), 3) if decided + abstained else None
     # verdicts on text a rebuild has changed since: left out of every figure above, counted here
     stale = con.execute("SELECT count(*) FILTER (auditor_kind = 'human'), count(*) FROM audits_stale "

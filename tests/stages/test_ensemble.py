@@ -151,6 +151,47 @@ def test_card_describes_the_ensemble_and_rebuild_makes_no_model_call(ensemble_bu
     assert again["ensemble"]["agreement"] == s["ensemble"]["agreement"]
 
 
+def test_critics_too_unsure_to_vote_are_left_out_and_their_critiques_lead_the_page(ensemble_build, tmp_path):
+    """Issues 30 (scope 5) and 31 (scope 4) on SmolLM2 and Gemma: a critique whose likeliest verdict
+    is below judges.abstain_below is no vote, and the page offers it first. The threshold is not
+    picked: it is the median confidence the model critics showed in this build, so that critiques
+    fall on both sides whatever they were. The rebuild reads the first build's cached answers."""
+    import json
+    import shutil
+    import statistics
+
+    from builder.stages.audit import load_secret
+    from builder.web.queue import load_critiques
+
+    ws, _, _ = ensemble_build
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root)
+    con = ws.connect(read_only=True)
+    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
+        "SELECT coalesce(calibrated, probs) FROM critiques WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
+    con.close()
+    threshold = statistics.median(confidence)
+    assert len(confidence) >= 2 and threshold > 0.5, confidence
+    write_workspace(root, None, sampling={"max_tokens": 384}, ensemble=DEFAULT_ENSEMBLE, judges={"abstain_below": threshold})
+    copy = Workspace(root)
+    summary = run_build(copy, overwrite=True)
+    con = copy.connect(read_only=True)
+    critiques = con.execute("SELECT passage_id, annotator, critic, method, abstain, coalesce(calibrated, probs) "
+                            "FROM critiques WHERE status = 'accepted'").fetchall()
+    votes = dict(((p, a), n) for p, a, n in con.execute("SELECT passage_id, annotator, critiques FROM convergence").fetchall())
+    escalated = {(i, a, c) for i, a, c in con.execute("SELECT item, annotator, critic FROM escalations").fetchall()}
+    queue = load_critiques(con, load_secret(root), 1, copy.config.audit.rate)
+    con.close()
+    assert summary["model_calls"] == 0  # the same answers, read with the threshold
+    abstained = {(p, a, c) for p, a, c, _, abstain, _ in critiques if abstain}
+    for p, a, c, method, abstain, probs in critiques:  # the grounding verifier is a rule: it never abstains
+        assert abstain == (method == "logprobs" and max(json.loads(probs).values()) < threshold)
+    assert abstained and len(abstained) < sum(m == "logprobs" for _, _, _, m, _, _ in critiques)
+    assert all(n == sum((p, a) == k and not ab for p, a, _, _, ab, _ in critiques) for k, n in votes.items())
+    assert escalated == abstained and summary["votes"]["abstained"] == len(abstained)
+    assert {x.key for x in queue[:len(abstained)]} == abstained and all(x.needs_person for x in queue[:len(abstained)])
+
+
 def test_a_member_whose_model_file_is_missing_is_named(tmp_path):
     root = write_workspace(tmp_path / "ws", ["A passage."], ensemble={
         "k": 1, "members": [{"persona": "empiricist"}, {"model": str(tmp_path / "gone.gguf"), "persona": "skeptic"}]})

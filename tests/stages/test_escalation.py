@@ -142,3 +142,90 @@ def test_items_that_need_a_person_lead_every_queue_they_are_in(auditors):
         assert items[:len(mine)] == mine
     plain = assign(keys, auditors, SECRET, overlap=0.5)
     assert {a: sorted(q) for a, q in queues.items()} == {a: sorted(q) for a, q in plain.items()}  # who: unchanged
+
+
+def test_a_three_way_verdict_abstains_on_its_likeliest_value_and_never_at_the_default():
+    unsure = cfg(0.7).judges.unsure
+    assert unsure({"survives": 0.45, "revise": 0.35, "reject": 0.2}) and not unsure({"survives": 0.1, "revise": 0.8,
+                                                                                    "reject": 0.1})
+    assert unsure({"yes": 0.6, "no": 0.4}) == cfg(0.7).judges.abstains(0.6)  # yes/no: the same as abstains()
+    assert not unsure(None) and not unsure({})
+    assert not cfg(0.5).judges.unsure({"survives": 0.34, "revise": 0.33, "reject": 0.33})  # the default: never
+
+
+@pytest.fixture(scope="module")
+def unsure_critics(tmp_path_factory):
+    """A scripted build (its verdict distributions put 0.4 to 0.9 on the written verdict): two
+    members critique each other, every vote weighed alike, and a critique whose likeliest verdict
+    is below 0.7 abstains. The same answers built at the default threshold are the control."""
+    from builder.build import run_build
+    from builder.workspace import Workspace
+
+    from ..conftest import write_workspace
+
+    passages = [f"Report {i}: the reservoir held {10 * i} million litres after the storm." for i in range(12)]
+    builds = {}
+    for threshold in (0.5, 0.7):
+        root = write_workspace(tmp_path_factory.mktemp(f"critics-{threshold}") / "ws", passages,
+                               annotator={"backend": "scripted"}, judges={"abstain_below": threshold},
+                               ensemble={"k": 1, "members": [{"name": "a", "persona": "empiricist"},
+                                                             {"name": "b", "persona": "skeptic"}]},
+                               audit={"rate": 0.25, "vote_weights": "prior"})
+        ws = Workspace(root)
+        builds[threshold] = ws, run_build(ws)
+    return builds
+
+
+def test_a_critic_too_unsure_to_vote_is_left_out_of_the_score_and_its_critique_goes_to_a_person(unsure_critics):
+    from builder.stages.audit import critique_sample, escalated_critiques, load_secret
+    from builder.web.queue import load_critiques
+
+    ws, summary = unsure_critics[0.7]
+    secret = load_secret(ws.root)
+    con = ws.connect(read_only=True)
+    critiques = con.execute("SELECT passage_id, annotator, critic, abstain, score, coalesce(calibrated, probs) "
+                            "FROM critiques WHERE status = 'accepted'").fetchall()
+    scores = {(p, a): (s, n) for p, a, s, n in con.execute(
+        "SELECT passage_id, annotator, score, critiques FROM convergence").fetchall()}
+    escalations = con.execute("SELECT item, annotator, judge, critic, in_sample, reason FROM escalations").fetchall()
+    reasons = dict(con.execute("SELECT passage_id, reason FROM selections").fetchall())
+    queue = load_critiques(con, secret, 1, 0.25)
+    sampled = critique_sample(con, secret, 1, 0.25)
+    why = escalated_critiques(con, 1)
+    con.close()
+    abstained = {(p, a, c) for p, a, c, abstain, _, _ in critiques if abstain}
+    assert 0 < len(abstained) < len(critiques)  # the band splits them: some vote, some do not
+    for p, a, c, abstain, score, probs in critiques:
+        assert abstain == (max(json.loads(probs).values()) < 0.7)
+        votes = [s for p2, a2, _, ab, s, _ in critiques if (p2, a2) == (p, a) and not ab]
+        mean = sum(votes) / len(votes) if votes else None
+        assert scores[(p, a)] == (pytest.approx(mean) if votes else None, len(votes))  # only the votes count
+    # a passage whose every annotation lost its one critic's vote (k = 1) keeps none, and says why
+    unvoted = {p for p, _ in scores} - {p for (p, _), (s, _) in scores.items() if s is not None}
+    assert unvoted and all(reasons[p] == "no vote: every critic was too unsure (its critique waits for a person)"
+                           for p in unvoted)
+    # every abstained critique is escalated, as a critique (not its annotation), in the sample or not
+    assert {(i, a, c) for i, a, j, c, _, _ in escalations} == abstained and all(j == c for _, _, j, c, _, _ in escalations)
+    assert {(i, a, c) for i, a, _, c, inside, _ in escalations if inside} == abstained & set(sampled)
+    assert all(r.startswith("the critic was unsure of its verdict (") for *_, r in escalations)
+    # the page: escalated critiques first, with why, then the rest of the secret critique sample
+    assert [x.key for x in queue[:len(why)]] == list(why) and set(why) == abstained
+    assert all(x.needs_person == why[x.key] for x in queue[:len(why)])
+    assert {x.key for x in queue[len(why):]} == set(sampled) - abstained and not any(x.needs_person for x in queue[len(why):])
+    con = ws.connect(read_only=True)
+    assert not any(x.needs_person for x in load_sample(con, secret, 1, 0.25))  # no annotation is escalated
+    con.close()
+    needs = summary["audit"]["needs_a_person"]
+    assert needs["items"] == len(abstained) and summary["votes"]["abstained"] == len(abstained)
+    assert needs["outside_the_sample"] == len(abstained - set(sampled))
+
+
+def test_at_the_default_threshold_every_critique_votes(unsure_critics):
+    control, summary = unsure_critics[0.5]
+    ws, _ = unsure_critics[0.7]
+    con, other = control.connect(read_only=True), ws.connect(read_only=True)
+    same = "SELECT passage_id, annotator, critic, verdict, score FROM critiques ORDER BY ALL"
+    assert con.execute(same).fetchall() == other.execute(same).fetchall()  # the same answers, read twice
+    assert con.execute("SELECT count(*) FROM critiques WHERE abstain").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM escalations").fetchone()[0] == 0 and summary["votes"]["abstained"] == 0
+    con.close(), other.close()

@@ -775,7 +775,8 @@ def test_an_item_a_judge_abstained_on_leads_the_queue_and_says_why(ws, serve):
     assert "Needs a person" not in client.get(client.get("/queue").headers["location"]).text
     text, (pid, annotator) = next((t, k) for t, k in sorted(keys.items()) if t != before)
     con = ws.connect()
-    con.execute("INSERT INTO escalations VALUES (?, ?, 1, 'claim judge', 0.55, "
+    con.execute("INSERT INTO escalations (item, annotator, generation, judge, p, reason, in_sample) "
+                "VALUES (?, ?, 1, 'claim judge', 0.55, "
                 "'the claim judge was unsure of claim 1: P(unsupported) 0.55', true)", [pid, annotator])
     con.close()
     client = session(serve(auditors=("ana",)))

@@ -49,15 +49,17 @@ def test_the_page_says_what_people_made_of_escalated_items_and_the_model_auditor
         con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
                     "VALUES (?, 'writer', 1, 'auditor-model', 'model', 'pass')", [item])
     # it abstained on one sampled item; the claim judge on another, outside the sample
-    con.execute("INSERT INTO escalations VALUES ('i4', 'writer', 1, 'auditor-model', 0.55, 'unsure', true), "
-                "('i5', 'writer', 1, 'claim judge', 0.48, 'unsure of claim 1', false)")
+    con.execute("INSERT INTO escalations VALUES ('i4', 'writer', 1, 'auditor-model', 0.55, 'unsure', true, NULL), "
+                "('i5', 'writer', 1, 'claim judge', 0.48, 'unsure of claim 1', false, NULL)")
     for item, verdict in (("i4", "fail"), ("i5", "pass")):
         con.execute("INSERT INTO audits (item, annotator, generation, auditor, auditor_kind, verdict) "
                     "VALUES (?, 'writer', 1, 'ana', 'human', ?)", [item, verdict])
     figures = stats(con, 1)
     assert figures["escalated"] == [
-        {"judge": "auditor-model", "items": 1, "in_sample": 1, "people's verdicts": 1, "people passed": 0},
-        {"judge": "claim judge", "items": 1, "in_sample": 0, "people's verdicts": 1, "people passed": 0 + 1}]
+        {"judge": "auditor-model", "a person decides": "annotation", "items": 1, "in_sample": 1,
+         "people's verdicts": 1, "people passed (a critique: found right)": 0},
+        {"judge": "claim judge", "a person decides": "annotation", "items": 1, "in_sample": 0,
+         "people's verdicts": 1, "people passed (a critique: found right)": 0 + 1}]
     assert figures["auditor_coverage"] == {"decided": 3, "abstained": 1, "coverage": 0.75}
     # ana's verdict on i5 (outside the sample) is not in a pass rate; the one on i4 is
     by = {r["audited by"]: r for r in figures["by_annotator"]}
