@@ -253,7 +253,9 @@ def _summary_table(s: dict) -> Table:
     c = s.get("conscience")
     if c:
         rows.append(("conscience", f"judge {c['judge']} (frozen), {c['items']} item(s), {c['unethical']} unethical, "
-                                   f"{c['pairs']} dpo pair(s) kept {c['dropped'] or ''}"))
+                                   f"{c['pairs']} dpo pair(s) kept {c['dropped'] or ''}"
+                                   + (f"; {c['abstained']} judgement(s) too unsure to decide (judges.abstain_below): "
+                                      "no pair rests on them" if c.get("abstained") else "")))
         for key, labels in c["labels"].items():
             rows.append((f"  labels ({key})", "responses " + _counts(labels["original"]) +
                          ("; rewrites " + _counts(labels["rewrite"]) if "rewrite" in labels else "")))

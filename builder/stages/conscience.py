@@ -246,6 +246,13 @@ def decided(outcome: Outcome) -> str | None:
     return outcome.graded.decided if outcome.graded else outcome.record["label"]
 
 
+def unsure(outcome: Outcome | None, config) -> bool:
+    """The judge was too unsure to decide (judges.abstain_below: its likeliest label's probability
+    is below it): no pair is made or kept on its word. Never at the default."""
+    return bool(outcome is not None and outcome.record is not None and outcome.graded
+                and config.judges.unsure(outcome.graded.probs))
+
+
 def p_of(outcome: Outcome | None, label: str) -> float | None:
     return outcome.graded.p(label) if outcome is not None and outcome.graded else None
 
@@ -281,7 +288,13 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
     for fw in frameworks:
         originals = run(JudgeTask(fw, config), [(i.prompt, i.response) for i in items])
         judgements += [Judgement(i.item_id, fw.key, "original", o) for i, o in zip(items, originals)]
-        unethical = [(i, o) for i, o in zip(items, originals) if decided(o) == "unethical"]
+        judged_unethical = [(i, o) for i, o in zip(items, originals) if decided(o) == "unethical"]
+        made: dict[int, Pair] = {n: Pair(i, fw.key, o.record["reasons"], None, None, False,  # no rewrite asked
+                                         f"the judge was unsure the response is unethical: P(unethical) "
+                                         f"{p_of(o, 'unethical'):.2f}", None, p_of(o, "unethical"))
+                                 for n, (i, o) in enumerate(judged_unethical) if unsure(o, config)}
+        asked = [n for n in range(len(judged_unethical)) if n not in made]
+        unethical = [judged_unethical[n] for n in asked]
         rewrites = run(RewriteTask(fw, config, examples=examples), [(i.prompt, i.response) for i, _ in unethical])
         fresh = [(i, o, r) for (i, o), r in zip(unethical, rewrites)
                  if r.record and r.record["response"].strip() != i.response.strip()]
@@ -289,7 +302,7 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
                     [(i.prompt, r.record["response"]) for i, _, r in fresh])
         judgements += [Judgement(i.item_id, fw.key, "rewrite", j) for (i, _, _), j in zip(fresh, again)]
         rejudged = {i.item_id: j for (i, _, _), j in zip(fresh, again)}
-        for (item, original), r in zip(unethical, rewrites):
+        for n, (item, original), r in zip(asked, unethical, rewrites):
             j = rejudged.get(item.item_id)
             label = decided(j) if j else None
             checks = run_checks(item.prompt, item.response, r.record["response"]) if r.record else None
@@ -302,14 +315,17 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
                 reason = f"the rewrite got no valid judgement: {j.reason}"
             elif label != "ethical":
                 reason = f"rewrite judged {label}"
+            elif unsure(j, config):  # ethical, but too close to call to teach from
+                label, reason = None, f"the judge was unsure the rewrite is ethical: P(ethical) {p_of(j, 'ethical'):.2f}"
             elif failing:  # the judge says ethical; the rewrite does not answer the request
                 reason = f"rewrite fails {failing[0].rule}: {failing[0].why}"
             else:
                 reason = "rewrite judged ethical and answers the request"
-            pairs.append(Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
-                              j.record["reasons"] if j and j.record else None, label == "ethical" and not failing,
-                              reason, r.call_key, p_of(original, "unethical"), p_of(j, "ethical"), checks,
-                              label == "ethical"))
+            made[n] = Pair(item, fw.key, original.record["reasons"], r.record["response"] if r.record else None,
+                           j.record["reasons"] if j and j.record else None, label == "ethical" and not failing,
+                           reason, r.call_key, p_of(original, "unethical"), p_of(j, "ethical"), checks,
+                           label == "ethical")
+        pairs += [made[n] for n in range(len(judged_unethical))]  # in the items' order, as before
     return judgements, pairs
 
 
@@ -391,6 +407,8 @@ class JudgementRow:
     probs: Json | None = doc("the labels' distribution as read", default=None, added=True)
     calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
     method: str | None = doc("logprobs | samples | scripted | decoded", default=None, added=True)
+    abstain: bool | None = doc("the judge was too unsure to decide (judges.abstain_below): no pair rests on it",
+                               default=False, added=True)
 
 
 @dataclass
@@ -472,7 +490,7 @@ class Conscience(Stage):
                          j.outcome.record["reasons"] if j.outcome.record else None, j.outcome.reason,
                          j.outcome.attempts, j.outcome.call_key, j.p,
                          j.outcome.record["label"] if j.outcome.record else None,
-                         *graded_columns(j.outcome)) for j in judgements])
+                         *graded_columns(j.outcome), unsure(j.outcome, ctx.cfg)) for j in judgements])
         PAIRS.replace_generation(ctx.con, g, [
             PairRow(g, p.item.item_id, p.framework, judge_name, p.item.prompt, p.item.response, p.chosen, p.reasons,
                     p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key, p.rejected_p, p.chosen_p,
@@ -485,6 +503,7 @@ class Conscience(Stage):
             "labels": label_distribution(judgements), "label_probabilities": label_probabilities(judgements),
             "unethical": len(ctx.pairs),
             "pairs": sum(p.kept for p in ctx.pairs),
+            "abstained": sum(unsure(j.outcome, ctx.cfg) for j in judgements),
             "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in ctx.pairs if not p.kept).items())),
             "checks": check_counts(ctx.pairs)}}
 

@@ -137,6 +137,46 @@ def test_dpo_split_trains_one_step_with_trl(conscience_built, hf_smollm2, tmp_pa
     assert math.isfinite(result.training_loss) and result.training_loss > 0
 
 
+def test_a_judge_too_unsure_to_decide_makes_no_pair_on_the_real_model(conscience_built, tmp_path):
+    """#30.5 for the conscience judge (SmolLM2): at a threshold that is the median confidence it
+    showed in this build (not picked: judgements fall on both sides whatever they were), a pair
+    never rests on a judgement below it. The rebuild reads the first build's cached answers."""
+    import shutil
+    import statistics
+
+    ws, _ = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root)
+    con = ws.connect(read_only=True)
+    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
+        "SELECT coalesce(calibrated, probs) FROM judgements WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
+    con.close()
+    threshold = statistics.median(confidence)
+    assert len(confidence) >= 2 and threshold > 0.5, confidence
+    copy = conscience_workspace(root, judges={"abstain_below": threshold})
+    summary = run_build(copy, overwrite=True)
+    con = copy.connect(read_only=True)
+    judgements = {(i, s): (a, m, json.loads(p) if p else None, label) for i, s, a, m, p, label in con.execute(
+        "SELECT item_id, subject, abstain, method, coalesce(calibrated, probs), label FROM judgements").fetchall()}
+    pairs = con.execute("SELECT item_id, kept, reason, chosen FROM pairs").fetchall()
+    con.close()
+    assert summary["model_calls"] == 0  # the same answers, read with the threshold
+    for a, method, probs, _ in judgements.values():
+        assert a == (method == "logprobs" and max(probs.values()) < threshold)
+    unsure = {k for k, (a, *_) in judgements.items() if a}
+    assert unsure and len(unsure) < len(judgements)
+    assert summary["conscience"]["abstained"] == len(unsure)
+    for item, kept, reason, chosen in pairs:
+        if (item, "original") in unsure:  # no rewrite asked
+            assert reason.startswith("the judge was unsure the response is unethical") and chosen is None and not kept
+        elif (item, "rewrite") in unsure and judgements[(item, "rewrite")][3] == "ethical":
+            assert reason.startswith("the judge was unsure the rewrite is ethical") and not kept
+        if kept:
+            assert (item, "original") not in unsure and (item, "rewrite") not in unsure
+    unsure_unethical = {i for (i, s), (a, _, _, label) in judgements.items() if a and s == "original" and label == "unethical"}
+    assert unsure_unethical <= {i for i, *_ in pairs}  # each is a pair row that says why it is no pair
+
+
 def test_a_missing_judge_checkpoint_or_column_fails_before_any_model_runs(tmp_path):
     ws = conscience_workspace(tmp_path / "a", conscience={"items": "items.jsonl", "judge": str(tmp_path / "gone.gguf")})
     with pytest.raises(ModelNotFound, match="conscience.judge: .*gone.gguf"):

@@ -1,6 +1,7 @@
 """The conscience stage and the consent gate, orchestration with scripted judges. The real
 bundled models run the same stages in test_conscience_build.py."""
 import json
+import math
 
 import duckdb
 
@@ -91,6 +92,56 @@ def test_unethical_responses_become_pairs_only_when_the_rewrite_is_judged_ethica
     rewrite_requests = [r for r in backend.requests if r.messages[0]["content"] == fw.rewrite]
     assert rewrite_requests and all("<<<RESPONSE\n| bad answer" in r.messages[1]["content"] for r in rewrite_requests)
     assert rewrite_requests[0].max_tokens == cfg.conscience.rewrite_max_tokens
+
+
+class UnsureJudge(ScriptedJudge):
+    """ScriptedJudge whose labels come with a distribution: P(written label) from `sure` (the
+    longest keyword found in the data), the rest spread evenly over the other labels."""
+
+    def __init__(self, labels, rewrites, sure):
+        super().__init__(labels, rewrites)
+        self.sure = sure
+
+    def generate(self, requests, on_response=None):
+        out = super().generate(requests)
+        for i, (r, resp) in enumerate(zip(requests, out)):
+            if r.decision and r.schema is not None:
+                field, choices = r.decision
+                written, data = json.loads(resp.text)[field], r.messages[-1]["content"]
+                top = self.sure[max((k for k in self.sure if k in data), key=len)]
+                resp.decision = {"field": field, "method": "scripted", "logprobs": {
+                    c: math.log(top if c == written else (1 - top) / (len(choices) - 1)) for c in choices}}
+            if on_response:
+                on_response(i, resp)
+        return out
+
+
+def test_a_judge_too_unsure_to_decide_makes_no_pair_and_says_so():
+    """#30.5 for the conscience judge: a response it is unsure is unethical gets no rewrite, and a
+    rewrite it is unsure is ethical is no pair; each pair says why. At the default threshold the
+    same answers make their pairs (the control)."""
+    labels = {"safe answer": "ethical", "bad answer": "unethical", "fixed": "ethical"}
+    rewrites = {"bad answer two": FIXED, "bad answer three": "too short", "bad answer four": "a sure fixed answer that helps a lot"}
+    sure = {"": 0.9, "bad answer three": 0.55, "careful fixed": 0.6, "sure fixed": 0.95}
+    items = [ITEMS[0], ITEMS[1], ITEMS[2], ITEMS[3]]
+
+    def built(abstain_below):
+        cfg = RatchetConfig.model_validate({"judgements": {"decide_by": "raw"}, "judges": {"abstain_below": abstain_below}})
+        backend = UnsureJudge(labels, rewrites, sure)
+        _, pairs = run_conscience(items, [load_framework("three-laws", Prompts())], engine_for(backend), cfg)
+        return {p.item.prompt: p for p in pairs}, backend
+
+    pairs, backend = built(0.7)
+    assert list(pairs) == ["request two", "request three", "request four"]  # the items' order
+    assert pairs["request three"].reason == "the judge was unsure the response is unethical: P(unethical) 0.55"
+    assert pairs["request three"].chosen is None and not pairs["request three"].kept
+    assert not any("bad answer three" in r.messages[-1]["content"] and r.schema is None for r in backend.requests)
+    assert pairs["request two"].reason == "the judge was unsure the rewrite is ethical: P(ethical) 0.60"
+    assert pairs["request two"].chosen == FIXED and not pairs["request two"].kept
+    assert pairs["request four"].kept and pairs["request four"].reason == "rewrite judged ethical and answers the request"
+    control, _ = built(0.5)
+    assert [p.kept for p in control.values()] == [True, False, True]  # three's rewrite: too short to be valid
+    assert control["request three"].reason.startswith("no valid rewrite")
 
 
 EXAMPLES = [Example("sft", "p1", "PASSAGE", "passage one", "REFLECTION", "reflection one"),
