@@ -269,7 +269,8 @@ def _summary_table(s: dict) -> Table:
         rows.append(("consent gate", f"{g['examples']} training example(s), vetoed {g['vetoed'] or 'none'}, "
                                      f"{g['drift_events']} drift event(s)"))
         for name, j in g["judges"].items():
-            rows.append((f"  veto rate ({name})", f"{j['veto_rate']:.0%} of {j['examples']} ({j['invalid']} without a valid answer)"))
+            rows.append((f"  veto rate ({name})", f"{j['veto_rate']:.0%} of {j['examples']} ({j['invalid']} without a valid answer"
+                                                         + (f", {j['unsure']} too unsure to decide" if j.get("unsure") else "") + ")"))
         rows.append(("  traits reinforced", _counts(g["trait_tags"]) or "none named"))
     r = s.get("ratchet")
     if r and r.get("history"):

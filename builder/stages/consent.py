@@ -39,6 +39,7 @@ class Consent:
     judge: str
     outcome: Outcome
     veto: bool
+    unsure: bool = False  # its answer was too close to call (judges.abstain_below): read as no valid answer
 
     @property
     def answer(self) -> str | None:
@@ -69,14 +70,15 @@ def tag(text: str) -> str:
 class ConsentTask(JudgingTask[Example, Consent]):
     """One judge answers for every example: a veto is P(no) above consent.veto_threshold. An
     example without a valid answer after every retry is vetoed (consent.on_invalid = "veto":
-    consent not given) or abstained on."""
+    consent not given) or abstained on; so is one whose answer the judge was too unsure of
+    (judges.abstain_below: max(P(yes), P(no)) below it), since it gives no decision either."""
     schema_name = "consent"
     field, choices = "consent", ("yes", "no")
 
     def __init__(self, prompts: Prompts, config, judge: str):
         super().__init__(Sampling.of(config, config.consent.max_tokens), label=f"consent ({judge})")
         self.prompts, self.judge, self.on_invalid = prompts, judge, config.consent.on_invalid
-        self.threshold, self.judging = config.consent.veto_threshold, config.judgements
+        self.threshold, self.judging, self.judges = config.consent.veto_threshold, config.judgements, config.judges
 
     def content_free(self, text: str) -> Example:
         return Example("sft", "content-free", "PASSAGE", text, "REFLECTION", text)
@@ -87,10 +89,12 @@ class ConsentTask(JudgingTask[Example, Consent]):
     def format_output(self, e: Example, o: Outcome) -> Consent:
         if o.record:
             o.record["trait_tag"] = tag(o.record["trait_tag"])
+        unsure = bool(o.record and o.graded and self.judges.unsure(o.graded.probs))
+        if o.record and not unsure:
             veto = o.graded.p("no") > self.threshold if o.graded else o.record["consent"] == "no"
-        else:
+        else:  # no decision: none written, or one too close to call
             veto = self.on_invalid == "veto"
-        return Consent(e.split, e.example_id, self.judge, o, veto)
+        return Consent(e.split, e.example_id, self.judge, o, veto, unsure)
 
 
 def ask(examples: list[Example], judge: str, engine, prompts: Prompts, config, on_progress=None) -> list[Consent]:
@@ -104,7 +108,7 @@ def drift_events(consents: list[Consent]) -> list[DriftEvent]:
         by_example.setdefault((c.split, c.example_id), []).append(c)
     events = []
     for (split, example_id), cs in sorted(by_example.items()):
-        answered = [c for c in cs if c.answer]
+        answered = [c for c in cs if c.answer and not c.unsure]
         if len({c.answer for c in answered}) > 1:
             events.append(DriftEvent(split, example_id, sorted(c.judge for c in answered),
                                      {c.judge: {k: c.outcome.record[k] for k in ("consent", "trait_tag", "reasons")}
@@ -122,10 +126,11 @@ def consent_metrics(consents: list[Consent], events: list[DriftEvent], top: int 
     judges: dict[str, dict] = {}
     p_no: dict[str, list[float]] = {}
     for c in consents:
-        j = judges.setdefault(c.judge, {"examples": 0, "vetoes": 0, "invalid": 0})
+        j = judges.setdefault(c.judge, {"examples": 0, "vetoes": 0, "invalid": 0, "unsure": 0})
         j["examples"] += 1
         j["vetoes"] += c.veto
         j["invalid"] += c.outcome.record is None
+        j["unsure"] += c.unsure
         if c.p_no is not None:
             p_no.setdefault(c.judge, []).append(c.p_no)
     for name, j in judges.items():
@@ -164,6 +169,8 @@ class ConsentRow:
     probs: Json | None = doc("the answer's distribution as read", default=None, added=True)
     calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
     method: str | None = doc("logprobs | samples | scripted | decoded", default=None, added=True)
+    abstain: bool | None = doc("the judge was too unsure of its answer (judges.abstain_below): read as no valid "
+                               "answer, so consent.on_invalid decides the veto", default=False, added=True)
 
 
 @dataclass
@@ -186,7 +193,7 @@ def consent_row(generation: int, c: Consent) -> ConsentRow:
     return ConsentRow(generation, c.split, c.example_id, c.judge, o.status, c.answer, c.veto,
                       (o.record or {}).get("trait"), (o.record or {}).get("trait_tag"),
                       o.record["reasons"] if o.record else None, o.reason, o.attempts, o.call_key, c.p_no,
-                      *graded_columns(o))
+                      *graded_columns(o), c.unsure)
 
 
 def training_examples(ctx: BuildContext) -> list[Example]:

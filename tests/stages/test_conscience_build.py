@@ -177,6 +177,39 @@ def test_a_judge_too_unsure_to_decide_makes_no_pair_on_the_real_model(conscience
     assert unsure_unethical <= {i for i, *_ in pairs}  # each is a pair row that says why it is no pair
 
 
+def test_a_consent_judge_too_unsure_to_decide_vetoes_on_the_real_models(conscience_built, tmp_path):
+    """#30.5 for the consent judges (SmolLM2 and Gemma): at the median confidence they showed in
+    this build (not picked), an answer below it is no decision, and consent.on_invalid (veto, the
+    default) decides. Cached answers: no model call."""
+    import shutil
+    import statistics
+
+    ws, first = conscience_built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root)
+    con = ws.connect(read_only=True)
+    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
+        "SELECT coalesce(calibrated, probs) FROM consents WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
+    con.close()
+    threshold = statistics.median(confidence)
+    assert len(confidence) >= 2 and threshold > 0.5, confidence
+    copy = conscience_workspace(root, judges={"abstain_below": threshold})
+    summary = run_build(copy, overwrite=True)
+    con = copy.connect(read_only=True)
+    rows = con.execute("SELECT split, example_id, judge, abstain, veto, method, coalesce(calibrated, probs) "
+                       "FROM consents").fetchall()
+    vetoed = {(s, e) for s, e in con.execute("SELECT split, example_id FROM vetoes").fetchall()}
+    con.close()
+    assert summary["model_calls"] == 0
+    for split, example, judge, abstain, veto, method, probs in rows:
+        assert abstain == (method == "logprobs" and max(json.loads(probs).values()) < threshold)
+        if abstain:
+            assert veto and (split, example) in vetoed  # no decision: consent not given
+    unsure = sum(r[3] for r in rows)
+    assert 0 < unsure < len(rows)
+    assert sum(j["unsure"] for j in summary["consent"]["judges"].values()) == unsure
+
+
 def test_a_missing_judge_checkpoint_or_column_fails_before_any_model_runs(tmp_path):
     ws = conscience_workspace(tmp_path / "a", conscience={"items": "items.jsonl", "judge": str(tmp_path / "gone.gguf")})
     with pytest.raises(ModelNotFound, match="conscience.judge: .*gone.gguf"):

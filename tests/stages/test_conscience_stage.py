@@ -162,7 +162,8 @@ def test_a_veto_from_any_judge_excludes_and_disagreement_is_a_drift_event():
     assert events[0].said["gen0"]["consent"] == "yes"
     m = consent_metrics(consents, events)
     # decide_by = generated: P(no) is the written answer, 1 or 0
-    assert m["judges"]["gen1"] == {"examples": 2, "vetoes": 1, "invalid": 0, "veto_rate": 0.5, "mean_p_no": 0.5}
+    assert m["judges"]["gen1"] == {"examples": 2, "vetoes": 1, "invalid": 0, "unsure": 0, "veto_rate": 0.5,
+                                   "mean_p_no": 0.5}
     assert m["vetoed"] == {"dpo": 1} and m["drift_events"] == 1
     assert m["trait_tags"] == {"helpful-coder": 2}  # only the examples that go to training count
 
@@ -175,6 +176,30 @@ def test_no_valid_answer_vetoes_by_default_or_abstains_when_configured():
     lenient = RatchetConfig.model_validate({"annotate": {"retries": 0}, "consent": {"on_invalid": "abstain"}, **WRITTEN})
     assert not any(c.veto for c in ask(EXAMPLES, "j", engine_for(garbage), Prompts(), lenient))
     assert drift_events(strict) == []  # no answer is not a disagreement
+
+
+def test_a_consent_too_unsure_to_decide_is_read_as_no_valid_answer():
+    """#30.5 for the consent judges: an answer whose likeliest value is below judges.abstain_below
+    is no decision, so consent.on_invalid decides (veto by default), and it is no disagreement."""
+    sure = {"": 0.9, "passage one": 0.55}  # P of the written answer: the reflection's judge is unsure
+
+    def asked(**sections):
+        cfg = RatchetConfig.model_validate({"judgements": {"decide_by": "raw"}, **sections})
+        return {c.split: c for c in ask(EXAMPLES, "j", engine_for(UnsureJudge({}, {}, sure)), Prompts(), cfg)}
+
+    control = asked()  # the default 0.5: both answers stand (yes, P(no) 0.45 and 0.1 under the 0.5 veto threshold)
+    assert not any(c.veto or c.unsure for c in control.values())
+    strict = asked(judges={"abstain_below": 0.7})
+    assert strict["sft"].unsure and strict["sft"].veto and strict["sft"].answer == "yes"  # vetoed: no decision
+    assert not strict["dpo"].unsure and not strict["dpo"].veto
+    lenient = asked(judges={"abstain_below": 0.7}, consent={"on_invalid": "abstain"})
+    assert lenient["sft"].unsure and not lenient["sft"].veto
+    other = ask(EXAMPLES, "k", engine_for(ScriptedJudge({}, {}, {"passage one": NO})), Prompts(),
+                RatchetConfig.model_validate(WRITTEN))
+    assert drift_events(list(strict.values()) + other) == []  # an unsure yes does not disagree with a sure no
+    assert drift_events(list(control.values()) + other)  # read as sure, it does
+    m = consent_metrics(list(strict.values()), [])
+    assert m["judges"]["j"]["unsure"] == 1 and m["judges"]["j"]["vetoes"] == 1
 
 
 def test_consent_prompt_marks_the_example_as_data():
