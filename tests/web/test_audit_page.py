@@ -349,6 +349,36 @@ def human_critique_audits(ws):
     return rows
 
 
+def test_a_critique_whose_critic_abstained_leads_the_queue_and_says_why(golden_critiques, tmp_path):
+    """#30.5 and #31.4: a critic too unsure to vote puts its critique, not the annotation, first on
+    the page, with its doubt shown and the critic unnamed. The escalated critique is the last one
+    in the queue's order before, so the order is the escalation's."""
+    shutil.copytree(golden_critiques, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    before = Running(ws, auditors=("ana",))
+    try:
+        queue = before.server.queues["ana"]
+    finally:
+        before.stop()
+    last = next(x for x in reversed(queue) if len(x.key) == 3)  # (item, annotator, critic): a critique
+    assert last is not queue[0] and not any(x.needs_person for x in queue)
+    item, annotator, critic = last.key
+    why = "the critic was unsure of its verdict (survives 0.48, reject 0.30, revise 0.22): its vote was left out"
+    con = ws.connect()
+    con.execute("INSERT INTO escalations (item, annotator, generation, judge, p, reason, in_sample, critic) "
+                "VALUES (?, ?, 1, ?, 0.59, ?, true, ?)", [item, annotator, critic, why, critic])
+    con.close()
+    running = Running(ws, auditors=("ana",))
+    try:
+        assert running.server.queues["ana"][0].key == (item, annotator, critic)
+        client = session(running)
+        page = client.get(client.get("/queue").headers["location"]).text
+        assert f"Needs a person:</b> {why}" in page
+        assert critic not in page and "A critique to check." in page
+    finally:
+        running.stop()
+
+
 def test_two_auditors_audit_critiques_too_with_the_keyboard(golden_critiques, tmp_path, browser):
     """#31.4: the page serves the critique sample beside the annotation sample: the passage, the
     reflection, what the critic said of each claim (never who it is); p/f say whether the critique
