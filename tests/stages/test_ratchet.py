@@ -382,6 +382,10 @@ def test_two_generations_on_smollm2_never_lower_the_mean_panel_score(tmp_path):
     assert len(set(verdict_scores)) > 1, verdict_scores
     for g in (1, 2):
         assert len({s for s, in con.execute("SELECT score FROM panel_verdicts WHERE generation = ?", [g]).fetchall()}) > 1
+    # ... and not only through the grounding verifier, a rule: the model judge's own scores vary too (#32.5)
+    model_scores = {s for s, in con.execute("SELECT score FROM panel_verdicts WHERE critic = 'smollm2-critic' "
+                                            "AND score IS NOT NULL").fetchall()}
+    assert len(model_scores) > 1, model_scores
     for pid, decision, score, parent_score, new_score, annotator, source in two:
         assert score >= one[pid]  # per passage, never lower
         if parent_score is not None:
