@@ -222,7 +222,7 @@ class EscalationRow:
     generation: int
     judge: str = doc("the judge that abstained: the model auditor's name, `claim judge` or `note judge`")
     p: float = doc("the judge's probability: P(pass) of the auditor, P(unsupported) of the claim or note judge's "
-                   "least sure claim or sentence")
+                   "least sure claim or sentence, a critic's likeliest verdict's probability")
     reason: str = doc("what the judge could not decide, as the audit page shows it")
     in_sample: bool = doc("the item is in the secret audit sample; false: a person sees it only because a judge "
                           "abstained, and its verdicts stay out of pass rates (a sample chosen by doubt is not random)")
@@ -421,11 +421,12 @@ def critic_escalations(con, generation: int, secret: bytes, rate: float) -> list
     """The critiques whose critic abstained (critiques.abstain): not votes; a person says whether
     the critique is right, as for any critique in the sample."""
     rows = []
-    for item, annotator, critic, score, probs in con.execute(
-            "SELECT passage_id, annotator, critic, score, coalesce(calibrated, probs) FROM critiques WHERE generation = ? "
+    for item, annotator, critic, probs in con.execute(
+            "SELECT passage_id, annotator, critic, coalesce(calibrated, probs) FROM critiques WHERE generation = ? "
             "AND status = 'accepted' AND abstain ORDER BY passage_id, annotator, critic", [generation]).fetchall():
-        spread = ", ".join(f"{v} {p:.2f}" for v, p in sorted(json.loads(probs).items(), key=lambda kv: -kv[1]))
-        rows.append(EscalationRow(item, annotator, generation, critic, score,
+        ranked = sorted(json.loads(probs).items(), key=lambda kv: -kv[1])
+        spread = ", ".join(f"{v} {p:.2f}" for v, p in ranked)
+        rows.append(EscalationRow(item, annotator, generation, critic, ranked[0][1],
                                   f"the critic was unsure of its verdict ({spread}): its vote was left out",
                                   is_critique_selected(secret, item, annotator, critic, generation, rate), critic))
     return rows
@@ -446,7 +447,7 @@ def escalated_critiques(con, generation: int) -> dict[tuple[str, str, str], str]
     if not ESCALATIONS.exists(con):
         return {}
     rows = con.execute("SELECT item, annotator, critic, reason FROM escalations WHERE generation = ? "
-                       "AND critic IS NOT NULL ORDER BY abs(p - 0.5), item, annotator, critic", [generation]).fetchall()
+                       "AND critic IS NOT NULL ORDER BY p, item, annotator, critic", [generation]).fetchall()
     return {(item, annotator, critic): why for item, annotator, critic, why in rows}
 
 

@@ -193,6 +193,7 @@ def test_a_critic_too_unsure_to_vote_is_left_out_of_the_score_and_its_critique_g
     sampled = critique_sample(con, secret, 1, 0.25)
     why = escalated_critiques(con, 1)
     con.close()
+    con2 = ws.connect(read_only=True)
     abstained = {(p, a, c) for p, a, c, abstain, _, _ in critiques if abstain}
     assert 0 < len(abstained) < len(critiques)  # the band splits them: some vote, some do not
     for p, a, c, abstain, score, probs in critiques:
@@ -208,6 +209,12 @@ def test_a_critic_too_unsure_to_vote_is_left_out_of_the_score_and_its_critique_g
     assert {(i, a, c) for i, a, j, c, _, _ in escalations} == abstained and all(j == c for _, _, j, c, _, _ in escalations)
     assert {(i, a, c) for i, a, _, c, inside, _ in escalations if inside} == abstained & set(sampled)
     assert all(r.startswith("the critic was unsure of its verdict (") for *_, r in escalations)
+    likeliest = {(p, a, c): max(json.loads(probs).values()) for p, a, c, _, _, probs in critiques}
+    sureness = dict(((i, a, c), p) for i, a, c, p in con2.execute("SELECT item, annotator, critic, p FROM escalations")
+                    .fetchall())
+    assert sureness == pytest.approx({k: likeliest[k] for k in abstained})  # p: its likeliest verdict's probability
+    assert [sureness[k] for k in why] == sorted(sureness.values())  # the least sure first
+    con2.close()
     # the page: escalated critiques first, with why, then the rest of the secret critique sample
     assert [x.key for x in queue[:len(why)]] == list(why) and set(why) == abstained
     assert all(x.needs_person == why[x.key] for x in queue[:len(why)])
