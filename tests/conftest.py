@@ -168,6 +168,20 @@ def conscience_workspace(root, lines=LINES, **sections):
     return Workspace(root)
 
 
+def median_confidence(ws, sql: str) -> float:
+    """The median of the distinct confidences (the likeliest value's probability) that a real
+    build's judge showed, `sql` selecting the deciding distributions: a threshold nobody picked,
+    so that judgements fall on both sides of it whatever they were."""
+    import statistics
+
+    con = ws.connect(read_only=True)
+    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(sql).fetchall()})
+    con.close()
+    threshold = statistics.median(confidence)
+    assert len(confidence) >= 2 and threshold > 0.5, confidence
+    return threshold
+
+
 @pytest.fixture(scope="session")
 def conscience_built(tmp_path_factory):
     """One real build of the code-hacking items (conscience and consent on, explored split kept),

@@ -94,25 +94,26 @@ class AuditorQueue:
         return (fresh or open_ or [None])[0]
 
 
-def load_sample(con, secret: bytes, generation: int, rate: float) -> list[SampledItem]:
-    """The items a person audits: those a judge abstained on (each with why), then the secret sample."""
-    why = escalated(con, generation)
-    keys = [*why, *(k for k in sample(con, secret, generation, rate) if k not in why)]
-    items = sampled_items(con, keys, generation)
+def escalated_first(why: dict, sampled: list, read) -> list:
+    """The items a judge abstained on (`why`: key -> why, least sure first), then the rest of the
+    secret sample, read by `read(keys)`, each escalated one carrying why."""
+    items = read([*why, *(k for k in sampled if k not in why)])
     for x in items:
         x.needs_person = why.get(x.key)
     return items
 
 
+def load_sample(con, secret: bytes, generation: int, rate: float) -> list[SampledItem]:
+    """The items a person audits: those a judge abstained on (each with why), then the secret sample."""
+    return escalated_first(escalated(con, generation), sample(con, secret, generation, rate),
+                           lambda keys: sampled_items(con, keys, generation))
+
+
 def load_critiques(con, secret: bytes, generation: int, rate: float) -> list[SampledCritique]:
     """The critiques a person audits: those whose critic abstained (each with why), then the
     secret critique sample (`ratchet audit export`'s)."""
-    why = escalated_critiques(con, generation)
-    keys = [*why, *(k for k in critique_sample(con, secret, generation, rate) if k not in why)]
-    critiques = sampled_critiques(con, keys, generation)
-    for x in critiques:
-        x.needs_person = why.get(x.key)
-    return critiques
+    return escalated_first(escalated_critiques(con, generation), critique_sample(con, secret, generation, rate),
+                           lambda keys: sampled_critiques(con, keys, generation))
 
 
 def reload(con, x: Item, generation: int) -> Item | None:

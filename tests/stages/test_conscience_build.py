@@ -14,7 +14,7 @@ from builder.stages.conscience import ConscienceError
 from builder.models import ModelNotFound
 from builder.pair_checks import RULES, code_blocks
 
-from ..conftest import LINES, conscience_workspace, scenario_rows
+from ..conftest import LINES, conscience_workspace, median_confidence, scenario_rows
 
 pytestmark = pytest.mark.slow
 
@@ -137,24 +137,24 @@ def test_dpo_split_trains_one_step_with_trl(conscience_built, hf_smollm2, tmp_pa
     assert math.isfinite(result.training_loss) and result.training_loss > 0
 
 
+def rebuilt_at_median(built, root, table: str):
+    """A copy of the conscience build rebuilt on its cached answers with judges.abstain_below at
+    the median confidence its `table`'s judgements showed: (workspace, summary, threshold)."""
+    import shutil
+
+    ws, _ = built
+    shutil.copytree(ws.root, root)
+    threshold = median_confidence(ws, f"SELECT coalesce(calibrated, probs) FROM {table} WHERE status = 'accepted' "
+                                      "AND method = 'logprobs'")
+    copy = conscience_workspace(root, judges={"abstain_below": threshold})
+    return copy, run_build(copy, overwrite=True), threshold
+
+
 def test_a_judge_too_unsure_to_decide_makes_no_pair_on_the_real_model(conscience_built, tmp_path):
     """#30.5 for the conscience judge (SmolLM2): at a threshold that is the median confidence it
     showed in this build (not picked: judgements fall on both sides whatever they were), a pair
     never rests on a judgement below it. The rebuild reads the first build's cached answers."""
-    import shutil
-    import statistics
-
-    ws, _ = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root)
-    con = ws.connect(read_only=True)
-    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
-        "SELECT coalesce(calibrated, probs) FROM judgements WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
-    con.close()
-    threshold = statistics.median(confidence)
-    assert len(confidence) >= 2 and threshold > 0.5, confidence
-    copy = conscience_workspace(root, judges={"abstain_below": threshold})
-    summary = run_build(copy, overwrite=True)
+    copy, summary, threshold = rebuilt_at_median(conscience_built, tmp_path / "ws", "judgements")
     con = copy.connect(read_only=True)
     judgements = {(i, s): (a, m, json.loads(p) if p else None, label) for i, s, a, m, p, label in con.execute(
         "SELECT item_id, subject, abstain, method, coalesce(calibrated, probs), label FROM judgements").fetchall()}
@@ -181,20 +181,7 @@ def test_a_consent_judge_too_unsure_to_decide_vetoes_on_the_real_models(conscien
     """#30.5 for the consent judges (SmolLM2 and Gemma): at the median confidence they showed in
     this build (not picked), an answer below it is no decision, and consent.on_invalid (veto, the
     default) decides. Cached answers: no model call."""
-    import shutil
-    import statistics
-
-    ws, first = conscience_built
-    root = tmp_path / "ws"
-    shutil.copytree(ws.root, root)
-    con = ws.connect(read_only=True)
-    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
-        "SELECT coalesce(calibrated, probs) FROM consents WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
-    con.close()
-    threshold = statistics.median(confidence)
-    assert len(confidence) >= 2 and threshold > 0.5, confidence
-    copy = conscience_workspace(root, judges={"abstain_below": threshold})
-    summary = run_build(copy, overwrite=True)
+    copy, summary, threshold = rebuilt_at_median(conscience_built, tmp_path / "ws", "consents")
     con = copy.connect(read_only=True)
     rows = con.execute("SELECT split, example_id, judge, abstain, veto, method, coalesce(calibrated, probs) "
                        "FROM consents").fetchall()

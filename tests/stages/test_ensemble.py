@@ -14,7 +14,7 @@ from builder.compile import split_path
 from builder.prompts import Prompts
 from builder.workspace import Workspace
 
-from ..conftest import SHORT_PASSAGES, write_workspace
+from ..conftest import SHORT_PASSAGES, median_confidence, write_workspace
 
 pytestmark = pytest.mark.slow
 # Two families that both annotate and critique (the default ensemble before Qwen became its writer), and the verifier.
@@ -158,7 +158,6 @@ def test_critics_too_unsure_to_vote_are_left_out_and_their_critiques_lead_the_pa
     fall on both sides whatever they were. The rebuild reads the first build's cached answers."""
     import json
     import shutil
-    import statistics
 
     from builder.stages.audit import load_secret
     from builder.web.queue import load_critiques
@@ -166,12 +165,8 @@ def test_critics_too_unsure_to_vote_are_left_out_and_their_critiques_lead_the_pa
     ws, _, _ = ensemble_build
     root = tmp_path / "ws"
     shutil.copytree(ws.root, root)
-    con = ws.connect(read_only=True)
-    confidence = sorted({round(max(json.loads(p).values()), 4) for (p,) in con.execute(
-        "SELECT coalesce(calibrated, probs) FROM critiques WHERE status = 'accepted' AND method = 'logprobs'").fetchall()})
-    con.close()
-    threshold = statistics.median(confidence)
-    assert len(confidence) >= 2 and threshold > 0.5, confidence
+    threshold = median_confidence(ws, "SELECT coalesce(calibrated, probs) FROM critiques WHERE status = 'accepted' "
+                                      "AND method = 'logprobs'")
     write_workspace(root, None, sampling={"max_tokens": 384}, ensemble=DEFAULT_ENSEMBLE, judges={"abstain_below": threshold})
     copy = Workspace(root)
     summary = run_build(copy, overwrite=True)
