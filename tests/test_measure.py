@@ -144,7 +144,7 @@ def test_a_build_does_not_ask_a_critic_measured_at_chance(tmp_path):
     con.close()
     summary = run_build(ws)
     assert summary["votes"] == {"weights_from": "validity", "weight": {"critic": 0.0, "grounding": PRIOR_WEIGHT},
-                                "not_asked": ["critic"]}
+                                "not_asked": ["critic"], "abstained": 0}
     con = ws.connect(read_only=True)
     critics = con.execute("SELECT DISTINCT critic FROM critiques WHERE generation = 1").fetchall()
     kept = con.execute("SELECT count(*) FROM selections WHERE generation = 1 AND annotator IS NOT NULL").fetchone()[0]
