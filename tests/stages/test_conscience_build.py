@@ -166,6 +166,8 @@ def test_a_judge_too_unsure_to_decide_makes_no_pair_on_the_real_model(conscience
     unsure = {k for k, (a, *_) in judgements.items() if a}
     assert unsure and len(unsure) < len(judgements)
     assert summary["conscience"]["abstained"] == len(unsure)
+    card = " ".join((copy.generation_dir(1) / "README.md").read_text().split())
+    assert f"{len(unsure)} judgement(s) were too unsure to decide" in card
     for item, kept, reason, chosen in pairs:
         if (item, "original") in unsure:  # no rewrite asked
             assert reason.startswith("the judge was unsure the response is unethical") and chosen is None and not kept
@@ -195,6 +197,8 @@ def test_a_consent_judge_too_unsure_to_decide_vetoes_on_the_real_models(conscien
     unsure = sum(r[3] for r in rows)
     assert 0 < unsure < len(rows)
     assert sum(j["unsure"] for j in summary["consent"]["judges"].values()) == unsure
+    card = " ".join((copy.generation_dir(1) / "README.md").read_text().split())
+    assert f"{unsure} answer(s) were too close to call" in card and 'consent.on_invalid = "veto"' in card
 
 
 def test_a_missing_judge_checkpoint_or_column_fails_before_any_model_runs(tmp_path):

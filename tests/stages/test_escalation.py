@@ -224,6 +224,8 @@ def test_a_critic_too_unsure_to_vote_is_left_out_of_the_score_and_its_critique_g
     con.close()
     needs = summary["audit"]["needs_a_person"]
     assert needs["items"] == len(abstained) and summary["votes"]["abstained"] == len(abstained)
+    card = " ".join((ws.generation_dir(1) / "README.md").read_text().split())
+    assert f"{len(abstained)} critique(s) were too unsure to vote" in card
     assert needs["outside_the_sample"] == len(abstained - set(sampled))
 
 
@@ -235,4 +237,5 @@ def test_at_the_default_threshold_every_critique_votes(unsure_critics):
     assert con.execute(same).fetchall() == other.execute(same).fetchall()  # the same answers, read twice
     assert con.execute("SELECT count(*) FROM critiques WHERE abstain").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM escalations").fetchone()[0] == 0 and summary["votes"]["abstained"] == 0
+    assert "too unsure" not in (control.generation_dir(1) / "README.md").read_text()  # the card as before
     con.close(), other.close()
