@@ -320,15 +320,14 @@ class JudgesConfig(Section):
                                  "critics' judgements go to the top of the audit page's queue; a critic's "
                                  "confidence is its likeliest verdict's probability); 0.5: never abstain.")
 
-    def abstains(self, p: float | None) -> bool:
-        """A model's probability too close to even to decide on (Trust or Escalate)."""
-        return p is not None and max(p, 1 - p) < self.abstain_below
-
     def unsure(self, probs: dict[str, float] | None) -> bool:
-        """abstains() for a judgement over any number of values: its likeliest value's probability
-        is below the threshold (for yes/no, max(p, 1 - p): the same). At 0.5 nothing abstains,
-        though a three-way verdict can be below one half."""
+        """A judgement too close to call (Trust or Escalate): its likeliest value's probability is
+        below the threshold. At 0.5 nothing abstains, though a three-way verdict can sit below one half."""
         return bool(probs) and self.abstain_below > 0.5 and max(probs.values()) < self.abstain_below
+
+    def abstains(self, p: float | None) -> bool:
+        """unsure() of a yes/no probability: max(p, 1 - p) below the threshold."""
+        return p is not None and self.unsure({"yes": p, "no": 1 - p})
 
 
 # Tokens a passage's prompt takes besides the passage: the built-in annotation prompts (system,

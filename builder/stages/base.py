@@ -160,6 +160,14 @@ class JudgingTask(ModelTask[Item, Row]):
         """An item like the task's, with its content replaced by `text`."""
 
 
+def abstains(outcome: Outcome | None, judges) -> bool:
+    """A valid judgement whose distribution is too close to call under judges.abstain_below
+    (config.JudgesConfig.unsure); None judges: never. The critics, the conscience judge and the
+    consent judges read their abstentions here."""
+    return bool(judges and outcome is not None and outcome.record is not None and outcome.graded
+                and judges.unsure(outcome.graded.probs))
+
+
 def graded_columns(outcome: Outcome) -> tuple:
     """(probs, calibrated, method) of an outcome, for the columns every judging table has."""
     g = outcome.graded

@@ -31,7 +31,7 @@ from ..resources import EXAMPLES_DIR
 from ..prompts import LINE_MARK, Prompts, datamark
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, JudgingTask, ModelTask, Sampling, Stage, graded_columns, run_task
+from .base import BuildContext, JudgingTask, ModelTask, Sampling, Stage, abstains, graded_columns, run_task
 
 LABELS = ("ethical", "neutral", "unethical")
 FRAMEWORK_KEYS = ("name", "question", "principles", "classify", "rewrite")
@@ -246,13 +246,6 @@ def decided(outcome: Outcome) -> str | None:
     return outcome.graded.decided if outcome.graded else outcome.record["label"]
 
 
-def unsure(outcome: Outcome | None, config) -> bool:
-    """The judge was too unsure to decide (judges.abstain_below: its likeliest label's probability
-    is below it): no pair is made or kept on its word. Never at the default."""
-    return bool(outcome is not None and outcome.record is not None and outcome.graded
-                and config.judges.unsure(outcome.graded.probs))
-
-
 def p_of(outcome: Outcome | None, label: str) -> float | None:
     return outcome.graded.p(label) if outcome is not None and outcome.graded else None
 
@@ -292,7 +285,7 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
         made: dict[int, Pair] = {n: Pair(i, fw.key, o.record["reasons"], None, None, False,  # no rewrite asked
                                          f"the judge was unsure the response is unethical: P(unethical) "
                                          f"{p_of(o, 'unethical'):.2f}", None, p_of(o, "unethical"))
-                                 for n, (i, o) in enumerate(judged_unethical) if unsure(o, config)}
+                                 for n, (i, o) in enumerate(judged_unethical) if abstains(o, config.judges)}
         asked = [n for n in range(len(judged_unethical)) if n not in made]
         unethical = [judged_unethical[n] for n in asked]
         rewrites = run(RewriteTask(fw, config, examples=examples), [(i.prompt, i.response) for i, _ in unethical])
@@ -315,7 +308,7 @@ def run_conscience(items: list[Item], frameworks: list[Framework], engine, confi
                 reason = f"the rewrite got no valid judgement: {j.reason}"
             elif label != "ethical":
                 reason = f"rewrite judged {label}"
-            elif unsure(j, config):  # ethical, but too close to call to teach from
+            elif abstains(j, config.judges):  # ethical, but too close to call to teach from
                 label, reason = None, f"the judge was unsure the rewrite is ethical: P(ethical) {p_of(j, 'ethical'):.2f}"
             elif failing:  # the judge says ethical; the rewrite does not answer the request
                 reason = f"rewrite fails {failing[0].rule}: {failing[0].why}"
@@ -485,12 +478,13 @@ class Conscience(Stage):
                                                ctx.prompts.rewrite_examples)
         CONSCIENCE_ITEMS.replace_generation(ctx.con, g, [ConscienceItemRow(g, i.item_id, i.source, i.prompt, i.response)
                                                          for i in given.items], on_conflict="ignore")
-        JUDGEMENTS.replace_generation(ctx.con, g, [
+        rows = [
             JudgementRow(g, j.item_id, j.framework, j.subject, judge_name, j.outcome.status, j.label,
                          j.outcome.record["reasons"] if j.outcome.record else None, j.outcome.reason,
                          j.outcome.attempts, j.outcome.call_key, j.p,
                          j.outcome.record["label"] if j.outcome.record else None,
-                         *graded_columns(j.outcome), unsure(j.outcome, ctx.cfg)) for j in judgements])
+                         *graded_columns(j.outcome), abstains(j.outcome, ctx.cfg.judges)) for j in judgements]
+        JUDGEMENTS.replace_generation(ctx.con, g, rows)
         PAIRS.replace_generation(ctx.con, g, [
             PairRow(g, p.item.item_id, p.framework, judge_name, p.item.prompt, p.item.response, p.chosen, p.reasons,
                     p.chosen_reasons or None, p.kept, p.reason, p.rewrite_key, p.rejected_p, p.chosen_p,
@@ -503,7 +497,7 @@ class Conscience(Stage):
             "labels": label_distribution(judgements), "label_probabilities": label_probabilities(judgements),
             "unethical": len(ctx.pairs),
             "pairs": sum(p.kept for p in ctx.pairs),
-            "abstained": sum(unsure(j.outcome, ctx.cfg) for j in judgements),
+            "abstained": sum(r.abstain for r in rows),
             "dropped": dict(sorted(Counter(p.reason.split(":")[0] for p in ctx.pairs if not p.kept).items())),
             "checks": check_counts(ctx.pairs)}}
 

@@ -18,7 +18,7 @@ from ..config import model_short_name
 from ..prompts import Prompts
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, JudgingTask, Sampling, Stage, graded_columns, run_task
+from .base import BuildContext, JudgingTask, Sampling, Stage, abstains, graded_columns, run_task
 
 
 @dataclass
@@ -89,7 +89,7 @@ class ConsentTask(JudgingTask[Example, Consent]):
     def format_output(self, e: Example, o: Outcome) -> Consent:
         if o.record:
             o.record["trait_tag"] = tag(o.record["trait_tag"])
-        unsure = bool(o.record and o.graded and self.judges.unsure(o.graded.probs))
+        unsure = abstains(o, self.judges)
         if o.record and not unsure:
             veto = o.graded.p("no") > self.threshold if o.graded else o.record["consent"] == "no"
         else:  # no decision: none written, or one too close to call

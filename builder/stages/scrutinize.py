@@ -11,7 +11,7 @@ from ..prompts import Prompts
 from ..resources import load_schema
 from ..structured import Outcome
 from ..tables import Json, Table, doc
-from .base import BuildContext, JudgingTask, Sampling, Stage, run_task
+from .base import BuildContext, JudgingTask, Sampling, Stage, abstains, run_task
 from .reputation import KINDS, critic_record_counts, critic_record_means
 
 PRIOR_WEIGHT = 0.5  # mean of Beta(1, 1): a member never audited, no evidence either way
@@ -100,7 +100,7 @@ class CritiqueTask(JudgingTask[Task, CritiqueRow]):
         return CritiqueRow(self.generation, t.passage_id, t.author, self.critic.name, o.status, rec.get("verdict"),
                            rec.get("claim_verdicts"), rec.get("objections"), self.weight, o.reason, o.attempts,
                            o.call_key, verdict_score(g), g.raw if g else None, g.calibrated if g else None,
-                           g.method if g else None, bool(g and self.judges and self.judges.unsure(g.probs)))
+                           g.method if g else None, abstains(o, self.judges))
 
 
 def critique(tasks: list[Task], critic, engine, prompts: Prompts, config, on_progress=None,
