@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,21 @@ from builder.resources import EXAMPLES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one worker a core), each worker is pinned to a core of
+    its own, and everything it starts (llama-server, torch, a Ray node, Chromium) inherits that:
+    engines told "all cores" take the one core (builder.backends.base.usable_cores). Two
+    one-thread engines side by side answer about 1.5 times as fast as one two-thread engine on
+    these 2 cores (llama.cpp's threads scale poorly), where two two-thread engines would spin
+    against each other."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and workers > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= workers:
+            os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
 class TextBackend(Backend):

@@ -6,6 +6,7 @@ ready, so the caller can store it at once: a build stopped halfway keeps what it
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -55,6 +56,16 @@ class Response:
 
 
 OnResponse = Callable[[int, Response], None]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a cgroup's cpuset, a pinned
+    test worker), not the machine's count. An engine told "all cores" that starts more threads
+    than it may use spins them against each other on the same core."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def context_overflow(prompt_tokens: int, request: Request, n_ctx: int) -> Response | None:

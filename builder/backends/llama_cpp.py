@@ -11,7 +11,6 @@ prompt, so llama.cpp reuses their evaluated prefix from one call to the next.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from pydantic import Field
 
 from ..models import file_sha256, resolve_model
 from .gguf_header import GGUFFacts, read_facts
-from .base import Engine, EngineConfig, EngineError, Request, Response, SequentialBackend, context_overflow
+from .base import Engine, EngineConfig, EngineError, Request, Response, SequentialBackend, context_overflow, usable_cores
 from .choices import Step, read_decision, top_k
 
 if TYPE_CHECKING:  # llama_cpp loads its shared library on import: only engines that run load it
@@ -35,7 +34,7 @@ GRAMMAR_MAX_VOCAB = 131_072
 class GGUFKeys(EngineConfig):
     """The keys of every engine that runs a GGUF file with llama.cpp."""
     n_ctx: int = Field(4096, ge=256, description="Context window in tokens (llama_server: per slot).")
-    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = every core this process may use.")
     constrained: Literal["auto", "grammar", "validate"] = Field(
         "auto", description="grammar = constrain decoding to the JSON Schema; validate = decode freely, validate and "
         "retry; auto = grammar, except in-process for a huge vocabulary (Gemma's 262k tokens: ~2.5 s/token in "
@@ -178,7 +177,7 @@ class LlamaCppBackend(LlamaPrompting, SequentialBackend):
         Llama = load_llama_cpp().Llama
 
         # llama-cpp-python's default is half the cores; 0 here means all of them.
-        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
+        self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads or usable_cores(),
                          n_batch=512, verbose=False)
         self._setup_prompting(constrained, read_facts(self.model_path))
         self._grammars: dict[str, LlamaGrammar] = {}

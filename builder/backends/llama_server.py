@@ -45,7 +45,7 @@ import httpx
 from pydantic import Field
 
 from ..models import resolve_model
-from .base import (Backend, Engine, EngineError, OnResponse, Request, Response, as_answered, context_overflow,
+from .base import (Backend, usable_cores, Engine, EngineError, OnResponse, Request, Response, as_answered, context_overflow,
                    request_pool)
 from .choices import TOP_K, Step, read_decision
 from .gguf_header import read_facts
@@ -253,7 +253,7 @@ class LlamaServerBackend(LlamaPrompting, Backend):
                  startup_timeout_s: float = 120.0, max_restarts: int = 1, port_attempts: int = 3):
         self.model_path = Path(model_path)
         self.binary = Path(binary)
-        self.n_ctx, self.slots, self.threads = n_ctx, slots, threads or os.cpu_count() or 1
+        self.n_ctx, self.slots, self.threads = n_ctx, slots, threads or usable_cores()
         self.prompt_cache = prompt_cache
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.startup_timeout_s, self.max_restarts, self.port_attempts = startup_timeout_s, max_restarts, port_attempts

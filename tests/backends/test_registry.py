@@ -3,6 +3,9 @@ class and one registry line; a key of another engine is an error naming both; no
 builder/backends/ names an engine."""
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -156,3 +159,16 @@ def test_an_engine_started_elsewhere_is_the_one_the_default_picked_here():
     assert loaded.backend == "llama_server" and loaded.slots == 2 and loaded.n_ctx == 1024
     explicit = registry.parse({"backend": "scripted", "model": "m"})
     assert registry.as_loaded(explicit, Loaded()) is explicit
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_all_cores_means_the_cores_the_process_may_use():
+    """An engine told `threads = 0` under taskset (or a pinned test worker, or a cgroup cpuset)
+    starts one thread per core it may run on, not one per core of the machine."""
+    code = "from builder.backends.base import usable_cores; print(usable_cores())"
+    core = min(os.sched_getaffinity(0))
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(pinned.stdout) == 1
+    assert int(free.stdout) == len(os.sched_getaffinity(0))
