@@ -20,6 +20,11 @@ def pytest_configure(config):
     against each other."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw"):
+        # A worker starts with COLUMNS=80 in its environment, which rich's consoles would keep
+        # for good at import: tests that widen the console (CliRunner(env={"COLUMNS": ...})) could not.
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
     if worker.startswith("gw") and workers > 1 and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) >= workers:
@@ -98,18 +103,51 @@ SHORT_PASSAGES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    """One real build on the bundled model, shared by the tests that read its outputs."""
+def built_once(tmp_path_factory, name: str, make):
+    """A session's real build, made once for the whole run: `make(root)` builds a workspace at
+    root and returns its summary. Under pytest-xdist the first worker to ask builds it in the
+    run's shared temporary folder, under a lock, and the others wait for it; every worker then
+    gets a copy of its own, so a test that writes into its workspace never changes another
+    worker's (a workspace holds no absolute path of its own: copies build and rebuild alike)."""
+    import pickle
+    import shutil
+
+    from filelock import FileLock
+
+    from builder.workspace import Workspace
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{name}" if worker else tmp_path_factory.mktemp(name)
+    summary_file = shared / "summary.pickle"
+    with FileLock(str(shared) + ".lock"):
+        if not summary_file.exists():
+            shared.mkdir(parents=True, exist_ok=True)
+            summary = make(shared / "ws")
+            summary_file.write_bytes(pickle.dumps(summary))
+    if not worker:
+        return Workspace(shared / "ws"), pickle.loads(summary_file.read_bytes())
+    root = tmp_path_factory.mktemp(name) / "ws"
+    shutil.copytree(shared / "ws", root)
+    return Workspace(root), pickle.loads(summary_file.read_bytes())
+
+
+def _build(root) -> dict:
     from builder.build import run_build
     from builder.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("built") / "ws"
-    rows = SHORT_PASSAGES + [SHORT_PASSAGES[0], "   "]  # a duplicate and an empty record
-    # the model auditor is off by default (none earns it); this build tests its path on the real model
-    write_workspace(root, rows, sampling={"max_tokens": 384}, audit={"auditor": "bundled:smollm2"})
-    ws = Workspace(root)
-    return ws, run_build(ws)
+    return run_build(Workspace(root))
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One real build on the bundled model, shared by the tests that read its outputs."""
+    def make(root):
+        rows = SHORT_PASSAGES + [SHORT_PASSAGES[0], "   "]  # a duplicate and an empty record
+        # the model auditor is off by default (none earns it); this build tests its path on the real model
+        write_workspace(root, rows, sampling={"max_tokens": 384}, audit={"auditor": "bundled:smollm2"})
+        return _build(root)
+
+    return built_once(tmp_path_factory, "built", make)
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +240,4 @@ def median_confidence(ws, sql: str) -> float:
 def conscience_built(tmp_path_factory):
     """One real build of the code-hacking items (conscience and consent on, explored split kept),
     shared by the tests that read its outputs."""
-    from builder.build import run_build
-
-    ws = conscience_workspace(tmp_path_factory.mktemp("conscience") / "ws")
-    return ws, run_build(ws)
+    return built_once(tmp_path_factory, "conscience", lambda root: _build(conscience_workspace(root).root))

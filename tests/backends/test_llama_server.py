@@ -214,7 +214,7 @@ def test_build_through_the_managed_server(tmp_path):
     # (the server batches its slots, so which varies from run to run) and once kept none
     root = write_workspace(tmp_path / "ws", SHORT_PASSAGES, sampling={"max_tokens": 384}, audit={"rate": 0.0},
                            annotator={"backend": "llama_server", "slots": 2, "n_ctx": 2048})
-    before = set(_servers())
+    before = set(_servers(parent=os.getpid()))  # this process's: another test worker may run a server meanwhile
     first = run_build(Workspace(root))
     assert first["accepted"] + first["rejected"] == 4 and first["model_calls"] >= 4
     logs = list((root / "logs").glob("llama-server-*.log"))
@@ -222,7 +222,7 @@ def test_build_through_the_managed_server(tmp_path):
     con = duckdb.connect(str(root / "ratchet.duckdb"), read_only=True)
     assert {r[0] for r in con.execute("SELECT DISTINCT backend FROM model_calls").fetchall()} == {"llama_server"}
     con.close()
-    assert set(_servers()) <= before  # stopped when the build ended
+    assert set(_servers(parent=os.getpid())) <= before  # stopped when the build ended
     manifest = (root / "generations" / "gen-0001" / "manifest.json").read_text()
     assert str(BINARY.parent) not in manifest and '"server": "llama-server"' in manifest  # named, not located (#15.9)
     # what the build paid, per model and per kept reflection (issue 20)
