@@ -123,10 +123,16 @@ def select(passage_ids: list[str], scored: list[Scored], threshold: float, scrut
     return out
 
 
+def votes(critiques: list[CritiqueRow]) -> list[CritiqueRow]:
+    """The critiques that voted: valid, and not abstained (a critic too unsure of its verdict
+    gave none; a person decides it), so no agreement is counted that the score never saw."""
+    return [c for c in critiques if c.status == "accepted" and not c.abstain]
+
+
 def alpha(critiques: list[CritiqueRow]) -> float | None:
-    """Krippendorff's alpha (nominal) of the critics' verdicts: units are annotations, coders
-    are critics. None where it is undefined (no annotation with two verdicts, or no variation)."""
-    valid = [c for c in critiques if c.status == "accepted"]
+    """Krippendorff's alpha (nominal) of the critics' votes: units are annotations, coders
+    are critics. None where it is undefined (no annotation with two votes, or no variation)."""
+    valid = votes(critiques)
     units = sorted({(c.passage_id, c.annotator) for c in valid})
     coders = sorted({c.critic for c in valid})
     if len(coders) < 2 or not units:
@@ -148,12 +154,12 @@ class Agreement:
     scope: str  # generation | author (annotations by this member) | critic (annotations this member critiqued)
     member: str  # "*" for the generation
     alpha: float | None
-    units: int  # annotations with at least two valid verdicts
-    critiques: int
+    units: int  # annotations with at least two votes
+    critiques: int  # votes: valid critiques that did not abstain
 
 
 def _agreement(scope: str, member: str, critiques: list[CritiqueRow]) -> Agreement:
-    valid = [c for c in critiques if c.status == "accepted"]
+    valid = votes(critiques)
     per_unit: dict[tuple, int] = defaultdict(int)
     for c in valid:
         per_unit[(c.passage_id, c.annotator)] += 1
@@ -199,9 +205,9 @@ class AgreementRow:
     generation: int
     scope: str = doc("generation | author | critic")
     member: str = doc("'*' for the whole generation")
-    alpha: float | None = doc("NULL where undefined (no annotation with two verdicts, no variation)")
-    units: int = doc("annotations with at least two valid verdicts")
-    critiques: int
+    alpha: float | None = doc("NULL where undefined (no annotation with two votes, no variation)")
+    units: int = doc("annotations with at least two votes (valid critiques whose critic did not abstain)")
+    critiques: int = doc("the votes counted: an abstained critique is no vote")
 
 
 CONVERGENCE = Table("convergence", ConvergenceRow, key=("generation", "passage_id", "annotator"),

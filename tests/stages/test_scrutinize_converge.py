@@ -10,7 +10,7 @@ import builder.ensemble as ensemble_module
 from builder.backends.base import Response
 from builder.cache import CachedBackend
 from builder.config import ConfigError, RatchetConfig, load_config, parse_config
-from builder.stages.converge import PRIOR_WEIGHT, Scored, alpha, convergence_score, score_annotations, select
+from builder.stages.converge import PRIOR_WEIGHT, Scored, agreement, alpha, convergence_score, score_annotations, select
 from builder.ensemble import Ensemble, EnsembleError
 from builder.prompts import Prompts
 from builder.stages.scrutinize import CritiqueRow, Task, critique, critique_schema
@@ -130,8 +130,9 @@ def test_convergence_score_is_the_weighted_mean_of_the_critics_scores():
     assert PRIOR_WEIGHT == 0.5
 
 
-def crit(pid, author, critic, verdict, status="accepted"):
-    return CritiqueRow(1, pid, author, critic, status, verdict, None, None, PRIOR_WEIGHT, None, 1, None)
+def crit(pid, author, critic, verdict, status="accepted", abstain=False):
+    return CritiqueRow(1, pid, author, critic, status, verdict, None, None, PRIOR_WEIGHT, None, 1, None,
+                       abstain=abstain)
 
 
 def test_selection_keeps_the_best_above_threshold_or_says_why_not():
@@ -174,6 +175,21 @@ def test_krippendorff_alpha_matches_a_hand_computation():
     assert alpha(critiques) == pytest.approx(round(1 - d_o / d_e, 4))
     assert alpha([crit("u1", "x", "c1", "survives"), crit("u1", "x", "c2", "survives")]) is None  # no variation
     assert alpha([crit("u1", "x", "c1", "survives")]) is None  # one critic
+
+
+def test_an_abstained_critique_is_no_vote_in_the_agreement():
+    """Alpha and its counts are over votes, as the score is: a critic too unsure to vote is
+    not a disagreement (nor an agreement) it never cast."""
+    votes = [crit("u1", "x", "c1", "survives"), crit("u1", "x", "c2", "survives"),
+             crit("u2", "x", "c1", "reject"), crit("u2", "x", "c2", "revise"),
+             crit("u3", "x", "c1", "revise"), crit("u3", "x", "c2", "revise")]
+    unsure = [crit("u1", "x", "c3", "reject", abstain=True), crit("u4", "x", "c1", "reject", abstain=True),
+              crit("u4", "x", "c2", "survives")]
+    assert alpha(votes) is not None
+    assert alpha(votes + unsure) == alpha(votes)
+    assert alpha(votes + [crit("u1", "x", "c3", "reject")]) != alpha(votes)  # the same critique, voting, counts
+    [whole, *_] = agreement(votes + unsure)
+    assert (whole.units, whole.critiques) == (3, 7)  # u4 has one vote; the two abstentions are not counted
 
 
 def test_critic_that_returns_garbage_is_retried_then_recorded_and_never_sees_the_author(monkeypatch):
