@@ -310,10 +310,12 @@ class JudgementsConfig(Section):
 class JudgesConfig(Section):
     """`ratchet judge` and `ratchet eval-judge`: the model behind each judge of any file, and when a
     judgement abstains (builder/judges.py). Chosen by bench/judges.py (docs/judges.md)."""
-    grounding: str = Field("bundled:qwen2.5-coder-1.5b", description="The model asked, claim by claim, whether "
-                           "a passage supports a claim (after the rules): a GGUF path or bundled:NAME.")
-    harm: str = Field("bundled:qwen2.5-coder-1.5b", description="The model asked whether a response is harmful "
-                      "or unethical: a GGUF path or bundled:NAME.")
+    # The judges of other files (`ratchet judge`) are not part of a generation's identity; abstain_below
+    # is: it decides which critiques vote and which claims a build keeps.
+    grounding: str = Field("bundled:qwen2.5-coder-1.5b", exclude=True, description="The model asked, claim by "
+                           "claim, whether a passage supports a claim (after the rules): a GGUF path or bundled:NAME.")
+    harm: str = Field("bundled:qwen2.5-coder-1.5b", exclude=True, description="The model asked whether a response "
+                      "is harmful or unethical: a GGUF path or bundled:NAME.")
     abstain_below: float = Field(0.5, ge=0.5, le=1.0, description="A model judgement whose confidence "
                                  "max(p, 1 - p) is below this abstains (written with `abstain: true`, for a person "
                                  "to decide; in a build: the claim and note judges', the model auditor's and the "
@@ -506,7 +508,7 @@ class RatchetConfig(Section):
     train: TrainConfig = Field(TrainConfig(), exclude=True)
     executor: ExecutorConfig = Field(ExecutorConfig(), exclude=True)  # where calls run: not what they produce
     experiments: ExperimentsConfig = Field(ExperimentsConfig(), exclude=True)
-    judges: JudgesConfig = Field(JudgesConfig(), exclude=True)  # judges of other files, not of the build
+    judges: JudgesConfig = JudgesConfig()  # in the identity: only abstain_below (see JudgesConfig)
 
     @field_validator("annotator", mode="before")
     @classmethod

@@ -239,3 +239,31 @@ def test_at_the_default_threshold_every_critique_votes(unsure_critics):
     assert con.execute("SELECT count(*) FROM escalations").fetchone()[0] == 0 and summary["votes"]["abstained"] == 0
     assert "too unsure" not in (control.generation_dir(1) / "README.md").read_text()  # the card as before
     con.close(), other.close()
+
+
+def test_the_abstention_threshold_is_part_of_a_generation_s_identity(unsure_critics):
+    """At 0.7 critiques abstain and the scores change, so a generation built at another threshold is
+    another build: its manifest records the threshold, and a rebuild after the threshold changed is
+    refused before any model call (it was left out of the identity, and the change surfaced only at
+    compile as splits that differ). The judges of other files (`ratchet judge`) are not the build's:
+    naming another one is a rebuild with no model call."""
+    import shutil
+
+    from builder.build import run_build
+    from builder.compile import compiled_manifest
+    from builder.stages.ratchet import RatchetError
+    from builder.workspace import Workspace
+
+    (ws, _), (at_07, summary_07) = unsure_critics[0.5], unsure_critics[0.7]
+    assert summary_07["votes"]["abstained"] > 0  # the threshold changed what was built
+    assert compiled_manifest(at_07.generation_dir(1))["config"]["judges"] == {"abstain_below": 0.7}
+    assert compiled_manifest(ws.generation_dir(1))["config"]["judges"] == {"abstain_below": 0.5}
+    root = ws.root.parent / "copy"
+    shutil.copytree(ws.root, root)
+    toml = (root / "ratchet.toml").read_text()
+    (root / "ratchet.toml").write_text(toml.replace("abstain_below = 0.5", 'abstain_below = 0.5\ngrounding = "x.gguf"'))
+    again = run_build(Workspace(root))
+    assert again["model_calls"] == 0
+    (root / "ratchet.toml").write_text(toml.replace("abstain_below = 0.5", "abstain_below = 0.7"))
+    with pytest.raises(RatchetError, match="ratchet.toml changed since it was built"):
+        run_build(Workspace(root))
