@@ -295,6 +295,10 @@ def _summary_table(s: dict) -> Table:
             rows.append(("  self-scores not asked", f"{r['self_scores_skipped']} ({r['self_score_share']:.0%} of the panel's "
                                                     f"scores; a member never scores its own reflection); "
                                                     f"{r.get('unscored', 0)} final reflection(s) left without a score"))
+        unsure = r.get("abstained") or {}
+        if unsure.get("scores") or unsure.get("pairwise"):
+            rows.append(("  too unsure to count", f"{unsure.get('scores', 0)} score(s) and {unsure.get('pairwise', 0)} "
+                                                  "head-to-head preference(s) (judges.abstain_below): stored, not counted"))
         if r.get("pairwise"):
             consistency = r.get("position_consistency")
             rows.append(("  pairwise", f"{r['pairwise']} candidate(s) compared with their parent in both orders; "

@@ -296,17 +296,21 @@ class PanelVerdict:
     score: float | None = doc("P(survives) + 0.5 P(revise) under the deciding distribution", default=None, added=True)
     probs: Json | None = doc("the verdict's distribution as read", default=None, added=True)
     calibrated: Json | None = doc("probs divided by the content-free baseline", default=None, added=True)
+    abstain: bool | None = doc("the member was too unsure of its verdict (judges.abstain_below): no point in the "
+                               "score", default=False, added=True)
 
 
 PANEL_VERDICTS = Table("panel_verdicts", PanelVerdict, doc="every verdict behind a panel score")
 
 
 def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: Prompts, generation: int,
-          advance=None, judging=None, run=run_task) -> tuple[dict[tuple[str, str], float | None], list[PanelVerdict],
-                                                             int, int]:
+          advance=None, judging=None, run=run_task, judges=None) -> tuple[dict[tuple[str, str], float | None],
+                                                                         list[PanelVerdict], int, int]:
     """{(passage_id, reflection key): score}, every panel verdict behind the scores, the
     attempts they took, and how many scores were not asked because the panel member wrote the
-    reflection itself (a member never scores its own: no self-preference)."""
+    reflection itself (a member never scores its own: no self-preference). A verdict a member
+    was too unsure of (`judges`: config.JudgesConfig) is stored and is no point in the score, as
+    a critic's is no vote; a reflection no member could score has no score (it counts as 0)."""
     unique = list({(r.passage_id, r.key): r for r in reflections}.values())
     verdicts: list[PanelVerdict] = []
     attempts = skipped = 0
@@ -319,20 +323,20 @@ def score(reflections: list[Reflection], text: dict[str, str], panel, prompts: P
         if engine is None:  # the grounding verifier: no model call
             rows = [verifier_row(generation, p.name, t) for t in tasks]
             verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, None, c.score, c.probs,
-                                      None) for c in rows]
+                                      None, False) for c in rows]
             if advance:
                 advance(len(rows))
             continue
         task = CritiqueTask(prompts, panel_sampling(p.sampling), generation, member,
-                            label=f"ratchet panel ({p.name})", judging=judging)
+                            label=f"ratchet panel ({p.name})", judging=judging, judges=judges)
         results = run(task, tasks, engine, advance)
         verdicts += [PanelVerdict(generation, c.passage_id, c.annotator, p.name, c.verdict, c.call_key, c.score, c.probs,
-                                  c.calibrated) for c in results]
+                                  c.calibrated, c.abstain) for c in results]
         attempts += sum(c.attempts for c in results)
     weight = {p.name: member_weight(p) for p, _, _ in panel}
     points: dict[tuple[str, str], list[tuple[float, float]]] = {(r.passage_id, r.key): [] for r in unique}
     for v in verdicts:
-        if v.verdict in VERDICT_POINTS:
+        if v.verdict in VERDICT_POINTS and not v.abstain:
             points[(v.passage_id, v.reflection)].append(
                 (weight[v.critic], v.score if v.score is not None else VERDICT_POINTS[v.verdict]))
     return {k: weighted_mean(x) for k, x in points.items()}, verdicts, attempts, skipped
@@ -550,6 +554,8 @@ class Comparison:
     preference: float | None = doc("their mean: the member's P(candidate better), position bias cancelled")
     consistent: bool | None = doc("the two orders chose the same reflection")
     call_keys: Json | None
+    abstain: bool | None = doc("the preference was too close to call (max(p, 1 - p) below judges.abstain_below): "
+                               "not in the panel's preference", default=False, added=True)
 
 
 PANEL_COMPARISONS = Table("panel_comparisons", Comparison, key=("generation", "passage_id", "critic"),
@@ -557,9 +563,10 @@ PANEL_COMPARISONS = Table("panel_comparisons", Comparison, key=("generation", "p
 
 
 def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], panel, prompts: Prompts,
-            generation: int, advance=None, judging=None, run=run_task) -> list[Comparison]:
+            generation: int, advance=None, judging=None, run=run_task, judges=None) -> list[Comparison]:
     """Each (candidate, parent) to every panel member, in both orders. The grounding verifier
-    compares the shares of grounded claims (1, 0.5 or 0)."""
+    compares the shares of grounded claims (1, 0.5 or 0) and never abstains; a model member
+    whose preference is too close to call (`judges`: config.JudgesConfig) abstains."""
     out = []
     for p, member, engine in panel:
         own = [(n, o) for n, o in pairs if p.name in (n.annotator, o.annotator)]  # no self-preference
@@ -570,7 +577,8 @@ def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], pa
             for new, old in pairs_:
                 share = [verifier.check(text[new.passage_id], r.record).share for r in (new, old)]
                 pref = 1.0 if share[0] > share[1] else 0.0 if share[0] < share[1] else 0.5
-                out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, pref, pref, pref, True, None))
+                out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, pref, pref, pref, True, None,
+                                      False))
             if advance:
                 advance(2 * len(pairs_))
             continue
@@ -586,18 +594,19 @@ def compare(pairs: list[tuple[Reflection, Reflection]], text: dict[str, str], pa
             p2 = second.graded.p("B") if second.graded else None
             known = [x for x in (p1, p2) if x is not None]
             consistent = ((p1 > 0.5) == (p2 > 0.5)) if p1 is not None and p2 is not None else None
-            out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, p1, p2,
-                                  sum(known) / len(known) if known else None, consistent,
-                                  [first.call_key, second.call_key]))
+            preference = sum(known) / len(known) if known else None
+            out.append(Comparison(generation, new.passage_id, p.name, new.key, old.key, p1, p2, preference, consistent,
+                                  [first.call_key, second.call_key], bool(judges and judges.abstains(preference))))
     return out
 
 
 def panel_preference(comparisons: list[Comparison], weights: dict[str, float] | None = None) -> dict[str, float]:
     """Per passage: the mean over panel members of P(candidate better), weighted by their
-    frozen weights (`weights`: member name -> weight; absent: every member the same)."""
+    frozen weights (`weights`: member name -> weight; absent: every member the same). A member
+    that abstained has no say; a passage where every member did has no preference (the scores decide)."""
     by: dict[str, list[tuple[float, float]]] = {}
     for c in comparisons:
-        if c.preference is not None:
+        if c.preference is not None and not c.abstain:
             by.setdefault(c.passage_id, []).append(((weights or {}).get(c.critic, PRIOR_WEIGHT), c.preference))
     means = {pid: weighted_mean(v) for pid, v in by.items()}
     return {pid: m for pid, m in means.items() if m is not None}
@@ -640,14 +649,15 @@ class Ratchet(Stage):
         unique = {(r.passage_id, r.key) for r in [*new.values(), *parents.values()]}
         advance = ctx.step("ratchet panel", len(unique) * len(panel))
         scores, verdicts, attempts, self_skipped = score([*new.values(), *parents.values()], ctx.text(), panel,
-                                                         ctx.prompts, g, advance, ctx.cfg.judgements, ctx.run)
+                                                         ctx.prompts, g, advance, ctx.cfg.judgements, ctx.run,
+                                                         ctx.cfg.judges)
         rule = ctx.cfg.ratchet
         pairs = [(new[pid], parents[pid]) for pid in new if pid in parents and new[pid].key != parents[pid].key]
         comparisons = []
         if rule.pairwise and pairs:
             comparisons = compare(pairs, ctx.text(), panel, ctx.prompts, g,
                                   ctx.step("ratchet panel (pairwise)", 2 * len(pairs) * len(panel)), ctx.cfg.judgements,
-                                  ctx.run)
+                                  ctx.run, ctx.cfg.judges)
         preference = panel_preference(comparisons, {p.name: member_weight(p) for p in voting}) \
             if rule.pairwise else None
         decisions = decide(list(dict.fromkeys(p.passage_id for p in ctx.passages)), new, parents, scores, why_not,
@@ -672,5 +682,8 @@ class Ratchet(Stage):
                             "unscored": sum(d.score is None for d in finals),
                             "final_by_member": dict(sorted(Counter(d.final.annotator for d in finals).items())),
                             "parents_vetoed": len(vetoed_parents),
+                            # judgements too unsure to count (judges.abstain_below): stored, not counted
+                            "abstained": {"scores": sum(bool(v.abstain) for v in verdicts),
+                                          "pairwise": sum(bool(c.abstain) for c in comparisons)},
                             "position_consistency": round(sum(c.consistent for c in judged) / len(judged), 3)
                             if judged else None}}

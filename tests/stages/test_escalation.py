@@ -267,3 +267,56 @@ def test_the_abstention_threshold_is_part_of_a_generation_s_identity(unsure_crit
     (root / "ratchet.toml").write_text(toml.replace("abstain_below = 0.5", "abstain_below = 0.7"))
     with pytest.raises(RatchetError, match="ratchet.toml changed since it was built"):
         run_build(Workspace(root))
+
+
+@pytest.fixture(scope="module")
+def unsure_panel(tmp_path_factory):
+    """Three scripted members, each annotation critiqued by the other two: a kept reflection can
+    have one critique that voted and one that abstained, and the panel (the same members, the same
+    cached calls in generation 1) scores it."""
+    from builder.build import run_build
+    from builder.workspace import Workspace
+
+    from ..conftest import write_workspace
+
+    passages = [f"Report {i}: the reservoir held {10 * i} million litres after the storm." for i in range(12)]
+    builds = {}
+    for threshold in (0.5, 0.7):
+        root = write_workspace(tmp_path_factory.mktemp(f"panel-{threshold}") / "ws", passages,
+                               annotator={"backend": "scripted"}, judges={"abstain_below": threshold},
+                               ensemble={"k": 2, "members": [{"name": "a", "persona": "empiricist"},
+                                                             {"name": "b", "persona": "skeptic"},
+                                                             {"name": "c", "persona": "default"}]},
+                               audit={"rate": 0.25, "vote_weights": "prior"})
+        ws = Workspace(root)
+        builds[threshold] = ws, run_build(ws)
+    return builds
+
+
+def test_a_panel_member_too_unsure_of_its_verdict_gives_no_point_in_the_ratchet_score(unsure_panel):
+    """The ratchet panel reads its verdicts as the critics do: one below the threshold is stored with
+    `abstain` and left out of the reflection's panel score; at the default every verdict counts."""
+    from statistics import mean
+
+    for threshold, (ws, summary) in unsure_panel.items():
+        judges = cfg(threshold).judges
+        con = ws.connect(read_only=True)
+        verdicts = con.execute("SELECT passage_id, critic, score, coalesce(calibrated, probs), abstain FROM panel_verdicts "
+                               "WHERE generation = 1 AND verdict IS NOT NULL").fetchall()
+        kept = dict(con.execute("SELECT passage_id, score FROM ratchet WHERE generation = 1 AND decision = 'new'")
+                    .fetchall())
+        con.close()
+        assert verdicts and kept
+        assert [bool(a) for *_, a in verdicts] == [judges.unsure(json.loads(p)) for *_, p, _ in verdicts]
+        abstained = sum(bool(a) for *_, a in verdicts)
+        assert summary["ratchet"]["abstained"] == {"scores": abstained, "pairwise": 0}
+        assert (abstained > 0) == (threshold > 0.5)  # at the default every verdict counts
+        if threshold > 0.5:  # a kept reflection scored by a member that voted and one that abstained
+            assert any(a and pid in kept for pid, *_, a in verdicts)
+        by_passage = {}
+        for pid, _, score, _, a in verdicts:
+            if not a:
+                by_passage.setdefault(pid, []).append(score)
+        for pid, score in kept.items():  # one reflection scored per passage; the panel's members weigh alike
+            expected = round(mean(by_passage[pid]), 4) if pid in by_passage else None
+            assert score == pytest.approx(expected) if expected is not None else score is None, pid

@@ -6,6 +6,7 @@ two-generation build on the bundled SmolLM2 proves the mean panel score does not
 import json
 import math
 import random
+from dataclasses import replace
 
 import datasets
 import pyarrow as pa
@@ -84,6 +85,15 @@ def test_panel_members_vote_by_their_frozen_weight_and_one_at_weight_0_is_not_as
     assert panel_preference(comparisons) == {"p": round((1.0 + 0.25 + 0.0) / 3, 4)}
     old = [member("a", None), member("b", None)]
     assert voting_members(old) == (old, None)
+
+
+def test_a_member_too_unsure_head_to_head_has_no_say_in_the_panel_s_preference():
+    comparisons = [Comparison(2, "p", "b", "new", "old", 0.9, 0.9, 0.9, True, None),
+                   Comparison(2, "p", "c", "new", "old", 0.45, 0.4, 0.425, True, None, True),
+                   Comparison(2, "q", "c", "new", "old", 0.55, 0.5, 0.525, False, None, True)]
+    assert panel_preference(comparisons) == {"p": 0.9}  # q: nobody decided, so the scores do
+    assert panel_preference([replace(c, abstain=False) for c in comparisons]) == {"p": round((0.9 + 0.425) / 2, 4),
+                                                                                  "q": 0.525}
 
 
 def test_a_panel_without_an_informative_member_falls_back_and_says_so():
