@@ -7,6 +7,8 @@ datamarked passage) and schema, greedy decoding, the default output budget. Arms
   in-process   llama.cpp through llama-cpp-python, one request at a time (backend llama_cpp)
   server-1     the managed llama-server with 1 slot (backend llama_server, slots = 1)
   server-N     the managed llama-server with N slots, N requests in flight
+  replicas-R   R managed llama-servers side by side (llama_server.replicas = R), each with one
+               slot and its share of the threads (one each on 2 cores)
   distilabel   distilabel 1.5.3's LlamaCppLLM + ChatGeneration pipeline on the same messages,
                schema and sampling (`pip install '.[bench]'`), in a fresh interpreter
 
@@ -14,7 +16,8 @@ It prints requests/s, completion tokens/s, the share of outputs that are valid (
 follow the schema, not cut off), the ratios, and how many outputs of each server arm are
 identical to the in-process ones and to each other.
 
-Usage: python bench/engines.py [--slots N] [--arms in-process,server-1,server-N,distilabel]
+Usage: python bench/engines.py [--slots N] [--replicas R]
+       [--arms in-process,server-1,server-N,replicas-R,distilabel]
        [--results FILE.json]   (arms already in FILE are not run again: run them one by one)
 """
 from __future__ import annotations
@@ -111,6 +114,19 @@ def arm_server(cfg: RatchetConfig, requests: list[Request], slots: int) -> dict:
         return run_backend(f"server-{slots}", backend, requests)
 
 
+def arm_replicas(cfg: RatchetConfig, requests: list[Request], replicas: int) -> dict:
+    from builder.backends import registry
+    from builder.backends.llama_server import find_binary, load
+
+    if find_binary(cfg.annotator.server_binary).path is None:
+        raise SystemExit("the replicas arm needs llama-server")
+    engine = registry.parse({"backend": "llama_server", "model": cfg.annotator.model, "n_ctx": cfg.annotator.n_ctx,
+                             "slots": 1, "replicas": replicas})
+    with load(engine) as backend:
+        backend.generate([Request(messages=({"role": "user", "content": "hi"},), max_tokens=1)] * replicas)  # warm each
+        return run_backend(f"replicas-{replicas}", backend, requests)
+
+
 def arm_distilabel(cfg: RatchetConfig) -> dict | None:
     """distilabel forks its step processes; forked after this process has run llama.cpp, the
     step hung at 0% CPU (see bench/overhead.py). So its arm runs in a fresh interpreter."""
@@ -164,7 +180,7 @@ def same(a: dict, b: dict) -> int:
     return sum(x == y for x, y in zip(a["outputs"], b["outputs"]))
 
 
-def report(results: dict[str, dict], slots: int) -> None:
+def report(results: dict[str, dict], slots: int, replicas: int = 2) -> None:
     base = results.get("in-process")
     distil = results.get("distilabel")
     n = next(iter(results.values()))["requests"] if results else 0
@@ -172,7 +188,7 @@ def report(results: dict[str, dict], slots: int) -> None:
           "annotation prompt and schema, greedy, SmolLM2-135M Q4_1")
     print("| arm | requests/s | completion tokens/s | valid | × in-process | × distilabel |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name in ["in-process", "server-1", f"server-{slots}", "distilabel"]:
+    for name in ["in-process", "server-1", f"server-{slots}", f"replicas-{replicas}", "distilabel"]:
         r = results.get(name)
         if r is None:
             continue
@@ -183,7 +199,7 @@ def report(results: dict[str, dict], slots: int) -> None:
         valid = count_valid(r["outputs"])  # judged again: results kept from an older run meet today's rule
         print(f"| {name} | {rps:.3f} | {tps} | {valid}/{r['requests']} | {vs_base} | {vs_distil} |")
     pairs = [("server-1", "in-process"), (f"server-{slots}", "server-1"), (f"server-{slots}", "in-process"),
-             ("distilabel", "in-process")]
+             (f"replicas-{replicas}", "server-1"), (f"replicas-{replicas}", "in-process"), ("distilabel", "in-process")]
     for a, b in pairs:
         if a in results and b in results:
             print(f"identical outputs {a} vs {b}: {same(results[a], results[b])}/{results[a]['requests']}")
@@ -192,7 +208,8 @@ def report(results: dict[str, dict], slots: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--arms", default="in-process,server-1,server-N,distilabel")
+    parser.add_argument("--replicas", type=int, default=2, help="servers side by side in the replicas arm")
+    parser.add_argument("--arms", default="in-process,server-1,server-N,replicas-R,distilabel")
     parser.add_argument("--results", type=Path, help="keep results here; arms already in it are not run again")
     parser.add_argument("--repeat-penalty", type=float, default=None,
                         help="default: sampling.repeat_penalty (1.1); 1.0 turns it off (for the identity check)")
@@ -209,7 +226,7 @@ def main() -> None:
     results: dict[str, dict] = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     requests = job_requests(cfg, args.limit)
     for arm in args.arms.split(","):
-        name = f"server-{args.slots}" if arm == "server-N" else arm
+        name = {"server-N": f"server-{args.slots}", "replicas-R": f"replicas-{args.replicas}"}.get(arm, arm)
         if name in results:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -219,6 +236,8 @@ def main() -> None:
             result = arm_server(cfg, requests, 1)
         elif arm == "server-N":
             result = arm_server(cfg, requests, args.slots)
+        elif arm == "replicas-R":
+            result = arm_replicas(cfg, requests, args.replicas)
         elif arm == "distilabel":
             result = arm_distilabel(cfg)
             if result is None:
@@ -229,7 +248,7 @@ def main() -> None:
         results[name] = result
         if args.results:
             args.results.write_text(json.dumps(results))
-    report(results, args.slots)
+    report(results, args.slots, args.replicas)
 
 
 if __name__ == "__main__":

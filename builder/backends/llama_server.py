@@ -45,8 +45,8 @@ import httpx
 from pydantic import Field
 
 from ..models import resolve_model
-from .base import (Backend, usable_cores, Engine, EngineError, OnResponse, Request, Response, as_answered, context_overflow,
-                   request_pool)
+from .base import (Backend, Engine, EngineError, OnResponse, Request, Response, as_answered, context_overflow,
+                   request_pool, usable_cores)
 from .choices import TOP_K, Step, read_decision
 from .gguf_header import read_facts
 from .llama_cpp import GGUFKeys, LlamaPrompting, where_gguf
@@ -68,6 +68,10 @@ class ServerKeys(GGUFKeys):
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer, per slot (the requests in "
                              "flight share the cores).")
     max_retries: int = Field(3, ge=0, le=20, description="Retries (with backoff) on timeouts, 5xx and garbage.")
+    replicas: int = Field(1, ge=1, le=16, description="Servers of this model side by side, each with its share of "
+                          "`threads` (at least one) and `slots` slots; a batch's requests go to whichever slot is "
+                          "free. On a few cores a small model answers faster from one-thread servers side by side "
+                          "than from one server with every thread (bench/engines.py, docs/performance.md).")
 
 
 class LlamaServerConfig(ServerKeys):
@@ -497,11 +501,24 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         return responses  # type: ignore[return-value]
 
     @classmethod
-    def from_config(cls, cfg: ServerKeys, binary: Path) -> "LlamaServerBackend":
+    def from_config(cls, cfg: ServerKeys, binary: Path) -> "Backend":
+        """One server, or `replicas` of them (ServerReplicas) sharing the threads."""
+        threads = max(1, (cfg.threads or usable_cores()) // cfg.replicas) if cfg.replicas > 1 else cfg.threads
         # N requests in flight share the cores: each may take N times as long.
-        return cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=cfg.slots, threads=cfg.threads,
-                   prompt_cache=cfg.prompt_cache, constrained=cfg.constrained, timeout_s=cfg.timeout_s * cfg.slots,
-                   max_retries=cfg.max_retries, log_dir=cfg.log_dir)
+        start = lambda: cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=cfg.slots,  # noqa: E731
+                            threads=threads, prompt_cache=cfg.prompt_cache, constrained=cfg.constrained,
+                            timeout_s=cfg.timeout_s * cfg.slots, max_retries=cfg.max_retries, log_dir=cfg.log_dir)
+        if cfg.replicas == 1:
+            return start()
+        servers: list[LlamaServerBackend] = []
+        try:
+            for _ in range(cfg.replicas):
+                servers.append(start())
+        except BaseException:
+            for server in servers:
+                server.close()
+            raise
+        return ServerReplicas(servers)
 
     # -- description and shutdown --
 
@@ -525,6 +542,101 @@ class LlamaServerBackend(LlamaPrompting, Backend):
         if client is not None:
             client.close()
         _LIVE.discard(self)
+
+
+class ServerReplicas(Backend):
+    """Managed servers of one model side by side, each started with its share of the threads:
+    a batch's requests go to whichever server has a free slot. On 2 cores two
+    one-thread SmolLM2 servers decode about 1.5 times as many tokens a second as one two-thread
+    server (llama.cpp's threads scale poorly on a small model). The model, its prompt and its
+    tokenizer are the first server's (the servers load one file: its pages are shared); each
+    server keeps its own slots and prompt cache, and restarts itself if it dies."""
+    kind = "llama_server"
+
+    def __init__(self, servers: list[LlamaServerBackend]):
+        self.servers = servers
+        self.engine_note: str | None = None
+
+    def __getattr__(self, name: str):  # what one server knows of its model (family, use_grammar, ...)
+        servers = self.__dict__.get("servers")
+        if not servers:
+            raise AttributeError(name)
+        return getattr(servers[0], name)
+
+    @property
+    def model_id(self) -> str:
+        return self.servers[0].model_id
+
+    @property
+    def model_name(self) -> str:
+        return self.servers[0].model_name
+
+    @property
+    def family(self) -> str:  # Backend's class attribute would answer before __getattr__
+        return self.servers[0].family
+
+    def render(self, messages: Sequence[dict]) -> str:
+        return self.servers[0].render(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return self.servers[0].count_tokens(text)
+
+    def describe(self) -> dict:
+        return {**self.servers[0].describe(), "replicas": len(self.servers),
+                "threads_per_replica": self.servers[0].threads}
+
+    def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
+        """Every request, in order, to whichever slot of any server is free: `slots` workers per
+        server take the next request as they finish one, so a long document at the end of the
+        batch does not leave one server with the tail. The answers come back here, and
+        `on_response` runs in the caller's thread (a build stores each answer at once, from the
+        thread that holds its database connection)."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(len(requests)):
+            todo.put(i)
+        answers: queue.Queue = queue.Queue()
+        stop = threading.Event()  # set when the caller stops (Ctrl-C): no worker takes another request
+
+        def work(server: LlamaServerBackend) -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        i = todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    answers.put((i, server.generate([requests[i]])[0]))  # restarts a dead server, as alone
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                answers.put(exc)
+            finally:
+                answers.put(None)
+
+        workers = [threading.Thread(target=work, args=(server,), daemon=True, name=f"llama-server-replica-{k}")
+                   for k, server in enumerate(self.servers) for _ in range(server.slots)]
+        responses: list[Response | None] = [None] * len(requests)
+        try:
+            for worker in workers:
+                worker.start()
+            finished = 0
+            while finished < len(workers):
+                try:
+                    item = answers.get(timeout=0.25)  # wakes for Ctrl-C, as as_answered does
+                except queue.Empty:
+                    continue
+                if item is None:
+                    finished += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    responses[item[0]] = item[1]
+                    if on_response:
+                        on_response(*item)
+        finally:
+            stop.set()
+        return responses  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
 
 
 def load(cfg: ServerKeys) -> Backend:
@@ -577,6 +689,8 @@ def choose(cfg: ServerKeys) -> EngineChoice:
 def explain(cfg: ServerKeys) -> str:
     choice = choose(cfg)
     extra = f"; {cfg.slots} slot(s), n_ctx {cfg.n_ctx} per slot" if choice.backend == "llama_server" else ""
+    if choice.backend == "llama_server" and cfg.replicas > 1:
+        extra += f"; {cfg.replicas} servers side by side, {max(1, (cfg.threads or usable_cores()) // cfg.replicas)} thread(s) each"
     return choice.describe() + extra
 
 

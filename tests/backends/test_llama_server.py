@@ -204,6 +204,39 @@ def test_greedy_outputs_one_slot_vs_several_and_in_process(tmp_path, smollm2):
     print(f"4 slots vs 1 slot: {sum(a == b for a, b in zip(batched, single))}/4 identical")
 
 
+def test_replicas_deal_the_requests_between_servers_and_answer_as_one_slot_does(smollm2):
+    """`replicas = 2`: two servers side by side, one slot and their share of the threads each
+    (the layout bench/engines.py measures fastest here). Each takes the next request when its slot
+    is free;
+    greedy on one slot, every answer is the in-process engine's, as a single 1-slot server's is;
+    each answer is handed back once, in the caller's thread (a build stores it from there); and
+    closing the engine stops both servers."""
+    from builder.backends.base import usable_cores
+    from builder.backends.llama_server import ServerReplicas, load
+
+    requests = short_requests(5, max_tokens=32)
+    backend = load(engine_config(backend="llama_server", model="bundled:smollm2", slots=1, replicas=2, n_ctx=2048))
+    pids = []
+    try:
+        assert isinstance(backend, ServerReplicas) and len(backend.servers) == 2
+        pids = [s.proc.pid for s in backend.servers]
+        assert len(set(pids)) == 2 and set(pids) <= set(_servers(parent=os.getpid()))
+        assert all(s.threads == max(1, usable_cores() // 2) and s.slots == 1 for s in backend.servers)
+        answered = [0, 0]
+        for k, s in enumerate(backend.servers):
+            s._one = lambda request, one=s._one, k=k: (answered.__setitem__(k, answered[k] + 1), one(request))[1]
+        caller, seen = threading.get_ident(), []
+        out = backend.generate(requests, lambda i, r: seen.append((i, threading.get_ident())))
+        assert sum(answered) == 5 and min(answered) >= 1  # each server took requests as its slot came free
+        assert sorted(i for i, _ in seen) == list(range(5)) and {t for _, t in seen} == {caller}
+        assert all(r.text for r in out) and [r.text for r in out] == [r.text for r in smollm2.generate(requests)]
+        assert backend.describe()["replicas"] == 2 and backend.family == "llama"
+        assert backend.count_tokens("Name three colours.") == smollm2.count_tokens("Name three colours.")
+    finally:
+        backend.close()
+    assert pids and all(wait_gone(pid) for pid in pids)
+
+
 # --- builds through the managed server -----------------------------------------------------------
 
 def test_build_through_the_managed_server(tmp_path):
