@@ -158,19 +158,24 @@ def unsure_critics(tmp_path_factory):
     """A scripted build (its verdict distributions put 0.4 to 0.9 on the written verdict): two
     members critique each other, every vote weighed alike, and a critique whose likeliest verdict
     is below 0.7 abstains. The same answers built at the default threshold are the control."""
+    return builds_at_two_thresholds(tmp_path_factory, "critics", 1, ["empiricist", "skeptic"])
+
+
+def builds_at_two_thresholds(tmp_path_factory, name: str, k: int, personas: list[str]) -> dict:
+    """The same scripted answers built at the default threshold (the control) and at 0.7: members
+    a, b, ... with these personas, each annotation critiqued by k others, every vote weighed alike."""
     from builder.build import run_build
     from builder.workspace import Workspace
 
     from ..conftest import write_workspace
 
     passages = [f"Report {i}: the reservoir held {10 * i} million litres after the storm." for i in range(12)]
+    members = [{"name": chr(ord("a") + i), "persona": p} for i, p in enumerate(personas)]
     builds = {}
     for threshold in (0.5, 0.7):
-        root = write_workspace(tmp_path_factory.mktemp(f"critics-{threshold}") / "ws", passages,
+        root = write_workspace(tmp_path_factory.mktemp(f"{name}-{threshold}") / "ws", passages,
                                annotator={"backend": "scripted"}, judges={"abstain_below": threshold},
-                               ensemble={"k": 1, "members": [{"name": "a", "persona": "empiricist"},
-                                                             {"name": "b", "persona": "skeptic"}]},
-                               audit={"rate": 0.25, "vote_weights": "prior"})
+                               ensemble={"k": k, "members": members}, audit={"rate": 0.25, "vote_weights": "prior"})
         ws = Workspace(root)
         builds[threshold] = ws, run_build(ws)
     return builds
@@ -274,23 +279,7 @@ def unsure_panel(tmp_path_factory):
     """Three scripted members, each annotation critiqued by the other two: a kept reflection can
     have one critique that voted and one that abstained, and the panel (the same members, the same
     cached calls in generation 1) scores it."""
-    from builder.build import run_build
-    from builder.workspace import Workspace
-
-    from ..conftest import write_workspace
-
-    passages = [f"Report {i}: the reservoir held {10 * i} million litres after the storm." for i in range(12)]
-    builds = {}
-    for threshold in (0.5, 0.7):
-        root = write_workspace(tmp_path_factory.mktemp(f"panel-{threshold}") / "ws", passages,
-                               annotator={"backend": "scripted"}, judges={"abstain_below": threshold},
-                               ensemble={"k": 2, "members": [{"name": "a", "persona": "empiricist"},
-                                                             {"name": "b", "persona": "skeptic"},
-                                                             {"name": "c", "persona": "default"}]},
-                               audit={"rate": 0.25, "vote_weights": "prior"})
-        ws = Workspace(root)
-        builds[threshold] = ws, run_build(ws)
-    return builds
+    return builds_at_two_thresholds(tmp_path_factory, "panel", 2, ["empiricist", "skeptic", "default"])
 
 
 def test_a_panel_member_too_unsure_of_its_verdict_gives_no_point_in_the_ratchet_score(unsure_panel):
