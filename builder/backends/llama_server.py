@@ -582,8 +582,8 @@ class ServerReplicas(Backend):
         return self.servers[0].count_tokens(text)
 
     def describe(self) -> dict:
-        return {**self.servers[0].describe(), "replicas": len(self.servers),
-                "threads_per_replica": self.servers[0].threads}
+        # the count, as `slots`; not the threads each got, which depend on the machine's cores
+        return {**self.servers[0].describe(), "replicas": len(self.servers)}
 
     def generate(self, requests: Sequence[Request], on_response: OnResponse | None = None) -> list[Response]:
         """Every request, in order, to whichever slot of any server is free: `slots` workers per
