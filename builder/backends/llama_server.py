@@ -74,6 +74,11 @@ class ServerKeys(GGUFKeys):
                           "than from one server with every thread (bench/engines.py, docs/performance.md).")
 
 
+def replica_threads(cfg: ServerKeys) -> int:
+    """Threads of each of `replicas` servers: the configured ones (0: the usable cores) shared out, at least one."""
+    return max(1, (cfg.threads or usable_cores()) // cfg.replicas)
+
+
 class LlamaServerConfig(ServerKeys):
     backend: Literal["llama_server"] = "llama_server"
 
@@ -503,7 +508,7 @@ class LlamaServerBackend(LlamaPrompting, Backend):
     @classmethod
     def from_config(cls, cfg: ServerKeys, binary: Path) -> "Backend":
         """One server, or `replicas` of them (ServerReplicas) sharing the threads."""
-        threads = max(1, (cfg.threads or usable_cores()) // cfg.replicas) if cfg.replicas > 1 else cfg.threads
+        threads = replica_threads(cfg) if cfg.replicas > 1 else cfg.threads
         # N requests in flight share the cores: each may take N times as long.
         start = lambda: cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=cfg.slots,  # noqa: E731
                             threads=threads, prompt_cache=cfg.prompt_cache, constrained=cfg.constrained,
@@ -690,7 +695,7 @@ def explain(cfg: ServerKeys) -> str:
     choice = choose(cfg)
     extra = f"; {cfg.slots} slot(s), n_ctx {cfg.n_ctx} per slot" if choice.backend == "llama_server" else ""
     if choice.backend == "llama_server" and cfg.replicas > 1:
-        extra += f"; {cfg.replicas} servers side by side, {max(1, (cfg.threads or usable_cores()) // cfg.replicas)} thread(s) each"
+        extra += f"; {cfg.replicas} servers side by side, {replica_threads(cfg)} thread(s) each"
     return choice.describe() + extra
 
 
