@@ -74,6 +74,11 @@ def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections
     # it passes them on about 1 passage in 8 (bench/annotators.py), which would leave those tests
     # nothing to compile. The gates on real models: tests/stages/test_faithful_build.py.
     sections["annotate"] = {"gates": False, **sections.get("annotate", {})}
+    # One slot per core a server may use (`slots = 0`), where the default is 4: a test worker is pinned
+    # to one core, where one slot decodes about 1.4 times as fast as four (docs/performance.md).
+    annotator = sections.get("annotator", {})
+    if annotator.get("backend", "auto") in ("auto", "llama_server"):
+        sections["annotator"] = {"slots": 0, **annotator}
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus").mkdir(exist_ok=True)
     if corpus_rows is not None:

@@ -61,7 +61,10 @@ SAMPLING_DEFAULTS = {"top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_last_
 
 class ServerKeys(GGUFKeys):
     """The managed server's keys (llama_server, and auto, which runs it when it can)."""
-    slots: int = Field(4, ge=1, le=64, description="Sequences decoded in parallel (requests in flight).")
+    slots: int = Field(4, ge=0, le=64, description="Sequences decoded in parallel (requests in flight); 0: one per "
+                       "thread each server runs (the cores the process may use, shared among `replicas`). On CPU the "
+                       "sampler runs once per sequence: one slot a core decoded fastest on 1 and 2 cores "
+                       "(docs/performance.md).")
     prompt_cache: bool = Field(True, description="Reuse a slot's evaluated prompt prefix (cache_prompt).")
     server_binary: str = Field("", description="Path of a llama-server binary; default: $RATCHET_LLAMA_SERVER, "
                                "then the .[server] extra's, then llama-server on PATH.")
@@ -77,6 +80,11 @@ class ServerKeys(GGUFKeys):
 def replica_threads(cfg: ServerKeys) -> int:
     """Threads of each of `replicas` servers: the configured ones (0: the usable cores) shared out, at least one."""
     return max(1, (cfg.threads or usable_cores()) // cfg.replicas)
+
+
+def server_slots(cfg: ServerKeys) -> int:
+    """Slots of each server: the configured ones, or (0) one per thread the server runs."""
+    return cfg.slots or (replica_threads(cfg) if cfg.replicas > 1 else cfg.threads or usable_cores())
 
 
 class LlamaServerConfig(ServerKeys):
@@ -508,11 +516,11 @@ class LlamaServerBackend(LlamaPrompting, Backend):
     @classmethod
     def from_config(cls, cfg: ServerKeys, binary: Path) -> "Backend":
         """One server, or `replicas` of them (ServerReplicas) sharing the threads."""
-        threads = replica_threads(cfg) if cfg.replicas > 1 else cfg.threads
+        threads, slots = replica_threads(cfg) if cfg.replicas > 1 else cfg.threads, server_slots(cfg)
         # N requests in flight share the cores: each may take N times as long.
-        start = lambda: cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=cfg.slots,  # noqa: E731
+        start = lambda: cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=slots,  # noqa: E731
                             threads=threads, prompt_cache=cfg.prompt_cache, constrained=cfg.constrained,
-                            timeout_s=cfg.timeout_s * cfg.slots, max_retries=cfg.max_retries, log_dir=cfg.log_dir)
+                            timeout_s=cfg.timeout_s * slots, max_retries=cfg.max_retries, log_dir=cfg.log_dir)
         if cfg.replicas == 1:
             return start()
         servers: list[LlamaServerBackend] = []
@@ -693,7 +701,7 @@ def choose(cfg: ServerKeys) -> EngineChoice:
 
 def explain(cfg: ServerKeys) -> str:
     choice = choose(cfg)
-    extra = f"; {cfg.slots} slot(s), n_ctx {cfg.n_ctx} per slot" if choice.backend == "llama_server" else ""
+    extra = f"; {server_slots(cfg)} slot(s), n_ctx {cfg.n_ctx} per slot" if choice.backend == "llama_server" else ""
     if choice.backend == "llama_server" and cfg.replicas > 1:
         extra += f"; {cfg.replicas} servers side by side, {replica_threads(cfg)} thread(s) each"
     return choice.describe() + extra

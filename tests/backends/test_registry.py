@@ -172,3 +172,24 @@ def test_all_cores_means_the_cores_the_process_may_use():
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(pinned.stdout) == 1
     assert int(free.stdout) == len(os.sched_getaffinity(0))
+
+
+def test_no_slot_count_means_one_slot_per_thread_of_each_server():
+    """`slots = 0`: on CPU a sequence's sampler runs on one of its server's threads, and one slot a
+    core decoded fastest (docs/performance.md); the Ray batch size follows the count."""
+    from builder.backends.base import usable_cores
+    from builder.backends.llama_server import explain, server_slots
+    from builder.executors import default_batch_size
+
+    one = registry.parse({"backend": "llama_server", "model": "bundled:smollm2", "slots": 0, "threads": 3})
+    assert server_slots(one) == 3 and default_batch_size(one) == 6
+    shared = registry.parse({"backend": "llama_server", "model": "bundled:smollm2", "slots": 0, "threads": 4,
+                             "replicas": 2})
+    assert server_slots(shared) == 2  # two servers of two threads each
+    cores = registry.parse({"backend": "llama_server", "model": "bundled:smollm2", "slots": 0})
+    assert server_slots(cores) == usable_cores() >= 1
+    assert server_slots(registry.parse({"backend": "llama_server", "slots": 5, "threads": 1})) == 5  # as set
+    if "llama_server" in explain(one):
+        assert "3 slot(s)" in explain(one)
+    with pytest.raises(ValueError, match="slots"):
+        registry.parse({"backend": "llama_server", "slots": -1})
