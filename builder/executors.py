@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .backends.base import Backend, Request, Response
-from .backends.llama_server import server_slots
 
 # Answers that arrived together, (index, response) each: the cache stores them in one write.
 OnAnswers = Callable[[list[tuple[int, Response]]], None]
@@ -241,9 +240,8 @@ def default_batch_size(config) -> int:
     """Twice what one engine keeps in flight (a server's slots, a client's concurrency), so an
     actor's engine stays busy while its batch's last answers finish; 64 for an engine that
     batches by itself (vLLM offline)."""
-    if getattr(config, "slots", None) == 0:  # one slot a thread: the driver's cores stand in for the actor's
-        return 2 * server_slots(config)
-    parallel = getattr(config, "slots", None) or getattr(config, "concurrency", None)
+    in_flight = getattr(config, "in_flight", None)  # a server's slots, resolved (0: one a thread, on the driver's cores)
+    parallel = in_flight() if in_flight else getattr(config, "concurrency", None)
     return 2 * int(parallel) if parallel else 64
 
 

@@ -76,6 +76,10 @@ class ServerKeys(GGUFKeys):
                           "free. On a few cores a small model answers faster from one-thread servers side by side "
                           "than from one server with every thread (bench/engines.py, docs/performance.md).")
 
+    def in_flight(self) -> int:
+        """Requests each server keeps in flight: its slots."""
+        return server_slots(self)
+
 
 def replica_threads(cfg: ServerKeys) -> int:
     """Threads of each of `replicas` servers: the configured ones (0: the usable cores) shared out, at least one."""
