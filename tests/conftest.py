@@ -75,7 +75,7 @@ def write_workspace(root: Path, corpus_rows: list[str] | None = None, **sections
     # nothing to compile. The gates on real models: tests/stages/test_faithful_build.py.
     sections["annotate"] = {"gates": False, **sections.get("annotate", {})}
     # One slot per core a server may use (`slots = 0`), where the default is 4: a test worker is pinned
-    # to one core, where one slot decodes about 1.4 times as fast as four (docs/performance.md).
+    # to one core, where one slot decodes about 1.3 times as fast as four (bench/engines.py, docs/engines.md).
     annotator = sections.get("annotator", {})
     if annotator.get("backend", "auto") in ("auto", "llama_server"):
         sections["annotator"] = {"slots": 0, **annotator}

@@ -88,7 +88,7 @@ def replica_threads(cfg: ServerKeys) -> int:
 
 def server_slots(cfg: ServerKeys) -> int:
     """Slots of each server: the configured ones, or (0) one per thread the server runs."""
-    return cfg.slots or (replica_threads(cfg) if cfg.replicas > 1 else cfg.threads or usable_cores())
+    return cfg.slots or replica_threads(cfg)
 
 
 class LlamaServerConfig(ServerKeys):
