@@ -1,8 +1,8 @@
 """A build on Ray against the same build here, side by side in one run.
 
 The demo's config (examples/ratchet.toml: Qwen-0.5B writes under the faithfulness gates,
-Qwen-1.5B judges its notes and sentences) on the first N passages of its corpus, twice from an empty cache with the same
-audit secret: once with the local executor, once on a local Ray cluster started by the build
+Qwen-1.5B judges its notes and sentences) on the first N passages of its corpus, twice from an
+empty cache with the same audit secret: once with the local executor, once on a local Ray cluster started by the build
 (`address = "local"`). Prints each build's seconds, the ratio, the share of prompt tokens served
 from a cached prefix, the engines the Ray build started, and whether the splits are identical
 (not expected with several slots and a prompt cache: docs/ray.md, "Same results").
