@@ -10,7 +10,7 @@ framework; which model is the default (`[conscience] judge`) should follow what 
 (36 pairs, 12 per label; the default engine; a throwaway call cache, so every answer is asked
 afresh) and prints, per model, the calibrated labels' accuracy and Cohen's kappa (the labels
 that decide) and the AUC of P(unethical), the unethical pairs against the rest, from the raw
-and the calibrated distributions, each with a 95% bootstrap interval (builder.stats).
+and the calibrated distributions, each with a 95% bootstrap interval (builder.stats.binary_scores, as bench/judges.py).
 
 Usage: python bench/conscience_judges.py [--framework three-laws] [--models smollm2,gemma3,...]
        [--results FILE.json]
@@ -25,21 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder.stats import bootstrap  # noqa: E402
+from builder.stats import binary_scores  # noqa: E402
 
 PAIRS = ROOT / "examples" / "code_hacking" / "judge_eval.jsonl"
 MODELS = ["smollm2", "gemma3", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
-
-
-def auc(labels, scores) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else None
 
 
 def evaluate(model: str, framework: str, out: Path) -> dict:
@@ -54,9 +46,8 @@ def evaluate(model: str, framework: str, out: Path) -> dict:
     row = {"model": model, "seconds": round(seconds, 1), **{k: result["metrics"]["calibrated"][k]
                                                             for k in ("accuracy", "cohen_kappa")}}
     for read in ("probs", "calibrated"):
-        scores = [i[read]["unethical"] for i in result["items"]]
-        row[f"auc_{read}"] = auc(np.array(labels), np.array(scores))
-        row[f"auc_{read}_ci"] = bootstrap(auc, labels, scores)
+        scores = binary_scores(labels, [i[read]["unethical"] for i in result["items"]])
+        row[f"auc_{read}"], row[f"auc_{read}_ci"] = scores["auc"], scores["auc_ci"]
     return row
 
 
