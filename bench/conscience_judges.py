@@ -27,8 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from builder.stats import binary_scores  # noqa: E402
+from judges import fmt  # noqa: E402  (bench/judges.py: an AUC with its interval)
 
 PAIRS = ROOT / "examples" / "code_hacking" / "judge_eval.jsonl"
 MODELS = ["smollm2", "gemma3", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -51,10 +53,6 @@ def evaluate(model: str, framework: str, out: Path) -> dict:
     return row
 
 
-def cell(value, interval) -> str:
-    return "–" if value is None else f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", default="three-laws")
@@ -70,8 +68,9 @@ def main() -> None:
     print("| judge | accuracy (calibrated labels) | Cohen's kappa | AUC raw [95% CI] | AUC calibrated [95% CI] | s |")
     print("| --- | ---: | ---: | --- | --- | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['accuracy']:.3f} | {r['cohen_kappa']:+.3f} | {cell(r['auc_probs'], r['auc_probs_ci'])} "
-              f"| {cell(r['auc_calibrated'], r['auc_calibrated_ci'])} | {r['seconds']:.0f} |")
+        raw, calibrated = ({"auc": r[f"auc_{k}"], "auc_ci": r[f"auc_{k}_ci"]} for k in ("probs", "calibrated"))
+        print(f"| {r['model']} | {r['accuracy']:.3f} | {r['cohen_kappa']:+.3f} | {fmt(raw)} | {fmt(calibrated)} "
+              f"| {r['seconds']:.0f} |")
     if args.results:
         args.results.write_text(json.dumps(rows, indent=1))
 

@@ -240,7 +240,7 @@ def default_batch_size(config) -> int:
     """Twice what one engine keeps in flight (a server's slots, a client's concurrency), so an
     actor's engine stays busy while its batch's last answers finish; 64 for an engine that
     batches by itself (vLLM offline)."""
-    in_flight = getattr(config, "in_flight", None)  # a server's slots, resolved (0: one a thread, on the driver's cores)
+    in_flight = getattr(config, "in_flight", None)  # every server's slots (0: one a thread, on the driver's cores)
     parallel = in_flight() if in_flight else getattr(config, "concurrency", None)
     return 2 * int(parallel) if parallel else 64
 

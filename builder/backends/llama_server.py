@@ -77,8 +77,8 @@ class ServerKeys(GGUFKeys):
                           "than from one server with every thread (bench/engines.py, docs/performance.md).")
 
     def in_flight(self) -> int:
-        """Requests each server keeps in flight: its slots."""
-        return server_slots(self)
+        """Requests the engine keeps in flight: every server's slots."""
+        return server_slots(self) * self.replicas
 
 
 def replica_threads(cfg: ServerKeys) -> int:
@@ -520,7 +520,8 @@ class LlamaServerBackend(LlamaPrompting, Backend):
     @classmethod
     def from_config(cls, cfg: ServerKeys, binary: Path) -> "Backend":
         """One server, or `replicas` of them (ServerReplicas) sharing the threads."""
-        threads, slots = replica_threads(cfg) if cfg.replicas > 1 else cfg.threads, server_slots(cfg)
+        threads = replica_threads(cfg) if cfg.replicas > 1 else cfg.threads
+        slots = server_slots(cfg)
         # N requests in flight share the cores: each may take N times as long.
         start = lambda: cls(resolve_model(cfg.model), binary, n_ctx=cfg.n_ctx, slots=slots,  # noqa: E731
                             threads=threads, prompt_cache=cfg.prompt_cache, constrained=cfg.constrained,

@@ -207,8 +207,7 @@ def test_greedy_outputs_one_slot_vs_several_and_in_process(tmp_path, smollm2):
 def test_replicas_deal_the_requests_between_servers_and_answer_as_one_slot_does(smollm2):
     """`replicas = 2`: two servers side by side, one slot and their share of the threads each
     (the layout bench/engines.py measures fastest here). Each takes the next request when its slot
-    is free;
-    greedy on one slot, every answer is the in-process engine's, as a single 1-slot server's is;
+    is free; greedy on one slot, every answer is the in-process engine's, as a single 1-slot server's is;
     each answer is handed back once, in the caller's thread (a build stores it from there); and
     closing the engine stops both servers."""
     from builder.backends.base import usable_cores

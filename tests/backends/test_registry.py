@@ -186,6 +186,7 @@ def test_no_slot_count_means_one_slot_per_thread_of_each_server():
     shared = registry.parse({"backend": "llama_server", "model": "bundled:smollm2", "slots": 0, "threads": 4,
                              "replicas": 2})
     assert server_slots(shared) == 2  # two servers of two threads each
+    assert default_batch_size(shared) == 8  # twice what both servers keep in flight
     cores = registry.parse({"backend": "llama_server", "model": "bundled:smollm2", "slots": 0})
     assert server_slots(cores) == usable_cores() >= 1
     assert server_slots(registry.parse({"backend": "llama_server", "slots": 5, "threads": 1})) == 5  # as set
