@@ -8,9 +8,10 @@ layout of the `[annotator]` engine, each from an empty cache with the same audit
   slots-0     one server a model, one slot per thread (`slots = 0`: 2 on 2 cores)
   replicas-2  two servers a model side by side, one thread and one slot each
 
-Prints each build's seconds and its ratio to the first arm's, the writer's completion tokens
-per second of its phase (from the first request sent to the last answer stored: robust to
-builds that retry a different number of times), the calls, and what each build kept. The
+Prints each build's seconds and its ratio to the first arm's, the writer's phase (from the
+first request sent to the last answer stored) and its completion tokens per second (robust to
+builds that retry a different number of times), the rest of the build after it (the note
+judge's phase, the ratchet and compile), the calls, and what each build kept. The
 outputs differ between layouts (a slot's batch changes the numerics); the kept counts show
 whether a layout changed what a build keeps, not just its speed.
 
@@ -93,10 +94,12 @@ def main() -> None:
             print(name, json.dumps(results[name]), flush=True)
     base = results[arms[0]]
     print(f"\n{args.passages} passages, the demo's config, the cores this process may use")
-    print(f"{'layout':<12}{'build s':>9}{'vs ' + arms[0]:>14}{'writer tok/s':>14}{'calls':>7}{'accepted':>10}")
-    for name, r in results.items():
-        print(f"{name:<12}{r['seconds']:>9}{base['seconds'] / r['seconds']:>13.2f}x{r['writer_tokens_per_s']:>14}"
-              f"{r['model_calls']:>7}{r['accepted']:>10}")
+    print(f"{'layout':<12}{'build s':>9}{'vs ' + arms[0]:>14}{'writer s':>10}{'writer tok/s':>14}{'rest s':>8}"
+          f"{'calls':>7}{'accepted':>10}")
+    for name, r in results.items():  # rest: the build after the writer (the note judge, then the ratchet and compile)
+        print(f"{name:<12}{r['seconds']:>9}{base['seconds'] / r['seconds']:>13.2f}x{r['writer_seconds']:>10}"
+              f"{r['writer_tokens_per_s']:>14}{r['seconds'] - r['writer_seconds']:>8.1f}{r['model_calls']:>7}"
+              f"{r['accepted']:>10}")
     args.out.write_text(json.dumps({"passages": args.passages, "arms": results}, indent=1) + "\n")
 
 
