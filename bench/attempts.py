@@ -1,0 +1,81 @@
+"""Why a build's writer attempts were rejected: every answer, not only each passage's last.
+
+A build records the reason of each passage's last attempt; the retries before it cost as much
+decoding and leave only their answers in the call cache. This reads every answer of the
+workspace's writer (the model that wrote the most tokens) back from `model_calls`, finds its
+passage (the gates' grammar makes every claim's evidence a span of it), and checks it again as
+the annotate stage does: the schema (strings at their length bound trimmed, the default), then
+the rule gates (builder/faithfulness.py and the injection veto; not the note judge, a model). It prints the first attempts' verdicts, every attempt's, and the
+writer's completion tokens spent on rejected answers.
+
+Usage: python bench/attempts.py WORKSPACE
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder import faithfulness, injection  # noqa: E402
+from builder.backends.base import Response  # noqa: E402
+from builder.prompts import Prompts  # noqa: E402
+from builder.structured import check_output, validator_for  # noqa: E402
+from builder.workspace import Workspace  # noqa: E402
+
+
+def verdict(response: Response, passage: str, runs, notice) -> str:
+    """The stage's verdict, cut to its kind ("accepted", or the reason up to its first detail)."""
+    record, invalid = check_output(response, validator_for(faithfulness.annotation_schema(passage)), "trim")
+    if record is None:
+        return invalid.split(":")[0]
+    record.pop("_trimmed", None)
+    gated = faithfulness.gate(record, passage, runs, notice, orders=injection.orders(passage))
+    why = injection.carried_out(record, passage)
+    veto = f"{injection.VETO}: {why}" if why is not None else gated.veto
+    return "accepted" if veto is None else veto.split(":")[0] + (":" + veto.split(":")[1][:45] if ":" in veto else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workspace", type=Path)
+    args = parser.parse_args()
+    con = Workspace(args.workspace).connect(read_only=True)
+    passages = [t for (t,) in con.execute("SELECT text FROM passages").fetchall()]
+    writer = con.execute("SELECT model_id FROM model_calls GROUP BY model_id "
+                         "ORDER BY sum(completion_tokens) DESC LIMIT 1").fetchone()[0]
+    calls = con.execute("SELECT response, finish_reason, completion_tokens FROM model_calls WHERE model_id = ? "
+                        "ORDER BY created_at", [writer]).fetchall()
+    con.close()
+    prompts = Prompts()
+    runs, notice = faithfulness.example_runs(prompts.examples), faithfulness.notice_stems(prompts.audit_notice)
+    attempts: dict[int | None, list[tuple[str, int]]] = collections.defaultdict(list)
+    for response, finish, tokens in calls:
+        try:
+            record = json.loads(response)
+        except json.JSONDecodeError:
+            attempts[None].append(("not JSON" if finish == "stop" else f"cut off ({finish})", tokens or 0))
+            continue
+        quotes = [c.get("evidence", "") for c in record.get("claims", []) if c.get("evidence")]
+        found = next((i for i, p in enumerate(passages) for q in quotes if q in p), None)
+        attempts[found].append(("no passage found" if found is None else
+                                verdict(Response(response, finish), passages[found], runs, notice), tokens or 0))
+    first = collections.Counter(v[0][0] for k, v in attempts.items() if k is not None)
+    every = collections.Counter(a for v in attempts.values() for a, _ in v)
+    wasted = sum(t for v in attempts.values() for a, t in v if a != "accepted")
+    total = sum(t for v in attempts.values() for _, t in v)
+    print(f"{len(calls)} writer answers for {len(passages)} passages "
+          f"({len(calls) - len([k for k in attempts if k is not None])} retries)")
+    for title, counts in (("first attempts", first), ("every attempt", every)):
+        print(f"\n{title}:")
+        for what, n in counts.most_common():
+            print(f"  {n:>4}  {what}")
+    print(f"\ncompletion tokens on rejected answers: {wasted} of {total} ({wasted / total:.0%})" if total else "")
+
+
+if __name__ == "__main__":
+    main()
