@@ -37,7 +37,15 @@ def verdict(response: Response, passage: str, runs, notice) -> str:
     gated = faithfulness.gate(record, passage, runs, notice, orders=injection.orders(passage))
     why = injection.carried_out(record, passage)
     veto = f"{injection.VETO}: {why}" if why is not None else gated.veto
-    return "accepted" if veto is None else veto.split(":")[0] + (":" + veto.split(":")[1][:45] if ":" in veto else "")
+    if veto is None:
+        return "accepted"
+    # the reflection is checked before the claims: say whether a claim had passed, so that asking for
+    # the reflection again would have kept the answer
+    verified = any(c["verdict"] == "supported" for c in gated.claim_checks or [])
+    kind, _, detail = veto.partition(":")
+    if kind == "reflection":
+        return kind + (" (a claim verified)" if verified else " (no claim verified)")
+    return kind + (":" + detail[:45] if detail else "")
 
 
 def main() -> None:
