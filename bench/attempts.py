@@ -5,7 +5,9 @@ decoding and leave only their answers in the call cache. This reads every answer
 workspace's writer (the model that wrote the most tokens) back from `model_calls`, finds its
 passage (the gates' grammar makes every claim's evidence a span of it), and checks it again as
 the annotate stage does: the schema (strings at their length bound trimmed, the default), then
-the rule gates (builder/faithfulness.py and the injection veto; not the note judge, a model). It prints the first attempts' verdicts, every attempt's, and the
+the rule gates (builder/faithfulness.py and the injection veto; not the note judge, a model). An
+answer tied to no passage (not JSON, or quotes that no single passage holds) counts among every
+attempt but not among the first ones. It prints the first attempts' verdicts, every attempt's, and the
 writer's completion tokens spent on rejected answers.
 
 Usage: python bench/attempts.py WORKSPACE
@@ -25,7 +27,7 @@ from builder import faithfulness, injection  # noqa: E402
 from builder.backends.base import Response  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
 from builder.structured import check_output, validator_for  # noqa: E402
-from builder.workspace import Workspace  # noqa: E402
+from builder.workspace import Workspace, WorkspaceError  # noqa: E402
 
 
 def verdict(response: Response, passage: str, runs, notice) -> str:
@@ -52,10 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workspace", type=Path)
     args = parser.parse_args()
-    con = Workspace(args.workspace).connect(read_only=True)
+    try:
+        con = Workspace(args.workspace).connect(read_only=True)
+    except WorkspaceError as exc:
+        sys.exit(str(exc))
     passages = [t for (t,) in con.execute("SELECT text FROM passages").fetchall()]
     writer = con.execute("SELECT model_id FROM model_calls GROUP BY model_id "
-                         "ORDER BY sum(completion_tokens) DESC LIMIT 1").fetchone()[0]
+                         "ORDER BY sum(completion_tokens) DESC NULLS LAST LIMIT 1").fetchone()
+    if writer is None:
+        sys.exit(f"{args.workspace}: no model call is stored (build it first)")
+    writer = writer[0]
     calls = con.execute("SELECT response, finish_reason, completion_tokens FROM model_calls WHERE model_id = ? "
                         "ORDER BY created_at", [writer]).fetchall()
     con.close()
@@ -68,16 +76,21 @@ def main() -> None:
         except json.JSONDecodeError:
             attempts[None].append(("not JSON" if finish == "stop" else f"cut off ({finish})", tokens or 0))
             continue
-        quotes = [c.get("evidence", "") for c in record.get("claims", []) if c.get("evidence")]
-        found = next((i for i, p in enumerate(passages) for q in quotes if q in p), None)
-        attempts[found].append(("no passage found" if found is None else
+        # the passage that holds every quote (a clause two passages share names neither alone)
+        quotes = [c["evidence"] for c in record.get("claims", []) if isinstance(c, dict) and c.get("evidence")]
+        holders = [i for i, p in enumerate(passages) if quotes and all(q in p for q in quotes)]
+        found = holders[0] if len(holders) == 1 else None
+        attempts[found].append(("no one passage holds its quotes" if found is None else
                                 verdict(Response(response, finish), passages[found], runs, notice), tokens or 0))
     first = collections.Counter(v[0][0] for k, v in attempts.items() if k is not None)
     every = collections.Counter(a for v in attempts.values() for a, _ in v)
     wasted = sum(t for v in attempts.values() for a, t in v if a != "accepted")
     total = sum(t for v in attempts.values() for _, t in v)
-    print(f"{len(calls)} writer answers for {len(passages)} passages "
-          f"({len(calls) - len([k for k in attempts if k is not None])} retries)")
+    placed = sum(len(v) for k, v in attempts.items() if k is not None)
+    answered = len([k for k in attempts if k is not None])  # passages with an answer of their own
+    print(f"{len(calls)} writer answers for {len(passages)} passages ({placed - answered} retries); "
+          f"{len(calls) - placed} answers tied to no passage (not JSON, cut off, or quotes that no single "
+          f"passage holds): counted under every attempt only")
     for title, counts in (("first attempts", first), ("every attempt", every)):
         print(f"\n{title}:")
         for what, n in counts.most_common():

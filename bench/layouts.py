@@ -10,8 +10,9 @@ layout of the `[annotator]` engine, each from an empty cache with the same audit
 
 Prints each build's seconds and its ratio to the first arm's, the writer's phase (from the
 first request sent to the last answer stored) and its completion tokens per second (robust to
-builds that retry a different number of times), the rest of the build after it (the note
-judge's phase, the ratchet and compile), the calls, and what each build kept. The
+builds that retry a different number of times), the rest of the build outside that phase
+(start-up; the note judge, the ratchet and compile after it), the calls, and what each build
+accepted. The
 outputs differ between layouts (a slot's batch changes the numerics); the kept counts show
 whether a layout changed what a build keeps, not just its speed.
 
@@ -61,7 +62,7 @@ def writer_phase(root: Path) -> tuple[int, float]:
         "SELECT sum(completion_tokens), min(created_at), max(created_at), "
         "arg_min(seconds, created_at) FROM model_calls WHERE model_id = ?", [digest]).fetchone()
     con.close()
-    return int(tokens), (last - first).total_seconds() + first_s
+    return int(tokens or 0), (last - first).total_seconds() + (first_s or 0.0)
 
 
 def run_arm(tmp: Path, name: str, passages: int) -> dict:
@@ -72,7 +73,8 @@ def run_arm(tmp: Path, name: str, passages: int) -> dict:
     seconds = time.perf_counter() - start
     tokens, phase = writer_phase(root)
     return {"seconds": round(seconds, 1), "model_calls": summary["model_calls"], "accepted": summary["accepted"],
-            "writer_tokens": tokens, "writer_seconds": round(phase, 1), "writer_tokens_per_s": round(tokens / phase, 1)}
+            "writer_tokens": tokens, "writer_seconds": round(phase, 1),
+            "writer_tokens_per_s": round(tokens / phase, 1) if phase > 0 else None}
 
 
 def main() -> None:
@@ -96,7 +98,7 @@ def main() -> None:
     print(f"\n{args.passages} passages, the demo's config, the cores this process may use")
     print(f"{'layout':<12}{'build s':>9}{'vs ' + arms[0]:>14}{'writer s':>10}{'writer tok/s':>14}{'rest s':>8}"
           f"{'calls':>7}{'accepted':>10}")
-    for name, r in results.items():  # rest: the build after the writer (the note judge, then the ratchet and compile)
+    for name, r in results.items():  # rest: the build outside the writer's phase
         print(f"{name:<12}{r['seconds']:>9}{base['seconds'] / r['seconds']:>13.2f}x{r['writer_seconds']:>10}"
               f"{r['writer_tokens_per_s']:>14}{r['seconds'] - r['writer_seconds']:>8.1f}{r['model_calls']:>7}"
               f"{r['accepted']:>10}")
