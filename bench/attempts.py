@@ -3,9 +3,9 @@
 A build records the reason of each passage's last attempt; the retries before it cost as much
 decoding and leave only their answers in the call cache. This reads every answer of the
 workspace's writer (the model that wrote the most tokens) back from `model_calls`, finds its
-passage (the gates' grammar makes every claim's evidence a span of it), and checks it again as
-the annotate stage does: the schema (strings at their length bound trimmed, the default), then
-the rule gates (builder/faithfulness.py and the injection veto; not the note judge, a model). An
+passage (the gates' grammar makes every claim's evidence a span of it), and checks it again with
+the annotate stage's own task under the workspace's config and prompts: the schema, then the rule
+gates and the injection veto (AnnotateTask.check; not the note judge, a model). An
 answer tied to no passage (not JSON, or quotes that no single passage holds) counts among every
 attempt but not among the first ones. It prints the first attempts' verdicts, every attempt's, and the
 writer's completion tokens spent on rejected answers.
@@ -23,22 +23,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder import faithfulness, injection  # noqa: E402
 from builder.backends.base import Response  # noqa: E402
+from builder.corpus import Passage  # noqa: E402
 from builder.prompts import Prompts  # noqa: E402
+from builder.stages.annotate import AnnotateTask, Candidate  # noqa: E402
 from builder.structured import check_output, validator_for  # noqa: E402
 from builder.workspace import Workspace, WorkspaceError  # noqa: E402
 
 
-def verdict(response: Response, passage: str, runs, notice) -> str:
+def verdict(task: AnnotateTask, response: Response, passage: str) -> str:
     """The stage's verdict, cut to its kind ("accepted", or the reason up to its first detail)."""
-    record, invalid = check_output(response, validator_for(faithfulness.annotation_schema(passage)), "trim")
+    item = Candidate(Passage("", "", 0, passage, 0))
+    record, invalid = check_output(response, validator_for(task.schema(item)), task.sampling.at_bound)
     if record is None:
         return invalid.split(":")[0]
     record.pop("_trimmed", None)
-    gated = faithfulness.gate(record, passage, runs, notice, orders=injection.orders(passage))
-    why = injection.carried_out(record, passage)
-    veto = f"{injection.VETO}: {why}" if why is not None else gated.veto
+    _, gated, veto = task.check(item, record)
     if veto is None:
         return "accepted"
     # the reflection is checked before the claims: say whether a claim had passed, so that asking for
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     args = parser.parse_args()
     try:
-        con = Workspace(args.workspace).connect(read_only=True)
+        ws = Workspace(args.workspace)
+        cfg, con = ws.config, ws.connect(read_only=True)
     except WorkspaceError as exc:
         sys.exit(str(exc))
     passages = [t for (t,) in con.execute("SELECT text FROM passages").fetchall()]
@@ -67,8 +68,8 @@ def main() -> None:
     calls = con.execute("SELECT response, finish_reason, completion_tokens FROM model_calls WHERE model_id = ? "
                         "ORDER BY created_at", [writer]).fetchall()
     con.close()
-    prompts = Prompts()
-    runs, notice = faithfulness.example_runs(prompts.examples), faithfulness.notice_stems(prompts.audit_notice)
+    prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)  # as builder/build.py
+    task = AnnotateTask(prompts, cfg, 1, "writer")
     attempts: dict[int | None, list[tuple[str, int]]] = collections.defaultdict(list)
     for response, finish, tokens in calls:
         try:
@@ -81,7 +82,7 @@ def main() -> None:
         holders = [i for i, p in enumerate(passages) if quotes and all(q in p for q in quotes)]
         found = holders[0] if len(holders) == 1 else None
         attempts[found].append(("no one passage holds its quotes" if found is None else
-                                verdict(Response(response, finish), passages[found], runs, notice), tokens or 0))
+                                verdict(task, Response(response, finish), passages[found]), tokens or 0))
     first = collections.Counter(v[0][0] for k, v in attempts.items() if k is not None)
     every = collections.Counter(a for v in attempts.values() for a, _ in v)
     wasted = sum(t for v in attempts.values() for a, t in v if a != "accepted")
