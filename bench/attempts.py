@@ -38,11 +38,11 @@ def verdict(task: AnnotateTask, response: Response, passage: str) -> str:
     if record is None:
         return invalid.split(":")[0]
     record.pop("_trimmed", None)
-    _, gated, veto = task.check(item, record)
+    _, gated, veto = task.gated(item, record, rewrite=False)  # the gates' own verdict, the lift aside
     if veto is None:
         return "accepted"
-    # the reflection is checked before the claims: say whether a claim had passed, so that asking for
-    # the reflection again would have kept the answer
+    # the reflection is checked before the claims: say whether a claim had passed, so that the answer
+    # is kept and its reflection asked again (annotate.rewrite_reflection)
     verified = any(c["verdict"] == "supported" for c in gated.claim_checks or [])
     kind, _, detail = veto.partition(":")
     if kind == "reflection":
@@ -71,11 +71,15 @@ def main() -> None:
     prompts = Prompts(ws.resolve(cfg.annotate.prompts) if cfg.annotate.prompts else None)  # as builder/build.py
     task = AnnotateTask(prompts, cfg, 1, "writer")
     attempts: dict[int | None, list[tuple[str, int]]] = collections.defaultdict(list)
+    asked_again: list[int] = []  # completion tokens of each reflection asked again alone
     for response, finish, tokens in calls:
         try:
             record = json.loads(response)
         except json.JSONDecodeError:
             attempts[None].append(("not JSON" if finish == "stop" else f"cut off ({finish})", tokens or 0))
+            continue
+        if isinstance(record, dict) and set(record) == {"reflection"}:  # a reflection asked again (ReproseTask)
+            asked_again.append(tokens or 0)
             continue
         # the passage that holds every quote (a clause two passages share names neither alone)
         quotes = [c["evidence"] for c in record.get("claims", []) if isinstance(c, dict) and c.get("evidence")]
@@ -89,8 +93,9 @@ def main() -> None:
     total = sum(t for v in attempts.values() for _, t in v)
     placed = sum(len(v) for k, v in attempts.items() if k is not None)
     answered = len([k for k in attempts if k is not None])  # passages with an answer of their own
-    print(f"{len(calls)} writer answers for {len(passages)} passages ({placed - answered} retries); "
-          f"{len(calls) - placed} answers tied to no passage (not JSON, cut off, or quotes that no single "
+    print(f"{len(calls) - len(asked_again)} writer answers for {len(passages)} passages ({placed - answered} retries), "
+          f"and {len(asked_again)} reflections asked again alone ({sum(asked_again)} completion tokens); "
+          f"{len(calls) - len(asked_again) - placed} answers tied to no passage (not JSON, cut off, or quotes that no single "
           f"passage holds): counted under every attempt only")
     for title, counts in (("first attempts", first), ("every attempt", every)):
         print(f"\n{title}:")

@@ -150,7 +150,16 @@ def _faithfulness(f: dict | None) -> str:
     return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
             f"{f.get('quotes_rechosen', 0)} with their quote re-chosen, {f.get('claims_unwrapped', 0)} unwrapped), dropped "
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped"
-            f"{_note_judge(f)}; vetoed {f['vetoed'] or 'none'}")
+            f"{_note_judge(f)}{_asked_again(f)}; vetoed {f['vetoed'] or 'none'}")
+
+
+def _asked_again(f: dict) -> str:
+    """Reflections the gates refused whole, asked again of their writers (annotate.rewrite_reflection)."""
+    if not f.get("reflections_asked_again"):
+        return ""
+    asked, rewritten = f["reflections_asked_again"], f.get("reflections_rewritten", 0)
+    return (f"; {asked} reflection(s) refused whole were asked again: {rewritten} rewritten, {asked - rewritten} "
+            f"rebuilt from their claims' quotes")
 
 
 def _note_judge(f: dict) -> str:

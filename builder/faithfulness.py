@@ -25,7 +25,8 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    its list so. A reflection left
    without a claim is vetoed. The reflection's own prose is held to its passage too: a
    sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
-   reflection with no sentence left is vetoed. So is a sentence that says its passage supports
+   reflection with no sentence left is vetoed (PROSE_VETO; where a claim passed, the annotate
+   stage lifts it and asks the writer for the reflection again: annotate.rewrite_reflection). So is a sentence that says its passage supports
    what the passage only reports someone saying (`endorses_reported`), and a note or sentence in
    the words of the prompt's audit notice (`from_the_notice`). A claim that is no whole claim (a
    fragment, cut mid-sentence, a reason, a label of itself), speaks in a first person its
@@ -510,6 +511,8 @@ class Gated:
     claim_checks: list[dict] = field(default_factory=list)  # {evidence, claim, verdict, reason}
     dropped_notes: int = 0
     veto: str | None = None
+    unsaid: dict | None = None  # {written, why}: a reflection veto lifted so its writer is asked for it again
+
 
     @property
     def kept(self) -> int:
@@ -918,15 +921,22 @@ def gate(record: dict, passage: str, runs: set[tuple[str, ...]], notice: frozens
     elif (word := next((w for t in record_texts(cleaned) if (w := unknown_word(t, passage))), None)) is not None:
         out.veto = f"garbled: '{word}' is not a word of the passage or of English"
     elif not reflection:
-        out.veto = f"reflection: no sentence its passage bears out ({FOREIGN_LIMIT}+ words it never uses)"
+        out.veto = f"{PROSE_VETO}: no sentence its passage bears out ({FOREIGN_LIMIT}+ words it never uses)"
     elif (why := check_note(reflection, passage)) is not None:
-        out.veto = f"reflection: {why}"
+        out.veto = f"{PROSE_VETO}: {why}"
     elif not claims:
         out.veto = f"no supported claim: {checks[0]['reason'] if checks else 'none written'}"
     return out
 
 
 VETOES = ("echo", "garbled", "reflection", "no supported claim")
+PROSE_VETO = "reflection"  # the veto of a reflection with no sentence its passage bears out (or one check_note refuses)
+
+
+def quotes_said(claims: list[dict]) -> str:
+    """A reflection rebuilt from its claims' quotes, each said as the passage's: right by
+    construction, and thin (what replaces prose that the gates or the note judge cut whole)."""
+    return " ".join(dict.fromkeys(attributed(c["evidence"]) for c in claims))
 UNWRAPPED = "unwrapped"  # a kept or dropped claim's note: words about the passage or the claim were taken off
 REQUOTED = "quote re-chosen"  # a kept claim's check reason: its evidence is the passage span that holds it
 REPEATED = "repeated"  # a dropped claim's reason: the same words as a kept claim of the same reflection

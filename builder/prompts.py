@@ -129,6 +129,15 @@ class Prompts:
         messages.append({"role": "user", "content": self.render("annotate.user.jinja", passage=datamark(passage, mark), **values)})
         return tuple(messages)
 
+    def reprose_messages(self, passage: str, answer: dict, mark: str = "line", persona: str = "default",
+                         examples: bool = True) -> tuple[dict, ...]:
+        """The annotation's own conversation (the same prefix, which the engine has evaluated),
+        the writer's answer as its turn, then the request for the reflection alone again
+        (annotate.reprose.jinja): nothing of the passage is in the new turn."""
+        return (*self.annotation_messages(passage, mark, persona, examples),
+                {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)},
+                {"role": "user", "content": self.render("annotate.reprose.jinja", limits=annotation_limits())})
+
     @cached_property
     def rewrite_examples(self) -> list[dict]:
         """Few-shot edits for the conscience rewrite (rewrite.examples.jsonl): prompt, response,
@@ -186,6 +195,7 @@ class Prompts:
 
     def hashes(self, personas: Sequence[str] = ()) -> dict:
         names = ["audit_notice.txt", "annotate.system.jinja", "annotate.user.jinja", "annotate.examples.jsonl",
+                 "annotate.reprose.jinja",
                  "critique.system.jinja", "critique.user.jinja", "critique.examples.jsonl", "reflection.jinja",
                  "consent.system.jinja", "consent.user.jinja", "consent.examples.jsonl",
                  "compare.system.jinja", "compare.user.jinja", "rewrite.examples.jsonl",

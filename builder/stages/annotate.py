@@ -1,7 +1,9 @@
 """Annotate: every annotating ensemble member writes one epistemic reflection per passage
 (schemas/annotation.schema.json), or a recorded rejection after its retries. With
 annotate.best_of = N, a member samples N candidates per passage and the one with the most
-verified claims is kept (`choose`)."""
+verified claims is kept (`choose`). An answer whose claims the gates verify but whose
+reflection they refuse whole is kept, and its writer is asked for the reflection alone again
+(`ReproseTask`, annotate.rewrite_reflection): a short answer where the whole one was retried."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +15,7 @@ from ..backends.base import Request
 from ..config import RatchetConfig
 from ..corpus import Passage
 from ..prompts import Prompts
+from ..resources import load_schema
 from ..structured import Outcome
 from ..tables import Json, Table, doc, transaction
 from .base import BuildContext, ModelTask, Sampling, Stage, run_task
@@ -46,6 +49,10 @@ class AnnotationRow:
                                    "text, P(unsupported) and verdict (kept | cut | abstain | unjudged), and a "
                                    "reflection rebuilt from its claims' quotes (rebuilt); the record keeps the kept "
                                    "ones", default=None, added=True)
+    rewrite: Json | None = doc("a reflection the gates refused whole in an answer whose claims they verified: the "
+                               "reflection as written and why (written, why), then what asking the writer for it "
+                               "again gave (verdict rewritten | rebuilt from the claims' quotes, attempts, reason, "
+                               "call_key)", default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -70,6 +77,9 @@ class Candidate:
     index: int = 0
 
 
+# The reflection alone: at most 300 characters (about 80 tokens) and its JSON key.
+REPROSE_MAX_TOKENS = 128
+
 # Seeds of candidate k start at seed + k * stride: past any retry's seed (retries <= 10) and,
 # with best_of <= 8, short of the next generation's (annotation_config: + 1000).
 CANDIDATE_SEED_STRIDE = 16
@@ -83,6 +93,8 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
         super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
         self.prompts, self.mark, self.persona, self.gates = prompts, cfg.annotate.datamark, persona, cfg.annotate.gates
         self.generation, self.annotator, self.few_shot = generation, annotator, few_shot
+        self.rewrites = cfg.annotate.rewrite_reflection if self.gates else 0
+        self.cfg = cfg
         self.candidate_temperature = cfg.annotate.candidate_temperature
         self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
         self.notice = faithfulness.notice_stems(prompts.audit_notice)  # the audit notice's own words
@@ -104,12 +116,21 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
                                    temperature=max(request.temperature, self.candidate_temperature))
 
     def check(self, item: Candidate, record: dict) -> tuple[dict, object, str | None]:
+        return self.gated(item, record, rewrite=bool(self.rewrites))
+
+    def gated(self, item: Candidate, record: dict, rewrite: bool) -> tuple[dict, object, str | None]:
+        """The gates and the injection veto on one answer; with `rewrite`, a veto of the
+        reflection alone is lifted (`prose_only`): the answer is kept with an empty reflection
+        and `unsaid` says what was written and why it went."""
         if not self.gates:
             return record, None, None
         gated = faithfulness.gate(record, item.passage.text, self.example_runs, self.notice,
                                   orders=injection.orders(item.passage.text))
         if (why := injection.carried_out(record, item.passage.text)) is not None:  # before any other reason
             gated.veto = f"{injection.VETO}: {why}"
+        elif rewrite and prose_only(gated):  # its verified claims stay; the writer writes the prose again
+            gated.unsaid, gated.veto = {"written": record.get("reflection") or "", "why": gated.veto}, None
+            gated.record = {**gated.record, "reflection": ""}
         return gated.record, gated, gated.veto
 
     def format_output(self, item: Candidate, o: Outcome) -> AnnotationRow:
@@ -117,7 +138,50 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
         return AnnotationRow(self.generation, item.passage.passage_id, self.annotator, o.status, o.reason, o.attempts,
                              o.truncated, o.record, o.call_key, o.trimmed,
                              gated.claim_checks if gated else None, gated.dropped_notes if gated else None,
-                             candidate=item.index)
+                             candidate=item.index, rewrite=gated.unsaid if gated and o.record else None)
+
+
+def prose_only(gated: faithfulness.Gated) -> bool:
+    """The gates refused the reflection alone: the answer keeps a verified claim."""
+    return bool(gated.veto and gated.veto.startswith(f"{faithfulness.PROSE_VETO}:") and gated.record["claims"])
+
+
+class ReproseTask(ModelTask[AnnotationRow, Outcome]):
+    """The reflection alone, asked again of the writer of an answer whose verified claims the
+    gates kept and whose reflection they refused whole: the annotation's conversation, the
+    answer as the writer's turn (its verified claims and kept notes; not the refused reflection,
+    which the writer then turned into "The passage does not support ...": docs/faithfulness.md),
+    and annotate.reprose.jinja. Its reflection goes through the same gates as a whole answer's
+    (`AnnotateTask.gated` on the answer with the new reflection, the lift off); a try they refuse
+    is retried with the next seed."""
+
+    def __init__(self, annotate: AnnotateTask, passages: dict[str, Passage]):
+        cfg = annotate.cfg
+        super().__init__(dataclasses.replace(Sampling.of(cfg, REPROSE_MAX_TOKENS, annotate.sampling.temperature),
+                                             retries=annotate.rewrites - 1),
+                         label=f"reflection again ({annotate.annotator})")
+        self.annotate, self.passages = annotate, passages
+
+    def schema(self, item: AnnotationRow) -> dict:
+        reflection = load_schema("annotation")["properties"]["reflection"]
+        return {"type": "object", "additionalProperties": False, "required": ["reflection"],
+                "properties": {"reflection": reflection}}
+
+    def answer(self, item: AnnotationRow) -> dict:
+        return {k: v for k, v in item.record.items() if k != "reflection"}
+
+    def format_input(self, item: AnnotationRow) -> tuple[dict, ...]:
+        a = self.annotate
+        return a.prompts.reprose_messages(self.passages[item.passage_id].text, self.answer(item), mark=a.mark,
+                                          persona=a.persona, examples=a.few_shot)
+
+    def check(self, item: AnnotationRow, record: dict) -> tuple[dict, object, str | None]:
+        kept, gated, veto = self.annotate.gated(Candidate(self.passages[item.passage_id]),
+                                                {**item.record, "reflection": record["reflection"]}, rewrite=False)
+        return {"reflection": kept["reflection"]}, gated, veto
+
+    def format_output(self, item: AnnotationRow, o: Outcome) -> Outcome:
+        return o
 
 
 def candidates(passages: list[Passage], best_of: int) -> list[Candidate]:
@@ -127,6 +191,12 @@ def candidates(passages: list[Passage], best_of: int) -> list[Candidate]:
 
 def verified_claims(row: AnnotationRow) -> int:
     return len(row.record["claims"]) if row.status == "accepted" else 0
+
+
+def as_written(row: AnnotationRow) -> dict:
+    """An accepted row's record with its reflection as the writer wrote it, where the gates
+    refused it whole (the empty one would count no word against it)."""
+    return {**row.record, "reflection": row.rewrite["written"]} if row.rewrite else row.record
 
 
 def choose(rows: list[AnnotationRow], texts: dict[str, str]) -> list[AnnotationRow]:
@@ -139,7 +209,7 @@ def choose(rows: list[AnnotationRow], texts: dict[str, str]) -> list[AnnotationR
         by_passage.setdefault(row.passage_id, []).append(row)
     chosen = []
     for pid, group in by_passage.items():
-        unsupported = [faithfulness.unsupported_words(r.record, r.claim_checks or [], texts[pid])
+        unsupported = [faithfulness.unsupported_words(as_written(r), r.claim_checks or [], texts[pid])
                        if r.status == "accepted" else None for r in group]
         best = max(range(len(group)), key=lambda i: (group[i].status == "accepted", verified_claims(group[i]),
                                                     -(unsupported[i] or 0), -i))
@@ -156,7 +226,29 @@ def annotate_passages(task: AnnotateTask, passages: list[Passage], best_of: int,
     them at once), then the kept one of each."""
     items = candidates(passages, best_of)
     rows = run(task, items, engine) if run else run_task(task, items, engine, advance)
-    return choose(rows, {p.passage_id: p.text for p in passages})
+    chosen = choose(rows, {p.passage_id: p.text for p in passages})
+    rewrite_reflections(task, chosen, {p.passage_id: p for p in passages}, engine, run)
+    return chosen
+
+
+def rewrite_reflections(task: AnnotateTask, rows: list[AnnotationRow], passages: dict[str, Passage], engine,
+                        run=None) -> None:
+    """Every kept answer whose reflection the gates refused whole (`AnnotationRow.rewrite`)
+    gets one written again by its writer (`ReproseTask`, in one batch), or, where every try is
+    refused too, one rebuilt from its claims' quotes (`faithfulness.quotes_said`)."""
+    asked = [r for r in rows if r.status == "accepted" and r.rewrite and not r.record["reflection"]]
+    if not asked:
+        return
+    reprose = ReproseTask(task, passages)
+    outcomes = run(reprose, asked, engine) if run else run_task(reprose, asked, engine)
+    for row, o in zip(asked, outcomes):
+        row.rewrite = {**row.rewrite, "attempts": o.attempts, "call_key": o.call_key, "reason": o.reason}
+        if o.status == "accepted":
+            row.record["reflection"] = o.record["reflection"]
+            row.rewrite["verdict"] = REWRITTEN
+        else:
+            row.record["reflection"] = faithfulness.quotes_said(row.record["claims"])
+            row.rewrite["verdict"] = REBUILT
 
 
 class Annotate(Stage):
@@ -281,13 +373,14 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
         left = [s for j, s in enumerate(written) if (id(row), "reflection", 0, j) not in cut]
         row.dropped_notes = (row.dropped_notes or 0) + len(written) - len(left)
         if not left:
-            left = list(dict.fromkeys(faithfulness.attributed(c["evidence"]) for c in row.record["claims"]))
-            row.note_checks.append({"field": "reflection", "text": " ".join(left), "p_unsupported": None,
+            left = [faithfulness.quotes_said(row.record["claims"])]
+            row.note_checks.append({"field": "reflection", "text": left[0], "p_unsupported": None,
                                     "verdict": REBUILT})
         row.record["reflection"] = " ".join(left)
 
 
-REBUILT = "rebuilt"  # a note_checks verdict: the reflection, every sentence cut, rebuilt from its claims' quotes
+REBUILT = "rebuilt"  # the reflection, every sentence cut, rebuilt from its claims' quotes (note_checks, rewrite)
+REWRITTEN = "rewritten"  # a rewrite verdict: the writer's reflection asked again passed the gates
 
 
 def note_sentences(rows: list[AnnotationRow], texts: dict[str, str]) -> list[tuple[AnnotationRow, str, int, int, str]]:
@@ -370,6 +463,9 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
             "notes_judged": sum(c["verdict"] != REBUILT for c in judged),
             "notes_cut_by_judge": sum(c["verdict"] == "cut" for c in judged),
             "reflections_rebuilt": sum(c["verdict"] == REBUILT for c in judged),
+            "reflections_asked_again": sum(bool(r.rewrite) for r in rows if r.status == "accepted"),
+            "reflections_rewritten": sum((r.rewrite or {}).get("verdict") == REWRITTEN for r in rows
+                                         if r.status == "accepted"),
             "vetoed": dict(sorted(vetoes.items()))}
 
 

@@ -182,3 +182,87 @@ def test_a_sentence_in_the_passage_s_name_is_the_passage_s_only_when_it_quotes_t
     assert f.said_by(f.attributed("The taxes rose sharply"), passage)  # a claim's quote, a clause
     assert not f.said_by('The passage says: "Pensions doubled."', passage)  # the writer's own words: asked
     assert not f.said_by("The taxes rose sharply.", passage)
+
+
+# ---------------------------------------------------------------- the reflection asked again
+
+# A verified claim, and a reflection in words its passage never uses (every sentence is cut).
+FOREIGN = {**GOOD, "reflection": "Hospitals ration scarce ventilators during winter outbreaks."}
+REPROSE = "Now write the reflection of that answer again"
+
+
+class Reprosing(TextBackend):
+    """The annotation request gets `answer`; a request for the reflection alone (its last turn
+    is annotate.reprose.jinja) gets the next of `reflections`, the last one repeated."""
+
+    model_id = "scripted-model"
+
+    def __init__(self, answer, reflections):
+        self.answer, self.reflections, self.requests = answer, reflections, []
+
+    def generate(self, requests, on_response=None):
+        out = []
+        for i, r in enumerate(requests):
+            self.requests.append(r)
+            if r.messages[-1]["content"].startswith(REPROSE):
+                n = sum(q.messages[-1]["content"].startswith(REPROSE) for q in self.requests) - 1
+                text = json.dumps({"reflection": self.reflections[min(n, len(self.reflections) - 1)]})
+            else:
+                text = json.dumps(self.answer)
+            out.append(Response(text, "stop", 10, 5, 0.01))
+            if on_response:
+                on_response(i, out[-1])
+        return out
+
+
+def reprose_run(backend, **annotate_keys):
+    con = duckdb.connect()
+    create_schema(con)
+    cfg = RatchetConfig.model_validate({"annotate": {"retries": 2, **annotate_keys}, "sampling": {"temperature": 0.0}})
+    return annotate(passages("alpha text"), CachedBackend(backend, con), Prompts(), cfg)[0]
+
+
+def test_a_reflection_refused_whole_is_asked_again_alone_beside_the_verified_claims():
+    """The answer's claim is verified and its reflection fails the gates whole: the answer is kept
+    (one whole answer, no whole retry), and the writer is asked for the reflection alone, in the
+    answer's own conversation, with a schema that holds the reflection only."""
+    backend = Reprosing(FOREIGN, ["The passage says the taxes rose sharply."])
+    row = reprose_run(backend)
+    assert row.status == "accepted" and row.attempts == 1
+    assert row.record["reflection"] == "The passage says the taxes rose sharply."
+    assert row.record["claims"][0]["claim"] == "The taxes rose sharply"
+    assert row.rewrite["written"] == FOREIGN["reflection"] and row.rewrite["why"].startswith("reflection: no sentence")
+    assert row.rewrite["verdict"] == "rewritten" and row.rewrite["attempts"] == 1 and row.rewrite["call_key"]
+    first, again = backend.requests
+    assert again.messages[:len(first.messages)] == first.messages  # the same prefix: the engine's cached one
+    turn = json.loads(again.messages[len(first.messages)]["content"])
+    assert again.messages[len(first.messages)]["role"] == "assistant"
+    assert turn["claims"] == row.record["claims"] and "reflection" not in turn  # not the refused one
+    assert set(again.schema["properties"]) == {"reflection"}
+    assert "alpha" not in again.messages[-1]["content"]  # the new turn holds none of the passage
+
+
+def test_a_reflection_refused_again_on_every_try_is_rebuilt_from_the_claims_quotes():
+    backend = Reprosing(FOREIGN, ["Ventilators are rationed in hospitals during outbreaks of winter flu."])
+    row = reprose_run(backend, rewrite_reflection=3)
+    assert row.status == "accepted" and row.rewrite["verdict"] == "rebuilt" and row.rewrite["attempts"] == 3
+    assert row.record["reflection"] == 'The passage says: "the taxes rose sharply"'
+    assert row.rewrite["reason"].startswith("reflection: no sentence")
+    seeds = [r.seed for r in backend.requests[1:]]
+    assert len(seeds) == 3 and len(set(seeds)) == 3  # each try with the next seed
+
+
+def test_without_rewrite_reflection_the_answer_is_vetoed_and_retried_whole():
+    backend = Reprosing(FOREIGN, ["unused"])
+    row = reprose_run(backend, rewrite_reflection=0)
+    assert row.status == "rejected" and row.reason.startswith("reflection: no sentence") and row.attempts == 3
+    assert not any(r.messages[-1]["content"].startswith(REPROSE) for r in backend.requests)
+
+
+def test_an_answer_with_no_verified_claim_is_not_asked_for_its_reflection_again():
+    """The lift is for the reflection alone: an answer without a verified claim is retried whole."""
+    unverified = {**FOREIGN, "claims": [{**GOOD["claims"][0], "claim": "Hospitals ration scarce ventilators"}]}
+    backend = Reprosing(unverified, ["The passage says the taxes rose sharply."])
+    row = reprose_run(backend)
+    assert row.status == "rejected" and row.attempts == 3 and row.rewrite is None
+    assert not any(r.messages[-1]["content"].startswith(REPROSE) for r in backend.requests)

@@ -15,7 +15,7 @@ from builder import faithfulness as f
 from builder.backends import registry
 from builder.build import run_build
 from builder.compile import split_path
-from builder.corpus import jsonl_lines
+from builder.corpus import Passage, jsonl_lines
 from builder.config import RatchetConfig
 from builder.evaluate import cached_engine
 from builder.judges import EntailmentTask
@@ -194,6 +194,49 @@ def test_the_note_judge_asks_about_every_note_sentence_the_rules_kept_and_cuts_w
         limit = ws.config.annotate.prose_threshold if c["field"] == "reflection" else threshold
         assert (c["verdict"] == "cut") == (c["p_unsupported"] >= limit)
     assert all(0 < c["p_unsupported"] < 1 for c in asked)
+
+
+def test_a_reflection_refused_whole_is_asked_again_of_the_real_writer_and_what_it_gives_passes_the_gates(qwen_build):
+    """annotate.rewrite_reflection on the real writer. The build's kept answers, each given as
+    written the reflection of another passage's answer (words its own passage never uses: the
+    case the gates refuse whole; made so because the build may refuse none), are asked again of
+    Qwen2.5-Coder-0.5B: every answer is a schema-valid {"reflection"} from the model, and each
+    reflection kept is either one the gates pass whole, or, where every try failed, the claims'
+    quotes said as the passage's. The build's own answers asked again (if any) obey the same."""
+    from builder.stages.annotate import AnnotateTask, AnnotationRow, Candidate, rewrite_reflections
+
+    ws, _ = qwen_build
+    con = ws.connect(read_only=True)
+    stored = con.execute("SELECT a.passage_id, p.text, a.record, a.rewrite FROM annotations a JOIN passages p "
+                         "USING (passage_id) WHERE a.status = 'accepted' ORDER BY a.passage_id").fetchall()
+    con.close()
+    assert len(stored) >= 2, "fewer than two kept answers: nothing to swap"
+    passages = {pid: Passage(pid, "corpus", 0, text, 0) for pid, text, _, _ in stored}
+    built = [(pid, json.loads(record), json.loads(rewrite)) for pid, _, record, rewrite in stored if rewrite]
+    rows = [AnnotationRow(1, pid, "qwen", "accepted", None, 1, 0, {**json.loads(record), "reflection": ""}, None,
+                          rewrite={"written": json.loads(stored[(i + 1) % len(stored)][2])["reflection"], "why": "test"})
+            for i, (pid, _, record, _) in enumerate(stored)]
+    cfg = ws.config
+    task = AnnotateTask(Prompts(), cfg, 1, "qwen", "default", few_shot=False)
+    calls = duckdb.connect()
+    create_schema(calls)
+    with cached_engine(calls, registry.parse({"model": "bundled:qwen2.5-coder-0.5b"}), "writer") as engine:
+        rewrite_reflections(task, rows, passages, engine)
+    answers = calls.execute("SELECT response, finish_reason FROM model_calls").fetchall()
+    assert len(answers) >= len(rows)  # one try at least for each
+    assert all(set(a := json.loads(text)) == {"reflection"} and a["reflection"] for text, end in answers if end == "stop")
+    limit = cfg.annotate.rewrite_reflection
+    for row in rows:
+        assert row.rewrite["verdict"] in ("rewritten", "rebuilt") and 1 <= row.rewrite["attempts"] <= limit
+        if row.rewrite["verdict"] == "rebuilt":
+            assert row.record["reflection"] == f.quotes_said(row.record["claims"])
+        else:  # the gates pass it whole, and it is not the reflection it replaces
+            kept, _, veto = task.gated(Candidate(passages[row.passage_id]), row.record, rewrite=False)
+            assert veto is None and kept["reflection"] == row.record["reflection"] != row.rewrite["written"]
+    for _, record, rewrite in built:  # the note judge may since have cut a rewritten one's sentences
+        assert rewrite["verdict"] in ("rewritten", "rebuilt") and 1 <= rewrite["attempts"] <= limit
+        assert record["reflection"] and (rewrite["verdict"] == "rewritten"
+                                         or record["reflection"] == f.quotes_said(record["claims"]))
 
 
 def test_the_note_judge_ranks_a_random_sample_of_labelled_notes_better_than_chance():
