@@ -1,20 +1,23 @@
-"""A reflection the gates refuse whole: asked again alone, or the whole answer retried.
+"""A reflection the gates refuse whole, in an answer with a verified claim: rebuilt, asked
+again, or the whole answer retried (annotate.refused_reflection).
 
-The demo's config (examples/ratchet.toml) on the first N passages of its corpus, built twice,
-each from an empty cache with the same audit secret:
+The demo's config (examples/ratchet.toml) on the first N passages of its corpus, built once
+per arm, each from an empty cache with the same audit secret:
 
-  whole       annotate.rewrite_reflection = 0: such an answer is vetoed and retried whole
-  reflection  the default (2): the answer's verified claims are kept and its writer is asked
-              for the reflection alone, up to twice; then it is rebuilt from the claims' quotes
+  retry    the answer is vetoed and retried whole (as before 2026-12-08)
+  rebuild  the answer is kept, its reflection rebuilt from its claims' quotes (the default)
+  ask      the answer is kept and its writer asked for the reflection alone, up to
+           rewrite_reflection times; then it is rebuilt
 
 Prints each build's seconds and its ratio to the first arm's, the writer's completion tokens
 and phase (bench/layouts.py's measure), the calls, what each build accepted, and the
-reflections asked again (rewritten, rebuilt). The answers differ between the arms beyond the
-retries (llama-server's batched slots do not repeat their floating-point sums), so the kept
-counts show what a build keeps, not what one answer became. Every kept reflection of both
-builds, with its passage, goes to --out-jsonl, for a person to read side by side.
+reflections refused whole in answers kept (rewritten, rebuilt). The answers differ between the
+arms beyond the retries (llama-server's batched slots do not repeat their floating-point
+sums), so the kept counts show what a build keeps, not what one answer became. Every
+annotation of every arm, with its passage, goes to --out-jsonl, for a person to read side by
+side.
 
-Usage: python bench/reprose.py [--passages 30] [--arms whole,reflection] [--keep DIR]
+Usage: python bench/reprose.py [--passages 30] [--arms retry,rebuild] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -37,19 +40,17 @@ from builder.build import run_build  # noqa: E402
 from builder.models import resolve_model  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
 
-ARMS = {"whole": 0, "reflection": None}  # annotate.rewrite_reflection (None: the default)
+ARMS = ("retry", "rebuild", "ask")  # annotate.refused_reflection
 
 
-def with_rewrites(root: Path, rewrites: int | None) -> None:
-    if rewrites is None:
-        return
+def with_mode(root: Path, mode: str) -> None:
     config = (root / "ratchet.toml").read_text()
-    assert config.count("\nrewrite_reflection = ") == 1  # the demo's config sets it under [annotate]
-    (root / "ratchet.toml").write_text(re.sub(r"\nrewrite_reflection = \d+\n", f"\nrewrite_reflection = {rewrites}\n",
+    assert config.count("\nrefused_reflection = ") == 1  # the demo's config sets it under [annotate]
+    (root / "ratchet.toml").write_text(re.sub(r'\nrefused_reflection = "\w+"\n', f'\nrefused_reflection = "{mode}"\n',
                                               config))
 
 
-def kept_rows(root: Path) -> list[dict]:
+def annotation_rows(root: Path) -> list[dict]:
     con = Workspace(root).connect(read_only=True)
     rows = con.execute("""SELECT a.passage_id, p.text, a.status, a.reason, a.attempts, a.record, a.rewrite,
                                  a.note_checks FROM annotations a JOIN passages p USING (passage_id)
@@ -63,17 +64,17 @@ def kept_rows(root: Path) -> list[dict]:
 
 def run_arm(base: Path, name: str, passages: int) -> tuple[dict, list[dict]]:
     root = workspace(base / name, passages)
-    with_rewrites(root, ARMS[name])
+    with_mode(root, name)
     start = time.perf_counter()
     summary = run_build(Workspace(root))
     seconds = time.perf_counter() - start
     tokens, phase = writer_phase(root)
-    rows = kept_rows(root)
+    rows = annotation_rows(root)
     asked = [r for r in rows if r["rewrite"]]
     return ({"seconds": round(seconds, 1), "model_calls": summary["model_calls"], "accepted": summary["accepted"],
              "writer_tokens": tokens, "writer_seconds": round(phase, 1),
              "writer_answers": sum(r["attempts"] for r in rows),
-             "asked_again": len(asked),
+             "refused_kept": len(asked),
              "rewritten": sum(r["rewrite"].get("verdict") == "rewritten" for r in asked),
              "rebuilt": sum(r["rewrite"].get("verdict") == "rebuilt" for r in asked)}, rows)
 
@@ -81,7 +82,7 @@ def run_arm(base: Path, name: str, passages: int) -> tuple[dict, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passages", type=int, default=30)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default="retry,rebuild")
     parser.add_argument("--keep", type=Path, default=None, help="build the workspaces here and keep them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/reprose.json")
     parser.add_argument("--out-jsonl", type=Path, default=ROOT / "bench/results/reprose-reflections.jsonl")
@@ -101,11 +102,11 @@ def main() -> None:
     first = results[arms[0]]
     print(f"\n{args.passages} passages, the demo's config, the cores this process may use")
     print(f"{'arm':<12}{'build s':>9}{'vs ' + arms[0]:>12}{'writer s':>10}{'writer tok':>12}{'answers':>9}"
-          f"{'calls':>7}{'accepted':>10}{'asked again':>13}{'rewritten':>11}{'rebuilt':>9}")
+          f"{'calls':>7}{'accepted':>10}{'refused, kept':>15}{'rewritten':>11}{'rebuilt':>9}")
     for name, r in results.items():
         print(f"{name:<12}{r['seconds']:>9}{first['seconds'] / r['seconds']:>11.2f}x{r['writer_seconds']:>10}"
               f"{r['writer_tokens']:>12}{r['writer_answers']:>9}{r['model_calls']:>7}{r['accepted']:>10}"
-              f"{r['asked_again']:>13}{r['rewritten']:>11}{r['rebuilt']:>9}")
+              f"{r['refused_kept']:>15}{r['rewritten']:>11}{r['rebuilt']:>9}")
     args.out.write_text(json.dumps({"passages": args.passages, "arms": results}, indent=1) + "\n")
     args.out_jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reflections))
 

@@ -150,16 +150,17 @@ def _faithfulness(f: dict | None) -> str:
     return (f"{f['claims_kept']} of {f['claims_written']} claims kept ({share} verified; "
             f"{f.get('quotes_rechosen', 0)} with their quote re-chosen, {f.get('claims_unwrapped', 0)} unwrapped), dropped "
             f"{f['claims_dropped'] or 'none'}, {f['notes_dropped']} note(s) or reflection sentence(s) dropped"
-            f"{_note_judge(f)}{_asked_again(f)}; vetoed {f['vetoed'] or 'none'}")
+            f"{_note_judge(f)}{_refused_reflections(f)}; vetoed {f['vetoed'] or 'none'}")
 
 
-def _asked_again(f: dict) -> str:
-    """Reflections the gates refused whole, asked again of their writers (annotate.rewrite_reflection)."""
-    if not f.get("reflections_asked_again"):
+def _refused_reflections(f: dict) -> str:
+    """Reflections the gates refused whole in answers kept for their verified claims
+    (annotate.refused_reflection): rewritten by their writers, or rebuilt from the quotes."""
+    if not f.get("reflections_refused"):
         return ""
-    asked, rewritten = f["reflections_asked_again"], f.get("reflections_rewritten", 0)
-    return (f"; {asked} reflection(s) refused whole were asked again: {rewritten} rewritten, {asked - rewritten} "
-            f"rebuilt from their claims' quotes")
+    refused, rewritten = f["reflections_refused"], f.get("reflections_rewritten", 0)
+    return (f"; {refused} reflection(s) refused whole in answers kept for their verified claims: {rewritten} "
+            f"rewritten by their writer, {refused - rewritten} rebuilt from their claims' quotes")
 
 
 def _note_judge(f: dict) -> str:

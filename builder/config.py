@@ -87,14 +87,15 @@ class AnnotateConfig(Section):
                                    "passage's is not asked); a reflection left without a sentence is rebuilt from its "
                                    "kept claims' quotes, each said as the passage's. 1: the prose is kept as the rules "
                                    "left it (docs/faithfulness.md).")
-    rewrite_reflection: int = Field(2, ge=0, le=10, description="With the gates: an answer whose reflection fails "
-                                    "them (no sentence its passage bears out) but with a claim they verify is kept, and "
-                                    "its writer is asked for the reflection alone again, beside that answer, up to this "
-                                    "many times (a short answer where a whole one was retried: on the demo of "
-                                    "2026-12-07, 19 of 30 rejections were for the prose, 8 of them with a claim "
-                                    "verified). Where every try fails too, the reflection is rebuilt from its claims' "
-                                    "quotes, each said as the passage's. 0: such an answer is vetoed and retried whole "
-                                    "(docs/faithfulness.md).")
+    refused_reflection: Literal["rebuild", "ask", "retry"] = Field(
+        "rebuild", description="With the gates: what happens to an answer whose claims they verify but whose "
+        "reflection they refuse whole (no sentence its passage bears out). rebuild: the answer is kept and its "
+        "reflection rebuilt from its claims' quotes, each said as the passage's (no model call; right, and thin). "
+        "ask: the answer is kept and its writer asked for the reflection alone again, up to rewrite_reflection "
+        "times, then rebuilt (read by a person on 11 such answers, the prose the note judge kept was right in 3 of "
+        "6). retry: the answer is vetoed and retried whole, as before 2026-12-08 (docs/faithfulness.md).")
+    rewrite_reflection: int = Field(2, ge=1, le=10, description="With refused_reflection = ask: how many times the "
+                                    "writer is asked for the reflection alone before it is rebuilt.")
     best_of: int = Field(1, ge=1, le=8, description="Candidates each annotating member samples per passage (a "
                          "member's own best_of overrides it). With the gates, the one kept has the most claims they "
                          "verify; a tie goes to fewer words the passage does not bear out, then to the earlier "

@@ -26,7 +26,8 @@ seed like an invalid one, and the critics' calls are spent on survivors only):
    without a claim is vetoed. The reflection's own prose is held to its passage too: a
    sentence with FOREIGN_LIMIT content words the passage never uses is cut (`borne_out`), and a
    reflection with no sentence left is vetoed (PROSE_VETO; where a claim passed, the annotate
-   stage lifts it and asks the writer for the reflection again: annotate.rewrite_reflection). So is a sentence that says its passage supports
+   stage lifts it and rebuilds the reflection from the claims' quotes, or asks the writer for it
+   again: annotate.refused_reflection). So is a sentence that says its passage supports
    what the passage only reports someone saying (`endorses_reported`), and a note or sentence in
    the words of the prompt's audit notice (`from_the_notice`). A claim that is no whole claim (a
    fragment, cut mid-sentence, a reason, a label of itself), speaks in a first person its
@@ -933,10 +934,13 @@ VETOES = ("echo", "garbled", "reflection", "no supported claim")
 PROSE_VETO = "reflection"  # the veto of a reflection with no sentence its passage bears out (or one check_note refuses)
 
 
-def quotes_said(claims: list[dict]) -> str:
+def quotes_said(claims: list[dict], withheld: tuple[str, ...] = ()) -> str:
     """A reflection rebuilt from its claims' quotes, each said as the passage's: right by
-    construction, and thin (what replaces prose that the gates or the note judge cut whole)."""
-    return " ".join(dict.fromkeys(attributed(c["evidence"]) for c in claims))
+    construction, and thin (what replaces prose that the gates or the note judge cut whole).
+    A quote that holds a `withheld` span (an order of its passage, builder/injection.py) is not
+    given: an order said whole in the reflection is text a model would learn to write."""
+    return " ".join(dict.fromkeys(attributed(c["evidence"]) for c in claims
+                                  if not any(_overlap(span, c["evidence"]) for span in withheld)))
 UNWRAPPED = "unwrapped"  # a kept or dropped claim's note: words about the passage or the claim were taken off
 REQUOTED = "quote re-chosen"  # a kept claim's check reason: its evidence is the passage span that holds it
 REPEATED = "repeated"  # a dropped claim's reason: the same words as a kept claim of the same reflection

@@ -2,8 +2,8 @@
 (schemas/annotation.schema.json), or a recorded rejection after its retries. With
 annotate.best_of = N, a member samples N candidates per passage and the one with the most
 verified claims is kept (`choose`). An answer whose claims the gates verify but whose
-reflection they refuse whole is kept, and its writer is asked for the reflection alone again
-(`ReproseTask`, annotate.rewrite_reflection): a short answer where the whole one was retried."""
+reflection they refuse whole is kept (annotate.refused_reflection): its reflection is rebuilt
+from its claims' quotes, or first asked again of its writer alone (`ReproseTask`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -93,7 +93,7 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
         super().__init__(Sampling.of(cfg, cfg.sampling.max_tokens, temperature), label=f"annotate ({annotator})")
         self.prompts, self.mark, self.persona, self.gates = prompts, cfg.annotate.datamark, persona, cfg.annotate.gates
         self.generation, self.annotator, self.few_shot = generation, annotator, few_shot
-        self.rewrites = cfg.annotate.rewrite_reflection if self.gates else 0
+        self.refused = cfg.annotate.refused_reflection if self.gates else "retry"
         self.cfg = cfg
         self.candidate_temperature = cfg.annotate.candidate_temperature
         self.example_runs = faithfulness.example_runs(prompts.examples)  # what an echo of the prompt would share
@@ -116,7 +116,7 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
                                    temperature=max(request.temperature, self.candidate_temperature))
 
     def check(self, item: Candidate, record: dict) -> tuple[dict, object, str | None]:
-        return self.gated(item, record, rewrite=bool(self.rewrites))
+        return self.gated(item, record, rewrite=self.refused != "retry")
 
     def gated(self, item: Candidate, record: dict, rewrite: bool) -> tuple[dict, object, str | None]:
         """The gates and the injection veto on one answer; with `rewrite`, a veto of the
@@ -158,7 +158,7 @@ class ReproseTask(ModelTask[AnnotationRow, Outcome]):
     def __init__(self, annotate: AnnotateTask, passages: dict[str, Passage]):
         cfg = annotate.cfg
         super().__init__(dataclasses.replace(Sampling.of(cfg, REPROSE_MAX_TOKENS, annotate.sampling.temperature),
-                                             retries=annotate.rewrites - 1),
+                                             retries=cfg.annotate.rewrite_reflection - 1),
                          label=f"reflection again ({annotate.annotator})")
         self.annotate, self.passages = annotate, passages
 
@@ -234,21 +234,26 @@ def annotate_passages(task: AnnotateTask, passages: list[Passage], best_of: int,
 def rewrite_reflections(task: AnnotateTask, rows: list[AnnotationRow], passages: dict[str, Passage], engine,
                         run=None) -> None:
     """Every kept answer whose reflection the gates refused whole (`AnnotationRow.rewrite`)
-    gets one written again by its writer (`ReproseTask`, in one batch), or, where every try is
-    refused too, one rebuilt from its claims' quotes (`faithfulness.quotes_said`)."""
-    asked = [r for r in rows if r.status == "accepted" and r.rewrite and not r.record["reflection"]]
-    if not asked:
-        return
-    reprose = ReproseTask(task, passages)
-    outcomes = run(reprose, asked, engine) if run else run_task(reprose, asked, engine)
-    for row, o in zip(asked, outcomes):
-        row.rewrite = {**row.rewrite, "attempts": o.attempts, "call_key": o.call_key, "reason": o.reason}
-        if o.status == "accepted":
-            row.record["reflection"] = o.record["reflection"]
-            row.rewrite["verdict"] = REWRITTEN
-        else:
-            row.record["reflection"] = faithfulness.quotes_said(row.record["claims"])
-            row.rewrite["verdict"] = REBUILT
+    gets one rebuilt from its claims' quotes (`faithfulness.quotes_said`), or, with
+    annotate.refused_reflection = ask, first one written again by its writer (`ReproseTask`, in
+    one batch). A row left without a quote to give (every one holds an order of its passage) is
+    rejected."""
+    refused = [r for r in rows if r.status == "accepted" and r.rewrite and not r.record["reflection"]]
+    outcomes = [None] * len(refused)
+    if refused and task.refused == "ask":
+        reprose = ReproseTask(task, passages)
+        outcomes = run(reprose, refused, engine) if run else run_task(reprose, refused, engine)
+    for row, o in zip(refused, outcomes):
+        row.rewrite = {**row.rewrite, "attempts": o.attempts if o else 0, "call_key": o.call_key if o else None,
+                       "reason": o.reason if o else None}
+        if o is not None and o.status == "accepted":
+            row.record["reflection"], row.rewrite["verdict"] = o.record["reflection"], REWRITTEN
+            continue
+        row.rewrite["verdict"] = REBUILT
+        row.record["reflection"] = faithfulness.quotes_said(row.record["claims"],
+                                                            injection.orders(passages[row.passage_id].text))
+        if not row.record["reflection"]:
+            row.status, row.record, row.reason = "rejected", None, row.rewrite["why"]
 
 
 class Annotate(Stage):
@@ -373,10 +378,12 @@ def judge_notes(rows: list[AnnotationRow], texts: dict[str, str], engine, prompt
         left = [s for j, s in enumerate(written) if (id(row), "reflection", 0, j) not in cut]
         row.dropped_notes = (row.dropped_notes or 0) + len(written) - len(left)
         if not left:
-            left = [faithfulness.quotes_said(row.record["claims"])]
+            left = [faithfulness.quotes_said(row.record["claims"], injection.orders(texts[row.passage_id]))]
             row.note_checks.append({"field": "reflection", "text": left[0], "p_unsupported": None,
                                     "verdict": REBUILT})
         row.record["reflection"] = " ".join(left)
+        if not row.record["reflection"]:  # every quote holds an order of its passage: nothing to say
+            row.status, row.record, row.reason = "rejected", None, f"{faithfulness.PROSE_VETO}: every sentence cut"
 
 
 REBUILT = "rebuilt"  # the reflection, every sentence cut, rebuilt from its claims' quotes (note_checks, rewrite)
@@ -463,7 +470,7 @@ def faithfulness_metrics(rows: list[AnnotationRow]) -> dict:
             "notes_judged": sum(c["verdict"] != REBUILT for c in judged),
             "notes_cut_by_judge": sum(c["verdict"] == "cut" for c in judged),
             "reflections_rebuilt": sum(c["verdict"] == REBUILT for c in judged),
-            "reflections_asked_again": sum(bool(r.rewrite) for r in rows if r.status == "accepted"),
+            "reflections_refused": sum(bool(r.rewrite) for r in rows if r.status == "accepted"),
             "reflections_rewritten": sum((r.rewrite or {}).get("verdict") == REWRITTEN for r in rows
                                          if r.status == "accepted"),
             "vetoed": dict(sorted(vetoes.items()))}
