@@ -512,7 +512,7 @@ class Gated:
     claim_checks: list[dict] = field(default_factory=list)  # {evidence, claim, verdict, reason}
     dropped_notes: int = 0
     veto: str | None = None
-    unsaid: dict | None = None  # {written, why}: a reflection veto lifted so its writer is asked for it again
+    unsaid: dict | None = None  # {written, why}: a reflection veto lifted (annotate.refused_reflection)
 
 
     @property

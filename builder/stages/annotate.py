@@ -50,9 +50,9 @@ class AnnotationRow:
                                    "reflection rebuilt from its claims' quotes (rebuilt); the record keeps the kept "
                                    "ones", default=None, added=True)
     rewrite: Json | None = doc("a reflection the gates refused whole in an answer whose claims they verified: the "
-                               "reflection as written and why (written, why), then what asking the writer for it "
-                               "again gave (verdict rewritten | rebuilt from the claims' quotes, attempts, reason, "
-                               "call_key)", default=None, added=True)
+                               "reflection as written and why (written, why), then what came of it (verdict rebuilt "
+                               "from the claims' quotes | rewritten by its writer; the writer's tries, the last "
+                               "refusal and call_key: none when rebuilt at once)", default=None, added=True)
 
 
 ANNOTATIONS = Table("annotations", AnnotationRow, key=("generation", "passage_id", "annotator"))
@@ -128,7 +128,7 @@ class AnnotateTask(ModelTask[Candidate, AnnotationRow]):
                                   orders=injection.orders(item.passage.text))
         if (why := injection.carried_out(record, item.passage.text)) is not None:  # before any other reason
             gated.veto = f"{injection.VETO}: {why}"
-        elif rewrite and prose_only(gated):  # its verified claims stay; the writer writes the prose again
+        elif rewrite and prose_only(gated):  # its verified claims stay; the prose is rebuilt or asked again
             gated.unsaid, gated.veto = {"written": record.get("reflection") or "", "why": gated.veto}, None
             gated.record = {**gated.record, "reflection": ""}
         return gated.record, gated, gated.veto
