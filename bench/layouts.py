@@ -65,9 +65,8 @@ def writer_phase(root: Path) -> tuple[int, float]:
     return int(tokens or 0), (last - first).total_seconds() + (first_s or 0.0)
 
 
-def run_arm(tmp: Path, name: str, passages: int) -> dict:
-    root = workspace(tmp / name, passages)
-    with_layout(root, LAYOUTS[name])
+def measured_build(root: Path) -> dict:
+    """One build of the workspace, timed: seconds, calls, accepted, the writer's tokens and phase."""
     start = time.perf_counter()
     summary = run_build(Workspace(root))
     seconds = time.perf_counter() - start
@@ -75,6 +74,12 @@ def run_arm(tmp: Path, name: str, passages: int) -> dict:
     return {"seconds": round(seconds, 1), "model_calls": summary["model_calls"], "accepted": summary["accepted"],
             "writer_tokens": tokens, "writer_seconds": round(phase, 1),
             "writer_tokens_per_s": round(tokens / phase, 1) if phase > 0 else None}
+
+
+def run_arm(tmp: Path, name: str, passages: int) -> dict:
+    root = workspace(tmp / name, passages)
+    with_layout(root, LAYOUTS[name])
+    return measured_build(root)
 
 
 def main() -> None:

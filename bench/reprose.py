@@ -26,17 +26,15 @@ import json
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from layouts import WRITER, writer_phase  # noqa: E402  (the writer's tokens and phase)
+from layouts import WRITER, measured_build  # noqa: E402  (a timed build: the writer's tokens and phase)
 from ray_build import workspace  # noqa: E402  (the demo's config on the first N passages)
 
-from builder.build import run_build  # noqa: E402
 from builder.models import resolve_model  # noqa: E402
 from builder.workspace import Workspace  # noqa: E402
 
@@ -65,15 +63,10 @@ def annotation_rows(root: Path) -> list[dict]:
 def run_arm(base: Path, name: str, passages: int) -> tuple[dict, list[dict]]:
     root = workspace(base / name, passages)
     with_mode(root, name)
-    start = time.perf_counter()
-    summary = run_build(Workspace(root))
-    seconds = time.perf_counter() - start
-    tokens, phase = writer_phase(root)
+    measured = measured_build(root)
     rows = annotation_rows(root)
-    asked = [r for r in rows if r["rewrite"]]
-    return ({"seconds": round(seconds, 1), "model_calls": summary["model_calls"], "accepted": summary["accepted"],
-             "writer_tokens": tokens, "writer_seconds": round(phase, 1),
-             "writer_answers": sum(r["attempts"] for r in rows),
+    asked = [r for r in rows if r["rewrite"] and r["status"] == "accepted"]
+    return ({**measured, "writer_answers": sum(r["attempts"] for r in rows),
              "refused_kept": len(asked),
              "rewritten": sum(r["rewrite"].get("verdict") == "rewritten" for r in asked),
              "rebuilt": sum(r["rewrite"].get("verdict") == "rebuilt" for r in asked)}, rows)
